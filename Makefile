@@ -1,0 +1,30 @@
+# Everything runs in a local virtual environment that `make install` creates from nothing.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-fast bench lint clean
+
+install: $(STAMP)
+
+# torch is installed first and pinned: 2.13.0 resolves to the local CPU build; an unpinned
+# torch (or one pulled in by another package's range) would download GBs of CUDA wheels.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python -m benchmarks
+
+lint: install
+	$(BIN)/ruff check inrank_convert tests benchmarks
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache benchmarks/out

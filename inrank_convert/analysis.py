@@ -1,0 +1,125 @@
+"""``spectrum``: the singular values of every update and the rank each threshold would give."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .compress import check_device, iter_updates, open_inputs, plan_compression
+from .errors import UsageError
+from .plan import PlanOptions
+from .spectrum import RankRule, choose_rank, frobenius_energy
+
+SPECTRUM_VALUES_KEPT = 64
+
+
+@dataclass
+class LayerSpectrum:
+    name: str
+    shape: tuple[int, ...]
+    total_energy: float
+    singular_values: list[float]  # the leading SPECTRUM_VALUES_KEPT values
+    ranks: dict[float, int]  # threshold -> rank under the chosen criterion
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "frobenius_norm": self.total_energy ** 0.5,
+                "full_rank": min(self.shape), "ranks": {f"{t:g}": r for t, r in self.ranks.items()},
+                "singular_values": self.singular_values}
+
+
+@dataclass
+class SpectrumResult:
+    source: str
+    reference_mode: str
+    criterion: str
+    thresholds: list[float]
+    layers: list[LayerSpectrum]
+
+    def to_json(self) -> dict:
+        return {"source": self.source, "reference": self.reference_mode, "criterion": self.criterion,
+                "thresholds": self.thresholds, "layers": [layer.to_json() for layer in self.layers]}
+
+
+def parse_thresholds(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",") if part.strip()]
+    except ValueError as err:
+        raise UsageError(f"cannot parse thresholds {text!r}", "--thresholds", "e.g. --thresholds 0.5,0.8,0.9,0.99") from err
+    bad = [v for v in values if not 0.0 < v <= 1.0]
+    if not values or bad:
+        raise UsageError("thresholds must lie in (0, 1]", "--thresholds", "e.g. --thresholds 0.5,0.8,0.9,0.99")
+    return values
+
+
+def spectrum_report(source: str | Path, thresholds: list[float], criterion: str = "energy", *,
+                    init: str | Path | None = None, init_seed: int | None = None, no_init: bool = False,
+                    options: PlanOptions | None = None, on_plan=None, on_layer=None) -> SpectrumResult:
+    """Exact singular values of every factorizable update (streamed one tensor at a time)."""
+    options = options or PlanOptions()
+    check_device(options.device)
+    inputs = open_inputs(source, init, init_seed, no_init)
+    try:
+        plan = plan_compression(inputs, options)
+        if on_plan is not None:
+            on_plan(plan)
+        layers = []
+        for entry, weight, reference in iter_updates(plan, inputs, actions=("factorize",)):
+            delta = weight.to(options.device, torch.float32)  # [rows, cols]
+            if reference is not None:
+                delta = delta - reference.to(options.device, torch.float32)
+            total = frobenius_energy(delta)
+            values = torch.linalg.svdvals(delta.double() if options.float64 else delta).float().cpu()
+            ranks = {t: choose_rank(values, total, RankRule(criterion, t)) for t in thresholds}
+            layers.append(LayerSpectrum(entry.name, entry.shape, total, values[:SPECTRUM_VALUES_KEPT].tolist(), ranks))
+            if on_layer is not None:
+                on_layer(entry.name)
+        return SpectrumResult(str(source), inputs.reference.mode, criterion, thresholds, layers)
+    finally:
+        inputs.close()
+
+
+def plot_spectrum(result: SpectrumResult, path: str | Path) -> Path:
+    """Normalized spectra (log scale) and rank-vs-threshold curves, one line per layer."""
+    plt = _pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for layer in result.layers:
+        values = torch.tensor(layer.singular_values)
+        if values.numel() and float(values[0]) > 0:
+            left.semilogy(range(1, values.numel() + 1), (values / values[0]).tolist(), alpha=0.6, linewidth=1)
+        right.plot(result.thresholds, [layer.ranks[t] / min(layer.shape) for t in result.thresholds],
+                   marker="o", alpha=0.6, linewidth=1)
+    left.set(title="Singular values of each update (s / s_max)", xlabel="index", ylabel="relative singular value")
+    right.set(title=f"Rank / full rank at each threshold ({result.criterion})", xlabel="threshold",
+              ylabel="rank fraction")
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise UsageError("plots need matplotlib", "--plot", "pip install 'inrank-convert[plot]'") from err
+    return plt
+
+
+def save_figure(figure, path: str | Path) -> Path:
+    """Save atomically: a half-written PNG must never look valid."""
+    import os
+
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        figure.savefig(temp, dpi=120, format=path.suffix.lstrip(".") or "png")
+        os.replace(temp, path)
+    except OSError as err:
+        temp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write the plot ({err.strerror})", str(path), "choose a writable path") from err
+    finally:
+        _pyplot().close(figure)
+    return path

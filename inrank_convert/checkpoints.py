@@ -1,0 +1,358 @@
+"""Find and read checkpoints lazily, one tensor at a time.
+
+Every input form of DESIGN §2 becomes a :class:`Checkpoint`: a name -> tensor mapping whose
+tensors are read only when asked for. Safetensors files are opened with ``safe_open`` (the
+header is parsed, the data is memory-mapped); pickled files are loaded with
+``torch.load(weights_only=True, mmap=True)``, never with full unpickling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import re
+import zipfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import CheckpointError
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
+RUN_STEP_PATTERN = re.compile(r"^(?:step|checkpoint)-(\d+)$")
+# Files that describe a model rather than hold its weights: copied into artifacts as they are.
+SIDE_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
+)
+HASH_CHUNK = 8 << 20
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for size in self.shape:
+            numel *= size
+        return numel * dtype_size(self.dtype)
+
+
+def dtype_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_tensor(tensor: torch.Tensor) -> str:
+    """Hash of a tensor's dtype, shape and raw bytes (independent of how it was stored)."""
+    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+    flat = tensor.detach().contiguous().cpu().reshape(-1)
+    if flat.numel():
+        digest.update(flat.view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+class Checkpoint(ABC):
+    """A read-only, lazily loaded mapping of parameter names to tensors.
+
+    ``path`` is what the user named; ``files`` are the weight files behind it (for hashes and
+    sizes); ``config_dir`` is the folder holding config.json and tokenizer files, if any.
+    """
+
+    kind = "checkpoint"
+
+    def __init__(self, path: Path, files: list[Path], config_dir: Path | None):
+        self.path = path
+        self.files = files
+        self.config_dir = config_dir
+
+    @abstractmethod
+    def names(self) -> list[str]:
+        """Abstract."""
+
+    @abstractmethod
+    def info(self, name: str) -> TensorInfo:
+        """Abstract."""
+
+    @abstractmethod
+    def get(self, name: str) -> torch.Tensor:
+        """Abstract."""
+
+    def first_row(self, name: str) -> torch.Tensor:
+        """A cheap fingerprint: the first row (or element) of a tensor, for tie detection."""
+        return self.get(name).reshape(-1)[:64]
+
+    def shared_storage_groups(self) -> list[list[str]]:
+        """Names that share one storage in the file (tied weights saved by torch.save)."""
+        return []
+
+    def __contains__(self, name: str) -> bool:
+        return name in set(self.names())
+
+    def infos(self) -> dict[str, TensorInfo]:
+        return {name: self.info(name) for name in self.names()}
+
+    def file_hashes(self) -> list[dict]:
+        return [{"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in self.files]
+
+    def config(self) -> dict | None:
+        if self.config_dir is None or not (self.config_dir / "config.json").is_file():
+            return None
+        try:
+            return json.loads((self.config_dir / "config.json").read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise CheckpointError("cannot parse config.json", str(self.config_dir / "config.json"),
+                                  f"fix or remove the file: {err}") from err
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def describe(self) -> str:
+        return f"{self.kind} {self.path}"
+
+
+class SafetensorsCheckpoint(Checkpoint):
+    """One or several (sharded) safetensors files."""
+
+    kind = "safetensors"
+
+    def __init__(self, path: Path, files: list[Path], config_dir: Path | None):
+        super().__init__(path, files, config_dir)
+        self._handles = {}
+        self._where: dict[str, Path] = {}
+        self._infos: dict[str, TensorInfo] = {}
+        for file in files:
+            handle = open_safetensors(file)
+            self._handles[file] = handle
+            for name in handle.keys():
+                tensor_slice = handle.get_slice(name)
+                dtype = SAFETENSORS_DTYPES.get(tensor_slice.get_dtype())
+                if dtype is None:
+                    raise CheckpointError(f"unsupported dtype {tensor_slice.get_dtype()} for tensor {name!r}",
+                                          str(file), "convert the checkpoint to float32/16 or bfloat16")
+                self._where[name] = file
+                self._infos[name] = TensorInfo(name, tuple(tensor_slice.get_shape()), dtype)
+
+    def metadata(self, file: Path | None = None) -> dict[str, str]:
+        handle = self._handles[file or self.files[0]]
+        return handle.metadata() or {}
+
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._infos[name]
+
+    def get(self, name: str) -> torch.Tensor:
+        try:
+            return self._handles[self._where[name]].get_tensor(name)
+        except SafetensorError as err:
+            raise CheckpointError(f"cannot read tensor {name!r} (corrupt file: {err})", str(self._where[name]),
+                                  "re-save or re-download the checkpoint") from err
+
+    def first_row(self, name: str) -> torch.Tensor:
+        info = self._infos[name]
+        if len(info.shape) == 0:
+            return self.get(name).reshape(-1)
+        return self._handles[self._where[name]].get_slice(name)[0:1].reshape(-1)[:64]
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+class StateDictCheckpoint(Checkpoint):
+    """A pickled state dict (``.bin``, ``.pt``, Lightning ``.ckpt``), loaded without unpickling code."""
+
+    kind = "state-dict"
+
+    def __init__(self, path: Path, files: list[Path], config_dir: Path | None):
+        super().__init__(path, files, config_dir)
+        self._tensors: dict[str, torch.Tensor] = {}
+        self.prefix_stripped = ""
+        for file in files:
+            state = load_state_dict_file(file)
+            if file.suffix == ".ckpt":
+                state, self.prefix_stripped = strip_common_prefix(state)
+            self._tensors.update(state)
+
+    def names(self) -> list[str]:
+        return list(self._tensors)
+
+    def info(self, name: str) -> TensorInfo:
+        tensor = self._tensors[name]
+        return TensorInfo(name, tuple(tensor.shape), tensor.dtype)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self._tensors[name]
+
+    def shared_storage_groups(self) -> list[list[str]]:
+        groups: dict[tuple, list[str]] = {}
+        for name, tensor in self._tensors.items():
+            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
+                   tuple(tensor.stride()))
+            groups.setdefault(key, []).append(name)
+        return [names for names in groups.values() if len(names) > 1]
+
+    def close(self) -> None:
+        self._tensors.clear()
+
+
+def open_safetensors(file: Path):
+    try:
+        return safe_open(str(file), framework="pt", device="cpu")
+    except SafetensorError as err:
+        raise CheckpointError(f"cannot read safetensors file (truncated or corrupt: {err})", str(file),
+                              "re-save or re-download it") from err
+    except OSError as err:
+        raise CheckpointError(f"cannot open safetensors file ({err.strerror})", str(file),
+                              "check the path and its permissions") from err
+
+
+def load_state_dict_file(file: Path) -> dict[str, torch.Tensor]:
+    """Load a pickled checkpoint safely and return its tensors (the ``state_dict`` of a Lightning file)."""
+    try:
+        try:
+            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            # Files in the legacy (non-zip) format cannot be memory-mapped.
+            obj = torch.load(file, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            "refusing to load a pickle that needs more than weights_only (it holds arbitrary Python objects)",
+            str(file), "re-save its state_dict with safetensors or torch.save(model.state_dict()) where you trust it",
+        ) from err
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"cannot read checkpoint (truncated or corrupt: {first_line})", str(file),
+                              "re-save or re-download it") from err
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"expected a state dict, found a {type(obj).__name__}", str(file),
+                              "save model.state_dict() rather than the model object")
+    tensors = {name: value for name, value in obj.items() if isinstance(name, str) and isinstance(value, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError("no tensors in checkpoint", str(file), "point at a file that holds the model's weights")
+    return tensors
+
+
+def strip_common_prefix(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
+    """Lightning wraps the model (``self.model = ...``): drop one leading ``model.`` shared by all keys."""
+    first = next(iter(state)).split(".", 1)[0] + "."
+    if len(state) > 0 and all(name.startswith(first) and name != first for name in state):
+        return {name[len(first):]: value for name, value in state.items()}, first
+    return state, ""
+
+
+def run_steps(folder: Path) -> list[tuple[int, Path]]:
+    """The ``step-N`` / ``checkpoint-N`` subfolders of a training-run folder, sorted by N."""
+    steps = []
+    for child in folder.iterdir() if folder.is_dir() else []:
+        match = RUN_STEP_PATTERN.match(child.name)
+        if match and child.is_dir():
+            steps.append((int(match.group(1)), child))
+    return sorted(steps)
+
+
+def is_run_folder(path: Path) -> bool:
+    return path.is_dir() and not _weights_in_folder(path) and bool(run_steps(path))
+
+
+def _weights_in_folder(folder: Path) -> bool:
+    names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+             "pytorch_model.bin.index.json", "inrank.safetensors")
+    return any((folder / name).is_file() for name in names)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open any single-model input form of DESIGN §2 (not a run folder: see ``resolve_run``)."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError("no such file or folder", str(path), "check the path")
+    if path.is_file():
+        config_dir = path.parent if (path.parent / "config.json").is_file() else None
+        if path.suffix == ".safetensors":
+            return SafetensorsCheckpoint(path, [path], config_dir)
+        if path.suffix in PICKLE_SUFFIXES:
+            return StateDictCheckpoint(path, [path], config_dir)
+        raise CheckpointError(f"unknown checkpoint file type {path.suffix or '(none)'!r}", str(path),
+                              "use a .safetensors, .bin, .pt or .ckpt file, or a model folder")
+    from .artifact import ARTIFACT_FILE, ArtifactCheckpoint
+
+    if (path / ARTIFACT_FILE).is_file():
+        return ArtifactCheckpoint(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return SafetensorsCheckpoint(path, _shards_from_index(index), path)
+    if (path / "model.safetensors").is_file():
+        return SafetensorsCheckpoint(path, [path / "model.safetensors"], path)
+    bin_index = path / "pytorch_model.bin.index.json"
+    if bin_index.is_file():
+        return StateDictCheckpoint(path, _shards_from_index(bin_index), path)
+    if (path / "pytorch_model.bin").is_file():
+        return StateDictCheckpoint(path, [path / "pytorch_model.bin"], path)
+    if run_steps(path):
+        raise CheckpointError("this is a training-run folder, not one checkpoint", str(path),
+                              "pass it to compress/spectrum as CKPT, or name one of its step folders")
+    singles = sorted(path.glob("*.safetensors"))
+    if len(singles) == 1:
+        return SafetensorsCheckpoint(path, singles, path if (path / "config.json").is_file() else None)
+    raise CheckpointError(
+        "no checkpoint in folder", str(path),
+        "expected model.safetensors, a sharded model.safetensors.index.json, pytorch_model.bin, "
+        "an inrank.safetensors artifact, or step-*/checkpoint-* subfolders",
+    )
+
+
+def _shards_from_index(index: Path) -> list[Path]:
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError("cannot parse shard index (expected a 'weight_map')", str(index),
+                              "re-save the model with save_pretrained") from err
+    files = [index.parent / shard for shard in dict.fromkeys(weight_map.values())]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise CheckpointError(f"shard index names missing files: {', '.join(missing[:3])}", str(index),
+                              "download the missing shards or re-save the model")
+    return files
+
+
+def resolve_run(folder: Path) -> tuple[Path, Path]:
+    """(init, trained) folders of a training run: its earliest and latest step."""
+    steps = run_steps(folder)
+    if len(steps) < 2:
+        raise CheckpointError("a training-run folder needs at least two step folders (init and trained)",
+                              str(folder), "pass --init PATH, --init-seed N or --no-init with a single checkpoint")
+    return steps[0][1], steps[-1][1]

@@ -1,0 +1,259 @@
+"""The command line: parse options, call one library function, render its result.
+
+This is the error boundary: an InrankError (a user's mistake or a broken input) becomes one
+line on stderr and a non-zero exit code; only bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from pathlib import Path
+from typing import Annotated
+
+import torch
+import typer
+
+from . import __version__, console
+from .errors import InrankError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  help="Compact low-rank artifacts from trained checkpoints: factorize W - W_init, keep what matters.")
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def user_errors(command):
+    """Turn library errors into one stderr line and an exit code."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except InrankError as err:
+            console.error(err.message)
+            raise typer.Exit(err.exit_code) from None
+        except KeyboardInterrupt:
+            console.error("interrupted; nothing was written")
+            raise typer.Exit(130) from None
+        except OSError as err:
+            console.error(f"{err.strerror or err}: {err.filename or ''} (check the path, free space and permissions)")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"inrank-convert {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False):
+    pass
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}", "--dtype", f"choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+InitOpt = Annotated[Path | None, typer.Option("--init", help="Init or base checkpoint (any CKPT form): update = W - W_init.")]
+InitSeedOpt = Annotated[int | None, typer.Option("--init-seed", help="Init = from_config(config.json) under torch.manual_seed(N); stores only the recipe.")]
+NoInitOpt = Annotated[bool, typer.Option("--no-init", help="Reference is zero: factorize the weights themselves.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda[:N]: where the SVDs run.")]
+CriterionOpt = Annotated[str, typer.Option("--criterion", help="energy: sum(s[:r]^2) >= t ||delta||^2; inrank: InRank's explained variance.")]
+EmbeddingsOpt = Annotated[bool, typer.Option("--embeddings/--no-embeddings", help="Factorize embeddings and an untied LM head.")]
+IncludeOpt = Annotated[list[str] | None, typer.Option("--include", help="Glob over parameter names; only matches are factorized (repeatable).")]
+ExcludeOpt = Annotated[list[str] | None, typer.Option("--exclude", help="Glob over parameter names kept dense (repeatable).")]
+
+
+class _PlanProgress:
+    """A progress bar whose length is known only once the library has made its plan."""
+
+    def __init__(self, stack: contextlib.ExitStack, description: str, quiet: bool):
+        self._stack, self._description, self._quiet = stack, description, quiet
+        self._advance = None
+
+    def start(self, plan) -> None:
+        count = sum(1 for entry in plan.entries if entry.action != "alias")
+        self._advance = self._stack.enter_context(console.progress(count, self._description, self._quiet))
+
+    def advance(self, label: str | None = None) -> None:
+        if self._advance is not None:
+            self._advance(label)
+
+
+def _plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, include, exclude, float64, seed):
+    from .plan import PlanOptions
+    from .spectrum import RankRule
+
+    return PlanOptions(rule=RankRule(criterion, threshold, rank), engine=svd, device=device,
+                       factor_dtype=_dtype(dtype), embeddings=embeddings, include=tuple(include or ()),
+                       exclude=tuple(exclude or ()), float64=float64, seed=seed)
+
+
+@app.command("compress")
+@user_errors
+def compress_command(
+    ckpt: Annotated[Path, typer.Argument(help="HF folder, sharded folder, .safetensors/.bin/.pt/.ckpt, run folder or artifact.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="Artifact folder to write (default: CKPT-inrank).")] = None,
+    init: InitOpt = None,
+    init_seed: InitSeedOpt = None,
+    no_init: NoInitOpt = False,
+    embed_init: Annotated[bool, typer.Option("--embed-init", help="Store the init tensors in the artifact so it stands alone.")] = False,
+    threshold: Annotated[float, typer.Option("--threshold", "-t", help="Fraction of each update kept, in (0, 1].")] = 0.90,
+    criterion: CriterionOpt = "energy",
+    rank: Annotated[int | None, typer.Option("--rank", help="Fixed rank for every factorized tensor (clipped).")] = None,
+    svd: Annotated[str, typer.Option("--svd", help="auto | exact | randomized.")] = "auto",
+    device: DeviceOpt = "cpu",
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Factor dtype: float32, float16, bfloat16 (default: source).")] = None,
+    embeddings: EmbeddingsOpt = True,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    float64: Annotated[bool, typer.Option("--float64", help="Exact SVDs in float64.")] = False,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the randomized SVD.")] = 0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan; write nothing.")] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Factorize each weight's update relative to its init into a compact low-rank artifact.
+
+    Example: inrank-convert compress runs/gpt2/ -o gpt2-inrank --threshold 0.9
+    """
+    from .compress import check_options, compress, open_inputs, plan_compression
+
+    options = _plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, include, exclude, float64, seed)
+    if dry_run:
+        check_options(options)
+        inputs = open_inputs(ckpt, init, init_seed, no_init, embed_init)
+        try:
+            plan = plan_compression(inputs, options).to_json()
+        finally:
+            inputs.close()
+        console.emit_json(plan) if json_output else console.render_plan(plan)
+        return
+    output = output or ckpt.with_name(ckpt.name.removesuffix(ckpt.suffix) + "-inrank")
+    with contextlib.ExitStack() as stack:
+        bar = _PlanProgress(stack, "compressing", quiet or json_output)
+        result = compress(ckpt, output, init=init, init_seed=init_seed, no_init=no_init, embed_init=embed_init,
+                          options=options, force=force, on_plan=bar.start,
+                          on_layer=lambda layer: bar.advance(f"{layer.name} {layer.kind} r={layer.rank}"))
+    for note in result.notes:
+        console.warn(note)
+    if json_output:
+        console.emit_json(result.to_json())
+    else:
+        console.render_summary(result.to_json(), f"Compressed {ckpt} -> {output} in {result.seconds:.1f} s")
+
+
+@app.command("inspect")
+@user_errors
+def inspect_command(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder written by compress.")],
+    json_output: JsonOpt = False,
+):
+    """Per-layer table (shape, kind, rank, energy kept, bytes) and totals, from the header alone.
+
+    Example: inrank-convert inspect gpt2-inrank --json
+    """
+    from .artifact import describe_artifact
+
+    summary = describe_artifact(artifact)
+    console.emit_json(summary) if json_output else console.render_summary(summary, f"{artifact} (format v{summary['version']})")
+
+
+@app.command("spectrum")
+@user_errors
+def spectrum_command(
+    ckpt: Annotated[Path, typer.Argument(help="Trained checkpoint or run folder (any CKPT form).")],
+    init: InitOpt = None,
+    init_seed: InitSeedOpt = None,
+    no_init: NoInitOpt = False,
+    thresholds: Annotated[str, typer.Option("--thresholds", help="Comma-separated thresholds in (0, 1].")] = "0.5,0.8,0.9,0.99",
+    criterion: CriterionOpt = "energy",
+    device: DeviceOpt = "cpu",
+    embeddings: EmbeddingsOpt = True,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    float64: Annotated[bool, typer.Option("--float64", help="SVDs in float64.")] = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write spectra and rank curves to this PNG.")] = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Singular-value spectra of the updates and the rank each threshold would give.
+
+    Example: inrank-convert spectrum runs/gpt2/ --thresholds 0.5,0.9,0.99 --plot spectra.png
+    """
+    from .analysis import parse_thresholds, plot_spectrum, spectrum_report
+
+    if criterion not in ("energy", "inrank"):
+        raise UsageError(f"unknown criterion {criterion!r}", "--criterion", "choose energy or inrank")
+    values = parse_thresholds(thresholds)
+    options = _plan_options(0.9, None, criterion, "exact", device, None, embeddings, include, exclude, float64, 0)
+    with contextlib.ExitStack() as stack:
+        bar = _PlanProgress(stack, "spectra", quiet or json_output)
+        result = spectrum_report(ckpt, values, criterion, init=init, init_seed=init_seed, no_init=no_init,
+                                 options=options, on_plan=bar.start, on_layer=bar.advance)
+    if plot is not None:
+        plot_spectrum(result, plot)
+    console.emit_json(result.to_json()) if json_output else console.render_spectrum(result.to_json())
+
+
+@app.command("decompress")
+@user_errors
+def decompress_command(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder written by compress.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Dense Hugging Face folder to write.")],
+    init: Annotated[Path | None, typer.Option("--init", help="Use this init instead of the recorded one.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Write the dense model (W_ref + B @ A) as a Hugging Face folder that from_pretrained loads.
+
+    Example: inrank-convert decompress gpt2-inrank -o gpt2-dense
+    """
+    from .artifact import read_manifest
+    from .export import decompress
+
+    count = len(read_manifest(artifact)["tensors"])
+    with console.progress(count, "decompressing", quiet or json_output) as advance:
+        result = decompress(artifact, output, force=force, init_override=init, on_tensor=advance)
+    if json_output:
+        console.emit_json(result.to_json())
+    else:
+        console.stdout.print(f"wrote {result.tensors} tensors ({console.human_bytes(result.bytes)}) to {output}")
+
+
+@app.command("verify")
+@user_errors
+def verify_command(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder written by compress.")],
+    init: Annotated[Path | None, typer.Option("--init", help="Use this init instead of the recorded one.")] = None,
+    source: Annotated[Path | None, typer.Option("--source", help="Trained checkpoint to measure reconstruction against.")] = None,
+    json_output: JsonOpt = False,
+):
+    """Check the artifact's checksums, its init reference's hashes, and each layer's reconstruction error.
+
+    Example: inrank-convert verify gpt2-inrank
+    """
+    from .verify import verify_artifact
+
+    result = verify_artifact(artifact, init, source)
+    console.emit_json(result.to_json()) if json_output else console.render_verify(result.to_json())
+    if not result.ok:
+        console.error(f"verification failed: {artifact}")
+        raise typer.Exit(1)
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,128 @@
+"""The only module that prints: Rich tables on stdout, progress and warnings on stderr, JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+stdout = Console(highlight=False, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def error(message: str) -> None:
+    # Plain write: Rich would wrap a long message onto several lines or read [..] as markup.
+    sys.stderr.write(f"error: {message}\n")
+    sys.stderr.flush()
+
+
+def warn(message: str) -> None:
+    sys.stderr.write(f"warning: {message}\n")
+
+
+def emit_json(payload: dict) -> None:
+    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    sys.stdout.flush()
+
+
+def human_bytes(count: int | float) -> str:
+    value = float(count)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(value) < 1024 or unit == "GB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{value:.1f} GB"
+
+
+@contextmanager
+def progress(total: int, description: str, quiet: bool = False) -> Iterator:
+    """A progress bar on stderr; yields ``advance(label)``. Silent with --quiet or --json."""
+    if quiet or total == 0:
+        yield lambda label=None: None
+        return
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[label]}"), console=stderr, transient=True)
+    with bar:
+        task = bar.add_task(description, total=total, label="")
+        yield lambda label=None: bar.update(task, advance=1, label=label or "")
+
+
+def _energy(value) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
+def _rank(value) -> str:
+    return "" if value is None else str(value)
+
+
+def layer_table(layers: list[dict], title: str) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column, justify in (("tensor", "left"), ("shape", "left"), ("kind", "left"), ("rank", "right"),
+                            ("energy", "right"), ("bytes", "right")):
+        table.add_column(column, justify=justify)
+    for layer in layers:
+        table.add_row(layer["name"], "x".join(map(str, layer["shape"])), layer["kind"], _rank(layer.get("rank")),
+                      _energy(layer.get("energy")), human_bytes(layer.get("bytes", 0)))
+    return table
+
+
+def totals_line(summary: dict) -> str:
+    kinds: dict[str, int] = {}
+    for layer in summary["layers"]:
+        kinds[layer["kind"]] = kinds.get(layer["kind"], 0) + 1
+    counts = ", ".join(f"{count} {kind}" for kind, count in sorted(kinds.items()))
+    return (f"{human_bytes(summary['compressed_bytes'])} of {human_bytes(summary['original_bytes'])} "
+            f"({100 * summary['ratio']:.2f}%), reference: {summary['reference']}, rule: {summary['rule']}; {counts}")
+
+
+def render_summary(summary: dict, title: str) -> None:
+    stdout.print(layer_table(summary["layers"], title))
+    stdout.print(totals_line(summary))
+    if summary.get("tied"):
+        stdout.print("tied (stored once): " + ", ".join(f"{a} -> {c}" for a, c in summary["tied"].items()))
+
+
+def render_plan(plan: dict) -> None:
+    table = Table(title=f"Plan ({plan['rule']}), nothing written", title_justify="left")
+    for column in ("tensor", "shape", "dtype", "action", "max rank that pays", "bytes", "why"):
+        table.add_column(column)
+    for entry in plan["tensors"]:
+        table.add_row(entry["name"], "x".join(map(str, entry["shape"])), entry["dtype"], entry["action"],
+                      _rank(entry["breakeven_rank"]), human_bytes(entry["bytes"]), entry["reason"])
+    stdout.print(table)
+    stdout.print(f"original size {human_bytes(plan['original_bytes'])}")
+
+
+def render_spectrum(result: dict) -> None:
+    table = Table(title=f"Update spectra ({result['criterion']} criterion, reference: {result['reference']})",
+                  title_justify="left")
+    table.add_column("tensor")
+    table.add_column("shape")
+    table.add_column("||delta||_F", justify="right")
+    for threshold in result["thresholds"]:
+        table.add_column(f"r@{threshold:g}", justify="right")
+    for layer in result["layers"]:
+        table.add_row(layer["name"], "x".join(map(str, layer["shape"])), f"{layer['frobenius_norm']:.4g}",
+                      *(str(layer["ranks"][f"{t:g}"]) for t in result["thresholds"]))
+    stdout.print(table)
+
+
+def render_verify(result: dict) -> None:
+    stdout.print(f"checksums: {'ok' if result['checksums_ok'] else 'MISMATCH in ' + ', '.join(result['bad_checksums'][:5])}")
+    stdout.print(f"reference: {'ok' if result['reference_ok'] else 'FAILED'} ({result['reference']})")
+    if result["source"]:
+        stdout.print(f"source: {result['source']}")
+    if result["layers"]:
+        table = Table(title="Reconstruction error (relative to each update)", title_justify="left")
+        for column in ("tensor", "kind", "rank", "expected", "measured"):
+            table.add_column(column)
+        for layer in result["layers"]:
+            table.add_row(layer["name"], layer["kind"], _rank(layer["rank"]), f"{layer['expected_error']:.2e}",
+                          f"{layer['measured_error']:.2e}")
+        stdout.print(table)
+    stdout.print("verify: OK" if result["ok"] else "verify: FAILED")

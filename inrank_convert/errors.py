@@ -1,0 +1,56 @@
+"""Errors a user can act on. Each carries what went wrong, where, and how to fix it.
+
+The CLI prints ``str(error)`` as one line on stderr and exits non-zero; the library only raises.
+"""
+
+from __future__ import annotations
+
+
+class InrankError(Exception):
+    """Base class: a user-facing problem with a clear message (never a bug)."""
+
+    exit_code = 2
+
+    def __init__(self, what: str, where: str | None = None, fix: str | None = None):
+        self.what = what
+        self.where = where
+        self.fix = fix
+        super().__init__(self.message)
+
+    @property
+    def message(self) -> str:
+        text = self.what
+        if self.where:
+            text = f"{text}: {self.where}"
+        if self.fix:
+            text = f"{text} ({self.fix})"
+        # One line, always: a multi-line message would look like a traceback.
+        return " ".join(text.split())
+
+
+class UsageError(InrankError):
+    """An option value or a combination of options that cannot work."""
+
+
+class CheckpointError(InrankError):
+    """A checkpoint is missing, unreadable, corrupt or of an unknown form."""
+
+
+class MismatchError(InrankError):
+    """Two checkpoints that must line up (trained vs init) do not."""
+
+
+class InitReferenceError(InrankError):
+    """The reference (init / base) cannot be found or no longer matches its recorded hash."""
+
+
+class ArtifactError(InrankError):
+    """An inrank-convert artifact is missing, corrupt, or of an unsupported version."""
+
+
+class OutputError(InrankError):
+    """The output location exists already or cannot be written."""
+
+
+class NonFiniteError(InrankError):
+    """A weight holds NaN or Inf."""

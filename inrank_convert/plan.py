@@ -1,0 +1,198 @@
+"""Decide, per tensor and before any heavy work, what compress will do with it.
+
+A plan is cheap: it reads shapes, dtypes and (for tie detection) first rows only. It checks
+that the trained checkpoint and its reference line up, so a mismatch fails before anything
+is computed or written. ``compress --dry-run`` shows it.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from .checkpoints import Checkpoint, TensorInfo
+from .errors import MismatchError
+from .reference import Reference
+from .spectrum import RankRule
+
+# Used only when there is no config.json to build the model's module tree from.
+_EMBEDDING_NAME = re.compile(r"(^|\.)(embed\w*|wte|wpe|lm_head|tok_embeddings|word_embeddings|position_embeddings)\.weight$|^output\.weight$")
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """Everything that shapes what compress stores. Defaults follow DESIGN §2."""
+
+    rule: RankRule = field(default_factory=RankRule)
+    engine: str = "auto"
+    device: str = "cpu"
+    factor_dtype: torch.dtype | None = None  # None: each tensor's source dtype
+    embeddings: bool = True
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    float64: bool = False
+    seed: int = 0
+
+
+@dataclass
+class TensorPlan:
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    action: str  # "factorize" | "dense" | "alias"
+    reason: str = ""
+    alias_of: str | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return TensorInfo(self.name, self.shape, self.dtype).nbytes
+
+    @property
+    def breakeven_rank(self) -> int | None:
+        """The largest rank at which B, A take fewer bytes than the dense tensor."""
+        if len(self.shape) != 2:
+            return None
+        rows, cols = self.shape
+        return max(0, (rows * cols - 1) // (rows + cols))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."),
+                "action": self.action, "reason": self.reason, "alias_of": self.alias_of,
+                "bytes": self.nbytes, "breakeven_rank": self.breakeven_rank}
+
+
+@dataclass
+class Plan:
+    entries: list[TensorPlan]
+    options: PlanOptions
+
+    @property
+    def original_bytes(self) -> int:
+        return sum(entry.nbytes for entry in self.entries if entry.action != "alias")
+
+    @property
+    def tied(self) -> dict[str, str]:
+        return {entry.name: entry.alias_of for entry in self.entries if entry.action == "alias"}
+
+    def to_json(self) -> dict:
+        return {"rule": self.options.rule.describe(), "original_bytes": self.original_bytes,
+                "tensors": [entry.to_json() for entry in self.entries]}
+
+
+def embedding_parameter_names(config: dict | None, names: list[str]) -> set[str]:
+    """Weights of the model's input and output embeddings.
+
+    Built from the model's module tree on the meta device (no memory, no init cost) when the
+    config is known, so any architecture's naming works; by name patterns otherwise.
+    """
+    if config is not None:
+        try:
+            return _embeddings_from_module_tree(config)
+        except Exception:  # noqa: BLE001 - an unknown or custom architecture: fall back to names
+            pass
+    return {name for name in names if _EMBEDDING_NAME.search(name)}
+
+
+def _embeddings_from_module_tree(config: dict) -> set[str]:
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    model_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_config)
+    found = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding):
+            found.add(f"{module_name}.weight")
+    output = model.get_output_embeddings()
+    if output is not None:
+        for module_name, module in model.named_modules():
+            if module is output:
+                found.add(f"{module_name}.weight")
+    return found
+
+
+def find_ties(checkpoint: Checkpoint, infos: dict[str, TensorInfo]) -> dict[str, str]:
+    """alias -> canonical for tensors that are the same weight stored under two names.
+
+    Shared storage in a pickle is a tie for sure; otherwise equal shape and dtype, equal first
+    row, then full equality confirms it (the full compare runs only on those rare candidates).
+    """
+    ties: dict[str, str] = {}
+    for group in checkpoint.shared_storage_groups():
+        for alias in group[1:]:
+            ties[alias] = group[0]
+    candidates: dict[tuple, list[str]] = {}
+    for name, info in infos.items():
+        if name in ties or len(info.shape) != 2 or not info.dtype.is_floating_point:
+            continue
+        candidates.setdefault((info.shape, info.dtype), []).append(name)
+    for names in candidates.values():
+        if len(names) < 2:
+            continue
+        by_row: dict[bytes, list[str]] = {}
+        for name in names:
+            row = checkpoint.first_row(name).contiguous()
+            by_row.setdefault(row.view(torch.uint8).numpy().tobytes(), []).append(name)
+        for same_row in by_row.values():
+            if len(same_row) < 2:
+                continue
+            first = checkpoint.get(same_row[0])
+            for other in same_row[1:]:
+                if torch.equal(first, checkpoint.get(other)):
+                    ties[other] = same_row[0]
+    return ties
+
+
+def check_reference_matches(trained: dict[str, TensorInfo], ties: dict[str, str], reference: Reference,
+                            reference_aliases: set[str]) -> None:
+    """Every trained tensor must have a reference tensor of the same shape, and vice versa."""
+    ref_infos = reference.infos()
+    if ref_infos is None:
+        return
+    missing = [name for name in trained if name not in ties and name not in ref_infos]
+    extra = [name for name in ref_infos if name not in trained and name not in reference_aliases]
+    shapes = [f"{name} {list(info.shape)} vs {list(ref_infos[name].shape)}" for name, info in trained.items()
+              if name in ref_infos and tuple(ref_infos[name].shape) != tuple(info.shape)]
+    if missing:
+        raise MismatchError(f"init lacks {len(missing)} tensor(s) of the trained model: {', '.join(missing[:3])}",
+                            "trained vs init", "pass the init of this very model (same architecture and size)")
+    if extra:
+        raise MismatchError(f"init has {len(extra)} tensor(s) the trained model lacks: {', '.join(extra[:3])}",
+                            "trained vs init", "pass the init of this very model (same architecture and size)")
+    if shapes:
+        raise MismatchError(f"init and trained shapes differ: {'; '.join(shapes[:3])}", "trained vs init",
+                            "pass the init of this very model (same architecture and size)")
+
+
+def _matches(name: str, patterns: tuple[str, ...]) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
+
+
+def make_plan(trained: Checkpoint, reference: Reference, options: PlanOptions,
+              reference_aliases: set[str] | None = None) -> Plan:
+    infos = trained.infos()
+    ties = find_ties(trained, infos)
+    check_reference_matches(infos, ties, reference, reference_aliases or set())
+    embeddings = embedding_parameter_names(trained.config(), list(infos))
+    entries = []
+    for name, info in infos.items():
+        entry = TensorPlan(name, info.shape, info.dtype, "factorize")
+        if name in ties:
+            entry.action, entry.alias_of, entry.reason = "alias", ties[name], f"tied to {ties[name]}"
+        elif not info.dtype.is_floating_point:
+            entry.action, entry.reason = "dense", "not a float tensor"
+        elif len(info.shape) != 2:
+            entry.action, entry.reason = "dense", f"{len(info.shape)}-D tensor"
+        elif options.include and not _matches(name, options.include):
+            entry.action, entry.reason = "dense", "not matched by --include"
+        elif _matches(name, options.exclude):
+            entry.action, entry.reason = "dense", "matched by --exclude"
+        elif name in embeddings and not options.embeddings:
+            entry.action, entry.reason = "dense", "embedding (--no-embeddings)"
+        elif entry.breakeven_rank == 0:
+            entry.action, entry.reason = "dense", "too small for any rank to pay"
+        entries.append(entry)
+    return Plan(entries, options)
