@@ -11,7 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-stdout = Console(highlight=False, soft_wrap=True)
+# Piped output (files, grep, CI logs) gets a wide table so that long tensor names stay whole.
+stdout = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
@@ -62,9 +63,10 @@ def _rank(value) -> str:
 
 def layer_table(layers: list[dict], title: str) -> Table:
     table = Table(title=title, title_justify="left")
-    for column, justify in (("tensor", "left"), ("shape", "left"), ("kind", "left"), ("rank", "right"),
-                            ("energy", "right"), ("bytes", "right")):
-        table.add_column(column, justify=justify)
+    table.add_column("tensor", overflow="fold")
+    for column, justify in (("shape", "left"), ("kind", "left"), ("rank", "right"), ("energy", "right"),
+                            ("bytes", "right")):
+        table.add_column(column, justify=justify, no_wrap=True)
     for layer in layers:
         table.add_row(layer["name"], "x".join(map(str, layer["shape"])), layer["kind"], _rank(layer.get("rank")),
                       _energy(layer.get("energy")), human_bytes(layer.get("bytes", 0)))
@@ -89,7 +91,8 @@ def render_summary(summary: dict, title: str) -> None:
 
 def render_plan(plan: dict) -> None:
     table = Table(title=f"Plan ({plan['rule']}), nothing written", title_justify="left")
-    for column in ("tensor", "shape", "dtype", "action", "max rank that pays", "bytes", "why"):
+    table.add_column("tensor", overflow="fold")
+    for column in ("shape", "dtype", "action", "max rank that pays", "bytes", "why"):
         table.add_column(column)
     for entry in plan["tensors"]:
         table.add_row(entry["name"], "x".join(map(str, entry["shape"])), entry["dtype"], entry["action"],
@@ -101,8 +104,8 @@ def render_plan(plan: dict) -> None:
 def render_spectrum(result: dict) -> None:
     table = Table(title=f"Update spectra ({result['criterion']} criterion, reference: {result['reference']})",
                   title_justify="left")
-    table.add_column("tensor")
-    table.add_column("shape")
+    table.add_column("tensor", overflow="fold")
+    table.add_column("shape", no_wrap=True)
     table.add_column("||delta||_F", justify="right")
     for threshold in result["thresholds"]:
         table.add_column(f"r@{threshold:g}", justify="right")
@@ -119,8 +122,9 @@ def render_verify(result: dict) -> None:
         stdout.print(f"source: {result['source']}")
     if result["layers"]:
         table = Table(title="Reconstruction error (relative to each update)", title_justify="left")
-        for column in ("tensor", "kind", "rank", "expected", "measured"):
-            table.add_column(column)
+        table.add_column("tensor", overflow="fold")
+        for column in ("kind", "rank", "expected", "measured"):
+            table.add_column(column, no_wrap=True)
         for layer in result["layers"]:
             table.add_row(layer["name"], layer["kind"], _rank(layer["rank"]), f"{layer['expected_error']:.2e}",
                           f"{layer['measured_error']:.2e}")

@@ -1,0 +1,155 @@
+"""Rank criteria and SVD engines against an exact float64 SVD."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from inrank_convert.spectrum import (
+    RankRule,
+    adaptive_randomized_svd,
+    choose_rank,
+    factorize,
+    frobenius_energy,
+    rank_for_energy,
+    rank_for_inrank,
+    stored_as_lowrank,
+)
+
+
+def low_rank_plus_noise(rows: int, cols: int, rank: int, noise: float, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    left = torch.randn(rows, rank, generator=generator, dtype=torch.float64)
+    right = torch.randn(rank, cols, generator=generator, dtype=torch.float64)
+    signal = (left * torch.logspace(0, -1, rank, dtype=torch.float64)) @ right
+    signal /= signal.norm()
+    extra = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
+    return (signal + extra * (noise / extra.norm())).float()
+
+
+def energy_rank_float64(delta: torch.Tensor, threshold: float) -> int:
+    """Reference: smallest r with sum(s[:r]^2) >= t * ||delta||_F^2, all in float64."""
+    s = torch.linalg.svdvals(delta.double())
+    total = float((delta.double() ** 2).sum())
+    cumulative = torch.cumsum(s**2, 0)
+    return int(torch.nonzero(cumulative >= threshold * total * (1 - 1e-9))[0, 0]) + 1
+
+
+def inrank_rank_float64(delta: torch.Tensor, threshold: float) -> int:
+    """Reference: InRank's loop, written as in the paper's code (one r at a time)."""
+    s = torch.linalg.svdvals(delta.double())
+    for r in range(s.numel() + 1):
+        tail = s.clone()
+        tail[:r] = 0
+        if 1 - torch.var(tail) / torch.var(s) >= threshold - 1e-12:
+            return r
+    return s.numel()
+
+
+@pytest.mark.parametrize("shape", [(96, 64), (64, 160), (128, 128)])
+@pytest.mark.parametrize("threshold", [0.5, 0.8, 0.9, 0.99])
+def test_energy_rank_matches_float64_svd(shape, threshold):
+    delta = low_rank_plus_noise(*shape, rank=12, noise=0.2)
+    expected = energy_rank_float64(delta, threshold)
+    for engine in ("exact", "auto"):
+        result = factorize(delta, RankRule("energy", threshold), engine)
+        assert result.rank == expected, (engine, result.rank, expected)
+        assert result.energy >= threshold - 1e-6
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.6, 0.9, 0.99])
+def test_inrank_rank_matches_reference_loop(threshold):
+    delta = low_rank_plus_noise(80, 120, rank=10, noise=0.3, seed=3)
+    expected = inrank_rank_float64(delta, threshold)
+    assert factorize(delta, RankRule("inrank", threshold), "exact").rank == expected
+    assert factorize(delta, RankRule("inrank", threshold), "auto").rank == expected
+    assert rank_for_inrank(torch.linalg.svdvals(delta.double()), threshold) == expected
+
+
+def test_inrank_and_energy_criteria_differ_on_a_flat_spectrum():
+    # A flat tail carries much energy but no variance: the two rules must not collapse into one.
+    s = torch.tensor([10.0, 5.0] + [1.0] * 50)
+    total = float((s**2).sum())
+    assert rank_for_inrank(s, 0.9) == 2
+    assert rank_for_energy(s, total, 0.9) > 2
+
+
+def test_truncation_error_is_optimal():
+    delta = low_rank_plus_noise(100, 70, rank=8, noise=0.1, seed=5)
+    result = factorize(delta, RankRule("energy", 0.9), "exact")
+    s = torch.linalg.svdvals(delta.double())
+    optimal = math.sqrt(float((s[result.rank:] ** 2).sum()))
+    measured = float((delta.double() - result.B.double() @ result.A.double()).norm())
+    assert measured == pytest.approx(optimal, rel=1e-4)
+    assert result.relative_error == pytest.approx(optimal / float(delta.double().norm()), rel=1e-4)
+
+
+def test_factors_are_balanced():
+    delta = low_rank_plus_noise(60, 90, rank=5, noise=0.01)
+    result = factorize(delta, RankRule(fixed_rank=5), "exact")
+    # B = U sqrt(S), A = sqrt(S) Vh: both carry the same singular values.
+    assert torch.allclose(torch.linalg.svdvals(result.B), torch.linalg.svdvals(result.A), rtol=1e-4)
+
+
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 0.95])
+def test_randomized_agrees_with_exact(threshold):
+    delta = low_rank_plus_noise(512, 384, rank=24, noise=0.15, seed=11)
+    exact = factorize(delta, RankRule("energy", threshold), "exact")
+    randomized = factorize(delta, RankRule("energy", threshold), "randomized",
+                           generator=torch.Generator().manual_seed(0))
+    assert randomized.engine == "randomized"
+    assert abs(randomized.rank - exact.rank) <= 1
+    assert randomized.energy >= threshold - 1e-6
+    error_exact = float((delta - exact.B @ exact.A).norm())
+    error_randomized = float((delta - randomized.B @ randomized.A).norm())
+    assert error_randomized <= error_exact * 1.01 + 1e-6 or randomized.rank > exact.rank
+
+
+def test_adaptive_range_finder_stops_on_exact_energy():
+    delta = low_rank_plus_noise(400, 300, rank=40, noise=0.05, seed=2)
+    total = frobenius_energy(delta)
+    U, S, Vh = adaptive_randomized_svd(delta, total, 0.9, torch.Generator().manual_seed(1), max_fraction=1.0)
+    assert U.shape[1] == S.numel() == Vh.shape[0]
+    assert float((S.double() ** 2).sum()) >= 0.9 * total * (1 - 1e-6)
+    assert torch.allclose(U.T @ U, torch.eye(U.shape[1]), atol=1e-4)
+
+
+def test_auto_hands_high_ranks_to_the_exact_engine():
+    noise_only = torch.randn(200, 200, generator=torch.Generator().manual_seed(0))
+    result = factorize(noise_only, RankRule("energy", 0.99), "auto")
+    assert result.engine == "exact"
+    assert result.rank == energy_rank_float64(noise_only, 0.99)
+
+
+def test_fixed_rank_is_clipped_and_exact_for_both_engines():
+    delta = low_rank_plus_noise(50, 40, rank=6, noise=0.05)
+    assert factorize(delta, RankRule(fixed_rank=500), "exact").rank == 40
+    small = factorize(delta, RankRule(fixed_rank=3), "randomized", generator=torch.Generator().manual_seed(0))
+    exact = factorize(delta, RankRule(fixed_rank=3), "exact")
+    assert small.rank == 3
+    error_small = float((delta - small.B @ small.A).norm())
+    error_exact = float((delta - exact.B @ exact.A).norm())
+    assert error_small <= error_exact * 1.01
+
+
+def test_zero_update_has_rank_zero():
+    result = factorize(torch.zeros(30, 20), RankRule("energy", 0.9), "auto")
+    assert result.rank == 0 and result.B.shape == (30, 0) and result.A.shape == (0, 20)
+
+
+def test_threshold_one_keeps_everything():
+    delta = low_rank_plus_noise(40, 30, rank=30, noise=0.5)
+    result = factorize(delta, RankRule("energy", 1.0), "exact")
+    assert result.rank == 30
+    assert torch.allclose(result.B @ result.A, delta, atol=1e-5)
+
+
+def test_choose_rank_fixed_ignores_zero_singular_values():
+    assert choose_rank(torch.tensor([3.0, 1.0, 0.0, 0.0]), 10.0, RankRule(fixed_rank=4)) == 2
+
+
+def test_stored_as_lowrank_breakeven():
+    assert stored_as_lowrank(31, 64, 64)
+    assert not stored_as_lowrank(32, 64, 64)
