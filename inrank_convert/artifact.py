@@ -118,6 +118,14 @@ def _is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def check_output_free(output: Path, force: bool) -> None:
+    """Refuse an existing output unless --force (and never a file where a folder goes)."""
+    if output.exists() and not force:
+        raise OutputError("output exists already", str(output), "pass --force to replace it, or choose another -o")
+    if output.exists() and not output.is_dir():
+        raise OutputError("output exists and is not a folder", str(output), "choose another -o")
+
+
 @contextmanager
 def atomic_output_dir(output: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside ``output``; rename it into place only if the block succeeds.
@@ -130,10 +138,7 @@ def atomic_output_dir(output: Path, force: bool = False, inputs: tuple[Path, ...
         source = Path(source).absolute()
         if _is_within(source, output):  # replacing output would delete or change this input
             raise OutputError("the output would overwrite an input", str(output), "choose another -o folder")
-    if output.exists() and not force:
-        raise OutputError("output exists already", str(output), "pass --force to replace it, or choose another -o")
-    if output.exists() and not output.is_dir():
-        raise OutputError("output exists and is not a folder", str(output), "choose another -o")
+    check_output_free(output, force)
     parent = output.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -281,6 +286,16 @@ class Artifact:
         """(B [rows, r], A [r, cols]) of a low-rank tensor."""
         b_name, a_name = factor_names(name)
         return self._file.get(b_name), self._file.get(a_name)
+
+    def input_paths(self) -> tuple[Path, ...]:
+        """Every path this artifact reads: outputs must never replace one of them."""
+        paths = [self.path]
+        if self._init_override is not None:
+            paths.append(Path(self._init_override))
+        recorded = self.manifest.get("reference", {}).get("path")
+        if recorded:
+            paths.append(Path(recorded))
+        return tuple(paths)
 
     def canonical(self, name: str) -> str:
         entry = self.tensors[name]

@@ -251,7 +251,7 @@ def verify_command(
     result = verify_artifact(artifact, init, source)
     console.emit_json(result.to_json()) if json_output else console.render_verify(result.to_json())
     if not result.ok:
-        console.error(f"verification failed: {artifact}")
+        console.error(f"verification failed: {artifact}: {result.problem()}")
         raise typer.Exit(1)
 
 

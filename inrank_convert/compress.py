@@ -25,6 +25,7 @@ from .artifact import (
     TensorFileWriter,
     artifact_bytes,
     atomic_output_dir,
+    check_output_free,
     copy_side_files,
     dtype_name,
     factor_names,
@@ -157,7 +158,9 @@ def open_inputs(source: str | Path, init: str | Path | None = None, init_seed: i
         trained = open_checkpoint(steps[-1][1])
     else:
         trained = open_checkpoint(source)
-    paths = (source, Path(init)) if init is not None else (source,)
+    paths = [source] + ([Path(init)] if init is not None else [])
+    if isinstance(trained, ArtifactCheckpoint):
+        paths.extend(trained.artifact.input_paths())
     try:
         reference = _open_reference(trained, init, init_seed, no_init, default_init)
     except BaseException:
@@ -168,7 +171,9 @@ def open_inputs(source: str | Path, init: str | Path | None = None, init_seed: i
         raise UsageError("no reference given for the update", str(source),
                          "pass --init PATH (init or base model), --init-seed N, or --no-init to factorize the weights")
     embed_init = embed_init or reference.mode == "embedded"
-    return Inputs(trained, reference, embed_init, paths, run_folder)
+    if isinstance(reference, CheckpointReference):
+        paths.append(Path(reference.checkpoint.path))
+    return Inputs(trained, reference, embed_init, tuple(paths), run_folder)
 
 
 def _open_reference(trained: Checkpoint, init: str | Path | None, init_seed: int | None, no_init: bool,
@@ -302,6 +307,7 @@ def compress(source: str | Path, output: str | Path, *, init: str | Path | None 
     """
     options = options or PlanOptions()
     check_options(options)
+    check_output_free(Path(output), force)  # fail before any expensive input work
     started = time.perf_counter()
     inputs = open_inputs(source, init, init_seed, no_init, embed_init)
     try:

@@ -42,8 +42,9 @@ def human_bytes(count: int | float) -> str:
 
 @contextmanager
 def progress(total: int, description: str, quiet: bool = False) -> Iterator:
-    """A progress bar on stderr; yields ``advance(label)``. Silent with --quiet or --json."""
-    if quiet or total == 0:
+    """A progress bar on stderr; yields ``advance(label)``. Silent with --quiet or --json, and
+    when stderr is not a terminal (Rich would leave blank lines in logs and before errors)."""
+    if quiet or total == 0 or not stderr.is_terminal:
         yield lambda label=None: None
         return
     bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -31,7 +31,7 @@ def decompress(artifact_path: str | Path, output: str | Path, *, force: bool = F
         config = _config(artifact)
         # Hugging Face re-ties an output embedding tied in the config; writing it again only adds bytes.
         skip_aliases = bool(config.get("tie_word_embeddings", True)) if config else False
-        with atomic_output_dir(Path(output), force, (Path(artifact_path),)) as temp:
+        with atomic_output_dir(Path(output), force, artifact.input_paths()) as temp:
             writer = TensorFileWriter(temp / DENSE_WEIGHTS_FILE)
             try:
                 count = 0

@@ -176,7 +176,9 @@ def make_plan(trained: Checkpoint, reference: Reference, options: PlanOptions,
     infos = trained.infos()
     ties = find_ties(trained, infos)
     check_reference_matches(infos, ties, reference, reference_aliases or set())
-    embeddings = embedding_parameter_names(trained.config(), list(infos))
+    # Only --no-embeddings needs to know which tensors are embeddings (and building the module
+    # tree costs a transformers import), so it is worked out only then.
+    embeddings = set() if options.embeddings else embedding_parameter_names(trained.config(), list(infos))
     entries = []
     for name, info in infos.items():
         entry = TensorPlan(name, info.shape, info.dtype, "factorize")

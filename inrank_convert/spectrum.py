@@ -117,19 +117,23 @@ def _balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int) -> 
     return B.contiguous(), A.contiguous()
 
 
-def exact_svd(delta: torch.Tensor, float64: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+def exact_svd(delta: torch.Tensor, float64: bool = False, solver=torch.linalg.svd
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Thin SVD ``delta = U diag(S) Vh``; retries in float64 (and gesvd on CUDA) if it fails.
 
     LAPACK is 2-3x slower on wide matrices, so a wide update is decomposed transposed.
+    ``solver`` is torch.linalg.svd; it is a parameter so the retry path can be exercised.
     """
     notes: list[str] = []
     wide = delta.shape[0] < delta.shape[1]
     work = delta.T if wide else delta  # [max, min]
     dtype = torch.float64 if float64 else torch.float32
     try:
-        U, S, Vh = torch.linalg.svd(work.to(dtype), full_matrices=False)
-    except RuntimeError as err:  # torch raises LinAlgError (a RuntimeError) on non-convergence
-        notes.append(f"SVD in {dtype} did not converge ({str(err).splitlines()[0]}); retried in float64")
+        U, S, Vh = solver(work.to(dtype), full_matrices=False)
+    except RuntimeError as err:  # torch.linalg.LinAlgError (a RuntimeError) on non-convergence
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        notes.append(f"SVD in {str(dtype).removeprefix('torch.')} did not converge ({reason}); retried in float64"
+                     + (" with gesvd" if work.is_cuda else ""))
         kwargs = {"driver": "gesvd"} if work.is_cuda else {}
         U, S, Vh = torch.linalg.svd(work.to(torch.float64), full_matrices=False, **kwargs)
     if wide:
@@ -186,7 +190,7 @@ def adaptive_randomized_svd(
 
 def factorize(
     delta: torch.Tensor, rule: RankRule, engine: str = "auto", float64: bool = False,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None, solver=torch.linalg.svd,
 ) -> Factorization:
     """Truncated SVD of one update with the rank chosen by ``rule``.
 
@@ -223,7 +227,7 @@ def factorize(
             return Factorization(B.float(), A.float(), rank, min(kept, 1.0), total, S.float(), "randomized", notes)
         notes.append("rank above 1/8 of full: used the exact SVD")
 
-    U, S, Vh, svd_notes = exact_svd(work, float64=float64)
+    U, S, Vh, svd_notes = exact_svd(work, float64=float64, solver=solver)
     notes.extend(svd_notes)
     rank = choose_rank(S, total, rule)
     B, A = _balanced(U, S, Vh, rank)

@@ -23,6 +23,10 @@ class LayerCheck:
     expected_error: float | None  # sqrt(1 - energy): the truncation's relative error
     measured_error: float | None  # ||W - W_hat||_F / ||W - W_ref||_F against the source
 
+    def within_expected(self) -> bool:
+        return (self.measured_error is None or self.expected_error is None
+                or self.measured_error <= self.expected_error * 1.01 + 1e-3)
+
     def to_json(self) -> dict:
         return {"name": self.name, "kind": self.kind, "rank": self.rank,
                 "expected_error": self.expected_error, "measured_error": self.measured_error}
@@ -41,9 +45,19 @@ class VerifyResult:
 
     @property
     def ok(self) -> bool:
-        return self.checksums_ok and self.reference_ok and all(
-            layer.measured_error is None or layer.expected_error is None
-            or layer.measured_error <= layer.expected_error * 1.01 + 1e-3 for layer in self.layers)
+        return not self.problem()
+
+    def problem(self) -> str:
+        """The first reason verification failed, in one line ("" when it passed)."""
+        if not self.checksums_ok:
+            return (f"checksum mismatch in {', '.join(self.bad_checksums[:3])} "
+                    "(the artifact file is damaged: re-run compress)")
+        if not self.reference_ok:
+            return self.reference_message
+        worse = [layer.name for layer in self.layers if not layer.within_expected()]
+        if worse:
+            return f"reconstruction error above the recorded energy in {', '.join(worse[:3])} (re-run compress)"
+        return ""
 
     def to_json(self) -> dict:
         return {"path": str(self.path), "ok": self.ok, "checksums_ok": self.checksums_ok,

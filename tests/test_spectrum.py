@@ -153,3 +153,30 @@ def test_choose_rank_fixed_ignores_zero_singular_values():
 def test_stored_as_lowrank_breakeven():
     assert stored_as_lowrank(31, 64, 64)
     assert not stored_as_lowrank(32, 64, 64)
+
+
+def test_non_convergence_retries_in_float64_and_says_so():
+    calls = []
+
+    def failing_float32_solver(matrix, full_matrices=False):
+        calls.append(matrix.dtype)
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return torch.linalg.svd(matrix, full_matrices=full_matrices)
+
+    delta = low_rank_plus_noise(40, 30, rank=5, noise=0.05)
+    result = factorize(delta, RankRule("energy", 0.9), "exact", solver=failing_float32_solver)
+    assert calls == [torch.float32]
+    assert result.engine == "exact-float64"
+    assert any("did not converge" in note and "float64" in note for note in result.notes)
+    assert result.rank == energy_rank_float64(delta, 0.9)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("engine", ["exact", "randomized"])
+def test_cuda_engines_match_cpu(engine):
+    delta = low_rank_plus_noise(300, 200, rank=16, noise=0.1)
+    cpu = factorize(delta, RankRule("energy", 0.9), "exact")
+    gpu = factorize(delta.cuda(), RankRule("energy", 0.9), engine, generator=torch.Generator("cuda").manual_seed(0))
+    assert gpu.B.is_cuda and abs(gpu.rank - cpu.rank) <= 1

@@ -1,0 +1,8 @@
+"""Benchmarks for inrank-convert (``make bench`` runs ``python -m benchmarks``).
+
+Each benchmark measures its baseline in the same run and reports a ratio against it:
+
+- ``compress``: compress wall time vs a plain streaming read of the same two checkpoints;
+- ``svd``: adaptive randomized vs exact SVD on a 4096x4096 low-rank update;
+- ``memory``: peak RSS of the CLI compressing a >= 1 GB pair vs 2 x largest tensor + 1 GiB.
+"""

@@ -1,0 +1,94 @@
+"""Run every benchmark (or those named on the command line), print one ratio table, write results.json.
+
+Usage: python -m benchmarks [compress] [svd] [memory]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+from datetime import datetime, timezone
+from pathlib import Path
+
+from . import bench_compress, bench_memory, bench_svd
+from .common import BenchResult, Contention, machine_info
+
+BUSY_WARNING = 0.05  # other processes' share of the CPUs above which timings are suspect
+
+BENCHMARKS = {module.NAME: module for module in (bench_compress, bench_svd, bench_memory)}
+RESULTS_FILE = Path(__file__).resolve().parent / "results.json"
+COLUMNS = ("benchmark", "measured", "baseline", "ratio", "target", "result")
+
+
+def render_table(results: list[BenchResult]) -> None:
+    rows = [(r.name, r.measured, r.baseline, f"{r.ratio:.2f} ({r.ratio_label})", r.target,
+             "PASS" if r.passed else "FAIL") for r in results]
+    try:
+        from rich import box
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(str(row[i])) for row in [COLUMNS, *rows]) for i in range(len(COLUMNS))]
+        for row in [COLUMNS, *rows]:
+            print("  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=True)))
+        return
+    table = Table(title="inrank-convert benchmarks (ratios against baselines measured in this run)",
+                  box=box.SIMPLE_HEAVY)
+    for column in COLUMNS:
+        table.add_column(column, justify="right" if column == "ratio" else "left")
+    for row in rows:
+        style = "green" if row[-1] == "PASS" else "red"
+        table.add_row(*row[:-1], f"[{style}]{row[-1]}[/{style}]")
+    Console(width=max(120, Console().width)).print(table)
+
+
+def main(argv: list[str]) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    unknown = [name for name in argv if name not in BENCHMARKS]
+    if unknown:
+        print(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
+        return 2
+    selected = argv or list(BENCHMARKS)
+    started = time.perf_counter()
+    results: list[BenchResult] = []
+    errors: dict[str, str] = {}
+    for name in selected:
+        print(f"[{name}] {BENCHMARKS[name].__doc__.splitlines()[0]}", flush=True)
+        bench_started = time.perf_counter()
+        try:
+            with Contention() as contention:
+                result = BENCHMARKS[name].run()
+        except Exception:  # noqa: BLE001 - report it and go on with the other benchmarks
+            errors[name] = traceback.format_exc()
+            print(errors[name], file=sys.stderr)
+            continue
+        result.details["benchmark_seconds"] = time.perf_counter() - bench_started
+        result.details["contention"] = contention.to_json()
+        results.append(result)
+        print(f"  done in {result.details['benchmark_seconds']:.1f} s\n", flush=True)
+    total = time.perf_counter() - started
+    render_table(results)
+    for result in results:
+        share = result.details["contention"]["other_processes_share_of_machine"]
+        if share is not None and share > BUSY_WARNING:
+            print(f"warning: other processes used {share:.0%} of the CPUs during '{result.name}': "
+                  "its timings are inflated; re-run on a quiet machine")
+    print(f"total {total:.0f} s; details in {RESULTS_FILE}")
+    report = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(),
+        "total_seconds": total,
+        "results": {name: result.to_json() for name, result in zip(
+            [n for n in selected if n not in errors], results, strict=True)},
+        "errors": errors,
+    }
+    RESULTS_FILE.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

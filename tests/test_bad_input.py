@@ -1,0 +1,649 @@
+"""Bad inputs through the real CLI: each one exits non-zero with exactly one clear line on stderr,
+writes nothing (no output folder, no leftover ``.inrank-tmp-*``) and leaves every input as it was.
+
+Every case goes through ``expect_error``, which checks that whole contract; the models are tiny
+real GPT-2 / LLaMA checkpoints from conftest, made once per module and copied where a test
+changes them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ModelPair, build_model, gpt2_config, make_pair, snapshot
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from inrank_convert.cli import app
+
+TMP_PREFIX = ".inrank-tmp-"
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Gadget:
+    """A custom class: a pickle holding one of these needs more than ``weights_only`` to load."""
+
+    def __init__(self):
+        self.payload = "anything"
+
+
+# --------------------------------------------------------------------------- the contract
+
+
+def _state(path: Path):
+    """What a path looks like on disk, to prove it was not touched (or not created)."""
+    path = Path(path)
+    if path.is_dir():
+        return ("folder", snapshot(path))
+    if path.is_file():
+        stat = path.stat()
+        return ("file", stat.st_size, stat.st_mtime_ns)
+    return None
+
+
+def _temps_beside(path: Path) -> list[Path]:
+    parent = Path(path).parent
+    return sorted(parent.glob(f"{TMP_PREFIX}*")) if parent.is_dir() else []
+
+
+def run_cli(args: list) -> object:
+    return CliRunner().invoke(app, [str(arg) for arg in args])
+
+
+def _describe(args: list, result) -> str:
+    return (f"inrank-convert {' '.join(str(a) for a in args)}\nexit code: {result.exit_code}\n"
+            f"stderr: {result.stderr!r}\nstdout: {result.stdout[-2000:]!r}")
+
+
+def expect_ok(args: list):
+    """Run the CLI and require success (for the values that must be accepted)."""
+    result = run_cli(args)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        pytest.fail("uncaught exception:\n" + "".join(traceback.format_exception(*result.exc_info))
+                    + _describe(args, result))
+    assert result.exit_code == 0, _describe(args, result)
+    return result
+
+
+def expect_error(args: list, says: tuple = (), *, output: Path | None = None, inputs: tuple = ()) -> str:
+    """Run the CLI on a bad input and assert the whole user-error contract; return the error line.
+
+    ``says``: words the line must hold (case-insensitive); a tuple item means "any of these".
+    ``output``: the path the command would write: afterwards it must not exist (or, if it existed,
+    be unchanged), with no ``.inrank-tmp-*`` folder left beside it.
+    ``inputs``: files or folders that must be byte-for-byte untouched (size and mtime of every file).
+    """
+    watched = [Path(p) for p in inputs] + ([Path(output)] if output is not None else [])
+    before = {path: _state(path) for path in watched}
+    temps_before = _temps_beside(output) if output is not None else []
+    result = run_cli(args)
+    where = _describe(args, result)
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        pytest.fail("uncaught exception (a traceback, not a user error):\n"
+                    + "".join(traceback.format_exception(*result.exc_info)) + where)
+    assert result.exit_code != 0, "a bad input was accepted\n" + where
+    assert "Traceback" not in result.stderr + result.stdout, where
+    line = result.stderr.removesuffix("\n")
+    assert line.strip(), "no error message on stderr\n" + where
+    assert "\n" not in line, "stderr is not exactly one line\n" + where
+    lowered = line.lower()
+    for word in says:
+        options = (word,) if isinstance(word, str) else tuple(word)
+        assert any(str(option).lower() in lowered for option in options), f"message lacks {options}\n{where}"
+    for path in watched:
+        if path == output and before[path] is None:
+            assert not os.path.lexists(path), f"output {path} was written\n{where}"
+        else:
+            assert _state(path) == before[path], f"{path} was changed\n{where}"
+    if output is not None:
+        assert _temps_beside(output) == temps_before, f"temporary folder left beside {output}\n{where}"
+    return line
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class Models:
+    root: Path
+    gpt2: ModelPair
+    llama: ModelPair
+    narrow_init: Path  # a GPT-2 with n_embd 32 (the pair's is 64)
+    artifact: Path  # gpt2.trained compressed against gpt2.init (--init)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Models:
+    root = tmp_path_factory.mktemp("bad-input-models")
+    gpt2 = make_pair(root, "gpt2")
+    llama = make_pair(root, "llama")
+    narrow_init = root / "gpt2-narrow"
+    build_model(gpt2_config(n_embd=32), seed=7).save_pretrained(narrow_init)
+    artifact = root / "gpt2-artifact"
+    expect_ok(["compress", gpt2.trained_dir, "--init", gpt2.init_dir, "-o", artifact, "--quiet"])
+    return Models(root, gpt2, llama, narrow_init, artifact)
+
+
+def copy_pair(models: Models, tmp_path: Path) -> tuple[Path, Path]:
+    """Private copies of the GPT-2 (trained, init) folders, for tests that change or name them as -o."""
+    trained = shutil.copytree(models.gpt2.trained_dir, tmp_path / "trained")
+    init = shutil.copytree(models.gpt2.init_dir, tmp_path / "init")
+    return Path(trained), Path(init)
+
+
+def compressed_copy(models: Models, tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(artifact, trained, init): a fresh artifact made against a private copy of the init."""
+    trained, init = copy_pair(models, tmp_path)
+    artifact = tmp_path / "artifact"
+    expect_ok(["compress", trained, "--init", init, "-o", artifact, "--quiet"])
+    return artifact, trained, init
+
+
+def model_with(models: Models, folder: Path, name: str, value: float, source: Path | None = None) -> Path:
+    """A copy of a model folder whose tensor ``name`` holds ``value`` in one element."""
+    source = source or models.gpt2.trained_dir
+    shutil.copytree(source, folder)
+    state = load_file(folder / "model.safetensors")
+    tensor = state[name].clone()
+    tensor.view(-1)[1] = value
+    state[name] = tensor
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def break_file(file: Path, how: str) -> None:
+    data = file.read_bytes()
+    if how == "truncated":
+        file.write_bytes(data[: len(data) // 2])
+    elif how == "garbage":
+        file.write_bytes(random.Random(0).randbytes(len(data)))
+    elif how == "bad-header":  # a plausible header length, then no JSON
+        file.write_bytes(struct.pack("<Q", 64) + b"{this is not json" + b"\x00" * 200)
+    else:
+        raise ValueError(how)
+
+
+def tensor_names_in(line: str, names) -> list[str]:
+    return [name for name in names if name in line]
+
+
+# --------------------------------------------------------------------------- 1. missing paths
+
+
+@pytest.mark.parametrize("command", ["compress", "compress-init", "spectrum", "spectrum-init", "inspect",
+                                     "decompress", "verify", "verify-init", "decompress-init"])
+def test_missing_path(models, tmp_path, command):
+    missing = tmp_path / "no-such-thing"
+    out = tmp_path / "out"
+    trained, init, artifact = models.gpt2.trained_dir, models.gpt2.init_dir, models.artifact
+    args, output = {
+        "compress": (["compress", missing, "--init", init, "-o", out], out),
+        "compress-init": (["compress", trained, "--init", missing, "-o", out], out),
+        "spectrum": (["spectrum", missing, "--no-init"], None),
+        "spectrum-init": (["spectrum", trained, "--init", missing], None),
+        "inspect": (["inspect", missing], None),
+        "decompress": (["decompress", missing, "-o", out], out),
+        "decompress-init": (["decompress", artifact, "--init", missing, "-o", out], out),
+        "verify": (["verify", missing], None),
+        "verify-init": (["verify", artifact, "--init", missing], None),
+    }[command]
+    expect_error(args, says=(str(missing), "check"), output=output, inputs=(models.root,))
+
+
+# --------------------------------------------------------------------------- 2. no checkpoint in a folder
+
+
+@pytest.mark.parametrize("contents", ["empty", "config-only"])
+@pytest.mark.parametrize("role", ["compress", "compress-init", "spectrum"])
+def test_folder_without_checkpoint(models, tmp_path, contents, role):
+    folder = tmp_path / "no-weights"
+    folder.mkdir()
+    if contents == "config-only":
+        shutil.copyfile(models.gpt2.trained_dir / "config.json", folder / "config.json")
+    out = tmp_path / "out"
+    args, output = {
+        "compress": (["compress", folder, "--no-init", "-o", out], out),
+        "compress-init": (["compress", models.gpt2.trained_dir, "--init", folder, "-o", out], out),
+        "spectrum": (["spectrum", folder, "--no-init"], None),
+    }[role]
+    expect_error(args, says=(str(folder), "no checkpoint", "model.safetensors"), output=output,
+                 inputs=(models.root, folder))
+
+
+@pytest.mark.parametrize("command", ["inspect", "verify", "decompress"])
+def test_model_folder_is_not_an_artifact(models, tmp_path, command):
+    out = tmp_path / "out"
+    args = [command, models.gpt2.trained_dir] + (["-o", out] if command == "decompress" else [])
+    expect_error(args, says=(str(models.gpt2.trained_dir), "artifact", "compress"),
+                 output=out if command == "decompress" else None, inputs=(models.root,))
+
+
+# --------------------------------------------------------------------------- 3. broken safetensors
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage", "bad-header"])
+@pytest.mark.parametrize("role", ["trained", "init"])
+def test_broken_safetensors(models, tmp_path, how, role):
+    trained, init = copy_pair(models, tmp_path)
+    broken = (trained if role == "trained" else init) / "model.safetensors"
+    break_file(broken, how)
+    out = tmp_path / "out"
+    expect_error(["compress", trained, "--init", init, "-o", out], says=(str(broken), "corrupt", "re-"),
+                 output=out, inputs=(trained, init))
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_broken_single_safetensors_file(tmp_path, models, how):
+    single = tmp_path / "weights.safetensors"
+    shutil.copyfile(models.gpt2.trained_dir / "model.safetensors", single)
+    break_file(single, how)
+    expect_error(["spectrum", single, "--no-init"], says=(str(single), "corrupt"), inputs=(single,))
+    out = tmp_path / "out"
+    expect_error(["compress", single, "--no-init", "-o", out], says=(str(single), "corrupt"), output=out,
+                 inputs=(single,))
+
+
+@pytest.mark.parametrize("how", ["truncated", "garbage"])
+def test_broken_artifact_file(models, tmp_path, how):
+    artifact = Path(shutil.copytree(models.artifact, tmp_path / "artifact"))
+    break_file(artifact / "inrank.safetensors", how)
+    out = tmp_path / "dense"
+    for args, output in ((["inspect", artifact], None), (["verify", artifact], None),
+                         (["decompress", artifact, "-o", out], out)):
+        expect_error(args, says=(str(artifact), "corrupt"), output=output, inputs=(artifact,))
+
+
+# --------------------------------------------------------------------------- 4. init does not match
+
+
+def test_init_of_another_architecture(models, tmp_path):
+    """A GPT-2 init for a LLaMA model (and the other way round): the message names the first tensors."""
+    out = tmp_path / "out"
+    llama_names = list(models.llama.trained_state)
+    line = expect_error(["compress", models.llama.trained_dir, "--init", models.gpt2.init_dir, "-o", out],
+                        says=("init",), output=out, inputs=(models.root,))
+    assert len(tensor_names_in(line, llama_names)) >= 3, line
+
+    gpt2_names = list(models.gpt2.trained_state)
+    line = expect_error(["compress", models.gpt2.trained_dir, "--init", models.llama.init_dir, "-o", out],
+                        says=("init",), output=out, inputs=(models.root,))
+    assert len(tensor_names_in(line, gpt2_names)) >= 3, line
+
+    line = expect_error(["spectrum", models.llama.trained_dir, "--init", models.gpt2.init_dir],
+                        says=("init",), inputs=(models.root,))
+    assert len(tensor_names_in(line, llama_names)) >= 3, line
+
+
+def test_init_of_another_size(models, tmp_path):
+    """GPT-2 n_embd 64 trained vs n_embd 32 init: the message names the first tensors and both shapes."""
+    out = tmp_path / "out"
+    narrow = load_file(models.narrow_init / "model.safetensors")
+    differing = [n for n, t in models.gpt2.trained_state.items()
+                 if n in narrow and tuple(narrow[n].shape) != tuple(t.shape)]
+    assert len(differing) >= 3
+    line = expect_error(["compress", models.gpt2.trained_dir, "--init", models.narrow_init, "-o", out],
+                        says=("init", "shape", "64", "32"), output=out, inputs=(models.root,))
+    assert len(tensor_names_in(line, differing)) >= 3, line
+
+
+# --------------------------------------------------------------------------- 5. NaN and Inf
+
+
+@pytest.mark.parametrize("name, value", [
+    ("transformer.h.0.attn.c_attn.weight", float("nan")),  # 2-D: factorized
+    ("transformer.h.1.ln_2.bias", float("inf")),  # 1-D: stored dense
+    ("transformer.wpe.weight", float("-inf")),
+])
+def test_non_finite_trained_weight(models, tmp_path, name, value):
+    trained = model_with(models, tmp_path / "trained-broken", name, value)
+    out = tmp_path / "out"
+    expect_error(["compress", trained, "--init", models.gpt2.init_dir, "-o", out],
+                 says=(name, ("nan", "inf")), output=out, inputs=(models.root, trained))
+
+
+def test_non_finite_init_weight(models, tmp_path):
+    name = "transformer.h.1.mlp.c_fc.weight"
+    init = model_with(models, tmp_path / "init-broken", name, float("nan"), source=models.gpt2.init_dir)
+    out = tmp_path / "out"
+    expect_error(["compress", models.gpt2.trained_dir, "--init", init, "-o", out],
+                 says=(name, ("nan", "inf"), "init"), output=out, inputs=(models.root, init))
+
+
+def test_non_finite_weight_in_spectrum(models, tmp_path):
+    name = "transformer.h.1.attn.c_proj.weight"
+    trained = model_with(models, tmp_path / "trained-broken", name, float("nan"))
+    expect_error(["spectrum", trained, "--init", models.gpt2.init_dir], says=(name, ("nan", "inf")),
+                 inputs=(models.root, trained))
+
+
+# --------------------------------------------------------------------------- 6, 7. threshold and rank
+
+
+@pytest.mark.parametrize("value", ["0", "-0.1", "1.5", "nan"])
+def test_threshold_outside_unit_interval(models, tmp_path, value):
+    out = tmp_path / "out"
+    expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out,
+                  "--threshold", value], says=("--threshold",), output=out, inputs=(models.root,))
+
+
+def test_threshold_one_is_accepted(models, tmp_path):
+    out = tmp_path / "out"
+    expect_ok(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out,
+               "--threshold", "1.0", "--quiet"])
+    assert (out / "inrank.safetensors").is_file()
+    assert _temps_beside(out) == []
+
+
+def test_negative_rank(models, tmp_path):
+    out = tmp_path / "out"
+    expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out,
+                  "--rank", "-1"], says=("--rank",), output=out, inputs=(models.root,))
+
+
+# --------------------------------------------------------------------------- 8. existing output, --force
+
+
+def _manifest(artifact: Path) -> dict:
+    with safe_open(str(artifact / "inrank.safetensors"), framework="pt") as handle:
+        return json.loads(handle.metadata()["inrank"])
+
+
+def test_existing_output_needs_force(models, tmp_path):
+    out = tmp_path / "out"
+    base = ["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out]
+    expect_ok(base + ["--quiet"])
+    # The existing output is watched as an input: it must stay exactly as it was.
+    expect_error(base + ["--threshold", "0.5"], says=(str(out), "--force"), output=out, inputs=(models.root,))
+    assert _manifest(out)["rule"]["threshold"] == 0.9
+
+    expect_ok(base + ["--threshold", "0.5", "--force", "--quiet"])
+    assert _manifest(out)["rule"]["threshold"] == 0.5
+    assert _temps_beside(out) == []
+
+
+def test_existing_decompress_output_needs_force(models, tmp_path):
+    out = tmp_path / "dense"
+    expect_ok(["decompress", models.artifact, "-o", out, "--quiet"])
+    expect_error(["decompress", models.artifact, "-o", out], says=(str(out), "--force"), output=out,
+                 inputs=(models.root,))
+    expect_ok(["decompress", models.artifact, "-o", out, "--force", "--quiet"])
+    assert (out / "model.safetensors").is_file()
+    assert _temps_beside(out) == []
+
+
+@pytest.mark.parametrize("target", ["trained", "init", "parent"])
+def test_force_never_overwrites_an_input(models, tmp_path, target):
+    trained, init = copy_pair(models, tmp_path / "inputs")
+    output = {"trained": trained, "init": init, "parent": tmp_path / "inputs"}[target]
+    expect_error(["compress", trained, "--init", init, "-o", output, "--force"], says=("input", str(output)),
+                 output=output, inputs=(trained, init))
+
+
+@pytest.mark.parametrize("target", ["artifact", "init"])
+def test_decompress_force_never_overwrites_an_input(models, tmp_path, target):
+    artifact, trained, init = compressed_copy(models, tmp_path)
+    output = artifact if target == "artifact" else init
+    expect_error(["decompress", artifact, "-o", output, "--force"], says=("input", str(output)),
+                 output=output, inputs=(artifact, init, trained))
+
+
+# --------------------------------------------------------------------------- 9. unwritable output
+
+
+def _unwritable_outputs(tmp_path: Path) -> list[tuple[Path, Path]]:
+    """(output, blocker) pairs that cannot be written: under a regular file (fails even for root)
+    and, when not root, under a read-only folder."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    cases = [(blocker / "out", blocker)]
+    if os.geteuid() != 0:
+        locked = tmp_path / "read-only"
+        locked.mkdir()
+        locked.chmod(0o500)
+        cases.append((locked / "out", locked))
+    return cases
+
+
+def test_unwritable_compress_output(models, tmp_path):
+    for output, blocker in _unwritable_outputs(tmp_path):
+        try:
+            expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", output],
+                         says=(str(blocker), "writable"), output=output, inputs=(models.root, blocker))
+        finally:
+            blocker.chmod(0o700)
+
+
+def test_unwritable_decompress_output(models, tmp_path):
+    for output, blocker in _unwritable_outputs(tmp_path):
+        try:
+            expect_error(["decompress", models.artifact, "-o", output], says=(str(blocker), "writable"),
+                         output=output, inputs=(models.root, blocker))
+        finally:
+            blocker.chmod(0o700)
+
+
+# --------------------------------------------------------------------------- 10. init changed or gone
+
+
+def test_changed_init_is_refused(models, tmp_path):
+    artifact, _, init = compressed_copy(models, tmp_path)
+    state = load_file(init / "model.safetensors")
+    state["transformer.h.0.mlp.c_proj.weight"] = state["transformer.h.0.mlp.c_proj.weight"] + 1e-3
+    save_file(state, init / "model.safetensors", metadata={"format": "pt"})
+
+    expect_ok(["inspect", artifact])  # the header alone does not need the init
+    expect_error(["verify", artifact], says=("init", ("hash", "sha256")), inputs=(artifact, init))
+    out = tmp_path / "dense"
+    expect_error(["decompress", artifact, "-o", out], says=("init", ("hash", "sha256")), output=out,
+                 inputs=(artifact, init))
+
+
+def test_deleted_init_is_refused(models, tmp_path):
+    artifact, _, init = compressed_copy(models, tmp_path)
+    shutil.rmtree(init)
+    expect_error(["verify", artifact], says=("init", "missing", str(init)), inputs=(artifact,))
+    out = tmp_path / "dense"
+    expect_error(["decompress", artifact, "-o", out], says=("init", "missing", str(init), "--init"), output=out,
+                 inputs=(artifact,))
+
+
+# --------------------------------------------------------------------------- 11. newer format version
+
+
+def test_newer_format_version_is_refused(models, tmp_path):
+    artifact = Path(shutil.copytree(models.artifact, tmp_path / "artifact"))
+    file = artifact / "inrank.safetensors"
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    manifest = json.loads(metadata["inrank"])
+    manifest["version"] = 2
+    metadata["inrank"] = json.dumps(manifest)
+    tensors = load_file(file)
+    save_file(tensors, file, metadata=metadata)
+
+    out = tmp_path / "out"
+    for args, output in ((["inspect", artifact], None), (["verify", artifact], None),
+                         (["decompress", artifact, "-o", out], out),
+                         (["compress", artifact, "-o", out, "--threshold", "0.5"], out)):
+        expect_error(args, says=("newer", "upgrade", "2"), output=output, inputs=(artifact, models.root))
+
+
+# --------------------------------------------------------------------------- 12. pickles
+
+
+def _evil_pickle(path: Path, models: Models) -> Path:
+    state = dict(models.gpt2.trained_state)
+    state["gadget"] = Gadget()
+    torch.save(state, path)
+    return path
+
+
+@pytest.mark.parametrize("suffix", [".bin", ".pt"])
+def test_pickle_needing_more_than_weights_only(models, tmp_path, suffix):
+    evil = _evil_pickle(tmp_path / f"evil{suffix}", models)
+    out = tmp_path / "out"
+    expect_error(["compress", evil, "--no-init", "-o", out], says=(str(evil), "weights_only"), output=out,
+                 inputs=(evil, models.root))
+    expect_error(["compress", models.gpt2.trained_dir, "--init", evil, "-o", out], says=(str(evil), "weights_only"),
+                 output=out, inputs=(evil, models.root))
+    expect_error(["spectrum", evil, "--no-init"], says=(str(evil), "weights_only"), inputs=(evil,))
+
+
+def test_pickle_in_model_folder_needing_more_than_weights_only(models, tmp_path):
+    folder = tmp_path / "pickled-model"
+    folder.mkdir()
+    shutil.copyfile(models.gpt2.trained_dir / "config.json", folder / "config.json")
+    evil = _evil_pickle(folder / "pytorch_model.bin", models)
+    out = tmp_path / "out"
+    expect_error(["compress", folder, "--init", models.gpt2.init_dir, "-o", out], says=(str(evil), "weights_only"),
+                 output=out, inputs=(folder, models.root))
+
+
+@pytest.mark.parametrize("role", ["trained", "init"])
+def test_truncated_pickle(models, tmp_path, role):
+    saved = tmp_path / "state.bin"
+    torch.save(dict(models.gpt2.trained_state if role == "trained" else models.gpt2.init_state), saved)
+    break_file(saved, "truncated")
+    out = tmp_path / "out"
+    args = (["compress", saved, "--init", models.gpt2.init_dir, "-o", out] if role == "trained"
+            else ["compress", models.gpt2.trained_dir, "--init", saved, "-o", out])
+    expect_error(args, says=(str(saved), ("truncated", "corrupt")), output=out, inputs=(saved, models.root))
+
+
+def test_pickle_without_a_state_dict(models, tmp_path):
+    saved = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(4, 4), saved)
+    out = tmp_path / "out"
+    expect_error(["compress", saved, "--no-init", "-o", out], says=(str(saved), "state"), output=out,
+                 inputs=(saved,))
+
+
+# --------------------------------------------------------------------------- 13. killed midway
+
+
+def _big_pair(tmp_path: Path, count: int = 6, size: int = 1024) -> tuple[Path, Path]:
+    """Several square float32 tensors: exact SVDs that take a few seconds in all."""
+    generator = torch.Generator().manual_seed(0)
+    init_state = {f"layers.{i}.weight": torch.randn(size, size, generator=generator) for i in range(count)}
+    trained_state = {name: t + 0.1 * torch.randn(size, size, generator=generator) for name, t in init_state.items()}
+    folders = []
+    for label, state in (("big-init", init_state), ("big-trained", trained_state)):
+        folder = tmp_path / label
+        folder.mkdir()
+        save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+        folders.append(folder)
+    return folders[0], folders[1]
+
+
+def test_killed_compress_leaves_no_artifact(tmp_path):
+    init, trained = _big_pair(tmp_path)
+    out = tmp_path / "out"
+    before = {init: snapshot(init), trained: snapshot(trained)}
+    command = [sys.executable, "-m", "inrank_convert", "compress", str(trained), "--init", str(init), "-o", str(out),
+               "--svd", "exact", "--quiet"]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not _temps_beside(out) and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _temps_beside(out), f"no temporary folder appeared (exit {process.poll()})"
+        time.sleep(0.3)  # let it write a little
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL, "compress finished before it could be killed: use bigger tensors"
+    assert not os.path.lexists(out), "a killed compress left an output folder"
+    assert _temps_beside(out), "the killed run's temporary folder should still be there (hidden)"
+    assert {init: snapshot(init), trained: snapshot(trained)} == before
+
+    # The next run succeeds and clears the dead run's temporary folder.
+    expect_ok(["compress", trained, "--init", init, "-o", out, "--rank", "4", "--svd", "randomized", "--quiet"])
+    assert (out / "inrank.safetensors").is_file()
+    assert _temps_beside(out) == []
+    expect_ok(["inspect", out])
+
+
+# --------------------------------------------------------------------------- 14. option values
+
+
+def test_randomized_svd_with_inrank_criterion(models, tmp_path):
+    out = tmp_path / "out"
+    expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out,
+                  "--svd", "randomized", "--criterion", "inrank"], says=("randomized", "inrank", "--svd"),
+                 output=out, inputs=(models.root,))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here: --device cuda is valid")
+@pytest.mark.parametrize("command", ["compress", "spectrum"])
+def test_cuda_device_without_cuda(models, tmp_path, command):
+    out = tmp_path / "out"
+    args = [command, models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "--device", "cuda"]
+    expect_error(args + (["-o", out] if command == "compress" else []), says=("cuda", "--device", "cpu"),
+                 output=out if command == "compress" else None, inputs=(models.root,))
+
+
+@pytest.mark.parametrize("option, value", [
+    ("--dtype", "int8"), ("--dtype", "float99"), ("--svd", "fastest"), ("--criterion", "vibes"), ("--device", "tpu"),
+])
+def test_unknown_option_value(models, tmp_path, option, value):
+    out = tmp_path / "out"
+    expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out, option, value],
+                 says=(option, value), output=out, inputs=(models.root,))
+
+
+@pytest.mark.parametrize("thresholds", ["abc", "0,2", "0.5,,x", ""])
+def test_spectrum_bad_thresholds(models, thresholds):
+    expect_error(["spectrum", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "--thresholds", thresholds],
+                 says=("--thresholds",), inputs=(models.root,))
+
+
+def test_spectrum_unknown_criterion(models):
+    expect_error(["spectrum", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "--criterion", "vibes"],
+                 says=("--criterion", "vibes"), inputs=(models.root,))
+
+
+# --------------------------------------------------------------------------- 15. reference options
+
+
+@pytest.mark.parametrize("extra", [["--init", "INIT"], ["--init-seed", "7"], ["--init", "INIT", "--init-seed", "7"]])
+def test_no_init_conflicts_with_init(models, tmp_path, extra):
+    out = tmp_path / "out"
+    extra = [models.gpt2.init_dir if part == "INIT" else part for part in extra]
+    expect_error(["compress", models.gpt2.trained_dir, "--no-init", *extra, "-o", out], says=("--no-init", "--init"),
+                 output=out, inputs=(models.root,))
+    expect_error(["spectrum", models.gpt2.trained_dir, "--no-init", *extra], says=("--no-init", "--init"),
+                 inputs=(models.root,))
+
+
+def test_no_init_with_embed_init(models, tmp_path):
+    out = tmp_path / "out"
+    expect_error(["compress", models.gpt2.trained_dir, "--no-init", "--embed-init", "-o", out],
+                 says=("--embed-init", "--no-init"), output=out, inputs=(models.root,))
+
+
+def test_no_reference_option(models, tmp_path):
+    trained, _ = copy_pair(models, tmp_path)
+    default_output = trained.with_name(trained.name + "-inrank")
+    says = ("--init", "--init-seed", "--no-init")
+    expect_error(["compress", trained], says=says, output=default_output, inputs=(trained,))
+    out = tmp_path / "out"
+    expect_error(["compress", trained, "-o", out], says=says, output=out, inputs=(trained,))
+    expect_error(["spectrum", trained], says=says, inputs=(trained,))
