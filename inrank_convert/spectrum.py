@@ -213,10 +213,10 @@ def factorize(
     if rule.criterion == "inrank" and rule.fixed_rank is None:
         use_randomized = False  # InRank's ratio needs every singular value
     if use_randomized:
+        max_fraction = 1.0 if engine == "randomized" else RANDOMIZED_MAX_FRACTION
         if rule.fixed_rank is not None:
-            found = _fixed_rank_randomized(work, min(rule.fixed_rank, n), generator)
+            found = _fixed_rank_randomized(work, min(rule.fixed_rank, n), generator, max_fraction)
         else:
-            max_fraction = 1.0 if engine == "randomized" else RANDOMIZED_MAX_FRACTION
             found = adaptive_randomized_svd(work, total, rule.threshold, generator, max_fraction)
         if found is not None:
             U, S, Vh = found
@@ -225,7 +225,8 @@ def factorize(
             B, A = _balanced(U, S, Vh, rank)
             kept = float((S[:rank].double() ** 2).sum()) / total
             return Factorization(B.float(), A.float(), rank, min(kept, 1.0), total, S.float(), "randomized", notes)
-        notes.append("rank above 1/8 of full: used the exact SVD")
+        # Not a warning: auto hands high ranks to the exact SVD by design.
+        notes.append("randomized basis would pass its size limit: used the exact SVD")
 
     U, S, Vh, svd_notes = exact_svd(work, float64=float64, solver=solver)
     notes.extend(svd_notes)
@@ -236,11 +237,15 @@ def factorize(
     return Factorization(B.float(), A.float(), rank, min(kept, 1.0), total, S.float(), used, notes)
 
 
-def _fixed_rank_randomized(delta: torch.Tensor, rank: int, generator: torch.Generator | None):
-    """Range finder of width rank + oversampling with power iterations, for ``--rank r``."""
+def _fixed_rank_randomized(delta: torch.Tensor, rank: int, generator: torch.Generator | None,
+                           max_fraction: float = RANDOMIZED_MAX_FRACTION):
+    """Range finder of width rank + oversampling with power iterations, for ``--rank r``.
+
+    None when that width passes ``max_fraction`` of min(rows, cols) (or the whole matrix):
+    the exact SVD is cheaper and exact there."""
     rows, cols = delta.shape
-    width = min(min(rows, cols), rank + max(10, rank // 4))
-    if width >= min(rows, cols) * 0.5:
+    width = rank + max(10, rank // 4)
+    if width >= min(rows, cols) * min(max_fraction, 1.0) or width >= min(rows, cols):
         return None
     omega = torch.randn(cols, width, device=delta.device, dtype=delta.dtype, generator=generator)
     Y = delta @ omega
