@@ -24,7 +24,7 @@ COLUMNS = ("benchmark", "measured", "baseline", "ratio", "target", "result")
 
 
 def render_table(results: list[BenchResult]) -> None:
-    rows = [(r.name, r.measured, r.baseline, f"{r.ratio:.2f} ({r.ratio_label})", r.target,
+    rows = [(r.name, r.measured, r.baseline, f"{r.ratio:.2f}", f"{r.ratio_label} {r.target}",
              "PASS" if r.passed else "FAIL") for r in results]
     try:
         from rich import box
@@ -38,11 +38,13 @@ def render_table(results: list[BenchResult]) -> None:
     table = Table(title="inrank-convert benchmarks (ratios against baselines measured in this run)",
                   box=box.SIMPLE_HEAVY)
     for column in COLUMNS:
-        table.add_column(column, justify="right" if column == "ratio" else "left")
+        table.add_column(column, justify="right" if column == "ratio" else "left", no_wrap=True)
     for row in rows:
         style = "green" if row[-1] == "PASS" else "red"
         table.add_row(*row[:-1], f"[{style}]{row[-1]}[/{style}]")
-    Console(width=max(120, Console().width)).print(table)
+    # Wide enough for every cell on one line, even when stdout is a pipe (rich then assumes 80).
+    needed = sum(max(len(str(row[i])) for row in [COLUMNS, *rows]) + 3 for i in range(len(COLUMNS))) + 4
+    Console(width=max(needed, Console().width)).print(table)
 
 
 def main(argv: list[str]) -> int:

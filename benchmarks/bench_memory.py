@@ -161,7 +161,7 @@ def run() -> BenchResult:
         "layers": [{key: layer[key] for key in ("name", "kind", "rank", "energy", "svd")} for layer in layers],
     }
     return BenchResult(
-        name=f"peak RSS, CLI compress of 2 x {file_bytes / 1e9:.2f} GB",
-        measured=f"{human_bytes(peak)} (anon {human_bytes(peaks['RssAnon'])}, mmap {human_bytes(peaks['RssFile'])})",
-        baseline=f"{human_bytes(budget)} = 2 x {human_bytes(largest)} + 1 GiB",
+        name=f"peak RSS, CLI compress 2x{file_bytes / 1e9:.2f} GB",
+        measured=f"{human_bytes(peak)} (anon {peaks['RssAnon'] / GiB:.2f}, mmap {peaks['RssFile'] / GiB:.2f})",
+        baseline=f"{human_bytes(budget)} = 2x{largest / 2**20:.0f} MiB + 1 GiB",
         ratio=ratio, ratio_label="peak / budget", target="<= 1", passed=ratio <= 1.0, details=details)
