@@ -76,7 +76,7 @@ def plain_read(trained_file: Path, init_file: Path) -> float:
 
 def _phase_breakdown(init_dir: Path, trained_dir: Path, options) -> dict[str, float]:
     """Time compress's steps one after the other (serially, so they do not overlap as in compress)."""
-    from inrank_convert.compress import _check_finite, iter_updates, open_inputs, plan_compression
+    from inrank_convert.compress import load_update, open_inputs, plan_compression, planned_work
 
     phases: dict[str, float] = {}
     started = time.perf_counter()
@@ -85,7 +85,7 @@ def _phase_breakdown(init_dir: Path, trained_dir: Path, options) -> dict[str, fl
     try:
         started = time.perf_counter()
         plan = plan_compression(inputs, options)
-        phases["plan (ties, embeddings via meta model)"] = time.perf_counter() - started
+        phases["plan (shapes, ties, name checks)"] = time.perf_counter() - started
         started = time.perf_counter()
         inputs.trained.file_hashes()
         phases["sha256 trained file"] = time.perf_counter() - started
@@ -93,15 +93,10 @@ def _phase_breakdown(init_dir: Path, trained_dir: Path, options) -> dict[str, fl
         inputs.reference.manifest()
         phases["sha256 init file (reference manifest)"] = time.perf_counter() - started
         started = time.perf_counter()
-        for _ in iter_updates(plan, inputs):
-            pass
-        phases["read tensors (iter_updates, incl. isfinite checks)"] = time.perf_counter() - started
-        started = time.perf_counter()
-        for entry in plan.entries:
-            if entry.action == "factorize":
-                _check_finite(inputs.trained.get(entry.name), entry.name, inputs.trained.path)
-                _check_finite(inputs.reference.get(entry.name), entry.name, inputs.trained.path)
-        phases["  of which _check_finite (torch.isfinite(t).all(), both checkpoints)"] = time.perf_counter() - started
+        device = torch.device("cpu")
+        for _, entry in planned_work(plan, inputs, actions=("factorize",)):
+            load_update(inputs, entry, device)
+        phases["load_update: read, subtract, energy + finite check (2-D)"] = time.perf_counter() - started
     finally:
         inputs.close()
     return phases
@@ -114,26 +109,6 @@ def _layer_breakdown(layers) -> dict[str, float]:
         key = f"_execute {layer.kind}/{layer.engine or '-'}"
         sums[key] = sums.get(key, 0.0) + layer.seconds
     return sums
-
-
-def _energy_cost(init_dir: Path, trained_dir: Path) -> float:
-    """Seconds frobenius_energy (float64 norm) takes over every 2-D update: a known hot spot."""
-    from safetensors import safe_open
-
-    from inrank_convert.spectrum import frobenius_energy
-
-    spent = 0.0
-    with safe_open(str(trained_dir / "model.safetensors"), framework="pt") as trained, \
-            safe_open(str(init_dir / "model.safetensors"), framework="pt") as init:
-        for name in trained.keys():
-            weight = trained.get_tensor(name)
-            if weight.ndim != 2:
-                continue
-            delta = weight - init.get_tensor(name)
-            started = time.perf_counter()
-            frobenius_energy(delta)
-            spent += time.perf_counter() - started
-    return spent
 
 
 def run() -> BenchResult:
@@ -177,7 +152,6 @@ def run() -> BenchResult:
 
         phases = _phase_breakdown(init_dir, trained_dir, options)
         phases.update(_layer_breakdown(result.layers))
-        phases["  of which frobenius_energy (float64 norm, all 2-D updates)"] = _energy_cost(init_dir, trained_dir)
 
     kinds: dict[str, int] = {}
     for layer in result.layers:

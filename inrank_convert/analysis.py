@@ -7,10 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .compress import check_device, iter_updates, open_inputs, plan_compression
+from .compress import check_device, load_update, open_inputs, plan_compression, planned_work
 from .errors import UsageError
 from .plan import PlanOptions
-from .spectrum import RankRule, choose_rank, frobenius_energy
+from .spectrum import RankRule, choose_rank
 
 SPECTRUM_VALUES_KEPT = 64
 
@@ -65,11 +65,9 @@ def spectrum_report(source: str | Path, thresholds: list[float], criterion: str 
         if on_plan is not None:
             on_plan(plan)
         layers = []
-        for entry, weight, reference in iter_updates(plan, inputs, actions=("factorize",)):
-            delta = weight.to(options.device, torch.float32)  # [rows, cols]
-            if reference is not None:
-                delta = delta - reference.to(options.device, torch.float32)
-            total = frobenius_energy(delta)
+        device = torch.device(options.device)
+        for _, entry in planned_work(plan, inputs, actions=("factorize",)):
+            delta, total = load_update(inputs, entry, device)  # [rows, cols]
             values = torch.linalg.svdvals(delta.double() if options.float64 else delta).float().cpu()
             ranks = {t: choose_rank(values, total, RankRule(criterion, t)) for t in thresholds}
             layers.append(LayerSpectrum(entry.name, entry.shape, total, values[:SPECTRUM_VALUES_KEPT].tolist(), ranks))

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import re
+import struct
 import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -106,6 +108,9 @@ class Checkpoint(ABC):
         """Names that share one storage in the file (tied weights saved by torch.save)."""
         return []
 
+    def prefetch(self, name: str) -> None:
+        """A hint that ``name`` is read next (a no-op where the form offers no cheap hint)."""
+
     def __contains__(self, name: str) -> bool:
         return name in set(self.names())
 
@@ -138,18 +143,24 @@ class Checkpoint(ABC):
 
 
 class SafetensorsCheckpoint(Checkpoint):
-    """One or several (sharded) safetensors files."""
+    """One or several (sharded) safetensors files.
+
+    No file stays open between reads: ``get`` opens the file, takes one memory-mapped tensor
+    and closes it, so the mapping lives exactly as long as the returned tensor. A handle kept
+    open would keep every page ever touched resident (peak RSS = both checkpoints).
+    """
 
     kind = "safetensors"
 
     def __init__(self, path: Path, files: list[Path], config_dir: Path | None):
         super().__init__(path, files, config_dir)
-        self._handles = {}
         self._where: dict[str, Path] = {}
         self._infos: dict[str, TensorInfo] = {}
+        self._spans: dict[str, tuple[int, int]] = {}  # absolute byte range of each tensor's data
+        self._metadata: dict[Path, dict[str, str]] = {}
         for file in files:
             handle = open_safetensors(file)
-            self._handles[file] = handle
+            self._metadata[file] = handle.metadata() or {}
             for name in handle.keys():
                 tensor_slice = handle.get_slice(name)
                 dtype = SAFETENSORS_DTYPES.get(tensor_slice.get_dtype())
@@ -158,10 +169,11 @@ class SafetensorsCheckpoint(Checkpoint):
                                           str(file), "convert the checkpoint to float32/16 or bfloat16")
                 self._where[name] = file
                 self._infos[name] = TensorInfo(name, tuple(tensor_slice.get_shape()), dtype)
+            del handle
+            self._spans.update(_data_spans(file))
 
     def metadata(self, file: Path | None = None) -> dict[str, str]:
-        handle = self._handles[file or self.files[0]]
-        return handle.metadata() or {}
+        return self._metadata[file or self.files[0]]
 
     def names(self) -> list[str]:
         return list(self._infos)
@@ -170,20 +182,44 @@ class SafetensorsCheckpoint(Checkpoint):
         return self._infos[name]
 
     def get(self, name: str) -> torch.Tensor:
+        file = self._where[name]
         try:
-            return self._handles[self._where[name]].get_tensor(name)
-        except SafetensorError as err:
-            raise CheckpointError(f"cannot read tensor {name!r} (corrupt file: {err})", str(self._where[name]),
-                                  "re-save or re-download the checkpoint") from err
+            with safe_open(str(file), framework="pt", device="cpu") as handle:
+                return handle.get_tensor(name)
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"cannot read tensor {name!r} ({err})", str(file),
+                                  "the file changed or is damaged: re-save or re-download the checkpoint") from err
 
     def first_row(self, name: str) -> torch.Tensor:
         info = self._infos[name]
         if len(info.shape) == 0:
             return self.get(name).reshape(-1)
-        return self._handles[self._where[name]].get_slice(name)[0:1].reshape(-1)[:64]
+        with safe_open(str(self._where[name]), framework="pt", device="cpu") as handle:
+            return handle.get_slice(name)[0:1].reshape(-1)[:64].clone()
 
-    def close(self) -> None:
-        self._handles.clear()
+    def prefetch(self, name: str) -> None:
+        """Ask the kernel to start reading a tensor's bytes now (no memory is mapped or copied)."""
+        span = self._spans.get(name)
+        if span is None or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(self._where[name], os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, span[0], span[1] - span[0], os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+        except OSError:
+            pass  # only a hint
+
+
+def _data_spans(file: Path) -> dict[str, tuple[int, int]]:
+    """Byte ranges of every tensor in a safetensors file, from its (already validated) header."""
+    with open(file, "rb") as handle:
+        (header_size,) = struct.unpack("<Q", handle.read(8))
+        header = json.loads(handle.read(header_size))
+    base = 8 + header_size
+    return {name: (base + entry["data_offsets"][0], base + entry["data_offsets"][1])
+            for name, entry in header.items() if name != "__metadata__"}
 
 
 class StateDictCheckpoint(Checkpoint):

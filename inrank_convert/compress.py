@@ -6,6 +6,7 @@ its steps, public so that ``--dry-run``, ``spectrum`` and training can reuse the
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -42,7 +43,7 @@ from .reference import (
     read_init_recipe,
     seed_reference,
 )
-from .spectrum import CRITERIA, ENGINES, factorize, stored_as_lowrank
+from .spectrum import CRITERIA, ENGINES, factorize, frobenius_energy, stored_as_lowrank
 
 
 @dataclass
@@ -213,10 +214,60 @@ def plan_compression(inputs: Inputs, options: PlanOptions) -> Plan:
     return make_plan(inputs.trained, inputs.reference, options, inputs.reference.aliases())
 
 
-def _check_finite(tensor: torch.Tensor, name: str, where: Path) -> None:
-    if tensor.dtype.is_floating_point and not bool(torch.isfinite(tensor).all()):
-        raise NonFiniteError(f"tensor {name!r} holds NaN or Inf", str(where),
+def _raise_non_finite(inputs: Inputs, name: str) -> None:
+    """Name the checkpoint that holds NaN/Inf (a full check, run only once a cheap one failed)."""
+    weight = inputs.trained.get(name)
+    if not bool(torch.isfinite(weight).all()):
+        raise NonFiniteError(f"tensor {name!r} holds NaN or Inf", str(inputs.trained.path),
                              "this checkpoint is broken (diverged training?): use an earlier one")
+    reference = inputs.reference.get(name)
+    where = getattr(getattr(inputs.reference, "checkpoint", None), "path", f"the {inputs.reference.mode} init")
+    if reference is not None and not bool(torch.isfinite(reference).all()):
+        raise NonFiniteError(f"init tensor {name!r} holds NaN or Inf", str(where), "pass a valid init")
+    raise NonFiniteError(f"the update of {name!r} overflows float32", str(inputs.trained.path),
+                         "the weights are too large to compare: check the checkpoint")
+
+
+def check_finite_fast(tensor: torch.Tensor) -> bool:
+    """One pass, no temporary mask: NaN or Inf anywhere makes the norm non-finite."""
+    if not tensor.dtype.is_floating_point or tensor.numel() == 0:
+        return True
+    return math.isfinite(frobenius_energy(tensor))
+
+
+def load_update(inputs: Inputs, entry: TensorPlan, device: torch.device) -> tuple[torch.Tensor, float]:
+    """delta = W - W_ref in float32 on ``device`` and its exact ||delta||_F^2.
+
+    The trained and reference tensors are dropped as soon as they are subtracted, so at most
+    one of them and the update are alive at once. bf16/fp16 inputs are subtracted in float32
+    (bf16 rounding of W would add noise to the update's energy).
+    """
+    weight = inputs.trained.get(entry.name)
+    delta = weight.to(device=device, dtype=torch.float32, copy=True)  # [rows, cols]
+    del weight
+    reference = inputs.reference.get(entry.name)
+    if reference is not None:
+        delta.sub_(reference.to(device))
+        del reference
+    total = frobenius_energy(delta)
+    if not math.isfinite(total):
+        _raise_non_finite(inputs, entry.name)
+    return delta, total
+
+
+def planned_work(plan: Plan, inputs: Inputs, actions: tuple[str, ...] = ("factorize", "dense")
+                 ) -> Iterator[tuple[int, TensorPlan]]:
+    """(index, entry) of the plan entries to execute, in order. Before handing out an entry it
+    asks the kernel to start reading the next one's tensors (posix_fadvise), so disk reads
+    overlap the current SVD without mapping or copying anything early."""
+    work = [entry for entry in plan.entries if entry.action in actions]
+    for index, entry in enumerate(work):
+        if index + 1 < len(work):
+            following = work[index + 1]
+            inputs.trained.prefetch(following.name)
+            if following.action == "factorize":
+                inputs.reference.prefetch(following.name)
+        yield index, entry
 
 
 @dataclass
@@ -228,53 +279,28 @@ class LayerOutput:
     reference: torch.Tensor | None
 
 
-def iter_updates(plan: Plan, inputs: Inputs, actions: tuple[str, ...] = ("factorize", "dense")
-                 ) -> Iterator[tuple[TensorPlan, torch.Tensor, torch.Tensor | None]]:
-    """(entry, trained tensor, reference tensor) for each planned tensor, one at a time.
-
-    The next pair is read from disk while the caller works on the current one (torch and
-    safetensors release the GIL), so reading overlaps computing.
-    """
-    work = [entry for entry in plan.entries if entry.action in actions]
-
-    def load(entry: TensorPlan) -> tuple[torch.Tensor, torch.Tensor | None]:
-        weight = inputs.trained.get(entry.name)
-        _check_finite(weight, entry.name, inputs.trained.path)
-        reference = inputs.reference.get(entry.name) if entry.action == "factorize" else None
-        if reference is not None:
-            _check_finite(reference, entry.name, Path(f"the {inputs.reference.mode} init"))
-        return weight, reference
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inrank-read") as reader:
-        pending = reader.submit(load, work[0]) if work else None
-        for index, entry in enumerate(work):
-            weight, reference = pending.result()
-            if index + 1 < len(work):
-                pending = reader.submit(load, work[index + 1])
-            yield entry, weight, reference
-
-
 def iter_compress(plan: Plan, inputs: Inputs, options: PlanOptions) -> Iterator[LayerOutput]:
     """Execute the plan one tensor at a time."""
     device = torch.device(options.device)
-    for index, (entry, weight, reference) in enumerate(iter_updates(plan, inputs)):
-        yield _execute(entry, weight, reference, options, device, index)
+    for index, entry in planned_work(plan, inputs):
+        yield _execute(entry, inputs, options, device, index)
 
 
-def _execute(entry: TensorPlan, weight: torch.Tensor, reference: torch.Tensor | None, options: PlanOptions,
-             device: torch.device, index: int) -> LayerOutput:
+def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: torch.device,
+             index: int) -> LayerOutput:
     started = time.perf_counter()
     result = LayerResult(entry.name, entry.shape, entry.dtype, "dense", None, 1.0, entry.nbytes, entry.nbytes)
     if entry.action == "dense":
+        weight = inputs.trained.get(entry.name)
+        if not check_finite_fast(weight):
+            _raise_non_finite(inputs, entry.name)
         result.notes.append(entry.reason)
         result.seconds = time.perf_counter() - started
         return LayerOutput(result, {entry.name: weight}, None)
 
-    delta = weight.to(device=device, dtype=torch.float32)  # [rows, cols]
-    if reference is not None:
-        delta = delta - reference.to(device=device, dtype=torch.float32)
+    delta, total = load_update(inputs, entry, device)
     generator = torch.Generator(device=device).manual_seed(options.seed + index)
-    factors = factorize(delta, options.rule, options.engine, options.float64, generator)
+    factors = factorize(delta, options.rule, options.engine, options.float64, generator, total_energy=total)
     del delta
     rows, cols = entry.shape
     result.engine, result.notes = factors.engine, list(factors.notes)
@@ -285,15 +311,16 @@ def _execute(entry: TensorPlan, weight: torch.Tensor, reference: torch.Tensor | 
     elif not stored_as_lowrank(factors.rank, rows, cols):
         result.kind, result.rank, result.energy = "dense", factors.rank, 1.0
         result.notes.append(f"rank {factors.rank} is not smaller than dense")
-        stored = {entry.name: weight}
+        stored = {entry.name: inputs.trained.get(entry.name)}  # re-read: a memory map, no copy
     else:
         dtype = options.factor_dtype or entry.dtype
         b_name, a_name = factor_names(entry.name)
         stored = {b_name: factors.B.to("cpu", dtype), a_name: factors.A.to("cpu", dtype)}
         result.kind, result.rank, result.energy = "lowrank", factors.rank, factors.energy
         result.bytes = sum(t.numel() * t.element_size() for t in stored.values())
+    embed = inputs.embed_init and result.kind in ("lowrank", "zero")
     result.seconds = time.perf_counter() - started
-    return LayerOutput(result, stored, reference if result.kind in ("lowrank", "zero") else None)
+    return LayerOutput(result, stored, inputs.reference.get(entry.name) if embed else None)
 
 
 def compress(source: str | Path, output: str | Path, *, init: str | Path | None = None, init_seed: int | None = None,

@@ -40,6 +40,9 @@ class Reference(ABC):
         """Names that are a second name for another tensor of the reference (tied weights)."""
         return set()
 
+    def prefetch(self, name: str) -> None:
+        """A hint that ``name`` is read next."""
+
     def close(self) -> None:
         pass
 
@@ -74,6 +77,9 @@ class CheckpointReference(Reference):
 
     def aliases(self) -> set[str]:
         return {name for group in self.checkpoint.shared_storage_groups() for name in group[1:]}
+
+    def prefetch(self, name: str) -> None:
+        self.checkpoint.prefetch(name)
 
     def file_hashes(self) -> list[dict]:
         if self._file_hashes is None:
