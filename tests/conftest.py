@@ -77,6 +77,25 @@ def train_state(init_state: dict[str, torch.Tensor], seed: int = 1, rank: int = 
     return trained
 
 
+def energy_rank_float64(delta: torch.Tensor, threshold: float) -> int:
+    """Oracle: smallest r with sum(s[:r]^2) >= t * ||delta||_F^2, all in float64."""
+    s = torch.linalg.svdvals(delta.double())
+    total = float((delta.double() ** 2).sum())
+    cumulative = torch.cumsum(s**2, 0)
+    return int(torch.nonzero(cumulative >= threshold * total * (1 - 1e-9))[0, 0]) + 1
+
+
+def inrank_rank_float64(delta: torch.Tensor, threshold: float) -> int:
+    """Oracle: InRank's loop, written as in the paper's code (one r at a time), in float64."""
+    s = torch.linalg.svdvals(delta.double())
+    for r in range(s.numel() + 1):
+        tail = s.clone()
+        tail[:r] = 0
+        if 1 - torch.var(tail) / torch.var(s) >= threshold - 1e-12:
+            return r
+    return s.numel()
+
+
 @dataclass
 class ModelPair:
     """An init and a trained model saved as Hugging Face folders, with their state dicts."""

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from inrank_convert import Artifact, PlanOptions, RankRule, compress, read_manifest
 from inrank_convert.artifact import ARTIFACT_FILE, INIT_FILE, artifact_bytes
 from inrank_convert.export import decompress
-from tests.conftest import make_pair, snapshot
+from tests.conftest import energy_rank_float64, inrank_rank_float64, make_pair, snapshot
 
 
 def options(threshold=0.9, criterion="energy", **kwargs) -> PlanOptions:
@@ -24,16 +24,8 @@ def update(pair, name):
 
 
 def exact_rank(delta: torch.Tensor, threshold: float, criterion: str) -> int:
-    s = torch.linalg.svdvals(delta.double())
-    if criterion == "energy":
-        cumulative = torch.cumsum(s**2, 0)
-        return int(torch.nonzero(cumulative >= threshold * float((delta**2).sum()) * (1 - 1e-9))[0, 0]) + 1
-    for r in range(s.numel() + 1):
-        tail = s.clone()
-        tail[:r] = 0
-        if 1 - torch.var(tail) / torch.var(s) >= threshold - 1e-12:
-            return r
-    return s.numel()
+    oracle = energy_rank_float64 if criterion == "energy" else inrank_rank_float64
+    return oracle(delta, threshold)
 
 
 @pytest.mark.parametrize("criterion,threshold", [("energy", 0.9), ("energy", 0.5), ("inrank", 0.9), ("inrank", 0.6)])
@@ -287,3 +279,16 @@ def test_artifact_is_a_valid_safetensors_file_with_side_files(tmp_path, gpt2_pai
     rank = manifest["tensors"][name]["rank"]
     assert tensors[name + ".lora_B"].shape == (64, rank) and tensors[name + ".lora_A"].shape == (rank, 192)
     assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "generation_config.json").is_file()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_device_gives_the_cpu_ranks(tmp_path, llama_pair):
+    cpu = compress(llama_pair.trained_dir, tmp_path / "cpu", init=llama_pair.init_dir, options=options(0.9))
+    gpu = compress(llama_pair.trained_dir, tmp_path / "gpu", init=llama_pair.init_dir,
+                   options=options(0.9, device="cuda"))
+    for a, b in zip(cpu.layers, gpu.layers, strict=True):
+        assert a.kind == b.kind and (a.rank is None or abs(a.rank - b.rank) <= 1), a.name
+    artifact = Artifact(tmp_path / "gpu")
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert artifact.factors(name)[0].device.type == "cpu"  # factors are always stored from the CPU

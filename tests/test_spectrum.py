@@ -17,6 +17,7 @@ from inrank_convert.spectrum import (
     rank_for_inrank,
     stored_as_lowrank,
 )
+from tests.conftest import energy_rank_float64, inrank_rank_float64
 
 
 def low_rank_plus_noise(rows: int, cols: int, rank: int, noise: float, seed: int = 0) -> torch.Tensor:
@@ -27,25 +28,6 @@ def low_rank_plus_noise(rows: int, cols: int, rank: int, noise: float, seed: int
     signal /= signal.norm()
     extra = torch.randn(rows, cols, generator=generator, dtype=torch.float64)
     return (signal + extra * (noise / extra.norm())).float()
-
-
-def energy_rank_float64(delta: torch.Tensor, threshold: float) -> int:
-    """Reference: smallest r with sum(s[:r]^2) >= t * ||delta||_F^2, all in float64."""
-    s = torch.linalg.svdvals(delta.double())
-    total = float((delta.double() ** 2).sum())
-    cumulative = torch.cumsum(s**2, 0)
-    return int(torch.nonzero(cumulative >= threshold * total * (1 - 1e-9))[0, 0]) + 1
-
-
-def inrank_rank_float64(delta: torch.Tensor, threshold: float) -> int:
-    """Reference: InRank's loop, written as in the paper's code (one r at a time)."""
-    s = torch.linalg.svdvals(delta.double())
-    for r in range(s.numel() + 1):
-        tail = s.clone()
-        tail[:r] = 0
-        if 1 - torch.var(tail) / torch.var(s) >= threshold - 1e-12:
-            return r
-    return s.numel()
 
 
 @pytest.mark.parametrize("shape", [(96, 64), (64, 160), (128, 128)])
