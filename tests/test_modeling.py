@@ -1,0 +1,102 @@
+"""load_compressed builds a running model equal to the decompressed one."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from inrank_convert import PlanOptions, RankRule, compress, load_compressed
+from inrank_convert.errors import ArtifactError
+from inrank_convert.export import decompress
+from inrank_convert.layers import LowRankLinear
+
+TOKENS = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(TOKENS).logits
+
+
+def compressed(tmp_path, pair, threshold=0.9, **kwargs):
+    out = tmp_path / "out"
+    compress(pair.trained_dir, out, options=PlanOptions(rule=RankRule("energy", threshold)),
+             **({"init": pair.init_dir} | kwargs))
+    return out
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_logits_equal_the_decompressed_model(tmp_path, any_pair, merge):
+    out = compressed(tmp_path, any_pair)
+    decompress(out, tmp_path / "dense")
+    expected = logits(AutoModelForCausalLM.from_pretrained(tmp_path / "dense").eval())
+    model = load_compressed(out, merge=merge)
+    assert not model.training
+    assert torch.allclose(logits(model), expected, atol=1e-5)
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert layers and all(layer.merged == merge for layer in layers)
+
+
+def test_every_factorized_linear_becomes_low_rank(tmp_path, llama_pair):
+    out = compressed(tmp_path, llama_pair)
+    model = load_compressed(out)
+    low_rank = {name for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    from inrank_convert import read_manifest
+
+    expected = {name.removesuffix(".weight") for name, entry in read_manifest(out)["tensors"].items()
+                if entry["kind"] == "lowrank" and not name.endswith("embed_tokens.weight")}
+    assert low_rank == expected
+    # The embedding (rows gathered, not multiplied) is rebuilt dense.
+    assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
+
+
+def test_gpt2_conv1d_and_tied_head(tmp_path, gpt2_pair):
+    model = load_compressed(compressed(tmp_path, gpt2_pair))
+    assert isinstance(model.transformer.h[0].mlp.c_fc, LowRankLinear)
+    assert model.lm_head.weight is model.transformer.wte.weight
+    reference = gpt2_pair.trained_state["transformer.h.0.ln_1.bias"]
+    assert torch.equal(model.transformer.h[0].ln_1.bias, reference)
+
+
+def test_no_init_artifact_has_no_reference_weights(tmp_path, llama_pair):
+    out = compressed(tmp_path, llama_pair, threshold=0.9, no_init=True, init=None)
+    model = load_compressed(out)
+    layers = [m for m in model.modules() if isinstance(m, LowRankLinear)]
+    assert layers and all(layer.weight_ref is None for layer in layers)
+    decompress(out, tmp_path / "dense")
+    assert torch.allclose(logits(model), logits(AutoModelForCausalLM.from_pretrained(tmp_path / "dense")), atol=1e-5)
+
+
+def test_seed_reference_and_bfloat16(tmp_path, gpt2_pair):
+    out = compressed(tmp_path, gpt2_pair, init=None, init_seed=gpt2_pair.init_seed)
+    full = load_compressed(out)
+    half = load_compressed(out, dtype=torch.bfloat16)
+    assert next(half.parameters()).dtype == torch.bfloat16
+    assert torch.allclose(logits(half).float(), logits(full), atol=0.1, rtol=0.05)
+
+
+def test_missing_config_is_a_clear_error(tmp_path, gpt2_pair):
+    out = compressed(tmp_path, gpt2_pair)
+    (out / "config.json").unlink()
+    with pytest.raises(ArtifactError, match="no config.json"):
+        load_compressed(out)
+
+
+def test_config_of_another_model_is_refused(tmp_path, gpt2_pair, llama_pair):
+    out = compressed(tmp_path, gpt2_pair)
+    shutil.copy(llama_pair.trained_dir / "config.json", out / "config.json")
+    with pytest.raises(ArtifactError, match="no place in a llama model"):
+        load_compressed(out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_logits_match_cpu(tmp_path, llama_pair):
+    out = compressed(tmp_path, llama_pair)
+    cpu = logits(load_compressed(out))
+    gpu = load_compressed(out, device="cuda")
+    with torch.no_grad():
+        assert torch.allclose(gpu(TOKENS.cuda()).logits.cpu(), cpu, atol=1e-3)
