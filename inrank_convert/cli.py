@@ -215,6 +215,9 @@ def decompress_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="Dense Hugging Face folder to write.")],
     init: Annotated[Path | None, typer.Option("--init", help="Use this init instead of the recorded one.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    reference_only: Annotated[bool, typer.Option(
+        "--reference-only", help="Write the reference (init / base) model instead: the base for export-peft. "
+        "With an embedded init, tensors stored dense keep their trained values.")] = False,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -227,11 +230,41 @@ def decompress_command(
 
     count = len(read_manifest(artifact)["tensors"])
     with console.progress(count, "decompressing", quiet or json_output) as advance:
-        result = decompress(artifact, output, force=force, init_override=init, on_tensor=advance)
+        result = decompress(artifact, output, force=force, init_override=init, on_tensor=advance,
+                            reference_only=reference_only)
     if json_output:
         console.emit_json(result.to_json())
     else:
         console.stdout.print(f"wrote {result.tensors} tensors ({console.human_bytes(result.bytes)}) to {output}")
+
+
+@app.command("export-peft")
+@user_errors
+def export_peft_command(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder written by compress.")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="Adapter folder to write.")],
+    init: Annotated[Path | None, typer.Option("--init", help="Use this init instead of the recorded one.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    json_output: JsonOpt = False,
+):
+    """Write a PEFT LoRA adapter that turns the reference (init / base) model into the compressed one.
+
+    Load it with PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), OUTPUT); for a
+    seed or embedded init, 'decompress --reference-only' writes BASE.
+
+    Example: inrank-convert export-peft gpt2-inrank -o gpt2-adapter
+    """
+    from .peft_export import export_peft
+
+    result = export_peft(artifact, output, force=force, init_override=init)
+    for note in result.notes:
+        console.warn(note)
+    if json_output:
+        console.emit_json(result.to_json())
+    else:
+        console.stdout.print(f"wrote a LoRA adapter on {len(result.targets)} modules, {len(result.modules_to_save)} "
+                             f"saved whole, {len(result.biases)} biases ({console.human_bytes(result.bytes)}) to "
+                             f"{output}; base model: {result.base}")
 
 
 @app.command("verify")
@@ -253,6 +286,112 @@ def verify_command(
     if not result.ok:
         console.error(f"verification failed: {artifact}: {result.problem()}")
         raise typer.Exit(1)
+
+
+class _WindowProgress:
+    """One progress bar per model over its perplexity windows (the library calls back per window)."""
+
+    def __init__(self, stack: contextlib.ExitStack, quiet: bool):
+        self._stack, self._quiet = stack, quiet
+        self._label = None
+        self._inner: contextlib.ExitStack | None = None
+        self._advance = None
+
+    def __call__(self, label: str, done: int, total: int) -> None:
+        if label != self._label:
+            if self._inner is not None:
+                self._inner.close()
+            self._inner = self._stack.enter_context(contextlib.ExitStack())
+            self._advance = self._inner.enter_context(console.progress(total, f"perplexity {label}", self._quiet))
+            self._label = label
+        self._advance(f"window {done}/{total}")
+
+
+def _eval_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise UsageError(f"unknown dtype {name!r}", "--dtype", f"choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+EvalDeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda[:N]: where the models run.")]
+EvalDtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16: the dtype the models run in.")]
+TokenizerOpt = Annotated[Path | None, typer.Option(
+    "--tokenizer", help="Tokenizer folder (tokenizer.json, or GPT-2 vocab.json + merges.txt); default: the artifact's.")]
+MergeOpt = Annotated[bool, typer.Option("--merge", help="Fold the factors into dense weights (dense speed and memory).")]
+
+
+@app.command("report")
+@user_errors
+def report_command(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder written by compress.")],
+    data: Annotated[Path, typer.Option("--data", help="UTF-8 text file (or folder of text files) to measure perplexity on.")],
+    original: Annotated[Path | None, typer.Option(
+        "--original", help="The dense checkpoint to compare with (any CKPT form; default: the recorded source).")] = None,
+    also: Annotated[list[Path] | None, typer.Option(
+        "--also", help="Another artifact or checkpoint to measure on the same text (repeatable).")] = None,
+    device: EvalDeviceOpt = "cpu",
+    dtype: EvalDtypeOpt = "float32",
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Use only the first N tokens of the text.")] = None,
+    stride: Annotated[int | None, typer.Option(
+        "--stride", help="Sliding windows moved by N tokens (each token scored once); default: non-overlapping.")] = None,
+    context: Annotated[int | None, typer.Option(
+        "--context", help="Window length in tokens (default: the models' context length).")] = None,
+    tokenizer: TokenizerOpt = None,
+    init: Annotated[Path | None, typer.Option("--init", help="Use this init instead of the artifact's recorded one.")] = None,
+    merge: MergeOpt = False,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write size-vs-perplexity and per-layer ranks to this PNG.")] = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Size and perplexity side by side: the original, the compressed artifact, and any --also models.
+
+    Example: inrank-convert report gpt2-inrank --data wiki.test.raw --max-tokens 8192 --json
+    """
+    from .evaluate import plot_report, report
+
+    if plot is not None:
+        from .analysis import _pyplot
+
+        _pyplot()  # fail on a missing matplotlib or a bad path before minutes of evaluation
+        if not plot.absolute().parent.is_dir():
+            raise UsageError("the plot's folder does not exist", str(plot.absolute().parent), "create it or choose another --plot")
+    with contextlib.ExitStack() as stack:
+        bar = _WindowProgress(stack, quiet or json_output)
+        result = report(artifact, data, original=original, also=tuple(also or ()), device=device,
+                        dtype=_eval_dtype(dtype), max_tokens=max_tokens, stride=stride, tokenizer=tokenizer,
+                        context=context, init=init, merge=merge, on_window=bar)
+    for note in result.notes:
+        console.warn(note)
+    if plot is not None:
+        plot_report(result, plot)
+    console.emit_json(result.to_json()) if json_output else console.render_report(result.to_json())
+
+
+@app.command("generate")
+@user_errors
+def generate_command(
+    artifact: Annotated[Path, typer.Argument(help="Artifact folder written by compress.")],
+    prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")],
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 50,
+    temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Sample among the k likeliest tokens; 0 = all.")] = 50,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed: the same seed gives the same text.")] = 0,
+    device: EvalDeviceOpt = "cpu",
+    dtype: EvalDtypeOpt = "float32",
+    tokenizer: TokenizerOpt = None,
+    init: Annotated[Path | None, typer.Option("--init", help="Use this init instead of the artifact's recorded one.")] = None,
+    merge: MergeOpt = False,
+    json_output: JsonOpt = False,
+):
+    """Generate text from the compressed model (prompt and continuation on stdout).
+
+    Example: inrank-convert generate gpt2-inrank --prompt "The history of" --max-new-tokens 40 --seed 1
+    """
+    from .evaluate import generate
+
+    result = generate(artifact, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      seed=seed, device=device, dtype=_eval_dtype(dtype), tokenizer=tokenizer, init=init, merge=merge)
+    console.emit_json(result.to_json()) if json_output else console.render_generation(result.to_json())
 
 
 def main() -> None:

@@ -131,3 +131,41 @@ def render_verify(result: dict) -> None:
                           f"{layer['measured_error']:.2e}")
         stdout.print(table)
     stdout.print("verify: OK" if result["ok"] else "verify: FAILED")
+
+
+def _number(value, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:,.{digits}f}"
+
+
+def _count(value: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if value >= size:
+            return f"{value / size:.2f}{unit}"
+    return str(value)
+
+
+def render_report(result: dict) -> None:
+    """``report``: one row per model (size, parameters, perplexity, speed), then the artifact's layers."""
+    table = Table(title=f"Perplexity on {result['data']} ({result['text_tokens']} tokens, window {result['context']}, "
+                        f"stride {result['stride']}, {result['device']} {result['dtype']})", title_justify="left")
+    table.add_column("model")
+    table.add_column("path", overflow="fold")
+    for column in ("bytes", "ratio", "parameters", "perplexity", "change", "tokens/s"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for row in result["models"]:
+        change = row["change_percent"]
+        table.add_row(row["label"], row["path"], human_bytes(row["bytes"]), f"{100 * row['ratio']:.2f}%",
+                      _count(row["parameters"]), _number(row["perplexity"], 3),
+                      "" if change is None else f"{change:+.2f}%", _number(row["tokens_per_second"], 0))
+    stdout.print(table)
+    stdout.print(layer_table(result["layers"], f"Layers of {result['artifact']} (reference: {result['reference']}, "
+                                               f"rule: {result['rule']})"))
+
+
+def render_generation(result: dict) -> None:
+    """``generate``: the prompt and its continuation on stdout; the speed on stderr."""
+    sys.stdout.write(result["text"] + "\n")
+    sys.stdout.flush()
+    speed = result["tokens_per_second"]
+    stderr.print(f"[dim]{result['new_tokens']} new tokens in {result['seconds']:.2f} s"
+                 + (f" ({speed:.1f} tokens/s)" if speed else "") + f", seed {result['seed']}[/dim]")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .artifact import Artifact, TensorFileWriter, atomic_output_dir, copy_side_files
+from .errors import UsageError
 
 DENSE_WEIGHTS_FILE = "model.safetensors"
 
@@ -21,16 +22,24 @@ class DecompressResult:
 
 
 def decompress(artifact_path: str | Path, output: str | Path, *, force: bool = False,
-               init_override: str | Path | None = None, device: str = "cpu", on_tensor=None) -> DecompressResult:
+               init_override: str | Path | None = None, device: str = "cpu", on_tensor=None,
+               reference_only: bool = False) -> DecompressResult:
     """Write the dense model W = W_ref + B @ A as a Hugging Face folder (``from_pretrained`` loads it).
 
     Tensors are rebuilt and written one at a time; the folder appears only when complete.
+    ``reference_only`` writes the reference W_ref instead (the init or base model, regenerated from
+    its seed recipe, read from the embedded init or from the recorded path): the base model that
+    ``export-peft``'s adapter goes on.
     """
     artifact = Artifact(artifact_path, Path(init_override) if init_override else None)
     try:
+        if reference_only and artifact.manifest["reference"]["mode"] == "zero":
+            raise UsageError("this artifact's reference is zero (compressed with --no-init): there is no base "
+                             "model to write", str(artifact.path), "drop --reference-only to write the dense model")
         config = _config(artifact)
         # Hugging Face re-ties an output embedding tied in the config; writing it again only adds bytes.
         skip_aliases = bool(config.get("tie_word_embeddings", True)) if config else False
+        known = set(artifact.reference.infos() or {}) if reference_only else set()
         with atomic_output_dir(Path(output), force, artifact.input_paths()) as temp:
             writer = TensorFileWriter(temp / DENSE_WEIGHTS_FILE)
             try:
@@ -38,7 +47,9 @@ def decompress(artifact_path: str | Path, output: str | Path, *, force: bool = F
                 for name, entry in artifact.tensors.items():
                     if entry["kind"] == "alias" and skip_aliases:
                         continue
-                    writer.add(name, artifact.reconstruct(name, device))
+                    tensor = (_reference_tensor(artifact, name, known, device) if reference_only
+                              else artifact.reconstruct(name, device))
+                    writer.add(name, tensor)
                     count += 1
                     if on_tensor is not None:
                         on_tensor(name)
@@ -50,6 +61,22 @@ def decompress(artifact_path: str | Path, output: str | Path, *, force: bool = F
         return DecompressResult(Path(output), count, size)
     finally:
         artifact.close()
+
+
+def _reference_tensor(artifact: Artifact, name: str, known: set[str], device: str):
+    """W_ref of tensor ``name``, in the reference's own dtype.
+
+    An embedded init holds the reference of the factorized and zero tensors only: the tensors stored
+    dense (biases, norms, matrices whose low-rank form was not smaller) were kept whole, their init
+    was never stored and cannot be recovered. For those we write the artifact's (trained) value, so
+    the folder still loads; export-peft's adapter carries the full trained value of exactly these
+    tensors (bias="all" or modules_to_save), so base + adapter is still the compressed model.
+    A path or seed reference holds every tensor, so this fallback never applies to them.
+    """
+    name = artifact.canonical(name)
+    if name in known:
+        return artifact.reference.get(name).to(device)
+    return artifact.reconstruct(name, device)
 
 
 def _config(artifact: Artifact) -> dict | None:

@@ -1,0 +1,184 @@
+"""Text -> tokens: the tokenizer of a model folder, and plain text files read as token ids.
+
+Every problem with the text or the tokenizer is a ``UsageError`` that names the file and the fix:
+a missing, empty or binary file never reaches the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+# A folder holds a tokenizer when it has one of these (file sets, all needed).
+TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("vocab.txt",))
+# Characters read per wanted token before tokenizing a prefix of a long text (English BPE: ~4-5).
+_CHARS_PER_TOKEN = 8
+
+
+def has_tokenizer(folder: Path) -> bool:
+    folder = Path(folder)
+    return folder.is_dir() and any(all((folder / name).is_file() for name in names) for names in TOKENIZER_FILE_SETS)
+
+
+def load_tokenizer(model_dir: str | Path | Sequence[str | Path] | None, tokenizer: str | Path | None = None):
+    """The tokenizer to use for a model.
+
+    ``tokenizer`` (``--tokenizer DIR``) wins: a folder with ``tokenizer.json`` (any Hugging Face
+    tokenizer), a folder with GPT-2 BPE ``vocab.json`` + ``merges.txt``, or a ``tokenizer.json``
+    file. Otherwise the first of ``model_dir`` (one folder or several, in order: the artifact,
+    then the original checkpoint's folder) that holds tokenizer files.
+    """
+    if tokenizer is not None:
+        path = Path(tokenizer)
+        if not path.exists():
+            raise UsageError("no such tokenizer folder", str(path), "check the --tokenizer path")
+        if path.is_file():
+            if path.name.endswith(".json"):
+                return _from_tokenizer_json(path)
+            raise UsageError("--tokenizer must be a folder (or a tokenizer.json file)", str(path),
+                             "pass the folder that holds tokenizer.json, or vocab.json and merges.txt")
+        if not has_tokenizer(path):
+            raise UsageError("no tokenizer files in folder", str(path),
+                             "expected tokenizer.json, or vocab.json and merges.txt (GPT-2 BPE), or tokenizer.model")
+        return _from_folder(path)
+    folders = [] if model_dir is None else [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
+    for folder in folders:
+        if has_tokenizer(Path(folder)):
+            return _from_folder(Path(folder))
+    where = ", ".join(str(f) for f in folders) or None
+    raise UsageError("no tokenizer found beside the model", where,
+                     "pass --tokenizer DIR (a folder with tokenizer.json, or vocab.json and merges.txt)")
+
+
+def _from_folder(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder))
+    except (ValueError, OSError, KeyError, TypeError) as err:
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            return _gpt2_bpe(folder)
+        if (folder / "tokenizer.json").is_file():
+            return _from_tokenizer_json(folder / "tokenizer.json")
+        raise UsageError(f"cannot load the tokenizer ({_first_line(err)})", str(folder),
+                         "pass --tokenizer DIR with a tokenizer.json") from err
+
+
+def _gpt2_bpe(folder: Path):
+    from transformers import GPT2TokenizerFast
+
+    try:
+        # transformers 5 takes vocab=/merges= (the old vocab_file=/merges_file= give an empty tokenizer).
+        tokenizer = GPT2TokenizerFast(vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"))
+    except (ValueError, OSError, KeyError, TypeError) as err:
+        raise UsageError(f"cannot read vocab.json/merges.txt ({_first_line(err)})", str(folder),
+                         "re-download the tokenizer files") from err
+    if len(tokenizer) == 0:
+        raise UsageError("vocab.json holds no tokens", str(folder), "re-download the tokenizer files")
+    return tokenizer
+
+
+def _from_tokenizer_json(file: Path):
+    from transformers import PreTrainedTokenizerFast
+
+    try:
+        return PreTrainedTokenizerFast(tokenizer_file=str(file))
+    except Exception as err:  # the tokenizers library raises plain Exception on a bad file
+        raise UsageError(f"cannot load the tokenizer ({_first_line(err)})", str(file),
+                         "re-download the tokenizer files") from err
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def text_files(path: str | Path) -> list[Path]:
+    """The file itself, or every visible file in a folder (recursively, sorted by path)."""
+    path = Path(path)
+    if not path.exists():
+        raise UsageError("no such text file or folder", str(path), "check the --data path")
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise UsageError("not a regular file or folder", str(path), "pass a text file or a folder of text files")
+    files = sorted(p for p in path.rglob("*") if p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise UsageError("folder holds no text files", str(path), "pass a text file or a folder of text files")
+    return files
+
+
+def read_text(path: str | Path) -> str:
+    """The UTF-8 text of a file or a folder of files (joined by blank lines); refuses binary and empty input."""
+    parts = []
+    for file in text_files(path):
+        try:
+            raw = file.read_bytes()
+        except OSError as err:
+            raise UsageError(f"cannot read the text file ({err.strerror})", str(file), "check its permissions") from err
+        if b"\x00" in raw:
+            raise UsageError("binary file, not text (it holds NUL bytes)", str(file), "pass a UTF-8 text file")
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise UsageError(f"binary file, not text (not valid UTF-8 at byte {err.start})", str(file),
+                             "pass a UTF-8 text file (convert it with iconv -t utf-8)") from err
+        text = text.removeprefix("\ufeff")  # a byte-order mark is not part of the text
+        if text.strip():
+            parts.append(text)
+        elif Path(path).is_file():
+            raise UsageError("the text file is empty", str(file), "pass a file with text in it")
+    if not parts:
+        raise UsageError("every text file in the folder is empty", str(path), "pass files with text in them")
+    return "\n\n".join(parts)
+
+
+def read_text_tokens(file: str | Path, tokenizer, max_tokens: int | None = None) -> torch.Tensor:
+    """The token ids of a text file (or a folder of text files), at most ``max_tokens`` of them.
+
+    No special tokens are added: the ids are exactly the text's. With ``max_tokens`` only a
+    growing prefix of the text is tokenized (cut at a line break, far enough beyond the last
+    token kept that the kept tokens are those of the whole text).
+    """
+    check_max_tokens(max_tokens)
+    return tokenize_text(read_text(file), tokenizer, max_tokens, str(file))
+
+
+def check_max_tokens(max_tokens: int | None) -> None:
+    if max_tokens is not None and max_tokens < 2:
+        raise UsageError("--max-tokens must be at least 2", f"--max-tokens {max_tokens}", "e.g. --max-tokens 4096")
+
+
+def tokenize_text(text: str, tokenizer, max_tokens: int | None = None, where: str | None = None) -> torch.Tensor:
+    """Token ids of ``text`` (1-D, int64), at most ``max_tokens``; see ``read_text_tokens``."""
+    check_max_tokens(max_tokens)
+    ids = _encode_prefix(text, tokenizer, max_tokens)
+    if not ids:
+        raise UsageError("the text gives no tokens", where, "pass a file with text in it")
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def _encode_prefix(text: str, tokenizer, max_tokens: int | None) -> list[int]:
+    if max_tokens is None:
+        return _encode(tokenizer, text)
+    chars = max_tokens * _CHARS_PER_TOKEN
+    while True:
+        if chars >= len(text):
+            return _encode(tokenizer, text)[:max_tokens]
+        cut = text.rfind("\n", 0, chars)
+        prefix = text[:cut] if cut > chars // 2 else text[:chars]
+        ids = _encode(tokenizer, prefix)
+        # The last few tokens of a prefix may merge differently in the whole text: keep a margin.
+        if len(ids) >= max_tokens + 16:
+            return ids[:max_tokens]
+        chars *= 2
+
+
+def _encode(tokenizer, text: str) -> list[int]:
+    # verbose=False: no "sequence longer than the model's maximum" warning; windows handle length.
+    return list(tokenizer.encode(text, add_special_tokens=False, verbose=False))

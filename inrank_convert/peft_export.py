@@ -1,0 +1,403 @@
+"""Export an artifact as a PEFT LoRA adapter over its reference (the init or base model).
+
+``PeftModel.from_pretrained(reference_model, DIR)`` then computes what the artifact holds,
+``W_ref + B @ A`` for every tensor, and not just for the factorized ones. How each kind of change is
+carried (checked against peft 0.21's loader, and tested end to end in tests/test_peft_export.py):
+
+- a low-rank update: a LoRA module with its own rank (``rank_pattern``) and ``lora_alpha = r``
+  (``alpha_pattern``), so PEFT's scaling ``alpha / r`` is exactly 1. The factors keep their values;
+  only their orientation changes (see ``_lora_tensors``);
+- a dense-stored matrix (low rank was not smaller): an exact full-rank LoRA, the update times an
+  identity (``delta = delta @ I``; no SVD, nothing lost beyond float32 rounding);
+- an unchanged matrix (rank 0): not targeted at all;
+- biases: ``bias="all"``. PEFT loads every ``...bias`` key of the adapter file into the base model
+  (the trained value, not a difference), so a Conv1D/Linear bias changes with or without LoRA on
+  its weight. ``lora_bias`` would be the other candidate, but PEFT refuses it on embedding layers;
+- any other changed tensor (LayerNorm / RMSNorm weights, a dense matrix whose reference is not
+  known): its module goes to ``modules_to_save`` (a full copy of that small leaf module);
+- tied weights (GPT-2's ``lm_head`` shares ``wte``): every module that uses the tensor gets the
+  same update (the LoRA of an ``nn.Embedding`` and of the tied ``nn.Linear`` head), so the adapter
+  is right whether or not the base model keeps the tie. Only ``merge_and_unload()`` on a tied base
+  adds the update twice to the shared tensor (PEFT warns about it); ``decompress`` is the merged
+  model. PEFT's ``ensure_weight_tying`` does not help: in peft 0.21 it recognizes only embeddings
+  named ``embed_tokens``, drops ``lm_head`` from the config it saves, and still merges twice.
+
+Every key of ``adapter_model.safetensors`` is one ``PeftModel.save_pretrained`` would write for
+this config, so the adapter also loads with transformers' ``load_adapter`` and survives a re-save.
+
+Which module is a Conv1D, a Linear or an Embedding comes from the model built on the meta device
+from the artifact's ``config.json`` (no weights are allocated).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .artifact import Artifact, TensorFileWriter, atomic_output_dir
+from .checkpoints import SIDE_FILES
+from .errors import ArtifactError, UsageError
+
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before every module name
+
+
+@dataclass
+class LoraTarget:
+    """One LoRA module: ``module`` gets ``delta = B @ A`` on its weight (stored orientation)."""
+
+    module: str
+    source: str  # the artifact tensor the update comes from
+    layout: str  # "linear" (weight [out, in]), "conv1d" (weight [in, out]) or "embedding" ([num, dim])
+    shape: tuple[int, int]  # of the weight as stored
+    rank: int
+    full_rank: bool = False  # a dense-stored update written as delta @ I
+    placeholder: bool = False  # a zero update: PEFT refuses an adapter without any LoRA module
+
+
+@dataclass
+class PeftExportResult:
+    output: Path
+    base: str  # where the base model PEFT needs comes from
+    targets: list[LoraTarget]
+    modules_to_save: list[str]
+    biases: list[str]
+    unchanged: list[str]
+    tensors: int
+    bytes: int
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "output": str(self.output), "base": self.base,
+            "target_modules": [target.module for target in self.targets],
+            "ranks": {target.module: target.rank for target in self.targets},
+            "full_rank": [target.module for target in self.targets if target.full_rank],
+            "modules_to_save": self.modules_to_save, "biases": self.biases, "unchanged": self.unchanged,
+            "tensors": self.tensors, "bytes": self.bytes, "notes": self.notes,
+        }
+
+
+def export_peft(artifact_path: str | Path, output: str | Path, *, force: bool = False,
+                init_override: str | Path | None = None) -> PeftExportResult:
+    """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for ``PeftModel.from_pretrained``.
+
+    The base model is the artifact's reference: the recorded init/base folder, ``--init PATH``, or
+    for a seed recipe or an embedded init the folder ``decompress --reference-only`` writes.
+    """
+    artifact = Artifact(artifact_path, Path(init_override) if init_override else None)
+    try:
+        mode = artifact.manifest["reference"]["mode"]
+        if mode == "zero":
+            raise UsageError("a PEFT adapter needs a base model, but this artifact's reference is zero "
+                             "(compressed with --no-init)", str(artifact.path),
+                             "use 'inrank-convert decompress' for the dense model instead")
+        model = _meta_model(artifact)
+        plan = _plan(artifact, model)
+        with atomic_output_dir(Path(output), force, artifact.input_paths()) as temp:
+            writer = TensorFileWriter(temp / ADAPTER_WEIGHTS_FILE)
+            try:
+                count = _write_tensors(writer, artifact, plan)
+                size = writer.finish({"format": "pt"})
+            except BaseException:
+                writer.abort()
+                raise
+            config = _adapter_config(plan, _base_path(artifact, init_override))
+            (temp / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+            _copy_tokenizer_files(artifact.path, temp)
+        return PeftExportResult(Path(output), _base_hint(artifact, init_override), plan.targets,
+                                plan.modules_to_save, sorted(plan.biases), plan.unchanged, count, size,
+                                plan.notes)
+    finally:
+        artifact.close()
+
+
+# ----------------------------------------------------------------------------------------------
+# The model's structure
+
+
+def _meta_model(artifact: Artifact):
+    """The transformers model of ``config.json`` on the meta device: module types and names only."""
+    file = artifact.path / "config.json"
+    if not file.is_file():
+        raise ArtifactError("the artifact has no config.json, so its modules (Linear, Conv1D, Embedding) are unknown",
+                            str(artifact.path), "copy the model's config.json into the artifact folder")
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(artifact.path)
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, OSError) as err:
+        raise UsageError(f"cannot build a causal language model from config.json ({err})", str(file),
+                         "export-peft supports Hugging Face causal LMs; use 'inrank-convert decompress' otherwise") from err
+
+
+def _layout(module: torch.nn.Module) -> str | None:
+    """How PEFT's LoRA wraps this module, by the orientation of its stored weight; None: it cannot."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return "conv1d"
+    if isinstance(module, torch.nn.Embedding):
+        return "embedding"
+    if isinstance(module, torch.nn.Linear):
+        return "linear"
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan: which module gets which treatment
+
+
+@dataclass
+class _Plan:
+    targets: list[LoraTarget]
+    modules_to_save: list[str]
+    module_keys: dict[str, dict[str, str]]  # module -> {state-dict key of the module: artifact tensor}
+    biases: dict[str, str]  # adapter key -> artifact tensor
+    unchanged: list[str]
+    notes: list[str]
+
+
+def _plan(artifact: Artifact, model) -> _Plan:
+    tensors = artifact.tensors
+    reference = artifact.reference
+    known = set(reference.infos() or {})  # an embedded init holds only factorized and zero tensors
+    state = model.state_dict(keep_vars=True)
+    modules = dict(model.named_modules())
+
+    # Every state-dict key of the model -> the artifact tensor that holds its value. A key missing from
+    # the artifact may be tied to one that is there (GPT-2's lm_head.weight: Hugging Face drops it on save).
+    shared: dict[int, list[str]] = {}
+    for key, tensor in state.items():
+        shared.setdefault(id(tensor), []).append(key)
+    source: dict[str, str] = {}
+    for key, tensor in state.items():
+        found = next((name for name in (key, *shared[id(tensor)]) if name in tensors), None)
+        if found is not None:
+            source[key] = artifact.canonical(found)
+
+    def changed(name: str) -> bool:
+        entry = tensors[name]
+        if entry["kind"] == "zero":
+            return False
+        if entry["kind"] == "lowrank" or name not in known:
+            return True
+        stored, ref = artifact.stored(name), reference.get(name)
+        return not (stored.dtype == ref.dtype and torch.equal(stored, ref))
+
+    targets: dict[str, LoraTarget] = {}
+    to_save: set[str] = set()
+    biases: dict[str, str] = {}  # model key -> artifact tensor
+    unchanged: list[str] = []
+    for key, name in source.items():
+        module_name, _, attribute = key.rpartition(".")
+        entry = tensors[name]
+        layout = _layout(modules[module_name])
+        if attribute == "weight" and layout is not None and len(entry["shape"]) == 2:
+            shape = tuple(entry["shape"])
+            if entry["kind"] == "lowrank":
+                targets[module_name] = LoraTarget(module_name, name, layout, shape, int(entry["rank"]))
+            elif entry["kind"] == "dense" and name not in known:
+                # The update of this dense-stored matrix is unknown (an embedded init does not hold its
+                # reference), so the adapter carries the whole trained module instead.
+                to_save.add(module_name)
+            elif changed(name):
+                targets[module_name] = LoraTarget(module_name, name, layout, shape, min(shape), full_rank=True)
+            else:
+                unchanged.append(module_name)
+        elif not changed(name):
+            continue
+        elif attribute == "bias":
+            biases[key] = name
+        else:
+            to_save.add(module_name)
+
+    used = set(source.values())
+    for name, entry in tensors.items():
+        if entry["kind"] != "alias" and name not in used and changed(name):
+            raise UsageError(f"tensor {name!r} changed but is no parameter of {type(model).__name__} built from "
+                             "config.json, so a PEFT adapter cannot carry it", str(artifact.path),
+                             "use 'inrank-convert decompress' for the dense model")
+
+    module_keys: dict[str, dict[str, str]] = {}
+    for module_name in sorted(to_save):
+        module = modules[module_name]
+        if not module_name or any(True for child in module.children() for _ in child.parameters()):
+            raise UsageError(f"the changed tensors of module {module_name or '(the model itself)'!r} cannot go into "
+                             "a PEFT adapter (only leaf modules can be saved whole)", str(artifact.path),
+                             "use 'inrank-convert decompress' for the dense model")
+        keys = {}
+        for attribute in module.state_dict():
+            key = f"{module_name}.{attribute}"
+            if key not in source:
+                raise UsageError(f"module {module_name!r} changed but the artifact lacks its tensor {key!r}",
+                                 str(artifact.path), "use 'inrank-convert decompress' for the dense model")
+            keys[attribute] = source[key]
+        module_keys[module_name] = keys
+        targets.pop(module_name, None)  # the whole copy carries the weight too
+
+    notes = []
+    if not targets:
+        # PEFT refuses an adapter that puts LoRA on no module; a rank-1 zero update changes nothing.
+        host = next((name for name, module in modules.items() if _layout(module) in ("linear", "conv1d")
+                     and name not in to_save and len(shared[id(module.weight)]) == 1), None)
+        if host is None:
+            raise UsageError("no matrix changed and the model has no Linear/Conv1D module to anchor an adapter",
+                             str(artifact.path), "use 'inrank-convert decompress' for the dense model")
+        shape = tuple(modules[host].weight.shape)
+        targets[host] = LoraTarget(host, "", _layout(modules[host]), shape, 1, placeholder=True)
+        notes.append(f"no matrix changed; {host} carries a rank-1 zero LoRA because PEFT needs one LoRA module")
+    for keys in shared.values():
+        tied_targets = [key for key in keys if key.endswith(".weight") and key.removesuffix(".weight") in targets]
+        if len(tied_targets) > 1:
+            notes.append(f"{' and '.join(tied_targets)} share one tensor in the base model: each module carries the "
+                         "update, so the adapter is exact, but PeftModel.merge_and_unload() would add it twice; "
+                         "use 'inrank-convert decompress' for a merged dense model")
+
+    bias_keys = {}
+    for key, name in biases.items():
+        module_name, _, attribute = key.rpartition(".")
+        if module_name in to_save:
+            continue  # in the module's copy
+        inner = f"{module_name}.base_layer" if module_name in targets else module_name
+        bias_keys[f"{PEFT_PREFIX}{inner}.{attribute}"] = name
+
+    if all(target.placeholder for target in targets.values()) and not module_keys and not bias_keys:
+        raise UsageError("the artifact holds no change over its reference, so there is no adapter to write",
+                         str(artifact.path), "the reference model itself is the compressed model")
+    ordered = [targets[name] for name in modules if name in targets]
+    _check_names_unambiguous([target.module for target in ordered], sorted(module_keys), list(modules))
+    return _Plan(ordered, sorted(module_keys), module_keys, bias_keys, unchanged, notes)
+
+
+def _check_names_unambiguous(targets: list[str], to_save: list[str], names: list[str]) -> None:
+    """PEFT matches ``target_modules`` by name or ``.``-suffix and ``modules_to_save`` by plain suffix."""
+    target_set = set(targets)
+    for name in names:
+        if name not in target_set and any(name.endswith("." + target) for target in targets):
+            raise UsageError(f"PEFT would also put LoRA on module {name!r}, whose name ends like a target's",
+                             name, "use 'inrank-convert decompress' for the dense model")
+        if name not in to_save and any(name.endswith(module) for module in to_save):
+            raise UsageError(f"PEFT would also save module {name!r}, whose name ends like a saved module's",
+                             name, "use 'inrank-convert decompress' for the dense model")
+
+
+# ----------------------------------------------------------------------------------------------
+# Writing
+
+
+def _lora_tensors(target: LoraTarget, B: torch.Tensor, A: torch.Tensor) -> dict[str, torch.Tensor]:
+    """PEFT's tensors for ``delta = B @ A`` (B [rows, r], A [r, cols] in the weight's stored orientation).
+
+    - nn.Linear, weight [out, in]: PEFT adds ``lora_B @ lora_A`` -> lora_B = B [out, r], lora_A = A [r, in].
+    - Conv1D, weight [in, out] (``fan_in_fan_out``): PEFT adds ``(lora_B @ lora_A).T`` = A.T @ B.T,
+      so lora_B = A.T [out, r], lora_A = B.T [r, in].
+    - nn.Embedding, weight [num, dim]: PEFT adds ``(lora_embedding_B @ lora_embedding_A).T`` with
+      lora_embedding_A [r, num] and lora_embedding_B [dim, r] -> A_e = B.T, B_e = A.T.
+    """
+    prefix = PEFT_PREFIX + target.module
+    if target.layout == "linear":
+        return {f"{prefix}.lora_A.weight": A, f"{prefix}.lora_B.weight": B}
+    if target.layout == "conv1d":
+        return {f"{prefix}.lora_A.weight": B.T, f"{prefix}.lora_B.weight": A.T}
+    return {f"{prefix}.lora_embedding_A": B.T, f"{prefix}.lora_embedding_B": A.T}
+
+
+def _factors(artifact: Artifact, target: LoraTarget) -> tuple[torch.Tensor, torch.Tensor]:
+    if target.placeholder:
+        rows, cols = target.shape
+        return torch.zeros(rows, 1), torch.zeros(1, cols)
+    if not target.full_rank:
+        return artifact.factors(target.source)
+    # delta = W - W_ref of a dense-stored matrix, written as delta @ I (or I @ delta when wide):
+    # r = min(rows, cols); no decomposition, so nothing is lost beyond float32 rounding.
+    delta = artifact.stored(target.source).float() - artifact.reference.get(target.source).float()
+    rows, cols = delta.shape
+    if rows >= cols:
+        return delta, torch.eye(cols)  # [rows, cols] @ [cols, cols]
+    return torch.eye(rows), delta  # [rows, rows] @ [rows, cols]
+
+
+def _write_tensors(writer: TensorFileWriter, artifact: Artifact, plan: _Plan) -> int:
+    count = 0
+    for target in plan.targets:
+        for key, tensor in _lora_tensors(target, *_factors(artifact, target)).items():
+            writer.add(key, tensor)
+            count += 1
+    for module_name in plan.modules_to_save:
+        # A ModulesToSaveWrapper is loaded from the module's own keys (PEFT maps them to the copy).
+        for attribute, name in plan.module_keys[module_name].items():
+            writer.add(f"{PEFT_PREFIX}{module_name}.{attribute}", artifact.reconstruct(name))
+            count += 1
+    for key, name in sorted(plan.biases.items()):
+        writer.add(key, artifact.reconstruct(name))
+        count += 1
+    return count
+
+
+def _adapter_config(plan: _Plan, base_path: str | None) -> dict:
+    ranks = {target.module: target.rank for target in plan.targets}
+    # PEFT reads rank_pattern / alpha_pattern keys as regular expressions matched at the end of a module
+    # name: escaped full names match exactly one module. alpha = r everywhere makes the scaling exactly 1.
+    pattern = {re.escape(module): rank for module, rank in ranks.items()}
+    default = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_path,
+        "inference_mode": True,
+        "r": default,
+        "lora_alpha": default,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "target_modules": [target.module for target in plan.targets],
+        "modules_to_save": plan.modules_to_save or None,
+        "bias": "all" if plan.biases else "none",
+        # Conv1D stores its weight [in, out]; PEFT decides per module, this is only the starting value.
+        "fan_in_fan_out": any(target.layout == "conv1d" for target in plan.targets),
+        "lora_dropout": 0.0,
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "init_lora_weights": True,
+    }
+    try:
+        import peft
+
+        config["peft_version"] = peft.__version__
+    except ImportError:
+        pass
+    return config
+
+
+def _copy_tokenizer_files(source: Path, target: Path) -> None:
+    """Tokenizer files go next to the adapter, as PEFT trainers save them; config.json does not (with it,
+    from_pretrained(DIR) would take the folder for a full model rather than an adapter)."""
+    for name in SIDE_FILES:
+        if name not in ("config.json", "generation_config.json") and (source / name).is_file():
+            shutil.copyfile(source / name, target / name)
+
+
+def _base_path(artifact: Artifact, init_override: str | Path | None) -> str | None:
+    if init_override is not None:
+        return str(Path(init_override).resolve())
+    reference = artifact.manifest["reference"]
+    return reference.get("path") if reference["mode"] == "reference" else None
+
+
+def _base_hint(artifact: Artifact, init_override: str | Path | None) -> str:
+    path = _base_path(artifact, init_override)
+    if path is not None:
+        return path
+    return f"write it with 'inrank-convert decompress {artifact.path} --reference-only -o BASE'"
+
+
