@@ -22,7 +22,7 @@ from .checkpoints import Checkpoint, open_checkpoint
 from .compress import check_device
 from .data import check_max_tokens, load_tokenizer, read_text, tokenize_text
 from .errors import CheckpointError, MismatchError, NonFiniteError, UsageError
-from .modeling import empty_model, load_compressed, model_config
+from .modeling import empty_model, load_compressed, model_config, unfilled_tensors
 
 # Config attributes that give a model's context length, in the order they are tried.
 CONTEXT_ATTRIBUTES = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length", "max_sequence_length")
@@ -332,10 +332,6 @@ def check_same_architecture(checkpoint: Checkpoint, artifact_config, manifest: d
                             f"({', '.join(missing[:3])})", where, fix)
 
 
-def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
-    return tensor.untyped_storage().data_ptr(), tensor.storage_offset()
-
-
 def load_dense(path: str | Path, config, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
     """A dense Hugging Face model from any CKPT form (HF folder, shards, single file, artifact).
 
@@ -362,8 +358,7 @@ def load_dense(path: str | Path, config, device: str | torch.device = "cpu", dty
             del tensor
     finally:
         checkpoint.close()
-    filled_storage = {_storage_key(state[name]) for name in filled}
-    missing = sorted(name for name in set(state) - filled if _storage_key(state[name]) not in filled_storage)
+    missing = unfilled_tensors(state, filled)
     if missing:
         raise MismatchError(f"checkpoint lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:3])}",
                             str(path), "its config.json does not describe these weights")

@@ -67,6 +67,13 @@ def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
     return tensor.untyped_storage().data_ptr(), tensor.storage_offset()
 
 
+def unfilled_tensors(state: dict[str, torch.Tensor], filled: set[str]) -> list[str]:
+    """Names of ``state`` that were not filled and are not tied to a tensor that was
+    (GPT-2's lm_head shares storage with wte, so filling one fills both)."""
+    filled_storage = {_storage_key(state[name]) for name in filled if name in state}
+    return sorted(name for name in set(state) - filled if _storage_key(state[name]) not in filled_storage)
+
+
 def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     merge: bool = False, init: str | Path | None = None):
     """A Hugging Face causal LM running from the artifact at ``path``.
@@ -95,7 +102,6 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype) -> None:
     conv1d = _conv1d_class()
     modules = dict(model.named_modules())
     state = model.state_dict(keep_vars=True)
-    needed = set(state)
     covered: set[str] = set()
     for name, entry in artifact.tensors.items():
         covered.add(name)
@@ -119,9 +125,7 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype) -> None:
         else:
             with torch.no_grad():
                 target.copy_(artifact.reconstruct(name))
-    # Tied weights (GPT-2's lm_head) share storage with a tensor the artifact filled.
-    filled_storage = {_storage_key(state[name]) for name in covered if name in state}
-    missing = sorted(name for name in needed - covered if _storage_key(state[name]) not in filled_storage)
+    missing = unfilled_tensors(state, covered)
     if missing:
         raise ArtifactError(f"artifact lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:3])}",
                             str(artifact.path), "the artifact's config.json does not match its tensors")

@@ -42,7 +42,8 @@ import torch
 
 from .artifact import Artifact, TensorFileWriter, atomic_output_dir
 from .checkpoints import SIDE_FILES
-from .errors import ArtifactError, UsageError
+from .errors import UsageError
+from .modeling import model_config
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -125,14 +126,11 @@ def export_peft(artifact_path: str | Path, output: str | Path, *, force: bool = 
 
 def _meta_model(artifact: Artifact):
     """The transformers model of ``config.json`` on the meta device: module types and names only."""
-    file = artifact.path / "config.json"
-    if not file.is_file():
-        raise ArtifactError("the artifact has no config.json, so its modules (Linear, Conv1D, Embedding) are unknown",
-                            str(artifact.path), "copy the model's config.json into the artifact folder")
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    config = model_config(artifact.path)  # refuses a missing or unreadable config.json
+    file = artifact.path / "config.json"
     try:
-        config = AutoConfig.from_pretrained(artifact.path)
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError, OSError) as err:
