@@ -20,6 +20,7 @@ import struct
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
@@ -192,6 +193,27 @@ def copy_side_files(source_dir: Path | None, target_dir: Path) -> list[str]:
             shutil.copyfile(source_dir / name, target_dir / name)
             copied.append(name)
     return copied
+
+
+def new_manifest(*, source: dict, reference: dict, rule: dict, tensors: dict, original_bytes: int, **fields) -> dict:
+    """A version-1 manifest: the keys every reader relies on, then any producer-specific ones."""
+    from . import __version__
+
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "tool_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"), "source": source,
+            "reference": reference, "rule": rule, **fields, "original_bytes": original_bytes, "tensors": tensors}
+
+
+def write_artifact_file(folder: Path, stored: dict[str, torch.Tensor], manifest: dict) -> int:
+    """Write ``folder/inrank.safetensors`` with ``stored`` and ``manifest`` (checksums added)."""
+    writer = TensorFileWriter(folder / ARTIFACT_FILE)
+    try:
+        for name, tensor in stored.items():
+            writer.add(name, tensor)
+        return writer.finish(manifest_metadata({**manifest, "checksums": writer.checksums}))
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def manifest_metadata(manifest: dict) -> dict[str, str]:

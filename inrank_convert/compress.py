@@ -11,16 +11,12 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from . import __version__
 from .artifact import (
     ARTIFACT_FILE,
-    FORMAT_NAME,
-    FORMAT_VERSION,
     INIT_FILE,
     ArtifactCheckpoint,
     TensorFileWriter,
@@ -31,6 +27,7 @@ from .artifact import (
     dtype_name,
     factor_names,
     manifest_metadata,
+    new_manifest,
 )
 from .checkpoints import Checkpoint, is_run_folder, open_checkpoint, resolve_run, run_steps, sha256_tensor
 from .errors import NonFiniteError, UsageError
@@ -392,21 +389,12 @@ def build_manifest(plan: Plan, inputs: Inputs, options: PlanOptions, layers: lis
     # Keep the source's tensor order, so a decompressed checkpoint lists names as the original did.
     ordered = {entry.name: tensors[entry.name] for entry in plan.entries}
     rule = options.rule
-    return {
-        "format": FORMAT_NAME,
-        "version": FORMAT_VERSION,
-        "tool_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "source": {"path": str(Path(inputs.trained.path).resolve()), "kind": inputs.trained.kind,
-                   "run": str(inputs.run_folder.resolve()) if inputs.run_folder else None, "files": source_files},
-        "reference": reference,
-        "rule": {"criterion": rule.criterion, "threshold": rule.threshold, "rank": rule.fixed_rank},
-        "svd": {"engine": options.engine, "device": options.device, "float64": options.float64, "seed": options.seed},
-        "factor_dtype": dtype_name(options.factor_dtype) if options.factor_dtype else None,
-        "embeddings": options.embeddings,
-        "include": list(options.include),
-        "exclude": list(options.exclude),
-        "original_bytes": plan.original_bytes,
-        "tensors": ordered,
-        "checksums": checksums,
-    }
+    return {**new_manifest(
+        source={"path": str(Path(inputs.trained.path).resolve()), "kind": inputs.trained.kind,
+                "run": str(inputs.run_folder.resolve()) if inputs.run_folder else None, "files": source_files},
+        reference=reference,
+        rule={"criterion": rule.criterion, "threshold": rule.threshold, "rank": rule.fixed_rank},
+        svd={"engine": options.engine, "device": options.device, "float64": options.float64, "seed": options.seed},
+        factor_dtype=dtype_name(options.factor_dtype) if options.factor_dtype else None,
+        embeddings=options.embeddings, include=list(options.include), exclude=list(options.exclude),
+        original_bytes=plan.original_bytes, tensors=ordered), "checksums": checksums}

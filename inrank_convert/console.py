@@ -169,3 +169,49 @@ def render_generation(result: dict) -> None:
     speed = result["tokens_per_second"]
     stderr.print(f"[dim]{result['new_tokens']} new tokens in {result['seconds']:.2f} s"
                  + (f" ({speed:.1f} tokens/s)" if speed else "") + f", seed {result['seed']}[/dim]")
+
+
+@contextmanager
+def training_progress(total: int, start: int, quiet: bool = False) -> Iterator:
+    """A training bar on stderr (step, loss, tokens/s, total rank); yields ``update(record)``.
+    Without a terminal it logs a plain line per logged step instead (for CI logs and nohup)."""
+    if quiet:
+        yield lambda record: None
+        return
+    if not stderr.is_terminal:
+        def log(record: dict) -> None:
+            sys.stderr.write(_training_line(record) + "\n")
+            sys.stderr.flush()
+
+        yield log
+        return
+    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("{task.fields[label]}"), console=stderr, transient=True)
+    with bar:
+        task = bar.add_task("train", total=total, completed=start, label="")
+        yield lambda record: bar.update(task, completed=record["step"], label=_training_line(record, step=False))
+
+
+def _training_line(record: dict, step: bool = True) -> str:
+    parts = [f"step {record['step']}"] if step else []
+    parts.append(f"loss {record['loss']:.4f}")
+    if "val_loss" in record:
+        parts.append(f"val {record['val_loss']:.4f}")
+    parts.append(f"{record['tokens_per_second']:.0f} tok/s")
+    if "total_rank" in record:
+        parts.append(f"rank {record['total_rank']}")
+    return "  ".join(parts)
+
+
+def render_training(result: dict) -> None:
+    """``train``/``resume``: where the run stands and its last checkpoint."""
+    loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
+    line = f"{result['run']}: steps {result['start_step']} -> {result['step']}, loss {loss}"
+    if result["val_loss"] is not None:
+        line += f", val loss {result['val_loss']:.4f}"
+    if result["ranks"]:
+        line += f", total rank {result['total_rank']} over {len(result['ranks'])} layers"
+    line += f", {result['tokens_per_second']:.0f} tokens/s"
+    stdout.print(line)
+    if result["checkpoints"]:
+        stdout.print(f"last checkpoint: {result['checkpoints'][-1]}")

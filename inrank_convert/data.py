@@ -6,6 +6,9 @@ a missing, empty or binary file never reaches the model.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -182,3 +185,83 @@ def _encode_prefix(text: str, tokenizer, max_tokens: int | None) -> list[int]:
 def _encode(tokenizer, text: str) -> list[int]:
     # verbose=False: no "sequence longer than the model's maximum" warning; windows handle length.
     return list(tokenizer.encode(text, add_special_tokens=False, verbose=False))
+
+
+# --- training data: a token cache and a reproducible stream of random blocks -----------------
+
+TOKEN_CACHE_VERSION = 1
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A stable hash of what the tokenizer does (its serialized rules), to key caches and to
+    refuse resuming a run with a different tokenizer."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        text = backend.to_str()
+    else:  # a slow tokenizer: its vocabulary decides the ids
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_tokens(path: str | Path, tokenizer, cache_dir: str | Path | None) -> torch.Tensor:
+    """The token ids of a text file or folder, tokenized once and cached as a uint16/uint32 file
+    under ``cache_dir`` (keyed by the text's bytes and the tokenizer), read back on later calls."""
+    import numpy as np
+
+    text = read_text(path)
+    key = hashlib.sha256(text.encode()).hexdigest()[:16] + "-" + tokenizer_fingerprint(tokenizer)
+    vocab = len(tokenizer)
+    dtype = np.uint16 if vocab <= 1 << 16 else np.uint32
+    cache = Path(cache_dir) / f"{Path(path).name}-{key}-v{TOKEN_CACHE_VERSION}.{np.dtype(dtype).name}" if cache_dir else None
+    if cache is not None and cache.is_file():
+        return torch.from_numpy(np.fromfile(cache, dtype=dtype).astype(np.int64))
+    tokens = tokenize_text(text, tokenizer, None, str(path))
+    if cache is not None:
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            temp = cache.with_name(cache.name + f".tmp-{os.getpid()}")
+            tokens.numpy().astype(dtype).tofile(temp)
+            os.replace(temp, cache)  # atomic: a reader never sees half a cache
+        except OSError:
+            pass  # a cache is an optimization: an unwritable one only costs a re-tokenization
+    return tokens
+
+
+def check_block_fits(tokens: torch.Tensor, block_size: int, where: str) -> None:
+    if tokens.numel() < block_size + 1:
+        raise UsageError(f"the text has {tokens.numel()} tokens, fewer than one block of {block_size} + 1",
+                         where, "pass more text, or a smaller --block-size")
+
+
+class TokenBatches:
+    """Random blocks of a token stream: ``batch(step)`` draws one optimizer step's global batch.
+
+    The draw comes from a generator seeded once, so the whole stream is fixed by the seed and
+    its position is the generator's state (saved in checkpoints for an exact resume). Every
+    process draws the same global batch and keeps its own slice of it.
+    """
+
+    def __init__(self, tokens: torch.Tensor, block_size: int, batch_size: int, seed: int):
+        self.tokens = tokens
+        self.block_size = block_size
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def next_batch(self) -> torch.Tensor:
+        """[batch_size, block_size + 1] token ids: inputs are [:, :-1], targets [:, 1:]."""
+        starts = torch.randint(0, self.tokens.numel() - self.block_size, (self.batch_size,), generator=self.generator)
+        offsets = torch.arange(self.block_size + 1)
+        return self.tokens[starts[:, None] + offsets]  # [batch, block + 1]
+
+    def state(self) -> torch.Tensor:
+        return self.generator.get_state()
+
+    def load_state(self, state: torch.Tensor) -> None:
+        self.generator.set_state(state)
+
+
+def validation_blocks(tokens: torch.Tensor, block_size: int, max_blocks: int) -> torch.Tensor:
+    """Sequential, non-overlapping [n, block_size + 1] windows from the start of the text."""
+    count = min(max_blocks, (tokens.numel() - 1) // block_size)
+    starts = torch.arange(count) * block_size
+    return tokens[starts[:, None] + torch.arange(block_size + 1)]

@@ -43,6 +43,7 @@ class LowRankLinear(nn.Module):
             self.bias = nn.Parameter(bias)
         self.merged = False
         self._zero_reference = weight_ref is None
+        self.stored_transposed = False  # True when built from a GPT-2 Conv1D ([in, out] storage)
 
     @classmethod
     def from_stored(cls, B: torch.Tensor, A: torch.Tensor, reference: torch.Tensor | None, conv1d: bool,
@@ -53,8 +54,16 @@ class LowRankLinear(nn.Module):
         is [in, out], so W.T = ref.T + A.T @ B.T: the roles and orientations of the factors swap.
         """
         if conv1d:
-            return cls(B.T.contiguous(), A.T.contiguous(), None if reference is None else reference.T.contiguous(), bias)
+            layer = cls(B.T.contiguous(), A.T.contiguous(), None if reference is None else reference.T.contiguous(), bias)
+            layer.stored_transposed = True
+            return layer
         return cls(A, B, reference, bias)
+
+    def stored_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, A) in the source checkpoint's orientation, the inverse of ``from_stored``."""
+        if self.stored_transposed:
+            return self.lora_A.detach().T.contiguous(), self.lora_B.detach().T.contiguous()  # [in, r], [r, out]
+        return self.lora_B.detach(), self.lora_A.detach()
 
     @property
     def rank(self) -> int:

@@ -75,19 +75,21 @@ def unfilled_tensors(state: dict[str, torch.Tensor], filled: set[str]) -> list[s
 
 
 def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    merge: bool = False, init: str | Path | None = None):
+                    merge: bool = False, init: str | Path | None = None, zero_as_lowrank: bool = False):
     """A Hugging Face causal LM running from the artifact at ``path``.
 
     The reference is rebuilt and verified (path hashes, seed regeneration, embedded hashes);
     ``init`` overrides its location. ``merge=True`` folds every LowRankLinear into a dense weight
     (dense speed, dense memory). The model is returned in eval mode on ``device``.
+    ``zero_as_lowrank=True`` (for training) makes zero-update linear weights rank-0 LowRankLinears
+    too, so that they can grow.
     """
     path = Path(path)
     artifact = Artifact(path, Path(init) if init is not None else None)
     try:
         config = model_config(path)
         model = empty_model(config, dtype)
-        _fill(model, artifact, dtype)
+        _fill(model, artifact, dtype, zero_as_lowrank)
     finally:
         artifact.close()
     model.to(device)
@@ -98,7 +100,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
     return model.eval()
 
 
-def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype) -> None:
+def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowrank: bool = False) -> None:
     conv1d = _conv1d_class()
     modules = dict(model.named_modules())
     state = model.state_dict(keep_vars=True)
@@ -116,8 +118,10 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype) -> None:
         if tuple(target.shape) != tuple(entry["shape"]):
             raise ArtifactError(f"tensor {name!r} has shape {entry['shape']}, the model expects {list(target.shape)}",
                                 str(artifact.path), "the artifact's config.json does not match its tensors")
-        if entry["kind"] == "lowrank" and attr == "weight" and isinstance(owner, (nn.Linear, conv1d)):
-            B, A = artifact.factors(name)
+        factorized = entry["kind"] == "lowrank" or (zero_as_lowrank and entry["kind"] == "zero")
+        if factorized and attr == "weight" and isinstance(owner, (nn.Linear, conv1d)):
+            rows, cols = entry["shape"]
+            B, A = artifact.factors(name) if entry["kind"] == "lowrank" else (torch.zeros(rows, 0), torch.zeros(0, cols))
             reference = artifact.reference.get(name)
             layer = LowRankLinear.from_stored(B.to(dtype), A.to(dtype), None if reference is None else reference.to(dtype),
                                               conv1d=isinstance(owner, conv1d), bias=owner.bias)
