@@ -428,6 +428,7 @@ def train_command(
     freeze_dense: Annotated[bool, typer.Option("--freeze-dense", help="Train only the factors.")] = False,
     val_data: Annotated[Path | None, typer.Option("--val-data", help="Validation text (sequential windows).")] = None,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW).")] = 1e-3,
+    min_lr: Annotated[float | None, typer.Option("--min-lr", help="LR at the end of the cosine (default lr/10).")] = None,
     warmup: Annotated[int | None, typer.Option("--warmup", help="LR warmup steps (default min(100, steps/10)); cosine after.")] = None,
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW weight decay of matrices.")] = 0.0,
     grad_clip: Annotated[float, typer.Option("--grad-clip", help="Clip the gradient norm (0 = off).")] = 1.0,
@@ -458,7 +459,7 @@ def train_command(
 
     options = TrainOptions(**_training_overrides(
         data=data, steps=steps, val_data=val_data, mode=mode, efficient=efficient, freeze_dense=freeze_dense, lr=lr,
-        warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, grad_accum=grad_accum, batch_size=batch_size,
+        min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, grad_accum=grad_accum, batch_size=batch_size,
         block_size=block_size, seed=seed, device=device, dtype=dtype, save_every=save_every, eval_every=eval_every,
         log_every=log_every, tokenizer=tokenizer, criterion=criterion, threshold=threshold, buffer=buffer,
         rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank))
@@ -482,6 +483,7 @@ def resume_command(
     freeze_dense: Annotated[bool | None, typer.Option("--freeze-dense", help="Train only the factors.")] = None,
     val_data: Annotated[Path | None, typer.Option("--val-data", help="Validation text.")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default: the run's, else 1e-3).")] = None,
+    min_lr: Annotated[float | None, typer.Option("--min-lr", help="LR at the end of the cosine.")] = None,
     warmup: Annotated[int | None, typer.Option("--warmup", help="LR warmup steps.")] = None,
     grad_accum: Annotated[int | None, typer.Option("--grad-accum", help="Micro-batches per optimizer step.")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="Sequences per optimizer step.")] = None,
@@ -509,7 +511,8 @@ def resume_command(
     from .training import resume
 
     overrides = _training_overrides(
-        data=data, steps=steps, val_data=val_data, efficient=efficient, freeze_dense=freeze_dense, lr=lr, warmup=warmup,
+        data=data, steps=steps, val_data=val_data, efficient=efficient, freeze_dense=freeze_dense, lr=lr, min_lr=min_lr,
+        warmup=warmup,
         grad_accum=grad_accum, batch_size=batch_size, block_size=block_size, seed=seed, device=device, dtype=dtype,
         save_every=save_every, eval_every=eval_every, log_every=log_every, tokenizer=tokenizer, criterion=criterion,
         threshold=threshold, buffer=buffer, rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
 import tempfile
@@ -560,8 +561,22 @@ def run_loop(session: Session, on_step: Callable[[dict], None] | None = None) ->
 
 # --- entry points ----------------------------------------------------------------------------
 
+def token_cache_dir(run: Path) -> Path:
+    """Where token caches live: $INRANK_CONVERT_CACHE, else ~/.cache/inrank-convert/tokens (shared by
+    runs, so a text is tokenized once per tokenizer), else the run folder when home is not writable."""
+    configured = os.environ.get("INRANK_CONVERT_CACHE")
+    if configured:
+        return Path(configured)
+    home = Path.home() / ".cache" / "inrank-convert" / "tokens"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+    except OSError:
+        return run / "cache"
+
+
 def _load_data(session_run: Path, options: TrainOptions, tokenizer, block_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    cache = session_run / "cache"
+    cache = token_cache_dir(session_run)
     tokens = cached_tokens(options.data, tokenizer, cache)
     check_block_fits(tokens, block_size, options.data)
     val = None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,8 @@ import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+# Token caches of train/resume: one per test session (subprocesses inherit it), never the user's home.
+os.environ.setdefault("INRANK_CONVERT_CACHE", tempfile.mkdtemp(prefix="inrank-token-cache-"))
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 PLANTED_RANK = 4

@@ -1,0 +1,318 @@
+"""train and resume on real text with tiny GPT-2 models: exact resume, rank growth, artifacts, torchrun."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import SHARED_DATA
+
+from inrank_convert.compress import compress
+from inrank_convert.data import TokenBatches, cached_tokens, load_tokenizer
+from inrank_convert.distributed import World
+from inrank_convert.modeling import load_compressed
+from inrank_convert.rank_control import RankController, RankPolicy, low_rank_layers
+from inrank_convert.train_state import METRICS_FILE, read_metrics
+from inrank_convert.training import (
+    TrainOptions,
+    _grow,
+    batch_loss,
+    factorize_model,
+    learning_rate,
+    resume,
+    train,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"
+VALID = SHARED_DATA / "wikitext-2-raw" / "wiki.valid.raw"
+TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
+
+pytestmark = pytest.mark.skipif(not (TOKENIZER / "vocab.json").is_file() or not TEXT.is_file(),
+                                reason="needs ../shared/data (GPT-2 tokenizer and Tiny Shakespeare)")
+
+
+def tiny_config(folder: Path, dropout: float = 0.0, **overrides) -> Path:
+    from transformers import GPT2Config
+
+    settings = dict(n_embd=32, n_layer=2, n_head=2, n_positions=32, vocab_size=50257, resid_pdrop=dropout,
+                    embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=50256, eos_token_id=50256)
+    settings.update(overrides)
+    GPT2Config(**settings).save_pretrained(folder)
+    return folder / "config.json"
+
+
+def options(**overrides) -> TrainOptions:
+    settings = dict(data=str(TEXT), steps=12, mode="inrank", batch_size=4, block_size=16, lr=3e-3, log_every=1,
+                    tokenizer=str(TOKENIZER), buffer=2, rank_warmup=3, rank_every=3, seed=3)
+    settings.update(overrides)
+    return TrainOptions(**settings)
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {record["step"]: record["loss"] for record in read_metrics(run)}
+
+
+@pytest.fixture(scope="module")
+def config_path(tmp_path_factory) -> Path:
+    return tiny_config(tmp_path_factory.mktemp("config"))
+
+
+@pytest.fixture(scope="module")
+def dropout_config(tmp_path_factory) -> Path:
+    return tiny_config(tmp_path_factory.mktemp("config-dropout"), dropout=0.1)
+
+
+@pytest.fixture(scope="module")
+def inrank_run(tmp_path_factory, dropout_config) -> tuple[Path, TrainOptions]:
+    """12 InRank steps with a checkpoint at 6 (ranks are decided at 3, 6, 9, 12; dropout on)."""
+    run = tmp_path_factory.mktemp("runs") / "inrank"
+    opts = options(save_every=6, val_data=str(VALID) if VALID.is_file() else None)
+    train(dropout_config, run, opts)
+    return run, opts
+
+
+def test_train_writes_a_run_that_compress_reads(inrank_run):
+    run, opts = inrank_run
+    assert (run / "step-0" / "inrank_init.json").is_file() and (run / "step-0" / "model.safetensors").is_file()
+    for step in (6, 12):
+        assert (run / f"step-{step}" / "inrank.safetensors").is_file()
+        assert (run / f"step-{step}" / "train_state" / "state.safetensors").is_file()
+    records = read_metrics(run)
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for record in records:
+        assert {"step", "loss", "lr", "tokens_per_second", "ranks", "total_rank"} <= set(record)
+        assert record["total_rank"] == sum(record["ranks"].values())
+        assert math.isfinite(record["loss"]) and record["tokens_per_second"] > 0
+    if opts.val_data:
+        assert {r["step"] for r in records if "val_loss" in r} == {6, 12}
+    assert records[-1]["loss"] < records[0]["loss"]  # it learns
+    assert [r["lr"] for r in records] == [learning_rate(opts, s) for s in range(1, 13)]
+
+
+def test_checkpoints_are_artifacts_that_inspect_report_and_decompress_read(inrank_run, tmp_path):
+    from inrank_convert.artifact import describe_artifact
+    from inrank_convert.export import decompress
+
+    run, _ = inrank_run
+    described = describe_artifact(run / "step-12")
+    assert described["reference"] == "seed"
+    kinds = {layer["name"]: layer["kind"] for layer in described["layers"]}
+    assert kinds["transformer.h.0.attn.c_attn.weight"] == "lowrank"
+    assert described["tied"] == {"lm_head.weight": "transformer.wte.weight"}
+    decompress(run / "step-12", tmp_path / "dense")
+    model = load_compressed(run / "step-12")
+    dense = load_compressed(run / "step-12", merge=True)
+    ids = torch.arange(16)[None]
+    assert torch.allclose(model(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5)
+
+
+def test_compress_of_a_train_run_stores_the_seed_recipe_and_no_init(tmp_path, config_path):
+    run = tmp_path / "dense-run"
+    train(config_path, run, options(mode="dense", steps=8, lr=1e-2))
+    result = compress(run, tmp_path / "artifact")
+    manifest = json.loads(json.dumps(result.to_json()))
+    assert manifest["reference"] == "seed"
+    assert not (tmp_path / "artifact" / "init.safetensors").exists()
+    dense_bytes = (run / "step-8" / "model.safetensors").stat().st_size
+    # The init is regenerated from the seed; the 8-step update is low-rank: a fraction of the dense size.
+    assert result.compressed_bytes < 0.5 * dense_bytes, (result.compressed_bytes, dense_bytes)
+
+
+def test_interrupted_and_resumed_inrank_run_reproduces_the_losses_exactly(inrank_run, tmp_path):
+    run, _ = inrank_run
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "step-12")  # as if killed after the step-6 checkpoint
+    result = resume(copy, None, {})
+    assert result.start_step == 6 and result.step == 12
+    assert losses(copy) == losses(run)  # bit for bit: float32 on the CPU, dropout on
+    assert [r.get("ranks") for r in read_metrics(copy)] == [r.get("ranks") for r in read_metrics(run)]
+
+
+def test_interrupted_and_resumed_dense_run_with_accumulation_reproduces_the_losses(tmp_path, dropout_config):
+    opts = options(mode="dense", steps=6, save_every=3, grad_accum=2)
+    train(dropout_config, tmp_path / "full", opts)
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "step-6")
+    resume(tmp_path / "cut", tmp_path / "elsewhere", {})  # continue into another folder: the source is kept
+    assert losses(tmp_path / "elsewhere") == losses(tmp_path / "full")
+    assert not (tmp_path / "cut" / "step-6").exists()
+
+
+def test_sigint_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path, config_path):
+    args = ["--data", TEXT, "--tokenizer", TOKENIZER, "--steps", "400", "--mode", "inrank", "--batch-size", "4",
+            "--block-size", "16", "--log-every", "1", "--buffer", "2", "--rank-warmup", "3", "--rank-every", "3",
+            "--seed", "3", "--lr", "3e-3", "--warmup", "0", "--min-lr", "3e-3"]
+    run = tmp_path / "run"
+    command = [sys.executable, "-m", "inrank_convert", "train", str(config_path), "-o", str(run), *map(str, args)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(read_metrics(run)) < 3:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    last_line = stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: interrupted at step") and "Traceback" not in stderr
+    stopped = int(last_line.split("interrupted at step ")[1].split(";")[0])
+    assert 3 <= stopped < 400 and (run / f"step-{stopped}" / "train_state").is_dir()
+    # Resume up to a few steps past the interruption and compare with an uninterrupted run that long.
+    total = stopped + 3
+    resume(run, None, {"steps": total})
+    reference = tmp_path / "reference"
+    train(config_path, reference, options(steps=total, warmup=0, min_lr=3e-3))  # a constant LR: same schedule
+    assert losses(run) == losses(reference)
+
+
+@pytest.fixture(scope="module")
+def dropout_free_artifact(tmp_path_factory, config_path) -> Path:
+    base = tmp_path_factory.mktemp("artifact-base")
+    run = base / "run"
+    train(config_path, run, options(mode="dense", steps=6, lr=1e-2))
+    compress(run, base / "artifact")
+    return base / "artifact"
+
+
+@pytest.mark.parametrize("efficient", [False, True])
+def test_first_step_loss_equals_the_artifact_loss(dropout_free_artifact, tmp_path, efficient):
+    artifact = dropout_free_artifact
+    if efficient:  # InRank-Efficient needs factors of the weights themselves: a zero reference
+        compress(artifact, tmp_path / "zero", no_init=True, options=None)
+        artifact = tmp_path / "zero"
+    resume(artifact, tmp_path / "resumed", dict(data=str(TEXT), steps=1, batch_size=4, block_size=16, seed=5,
+                                                 efficient=efficient, buffer=3))
+    model = load_compressed(artifact).train()
+    batch = TokenBatches(cached_tokens(TEXT, load_tokenizer(artifact), None), 16, 4, 5).next_batch()
+    with torch.no_grad():
+        expected = float(batch_loss(model, batch))
+    assert read_metrics(tmp_path / "resumed")[0]["loss"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
+
+
+def test_ranks_grow_on_real_text_and_never_pass_max_rank(tmp_path, config_path):
+    run = tmp_path / "run"
+    train(config_path, run, options(steps=40, lr=1e-2, buffer=2, max_rank=3, rank_warmup=4, rank_every=4,
+                                    criterion="energy", threshold=0.99))
+    records = read_metrics(run)
+    totals = [r["total_rank"] for r in records]
+    assert totals == sorted(totals), "ranks never shrink"
+    assert totals[-1] > totals[0], totals
+    assert all(rank <= 3 for r in records for rank in r["ranks"].values())
+    model = load_compressed(run / "step-40")
+    widths = [layer.rank for _, layer in low_rank_layers(model)]
+    assert widths and all(width <= 3 + 2 for width in widths)  # max rank plus the buffer
+
+
+def test_growing_the_factors_leaves_the_function_unchanged(config_path):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_path.parent)).eval()
+    policy = RankPolicy(threshold=0.99, buffer=2, warmup=0, every=1)
+    ranks = factorize_model(model, policy, efficient=False, generator=torch.Generator().manual_seed(0))
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in low_rank_layers(model):  # a full-rank update, so that the controller grows every layer
+            layer.lora_B.normal_(0, 0.02, generator=generator)
+    optimizer = torch.optim.AdamW(model.parameters())
+    ids = torch.randint(0, 50257, (2, 16), generator=generator)
+    before = model(input_ids=ids).logits
+
+    session = SimpleNamespace(controller=RankController(policy, ranks), model=model, optimizer=optimizer,
+                              world=World(), options=options(), step=1, wrap=lambda: None)
+    widths = [layer.rank for _, layer in low_rank_layers(model)]
+    _grow(session)
+    grown = [layer.rank for _, layer in low_rank_layers(model)]
+    assert all(g > w for g, w in zip(grown, widths, strict=True))
+    assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-6)
+    param_ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert all(id(layer.lora_A) in param_ids for _, layer in low_rank_layers(model))
+
+
+def test_freeze_dense_trains_only_the_factors(tmp_path, config_path):
+    run = tmp_path / "run"
+    train(config_path, run, options(steps=3, freeze_dense=True))
+    from safetensors.torch import load_file
+
+    from inrank_convert.artifact import Artifact
+
+    start = load_file(str(run / "step-0" / "model.safetensors"))
+    artifact = Artifact(run / "step-3")
+    try:
+        for name in ("transformer.wte.weight", "transformer.h.0.ln_1.weight", "transformer.h.0.attn.c_attn.bias"):
+            assert torch.equal(artifact.stored(name), start[name]), name
+        B, _ = artifact.factors("transformer.h.0.attn.c_attn.weight")
+        assert B.abs().sum() > 0  # the factors did train
+    finally:
+        artifact.close()
+
+
+def test_bfloat16_autocast_and_the_token_cache(tmp_path, config_path):
+    run = tmp_path / "run"
+    result = train(config_path, run, options(steps=2, dtype="bfloat16"))
+    assert math.isfinite(result.loss)
+    tokenizer = load_tokenizer(TOKENIZER)
+    cache = tmp_path / "cache"
+    fresh = cached_tokens(TEXT, tokenizer, cache)
+    files = list(cache.iterdir())
+    assert len(files) == 1 and files[0].suffix == ".uint16" and files[0].stat().st_size == 2 * fresh.numel()
+    assert torch.equal(cached_tokens(TEXT, tokenizer, cache), fresh)  # read back from the cache
+    assert torch.equal(fresh, cached_tokens(TEXT, tokenizer, None))
+
+
+def test_resume_from_a_dense_checkpoint_compresses_it_first(tmp_path, config_path):
+    run = tmp_path / "dense"
+    train(config_path, run, options(mode="dense", steps=6, lr=1e-2))
+    result = resume(run / "step-6", tmp_path / "resumed", dict(data=str(TEXT), steps=2, batch_size=4, block_size=16,
+                                                               threshold=0.95, criterion="energy"),
+                    init=run / "step-0")
+    assert result.step == 2 and result.ranks
+    assert (tmp_path / "resumed" / "step-2" / "inrank.safetensors").is_file()
+    assert not any(p.name.startswith(".inrank-resume") for p in tmp_path.iterdir())  # the temp artifact is gone
+
+
+def test_learning_rate_warms_up_then_decays_to_the_minimum():
+    opts = TrainOptions(steps=100, lr=1.0, warmup=10)
+    assert learning_rate(opts, 5) == pytest.approx(0.5)
+    assert learning_rate(opts, 10) == pytest.approx(1.0)
+    assert learning_rate(opts, 100) == pytest.approx(0.1)
+    values = [learning_rate(opts, s) for s in range(10, 101)]
+    assert values == sorted(values, reverse=True)
+    assert learning_rate(replace(opts, min_lr=0.0), 100) == pytest.approx(0.0)
+
+
+def test_torchrun_with_two_gloo_processes_matches_one_process(tmp_path, config_path):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    if not torchrun.is_file():
+        pytest.skip("torchrun is not installed beside this python")
+    args = [str(config_path), "--data", str(TEXT), "--tokenizer", str(TOKENIZER), "--steps", "6", "--mode", "inrank",
+            "--batch-size", "4", "--block-size", "16", "--log-every", "1", "--buffer", "2", "--rank-warmup", "2",
+            "--rank-every", "2", "--save-every", "3", "--seed", "3", "--lr", "3e-3", "--quiet"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "inrank_convert", "train",
+                           *args, "-o", str(tmp_path / "ddp")], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    train(config_path, tmp_path / "single", options(steps=6, save_every=3, rank_warmup=2, rank_every=2))
+    ddp, single = read_metrics(tmp_path / "ddp"), read_metrics(tmp_path / "single")
+    assert [r["step"] for r in ddp] == [r["step"] for r in single] == list(range(1, 7))  # one writer
+    for a, b in zip(ddp, single, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        assert a["ranks"] == b["ranks"]
+    steps = sorted(p.name for p in (tmp_path / "ddp").iterdir() if p.name.startswith("step-"))
+    assert steps == ["step-0", "step-3", "step-6"]
+    assert not [p for p in (tmp_path / "ddp").iterdir() if p.name.startswith(".inrank-tmp")]
+    assert (tmp_path / "ddp" / METRICS_FILE).read_text().count("\n") == 6
+    controller_state = json.loads((tmp_path / "ddp" / "step-6" / "train_state" / "trainer_state.json").read_text())
+    assert controller_state["world_size"] == 2
