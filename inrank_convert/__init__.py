@@ -9,6 +9,8 @@ from .layers import LowRankLinear  # noqa: E402
 from .modeling import load_compressed  # noqa: E402
 from .plan import PlanOptions  # noqa: E402
 from .spectrum import RankRule  # noqa: E402
+from .training import TrainOptions, TrainResult, resume, train  # noqa: E402
 
 __all__ = ["Artifact", "CompressResult", "InrankError", "LayerResult", "LowRankLinear", "PlanOptions", "RankRule",
-           "__version__", "compress", "load_compressed", "read_manifest"]
+           "TrainOptions", "TrainResult", "__version__", "compress", "load_compressed", "read_manifest", "resume",
+           "train"]

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .artifact import INIT_FILE, check_output_free, is_artifact, read_manifest
-from .checkpoints import is_run_folder, open_checkpoint, sha256_tensor
+from .checkpoints import is_run_folder, open_checkpoint, run_steps, sha256_tensor
 from .data import (
     TokenBatches,
     cached_tokens,
@@ -49,7 +49,7 @@ from .distributed import (
 from .errors import CheckpointError, MismatchError, OutputError, UsageError
 from .layers import LowRankLinear
 from .rank_control import RankController, RankPolicy, grow_layer, low_rank_layers
-from .reference import INIT_RECIPE_FILE, CheckpointReference, seed_reference
+from .reference import INIT_RECIPE_FILE, CheckpointReference, read_init_recipe, seed_reference
 from .spectrum import CRITERIA
 from .train_state import (
     METRICS_FILE,
@@ -698,6 +698,11 @@ def _resume_dense(source: Path, run: Path, options: TrainOptions, init, init_see
     from .spectrum import RankRule
 
     check_output_free(run, force=False)
+    if init is None and init_seed is None and not no_init and is_run_folder(source.absolute().parent):
+        # A step folder of a run: its update is measured against the run's init, as compress RUN does.
+        first = run_steps(source.absolute().parent)[0][1]
+        if first != source.absolute():
+            init, init_seed = first, read_init_recipe(first)
     world = init_world(options.device)
     try:
         with tempfile.TemporaryDirectory(prefix=".inrank-resume-", dir=_parent_for_temp(run)) as temp:
@@ -837,8 +842,6 @@ def _architecture(config: dict) -> dict:
 
 def _copy_run(source: Path, checkpoint: Path, target: Path) -> None:
     """Start ``target`` as a copy of the source run up to ``checkpoint`` (init, checkpoint, metrics)."""
-    from .checkpoints import run_steps
-
     _fresh_run(target)
     steps = run_steps(source)
     if steps and steps[0][1] != checkpoint:

@@ -274,10 +274,12 @@ def test_bfloat16_autocast_and_the_token_cache(tmp_path, config_path):
 def test_resume_from_a_dense_checkpoint_compresses_it_first(tmp_path, config_path):
     run = tmp_path / "dense"
     train(config_path, run, options(mode="dense", steps=6, lr=1e-2))
+    # A step folder of a run: measured against the run's step-0 (its seed recipe), as compress RUN does.
     result = resume(run / "step-6", tmp_path / "resumed", dict(data=str(TEXT), steps=2, batch_size=4, block_size=16,
-                                                               threshold=0.95, criterion="energy"),
-                    init=run / "step-0")
+                                                               threshold=0.95, criterion="energy"))
     assert result.step == 2 and result.ranks
+    assert json.loads((tmp_path / "resumed" / "step-2" / "train_state" / "trainer_state.json").read_text()
+                      )["reference"]["mode"] == "seed"
     assert (tmp_path / "resumed" / "step-2" / "inrank.safetensors").is_file()
     assert not any(p.name.startswith(".inrank-resume") for p in tmp_path.iterdir())  # the temp artifact is gone
 
@@ -316,3 +318,17 @@ def test_torchrun_with_two_gloo_processes_matches_one_process(tmp_path, config_p
     assert (tmp_path / "ddp" / METRICS_FILE).read_text().count("\n") == 6
     controller_state = json.loads((tmp_path / "ddp" / "step-6" / "train_state" / "trainer_state.json").read_text())
     assert controller_state["world_size"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_inrank_training_on_cuda_with_bfloat16_resumes(tmp_path, config_path):
+    run = tmp_path / "run"
+    train(config_path, run, options(steps=6, save_every=3, device="cuda", dtype="bfloat16"))
+    shutil.copytree(run, tmp_path / "cut")
+    shutil.rmtree(tmp_path / "cut" / "step-6")
+    resume(tmp_path / "cut", None, {})
+    full, resumed = losses(run), losses(tmp_path / "cut")
+    assert full.keys() == resumed.keys()
+    for step in full:  # cuBLAS may pick other kernels: close, not bit-exact
+        assert resumed[step] == pytest.approx(full[step], rel=1e-2)
