@@ -32,6 +32,7 @@ from .data import (
     cached_tokens,
     check_block_fits,
     load_tokenizer,
+    read_text,
     tokenizer_fingerprint,
     validation_blocks,
 )
@@ -259,8 +260,8 @@ def _resolve_init(source: Path):
     try:
         config = AutoConfig.from_pretrained(str(config_path))
     except (ValueError, KeyError, OSError) as err:
-        raise UsageError(f"cannot build a config from {config_path.name} ({str(err).splitlines()[0]})", str(config_path),
-                         "fix the config (it needs a model_type transformers knows)") from err
+        raise UsageError(f"cannot build a config ({_first_line(err, config_path)})", str(config_path),
+                         "pass a transformers config.json with a model_type transformers knows") from err
     weights = None
     if source.is_dir():
         try:
@@ -269,6 +270,12 @@ def _resolve_init(source: Path):
         except CheckpointError:  # a folder with a config and no weights: train from the seed
             weights = None
     return config, weights
+
+
+def _first_line(err: BaseException, path: Path) -> str:
+    """The error's first line without the path (the message names it once, after the colon)."""
+    text = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    return text.replace(str(path), "the file").strip() or type(err).__name__
 
 
 def _check_tokenizer(tokenizer, config, where: str) -> None:
@@ -307,7 +314,9 @@ def _writable_run(run: Path) -> None:
 
 
 def _fresh_run(run: Path) -> None:
-    if run.exists() and (not run.is_dir() or any(run.iterdir())):
+    if run.exists() and not run.is_dir():
+        raise OutputError("the run folder path is a file, not a folder", str(run), "choose another -o")
+    if run.exists() and any(run.iterdir()):
         raise OutputError("the run folder exists and is not empty", str(run),
                           f"continue it with 'inrank-convert resume {run} ...', or choose another -o")
     _writable_run(run)
@@ -606,10 +615,10 @@ def train(source: str | Path, run: str | Path, options: TrainOptions,
                                    options.tokenizer)
         _check_tokenizer(tokenizer, config, options.tokenizer or str(source))
         block_size = _block_size(options, config)
+        tokens, val = _load_data(run, options, tokenizer, block_size)  # bad text fails before anything is written
         if world.is_main:
             _fresh_run(run)
         barrier(world)
-        tokens, val = _load_data(run, options, tokenizer, block_size)
         from .evaluate import load_dense
 
         model = load_dense(weights, config) if weights is not None else _init_model(config, options.seed)
@@ -698,6 +707,9 @@ def _resume_dense(source: Path, run: Path, options: TrainOptions, init, init_see
     from .spectrum import RankRule
 
     check_output_free(run, force=False)
+    for text in (options.data, options.val_data):
+        if text:
+            read_text(text)  # a missing, empty or binary file fails before minutes of compression
     if init is None and init_seed is None and not no_init and is_run_folder(source.absolute().parent):
         # A step folder of a run: its update is measured against the run's init, as compress RUN does.
         first = run_steps(source.absolute().parent)[0][1]
@@ -744,10 +756,10 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
         tokenizer = load_tokenizer(folders, options.tokenizer)
         _check_tokenizer(tokenizer, config, options.tokenizer or str(artifact))
         block_size = _block_size(options, config)
+        tokens, val = _load_data(run, options, tokenizer, block_size)  # bad text fails before anything is written
         if world.is_main:
             _fresh_run(run)
         barrier(world)
-        tokens, val = _load_data(run, options, tokenizer, block_size)
         model = load_compressed(artifact, zero_as_lowrank=True)
         ranks = {name: layer.rank for name, layer in low_rank_layers(model)}
         controller = RankController(options.policy(), ranks)
@@ -782,11 +794,11 @@ def _resume_run(source: Path, run: Path | None, given: dict, on_step) -> TrainRe
     trainer_state, tensors = load_state(checkpoint)
     recorded = TrainOptions.from_json(trainer_state["options"])
     options = replace(recorded, **given)
+    if options.efficient != recorded.efficient:
+        trained = "InRank-Efficient" if recorded.efficient else f"{recorded.mode} without --efficient"
+        raise MismatchError(f"the run was trained {trained}", str(checkpoint),
+                            "drop --efficient: a run folder continues as it was trained")
     check_options(options)
-    for key in ("mode", "efficient"):
-        if getattr(options, key) != getattr(recorded, key):
-            raise MismatchError(f"the run was trained with --{key} {getattr(recorded, key)}", str(checkpoint),
-                                f"drop --{key}: a run folder continues as it was trained")
     step = int(trainer_state["step"])
     if options.steps <= step:
         raise UsageError(f"the run is at step {step} already, and --steps {options.steps} asks for no more",
@@ -805,6 +817,7 @@ def _resume_run(source: Path, run: Path | None, given: dict, on_step) -> TrainRe
                                 options.tokenizer or str(checkpoint), "drop --tokenizer, or pass the run's own")
         block_size = _block_size(options, config)
         target = source
+        tokens, val = _load_data(source, options, tokenizer, block_size)  # bad text fails before anything is written
         if run is not None and Path(run).absolute() != source.absolute():
             target = Path(run)
             if world.is_main:
@@ -812,7 +825,6 @@ def _resume_run(source: Path, run: Path | None, given: dict, on_step) -> TrainRe
         elif world.is_main:
             _writable_run(target)
         barrier(world)
-        tokens, val = _load_data(target, options, tokenizer, block_size)
         if trainer_state["mode"] == "inrank":
             model = load_compressed(checkpoint, zero_as_lowrank=True)
             controller = RankController.from_state_dict(trainer_state["rank_controller"])
