@@ -521,5 +521,40 @@ def resume_command(
     _finish_training(result, json_output)
 
 
+@app.command("demo")
+@user_errors
+def demo_command(
+    out: Annotated[Path, typer.Option("--out", help="Folder the demo owns (replaced by the next demo).")] = Path("demo-out"),
+    data_dir: Annotated[Path | None, typer.Option(
+        "--data-dir", help="Real text: gpt2-tokenizer/, tinyshakespeare/, wikitext-2-raw/ (default: ../shared/data).")] = None,
+    steps: Annotated[int, typer.Option("--steps", help="Training steps from scratch.")] = 300,
+    resume_steps: Annotated[int, typer.Option("--resume-steps", help="InRank steps resumed from the artifact.")] = 100,
+    eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Evaluation tokens of wiki.test.raw.")] = 16384,
+    n_embd: Annotated[int, typer.Option("--n-embd", help="Model width.")] = 128,
+    n_layer: Annotated[int, typer.Option("--n-layer", help="Transformer blocks.")] = 4,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Train a small GPT-2 on real text, compress it at two thresholds, report, resume with InRank, report.
+
+    Example: inrank-convert demo --out demo-out
+    """
+    from .demo import DemoSettings, run_demo
+
+    if steps < 1 or resume_steps < 1 or eval_tokens < 2:
+        raise UsageError("--steps, --resume-steps and --eval-tokens must be positive", None, "e.g. --steps 300")
+    default_data = Path(__file__).resolve().parents[2] / "shared" / "data"
+    settings = DemoSettings(out=out, data_dir=data_dir or default_data, steps=steps, resume_steps=resume_steps,
+                            eval_tokens=eval_tokens, n_embd=n_embd, n_layer=n_layer, n_head=max(1, n_embd // 32))
+    say = (lambda text: None) if quiet or json_output else (lambda text: console.stderr.print(text))
+    result = run_demo(settings, on_stage=say, on_step=None if quiet or json_output else _log_demo_step)
+    console.emit_json(result.to_json()) if json_output else console.render_demo(result.to_json())
+
+
+def _log_demo_step(record: dict) -> None:
+    console.stderr.print(f"  step {record['step']}  loss {record['loss']:.3f}  {record['tokens_per_second']:.0f} tok/s"
+                         + (f"  total rank {record['total_rank']}" if "total_rank" in record else ""))
+
+
 def main() -> None:
     app()

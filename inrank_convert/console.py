@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -215,3 +216,37 @@ def render_training(result: dict) -> None:
     stdout.print(line)
     if result["checkpoints"]:
         stdout.print(f"last checkpoint: {result['checkpoints'][-1]}")
+
+
+def render_demo(result: dict) -> None:
+    """``demo``: sizes and perplexities of every model, then mean ranks per layer type."""
+    data = result["data"]
+    table = Table(title=f"Perplexity on {Path(data['eval']).name} ({result['after']['text_tokens']} tokens); "
+                        f"trained on {Path(data['train']).name}", title_justify="left")
+    table.add_column("model")
+    table.add_column("path", overflow="fold")
+    for column in ("bytes", "of dense", "perplexity", "change"):
+        table.add_column(column, justify="right", no_wrap=True)
+    seen = set()
+    for stage in ("before", "after"):
+        for row in result[stage]["models"]:
+            if row["path"] in seen:
+                continue
+            seen.add(row["path"])
+            change = row["change_percent"]
+            label = "dense (trained)" if row["role"] == "original" else \
+                ("resumed InRank, compressed" if stage == "after" and row["role"] == "compressed" else "artifact")
+            table.add_row(label, row["path"], human_bytes(row["bytes"]), f"{100 * row['ratio']:.2f}%",
+                          _number(row["perplexity"], 2), "" if change is None else f"{change:+.2f}%")
+    stdout.print(table)
+    ranks = Table(title="Mean rank per layer type", title_justify="left")
+    columns = [key for key in result["ranks"][0] if key != "type"] if result["ranks"] else []
+    ranks.add_column("layer type")
+    for column in columns:
+        ranks.add_column(column, justify="right")
+    for row in result["ranks"]:
+        ranks.add_row(row["type"], *("" if row.get(c) is None else f"{row[c]:.1f}".removesuffix(".0") for c in columns))
+    stdout.print(ranks)
+    resumed = result["resumed"]
+    stdout.print(f"InRank resume: steps {resumed['start_step']} -> {resumed['step']}, loss {resumed['loss']:.4f}, "
+                 f"total rank {resumed['total_rank']}; plots: {result['plot']}; {result['seconds']:.0f} s in all")

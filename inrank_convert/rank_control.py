@@ -71,15 +71,16 @@ class RankController:
             self.ranks.setdefault(name, (initial_ranks or {}).get(name, 0))
 
     def decide(self, model: nn.Module) -> dict[str, int]:
-        """New rank per layer from its current spectrum: never below the current rank, never
-        above max_rank. Returns the layers whose width must grow: name -> new width."""
+        """New rank per layer from its current spectrum: never below the current rank, and never
+        grown past max_rank. Returns the layers whose width must grow: name -> new width."""
         rule = RankRule(self.policy.criterion, self.policy.threshold)
         growth: dict[str, int] = {}
         for name, layer in low_rank_layers(model):
             values = factor_singular_values(layer.lora_B, layer.lora_A)
             total = float((values.double() ** 2).sum())
             chosen = choose_rank(values, total, rule) if total > 0 else 0
-            rank = min(max(self.ranks.get(name, 0), chosen), self.policy.layer_max_rank(layer))
+            # Never below the current rank (an artifact may start above the cap); the cap only limits growth.
+            rank = max(self.ranks.get(name, 0), min(chosen, self.policy.layer_max_rank(layer)))
             self.ranks[name] = rank
             width = self.width_for(layer, rank)
             if width > layer.rank:

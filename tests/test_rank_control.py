@@ -51,3 +51,12 @@ def test_controller_ranks_grow_never_shrink_and_respect_max_rank():
     assert restored.ranks == controller.ranks and restored.policy == controller.policy
     assert controller.policy.due(0) and RankPolicy(warmup=200, every=25).due(225)
     assert not RankPolicy(warmup=200, every=25).due(210)
+
+
+def test_a_layer_that_starts_above_max_rank_keeps_its_rank():
+    generator = torch.Generator().manual_seed(3)
+    model = nn.Sequential(LowRankLinear(torch.randn(12, 64, generator=generator), torch.randn(64, 12, generator=generator)))
+    controller = RankController(RankPolicy(criterion="energy", threshold=0.99, buffer=2, warmup=0, every=1, max_rank=4))
+    controller.attach(model, {"0": 10})  # e.g. an artifact compressed at a high threshold
+    assert controller.decide(model) == {"0": 12}  # keeps its buffer, never shrinks to the cap
+    assert controller.ranks["0"] == 10
