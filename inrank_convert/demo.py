@@ -45,6 +45,7 @@ class DemoSettings:
     lr: float = 3e-3
     eval_tokens: int = 16384
     seed: int = 0
+    fallback_chars: int = FALLBACK_CHARS
 
 
 @dataclass
@@ -111,7 +112,7 @@ def layer_type(name: str) -> str:
     return re.sub(r"^.*?\.(?:h|layers)\.\d+\.", "", name).removesuffix(".weight")
 
 
-def find_data(data_dir: Path | None, work: Path) -> DemoData:
+def find_data(data_dir: Path | None, work: Path, fallback_chars: int = FALLBACK_CHARS) -> DemoData:
     """The shared real-text data when it is there and readable; the fallback corpus otherwise."""
     notes = []
     if data_dir is not None:
@@ -127,7 +128,7 @@ def find_data(data_dir: Path | None, work: Path) -> DemoData:
         notes.append("no data folder given")
     notes.append(f"so the demo trains a {FALLBACK_VOCAB}-token byte-level BPE tokenizer on the Python standard "
                  "library's source files and uses those files as its text (numbers differ from the README's)")
-    return _fallback_data(work, notes)
+    return _fallback_data(work, notes, fallback_chars)
 
 
 def _readable(path: Path) -> bool:
@@ -138,7 +139,7 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def _fallback_data(work: Path, notes: list[str]) -> DemoData:
+def _fallback_data(work: Path, notes: list[str], fallback_chars: int) -> DemoData:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -154,7 +155,7 @@ def _fallback_data(work: Path, notes: list[str]) -> DemoData:
             continue
         texts.append(text)
         size += len(text)
-        if size >= FALLBACK_CHARS:
+        if size >= fallback_chars:
             break
     cut = max(1, len(texts) * 9 // 10)  # the last tenth of the files is held out for evaluation
     (folder / "train.txt").write_text("\n\n".join(texts[:cut]))
@@ -192,7 +193,7 @@ def run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None = No
     out = Path(settings.out)
     say = on_stage or (lambda text: None)
     _prepare_out(out)
-    data = find_data(settings.data_dir, out)
+    data = find_data(settings.data_dir, out, settings.fallback_chars)
     for note in data.notes:
         say(f"note: {note}")
     config_dir = out / "config"
