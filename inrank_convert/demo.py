@@ -36,7 +36,7 @@ class DemoSettings:
     data_dir: Path | None = None
     steps: int = 300
     resume_steps: int = 100
-    thresholds: tuple[float, float] = (0.9, 0.99)
+    thresholds: tuple[float, float] = (0.99, 0.999)
     n_embd: int = 128
     n_layer: int = 4
     n_head: int = 4
