@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench lint clean
+.PHONY: install test test-fast bench demo lint clean
 
 install: $(STAMP)
 
@@ -23,8 +23,13 @@ test: install
 bench: install
 	$(BIN)/python -m benchmarks
 
+# Train a small GPT-2 on real text (../shared/data, or a fallback corpus), compress it at two
+# thresholds, report, resume with InRank, report again: about 5-10 minutes on 2 CPU cores.
+demo: install
+	$(BIN)/inrank-convert demo --out demo-out
+
 lint: install
 	$(BIN)/ruff check inrank_convert tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache benchmarks/out
+	rm -rf $(VENV) build *.egg-info .pytest_cache benchmarks/out demo-out

@@ -22,7 +22,7 @@ def run_cli(args: list) -> object:
 
 
 def check_outputs(out: Path, summary: dict, expect_ranks: bool = True) -> None:
-    for name in ("run/step-0", "run/step-4", "artifact-t0.99", "artifact-t0.999", "inrank/step-2", "resumed-artifact"):
+    for name in ("run/step-0", "run/step-4", "artifact-t0.9", "artifact-t0.99", "inrank/step-2", "resumed-artifact"):
         assert (out / name).is_dir(), name
     assert (out / "report.png").stat().st_size > 0 and (out / "report-resumed.png").stat().st_size > 0
     models = {row["path"]: row for stage in ("before", "after") for row in summary[stage]["models"]}
@@ -47,7 +47,7 @@ def test_demo_on_the_shared_data_and_again_into_the_same_folder(tmp_path):
     assert summary["data"]["source"] == "shared"
     check_outputs(out, summary)
     assert "Mean rank per layer type" in first.stdout and "resumed InRank, compressed" in first.stdout
-    stale = out / "artifact-t0.99" / "stale-marker"
+    stale = out / "artifact-t0.9" / "stale-marker"
     stale.write_text("from the first run")
     second = run_cli(["demo", "--out", out, *TINY, "--json"])
     assert second.exit_code == 0, second.output
