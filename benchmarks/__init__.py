@@ -4,5 +4,7 @@ Each benchmark measures its baseline in the same run and reports a ratio against
 
 - ``compress``: compress wall time vs a plain streaming read of the same two checkpoints;
 - ``svd``: adaptive randomized vs exact SVD on a 4096x4096 low-rank update;
-- ``memory``: peak RSS of the CLI compressing a >= 1 GB pair vs 2 x largest tensor + 1 GiB.
+- ``memory``: peak RSS of the CLI compressing a >= 1 GB pair vs 2 x largest tensor + 1 GiB;
+- ``runtime``: forward speed and peak memory of ``load_compressed`` (factored, merged) vs dense;
+- ``train``: time of one optimizer step of InRank-Efficient (width n/3) vs dense, same model and batch.
 """

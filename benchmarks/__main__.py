@@ -1,6 +1,6 @@
 """Run every benchmark (or those named on the command line), print one ratio table, write results.json.
 
-Usage: python -m benchmarks [compress] [svd] [memory] [runtime]
+Usage: python -m benchmarks [compress] [svd] [memory] [runtime] [train]
 """
 
 from __future__ import annotations
@@ -13,12 +13,13 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import bench_compress, bench_memory, bench_runtime, bench_svd
+from . import bench_compress, bench_memory, bench_runtime, bench_svd, bench_train
 from .common import BenchResult, Contention, machine_info
 
 BUSY_WARNING = 0.05  # other processes' share of the CPUs above which timings are suspect
 
-BENCHMARKS = {module.NAME: module for module in (bench_compress, bench_svd, bench_memory, bench_runtime)}
+BENCHMARKS = {module.NAME: module
+              for module in (bench_compress, bench_svd, bench_memory, bench_runtime, bench_train)}
 RESULTS_FILE = Path(__file__).resolve().parent / "results.json"
 COLUMNS = ("benchmark", "measured", "baseline", "ratio", "target", "result")
 

@@ -313,13 +313,25 @@ def _writable_run(run: Path) -> None:
         raise OutputError(f"cannot write the run folder ({err.strerror})", str(run), "choose a writable -o location") from err
 
 
-def _fresh_run(run: Path) -> None:
+def _check_new_run(run: Path) -> None:
+    """Refuse an occupied -o. Every process checks before any creates it: a refusal on rank 0 alone
+    would leave the others waiting at the next collective."""
     if run.exists() and not run.is_dir():
         raise OutputError("the run folder path is a file, not a folder", str(run), "choose another -o")
     if run.exists() and any(run.iterdir()):
         raise OutputError("the run folder exists and is not empty", str(run),
                           f"continue it with 'inrank-convert resume {run} ...', or choose another -o")
-    _writable_run(run)
+
+
+def _start_run(run: Path, world: World, copy_from: tuple[Path, Path] | None = None) -> None:
+    """Create the new run folder (on rank 0), optionally as a copy of (source run, checkpoint)."""
+    _check_new_run(run)
+    barrier(world)
+    if world.is_main:
+        _writable_run(run)
+        if copy_from is not None:
+            _copy_run(*copy_from, run)
+    barrier(world)
 
 
 # --- the session: model, optimizer, data, rank control ----------------------------------------
@@ -616,9 +628,7 @@ def train(source: str | Path, run: str | Path, options: TrainOptions,
         _check_tokenizer(tokenizer, config, options.tokenizer or str(source))
         block_size = _block_size(options, config)
         tokens, val = _load_data(run, options, tokenizer, block_size)  # bad text fails before anything is written
-        if world.is_main:
-            _fresh_run(run)
-        barrier(world)
+        _start_run(run, world)
         from .evaluate import load_dense
 
         model = load_dense(weights, config) if weights is not None else _init_model(config, options.seed)
@@ -757,9 +767,7 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
         _check_tokenizer(tokenizer, config, options.tokenizer or str(artifact))
         block_size = _block_size(options, config)
         tokens, val = _load_data(run, options, tokenizer, block_size)  # bad text fails before anything is written
-        if world.is_main:
-            _fresh_run(run)
-        barrier(world)
+        _start_run(run, world)
         model = load_compressed(artifact, zero_as_lowrank=True)
         ranks = {name: layer.rank for name, layer in low_rank_layers(model)}
         controller = RankController(options.policy(), ranks)
@@ -820,8 +828,7 @@ def _resume_run(source: Path, run: Path | None, given: dict, on_step) -> TrainRe
         tokens, val = _load_data(source, options, tokenizer, block_size)  # bad text fails before anything is written
         if run is not None and Path(run).absolute() != source.absolute():
             target = Path(run)
-            if world.is_main:
-                _copy_run(source, checkpoint, target)
+            _start_run(target, world, copy_from=(source, checkpoint))
         elif world.is_main:
             _writable_run(target)
         barrier(world)
@@ -853,8 +860,7 @@ def _architecture(config: dict) -> dict:
 
 
 def _copy_run(source: Path, checkpoint: Path, target: Path) -> None:
-    """Start ``target`` as a copy of the source run up to ``checkpoint`` (init, checkpoint, metrics)."""
-    _fresh_run(target)
+    """Fill ``target`` with a copy of the source run up to ``checkpoint`` (init and checkpoint)."""
     steps = run_steps(source)
     if steps and steps[0][1] != checkpoint:
         shutil.copytree(steps[0][1], target / steps[0][1].name)
