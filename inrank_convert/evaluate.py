@@ -115,6 +115,13 @@ def check_text_length(n_tokens: int, length: int, max_tokens: int | None = None)
     raise UsageError(f"the text has {n_tokens} tokens, fewer than one {length}-token window", None, fix)
 
 
+def _vocabulary_size(model) -> int | None:
+    """Rows of the input embedding (PEFT wraps it: the size is on its base layer)."""
+    embedding = model.get_input_embeddings()
+    embedding = getattr(embedding, "base_layer", embedding)
+    return getattr(embedding, "num_embeddings", None) or getattr(model.config, "vocab_size", None)
+
+
 def check_vocabulary(tokens: torch.Tensor, vocab_size: int | None, label: str) -> None:
     """Token ids the model has no embedding for mean that the tokenizer belongs to another model."""
     if vocab_size is None or tokens.numel() == 0:
@@ -147,7 +154,7 @@ def perplexity(model, tokens: torch.Tensor, context: int | None = None, stride: 
     tokens = tokens.reshape(-1)
     length = window_length(model.config, context)
     check_text_length(tokens.numel(), length)
-    check_vocabulary(tokens, model.get_input_embeddings().num_embeddings, f"the {model.config.model_type} model")
+    check_vocabulary(tokens, _vocabulary_size(model), f"the {model.config.model_type} model")
     windows = plan_windows(tokens.numel(), length, stride)
     model.eval()
     total_nll, scored, processed = 0.0, 0, 0
@@ -239,7 +246,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 50, tempe
     input_ids = encoded["input_ids"].to(device)  # [1, prompt_tokens]
     if input_ids.numel() == 0:
         raise UsageError("the prompt gives no tokens", "--prompt", "pass some text to continue")
-    check_vocabulary(input_ids, model.get_input_embeddings().num_embeddings, f"the {model.config.model_type} model")
+    check_vocabulary(input_ids, _vocabulary_size(model), f"the {model.config.model_type} model")
     limit = model_context(model.config)
     if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
         raise UsageError(f"the prompt ({input_ids.shape[1]} tokens) plus --max-new-tokens {max_new_tokens} exceeds "
@@ -459,6 +466,9 @@ def _resolve_original(original: str | Path | None, artifact_config, manifest: di
     if original is not None:
         return _original_spec(Path(original), artifact_config, manifest, notes, "--original", None)
     source = Path(manifest["source"]["path"])
+    if manifest["source"].get("kind") == "training":
+        notes.append("a training checkpoint is its own original (no dense source to compare): pass --original CKPT")
+        return None
     if not source.exists():
         notes.append(f"the checkpoint this artifact was compressed from is gone ({source}): no original to compare; "
                      "pass --original CKPT")

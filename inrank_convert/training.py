@@ -382,7 +382,7 @@ class Session:
         self.wrapped = None
         ids = [self.device.index] if self.device.type == "cuda" else None
         # The frozen references are identical in every process: broadcasting them each step is waste.
-        self.wrapped = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+        self.wrapped = DistributedDataParallel(self.model, device_ids=ids, forward_sync_buffers=False)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = optimizer_tensors(self.model, self.optimizer)
