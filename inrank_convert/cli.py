@@ -527,7 +527,7 @@ def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Folder the demo owns (replaced by the next demo).")] = Path("demo-out"),
     data_dir: Annotated[Path | None, typer.Option(
         "--data-dir", help="Real text: gpt2-tokenizer/, tinyshakespeare/, wikitext-2-raw/ (default: ../shared/data).")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Training steps from scratch.")] = 300,
+    steps: Annotated[int, typer.Option("--steps", help="Training steps from scratch.")] = 250,
     resume_steps: Annotated[int, typer.Option("--resume-steps", help="InRank steps resumed from the artifact.")] = 100,
     eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Evaluation tokens of wiki.test.raw.")] = 16384,
     n_embd: Annotated[int, typer.Option("--n-embd", help="Model width.")] = 128,

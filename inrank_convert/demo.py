@@ -2,7 +2,7 @@
 
 Train a small GPT-2 from scratch, compress the run at two thresholds, measure size and
 perplexity, resume InRank training from one artifact, and measure again. With ../shared/data it
-uses the GPT-2 tokenizer, Tiny Shakespeare and WikiText-2; without it, it trains a byte-level BPE
+uses the GPT-2 tokenizer and WikiText-2 (valid to train, test to evaluate); without it, it trains a byte-level BPE
 tokenizer on the Python standard library's own sources and uses them as the text (and says so).
 Every number in the result comes from this run.
 """
@@ -34,7 +34,7 @@ FALLBACK_CHARS = 2_000_000  # of standard-library source: enough to train on for
 class DemoSettings:
     out: Path = Path("demo-out")
     data_dir: Path | None = None
-    steps: int = 300
+    steps: int = 250
     resume_steps: int = 100
     thresholds: tuple[float, float] = (0.9, 0.99)
     # Embeddings stay dense: in a short run their update is dominated by a rank-1 drift of the rows
@@ -85,8 +85,8 @@ class DemoResult:
         for label, artifact in [(f"t={a.rule.split('>=')[-1]}", a) for a in self.artifacts] + \
                 [("resumed, compressed", self.resumed_artifact)]:
             for layer in artifact.layers:
-                if len(layer.shape) == 2:
-                    add(layer_type(layer.name), label, layer.rank or 0, min(layer.shape))
+                if len(layer.shape) == 2 and layer.rank is not None:  # not the tensors kept dense by choice
+                    add(layer_type(layer.name), label, layer.rank, min(layer.shape))
         for name, rank in self.resumed.ranks.items():
             add(layer_type(name + ".weight"), "resumed (InRank r)", rank)
         columns = list(dict.fromkeys(key for row in rows.values() for key in row))
@@ -120,7 +120,7 @@ def find_data(data_dir: Path | None, work: Path, fallback_chars: int = FALLBACK_
     notes = []
     if data_dir is not None:
         tokenizer = data_dir / "gpt2-tokenizer"
-        train_text = data_dir / "tinyshakespeare" / "input.txt"
+        train_text = data_dir / "wikitext-2-raw" / "wiki.valid.raw"  # the evaluation text's domain
         eval_text = data_dir / "wikitext-2-raw" / "wiki.test.raw"
         needed = [tokenizer / "vocab.json", tokenizer / "merges.txt", train_text, eval_text]
         unreadable = [str(p) for p in needed if not _readable(p)]
