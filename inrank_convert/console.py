@@ -234,8 +234,9 @@ def render_demo(result: dict) -> None:
                 continue
             seen.add(row["path"])
             change = row["change_percent"]
-            label = "dense (trained)" if row["role"] == "original" else \
-                ("resumed InRank, compressed" if stage == "after" and row["role"] == "compressed" else "artifact")
+            label = "dense (trained)" if row["role"] == "original" else "artifact"
+            if stage == "after":
+                label = {"compressed": "resumed, compressed", "also": "resumed InRank"}.get(row["role"], label)
             table.add_row(label, row["path"], human_bytes(row["bytes"]), f"{100 * row['ratio']:.2f}%",
                           _number(row["perplexity"], 2), "" if change is None else f"{change:+.2f}%")
     stdout.print(table)

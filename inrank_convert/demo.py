@@ -235,7 +235,8 @@ def run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None = No
     resumed_artifact = compress(out / "inrank" / f"step-{settings.resume_steps}", out / "resumed-artifact",
                                 init=out / "run" / "step-0", init_seed=settings.seed,
                                 options=_plan(settings, settings.thresholds[0]))
-    after = report(resumed_artifact.output, data.eval_text, original=last_dense, also=(keep,),
+    resumed_checkpoint = out / "inrank" / f"step-{settings.resume_steps}"  # the resumed model itself, exact
+    after = report(resumed_artifact.output, data.eval_text, original=last_dense, also=(resumed_checkpoint, keep),
                    max_tokens=settings.eval_tokens)
     plot_report(after, out / "report-resumed.png")
     result = DemoResult(settings, data, trained, artifacts, before, resumed, resumed_artifact, after, plot,

@@ -26,7 +26,7 @@ def check_outputs(out: Path, summary: dict, expect_ranks: bool = True) -> None:
         assert (out / name).is_dir(), name
     assert (out / "report.png").stat().st_size > 0 and (out / "report-resumed.png").stat().st_size > 0
     models = {row["path"]: row for stage in ("before", "after") for row in summary[stage]["models"]}
-    assert len(models) == 4  # dense, two artifacts, the resumed model compressed
+    assert len(models) == 5  # dense, two artifacts, the resumed model and its compressed form
     for row in models.values():
         assert row["perplexity"] > 1 and row["bytes"] > 0
     sizes = [a["compressed_bytes"] for a in summary["artifacts"]]
@@ -46,7 +46,7 @@ def test_demo_on_the_shared_data_and_again_into_the_same_folder(tmp_path):
     summary = json.loads((out / "demo.json").read_text())
     assert summary["data"]["source"] == "shared"
     check_outputs(out, summary)
-    assert "Mean rank per layer type" in first.stdout and "resumed InRank, compressed" in first.stdout
+    assert "Mean rank per layer type" in first.stdout and "resumed, compressed" in first.stdout and "resumed InRank" in first.stdout
     stale = out / "artifact-t0.9" / "stale-marker"
     stale.write_text("from the first run")
     second = run_cli(["demo", "--out", out, *TINY, "--json"])
