@@ -225,7 +225,8 @@ def run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None = No
 
     say(f"4/5 resuming InRank training from {keep.name} for {settings.resume_steps} steps")
     warmup = max(1, settings.resume_steps // 4)
-    resumed = resume(keep, out / "inrank", dict(steps=settings.resume_steps, lr=settings.lr / 3, rank_warmup=warmup,
+    # Continue at the learning rate the dense run ended with (its cosine floor): no second warm-up spike.
+    resumed = resume(keep, out / "inrank", dict(steps=settings.resume_steps, lr=settings.lr / 10, rank_warmup=warmup,
                                                 rank_every=max(1, settings.resume_steps // 8), **common),
                      on_step=on_step)
 
