@@ -17,20 +17,16 @@ import struct
 import subprocess
 import sys
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from cli_contract import expect_error, expect_ok, temps_beside
 from conftest import ModelPair, build_model, gpt2_config, make_pair, snapshot
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from typer.testing import CliRunner
 
-from inrank_convert.cli import app
-
-TMP_PREFIX = ".inrank-tmp-"
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -39,79 +35,6 @@ class Gadget:
 
     def __init__(self):
         self.payload = "anything"
-
-
-# --------------------------------------------------------------------------- the contract
-
-
-def _state(path: Path):
-    """What a path looks like on disk, to prove it was not touched (or not created)."""
-    path = Path(path)
-    if path.is_dir():
-        return ("folder", snapshot(path))
-    if path.is_file():
-        stat = path.stat()
-        return ("file", stat.st_size, stat.st_mtime_ns)
-    return None
-
-
-def _temps_beside(path: Path) -> list[Path]:
-    parent = Path(path).parent
-    return sorted(parent.glob(f"{TMP_PREFIX}*")) if parent.is_dir() else []
-
-
-def run_cli(args: list) -> object:
-    return CliRunner().invoke(app, [str(arg) for arg in args])
-
-
-def _describe(args: list, result) -> str:
-    return (f"inrank-convert {' '.join(str(a) for a in args)}\nexit code: {result.exit_code}\n"
-            f"stderr: {result.stderr!r}\nstdout: {result.stdout[-2000:]!r}")
-
-
-def expect_ok(args: list):
-    """Run the CLI and require success (for the values that must be accepted)."""
-    result = run_cli(args)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        pytest.fail("uncaught exception:\n" + "".join(traceback.format_exception(*result.exc_info))
-                    + _describe(args, result))
-    assert result.exit_code == 0, _describe(args, result)
-    return result
-
-
-def expect_error(args: list, says: tuple = (), *, output: Path | None = None, inputs: tuple = ()) -> str:
-    """Run the CLI on a bad input and assert the whole user-error contract; return the error line.
-
-    ``says``: words the line must hold (case-insensitive); a tuple item means "any of these".
-    ``output``: the path the command would write: afterwards it must not exist (or, if it existed,
-    be unchanged), with no ``.inrank-tmp-*`` folder left beside it.
-    ``inputs``: files or folders that must be byte-for-byte untouched (size and mtime of every file).
-    """
-    watched = [Path(p) for p in inputs] + ([Path(output)] if output is not None else [])
-    before = {path: _state(path) for path in watched}
-    temps_before = _temps_beside(output) if output is not None else []
-    result = run_cli(args)
-    where = _describe(args, result)
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        pytest.fail("uncaught exception (a traceback, not a user error):\n"
-                    + "".join(traceback.format_exception(*result.exc_info)) + where)
-    assert result.exit_code != 0, "a bad input was accepted\n" + where
-    assert "Traceback" not in result.stderr + result.stdout, where
-    line = result.stderr.removesuffix("\n")
-    assert line.strip(), "no error message on stderr\n" + where
-    assert "\n" not in line, "stderr is not exactly one line\n" + where
-    lowered = line.lower()
-    for word in says:
-        options = (word,) if isinstance(word, str) else tuple(word)
-        assert any(str(option).lower() in lowered for option in options), f"message lacks {options}\n{where}"
-    for path in watched:
-        if path == output and before[path] is None:
-            assert not os.path.lexists(path), f"output {path} was written\n{where}"
-        else:
-            assert _state(path) == before[path], f"{path} was changed\n{where}"
-    if output is not None:
-        assert _temps_beside(output) == temps_before, f"temporary folder left beside {output}\n{where}"
-    return line
 
 
 # --------------------------------------------------------------------------- inputs
@@ -345,7 +268,7 @@ def test_threshold_one_is_accepted(models, tmp_path):
     expect_ok(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out,
                "--threshold", "1.0", "--quiet"])
     assert (out / "inrank.safetensors").is_file()
-    assert _temps_beside(out) == []
+    assert temps_beside(out) == []
 
 
 def test_negative_rank(models, tmp_path):
@@ -372,7 +295,7 @@ def test_existing_output_needs_force(models, tmp_path):
 
     expect_ok(base + ["--threshold", "0.5", "--force", "--quiet"])
     assert _manifest(out)["rule"]["threshold"] == 0.5
-    assert _temps_beside(out) == []
+    assert temps_beside(out) == []
 
 
 def test_existing_decompress_output_needs_force(models, tmp_path):
@@ -382,7 +305,7 @@ def test_existing_decompress_output_needs_force(models, tmp_path):
                  inputs=(models.root,))
     expect_ok(["decompress", models.artifact, "-o", out, "--force", "--quiet"])
     assert (out / "model.safetensors").is_file()
-    assert _temps_beside(out) == []
+    assert temps_beside(out) == []
 
 
 @pytest.mark.parametrize("target", ["trained", "init", "parent"])
@@ -558,9 +481,9 @@ def test_killed_compress_leaves_no_artifact(tmp_path):
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 60
-        while not _temps_beside(out) and process.poll() is None and time.monotonic() < deadline:
+        while not temps_beside(out) and process.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
-        assert _temps_beside(out), f"no temporary folder appeared (exit {process.poll()})"
+        assert temps_beside(out), f"no temporary folder appeared (exit {process.poll()})"
         time.sleep(0.3)  # let it write a little
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
@@ -571,13 +494,13 @@ def test_killed_compress_leaves_no_artifact(tmp_path):
         process.stderr.close()
     assert process.returncode == -signal.SIGKILL, "compress finished before it could be killed: use bigger tensors"
     assert not os.path.lexists(out), "a killed compress left an output folder"
-    assert _temps_beside(out), "the killed run's temporary folder should still be there (hidden)"
+    assert temps_beside(out), "the killed run's temporary folder should still be there (hidden)"
     assert {init: snapshot(init), trained: snapshot(trained)} == before
 
     # The next run succeeds and clears the dead run's temporary folder.
     expect_ok(["compress", trained, "--init", init, "-o", out, "--rank", "4", "--svd", "randomized", "--quiet"])
     assert (out / "inrank.safetensors").is_file()
-    assert _temps_beside(out) == []
+    assert temps_beside(out) == []
     expect_ok(["inspect", out])
 
 
