@@ -18,11 +18,7 @@ set -euo pipefail
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 DATA=${DATA:-$REPO/../shared/data}          # gpt2-tokenizer/, tinyshakespeare/, wikitext-2-raw/
 OUT=${OUT:-runs/from-scratch}
-if [[ -z ${IC:-} ]]; then
-    IC=$(command -v inrank-convert || echo "$REPO/.venv/bin/inrank-convert")
-fi
-PYTHON=${PYTHON:-$(dirname "$(command -v "$IC")")/python}   # the Python that runs the CLI (has transformers)
-[[ -x $PYTHON ]] || PYTHON=python3
+source "$REPO/examples/common.sh"   # IC, PYTHON, TORCHRUN, step, last_step, require_files, write_gpt2_config
 
 N_EMBD=${N_EMBD:-128} N_LAYER=${N_LAYER:-4} N_HEAD=${N_HEAD:-4}
 BLOCK=${BLOCK:-64}                    # training sequence length and the model's context (n_positions)
@@ -37,28 +33,14 @@ TEXT=$DATA/tinyshakespeare/input.txt
 VALID=$DATA/wikitext-2-raw/wiki.valid.raw
 TEST=$DATA/wikitext-2-raw/wiki.test.raw
 TOKENIZER=$DATA/gpt2-tokenizer
-for f in "$TEXT" "$VALID" "$TEST" "$TOKENIZER/vocab.json" "$TOKENIZER/merges.txt"; do
-    [[ -f $f ]] || { echo "error: $f not found (set DATA to the folder holding the shared data)" >&2; exit 2; }
-done
-
-step() { printf '\n== [%ss] %s\n' "$SECONDS" "$*"; }
-last_step() {  # the highest step-N folder of a run
-    local best=-1 dir n
-    for dir in "$1"/step-*; do
-        n=${dir##*/step-}
-        if [[ $n =~ ^[0-9]+$ ]] && ((n > best)); then best=$n; fi
-    done
-    ((best >= 0)) || { echo "error: no step-N folder in $1" >&2; return 1; }
-    echo "$1/step-$best"
-}
+require_files "$TEXT" "$VALID" "$TEST" "$TOKENIZER/vocab.json" "$TOKENIZER/merges.txt"
 
 # Re-runnable: remove what an earlier run of this script wrote (and nothing else under $OUT).
 mkdir -p "$OUT"
 rm -rf "$OUT/config" "$OUT/run" "$OUT/t$LOW" "$OUT/t$HIGH" "$OUT/inrank" "$OUT/report.png" "$OUT/report-inrank.png"
 
 step "config: a ${N_LAYER}x${N_EMBD} GPT-2, context $BLOCK, GPT-2 vocabulary"
-"$PYTHON" -c "import sys; from transformers import GPT2Config; GPT2Config(n_embd=int(sys.argv[2]), n_layer=int(sys.argv[3]), n_head=int(sys.argv[4]), n_positions=int(sys.argv[5]), vocab_size=50257, bos_token_id=50256, eos_token_id=50256).save_pretrained(sys.argv[1])" \
-    "$OUT/config" "$N_EMBD" "$N_LAYER" "$N_HEAD" "$BLOCK"
+write_gpt2_config "$OUT/config" "$N_EMBD" "$N_LAYER" "$N_HEAD" "$BLOCK"
 
 step "1. train dense from scratch: $OUT/run/step-0 is the init (a seed recipe), step-$STEPS the trained model"
 "$IC" train "$OUT/config/config.json" -o "$OUT/run" --data "$TEXT" --val-data "$VALID" --tokenizer "$TOKENIZER" \
