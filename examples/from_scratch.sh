@@ -20,6 +20,8 @@ DATA=${DATA:-$REPO/../shared/data}          # gpt2-tokenizer/, tinyshakespeare/,
 OUT=${OUT:-runs/from-scratch}
 source "$REPO/examples/common.sh"   # IC, PYTHON, TORCHRUN, step, last_step, require_files, write_gpt2_config
 
+DEVICE=${DEVICE:-cpu}                # where train, resume, compress's SVDs and report run (cuda: examples/gpu.sh)
+DTYPE=${DTYPE:-float32}              # autocast dtype of train and resume
 N_EMBD=${N_EMBD:-128} N_LAYER=${N_LAYER:-4} N_HEAD=${N_HEAD:-4}
 BLOCK=${BLOCK:-64}                    # training sequence length and the model's context (n_positions)
 BATCH=${BATCH:-16}
@@ -44,25 +46,27 @@ write_gpt2_config "$OUT/config" "$N_EMBD" "$N_LAYER" "$N_HEAD" "$BLOCK"
 
 step "1. train dense from scratch: $OUT/run/step-0 is the init (a seed recipe), step-$STEPS the trained model"
 "$IC" train "$OUT/config/config.json" -o "$OUT/run" --data "$TEXT" --val-data "$VALID" --tokenizer "$TOKENIZER" \
-    --steps "$STEPS" --batch-size "$BATCH" --block-size "$BLOCK" --lr "$LR" --save-every "$SAVE_EVERY" --seed "$SEED"
+    --steps "$STEPS" --batch-size "$BATCH" --block-size "$BLOCK" --lr "$LR" --save-every "$SAVE_EVERY" --seed "$SEED" \
+    --device "$DEVICE" --dtype "$DTYPE"
 
 step "2. compress the run at two thresholds (update = step-$STEPS - step-0; no init bytes stored)"
-"$IC" compress "$OUT/run" -o "$OUT/t$LOW" --threshold "$LOW" --force --quiet
-"$IC" compress "$OUT/run" -o "$OUT/t$HIGH" --threshold "$HIGH" --force --quiet
+"$IC" compress "$OUT/run" -o "$OUT/t$LOW" --threshold "$LOW" --device "$DEVICE" --force --quiet
+"$IC" compress "$OUT/run" -o "$OUT/t$HIGH" --threshold "$HIGH" --device "$DEVICE" --force --quiet
 
 step "3. report: the dense model, t=$HIGH and t=$LOW on WikiText-2 test"
-"$IC" report "$OUT/t$HIGH" --data "$TEST" --max-tokens "$MAX_TOKENS" --also "$OUT/t$LOW" --plot "$OUT/report.png" --quiet
+"$IC" report "$OUT/t$HIGH" --data "$TEST" --max-tokens "$MAX_TOKENS" --also "$OUT/t$LOW" --plot "$OUT/report.png" \
+    --device "$DEVICE" --quiet
 
 step "4. resume InRank training from the t=$HIGH artifact's factors into $OUT/inrank"
 "$IC" resume "$OUT/t$HIGH" -o "$OUT/inrank" --data "$TEXT" --val-data "$VALID" --steps "$RESUME_STEPS" \
-    --rank-warmup "$RANK_WARMUP" --rank-every "$RANK_EVERY"
+    --rank-warmup "$RANK_WARMUP" --rank-every "$RANK_EVERY" --device "$DEVICE" --dtype "$DTYPE"
 
 DENSE=$(last_step "$OUT/run")
 LAST=$(last_step "$OUT/inrank")
 step "5. the resumed run's last checkpoint $LAST is an artifact: report it (vs the dense model and t=$HIGH), inspect it"
 # --original: a training checkpoint records its run folder as its source, which is no single model.
 "$IC" report "$LAST" --data "$TEST" --max-tokens "$MAX_TOKENS" --original "$DENSE" --also "$OUT/t$HIGH" \
-    --plot "$OUT/report-inrank.png" --quiet
+    --plot "$OUT/report-inrank.png" --device "$DEVICE" --quiet
 "$IC" inspect "$LAST"
 
 step "done: artifacts $OUT/t$LOW $OUT/t$HIGH, InRank run $OUT/inrank, plots $OUT/report.png $OUT/report-inrank.png"
