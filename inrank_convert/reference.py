@@ -145,18 +145,25 @@ def _mismatch_fix(mode: str) -> str:
 
 def regenerate_seed_init(config: dict, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """``AutoModelForCausalLM.from_config(config)`` under ``torch.manual_seed(seed)``: its state dict."""
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+    from transformers import CONFIG_MAPPING
 
     model_type = config.get("model_type")
     if model_type not in CONFIG_MAPPING:
         raise UsageError(f"cannot regenerate an init for model_type {model_type!r}", "config.json",
                          "pass --init PATH to the init checkpoint instead of --init-seed")
-    model_config = CONFIG_MAPPING[model_type].from_dict(config)
-    # Restore the caller's RNG afterwards: regenerating an init must not shift anyone's random stream.
+    model = seeded_model(CONFIG_MAPPING[model_type].from_dict(config), seed)
+    return {name: tensor.detach().to(dtype) for name, tensor in model.state_dict().items()}
+
+
+def seeded_model(model_config, seed: int):
+    """``AutoModelForCausalLM.from_config`` in float32 under ``manual_seed(seed)``: the init a seed
+    recipe stands for (``train`` builds its init with this too, so the recipe regenerates it)."""
+    from transformers import AutoModelForCausalLM
+
+    # Restore the caller's RNG afterwards: building an init must not shift anyone's random stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
-    return {name: tensor.detach().to(dtype) for name, tensor in model.state_dict().items()}
+        return AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
 
 
 def seed_reference(config: dict, seed: int, dtype: torch.dtype = torch.float32,

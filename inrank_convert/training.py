@@ -50,7 +50,7 @@ from .distributed import (
 from .errors import CheckpointError, MismatchError, OutputError, UsageError
 from .layers import LowRankLinear
 from .rank_control import RankController, RankPolicy, grow_layer, low_rank_layers
-from .reference import INIT_RECIPE_FILE, CheckpointReference, read_init_recipe, seed_reference
+from .reference import INIT_RECIPE_FILE, CheckpointReference, read_init_recipe, seed_reference, seeded_model
 from .spectrum import CRITERIA
 from .train_state import (
     METRICS_FILE,
@@ -236,15 +236,6 @@ def factorize_model(model: nn.Module, policy: RankPolicy, efficient: bool, gener
         _replace_module(model, name, layer)
         ranks[name] = rank
     return ranks
-
-
-def _init_model(config, seed: int):
-    """``from_config`` under ``manual_seed(seed)``: exactly what a seed recipe regenerates."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
 def _resolve_init(source: Path):
@@ -631,7 +622,7 @@ def train(source: str | Path, run: str | Path, options: TrainOptions,
         _start_run(run, world)
         from .evaluate import load_dense
 
-        model = load_dense(weights, config) if weights is not None else _init_model(config, options.seed)
+        model = load_dense(weights, config) if weights is not None else seeded_model(config, options.seed)
         init_folder = step_folder(run, 0)
         if world.is_main:
             _save_init(model, tokenizer, init_folder, None if weights is not None else options.seed)
