@@ -76,7 +76,8 @@ def plain_read(trained_file: Path, init_file: Path) -> float:
 
 def _phase_breakdown(init_dir: Path, trained_dir: Path, options) -> dict[str, float]:
     """Time compress's steps one after the other (serially, so they do not overlap as in compress)."""
-    from inrank_convert.compress import load_update, open_inputs, plan_compression, planned_work
+    from inrank_convert.compress import load_update, plan_compression, planned_work
+    from inrank_convert.sources import open_inputs
 
     phases: dict[str, float] = {}
     started = time.perf_counter()
@@ -90,7 +91,7 @@ def _phase_breakdown(init_dir: Path, trained_dir: Path, options) -> dict[str, fl
         inputs.trained.file_hashes()
         phases["sha256 trained file"] = time.perf_counter() - started
         started = time.perf_counter()
-        inputs.reference.manifest()
+        inputs.reference.record()
         phases["sha256 init file (reference manifest)"] = time.perf_counter() - started
         started = time.perf_counter()
         device = torch.device("cpu")

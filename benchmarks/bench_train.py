@@ -40,8 +40,7 @@ def build(vocab: int, device_name: str) -> tuple[nn.Module, nn.Module]:
     """(dense, InRank-Efficient) models with the same initial weights, in training mode."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from inrank_convert.rank_control import RankPolicy
-    from inrank_convert.training import factorize_model
+    from inrank_convert.rank_control import RankPolicy, factorize_model
 
     config = GPT2Config(vocab_size=vocab, n_embd=EMBED, n_head=HEADS, n_layer=LAYERS, n_positions=CONTEXT,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab - 1,

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import torch
 
-from .compress import check_device, load_update, open_inputs, plan_compression, planned_work
+from .compress import check_device, load_update, plan_compression, planned_work
 from .errors import UsageError
 from .plan import PlanOptions
+from .sources import open_inputs
 from .spectrum import RankRule, choose_rank
 
 SPECTRUM_VALUES_KEPT = 64

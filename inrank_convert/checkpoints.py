@@ -13,6 +13,7 @@ import json
 import os
 import pickle
 import re
+import shutil
 import struct
 import zipfile
 from abc import ABC, abstractmethod
@@ -23,12 +24,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError
+from .tensors import SAFETENSORS_DTYPES, dtype_size, numel, shared_storage_groups
 
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
 RUN_STEP_PATTERN = re.compile(r"^(?:step|checkpoint)-(\d+)$")
 # Files that describe a model rather than hold its weights: copied into artifacts as they are.
@@ -47,14 +44,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        numel = 1
-        for size in self.shape:
-            numel *= size
-        return numel * dtype_size(self.dtype)
-
-
-def dtype_size(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+        return numel(self.shape) * dtype_size(self.dtype)
 
 
 def sha256_file(path: Path) -> str:
@@ -65,13 +55,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def sha256_tensor(tensor: torch.Tensor) -> str:
-    """Hash of a tensor's dtype, shape and raw bytes (independent of how it was stored)."""
-    digest = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-    flat = tensor.detach().contiguous().cpu().reshape(-1)
-    if flat.numel():
-        digest.update(flat.view(torch.uint8).numpy().data)
-    return digest.hexdigest()
+@dataclass(frozen=True)
+class FileHash:
+    """One weight file of a checkpoint, as recorded to tell later whether it changed."""
+
+    file: str  # the file's name
+    bytes: int
+    sha256: str
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "bytes": self.bytes, "sha256": self.sha256}
+
+    @classmethod
+    def from_json(cls, values: dict) -> FileHash:
+        return cls(str(values["file"]), int(values.get("bytes", 0)), str(values["sha256"]))
 
 
 class Checkpoint(ABC):
@@ -111,14 +108,11 @@ class Checkpoint(ABC):
     def prefetch(self, name: str) -> None:
         """A hint that ``name`` is read next (a no-op where the form offers no cheap hint)."""
 
-    def __contains__(self, name: str) -> bool:
-        return name in set(self.names())
-
     def infos(self) -> dict[str, TensorInfo]:
         return {name: self.info(name) for name in self.names()}
 
-    def file_hashes(self) -> list[dict]:
-        return [{"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)} for f in self.files]
+    def file_hashes(self) -> list[FileHash]:
+        return [FileHash(f.name, f.stat().st_size, sha256_file(f)) for f in self.files]
 
     def config(self) -> dict | None:
         if self.config_dir is None or not (self.config_dir / "config.json").is_file():
@@ -137,9 +131,6 @@ class Checkpoint(ABC):
 
     def __exit__(self, *exc):
         self.close()
-
-    def describe(self) -> str:
-        return f"{self.kind} {self.path}"
 
 
 class SafetensorsCheckpoint(Checkpoint):
@@ -248,12 +239,7 @@ class StateDictCheckpoint(Checkpoint):
         return self._tensors[name]
 
     def shared_storage_groups(self) -> list[list[str]]:
-        groups: dict[tuple, list[str]] = {}
-        for name, tensor in self._tensors.items():
-            key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape),
-                   tuple(tensor.stride()))
-            groups.setdefault(key, []).append(name)
-        return [names for names in groups.values() if len(names) > 1]
+        return shared_storage_groups(self._tensors)
 
     def close(self) -> None:
         self._tensors.clear()
@@ -322,17 +308,20 @@ def run_steps(folder: Path) -> list[tuple[int, Path]]:
 
 
 def is_run_folder(path: Path) -> bool:
+    """A folder of step folders that holds no model weights of its own (see ``sources.is_run``)."""
     return path.is_dir() and not _weights_in_folder(path) and bool(run_steps(path))
 
 
 def _weights_in_folder(folder: Path) -> bool:
     names = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
-             "pytorch_model.bin.index.json", "inrank.safetensors")
+             "pytorch_model.bin.index.json")
     return any((folder / name).is_file() for name in names)
 
 
-def open_checkpoint(path: str | Path) -> Checkpoint:
-    """Open any single-model input form of DESIGN §2 (not a run folder: see ``resolve_run``)."""
+def open_weights(path: str | Path) -> Checkpoint:
+    """Open a raw weights form of DESIGN §2: a Hugging Face folder (single or sharded safetensors,
+    pytorch_model.bin), or one .safetensors/.bin/.pt/.ckpt file. Artifacts and run folders are
+    ``sources.open_checkpoint``'s business."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError("no such file or folder", str(path), "check the path")
@@ -344,10 +333,6 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
             return StateDictCheckpoint(path, [path], config_dir)
         raise CheckpointError(f"unknown checkpoint file type {path.suffix or '(none)'!r}", str(path),
                               "use a .safetensors, .bin, .pt or .ckpt file, or a model folder")
-    from .artifact import ARTIFACT_FILE, ArtifactCheckpoint
-
-    if (path / ARTIFACT_FILE).is_file():
-        return ArtifactCheckpoint(path)
     index = path / "model.safetensors.index.json"
     if index.is_file():
         return SafetensorsCheckpoint(path, _shards_from_index(index), path)
@@ -392,3 +377,15 @@ def resolve_run(folder: Path) -> tuple[Path, Path]:
         raise CheckpointError("a training-run folder needs at least two step folders (init and trained)",
                               str(folder), "pass --init PATH, --init-seed N or --no-init with a single checkpoint")
     return steps[0][1], steps[-1][1]
+
+
+def copy_side_files(source_dir: Path | None, target_dir: Path, names: tuple[str, ...] = SIDE_FILES) -> list[str]:
+    """Copy the files of ``names`` that exist in ``source_dir`` into ``target_dir``; returns their names."""
+    copied: list[str] = []
+    if source_dir is None:
+        return copied
+    for name in names:
+        if (Path(source_dir) / name).is_file():
+            shutil.copyfile(Path(source_dir) / name, Path(target_dir) / name)
+            copied.append(name)
+    return copied

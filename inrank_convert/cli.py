@@ -14,13 +14,14 @@ from typing import Annotated
 import torch
 import typer
 
-from . import __version__, console
+from . import console
 from .errors import InrankError, UsageError
+from .tensors import COMPUTE_DTYPES
+from .version import __version__
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Compact low-rank artifacts from trained checkpoints: factorize W - W_init, keep what matters.")
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def user_errors(command):
@@ -56,11 +57,12 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
 
 
 def _dtype(name: str | None) -> torch.dtype | None:
+    """--dtype NAME: one of the compute dtypes (None: not given)."""
     if name is None:
         return None
-    if name not in DTYPES:
-        raise UsageError(f"unknown dtype {name!r}", "--dtype", f"choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
+    if name not in COMPUTE_DTYPES:
+        raise UsageError(f"unknown dtype {name!r}", "--dtype", f"choose one of {', '.join(COMPUTE_DTYPES)}")
+    return COMPUTE_DTYPES[name]
 
 
 InitOpt = Annotated[Path | None, typer.Option("--init", help="Init or base checkpoint (any CKPT form): update = W - W_init.")]
@@ -129,7 +131,8 @@ def compress_command(
 
     Example: inrank-convert compress runs/gpt2/ -o gpt2-inrank --threshold 0.9
     """
-    from .compress import check_options, compress, open_inputs, plan_compression
+    from .compress import check_options, compress, plan_compression
+    from .sources import open_inputs
 
     options = _plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, include, exclude, float64, seed)
     if dry_run:
@@ -228,7 +231,7 @@ def decompress_command(
     from .artifact import read_manifest
     from .export import decompress
 
-    count = len(read_manifest(artifact)["tensors"])
+    count = len(read_manifest(artifact).tensors)
     with console.progress(count, "decompressing", quiet or json_output) as advance:
         result = decompress(artifact, output, force=force, init_override=init, on_tensor=advance,
                             reference_only=reference_only)
@@ -307,12 +310,6 @@ class _WindowProgress:
         self._advance(f"window {done}/{total}")
 
 
-def _eval_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise UsageError(f"unknown dtype {name!r}", "--dtype", f"choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 EvalDeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda[:N]: where the models run.")]
 EvalDtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16: the dtype the models run in.")]
 TokenizerOpt = Annotated[Path | None, typer.Option(
@@ -358,7 +355,7 @@ def report_command(
     with contextlib.ExitStack() as stack:
         bar = _WindowProgress(stack, quiet or json_output)
         result = report(artifact, data, original=original, also=tuple(also or ()), device=device,
-                        dtype=_eval_dtype(dtype), max_tokens=max_tokens, stride=stride, tokenizer=tokenizer,
+                        dtype=_dtype(dtype), max_tokens=max_tokens, stride=stride, tokenizer=tokenizer,
                         context=context, init=init, merge=merge, on_window=bar)
     for note in result.notes:
         console.warn(note)
@@ -390,7 +387,7 @@ def generate_command(
     from .evaluate import generate
 
     result = generate(artifact, prompt, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                      seed=seed, device=device, dtype=_eval_dtype(dtype), tokenizer=tokenizer, init=init, merge=merge)
+                      seed=seed, device=device, dtype=_dtype(dtype), tokenizer=tokenizer, init=init, merge=merge)
     console.emit_json(result.to_json()) if json_output else console.render_generation(result.to_json())
 
 

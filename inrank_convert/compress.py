@@ -1,7 +1,7 @@
 """Execute a plan: stream tensors one at a time, factorize each update, write the artifact.
 
-``compress`` is the whole job; ``open_inputs``, ``plan_compression`` and ``iter_compress`` are
-its steps, public so that ``--dry-run``, ``spectrum`` and training can reuse them.
+``compress`` is the whole job; ``sources.open_inputs``, ``plan_compression`` and ``iter_compress``
+are its steps, public so that ``--dry-run``, ``spectrum`` and training can reuse them.
 """
 
 from __future__ import annotations
@@ -15,57 +15,58 @@ from pathlib import Path
 
 import torch
 
-from .artifact import (
-    ARTIFACT_FILE,
-    INIT_FILE,
-    ArtifactCheckpoint,
-    TensorFileWriter,
-    artifact_bytes,
-    atomic_output_dir,
-    check_output_free,
-    copy_side_files,
-    dtype_name,
-    factor_names,
-    manifest_metadata,
-    new_manifest,
-)
-from .checkpoints import Checkpoint, is_run_folder, open_checkpoint, resolve_run, run_steps, sha256_tensor
+from .artifact import ArtifactWriter, RuleRecord, SourceRecord, TensorEntry, TensorKind, check_output_free
 from .errors import NonFiniteError, UsageError
 from .plan import Plan, PlanOptions, TensorPlan, make_plan
-from .reference import (
-    CheckpointReference,
-    Reference,
-    ZeroReference,
-    check_seed_matches,
-    read_init_recipe,
-    seed_reference,
-)
+from .sources import Inputs, open_inputs
 from .spectrum import CRITERIA, ENGINES, factorize, frobenius_energy, stored_as_lowrank
+from .tensors import dtype_name
 
 
 @dataclass
 class LayerResult:
-    """What compress stored for one tensor."""
+    """What compress stored for one tensor: its manifest entry, and how it got there."""
 
     name: str
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-    kind: str  # "lowrank" | "dense" | "zero"
-    rank: int | None
-    energy: float  # fraction of the update's squared Frobenius norm kept
-    bytes: int  # bytes stored for this tensor
-    original_bytes: int
-    engine: str = ""
+    entry: TensorEntry
     seconds: float = 0.0
     notes: list[str] = field(default_factory=list)
 
-    def manifest_entry(self) -> dict:
-        return {"kind": self.kind, "shape": list(self.shape), "dtype": dtype_name(self.dtype), "rank": self.rank,
-                "energy": round(self.energy, 8), "bytes": self.bytes, "original_bytes": self.original_bytes,
-                "svd": self.engine or None}
+    @property
+    def kind(self) -> TensorKind:
+        return self.entry.kind
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.entry.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.entry.dtype
+
+    @property
+    def rank(self) -> int | None:
+        return self.entry.rank
+
+    @property
+    def energy(self) -> float:
+        """Fraction of the update's squared Frobenius norm kept."""
+        return self.entry.energy
+
+    @property
+    def bytes(self) -> int:
+        return self.entry.bytes
+
+    @property
+    def original_bytes(self) -> int:
+        return self.entry.original_bytes
+
+    @property
+    def engine(self) -> str:
+        return self.entry.svd or ""
 
     def to_json(self) -> dict:
-        return {"name": self.name, **self.manifest_entry()}
+        return {"name": self.name, **self.entry.to_json()}
 
 
 @dataclass
@@ -92,21 +93,6 @@ class CompressResult:
                 "tied": self.tied, "notes": self.notes, "layers": [layer.to_json() for layer in self.layers]}
 
 
-@dataclass
-class Inputs:
-    """The trained checkpoint and its reference, resolved from the user's options."""
-
-    trained: Checkpoint
-    reference: Reference
-    embed_init: bool
-    paths: tuple[Path, ...]  # every input path, so outputs never overwrite one
-    run_folder: Path | None = None
-
-    def close(self) -> None:
-        self.trained.close()
-        self.reference.close()
-
-
 def check_options(options: PlanOptions) -> None:
     """Reject option values that cannot work, before any input is opened."""
     rule = options.rule
@@ -130,81 +116,6 @@ def check_device(device: str) -> None:
         raise UsageError("CUDA is not available on this machine", f"--device {device}", "use --device cpu")
     if not (device == "cpu" or device.startswith("cuda")):
         raise UsageError(f"unknown device {device!r}", "--device", "use cpu or cuda (cuda:N)")
-
-
-def open_inputs(source: str | Path, init: str | Path | None = None, init_seed: int | None = None,
-                no_init: bool = False, embed_init: bool = False) -> Inputs:
-    """Resolve CKPT and the reference options into (trained checkpoint, reference).
-
-    A training-run folder's latest step is the trained model and its earliest the init (a
-    seed recipe there, written by ``train``, turns it into a seed reference). An artifact is
-    measured against its own reference unless told otherwise.
-    """
-    source = Path(source)
-    if no_init and (init is not None or init_seed is not None):
-        raise UsageError("--no-init conflicts with --init/--init-seed", None, "pass only one reference option")
-    if no_init and embed_init:
-        raise UsageError("--embed-init has nothing to embed with --no-init", None, "drop one of the two options")
-    explicit = init is not None or init_seed is not None or no_init
-    run_folder = None
-    default_init: Path | None = None
-    if is_run_folder(source):
-        run_folder = source
-        steps = run_steps(source)
-        if not explicit:
-            default_init, _ = resolve_run(source)
-        trained = open_checkpoint(steps[-1][1])
-    else:
-        trained = open_checkpoint(source)
-    paths = [source] + ([Path(init)] if init is not None else [])
-    if isinstance(trained, ArtifactCheckpoint):
-        paths.extend(trained.artifact.input_paths())
-    try:
-        reference = _open_reference(trained, init, init_seed, no_init, default_init)
-    except BaseException:
-        trained.close()
-        raise
-    if reference is None:
-        trained.close()
-        raise UsageError("no reference given for the update", str(source),
-                         "pass --init PATH (init or base model), --init-seed N, or --no-init to factorize the weights")
-    embed_init = embed_init or reference.mode == "embedded"
-    if isinstance(reference, CheckpointReference):
-        paths.append(Path(reference.checkpoint.path))
-    return Inputs(trained, reference, embed_init, tuple(paths), run_folder)
-
-
-def _open_reference(trained: Checkpoint, init: str | Path | None, init_seed: int | None, no_init: bool,
-                    default_init: Path | None) -> Reference | None:
-    if no_init:
-        return ZeroReference()
-    init_path = Path(init) if init is not None else default_init
-    if init_path is None and init_seed is None:
-        # Re-compressing an artifact: measure against the reference it was made with.
-        return trained.artifact.reference if isinstance(trained, ArtifactCheckpoint) else None
-    init_checkpoint = open_checkpoint(init_path) if init_path is not None else None
-    seed = init_seed
-    if seed is None and init is None and default_init is not None:
-        seed = read_init_recipe(default_init)
-    if seed is None:
-        return CheckpointReference(init_checkpoint)
-    config = trained.config() or (init_checkpoint.config() if init_checkpoint is not None else None)
-    if config is None:
-        raise UsageError("--init-seed needs the model's config.json beside the checkpoint", str(trained.path),
-                         "put config.json next to the weights, or pass --init PATH")
-    if init_checkpoint is None:
-        return seed_reference(config, seed)
-    with init_checkpoint:
-        reference = seed_reference(config, seed, _float_dtype(init_checkpoint))
-        check_seed_matches(reference, init_checkpoint, seed)
-    return reference
-
-
-def _float_dtype(checkpoint: Checkpoint) -> torch.dtype:
-    for info in checkpoint.infos().values():
-        if info.dtype.is_floating_point:
-            return info.dtype
-    return torch.float32
 
 
 def plan_compression(inputs: Inputs, options: PlanOptions) -> Plan:
@@ -267,57 +178,47 @@ def planned_work(plan: Plan, inputs: Inputs, actions: tuple[str, ...] = ("factor
         yield index, entry
 
 
-@dataclass
-class LayerOutput:
-    """One executed plan entry: its result, the tensors to store, and its reference (to embed)."""
-
-    result: LayerResult
-    stored: dict[str, torch.Tensor]
-    reference: torch.Tensor | None
-
-
-def iter_compress(plan: Plan, inputs: Inputs, options: PlanOptions) -> Iterator[LayerOutput]:
-    """Execute the plan one tensor at a time."""
+def iter_compress(plan: Plan, inputs: Inputs, options: PlanOptions, writer: ArtifactWriter) -> Iterator[LayerResult]:
+    """Execute the plan one tensor at a time, storing each result with ``writer``."""
     device = torch.device(options.device)
     for index, entry in planned_work(plan, inputs):
-        yield _execute(entry, inputs, options, device, index)
+        yield _execute(entry, inputs, options, device, index, writer)
 
 
-def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: torch.device,
-             index: int) -> LayerOutput:
+def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: torch.device, index: int,
+             writer: ArtifactWriter) -> LayerResult:
     started = time.perf_counter()
-    result = LayerResult(entry.name, entry.shape, entry.dtype, "dense", None, 1.0, entry.nbytes, entry.nbytes)
+    notes: list[str] = []
     if entry.action == "dense":
         weight = inputs.trained.get(entry.name)
         if not check_finite_fast(weight):
             _raise_non_finite(inputs, entry.name)
-        result.notes.append(entry.reason)
-        result.seconds = time.perf_counter() - started
-        return LayerOutput(result, {entry.name: weight}, None)
+        stored = writer.add_dense(entry.name, weight)
+        return LayerResult(entry.name, stored, time.perf_counter() - started, [entry.reason])
 
     delta, total = load_update(inputs, entry, device)
     generator = torch.Generator(device=device).manual_seed(options.seed + index)
     factors = factorize(delta, options.rule, options.engine, options.float64, generator, total_energy=total)
     del delta
     rows, cols = entry.shape
-    result.engine, result.notes = factors.engine, list(factors.notes)
+    notes = list(factors.notes)
     if factors.rank == 0:
-        result.kind, result.rank, result.bytes = "zero", 0, 0
-        result.energy = 1.0 if factors.total_energy == 0.0 else 0.0
-        stored = {}
+        energy = 1.0 if factors.total_energy == 0.0 else 0.0
+        stored = writer.add_zero(entry.name, shape=entry.shape, dtype=entry.dtype, energy=energy,
+                                 svd=factors.engine or None)
     elif not stored_as_lowrank(factors.rank, rows, cols):
-        result.kind, result.rank, result.energy = "dense", factors.rank, 1.0
-        result.notes.append(f"rank {factors.rank} is not smaller than dense")
-        stored = {entry.name: inputs.trained.get(entry.name)}  # re-read: a memory map, no copy
+        notes.append(f"rank {factors.rank} is not smaller than dense")
+        # Re-read: a memory map, no copy.
+        stored = writer.add_dense(entry.name, inputs.trained.get(entry.name), rank=factors.rank,
+                                  svd=factors.engine or None)
     else:
         dtype = options.factor_dtype or entry.dtype
-        b_name, a_name = factor_names(entry.name)
-        stored = {b_name: factors.B.to("cpu", dtype), a_name: factors.A.to("cpu", dtype)}
-        result.kind, result.rank, result.energy = "lowrank", factors.rank, factors.energy
-        result.bytes = sum(t.numel() * t.element_size() for t in stored.values())
-    embed = inputs.embed_init and result.kind in ("lowrank", "zero")
-    result.seconds = time.perf_counter() - started
-    return LayerOutput(result, stored, inputs.reference.get(entry.name) if embed else None)
+        stored = writer.add_lowrank(entry.name, factors.B.to("cpu", dtype), factors.A.to("cpu", dtype),
+                                    shape=entry.shape, dtype=entry.dtype, energy=factors.energy,
+                                    svd=factors.engine or None)
+    if inputs.embed_init and stored.uses_reference:
+        writer.add_reference_tensor(entry.name, inputs.reference.get(entry.name))
+    return LayerResult(entry.name, stored, time.perf_counter() - started, notes)
 
 
 def compress(source: str | Path, output: str | Path, *, init: str | Path | None = None, init_seed: int | None = None,
@@ -339,62 +240,36 @@ def compress(source: str | Path, output: str | Path, *, init: str | Path | None 
         if on_plan is not None:
             on_plan(plan)
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inrank-hash") as hasher, \
-                atomic_output_dir(Path(output), force, inputs.paths) as temp:
+                ArtifactWriter(output, force=force, inputs=inputs.paths, embed_reference=inputs.embed_init) as writer:
             # Hash the inputs while the SVDs run: hashing a large checkpoint costs a full read.
             source_hashes = hasher.submit(inputs.trained.file_hashes)
-            reference_manifest = hasher.submit(inputs.reference.manifest)
-            writer = TensorFileWriter(temp / ARTIFACT_FILE)
-            init_writer = TensorFileWriter(temp / INIT_FILE) if inputs.embed_init else None
-            try:
-                layers: list[LayerResult] = []
-                embedded: dict[str, str] = {}
-                for layer in iter_compress(plan, inputs, options):
-                    for name, tensor in layer.stored.items():
-                        writer.add(name, tensor)
-                    if init_writer is not None and layer.reference is not None:
-                        init_writer.add(layer.result.name, layer.reference)
-                        embedded[layer.result.name] = sha256_tensor(layer.reference)
-                    layers.append(layer.result)
-                    if on_layer is not None:
-                        on_layer(layer.result)
-                reference = reference_manifest.result()
-                if init_writer is not None:
-                    reference = {"mode": "embedded", "file": INIT_FILE, "tensors": embedded, "source": reference}
-                    init_writer.finish({"format": "pt"})
-                manifest = build_manifest(plan, inputs, options, layers, source_hashes.result(), reference,
-                                          writer.checksums)
-                writer.finish(manifest_metadata(manifest))
-            except BaseException:
-                writer.abort()
-                if init_writer is not None:
-                    init_writer.abort()
-                raise
-            copy_side_files(inputs.trained.config_dir, temp)
-            compressed = artifact_bytes(temp)
+            reference_record = hasher.submit(inputs.reference.record)
+            layers: list[LayerResult] = []
+            for layer in iter_compress(plan, inputs, options, writer):
+                layers.append(layer)
+                if on_layer is not None:
+                    on_layer(layer)
+            for entry in plan.entries:
+                if entry.action == "alias":
+                    writer.add_alias(entry.name, entry.alias_of, shape=entry.shape, dtype=entry.dtype)
+            rule = options.rule
+            trained = inputs.trained
+            manifest = writer.finish(
+                source=SourceRecord(str(Path(trained.path).resolve()), trained.kind,
+                                    str(inputs.run_folder.resolve()) if inputs.run_folder else None,
+                                    source_hashes.result()),
+                reference=reference_record.result(),
+                rule=RuleRecord(rule.criterion, rule.threshold, rule.fixed_rank),
+                original_bytes=plan.original_bytes,
+                # Keep the source's tensor order, so a decompressed checkpoint lists names as the original did.
+                order=[entry.name for entry in plan.entries],
+                svd={"engine": options.engine, "device": options.device, "float64": options.float64,
+                     "seed": options.seed},
+                factor_dtype=dtype_name(options.factor_dtype) if options.factor_dtype else None,
+                embeddings=options.embeddings, include=list(options.include), exclude=list(options.exclude))
+            writer.copy_side_files(trained.config_dir)
         notes = sorted({note for layer in layers for note in layer.notes if "float64" in note})
-        return CompressResult(Path(output), str(source), reference["mode"], options.rule.describe(), layers,
-                              plan.tied, plan.original_bytes, compressed, time.perf_counter() - started, notes)
+        return CompressResult(Path(output), str(source), manifest.reference.mode, options.rule.describe(), layers,
+                              plan.tied, plan.original_bytes, writer.bytes, time.perf_counter() - started, notes)
     finally:
         inputs.close()
-
-
-def build_manifest(plan: Plan, inputs: Inputs, options: PlanOptions, layers: list[LayerResult],
-                   source_files: list[dict], reference: dict, checksums: dict[str, str]) -> dict:
-    """The JSON manifest stored in the artifact's safetensors header (format version 1)."""
-    tensors: dict[str, dict] = {layer.name: layer.manifest_entry() for layer in layers}
-    for entry in plan.entries:
-        if entry.action == "alias":
-            tensors[entry.name] = {"kind": "alias", "of": entry.alias_of, "shape": list(entry.shape),
-                                   "dtype": dtype_name(entry.dtype)}
-    # Keep the source's tensor order, so a decompressed checkpoint lists names as the original did.
-    ordered = {entry.name: tensors[entry.name] for entry in plan.entries}
-    rule = options.rule
-    return {**new_manifest(
-        source={"path": str(Path(inputs.trained.path).resolve()), "kind": inputs.trained.kind,
-                "run": str(inputs.run_folder.resolve()) if inputs.run_folder else None, "files": source_files},
-        reference=reference,
-        rule={"criterion": rule.criterion, "threshold": rule.threshold, "rank": rule.fixed_rank},
-        svd={"engine": options.engine, "device": options.device, "float64": options.float64, "seed": options.seed},
-        factor_dtype=dtype_name(options.factor_dtype) if options.factor_dtype else None,
-        embeddings=options.embeddings, include=list(options.include), exclude=list(options.exclude),
-        original_bytes=plan.original_bytes, tensors=ordered), "checksums": checksums}

@@ -17,15 +17,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .artifact import artifact_bytes, describe_artifact, is_artifact, read_manifest
-from .checkpoints import Checkpoint, open_checkpoint
+from .architecture import model_context
+from .artifact import Manifest, artifact_bytes, describe_artifact, is_artifact, read_manifest
 from .compress import check_device
 from .data import check_max_tokens, load_tokenizer, read_text, tokenize_text
 from .errors import CheckpointError, MismatchError, NonFiniteError, UsageError
-from .modeling import empty_model, load_compressed, model_config, unfilled_tensors
+from .modeling import check_same_architecture, checkpoint_config, load_compressed, load_dense, model_config
+from .sources import open_checkpoint
+from .tensors import dtype_name
 
-# Config attributes that give a model's context length, in the order they are tried.
-CONTEXT_ATTRIBUTES = ("n_positions", "max_position_embeddings", "n_ctx", "seq_length", "max_sequence_length")
 _ROWS_PER_CHUNK = 1024  # log-softmax rows cast to float32 at a time (1024 x 128k vocab = 512 MB)
 
 
@@ -55,15 +55,6 @@ class PerplexityResult:
 
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
-
-
-def model_context(config) -> int | None:
-    """The context length a model's config declares (GPT-2 ``n_positions``, LLaMA ``max_position_embeddings``)."""
-    for attribute in CONTEXT_ATTRIBUTES:
-        value = getattr(config, attribute, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
 
 
 def window_length(config, context: int | None = None) -> int:
@@ -292,84 +283,11 @@ def generate(artifact: str | Path, prompt: str, max_new_tokens: int = 50, temper
 # --------------------------------------------------------------------------- loading models
 
 
-def _source_folders(manifest: dict) -> list[Path]:
+def _source_folders(manifest: Manifest) -> list[Path]:
     """The source checkpoint's folder (where its tokenizer may be), if it still exists."""
-    path = Path(manifest["source"]["path"])
+    path = Path(manifest.source.path)
     folder = path if path.is_dir() else path.parent
     return [folder] if folder.is_dir() else []
-
-
-def checkpoint_config(checkpoint: Checkpoint, fallback=None):
-    """The transformers config beside a checkpoint, or ``fallback`` when it has none."""
-    from transformers import AutoConfig
-
-    if checkpoint.config_dir is None or not (checkpoint.config_dir / "config.json").is_file():
-        return fallback
-    try:
-        return AutoConfig.from_pretrained(str(checkpoint.config_dir))
-    except (ValueError, KeyError, OSError) as err:
-        raise CheckpointError(f"cannot build a config from config.json ({str(err).splitlines()[0]})",
-                              str(checkpoint.config_dir), "fix config.json") from err
-
-
-def check_same_architecture(checkpoint: Checkpoint, artifact_config, manifest: dict, option: str) -> None:
-    """A dense model compared with an artifact must be the same architecture: config, names and shapes."""
-    where = str(checkpoint.path)
-    fix = "pass the checkpoint the artifact was compressed from"
-    config = checkpoint.config()
-    if config is not None:
-        for key in ("model_type", "vocab_size"):
-            theirs, ours = config.get(key), getattr(artifact_config, key, None)
-            if theirs != ours:
-                raise MismatchError(f"{option} is another architecture: its {key} is {theirs!r}, the artifact's {ours!r}",
-                                    where, fix)
-    tensors = manifest["tensors"]
-    infos = checkpoint.infos()
-    for name, info in infos.items():
-        entry = tensors.get(name)
-        if entry is None:
-            raise MismatchError(f"{option} is another architecture: it has tensor {name!r}, the artifact does not",
-                                where, fix)
-        if list(info.shape) != list(entry["shape"]):
-            raise MismatchError(f"{option} is another architecture: tensor {name!r} has shape {list(info.shape)}, "
-                                f"the artifact's {list(entry['shape'])}", where, fix)
-    missing = [name for name, entry in tensors.items() if entry["kind"] != "alias" and name not in infos]
-    if missing:
-        raise MismatchError(f"{option} is another architecture: it lacks {len(missing)} tensor(s) of the artifact "
-                            f"({', '.join(missing[:3])})", where, fix)
-
-
-def load_dense(path: str | Path, config, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """A dense Hugging Face model from any CKPT form (HF folder, shards, single file, artifact).
-
-    The module tree comes from ``config``; every tensor is copied in from the checkpoint, one
-    at a time; weights the checkpoint leaves out must be tied to one it holds.
-    """
-    checkpoint = open_checkpoint(path)
-    try:
-        model = empty_model(config, dtype)
-        state = model.state_dict(keep_vars=True)
-        filled = set()
-        for name in checkpoint.names():
-            target = state.get(name)
-            if target is None:
-                raise MismatchError(f"tensor {name!r} has no place in a {config.model_type} model", str(path),
-                                    "its config.json does not describe these weights")
-            tensor = checkpoint.get(name)
-            if tuple(tensor.shape) != tuple(target.shape):
-                raise MismatchError(f"tensor {name!r} has shape {list(tensor.shape)}, the model expects "
-                                    f"{list(target.shape)}", str(path), "its config.json does not describe these weights")
-            with torch.no_grad():
-                target.copy_(tensor)
-            filled.add(name)
-            del tensor
-    finally:
-        checkpoint.close()
-    missing = unfilled_tensors(state, filled)
-    if missing:
-        raise MismatchError(f"checkpoint lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:3])}",
-                            str(path), "its config.json does not describe these weights")
-    return model.to(device).eval()
 
 
 def stored_parameters(layers: list[dict]) -> int:
@@ -462,18 +380,19 @@ class ReportResult:
         }
 
 
-def _resolve_original(original: str | Path | None, artifact_config, manifest: dict, notes: list[str]) -> ModelSpec | None:
+def _resolve_original(original: str | Path | None, artifact_config, manifest: Manifest,
+                      notes: list[str]) -> ModelSpec | None:
     if original is not None:
         return _original_spec(Path(original), artifact_config, manifest, notes, "--original", None)
-    source = Path(manifest["source"]["path"])
-    if manifest["source"].get("kind") == "training":
+    source = Path(manifest.source.path)
+    if manifest.source.is_training:
         notes.append("a training checkpoint is its own original (no dense source to compare): pass --original CKPT")
         return None
     if not source.exists():
         notes.append(f"the checkpoint this artifact was compressed from is gone ({source}): no original to compare; "
                      "pass --original CKPT")
         return None
-    recorded = {entry["file"]: entry.get("bytes") for entry in manifest["source"].get("files", [])}
+    recorded = {entry.file: entry.bytes for entry in manifest.source.files}
     try:
         return _original_spec(source, artifact_config, manifest, notes, "the recorded source", recorded)
     except (CheckpointError, MismatchError) as err:  # the user did not name it: compare without it
@@ -481,7 +400,7 @@ def _resolve_original(original: str | Path | None, artifact_config, manifest: di
         return None
 
 
-def _original_spec(original: Path, artifact_config, manifest: dict, notes: list[str], option: str,
+def _original_spec(original: Path, artifact_config, manifest: Manifest, notes: list[str], option: str,
                    recorded: dict | None) -> ModelSpec:
     checkpoint = open_checkpoint(original)
     try:
@@ -497,7 +416,7 @@ def _original_spec(original: Path, artifact_config, manifest: dict, notes: list[
     return ModelSpec("original", "original", original, kind, config, files)
 
 
-def _resolve_also(path: str | Path, artifact_config, manifest: dict, labels: set[str]) -> ModelSpec:
+def _resolve_also(path: str | Path, artifact_config, manifest: Manifest, labels: set[str]) -> ModelSpec:
     path = Path(path)
     label = path.name or str(path)
     while label in labels:
@@ -591,7 +510,7 @@ def report(artifact: str | Path, data: str | Path, original: str | Path | None =
         if original_row is not None:
             row.change_percent = 100.0 * (row.result.perplexity / original_row.result.perplexity - 1.0)
     return ReportResult(str(artifact), str(data), int(tokens.numel()), length, stride or length, device,
-                        str(dtype).removeprefix("torch."), original_bytes, summary["compressed_bytes"], summary["rule"],
+                        dtype_name(dtype), original_bytes, summary["compressed_bytes"], summary["rule"],
                         summary["reference"], ordered, summary["layers"], notes)
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifact import Artifact, TensorFileWriter, atomic_output_dir, copy_side_files
+from .artifact import Artifact, TensorFileWriter, atomic_output_dir
+from .checkpoints import copy_side_files
 from .errors import UsageError
+from .sources import open_artifact
 
 DENSE_WEIGHTS_FILE = "model.safetensors"
 
@@ -31,9 +33,9 @@ def decompress(artifact_path: str | Path, output: str | Path, *, force: bool = F
     its seed recipe, read from the embedded init or from the recorded path): the base model that
     ``export-peft``'s adapter goes on.
     """
-    artifact = Artifact(artifact_path, Path(init_override) if init_override else None)
+    artifact = open_artifact(artifact_path, init_override)
     try:
-        if reference_only and artifact.manifest["reference"]["mode"] == "zero":
+        if reference_only and artifact.manifest.reference.mode == "zero":
             raise UsageError("this artifact's reference is zero (compressed with --no-init): there is no base "
                              "model to write", str(artifact.path), "drop --reference-only to write the dense model")
         config = _config(artifact)
@@ -41,11 +43,10 @@ def decompress(artifact_path: str | Path, output: str | Path, *, force: bool = F
         skip_aliases = bool(config.get("tie_word_embeddings", True)) if config else False
         known = set(artifact.reference.infos() or {}) if reference_only else set()
         with atomic_output_dir(Path(output), force, artifact.input_paths()) as temp:
-            writer = TensorFileWriter(temp / DENSE_WEIGHTS_FILE)
-            try:
+            with TensorFileWriter(temp / DENSE_WEIGHTS_FILE) as writer:
                 count = 0
                 for name, entry in artifact.tensors.items():
-                    if entry["kind"] == "alias" and skip_aliases:
+                    if entry.is_alias and skip_aliases:
                         continue
                     tensor = (_reference_tensor(artifact, name, known, device) if reference_only
                               else artifact.reconstruct(name, device))
@@ -53,10 +54,7 @@ def decompress(artifact_path: str | Path, output: str | Path, *, force: bool = F
                     count += 1
                     if on_tensor is not None:
                         on_tensor(name)
-                size = writer.finish({"format": "pt"})
-            except BaseException:
-                writer.abort()
-                raise
+                size = writer.finish()
             copy_side_files(artifact.path, temp)
         return DecompressResult(Path(output), count, size)
     finally:

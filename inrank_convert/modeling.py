@@ -8,22 +8,24 @@ rows are gathered rather than multiplied) and every dense-stored tensor are rebu
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .artifact import Artifact
-from .errors import ArtifactError
+from .architecture import conv1d_class, empty_model, replace_module
+from .artifact import Artifact, Manifest
+from .checkpoints import Checkpoint
+from .errors import ArtifactError, CheckpointError, MismatchError
 from .layers import LowRankLinear
+from .sources import open_artifact, open_checkpoint
+from .tensors import storage_key
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig, PreTrainedModel
 
 
-def _conv1d_class():
-    from transformers.pytorch_utils import Conv1D
-
-    return Conv1D
-
-
-def model_config(path: Path):
+def model_config(path: Path) -> PretrainedConfig:
     """The transformers config of an artifact (copied from the source at compress time)."""
     from transformers import AutoConfig
 
@@ -37,45 +39,16 @@ def model_config(path: Path):
                             "fix config.json, or upgrade transformers for this model type") from err
 
 
-def empty_model(config, dtype: torch.dtype):
-    """The model's module tree on the CPU with uninitialized weights.
-
-    Built for real rather than on the meta device so that non-persistent buffers (rotary
-    frequencies, masks) are computed by the modules themselves; ``torch.empty`` pages that are
-    never written cost no memory, and the weights of swapped-out layers never are.
-    """
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    try:
-        with no_init_weights():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    except ValueError as err:
-        raise ArtifactError(f"cannot build a causal LM from this config ({str(err).splitlines()[0]})",
-                            config.model_type, "only causal language models can run from an artifact") from err
-    model.tie_weights()  # part of weight init, which no_init_weights skipped
-    return model
-
-
-def _replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
-def _storage_key(tensor: torch.Tensor) -> tuple[int, int]:
-    return tensor.untyped_storage().data_ptr(), tensor.storage_offset()
-
-
 def unfilled_tensors(state: dict[str, torch.Tensor], filled: set[str]) -> list[str]:
     """Names of ``state`` that were not filled and are not tied to a tensor that was
     (GPT-2's lm_head shares storage with wte, so filling one fills both)."""
-    filled_storage = {_storage_key(state[name]) for name in filled if name in state}
-    return sorted(name for name in set(state) - filled if _storage_key(state[name]) not in filled_storage)
+    filled_storage = {storage_key(state[name]) for name in filled if name in state}
+    return sorted(name for name in set(state) - filled if storage_key(state[name]) not in filled_storage)
 
 
 def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    merge: bool = False, init: str | Path | None = None, zero_as_lowrank: bool = False):
+                    merge: bool = False, init: str | Path | None = None,
+                    zero_as_lowrank: bool = False) -> PreTrainedModel:
     """A Hugging Face causal LM running from the artifact at ``path``.
 
     The reference is rebuilt and verified (path hashes, seed regeneration, embedded hashes);
@@ -85,7 +58,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
     too, so that they can grow.
     """
     path = Path(path)
-    artifact = Artifact(path, Path(init) if init is not None else None)
+    artifact = open_artifact(path, init)
     try:
         config = model_config(path)
         model = empty_model(config, dtype)
@@ -101,13 +74,13 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
 
 
 def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowrank: bool = False) -> None:
-    conv1d = _conv1d_class()
+    conv1d = conv1d_class()
     modules = dict(model.named_modules())
     state = model.state_dict(keep_vars=True)
     covered: set[str] = set()
     for name, entry in artifact.tensors.items():
         covered.add(name)
-        if entry["kind"] == "alias":
+        if entry.is_alias:
             continue
         owner_name, _, attr = name.rpartition(".")
         owner = modules.get(owner_name)
@@ -115,17 +88,17 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowr
             raise ArtifactError(f"tensor {name!r} has no place in a {model.config.model_type} model", str(artifact.path),
                                 "the artifact's config.json does not describe the model it was made from")
         target = state[name]
-        if tuple(target.shape) != tuple(entry["shape"]):
-            raise ArtifactError(f"tensor {name!r} has shape {entry['shape']}, the model expects {list(target.shape)}",
+        if tuple(target.shape) != entry.shape:
+            raise ArtifactError(f"tensor {name!r} has shape {list(entry.shape)}, the model expects {list(target.shape)}",
                                 str(artifact.path), "the artifact's config.json does not match its tensors")
-        factorized = entry["kind"] == "lowrank" or (zero_as_lowrank and entry["kind"] == "zero")
+        factorized = entry.kind == "lowrank" or (zero_as_lowrank and entry.kind == "zero")
         if factorized and attr == "weight" and isinstance(owner, (nn.Linear, conv1d)):
-            rows, cols = entry["shape"]
-            B, A = artifact.factors(name) if entry["kind"] == "lowrank" else (torch.zeros(rows, 0), torch.zeros(0, cols))
+            rows, cols = entry.shape
+            B, A = artifact.factors(name) if entry.kind == "lowrank" else (torch.zeros(rows, 0), torch.zeros(0, cols))
             reference = artifact.reference.get(name)
             layer = LowRankLinear.from_stored(B.to(dtype), A.to(dtype), None if reference is None else reference.to(dtype),
                                               conv1d=isinstance(owner, conv1d), bias=owner.bias)
-            _replace_module(model, owner_name, layer)
+            replace_module(model, owner_name, layer)
         else:
             with torch.no_grad():
                 target.copy_(artifact.reconstruct(name))
@@ -133,3 +106,78 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowr
     if missing:
         raise ArtifactError(f"artifact lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:3])}",
                             str(artifact.path), "the artifact's config.json does not match its tensors")
+
+
+def checkpoint_config(checkpoint: Checkpoint, fallback: PretrainedConfig | None = None) -> PretrainedConfig | None:
+    """The transformers config beside a checkpoint, or ``fallback`` when it has none."""
+    from transformers import AutoConfig
+
+    if checkpoint.config_dir is None or not (checkpoint.config_dir / "config.json").is_file():
+        return fallback
+    try:
+        return AutoConfig.from_pretrained(str(checkpoint.config_dir))
+    except (ValueError, KeyError, OSError) as err:
+        raise CheckpointError(f"cannot build a config from config.json ({str(err).splitlines()[0]})",
+                              str(checkpoint.config_dir), "fix config.json") from err
+
+
+def check_same_architecture(checkpoint: Checkpoint, artifact_config: PretrainedConfig, manifest: Manifest,
+                            label: str) -> None:
+    """A dense model compared with an artifact must be the same architecture: config, names and shapes."""
+    where = str(checkpoint.path)
+    fix = "pass the checkpoint the artifact was compressed from"
+    config = checkpoint.config()
+    if config is not None:
+        for key in ("model_type", "vocab_size"):
+            theirs, ours = config.get(key), getattr(artifact_config, key, None)
+            if theirs != ours:
+                raise MismatchError(f"{label} is another architecture: its {key} is {theirs!r}, the artifact's {ours!r}",
+                                    where, fix)
+    tensors = manifest.tensors
+    infos = checkpoint.infos()
+    for name, info in infos.items():
+        entry = tensors.get(name)
+        if entry is None:
+            raise MismatchError(f"{label} is another architecture: it has tensor {name!r}, the artifact does not",
+                                where, fix)
+        if tuple(info.shape) != entry.shape:
+            raise MismatchError(f"{label} is another architecture: tensor {name!r} has shape {list(info.shape)}, "
+                                f"the artifact's {list(entry.shape)}", where, fix)
+    missing = [name for name in manifest.stored_entries() if name not in infos]
+    if missing:
+        raise MismatchError(f"{label} is another architecture: it lacks {len(missing)} tensor(s) of the artifact "
+                            f"({', '.join(missing[:3])})", where, fix)
+
+
+def load_dense(path: str | Path, config: PretrainedConfig, device: str | torch.device = "cpu",
+               dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A dense Hugging Face model from any CKPT form (HF folder, shards, single file, artifact).
+
+    The module tree comes from ``config``; every tensor is copied in from the checkpoint, one
+    at a time; weights the checkpoint leaves out must be tied to one it holds.
+    """
+    checkpoint = open_checkpoint(path)
+    try:
+        model = empty_model(config, dtype)
+        state = model.state_dict(keep_vars=True)
+        filled = set()
+        for name in checkpoint.names():
+            target = state.get(name)
+            if target is None:
+                raise MismatchError(f"tensor {name!r} has no place in a {config.model_type} model", str(path),
+                                    "its config.json does not describe these weights")
+            tensor = checkpoint.get(name)
+            if tuple(tensor.shape) != tuple(target.shape):
+                raise MismatchError(f"tensor {name!r} has shape {list(tensor.shape)}, the model expects "
+                                    f"{list(target.shape)}", str(path), "its config.json does not describe these weights")
+            with torch.no_grad():
+                target.copy_(tensor)
+            filled.add(name)
+            del tensor
+    finally:
+        checkpoint.close()
+    missing = unfilled_tensors(state, filled)
+    if missing:
+        raise MismatchError(f"checkpoint lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:3])}",
+                            str(path), "its config.json does not describe these weights")
+    return model.to(device).eval()

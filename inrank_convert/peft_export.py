@@ -33,21 +33,23 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from .architecture import conv1d_class, meta_model
 from .artifact import Artifact, TensorFileWriter, atomic_output_dir
-from .checkpoints import SIDE_FILES
+from .checkpoints import SIDE_FILES, copy_side_files
 from .errors import UsageError
 from .modeling import model_config
+from .sources import open_artifact
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before every module name
+TOKENIZER_FILES = tuple(name for name in SIDE_FILES if name not in ("config.json", "generation_config.json"))
 
 
 @dataclass
@@ -93,9 +95,9 @@ def export_peft(artifact_path: str | Path, output: str | Path, *, force: bool = 
     The base model is the artifact's reference: the recorded init/base folder, ``--init PATH``, or
     for a seed recipe or an embedded init the folder ``decompress --reference-only`` writes.
     """
-    artifact = Artifact(artifact_path, Path(init_override) if init_override else None)
+    artifact = open_artifact(artifact_path, init_override)
     try:
-        mode = artifact.manifest["reference"]["mode"]
+        mode = artifact.manifest.reference.mode
         if mode == "zero":
             raise UsageError("a PEFT adapter needs a base model, but this artifact's reference is zero "
                              "(compressed with --no-init)", str(artifact.path),
@@ -103,16 +105,14 @@ def export_peft(artifact_path: str | Path, output: str | Path, *, force: bool = 
         model = _meta_model(artifact)
         plan = _plan(artifact, model)
         with atomic_output_dir(Path(output), force, artifact.input_paths()) as temp:
-            writer = TensorFileWriter(temp / ADAPTER_WEIGHTS_FILE)
-            try:
+            with TensorFileWriter(temp / ADAPTER_WEIGHTS_FILE) as writer:
                 count = _write_tensors(writer, artifact, plan)
-                size = writer.finish({"format": "pt"})
-            except BaseException:
-                writer.abort()
-                raise
+                size = writer.finish()
             config = _adapter_config(plan, _base_path(artifact, init_override))
             (temp / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-            _copy_tokenizer_files(artifact.path, temp)
+            # Tokenizer files go next to the adapter, as PEFT trainers save them; config.json does not (with
+            # it, from_pretrained(DIR) would take the folder for a full model rather than an adapter).
+            copy_side_files(artifact.path, temp, TOKENIZER_FILES)
         return PeftExportResult(Path(output), _base_hint(artifact, init_override), plan.targets,
                                 plan.modules_to_save, sorted(plan.biases), plan.unchanged, count, size,
                                 plan.notes)
@@ -126,13 +126,10 @@ def export_peft(artifact_path: str | Path, output: str | Path, *, force: bool = 
 
 def _meta_model(artifact: Artifact):
     """The transformers model of ``config.json`` on the meta device: module types and names only."""
-    from transformers import AutoModelForCausalLM
-
     config = model_config(artifact.path)  # refuses a missing or unreadable config.json
     file = artifact.path / "config.json"
     try:
-        with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+        return meta_model(config)
     except (ValueError, KeyError, OSError) as err:
         raise UsageError(f"cannot build a causal language model from config.json ({err})", str(file),
                          "export-peft supports Hugging Face causal LMs; use 'inrank-convert decompress' otherwise") from err
@@ -140,9 +137,7 @@ def _meta_model(artifact: Artifact):
 
 def _layout(module: torch.nn.Module) -> str | None:
     """How PEFT's LoRA wraps this module, by the orientation of its stored weight; None: it cannot."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, Conv1D):
+    if isinstance(module, conv1d_class()):
         return "conv1d"
     if isinstance(module, torch.nn.Embedding):
         return "embedding"
@@ -185,9 +180,9 @@ def _plan(artifact: Artifact, model) -> _Plan:
 
     def changed(name: str) -> bool:
         entry = tensors[name]
-        if entry["kind"] == "zero":
+        if entry.kind == "zero":
             return False
-        if entry["kind"] == "lowrank" or name not in known:
+        if entry.kind == "lowrank" or name not in known:
             return True
         stored, ref = artifact.stored(name), reference.get(name)
         return not (stored.dtype == ref.dtype and torch.equal(stored, ref))
@@ -200,11 +195,11 @@ def _plan(artifact: Artifact, model) -> _Plan:
         module_name, _, attribute = key.rpartition(".")
         entry = tensors[name]
         layout = _layout(modules[module_name])
-        if attribute == "weight" and layout is not None and len(entry["shape"]) == 2:
-            shape = tuple(entry["shape"])
-            if entry["kind"] == "lowrank":
-                targets[module_name] = LoraTarget(module_name, name, layout, shape, int(entry["rank"]))
-            elif entry["kind"] == "dense" and name not in known:
+        if attribute == "weight" and layout is not None and len(entry.shape) == 2:
+            shape = entry.shape
+            if entry.kind == "lowrank":
+                targets[module_name] = LoraTarget(module_name, name, layout, shape, int(entry.rank or 0))
+            elif entry.kind == "dense" and name not in known:
                 # The update of this dense-stored matrix is unknown (an embedded init does not hold its
                 # reference), so the adapter carries the whole trained module instead.
                 to_save.add(module_name)
@@ -221,7 +216,7 @@ def _plan(artifact: Artifact, model) -> _Plan:
 
     used = set(source.values())
     for name, entry in tensors.items():
-        if entry["kind"] != "alias" and name not in used and changed(name):
+        if not entry.is_alias and name not in used and changed(name):
             raise UsageError(f"tensor {name!r} changed but is no parameter of {type(model).__name__} built from "
                              "config.json, so a PEFT adapter cannot carry it", str(artifact.path),
                              "use 'inrank-convert decompress' for the dense model")
@@ -377,19 +372,11 @@ def _adapter_config(plan: _Plan, base_path: str | None) -> dict:
     return config
 
 
-def _copy_tokenizer_files(source: Path, target: Path) -> None:
-    """Tokenizer files go next to the adapter, as PEFT trainers save them; config.json does not (with it,
-    from_pretrained(DIR) would take the folder for a full model rather than an adapter)."""
-    for name in SIDE_FILES:
-        if name not in ("config.json", "generation_config.json") and (source / name).is_file():
-            shutil.copyfile(source / name, target / name)
-
-
 def _base_path(artifact: Artifact, init_override: str | Path | None) -> str | None:
     if init_override is not None:
         return str(Path(init_override).resolve())
-    reference = artifact.manifest["reference"]
-    return reference.get("path") if reference["mode"] == "reference" else None
+    reference = artifact.manifest.reference
+    return reference.path if reference.mode == "reference" else None
 
 
 def _base_hint(artifact: Artifact, init_override: str | Path | None) -> str:

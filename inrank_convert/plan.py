@@ -10,13 +10,20 @@ from __future__ import annotations
 import fnmatch
 import re
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
+from .architecture import config_from_dict, embedding_weight_names, meta_model
 from .checkpoints import Checkpoint, TensorInfo
 from .errors import MismatchError
 from .reference import Reference
 from .spectrum import RankRule
+from .tensors import dtype_name
+
+# What compress will do with a tensor: factorize its update (the result may still be stored
+# dense or as zero, see artifact.TensorKind), store it whole, or store it once under another name.
+PlanAction = Literal["factorize", "dense", "alias"]
 
 # Used only when there is no config.json to build the model's module tree from.
 _EMBEDDING_NAME = re.compile(r"(^|\.)(embed\w*|wte|wpe|lm_head|tok_embeddings|word_embeddings|position_embeddings)\.weight$|^output\.weight$")
@@ -42,7 +49,7 @@ class TensorPlan:
     name: str
     shape: tuple[int, ...]
     dtype: torch.dtype
-    action: str  # "factorize" | "dense" | "alias"
+    action: PlanAction
     reason: str = ""
     alias_of: str | None = None
 
@@ -59,7 +66,7 @@ class TensorPlan:
         return max(0, (rows * cols - 1) // (rows + cols))
 
     def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": str(self.dtype).removeprefix("torch."),
+        return {"name": self.name, "shape": list(self.shape), "dtype": dtype_name(self.dtype),
                 "action": self.action, "reason": self.reason, "alias_of": self.alias_of,
                 "bytes": self.nbytes, "breakeven_rank": self.breakeven_rank}
 
@@ -90,28 +97,12 @@ def embedding_parameter_names(config: dict | None, names: list[str]) -> set[str]
     """
     if config is not None:
         try:
-            return _embeddings_from_module_tree(config)
-        except Exception:  # noqa: BLE001 - an unknown or custom architecture: fall back to names
+            model_config = config_from_dict(config)
+            if model_config is not None:
+                return embedding_weight_names(meta_model(model_config))
+        except Exception:  # noqa: BLE001 - a custom architecture transformers cannot build: fall back to names
             pass
     return {name for name in names if _EMBEDDING_NAME.search(name)}
-
-
-def _embeddings_from_module_tree(config: dict) -> set[str]:
-    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
-
-    model_config = CONFIG_MAPPING[config["model_type"]].from_dict(config)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config)
-    found = set()
-    for module_name, module in model.named_modules():
-        if isinstance(module, torch.nn.Embedding):
-            found.add(f"{module_name}.weight")
-    output = model.get_output_embeddings()
-    if output is not None:
-        for module_name, module in model.named_modules():
-            if module is output:
-                found.add(f"{module_name}.weight")
-    return found
 
 
 def find_ties(checkpoint: Checkpoint, infos: dict[str, TensorInfo]) -> dict[str, str]:

@@ -13,8 +13,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
+from .architecture import conv1d_class, replace_module
 from .layers import LowRankLinear
 from .spectrum import RankRule, choose_rank
+from .tensors import storage_key
 
 GROWTH_INIT_SCALE = 1e-3  # std of the new rows of A, relative to 1/sqrt(in_features)
 
@@ -143,3 +145,39 @@ def _replace_parameter(layer: nn.Module, attr: str, value: torch.Tensor, optimiz
         else:
             grown[key] = tensor  # e.g. Adam's scalar step count
     optimizer.state[new] = grown
+
+
+def factorize_model(model: nn.Module, policy: RankPolicy, efficient: bool, generator: torch.Generator) -> dict[str, int]:
+    """Turn every untied linear layer into a LowRankLinear; returns the starting rank of each.
+
+    With a reference (InRank): W = W_init + B @ A, B zero and A random, so the function is the
+    init's (rank 0 plus a buffer). ``efficient`` (no reference): B @ A is the best rank-k
+    approximation of the init, k = 2 x buffer (rank = buffer, plus a buffer).
+    """
+    conv1d = conv1d_class()
+    embeddings = model.get_input_embeddings()
+    tied = {storage_key(embeddings.weight)} if embeddings is not None else set()
+    ranks = {}
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, (nn.Linear, conv1d)) or storage_key(module.weight) in tied:
+            continue
+        transposed = isinstance(module, conv1d)
+        weight = module.weight.detach()
+        weight = weight.T if transposed else weight  # [out, in]
+        out_features, in_features = weight.shape
+        layer = LowRankLinear(weight.new_zeros(0, in_features), weight.new_zeros(out_features, 0),
+                              None if efficient else weight.clone(), module.bias)
+        layer.stored_transposed = transposed
+        buffer = policy.layer_buffer(layer)
+        rank = buffer if efficient else 0
+        width = min(min(in_features, out_features), rank + buffer)
+        if efficient:
+            U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
+            root = S[:width].sqrt()
+            layer.lora_B = nn.Parameter((U[:, :width] * root).to(weight.dtype))  # [out, k]
+            layer.lora_A = nn.Parameter((root[:, None] * Vh[:width]).to(weight.dtype))  # [k, in]
+        else:
+            grow_layer(layer, width, None, generator)
+        replace_module(model, name, layer)
+        ranks[name] = rank
+    return ranks

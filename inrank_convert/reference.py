@@ -1,7 +1,7 @@
 """The reference an update is measured against: an init or base checkpoint, a seed recipe, or zero.
 
-Every reference can describe itself for the manifest (``manifest()``) and be rebuilt from that
-description (``reference_from_manifest``), verifying on the way that it is still the same
+Every reference can describe itself for the manifest (``record()``) and be rebuilt from that
+record (``sources.reference_from_record``), verifying on the way that it is still the same
 reference: file hashes for a path, per-tensor hashes for a regenerated seed or embedded init.
 """
 
@@ -13,16 +13,18 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import Checkpoint, TensorInfo, open_checkpoint, sha256_tensor
+from .architecture import config_from_dict, seeded_model
+from .artifact import ReferenceMode, ReferenceRecord
+from .checkpoints import Checkpoint, FileHash, TensorInfo
 from .errors import CheckpointError, InitReferenceError, UsageError
+from .tensors import aliases_of, dtype_name, sha256_tensor
 
 # Written by ``inrank-convert train`` into a run's step-0 folder: {"seed": N}.
 INIT_RECIPE_FILE = "inrank_init.json"
-REFERENCE_MODES = ("reference", "seed", "embedded", "zero")
 
 
 class Reference(ABC):
-    mode: str
+    mode: ReferenceMode
 
     @abstractmethod
     def get(self, name: str) -> torch.Tensor | None:
@@ -33,8 +35,8 @@ class Reference(ABC):
         """Name -> shape/dtype of every reference tensor (None: any name is fine, as for zero)."""
 
     @abstractmethod
-    def manifest(self) -> dict:
-        """A JSON-able description from which ``reference_from_manifest`` rebuilds and verifies it."""
+    def record(self) -> ReferenceRecord:
+        """The manifest's description, from which ``sources.reference_from_record`` rebuilds and verifies it."""
 
     def aliases(self) -> set[str]:
         """Names that are a second name for another tensor of the reference (tied weights)."""
@@ -56,8 +58,8 @@ class ZeroReference(Reference):
     def infos(self) -> None:
         return None
 
-    def manifest(self) -> dict:
-        return {"mode": "zero"}
+    def record(self) -> ReferenceRecord:
+        return ReferenceRecord("zero")
 
 
 class CheckpointReference(Reference):
@@ -65,7 +67,7 @@ class CheckpointReference(Reference):
 
     mode = "reference"
 
-    def __init__(self, checkpoint: Checkpoint, file_hashes: list[dict] | None = None):
+    def __init__(self, checkpoint: Checkpoint, file_hashes: list[FileHash] | None = None):
         self.checkpoint = checkpoint
         self._file_hashes = file_hashes
 
@@ -81,13 +83,13 @@ class CheckpointReference(Reference):
     def prefetch(self, name: str) -> None:
         self.checkpoint.prefetch(name)
 
-    def file_hashes(self) -> list[dict]:
+    def file_hashes(self) -> list[FileHash]:
         if self._file_hashes is None:
             self._file_hashes = self.checkpoint.file_hashes()
         return self._file_hashes
 
-    def manifest(self) -> dict:
-        return {"mode": "reference", "path": str(Path(self.checkpoint.path).resolve()), "files": self.file_hashes()}
+    def record(self) -> ReferenceRecord:
+        return ReferenceRecord("reference", path=str(Path(self.checkpoint.path).resolve()), files=self.file_hashes())
 
     def close(self) -> None:
         self.checkpoint.close()
@@ -96,9 +98,9 @@ class CheckpointReference(Reference):
 class TensorsReference(Reference):
     """Tensors held in memory with their hashes: a regenerated seed init or an embedded init file."""
 
-    def __init__(self, mode: str, tensors: dict[str, torch.Tensor] | Checkpoint, hashes: dict[str, str],
-                 description: dict, where: str):
-        self.mode = mode
+    def __init__(self, tensors: dict[str, torch.Tensor] | Checkpoint, hashes: dict[str, str],
+                 description: ReferenceRecord, where: str):
+        self.mode = description.mode
         self._tensors = tensors
         self._hashes = hashes
         self._description = description
@@ -124,17 +126,14 @@ class TensorsReference(Reference):
     def aliases(self) -> set[str]:
         if isinstance(self._tensors, Checkpoint):
             return set()
-        seen: set[int] = set()
-        aliases = set()
-        for name, tensor in self._tensors.items():
-            pointer = tensor.untyped_storage().data_ptr()
-            if pointer in seen:
-                aliases.add(name)
-            seen.add(pointer)
-        return aliases
+        return set(aliases_of(self._tensors))
 
-    def manifest(self) -> dict:
-        return dict(self._description)
+    def record(self) -> ReferenceRecord:
+        return self._description
+
+    def close(self) -> None:
+        if isinstance(self._tensors, Checkpoint):
+            self._tensors.close()
 
 
 def _mismatch_fix(mode: str) -> str:
@@ -145,25 +144,12 @@ def _mismatch_fix(mode: str) -> str:
 
 def regenerate_seed_init(config: dict, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """``AutoModelForCausalLM.from_config(config)`` under ``torch.manual_seed(seed)``: its state dict."""
-    from transformers import CONFIG_MAPPING
-
-    model_type = config.get("model_type")
-    if model_type not in CONFIG_MAPPING:
-        raise UsageError(f"cannot regenerate an init for model_type {model_type!r}", "config.json",
+    model_config = config_from_dict(config)
+    if model_config is None:
+        raise UsageError(f"cannot regenerate an init for model_type {config.get('model_type')!r}", "config.json",
                          "pass --init PATH to the init checkpoint instead of --init-seed")
-    model = seeded_model(CONFIG_MAPPING[model_type].from_dict(config), seed)
+    model = seeded_model(model_config, seed)
     return {name: tensor.detach().to(dtype) for name, tensor in model.state_dict().items()}
-
-
-def seeded_model(model_config, seed: int):
-    """``AutoModelForCausalLM.from_config`` in float32 under ``manual_seed(seed)``: the init a seed
-    recipe stands for (``train`` builds its init with this too, so the recipe regenerates it)."""
-    from transformers import AutoModelForCausalLM
-
-    # Restore the caller's RNG afterwards: building an init must not shift anyone's random stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
 
 
 def seed_reference(config: dict, seed: int, dtype: torch.dtype = torch.float32,
@@ -182,11 +168,10 @@ def seed_reference(config: dict, seed: int, dtype: torch.dtype = torch.float32,
         hashes = expected_hashes
     recipe = {
         "library": "transformers", "auto_class": "AutoModelForCausalLM", "seed": seed,
-        "dtype": str(dtype).removeprefix("torch."), "config": config,
+        "dtype": dtype_name(dtype), "config": config,
         "torch": torch.__version__, "transformers": transformers.__version__,
     }
-    return TensorsReference("seed", tensors, hashes, {"mode": "seed", "recipe": recipe, "tensors": hashes},
-                            f"seed {seed}")
+    return TensorsReference(tensors, hashes, ReferenceRecord("seed", recipe=recipe, tensors=hashes), f"seed {seed}")
 
 
 def check_seed_matches(seeded: TensorsReference, init: Checkpoint, seed: int) -> None:
@@ -199,58 +184,6 @@ def check_seed_matches(seeded: TensorsReference, init: Checkpoint, seed: int) ->
             raise InitReferenceError(
                 f"--init-seed {seed} does not regenerate the init: tensor {name!r} differs", str(init.path),
                 "check the seed, or drop --init-seed to store the init by path")
-
-
-def reference_from_manifest(description: dict, artifact_dir: Path, init_override: Path | None = None,
-                            verify: bool = True) -> Reference:
-    """Rebuild the reference an artifact was made against, verifying that it is unchanged."""
-    mode = description.get("mode")
-    if init_override is not None and mode in ("reference", "seed"):
-        checkpoint = open_checkpoint(init_override)
-        return CheckpointReference(checkpoint)
-    if mode == "zero":
-        return ZeroReference()
-    if mode == "reference":
-        path = Path(description["path"])
-        if not path.exists():
-            raise InitReferenceError("the init reference this artifact was made against is missing", str(path),
-                                     "restore it, pass --init PATH, or re-compress with --embed-init")
-        checkpoint = _open_reference_checkpoint(path)
-        if verify:
-            recorded = {entry["file"]: entry["sha256"] for entry in description["files"]}
-            current = checkpoint.file_hashes()
-            changed = [entry["file"] for entry in current if recorded.get(entry["file"]) != entry["sha256"]]
-            if changed or len(current) != len(recorded):
-                checkpoint.close()
-                raise InitReferenceError(
-                    f"the init reference changed since compression (sha256 mismatch in {', '.join(changed[:3]) or 'file list'})",
-                    str(path), "restore the original init, or re-compress against the new one")
-            return CheckpointReference(checkpoint, current)
-        return CheckpointReference(checkpoint)
-    if mode == "seed":
-        recipe = description["recipe"]
-        dtype = getattr(torch, recipe.get("dtype", "float32"))
-        return seed_reference(recipe["config"], int(recipe["seed"]), dtype,
-                              description["tensors"] if verify else None)
-    if mode == "embedded":
-        from .checkpoints import SafetensorsCheckpoint
-
-        file = artifact_dir / description["file"]
-        if not file.is_file():
-            raise InitReferenceError("the artifact's embedded init is missing", str(file),
-                                     "re-compress with --embed-init")
-        checkpoint = SafetensorsCheckpoint(file, [file], None)
-        return TensorsReference("embedded", checkpoint, description["tensors"] if verify else {},
-                                description, str(file))
-    raise InitReferenceError(f"unknown reference mode {mode!r}", str(artifact_dir),
-                             "this artifact may come from a newer inrank-convert: upgrade it")
-
-
-def _open_reference_checkpoint(path: Path) -> Checkpoint:
-    try:
-        return open_checkpoint(path)
-    except CheckpointError as err:
-        raise InitReferenceError(f"cannot read the init reference: {err.what}", str(path), err.fix) from err
 
 
 def read_init_recipe(folder: Path) -> int | None:

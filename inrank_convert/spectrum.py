@@ -265,9 +265,3 @@ def _fixed_rank_randomized(delta: torch.Tensor, rank: int, generator: torch.Gene
 def stored_as_lowrank(rank: int, rows: int, cols: int) -> bool:
     """Low rank pays only when r * (rows + cols) < rows * cols."""
     return rank * (rows + cols) < rows * cols
-
-
-def ranks_for_thresholds(singular_values: torch.Tensor, total_energy: float, thresholds: list[float],
-                         criterion: str = "energy") -> dict[float, int]:
-    """The rank each threshold would give on a full spectrum (for ``spectrum``)."""
-    return {t: choose_rank(singular_values, total_energy, RankRule(criterion, t)) for t in thresholds}

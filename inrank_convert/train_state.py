@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -24,16 +23,17 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .artifact import (
-    INIT_FILE,
+    ArtifactWriter,
+    ReferenceRecord,
+    RuleRecord,
+    SourceRecord,
+    TrainingRecord,
     atomic_output_dir,
-    dtype_name,
-    factor_names,
-    new_manifest,
-    write_artifact_file,
 )
 from .checkpoints import run_steps
 from .errors import CheckpointError
 from .layers import LowRankLinear
+from .tensors import storage_key, without_aliases
 
 STATE_DIR = "train_state"
 STATE_JSON = "trainer_state.json"
@@ -60,16 +60,15 @@ def latest_checkpoint(run: Path) -> Path:
     return complete[-1]
 
 
-def model_artifact(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, dict], int]:
-    """What an artifact of the model stores: (stored tensors, manifest ``tensors``, dense bytes).
+def add_model_tensors(writer: ArtifactWriter, model: nn.Module) -> int:
+    """Store the model's tensors with ``writer``; returns the dense bytes they stand for.
 
     Names are those of the dense model's state dict (so the artifact decompresses to a normal
-    checkpoint): a LowRankLinear ``m`` stores ``m.weight`` as factors in the source orientation.
-    Tied tensors (GPT-2's lm_head and wte) are stored once and listed as aliases.
+    checkpoint): a LowRankLinear ``m`` stores ``m.weight`` as factors in the source orientation,
+    at their full width (r + buffer). Tied tensors (GPT-2's lm_head and wte) are stored once and
+    listed as aliases.
     """
     low_rank = {name: module for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
-    stored: dict[str, torch.Tensor] = {}
-    entries: dict[str, dict] = {}
     seen: dict[tuple[int, int], str] = {}
     original = 0
     for name, tensor in model.state_dict(keep_vars=False).items():
@@ -78,83 +77,61 @@ def model_artifact(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str,
             if attr == "lora_A":
                 layer = low_rank[owner]
                 B, A = layer.stored_factors()
-                weight_name = f"{owner}.weight"
-                b_name, a_name = factor_names(weight_name)
-                stored[b_name], stored[a_name] = B, A
-                shape = [layer.in_features, layer.out_features] if layer.stored_transposed else \
-                    [layer.out_features, layer.in_features]
-                nbytes = shape[0] * shape[1] * A.element_size()
-                entries[weight_name] = {"kind": "lowrank", "shape": shape, "dtype": dtype_name(A.dtype),
-                                        "rank": layer.rank, "energy": 1.0, "bytes": B.nbytes + A.nbytes,
-                                        "original_bytes": nbytes, "svd": None}
-                original += nbytes
+                shape = (layer.in_features, layer.out_features) if layer.stored_transposed else \
+                    (layer.out_features, layer.in_features)
+                entry = writer.add_lowrank(f"{owner}.weight", B, A, shape=shape, dtype=A.dtype)
+                original += entry.original_bytes
             continue
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
+        key = storage_key(tensor)
         if key in seen:
-            entries[name] = {"kind": "alias", "of": seen[key], "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype)}
+            writer.add_alias(name, seen[key], shape=tuple(tensor.shape), dtype=tensor.dtype)
             continue
         seen[key] = name
-        stored[name] = tensor.detach()
-        entries[name] = {"kind": "dense", "shape": list(tensor.shape), "dtype": dtype_name(tensor.dtype), "rank": None,
-                         "energy": 1.0, "bytes": tensor.nbytes, "original_bytes": tensor.nbytes, "svd": None}
-        original += tensor.nbytes
-    return stored, entries, original
+        original += writer.add_dense(name, tensor.detach()).original_bytes
+    return original
 
 
-def save_checkpoint(run: Path, step: int, model: nn.Module, tokenizer, reference: dict | None, rule: dict,
-                    trainer_state: dict, state_tensors: dict[str, torch.Tensor],
+def save_checkpoint(run: Path, step: int, model: nn.Module, tokenizer, reference: ReferenceRecord | None,
+                    rule: RuleRecord, trainer_state: dict, state_tensors: dict[str, torch.Tensor],
                     embedded_init: Path | None = None) -> Path:
     """Write ``RUN/step-N`` atomically: an artifact (``reference`` given: InRank) or a dense
     Hugging Face folder, the tokenizer, and the training state."""
     folder = step_folder(run, step)
-    with atomic_output_dir(folder, force=True) as temp:
-        model.config.save_pretrained(temp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(temp)
-        if reference is None:
+    if reference is None:
+        with atomic_output_dir(folder, force=True) as temp:
             save_model_weights(model, temp)
-        else:
-            stored, entries, original = model_artifact(model)
-            manifest = new_manifest(
-                source={"path": str(Path(run).resolve()), "kind": "training", "run": str(Path(run).resolve()), "files": []},
-                reference=reference, rule=rule, training={"step": step, "mode": trainer_state.get("mode")},
-                original_bytes=original, tensors=entries)
-            write_artifact_file(temp, stored, manifest)
-            if embedded_init is not None:
-                _link_or_copy(embedded_init, temp / INIT_FILE)
-        state_dir = temp / STATE_DIR
-        state_dir.mkdir()
-        save_file({k: v.detach().contiguous().cpu() for k, v in state_tensors.items()}, str(state_dir / STATE_TENSORS))
-        (state_dir / STATE_JSON).write_text(json.dumps(trainer_state, indent=1, sort_keys=True) + "\n")
+            _save_beside_weights(temp, model, tokenizer, trainer_state, state_tensors)
+        return folder
+    with ArtifactWriter(folder, force=True) as writer:
+        original = add_model_tensors(writer, model)
+        if embedded_init is not None:
+            writer.link_reference_file(embedded_init)
+        run_path = str(Path(run).resolve())
+        writer.finish(source=SourceRecord(run_path, "training", run_path, []), reference=reference, rule=rule,
+                      original_bytes=original, training=TrainingRecord(step, str(trainer_state.get("mode"))))
+        _save_beside_weights(writer.folder, model, tokenizer, trainer_state, state_tensors)
     return folder
+
+
+def _save_beside_weights(folder: Path, model: nn.Module, tokenizer, trainer_state: dict,
+                         state_tensors: dict[str, torch.Tensor]) -> None:
+    """config.json, the tokenizer and the training state of a checkpoint folder."""
+    model.config.save_pretrained(folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    state_dir = folder / STATE_DIR
+    state_dir.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_tensors.items()}, str(state_dir / STATE_TENSORS))
+    (state_dir / STATE_JSON).write_text(json.dumps(trainer_state, indent=1, sort_keys=True) + "\n")
 
 
 def save_model_weights(model: nn.Module, folder: Path) -> None:
     """``model.safetensors`` as save_pretrained writes it (tied tensors once), without its progress bar."""
-    state = {k: v.detach().contiguous().cpu() for k, v in _dense_state(model).items()}
+    state = {k: v.detach().contiguous().cpu() for k, v in without_aliases(model.state_dict()).items()}
     save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(folder)
-
-
-def _dense_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict with tied tensors once (safetensors refuses shared storage)."""
-    seen: set[tuple[int, int]] = set()
-    state = {}
-    for name, tensor in model.state_dict().items():
-        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset())
-        if key not in seen:
-            seen.add(key)
-            state[name] = tensor
-    return state
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    try:
-        os.link(source, target)  # the embedded init never changes: share it between checkpoints
-    except OSError:
-        shutil.copyfile(source, target)
 
 
 def load_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -25,8 +25,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .artifact import INIT_FILE, check_output_free, is_artifact, read_manifest
-from .checkpoints import is_run_folder, open_checkpoint, run_steps, sha256_tensor
+from .architecture import model_context, seeded_model
+from .artifact import (
+    INIT_FILE,
+    ReferenceRecord,
+    RuleRecord,
+    atomic_output_dir,
+    check_output_free,
+    is_artifact,
+    read_manifest,
+)
+from .checkpoints import run_steps
+from .compress import compress
 from .data import (
     TokenBatches,
     cached_tokens,
@@ -48,10 +58,13 @@ from .distributed import (
     process_device,
 )
 from .errors import CheckpointError, MismatchError, OutputError, UsageError
-from .layers import LowRankLinear
-from .rank_control import RankController, RankPolicy, grow_layer, low_rank_layers
-from .reference import INIT_RECIPE_FILE, CheckpointReference, read_init_recipe, seed_reference, seeded_model
-from .spectrum import CRITERIA
+from .modeling import load_compressed, load_dense, model_config
+from .plan import PlanOptions
+from .rank_control import RankController, RankPolicy, factorize_model, grow_layer, low_rank_layers
+from .reference import INIT_RECIPE_FILE, CheckpointReference, read_init_recipe, seed_reference
+from .sources import is_run, open_checkpoint
+from .spectrum import CRITERIA, RankRule
+from .tensors import COMPUTE_DTYPES, sha256_tensor
 from .train_state import (
     METRICS_FILE,
     RNG_PREFIX,
@@ -67,7 +80,6 @@ from .train_state import (
 )
 
 MODES = ("dense", "inrank")
-AUTOCAST_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass
@@ -152,8 +164,8 @@ def check_options(options: TrainOptions) -> None:
         bad(f"unknown mode {options.mode!r}", "--mode", "choose dense or inrank")
     if options.efficient and options.mode != "inrank":
         bad("--efficient is an InRank option", "--mode dense", "pass --mode inrank with --efficient")
-    if options.dtype not in AUTOCAST_DTYPES:
-        bad(f"unknown dtype {options.dtype!r}", "--dtype", f"choose one of {', '.join(AUTOCAST_DTYPES)}")
+    if options.dtype not in COMPUTE_DTYPES:
+        bad(f"unknown dtype {options.dtype!r}", "--dtype", f"choose one of {', '.join(COMPUTE_DTYPES)}")
     if options.criterion not in CRITERIA:
         bad(f"unknown criterion {options.criterion!r}", "--criterion", f"choose one of {', '.join(CRITERIA)}")
     if not 0.0 < options.threshold <= 1.0:
@@ -194,50 +206,6 @@ def learning_rate(options: TrainOptions, step: int) -> float:
 
 # --- building the model ----------------------------------------------------------------------
 
-def _conv1d():
-    from transformers.pytorch_utils import Conv1D
-
-    return Conv1D
-
-
-def factorize_model(model: nn.Module, policy: RankPolicy, efficient: bool, generator: torch.Generator) -> dict[str, int]:
-    """Turn every untied linear layer into a LowRankLinear; returns the starting rank of each.
-
-    With a reference (InRank): W = W_init + B @ A, B zero and A random, so the function is the
-    init's (rank 0 plus a buffer). ``efficient`` (no reference): B @ A is the best rank-k
-    approximation of the init, k = 2 x buffer (rank = buffer, plus a buffer).
-    """
-    from .modeling import _replace_module
-
-    conv1d = _conv1d()
-    embeddings = model.get_input_embeddings()
-    tied = {embeddings.weight.untyped_storage().data_ptr()} if embeddings is not None else set()
-    ranks = {}
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, (nn.Linear, conv1d)) or module.weight.untyped_storage().data_ptr() in tied:
-            continue
-        transposed = isinstance(module, conv1d)
-        weight = module.weight.detach()
-        weight = weight.T if transposed else weight  # [out, in]
-        out_features, in_features = weight.shape
-        layer = LowRankLinear(weight.new_zeros(0, in_features), weight.new_zeros(out_features, 0),
-                              None if efficient else weight.clone(), module.bias)
-        layer.stored_transposed = transposed
-        buffer = policy.layer_buffer(layer)
-        rank = buffer if efficient else 0
-        width = min(min(in_features, out_features), rank + buffer)
-        if efficient:
-            U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
-            root = S[:width].sqrt()
-            layer.lora_B = nn.Parameter((U[:, :width] * root).to(weight.dtype))  # [out, k]
-            layer.lora_A = nn.Parameter((root[:, None] * Vh[:width]).to(weight.dtype))  # [k, in]
-        else:
-            grow_layer(layer, width, None, generator)
-        _replace_module(model, name, layer)
-        ranks[name] = rank
-    return ranks
-
-
 def _resolve_init(source: Path):
     """(config, init weights folder or None) of ``train``'s CONFIG_OR_INIT."""
     from transformers import AutoConfig
@@ -276,16 +244,8 @@ def _check_tokenizer(tokenizer, config, where: str) -> None:
                             where, "pass the --tokenizer the model was made for, or a config with a larger vocab_size")
 
 
-def _context(config) -> int | None:
-    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, key, None)
-        if isinstance(value, int):
-            return value
-    return None
-
-
 def _block_size(options: TrainOptions, config) -> int:
-    context = _context(config)
+    context = model_context(config)
     if options.block_size is None:
         return min(256, context or 256)
     if context is not None and options.block_size > context:
@@ -337,7 +297,7 @@ class Session:
     tokenizer: object
     tokens: torch.Tensor
     block_size: int
-    reference: dict | None  # the artifact reference of InRank checkpoints (None: dense run)
+    reference: ReferenceRecord | None  # the artifact reference of InRank checkpoints (None: dense run)
     embedded_init: Path | None = None
     controller: RankController | None = None
     step: int = 0
@@ -400,14 +360,14 @@ class Session:
         return {"step": self.step, "mode": self.options.mode, "efficient": self.options.efficient,
                 "options": self.options.to_json(), "world_size": self.world.size,
                 "tokenizer": tokenizer_fingerprint(self.tokenizer),
-                "config": self.model.config.to_dict(), "reference": self.reference,
+                "config": self.model.config.to_dict(), "reference": None if self.reference is None else self.reference.to_json(),
                 "rank_controller": self.controller.state_dict() if self.controller else None}
 
     def save(self) -> Path:
         tensors = self.state_tensors()  # a collective: every process takes part
         folder = step_folder(self.run, self.step)
         if self.world.is_main:
-            rule = {"criterion": self.options.criterion, "threshold": self.options.threshold, "rank": None}
+            rule = RuleRecord(self.options.criterion, self.options.threshold)
             save_checkpoint(self.run, self.step, self.model, self.tokenizer, self.reference, rule,
                             self.trainer_state(), tensors, self.embedded_init)
         barrier(self.world)
@@ -438,7 +398,7 @@ def _stop_requests():
 
 
 def _autocast(options: TrainOptions, device: torch.device):
-    dtype = AUTOCAST_DTYPES[options.dtype]
+    dtype = COMPUTE_DTYPES[options.dtype]
     if dtype == torch.float32:
         return nullcontext()
     return torch.autocast(device.type, dtype=dtype)
@@ -620,8 +580,6 @@ def train(source: str | Path, run: str | Path, options: TrainOptions,
         block_size = _block_size(options, config)
         tokens, val = _load_data(run, options, tokenizer, block_size)  # bad text fails before anything is written
         _start_run(run, world)
-        from .evaluate import load_dense
-
         model = load_dense(weights, config) if weights is not None else seeded_model(config, options.seed)
         init_folder = step_folder(run, 0)
         if world.is_main:
@@ -642,8 +600,6 @@ def train(source: str | Path, run: str | Path, options: TrainOptions,
 
 
 def _save_init(model: nn.Module, tokenizer, folder: Path, seed: int | None) -> None:
-    from .artifact import atomic_output_dir
-
     with atomic_output_dir(folder) as temp:
         model.config.save_pretrained(temp)
         save_model_weights(model, temp)
@@ -653,19 +609,19 @@ def _save_init(model: nn.Module, tokenizer, folder: Path, seed: int | None) -> N
             (temp / INIT_RECIPE_FILE).write_text(json.dumps({"seed": seed}) + "\n")
 
 
-def _init_reference(init_folder: Path, seeded: bool, options: TrainOptions, model: nn.Module) -> dict:
+def _init_reference(init_folder: Path, seeded: bool, options: TrainOptions, model: nn.Module) -> ReferenceRecord:
     if options.efficient:
-        return {"mode": "zero"}
+        return ReferenceRecord("zero")
     if seeded:
         config = json.loads((init_folder / "config.json").read_text())
         reference = seed_reference(config, options.seed)
         hashes = reference.hashes()
         # The recipe must regenerate exactly the init we train from; if not, refer to step-0 by path.
         if all(hashes.get(name) == sha256_tensor(tensor) for name, tensor in model.state_dict().items()):
-            return reference.manifest()
+            return reference.record()
     checkpoint = open_checkpoint(init_folder)
     try:
-        return CheckpointReference(checkpoint).manifest()
+        return CheckpointReference(checkpoint).record()
     finally:
         checkpoint.close()
 
@@ -682,7 +638,7 @@ def resume(source: str | Path, run: str | Path | None, overrides: dict, init: st
     given = {k: v for k, v in overrides.items() if v is not None}
     if not source.exists():
         raise UsageError("no such run folder, artifact or checkpoint", str(source), "check the path")
-    if is_run_folder(source) or (source.is_dir() and any(is_training_checkpoint(p) for p in source.glob("step-*"))):
+    if is_run(source) or (source.is_dir() and any(is_training_checkpoint(p) for p in source.glob("step-*"))):
         return _resume_run(source, Path(run) if run is not None else None, given, on_step)
     if run is None:
         raise UsageError("resuming from an artifact or a checkpoint needs a new run folder", str(source),
@@ -703,15 +659,11 @@ def resume(source: str | Path, run: str | Path | None, overrides: dict, init: st
 def _resume_dense(source: Path, run: Path, options: TrainOptions, init, init_seed, no_init, on_step) -> TrainResult:
     """Compress the dense checkpoint (at --criterion/--threshold, into a temporary artifact), then
     resume from that artifact."""
-    from .compress import compress
-    from .plan import PlanOptions
-    from .spectrum import RankRule
-
     check_output_free(run, force=False)
     for text in (options.data, options.val_data):
         if text:
             read_text(text)  # a missing, empty or binary file fails before minutes of compression
-    if init is None and init_seed is None and not no_init and is_run_folder(source.absolute().parent):
+    if init is None and init_seed is None and not no_init and is_run(source.absolute().parent):
         # A step folder of a run: its update is measured against the run's init, as compress RUN does.
         first = run_steps(source.absolute().parent)[0][1]
         if first != source.absolute():
@@ -740,17 +692,14 @@ def _parent_for_temp(run: Path) -> Path:
 
 def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, world: World | None = None,
                      source_hint: Path | None = None) -> TrainResult:
-    from .modeling import load_compressed, model_config
-
     own_world = world is None
     world = world or init_world(options.device)
     try:
         _check_world(options, world)
-        manifest = read_manifest(artifact)
-        reference = manifest["reference"]
-        if options.efficient and reference.get("mode") != "zero":
+        reference = read_manifest(artifact).reference
+        if options.efficient and reference.mode != "zero":
             raise UsageError(f"--efficient drops the reference, but this artifact's factors are an update to a "
-                             f"{reference.get('mode')} reference (dropping it would change the model)", str(artifact),
+                             f"{reference.mode} reference (dropping it would change the model)", str(artifact),
                              "resume without --efficient, or compress with --no-init for InRank-Efficient")
         config = model_config(artifact)
         folders = [artifact] + ([source_hint] if source_hint is not None and source_hint.is_dir() else [])
@@ -767,7 +716,7 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
             # Buffer columns: B zero, A random, so the function at step 0 is the artifact's.
             grow_layer(layer, controller.width_for(layer, ranks[name]), None, generator)
         embedded = None
-        if reference.get("mode") == "embedded":
+        if reference.mode == "embedded":
             # The run keeps its own copy of the init: the temporary artifact of a dense resume goes away.
             embedded = run / "cache" / INIT_FILE
             if world.is_main:
@@ -786,9 +735,6 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
 
 def _resume_run(source: Path, run: Path | None, given: dict, on_step) -> TrainResult:
     """Continue a run folder from its last complete checkpoint, exactly."""
-    from .evaluate import load_dense
-    from .modeling import load_compressed, model_config
-
     checkpoint = latest_checkpoint(source)
     trainer_state, tensors = load_state(checkpoint)
     recorded = TrainOptions.from_json(trainer_state["options"])
@@ -829,7 +775,8 @@ def _resume_run(source: Path, run: Path | None, given: dict, on_step) -> TrainRe
             controller.policy = options.policy()
         else:
             model, controller = load_dense(checkpoint, config), None
-        reference = trainer_state.get("reference")
+        recorded_reference = trainer_state.get("reference")
+        reference = None if recorded_reference is None else ReferenceRecord.from_json(recorded_reference)
         embedded = checkpoint / INIT_FILE if (checkpoint / INIT_FILE).is_file() else None
         if world.is_main:
             trim_metrics(target, step, source)

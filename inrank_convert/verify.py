@@ -3,16 +3,15 @@ recorded hashes, and each layer's reconstruction error against the source checkp
 
 from __future__ import annotations
 
-import hashlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .artifact import Artifact
-from .checkpoints import open_checkpoint
 from .errors import InrankError
+from .sources import open_artifact, open_checkpoint
+from .tensors import checksum
 
 
 @dataclass
@@ -68,20 +67,16 @@ class VerifyResult:
 
 def verify_artifact(path: str | Path, init_override: str | Path | None = None,
                     source: str | Path | None = None) -> VerifyResult:
-    artifact = Artifact(path, Path(init_override) if init_override else None)
+    artifact = open_artifact(path, init_override)
     try:
-        bad = []
-        for name, expected in artifact.manifest.get("checksums", {}).items():
-            tensor = artifact.stored(name).contiguous()
-            data = tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b""
-            if hashlib.sha256(data).hexdigest() != expected:
-                bad.append(name)
+        bad = [name for name, expected in artifact.manifest.checksums.items()
+               if checksum(artifact.stored(name)) != expected]
         try:
             reference = artifact.reference
             for name, entry in artifact.tensors.items():
-                if entry["kind"] in ("lowrank", "zero"):
+                if entry.uses_reference:
                     reference.get(name)  # embedded and seed references check per-tensor hashes here
-            reference_ok, reference_message = True, f"{artifact.manifest['reference']['mode']}: hashes match"
+            reference_ok, reference_message = True, f"{artifact.manifest.reference.mode}: hashes match"
         except InrankError as err:
             reference_ok, reference_message = False, err.message
         result = VerifyResult(Path(path), not bad, bad, reference_ok, reference_message, False, "")
@@ -93,28 +88,25 @@ def verify_artifact(path: str | Path, init_override: str | Path | None = None,
 
 
 def _check_against_source(artifact: Artifact, source: str | Path | None, result: VerifyResult) -> None:
-    recorded = artifact.manifest["source"]
-    source_path = Path(source) if source is not None else Path(recorded["path"])
+    recorded = artifact.manifest.source
+    source_path = Path(source) if source is not None else Path(recorded.path)
     if not source_path.exists():
         result.source_message = f"source checkpoint not found at {source_path}: reconstruction not measured"
         return
     with open_checkpoint(source_path) as checkpoint:
         if source is None:
-            current = {entry["sha256"] for entry in checkpoint.file_hashes()}
-            if current != {entry["sha256"] for entry in recorded["files"]}:
+            current = {entry.sha256 for entry in checkpoint.file_hashes()}
+            if current != {entry.sha256 for entry in recorded.files}:
                 result.source_message = f"source checkpoint at {source_path} changed since compression: not measured"
                 return
         reference = artifact.reference
-        for name, entry in artifact.tensors.items():
-            if entry["kind"] == "alias":
-                continue
-            expected = math.sqrt(max(0.0, 1.0 - entry["energy"])) if entry["kind"] == "lowrank" else 0.0
+        for name, entry in artifact.manifest.stored_entries().items():
             trained = checkpoint.get(name).float()
-            base = reference.get(name) if entry["kind"] in ("lowrank", "zero") else None
+            base = reference.get(name) if entry.uses_reference else None
             update = trained - base.float() if base is not None else trained
             error = torch.linalg.vector_norm(trained - artifact.reconstruct(name).float())
             norm = torch.linalg.vector_norm(update)
             measured = float(error / norm) if float(norm) > 0 else float(error)
-            result.layers.append(LayerCheck(name, entry["kind"], entry.get("rank"), expected, measured))
+            result.layers.append(LayerCheck(name, entry.kind, entry.rank, entry.expected_error, measured))
         result.source_checked = True
         result.source_message = f"measured against {source_path}"

@@ -13,10 +13,10 @@ from inrank_convert.checkpoints import (
     SafetensorsCheckpoint,
     StateDictCheckpoint,
     is_run_folder,
-    open_checkpoint,
     resolve_run,
 )
 from inrank_convert.errors import CheckpointError
+from inrank_convert.sources import open_checkpoint
 
 
 def assert_same_tensors(checkpoint, state, skip=()):

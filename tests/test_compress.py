@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from inrank_convert import Artifact, PlanOptions, RankRule, compress, read_manifest
+from inrank_convert import PlanOptions, RankRule, compress, open_artifact, read_manifest
 from inrank_convert.artifact import ARTIFACT_FILE, INIT_FILE, artifact_bytes
 from inrank_convert.export import decompress
 from tests.conftest import energy_rank_float64, inrank_rank_float64, make_pair, snapshot
@@ -42,7 +42,7 @@ def test_ranks_equal_exact_float64_svd(tmp_path, any_pair, criterion, threshold)
 
 def test_threshold_one_reproduces_trained_weights(tmp_path, any_pair):
     compress(any_pair.trained_dir, tmp_path / "out", init=any_pair.init_dir, options=options(1.0))
-    artifact = Artifact(tmp_path / "out")
+    artifact = open_artifact(tmp_path / "out")
     for name, tensor in any_pair.trained_state.items():
         if name in artifact.tensors:
             assert torch.allclose(artifact.reconstruct(name), tensor, atol=1e-5, rtol=1e-5), name
@@ -50,7 +50,7 @@ def test_threshold_one_reproduces_trained_weights(tmp_path, any_pair):
 
 def test_lower_threshold_error_is_the_optimal_truncation_error(tmp_path, llama_pair):
     result = compress(llama_pair.trained_dir, tmp_path / "out", init=llama_pair.init_dir, options=options(0.8))
-    artifact = Artifact(tmp_path / "out")
+    artifact = open_artifact(tmp_path / "out")
     for layer in result.layers:
         if layer.kind != "lowrank":
             continue
@@ -76,7 +76,7 @@ def test_decompress_loads_with_from_pretrained_and_matches(tmp_path, any_pair):
 def _round_trip(tmp_path, source, pair, **kwargs):
     out = tmp_path / "out"
     result = compress(source, out, options=options(1.0), force=True, **kwargs)
-    artifact = Artifact(out)
+    artifact = open_artifact(out)
     for name in artifact.tensors:
         assert torch.allclose(artifact.reconstruct(name), pair.trained_state[name], atol=1e-5), name
     artifact.close()
@@ -117,8 +117,8 @@ def test_run_folder_and_artifact_inputs(tmp_path, gpt2_pair):
     shutil.copytree(gpt2_pair.trained_dir, run / "step-400")
     result = _round_trip(tmp_path, run, gpt2_pair)
     manifest = read_manifest(tmp_path / "out")
-    assert manifest["reference"]["path"].endswith("step-0")
-    assert manifest["source"]["run"].endswith("run")
+    assert manifest.reference.path.endswith("step-0")
+    assert manifest.source.run.endswith("run")
     assert result.reference_mode == "reference"
     # An artifact is itself a CKPT: re-compress it at a lower threshold against its own reference.
     shutil.move(tmp_path / "out", tmp_path / "first")
@@ -142,14 +142,14 @@ def test_reference_modes_round_trip_and_seed_is_small(tmp_path, gpt2_pair):
         assert result.reference_mode == mode.removesuffix("-checked")
         assert (out / INIT_FILE).is_file() == (mode == "embedded")
         sizes[mode] = artifact_bytes(out)
-        artifact = Artifact(out)
+        artifact = open_artifact(out)
         reference = artifact.reference
         for name in pair.init_state:
-            if artifact.tensors.get(name, {}).get("kind") == "lowrank":
+            if name in artifact.tensors and artifact.tensors[name].kind == "lowrank":
                 assert torch.equal(reference.get(name).float(), pair.init_state[name]), (mode, name)
     # Seed recipes store no init tensors; embedding stores all of them.
     assert sizes["seed"] * 3 < sizes["embedded"]
-    assert read_manifest(tmp_path / "seed")["reference"]["recipe"]["seed"] == pair.init_seed
+    assert read_manifest(tmp_path / "seed").reference.recipe["seed"] == pair.init_seed
 
 
 def test_embedded_artifact_stands_alone(tmp_path, gpt2_pair):
@@ -157,7 +157,7 @@ def test_embedded_artifact_stands_alone(tmp_path, gpt2_pair):
     shutil.copytree(gpt2_pair.init_dir, init_copy)
     compress(gpt2_pair.trained_dir, tmp_path / "out", init=init_copy, embed_init=True, options=options(1.0))
     shutil.rmtree(init_copy)
-    artifact = Artifact(tmp_path / "out")
+    artifact = open_artifact(tmp_path / "out")
     name = "transformer.h.0.mlp.c_fc.weight"
     assert torch.allclose(artifact.reconstruct(name), gpt2_pair.trained_state[name], atol=1e-5)
 
@@ -165,7 +165,7 @@ def test_embedded_artifact_stands_alone(tmp_path, gpt2_pair):
 def test_no_init_factorizes_the_weights(tmp_path, llama_pair):
     result = compress(llama_pair.trained_dir, tmp_path / "out", no_init=True, options=options(1.0))
     assert result.reference_mode == "zero"
-    artifact = Artifact(tmp_path / "out")
+    artifact = open_artifact(tmp_path / "out")
     for name, tensor in llama_pair.trained_state.items():
         assert torch.allclose(artifact.reconstruct(name), tensor, atol=1e-5)
 
@@ -185,7 +185,7 @@ def test_unchanged_layer_is_rank_zero_and_stores_nothing(tmp_path):
     result = compress(pair.trained_dir, tmp_path / "out", init=pair.init_dir, options=options())
     layer = next(layer for layer in result.layers if layer.name == name)
     assert (layer.kind, layer.rank, layer.bytes) == ("zero", 0, 0)
-    artifact = Artifact(tmp_path / "out")
+    artifact = open_artifact(tmp_path / "out")
     assert not any(stored.startswith(name) for stored in artifact.stored_names())
     assert torch.equal(artifact.reconstruct(name), pair.trained_state[name])
 
@@ -198,7 +198,7 @@ def test_dense_fallback_when_low_rank_is_not_smaller(tmp_path, llama_pair):
             rows, cols = layer.shape
             assert layer.kind == "dense" and layer.rank * (rows + cols) >= rows * cols, layer.name
             assert layer.bytes == layer.original_bytes
-    artifact = Artifact(tmp_path / "out")
+    artifact = open_artifact(tmp_path / "out")
     assert not any(name.endswith((".lora_A", ".lora_B")) for name in artifact.stored_names())
 
 
@@ -211,9 +211,9 @@ def test_one_d_tensors_dense_and_tied_weights_stored_once(tmp_path, gpt2_pair):
         if len(layer.shape) == 1:
             assert layer.kind == "dense"
     manifest = read_manifest(tmp_path / "out")
-    assert manifest["tensors"]["lm_head.weight"] == {"kind": "alias", "of": "transformer.wte.weight",
-                                                    "shape": [320, 64], "dtype": "float32"}
-    artifact = Artifact(tmp_path / "out")
+    assert manifest.tensors["lm_head.weight"].to_json() == {"kind": "alias", "of": "transformer.wte.weight",
+                                                            "shape": [320, 64], "dtype": "float32"}
+    artifact = open_artifact(tmp_path / "out")
     assert torch.allclose(artifact.reconstruct("lm_head.weight"), artifact.reconstruct("transformer.wte.weight"))
 
 
@@ -241,7 +241,7 @@ def test_fixed_rank_and_factor_dtype(tmp_path, llama_pair):
                       options=PlanOptions(rule=RankRule(fixed_rank=2), factor_dtype=torch.bfloat16))
     lowrank = [layer for layer in result.layers if layer.kind == "lowrank"]
     assert lowrank and all(layer.rank == 2 for layer in lowrank)
-    artifact = Artifact(tmp_path / "out")
+    artifact = open_artifact(tmp_path / "out")
     B, A = artifact.factors(lowrank[0].name)
     assert B.dtype == A.dtype == torch.bfloat16 and B.shape[1] == A.shape[0] == 2
 
@@ -274,9 +274,9 @@ def test_artifact_is_a_valid_safetensors_file_with_side_files(tmp_path, gpt2_pai
     compress(gpt2_pair.trained_dir, tmp_path / "out", init=gpt2_pair.init_dir, options=options())
     tensors = load_file(tmp_path / "out" / ARTIFACT_FILE)
     manifest = read_manifest(tmp_path / "out")
-    assert manifest["format"] == "inrank-convert" and manifest["version"] == 1
+    assert manifest.to_json()["format"] == "inrank-convert" and manifest.version == 1
     name = "transformer.h.1.attn.c_attn.weight"
-    rank = manifest["tensors"][name]["rank"]
+    rank = manifest.tensors[name].rank
     assert tensors[name + ".lora_B"].shape == (64, rank) and tensors[name + ".lora_A"].shape == (rank, 192)
     assert (tmp_path / "out" / "config.json").is_file() and (tmp_path / "out" / "generation_config.json").is_file()
 
@@ -289,6 +289,6 @@ def test_cuda_device_gives_the_cpu_ranks(tmp_path, llama_pair):
                    options=options(0.9, device="cuda"))
     for a, b in zip(cpu.layers, gpu.layers, strict=True):
         assert a.kind == b.kind and (a.rank is None or abs(a.rank - b.rank) <= 1), a.name
-    artifact = Artifact(tmp_path / "gpu")
+    artifact = open_artifact(tmp_path / "gpu")
     name = "model.layers.0.mlp.up_proj.weight"
     assert artifact.factors(name)[0].device.type == "cpu"  # factors are always stored from the CPU

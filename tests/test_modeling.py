@@ -46,8 +46,8 @@ def test_every_factorized_linear_becomes_low_rank(tmp_path, llama_pair):
     low_rank = {name for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
     from inrank_convert import read_manifest
 
-    expected = {name.removesuffix(".weight") for name, entry in read_manifest(out)["tensors"].items()
-                if entry["kind"] == "lowrank" and not name.endswith("embed_tokens.weight")}
+    expected = {name.removesuffix(".weight") for name, entry in read_manifest(out).tensors.items()
+                if entry.kind == "lowrank" and not name.endswith("embed_tokens.weight")}
     assert low_rank == expected
     # The embedding (rows gathered, not multiplied) is rebuilt dense.
     assert isinstance(model.model.embed_tokens, torch.nn.Embedding)

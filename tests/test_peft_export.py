@@ -17,7 +17,7 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from inrank_convert import PlanOptions, RankRule, compress, read_manifest
+from inrank_convert import PlanOptions, RankRule, compress, open_artifact, read_manifest
 from inrank_convert.cli import app
 from inrank_convert.errors import ArtifactError, OutputError, UsageError
 from inrank_convert.export import decompress
@@ -88,8 +88,8 @@ def test_gpt2_adapter_equals_the_compressed_model(gpt2):
     assert torch.allclose(logits(native), expected, atol=ATOL)
     assert torch.allclose(logits(load_adapter(pair.init_dir, adapter.parent / "resaved")), expected, atol=ATOL)
 
-    manifest = read_manifest(out)["tensors"]
-    lowrank = {module_of(n): e["rank"] for n, e in manifest.items() if e["kind"] == "lowrank"}
+    manifest = read_manifest(out).tensors
+    lowrank = {module_of(n): e.rank for n, e in manifest.items() if e.kind == "lowrank"}
     config = read_json(adapter / ADAPTER_CONFIG_FILE)
     # Exactly the factorized modules, plus lm_head: it shares wte's weight, so it needs wte's update too.
     assert set(config["target_modules"]) == set(lowrank) | {"lm_head"}
@@ -117,9 +117,7 @@ def test_each_module_gets_exactly_its_update(gpt2):
     """Conv1D, Embedding and the tied Linear head: PEFT's delta equals B @ A in the stored orientation."""
     pair, out, _, adapter, _ = gpt2
     model = load_adapter(pair.init_dir, adapter)
-    from inrank_convert import Artifact
-
-    artifact = Artifact(out)
+    artifact = open_artifact(out)
     try:
         modules = dict(model.base_model.model.named_modules())
         for module, name in [("transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_attn.weight"),
@@ -164,7 +162,7 @@ def test_bias_only_change(tmp_path):
     names = tuple(n for n, t in build_model(gpt2_config(), 0).state_dict().items() if t.ndim == 2)
     pair = make_pair(tmp_path, "gpt2", unchanged=names)
     out = compressed(tmp_path, pair)
-    assert {e["kind"] for n, e in read_manifest(out)["tensors"].items() if n in names} == {"zero"}
+    assert {e.kind for n, e in read_manifest(out).tensors.items() if n in names} == {"zero"}
     result = export_peft(out, tmp_path / "adapter")
     [anchor] = result.targets
     assert anchor.placeholder and anchor.rank == 1 and any("zero LoRA" in note for note in result.notes)
@@ -177,7 +175,7 @@ def test_llama_with_an_unchanged_layer(tmp_path):
     unchanged = "model.layers.0.self_attn.q_proj.weight"
     pair = make_pair(tmp_path, "llama", unchanged=(unchanged,))
     out = compressed(tmp_path, pair)
-    assert read_manifest(out)["tensors"][unchanged]["kind"] == "zero"
+    assert read_manifest(out).tensors[unchanged].kind == "zero"
     result = export_peft(out, tmp_path / "adapter")
     config = read_json(tmp_path / "adapter" / ADAPTER_CONFIG_FILE)
     assert module_of(unchanged) not in config["target_modules"] and module_of(unchanged) in result.unchanged
@@ -195,7 +193,7 @@ def test_llama_with_an_unchanged_layer(tmp_path):
 def test_dense_stored_layers_become_exact_full_rank_lora(tmp_path, arch):
     pair = make_pair(tmp_path, arch)
     out = compressed(tmp_path, pair, threshold=1.0)
-    kinds = {e["kind"] for e in read_manifest(out)["tensors"].values() if len(e["shape"]) == 2}
+    kinds = {e.kind for e in read_manifest(out).tensors.values() if len(e.shape) == 2}
     assert kinds == {"dense"}
     result = export_peft(out, tmp_path / "adapter")
     assert result.targets and all(t.full_rank and t.rank == min(t.shape) for t in result.targets)
@@ -222,8 +220,8 @@ def test_embedded_init_with_a_dense_tied_embedding(tmp_path):
     pair = make_pair(tmp_path, "gpt2")
     out = compressed(tmp_path, pair, embed_init=True, options=PlanOptions(
         rule=RankRule("energy", 0.9), exclude=("transformer.wte.weight", "transformer.h.0.attn.c_proj.weight")))
-    tensors = read_manifest(out)["tensors"]
-    assert tensors["transformer.wte.weight"]["kind"] == "dense"
+    tensors = read_manifest(out).tensors
+    assert tensors["transformer.wte.weight"].kind == "dense"
     result = export_peft(out, tmp_path / "adapter")
     # The tied head goes with the embedding, so both uses of the tensor get the trained value.
     assert {"transformer.wte", "lm_head", "transformer.h.0.attn.c_proj"} <= set(result.modules_to_save)
@@ -250,7 +248,7 @@ def test_cli_export_peft_and_reference_only(tmp_path, gpt2):
     assert set(payload) >= {"target_modules", "ranks", "full_rank", "modules_to_save", "biases", "bytes", "notes"}
     assert payload["bytes"] == (tmp_path / "adapter" / ADAPTER_WEIGHTS_FILE).stat().st_size
     base = json.loads(run("decompress", out, "--reference-only", "-o", tmp_path / "base", "--json").stdout)
-    assert base["tensors"] == len(read_manifest(out)["tensors"])
+    assert base["tensors"] == len(read_manifest(out).tensors)
     assert torch.allclose(logits(load_adapter(tmp_path / "base", tmp_path / "adapter")), expected, atol=ATOL)
     text = run("export-peft", out, "-o", tmp_path / "adapter2")
     assert "LoRA adapter" in text.stdout and "warning:" in text.stderr  # the tied-embedding note

@@ -22,13 +22,12 @@ from inrank_convert.compress import compress
 from inrank_convert.data import TokenBatches, cached_tokens, load_tokenizer
 from inrank_convert.distributed import World
 from inrank_convert.modeling import load_compressed
-from inrank_convert.rank_control import RankController, RankPolicy, low_rank_layers
+from inrank_convert.rank_control import RankController, RankPolicy, factorize_model, low_rank_layers
 from inrank_convert.train_state import METRICS_FILE, read_metrics
 from inrank_convert.training import (
     TrainOptions,
     _grow,
     batch_loss,
-    factorize_model,
     learning_rate,
     resume,
     train,
@@ -246,10 +245,10 @@ def test_freeze_dense_trains_only_the_factors(tmp_path, config_path):
     train(config_path, run, options(steps=3, freeze_dense=True))
     from safetensors.torch import load_file
 
-    from inrank_convert.artifact import Artifact
+    from inrank_convert.sources import open_artifact
 
     start = load_file(str(run / "step-0" / "model.safetensors"))
-    artifact = Artifact(run / "step-3")
+    artifact = open_artifact(run / "step-3")
     try:
         for name in ("transformer.wte.weight", "transformer.h.0.ln_1.weight", "transformer.h.0.attn.c_attn.bias"):
             assert torch.equal(artifact.stored(name), start[name]), name
