@@ -37,7 +37,7 @@ from .checkpoints import (
     open_safetensors,
 )
 from .errors import ArtifactError, CheckpointError, OutputError
-from .tensors import SAFETENSORS_CODES, checksum, dtype_from_name, dtype_name, sha256_tensor
+from .tensors import SAFETENSORS_CODES, checksum, dtype_from_name, dtype_name, numel, sha256_tensor
 from .version import __version__
 
 ARTIFACT_FILE = "inrank.safetensors"
@@ -253,6 +253,17 @@ class Manifest:
     def aliases(self) -> dict[str, str]:
         """alias -> canonical name."""
         return {name: entry.of for name, entry in self.tensors.items() if entry.is_alias and entry.of is not None}
+
+    def stored_parameters(self) -> int:
+        """Numbers the artifact stores: dense tensors whole, factorized ones as r * (rows + cols)."""
+        total = 0
+        for entry in self.stored_entries().values():
+            if entry.kind == "dense":
+                total += numel(entry.shape)
+            elif entry.kind == "lowrank":
+                total += (entry.rank or 0) * (entry.shape[0] + entry.shape[-1]) if len(entry.shape) == 2 \
+                    else numel(entry.shape)
+        return total
 
     def to_json(self) -> dict[str, Any]:
         made_by_compress = {"svd": self.svd, "factor_dtype": self.factor_dtype, "embeddings": self.embeddings,

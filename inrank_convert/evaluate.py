@@ -1,30 +1,26 @@
-"""Perplexity and generation (DESIGN §4, §6): ``report`` and ``generate``.
+"""Perplexity and generation (DESIGN §4): what ``report`` measures and what ``generate`` does.
 
 Every model, dense or compressed, goes through the same ``perplexity`` function on the same
-token ids in the same windows, so the numbers compare. Models are loaded one at a time and
-dropped after their evaluation, so peak memory is that of the largest model, not the sum.
+token ids in the same windows, so the numbers compare.
 """
 
 from __future__ import annotations
 
-import gc
 import math
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from .architecture import model_context
-from .artifact import Manifest, artifact_bytes, describe_artifact, is_artifact, read_manifest
+from .artifact import Manifest, read_manifest
 from .compress import check_device
-from .data import check_max_tokens, load_tokenizer, read_text, tokenize_text
-from .errors import CheckpointError, MismatchError, NonFiniteError, UsageError
-from .modeling import check_same_architecture, checkpoint_config, load_compressed, load_dense, model_config
-from .sources import open_checkpoint
-from .tensors import dtype_name
+from .data import load_tokenizer
+from .errors import NonFiniteError, UsageError
+from .modeling import load_compressed
 
 _ROWS_PER_CHUNK = 1024  # log-softmax rows cast to float32 at a time (1024 x 128k vocab = 512 MB)
 
@@ -48,12 +44,13 @@ class PerplexityResult:
         return math.exp(self.nll) if self.nll < 700 else math.inf
 
     def to_json(self) -> dict:
-        return {"perplexity": _finite(self.perplexity), "nll": self.nll, "tokens": self.tokens,
+        return {"perplexity": finite_or_none(self.perplexity), "nll": self.nll, "tokens": self.tokens,
                 "tokens_processed": self.tokens_processed, "windows": self.windows, "context": self.context,
-                "stride": self.stride, "seconds": self.seconds, "tokens_per_second": _finite(self.tokens_per_second)}
+                "stride": self.stride, "seconds": self.seconds, "tokens_per_second": finite_or_none(self.tokens_per_second)}
 
 
-def _finite(value: float | None) -> float | None:
+def finite_or_none(value: float | None) -> float | None:
+    """JSON has no NaN or Infinity: such a number is reported as null."""
     return value if value is not None and math.isfinite(value) else None
 
 
@@ -185,6 +182,15 @@ def perplexity(model, tokens: torch.Tensor, context: int | None = None, stride: 
 # --------------------------------------------------------------------------- generation
 
 
+def _source_folders(manifest: Manifest) -> list[Path]:
+    """The source checkpoint's folder (where its tokenizer may be), if it still exists."""
+    path = Path(manifest.source.path)
+    folder = path if path.is_dir() else path.parent
+    return [folder] if folder.is_dir() else []
+
+
+
+
 @dataclass
 class GenerationResult:
     prompt: str
@@ -207,7 +213,7 @@ class GenerationResult:
     def to_json(self) -> dict:
         return {"prompt": self.prompt, "completion": self.completion, "text": self.text,
                 "prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens, "seconds": self.seconds,
-                "tokens_per_second": _finite(self.tokens_per_second), "seed": self.seed,
+                "tokens_per_second": finite_or_none(self.tokens_per_second), "seed": self.seed,
                 "temperature": self.temperature, "top_k": self.top_k}
 
 
@@ -278,275 +284,3 @@ def generate(artifact: str | Path, prompt: str, max_new_tokens: int = 50, temper
     tok = load_tokenizer([Path(artifact), *_source_folders(manifest)], tokenizer)
     model = load_compressed(artifact, device, dtype, merge=merge, init=init)
     return generate_text(model, tok, prompt, max_new_tokens, temperature, top_k, seed, device)
-
-
-# --------------------------------------------------------------------------- loading models
-
-
-def _source_folders(manifest: Manifest) -> list[Path]:
-    """The source checkpoint's folder (where its tokenizer may be), if it still exists."""
-    path = Path(manifest.source.path)
-    folder = path if path.is_dir() else path.parent
-    return [folder] if folder.is_dir() else []
-
-
-def stored_parameters(layers: list[dict]) -> int:
-    """Numbers an artifact stores: dense tensors whole, factorized ones as r * (rows + cols)."""
-    total = 0
-    for layer in layers:
-        shape = layer["shape"]
-        if layer["kind"] == "dense":
-            total += math.prod(shape)
-        elif layer["kind"] == "lowrank":
-            total += layer["rank"] * (shape[0] + shape[-1]) if len(shape) == 2 else math.prod(shape)
-    return total
-
-
-def _unique_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())  # parameters() yields tied ones once
-
-
-# --------------------------------------------------------------------------- report
-
-
-@dataclass
-class ModelSpec:
-    """A model to evaluate, resolved (config read, architecture checked) before any is loaded."""
-
-    label: str
-    role: str  # original | compressed | also
-    path: Path
-    kind: str  # artifact | checkpoint
-    config: object
-    bytes: int
-
-
-@dataclass
-class ModelRow:
-    label: str
-    role: str
-    path: str
-    kind: str
-    bytes: int
-    parameters: int
-    result: PerplexityResult
-    ratio: float = 0.0
-    change_percent: float | None = None
-
-    def to_json(self) -> dict:
-        return {"label": self.label, "role": self.role, "path": self.path, "kind": self.kind, "bytes": self.bytes,
-                "ratio": self.ratio, "parameters": self.parameters, "change_percent": self.change_percent,
-                **self.result.to_json()}
-
-
-@dataclass
-class ReportResult:
-    artifact: str
-    data: str
-    text_tokens: int
-    context: int
-    stride: int
-    device: str
-    dtype: str
-    original_bytes: int
-    compressed_bytes: int
-    rule: str
-    reference: str
-    models: list[ModelRow]
-    layers: list[dict]
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def ratio(self) -> float:
-        return self.compressed_bytes / self.original_bytes if self.original_bytes else 0.0
-
-    def row(self, role: str) -> ModelRow | None:
-        return next((row for row in self.models if row.role == role), None)
-
-    def to_json(self) -> dict:
-        original = self.row("original")
-        return {
-            "artifact": self.artifact, "data": self.data, "text_tokens": self.text_tokens, "context": self.context,
-            "stride": self.stride, "device": self.device, "dtype": self.dtype,
-            "original_bytes": self.original_bytes, "compressed_bytes": self.compressed_bytes, "ratio": self.ratio,
-            "perplexity": {"original": None if original is None else _finite(original.result.perplexity),
-                           **{row.label: _finite(row.result.perplexity) for row in self.models}},
-            "tokens_per_second": {row.label: _finite(row.result.tokens_per_second) for row in self.models},
-            "models": [row.to_json() for row in self.models],
-            "rule": self.rule, "reference": self.reference,
-            "layers": [{key: layer.get(key) for key in ("name", "shape", "kind", "rank", "energy", "bytes")}
-                       for layer in self.layers],
-            "notes": self.notes,
-        }
-
-
-def _resolve_original(original: str | Path | None, artifact_config, manifest: Manifest,
-                      notes: list[str]) -> ModelSpec | None:
-    if original is not None:
-        return _original_spec(Path(original), artifact_config, manifest, notes, "--original", None)
-    source = Path(manifest.source.path)
-    if manifest.source.is_training:
-        notes.append("a training checkpoint is its own original (no dense source to compare): pass --original CKPT")
-        return None
-    if not source.exists():
-        notes.append(f"the checkpoint this artifact was compressed from is gone ({source}): no original to compare; "
-                     "pass --original CKPT")
-        return None
-    recorded = {entry.file: entry.bytes for entry in manifest.source.files}
-    try:
-        return _original_spec(source, artifact_config, manifest, notes, "the recorded source", recorded)
-    except (CheckpointError, MismatchError) as err:  # the user did not name it: compare without it
-        notes.append(f"the recorded source is no longer usable as the original ({err.message}); pass --original CKPT")
-        return None
-
-
-def _original_spec(original: Path, artifact_config, manifest: Manifest, notes: list[str], option: str,
-                   recorded: dict | None) -> ModelSpec:
-    checkpoint = open_checkpoint(original)
-    try:
-        check_same_architecture(checkpoint, artifact_config, manifest, option)
-        config = checkpoint_config(checkpoint, artifact_config)
-        kind = "artifact" if is_artifact(original) else "checkpoint"
-        files = artifact_bytes(original) if kind == "artifact" else sum(f.stat().st_size for f in checkpoint.files)
-        if recorded is not None and {f.name: f.stat().st_size for f in checkpoint.files} != recorded:
-            notes.append(f"the source checkpoint changed since compression (file sizes differ): {original}")
-    finally:
-        checkpoint.close()
-    # Always loaded dense (an artifact given as the original is reconstructed W_ref + B @ A).
-    return ModelSpec("original", "original", original, kind, config, files)
-
-
-def _resolve_also(path: str | Path, artifact_config, manifest: Manifest, labels: set[str]) -> ModelSpec:
-    path = Path(path)
-    label = path.name or str(path)
-    while label in labels:
-        label += "'"
-    labels.add(label)
-    if is_artifact(path):
-        describe_artifact(path)  # validates format and version
-        return ModelSpec(label, "also", path, "artifact", model_config(path), artifact_bytes(path))
-    checkpoint = open_checkpoint(path)
-    try:
-        config = checkpoint_config(checkpoint)
-        if config is None:  # no config.json: only usable as the artifact's architecture
-            check_same_architecture(checkpoint, artifact_config, manifest, f"--also {path}")
-            config = artifact_config
-        size = sum(f.stat().st_size for f in checkpoint.files)
-    finally:
-        checkpoint.close()
-    return ModelSpec(label, "also", path, "checkpoint", config, size)
-
-
-def _free_memory(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
-def report(artifact: str | Path, data: str | Path, original: str | Path | None = None, also: Sequence[str | Path] = (),
-           device: str = "cpu", dtype: torch.dtype = torch.float32, max_tokens: int | None = None,
-           stride: int | None = None, tokenizer: str | Path | None = None, *, context: int | None = None,
-           init: str | Path | None = None, merge: bool = False,
-           on_window: Callable[[str, int, int], None] | None = None) -> ReportResult:
-    """Size and perplexity side by side: the original, the compressed artifact, and each ``also`` model.
-
-    Everything that can be checked cheaply is checked before any model is loaded: the device,
-    the artifact, the original's architecture, the tokenizer, the text, the window. Then the
-    compressed model runs first (loading it verifies the init reference), then the others, each
-    through the same ``perplexity`` on the same tokens and windows. ``on_window(label, done,
-    total)`` reports progress.
-    """
-    check_device(device)
-    check_max_tokens(max_tokens)
-    if stride is not None and stride < 1:
-        raise UsageError("--stride must be at least 1", f"--stride {stride}", "leave it out for non-overlapping windows")
-    if context is not None and context < 2:
-        raise UsageError("the window must hold at least 2 tokens", f"--context {context}", "e.g. --context 512")
-    text = read_text(data)  # a missing, empty or binary file fails before any model or tokenizer is read
-    artifact = Path(artifact)
-    summary = describe_artifact(artifact)
-    manifest = read_manifest(artifact)
-    artifact_config = model_config(artifact)
-    notes: list[str] = []
-    original_spec = _resolve_original(original, artifact_config, manifest, notes)
-    labels = {"original", "compressed"}
-    specs = [ModelSpec("compressed", "compressed", artifact, "artifact", artifact_config, summary["compressed_bytes"])]
-    specs += [_resolve_also(path, artifact_config, manifest, labels) for path in also]
-    if original_spec is not None:
-        specs.insert(1, original_spec)
-
-    # One window length for every model (the smallest context), so that the numbers compare.
-    length = min(window_length(spec.config, context) for spec in specs)
-    plan_windows(length, length, stride)  # validates --stride against the window
-    tokenizer_folders = [artifact] + ([original_spec.path if original_spec.path.is_dir() else original_spec.path.parent]
-                                      if original_spec is not None else [])
-    tok = load_tokenizer(tokenizer_folders, tokenizer)
-    tokens = tokenize_text(text, tok, max_tokens, str(data))
-    for spec in specs:
-        check_vocabulary(tokens, getattr(spec.config, "vocab_size", None), f"{spec.label} ({spec.path})")
-    check_text_length(tokens.numel(), length, max_tokens)
-
-    rows: dict[str, ModelRow] = {}
-    for spec in specs:
-        if spec.kind == "artifact" and spec.role != "original":
-            model = load_compressed(spec.path, device, dtype, merge=merge, init=init if spec.role == "compressed" else None)
-            layers = summary["layers"] if spec.role == "compressed" else describe_artifact(spec.path)["layers"]
-            parameters = stored_parameters(layers)
-        else:
-            model = load_dense(spec.path, spec.config, device, dtype)
-            parameters = _unique_parameters(model)
-        callback = None if on_window is None else (lambda done, total, label=spec.label: on_window(label, done, total))
-        result = perplexity(model, tokens, length, stride, device, callback)
-        del model  # before the next model is loaded: peak memory is one model, not two
-        _free_memory(device)
-        rows[spec.label] = ModelRow(spec.label, spec.role, str(spec.path), spec.kind, spec.bytes, parameters, result)
-
-    ordered = ([rows["original"]] if "original" in rows else []) + [rows["compressed"]] + \
-        [rows[spec.label] for spec in specs if spec.role == "also"]
-    original_row = rows.get("original")
-    original_bytes = original_row.bytes if original_row is not None else summary["original_bytes"]
-    for row in ordered:
-        row.ratio = row.bytes / original_bytes if original_bytes else 0.0
-        if original_row is not None:
-            row.change_percent = 100.0 * (row.result.perplexity / original_row.result.perplexity - 1.0)
-    return ReportResult(str(artifact), str(data), int(tokens.numel()), length, stride or length, device,
-                        dtype_name(dtype), original_bytes, summary["compressed_bytes"], summary["rule"],
-                        summary["reference"], ordered, summary["layers"], notes)
-
-
-# --------------------------------------------------------------------------- plot
-
-
-def plot_report(result: ReportResult, path: str | Path) -> Path:
-    """Bytes on disk vs perplexity, one labelled point per model; the artifact's per-layer ranks as bars."""
-    from .analysis import _pyplot, save_figure
-
-    plt = _pyplot()
-    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.4]})
-    for row in result.models:
-        value = _finite(row.result.perplexity)
-        if value is None:
-            continue
-        left.scatter([row.bytes], [value], s=40, zorder=3)
-        left.annotate(row.label, (row.bytes, value), textcoords="offset points", xytext=(6, 4), fontsize=8)
-    left.set_xscale("log")
-    left.set(title=f"Size vs perplexity ({result.text_tokens} tokens, window {result.context})",
-             xlabel="bytes on disk (log scale)", ylabel="perplexity")
-    left.grid(True, alpha=0.3)
-    # Matrices only: 1-D tensors (biases, norms) are always dense and have no rank worth a bar.
-    ranked = [layer for layer in result.layers if len(layer["shape"]) == 2]
-    positions = range(len(ranked))
-    heights = [min(layer["shape"]) if layer["kind"] == "dense" else layer["rank"] or 0 for layer in ranked]
-    colors = ["tab:blue" if layer["kind"] == "lowrank" else "tab:gray" if layer["kind"] == "dense" else "tab:red"
-              for layer in ranked]
-    right.bar(list(positions), heights, color=colors)
-    right.set(title=f"Rank per layer ({result.rule}; gray = dense, full rank)", xlabel="layer", ylabel="rank")
-    if len(ranked) <= 60:
-        right.set_xticks(list(positions))
-        right.set_xticklabels([_short(layer["name"]) for layer in ranked], rotation=90, fontsize=6)
-    figure.tight_layout()
-    return save_figure(figure, path)
-
-
-def _short(name: str) -> str:
-    return name.removesuffix(".weight").removeprefix("transformer.").removeprefix("model.")

@@ -19,18 +19,12 @@ from conftest import SHARED_DATA, build_model, gpt2_config, planted_update, save
 from safetensors import safe_open
 
 from inrank_convert import PlanOptions, RankRule, compress
-from inrank_convert.artifact import describe_artifact
+from inrank_convert.artifact import describe_artifact, read_manifest
 from inrank_convert.data import load_tokenizer, read_text, read_text_tokens
 from inrank_convert.errors import UsageError
-from inrank_convert.evaluate import (
-    generate_text,
-    load_dense,
-    perplexity,
-    plan_windows,
-    report,
-    stored_parameters,
-)
-from inrank_convert.modeling import load_compressed, model_config
+from inrank_convert.evaluate import generate_text, perplexity, plan_windows
+from inrank_convert.modeling import load_compressed, load_dense, model_config
+from inrank_convert.report import report
 
 TOKENIZER_DIR = SHARED_DATA / "gpt2-tokenizer"
 WIKI_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"
@@ -233,7 +227,7 @@ def test_report_library_rows_and_sizes(models):
     with safe_open(str(models.half / "inrank.safetensors"), "pt") as handle:
         stored = sum(handle.get_slice(name).get_shape()[0] * math.prod(handle.get_slice(name).get_shape()[1:])
                      for name in handle.keys())
-    assert compressed.parameters == stored == stored_parameters(describe_artifact(models.half)["layers"])
+    assert compressed.parameters == stored == read_manifest(models.half).stored_parameters()
     assert compressed.parameters < original.parameters / 10
 
 

@@ -1,0 +1,96 @@
+"""Every PNG the tool writes: spectra and rank-vs-threshold curves (``spectrum --plot``), size vs
+perplexity with per-layer ranks (``report --plot``, the demo). matplotlib is an optional extra,
+imported only when a plot is asked for; figures are written atomically.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import UsageError
+from .evaluate import finite_or_none
+
+if TYPE_CHECKING:
+    from .analysis import SpectrumResult
+    from .report import ReportResult
+
+
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend; a clear error when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as err:
+        raise UsageError("plots need matplotlib", "--plot", "pip install 'inrank-convert[plot]'") from err
+    return plt
+
+
+def save_figure(figure, path: str | Path) -> Path:
+    """Save atomically: a half-written PNG must never look valid."""
+    path = Path(path)
+    temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        figure.savefig(temp, dpi=120, format=path.suffix.lstrip(".") or "png")
+        os.replace(temp, path)
+    except OSError as err:
+        temp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write the plot ({err.strerror})", str(path), "choose a writable path") from err
+    finally:
+        pyplot().close(figure)
+    return path
+
+
+def plot_spectrum(result: SpectrumResult, path: str | Path) -> Path:
+    """Normalized spectra (log scale) and rank-vs-threshold curves, one line per layer."""
+    plt = pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for layer in result.layers:
+        values = torch.tensor(layer.singular_values)
+        if values.numel() and float(values[0]) > 0:
+            left.semilogy(range(1, values.numel() + 1), (values / values[0]).tolist(), alpha=0.6, linewidth=1)
+        right.plot(result.thresholds, [layer.ranks[t] / min(layer.shape) for t in result.thresholds],
+                   marker="o", alpha=0.6, linewidth=1)
+    left.set(title="Singular values of each update (s / s_max)", xlabel="index", ylabel="relative singular value")
+    right.set(title=f"Rank / full rank at each threshold ({result.criterion})", xlabel="threshold",
+              ylabel="rank fraction")
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def plot_report(result: ReportResult, path: str | Path) -> Path:
+    """Bytes on disk vs perplexity, one labelled point per model; the artifact's per-layer ranks as bars."""
+    plt = pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1, 1.4]})
+    for row in result.models:
+        value = finite_or_none(row.result.perplexity)
+        if value is None:
+            continue
+        left.scatter([row.bytes], [value], s=40, zorder=3)
+        left.annotate(row.label, (row.bytes, value), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    left.set_xscale("log")
+    left.set(title=f"Size vs perplexity ({result.text_tokens} tokens, window {result.context})",
+             xlabel="bytes on disk (log scale)", ylabel="perplexity")
+    left.grid(True, alpha=0.3)
+    # Matrices only: 1-D tensors (biases, norms) are always dense and have no rank worth a bar.
+    ranked = [layer for layer in result.layers if len(layer["shape"]) == 2]
+    positions = range(len(ranked))
+    heights = [min(layer["shape"]) if layer["kind"] == "dense" else layer["rank"] or 0 for layer in ranked]
+    colors = ["tab:blue" if layer["kind"] == "lowrank" else "tab:gray" if layer["kind"] == "dense" else "tab:red"
+              for layer in ranked]
+    right.bar(list(positions), heights, color=colors)
+    right.set(title=f"Rank per layer ({result.rule}; gray = dense, full rank)", xlabel="layer", ylabel="rank")
+    if len(ranked) <= 60:
+        right.set_xticks(list(positions))
+        right.set_xticklabels([_short(layer["name"]) for layer in ranked], rotation=90, fontsize=6)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def _short(name: str) -> str:
+    return name.removesuffix(".weight").removeprefix("transformer.").removeprefix("model.")
