@@ -28,8 +28,10 @@ bench: install
 demo: install
 	$(BIN)/inrank-convert demo --out demo-out
 
+# lint-imports checks the import layers declared in pyproject.toml [tool.importlinter] (DESIGN §7).
 lint: install
 	$(BIN)/ruff check inrank_convert tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache benchmarks/out demo-out

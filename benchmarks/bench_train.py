@@ -54,7 +54,7 @@ def build(vocab: int, device_name: str) -> tuple[nn.Module, nn.Module]:
 
 def timed_step(model: nn.Module, batch: torch.Tensor, device_name: str) -> Callable[[], float]:
     """A function that runs one optimizer step of ``model`` on ``batch`` and returns its seconds."""
-    from inrank_convert.training import batch_loss
+    from inrank_convert.train_loop import batch_loss
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
 

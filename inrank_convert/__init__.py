@@ -8,7 +8,8 @@ from .modeling import load_compressed
 from .plan import PlanOptions
 from .sources import open_artifact
 from .spectrum import RankRule
-from .training import TrainOptions, TrainResult, resume, train
+from .train_options import TrainOptions, TrainResult
+from .training import resume, train
 from .version import __version__
 
 __all__ = ["Artifact", "CompressResult", "InrankError", "LayerResult", "LowRankLinear", "Manifest", "PlanOptions",

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .compress import check_device, load_update, plan_compression, planned_work
-from .errors import UsageError
-from .plan import PlanOptions
+from .compress import load_update, plan_compression, planned_work
+from .distributed import check_device
+from .errors import UsageError, flag
+from .plan import Plan, PlanOptions
 from .sources import open_inputs
 from .spectrum import RankRule, choose_rank
 
@@ -47,16 +49,17 @@ def parse_thresholds(text: str) -> list[float]:
     try:
         values = [float(part) for part in text.split(",") if part.strip()]
     except ValueError as err:
-        raise UsageError(f"cannot parse thresholds {text!r}", "--thresholds", "e.g. --thresholds 0.5,0.8,0.9,0.99") from err
+        raise UsageError(f"cannot parse thresholds {text!r}", flag("--thresholds"), f"e.g. {flag('--thresholds')} 0.5,0.8,0.9,0.99") from err
     bad = [v for v in values if not 0.0 < v <= 1.0]
     if not values or bad:
-        raise UsageError("thresholds must lie in (0, 1]", "--thresholds", "e.g. --thresholds 0.5,0.8,0.9,0.99")
+        raise UsageError("thresholds must lie in (0, 1]", flag("--thresholds"), f"e.g. {flag('--thresholds')} 0.5,0.8,0.9,0.99")
     return values
 
 
 def spectrum_report(source: str | Path, thresholds: list[float], criterion: str = "energy", *,
                     init: str | Path | None = None, init_seed: int | None = None, no_init: bool = False,
-                    options: PlanOptions | None = None, on_plan=None, on_layer=None) -> SpectrumResult:
+                    options: PlanOptions | None = None, on_plan: Callable[[Plan], None] | None = None,
+                    on_layer: Callable[[str], None] | None = None) -> SpectrumResult:
     """Exact singular values of every factorizable update (streamed one tensor at a time)."""
     options = options or PlanOptions()
     check_device(options.device)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from .errors import CheckpointError
+from .errors import CheckpointError, flag
 from .tensors import SAFETENSORS_DTYPES, dtype_size, numel, shared_storage_groups
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -375,7 +375,7 @@ def resolve_run(folder: Path) -> tuple[Path, Path]:
     steps = run_steps(folder)
     if len(steps) < 2:
         raise CheckpointError("a training-run folder needs at least two step folders (init and trained)",
-                              str(folder), "pass --init PATH, --init-seed N or --no-init with a single checkpoint")
+                              str(folder), f"pass {flag('--init')} PATH, {flag('--init-seed')} N or {flag('--no-init')} with a single checkpoint")
     return steps[0][1], steps[-1][1]
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import typing
 from pathlib import Path
 from typing import Annotated
 
@@ -15,7 +16,7 @@ import torch
 import typer
 
 from . import console
-from .errors import InrankError, UsageError
+from .errors import InrankError, UsageError, cli_flags
 from .tensors import COMPUTE_DTYPES
 from .version import __version__
 
@@ -23,14 +24,31 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                   help="Compact low-rank artifacts from trained checkpoints: factorize W - W_init, keep what matters.")
 
 
+def declared_flags(command) -> set[str]:
+    """Every long flag a command declares (``--embeddings/--no-embeddings`` gives both)."""
+    flags = set()
+    for hint in typing.get_type_hints(command, include_extras=True).values():
+        for info in getattr(hint, "__metadata__", ()):
+            if not isinstance(info, typer.models.OptionInfo):
+                continue
+            # In Annotated[..., typer.Option("--x", "-x")] typer takes the first name as ``default``.
+            declarations = [info.default, *(info.param_decls or ())]
+            for declaration in declarations:
+                if isinstance(declaration, str):
+                    flags.update(part for part in declaration.split("/") if part.startswith("--"))
+    return flags
+
 
 def user_errors(command):
-    """Turn library errors into one stderr line and an exit code."""
+    """Turn library errors into one stderr line and an exit code. Inside the command, library
+    messages name the options this command has as its flags (``errors.flag``)."""
+    flags = declared_flags(command)
 
     @functools.wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with cli_flags(flags):
+                return command(*args, **kwargs)
         except InrankError as err:
             console.error(err.message)
             raise typer.Exit(err.exit_code) from None
@@ -196,7 +214,8 @@ def spectrum_command(
 
     Example: inrank-convert spectrum runs/gpt2/ --thresholds 0.5,0.9,0.99 --plot spectra.png
     """
-    from .analysis import parse_thresholds, plot_spectrum, spectrum_report
+    from .analysis import parse_thresholds, spectrum_report
+    from .plots import plot_spectrum
 
     if criterion not in ("energy", "inrank"):
         raise UsageError(f"unknown criterion {criterion!r}", "--criterion", "choose energy or inrank")
@@ -233,7 +252,7 @@ def decompress_command(
 
     count = len(read_manifest(artifact).tensors)
     with console.progress(count, "decompressing", quiet or json_output) as advance:
-        result = decompress(artifact, output, force=force, init_override=init, on_tensor=advance,
+        result = decompress(artifact, output, force=force, init=init, on_tensor=advance,
                             reference_only=reference_only)
     if json_output:
         console.emit_json(result.to_json())
@@ -259,7 +278,7 @@ def export_peft_command(
     """
     from .peft_export import export_peft
 
-    result = export_peft(artifact, output, force=force, init_override=init)
+    result = export_peft(artifact, output, force=force, init=init)
     for note in result.notes:
         console.warn(note)
     if json_output:
@@ -344,12 +363,11 @@ def report_command(
 
     Example: inrank-convert report gpt2-inrank --data wiki.test.raw --max-tokens 8192 --json
     """
-    from .evaluate import plot_report, report
+    from .plots import plot_report, pyplot
+    from .report import report
 
     if plot is not None:
-        from .analysis import _pyplot
-
-        _pyplot()  # fail on a missing matplotlib or a bad path before minutes of evaluation
+        pyplot()  # fail on a missing matplotlib or a bad path before minutes of evaluation
         if not plot.absolute().parent.is_dir():
             raise UsageError("the plot's folder does not exist", str(plot.absolute().parent), "create it or choose another --plot")
     with contextlib.ExitStack() as stack:
@@ -452,7 +470,8 @@ def train_command(
 
     Example: inrank-convert train config.json -o runs/gpt2 --data input.txt --steps 2000 --mode inrank
     """
-    from .training import TrainOptions, check_options, train
+    from .train_options import TrainOptions, check_options
+    from .training import train
 
     options = TrainOptions(**_training_overrides(
         data=data, steps=steps, val_data=val_data, mode=mode, efficient=efficient, freeze_dense=freeze_dense, lr=lr,

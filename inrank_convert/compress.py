@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .artifact import ArtifactWriter, RuleRecord, SourceRecord, TensorEntry, TensorKind, check_output_free
-from .errors import NonFiniteError, UsageError
+from .artifact import ArtifactWriter, RuleRecord, SourceRecord, TensorEntry, TensorKind
+from .distributed import check_device
+from .errors import NonFiniteError, UsageError, flag
+from .outputs import check_output_free
 from .plan import Plan, PlanOptions, TensorPlan, make_plan
 from .sources import Inputs, open_inputs
 from .spectrum import CRITERIA, ENGINES, factorize, frobenius_energy, stored_as_lowrank
@@ -97,25 +99,18 @@ def check_options(options: PlanOptions) -> None:
     """Reject option values that cannot work, before any input is opened."""
     rule = options.rule
     if rule.fixed_rank is not None and rule.fixed_rank < 0:
-        raise UsageError(f"rank must be 0 or more, got {rule.fixed_rank}", "--rank", "pass --rank 0 or a positive rank")
+        raise UsageError(f"rank must be 0 or more, got {rule.fixed_rank}", flag("--rank"), f"pass {flag('--rank')} 0 or a positive rank")
     if not (0.0 < rule.threshold <= 1.0):
-        raise UsageError(f"threshold must be in (0, 1], got {rule.threshold:g}", "--threshold",
-                         "e.g. --threshold 0.9 keeps 90% of each update's energy")
+        raise UsageError(f"threshold must be in (0, 1], got {rule.threshold:g}", flag("--threshold"),
+                         f"e.g. {flag('--threshold')} 0.9 keeps 90% of each update's energy")
     if rule.criterion not in CRITERIA:
-        raise UsageError(f"unknown criterion {rule.criterion!r}", "--criterion", f"choose one of {', '.join(CRITERIA)}")
+        raise UsageError(f"unknown criterion {rule.criterion!r}", flag("--criterion"), f"choose one of {', '.join(CRITERIA)}")
     if options.engine not in ENGINES:
-        raise UsageError(f"unknown SVD engine {options.engine!r}", "--svd", f"choose one of {', '.join(ENGINES)}")
+        raise UsageError(f"unknown SVD engine {options.engine!r}", flag("--svd"), f"choose one of {', '.join(ENGINES)}")
     if options.engine == "randomized" and rule.criterion == "inrank" and rule.fixed_rank is None:
         raise UsageError("the inrank criterion needs the full spectrum, which the randomized SVD does not compute",
-                         "--svd randomized --criterion inrank", "use --svd exact or auto, or --criterion energy")
+                         f"{flag('--svd')} randomized {flag('--criterion')} inrank", f"use {flag('--svd')} exact or auto, or {flag('--criterion')} energy")
     check_device(options.device)
-
-
-def check_device(device: str) -> None:
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("CUDA is not available on this machine", f"--device {device}", "use --device cpu")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise UsageError(f"unknown device {device!r}", "--device", "use cpu or cuda (cuda:N)")
 
 
 def plan_compression(inputs: Inputs, options: PlanOptions) -> Plan:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, flag
 
 # A folder holds a tokenizer when it has one of these (file sets, all needed).
 TOKENIZER_FILE_SETS = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",), ("vocab.txt",))
@@ -38,11 +38,11 @@ def load_tokenizer(model_dir: str | Path | Sequence[str | Path] | None, tokenize
     if tokenizer is not None:
         path = Path(tokenizer)
         if not path.exists():
-            raise UsageError("no such tokenizer folder", str(path), "check the --tokenizer path")
+            raise UsageError("no such tokenizer folder", str(path), f"check the {flag('--tokenizer')} path")
         if path.is_file():
             if path.name.endswith(".json"):
                 return _from_tokenizer_json(path)
-            raise UsageError("--tokenizer must be a folder (or a tokenizer.json file)", str(path),
+            raise UsageError(f"{flag('--tokenizer')} must be a folder (or a tokenizer.json file)", str(path),
                              "pass the folder that holds tokenizer.json, or vocab.json and merges.txt")
         if not has_tokenizer(path):
             raise UsageError("no tokenizer files in folder", str(path),
@@ -54,7 +54,7 @@ def load_tokenizer(model_dir: str | Path | Sequence[str | Path] | None, tokenize
             return _from_folder(Path(folder))
     where = ", ".join(str(f) for f in folders) or None
     raise UsageError("no tokenizer found beside the model", where,
-                     "pass --tokenizer DIR (a folder with tokenizer.json, or vocab.json and merges.txt)")
+                     f"pass {flag('--tokenizer')} DIR (a folder with tokenizer.json, or vocab.json and merges.txt)")
 
 
 def _from_folder(folder: Path):
@@ -68,7 +68,7 @@ def _from_folder(folder: Path):
         if (folder / "tokenizer.json").is_file():
             return _from_tokenizer_json(folder / "tokenizer.json")
         raise UsageError(f"cannot load the tokenizer ({_first_line(err)})", str(folder),
-                         "pass --tokenizer DIR with a tokenizer.json") from err
+                         f"pass {flag('--tokenizer')} DIR with a tokenizer.json") from err
 
 
 def _gpt2_bpe(folder: Path):
@@ -104,7 +104,7 @@ def text_files(path: str | Path) -> list[Path]:
     """The file itself, or every visible file in a folder (recursively, sorted by path)."""
     path = Path(path)
     if not path.exists():
-        raise UsageError("no such text file or folder", str(path), "check the --data path")
+        raise UsageError("no such text file or folder", str(path), f"check the {flag('--data')} path")
     if path.is_file():
         return [path]
     if not path.is_dir():
@@ -154,7 +154,7 @@ def read_text_tokens(file: str | Path, tokenizer, max_tokens: int | None = None)
 
 def check_max_tokens(max_tokens: int | None) -> None:
     if max_tokens is not None and max_tokens < 2:
-        raise UsageError("--max-tokens must be at least 2", f"--max-tokens {max_tokens}", "e.g. --max-tokens 4096")
+        raise UsageError(f"{flag('--max-tokens')} must be at least 2", f"{flag('--max-tokens')} {max_tokens}", f"e.g. {flag('--max-tokens')} 4096")
 
 
 def tokenize_text(text: str, tokenizer, max_tokens: int | None = None, where: str | None = None) -> torch.Tensor:
@@ -230,7 +230,7 @@ def cached_tokens(path: str | Path, tokenizer, cache_dir: str | Path | None) -> 
 def check_block_fits(tokens: torch.Tensor, block_size: int, where: str) -> None:
     if tokens.numel() < block_size + 1:
         raise UsageError(f"the text has {tokens.numel()} tokens, fewer than one block of {block_size} + 1",
-                         where, "pass more text, or a smaller --block-size")
+                         where, f"pass more text, or a smaller {flag('--block-size')}")
 
 
 class TokenBatches:

@@ -19,11 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .compress import CompressResult, compress
-from .errors import OutputError
-from .evaluate import ReportResult, plot_report, report
+from .errors import OutputError, flag
 from .plan import PlanOptions
+from .plots import plot_report
+from .report import ReportResult, report
 from .spectrum import RankRule
-from .training import TrainOptions, TrainResult, resume, train
+from .train_options import TrainOptions, TrainResult
+from .training import resume, train
 
 MARKER = "demo.json"  # a folder holding it was written by the demo, and may be replaced by it
 FALLBACK_VOCAB = 4096
@@ -179,7 +181,7 @@ def _prepare_out(out: Path) -> None:
     if out.exists():
         if not out.is_dir() or not (out / MARKER).is_file() and any(out.iterdir()):
             raise OutputError("the demo's output folder exists and was not written by the demo", str(out),
-                              "choose another --out, or remove it")
+                              f"choose another {flag('--out')}, or remove it")
         for child in out.iterdir():
             if child.is_dir():
                 shutil.rmtree(child)
@@ -200,7 +202,7 @@ def run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None = No
     for note in data.notes:
         say(f"note: {note}")
     if not settings.embeddings:
-        say("note: embeddings stay dense (--no-embeddings): early in training their update is dominated by a "
+        say(f"note: embeddings stay dense ({flag('--no-embeddings')}): early in training their update is dominated by a "
             "rank-1 drift of unused tokens' rows (see the README's results)")
     config_dir = out / "config"
     _write_config(config_dir, data, settings)

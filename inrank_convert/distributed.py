@@ -1,4 +1,5 @@
-"""Many processes under ``torchrun``: process group setup and the few collectives training needs.
+"""Devices and processes: the --device check every command makes, and under ``torchrun`` the
+process group setup and the few collectives training needs.
 
 Outside torchrun (no WORLD_SIZE, or 1) everything here is a no-op, so the training loop has one
 code path. NCCL on CUDA, gloo on CPU.
@@ -11,6 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+from .errors import UsageError, flag
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,14 @@ def init_world(device: str) -> World:
 def close_world(world: World) -> None:
     if world.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def check_device(device: str) -> None:
+    """A device name this machine can run on: cpu, or cuda[:N] where CUDA is available."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("CUDA is not available on this machine", f"{flag('--device')} {device}", f"use {flag('--device')} cpu")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise UsageError(f"unknown device {device!r}", flag("--device"), "use cpu or cuda (cuda:N)")
 
 
 def process_device(device: str, world: World) -> torch.device:

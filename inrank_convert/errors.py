@@ -5,6 +5,35 @@ The CLI prints ``str(error)`` as one line on stderr and exits non-zero; the libr
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+# The flags of the CLI command now running (empty when the library is called from Python).
+_CLI_FLAGS: ContextVar[frozenset[str]] = ContextVar("inrank_convert_cli_flags", default=frozenset())
+# Flags whose Python parameter is not the flag's own name.
+_PYTHON_NAMES = {"--svd": "engine", "--no-embeddings": "embeddings=False", "--embeddings": "embeddings"}
+
+
+@contextmanager
+def cli_flags(flags: Iterable[str]) -> Iterator[None]:
+    """Run a CLI command: messages name the options it has as flags (``--max-rank``)."""
+    token = _CLI_FLAGS.set(frozenset(flags))
+    try:
+        yield
+    finally:
+        _CLI_FLAGS.reset(token)
+
+
+def flag(name: str) -> str:
+    """How a message names an option: the flag (``--max-rank``) when the running CLI command has it,
+    otherwise the Python parameter (``max_rank``), so that a library caller, or a command that
+    reached this code through another (``resume`` compressing a dense checkpoint), is never told
+    to pass a flag it does not have."""
+    if name in _CLI_FLAGS.get():
+        return name
+    return _PYTHON_NAMES.get(name, name.removeprefix("--").replace("-", "_"))
+
 
 class InrankError(Exception):
     """Base class: a user-facing problem with a clear message (never a bug)."""

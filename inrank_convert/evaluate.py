@@ -17,9 +17,9 @@ import torch.nn.functional as F
 
 from .architecture import model_context
 from .artifact import Manifest, read_manifest
-from .compress import check_device
 from .data import load_tokenizer
-from .errors import NonFiniteError, UsageError
+from .distributed import check_device
+from .errors import NonFiniteError, UsageError, flag
 from .modeling import load_compressed
 
 _ROWS_PER_CHUNK = 1024  # log-softmax rows cast to float32 at a time (1024 x 128k vocab = 512 MB)
@@ -57,11 +57,11 @@ def finite_or_none(value: float | None) -> float | None:
 def window_length(config, context: int | None = None) -> int:
     """The model's context length, capped by ``context``."""
     if context is not None and context < 2:
-        raise UsageError("the window must hold at least 2 tokens", f"--context {context}", "e.g. --context 512")
+        raise UsageError("the window must hold at least 2 tokens", f"{flag('--context')} {context}", f"e.g. {flag('--context')} 512")
     limit = model_context(config)
     if limit is None and context is None:
         raise UsageError(f"the {config.model_type} config declares no context length", None,
-                         "pass --context N (the window length in tokens)")
+                         f"pass {flag('--context')} N (the window length in tokens)")
     return min(limit, context) if limit is not None and context is not None else limit or context
 
 
@@ -77,8 +77,8 @@ def plan_windows(n_tokens: int, length: int, stride: int | None = None) -> list[
     """
     stride = length if stride is None else stride
     if stride < 1 or stride > length:
-        raise UsageError(f"--stride must lie in [1, {length}] (the window length)", f"--stride {stride}",
-                         f"leave it out for non-overlapping windows, or pass e.g. --stride {max(1, length // 2)}")
+        raise UsageError(f"{flag('--stride')} must lie in [1, {length}] (the window length)", f"{flag('--stride')} {stride}",
+                         f"leave it out for non-overlapping windows, or pass e.g. {flag('--stride')} {max(1, length // 2)}")
     windows = []
     begin, previous_end = 0, 0
     while True:
@@ -97,9 +97,9 @@ def check_text_length(n_tokens: int, length: int, max_tokens: int | None = None)
     if n_tokens >= length:
         return
     if max_tokens is not None and n_tokens == max_tokens:
-        fix = f"raise --max-tokens to at least {length}, or pass --context {n_tokens} for shorter windows"
+        fix = f"raise {flag('--max-tokens')} to at least {length}, or pass {flag('--context')} {n_tokens} for shorter windows"
     else:
-        fix = f"pass a longer text, or --context {n_tokens} (or less) for shorter windows"
+        fix = f"pass a longer text, or {flag('--context')} {n_tokens} (or less) for shorter windows"
     raise UsageError(f"the text has {n_tokens} tokens, fewer than one {length}-token window", None, fix)
 
 
@@ -117,7 +117,7 @@ def check_vocabulary(tokens: torch.Tensor, vocab_size: int | None, label: str) -
     highest = int(tokens.max())
     if highest >= vocab_size:
         raise UsageError(f"the tokenizer gives token id {highest}, beyond the {vocab_size}-token vocabulary of "
-                         f"{label}", None, "pass --tokenizer DIR with the model's own tokenizer")
+                         f"{label}", None, f"pass {flag('--tokenizer')} DIR with the model's own tokenizer")
 
 
 def _device_of(model) -> torch.device:
@@ -174,7 +174,7 @@ def perplexity(model, tokens: torch.Tensor, context: int | None = None, stride: 
     nll = total_nll / scored
     if not math.isfinite(nll):
         raise NonFiniteError("the model's log-likelihood is not finite (NaN or Inf logits)", None,
-                             "evaluate in float32 (--dtype float32); check the checkpoint for NaN weights")
+                             f"evaluate in float32 ({flag('--dtype')} float32); check the checkpoint for NaN weights")
     speed = timed_tokens / (finished - timed_from) if finished > timed_from else math.inf
     return PerplexityResult(nll, scored, processed, len(windows), length, stride or length, finished - started, speed)
 
@@ -219,12 +219,12 @@ class GenerationResult:
 
 def check_generation_options(max_new_tokens: int, temperature: float, top_k: int) -> None:
     if max_new_tokens < 1:
-        raise UsageError("--max-new-tokens must be at least 1", f"--max-new-tokens {max_new_tokens}", "e.g. 50")
+        raise UsageError(f"{flag('--max-new-tokens')} must be at least 1", f"{flag('--max-new-tokens')} {max_new_tokens}", "e.g. 50")
     if not (temperature >= 0 and math.isfinite(temperature)):
-        raise UsageError("--temperature must be >= 0", f"--temperature {temperature}",
+        raise UsageError(f"{flag('--temperature')} must be >= 0", f"{flag('--temperature')} {temperature}",
                          "0 for greedy decoding, e.g. 0.8 for sampling")
     if top_k < 0:
-        raise UsageError("--top-k must be >= 0", f"--top-k {top_k}", "0 turns top-k filtering off")
+        raise UsageError(f"{flag('--top-k')} must be >= 0", f"{flag('--top-k')} {top_k}", "0 turns top-k filtering off")
 
 
 @torch.no_grad()
@@ -238,16 +238,16 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 50, tempe
     check_generation_options(max_new_tokens, temperature, top_k)
     device = torch.device(device) if device is not None else _device_of(model)
     if not prompt:
-        raise UsageError("the prompt is empty", "--prompt", "pass some text to continue, e.g. --prompt 'The'")
+        raise UsageError("the prompt is empty", flag("--prompt"), f"pass some text to continue, e.g. {flag('--prompt')} 'The'")
     encoded = tokenizer(prompt, return_tensors="pt")
     input_ids = encoded["input_ids"].to(device)  # [1, prompt_tokens]
     if input_ids.numel() == 0:
-        raise UsageError("the prompt gives no tokens", "--prompt", "pass some text to continue")
+        raise UsageError("the prompt gives no tokens", flag("--prompt"), "pass some text to continue")
     check_vocabulary(input_ids, _vocabulary_size(model), f"the {model.config.model_type} model")
     limit = model_context(model.config)
     if limit is not None and input_ids.shape[1] + max_new_tokens > limit:
-        raise UsageError(f"the prompt ({input_ids.shape[1]} tokens) plus --max-new-tokens {max_new_tokens} exceeds "
-                         f"the model's {limit}-token context", None, "shorten the prompt or lower --max-new-tokens")
+        raise UsageError(f"the prompt ({input_ids.shape[1]} tokens) plus {flag('--max-new-tokens')} {max_new_tokens} exceeds "
+                         f"the model's {limit}-token context", None, f"shorten the prompt or lower {flag('--max-new-tokens')}")
     eos = model.generation_config.eos_token_id
     eos = eos if eos is not None else tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if isinstance(eos, list) else eos)
@@ -279,7 +279,7 @@ def generate(artifact: str | Path, prompt: str, max_new_tokens: int = 50, temper
     check_device(device)
     check_generation_options(max_new_tokens, temperature, top_k)
     if not prompt:
-        raise UsageError("the prompt is empty", "--prompt", "pass some text to continue, e.g. --prompt 'The'")
+        raise UsageError("the prompt is empty", flag("--prompt"), f"pass some text to continue, e.g. {flag('--prompt')} 'The'")
     manifest = read_manifest(artifact)
     tok = load_tokenizer([Path(artifact), *_source_folders(manifest)], tokenizer)
     model = load_compressed(artifact, device, dtype, merge=merge, init=init)

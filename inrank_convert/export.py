@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifact import Artifact, TensorFileWriter, atomic_output_dir
+from .artifact import Artifact
 from .checkpoints import copy_side_files
-from .errors import UsageError
+from .errors import UsageError, flag
+from .outputs import TensorFileWriter, atomic_output_dir
 from .sources import open_artifact
 
 DENSE_WEIGHTS_FILE = "model.safetensors"
@@ -24,7 +26,7 @@ class DecompressResult:
 
 
 def decompress(artifact_path: str | Path, output: str | Path, *, force: bool = False,
-               init_override: str | Path | None = None, device: str = "cpu", on_tensor=None,
+               init: str | Path | None = None, device: str = "cpu", on_tensor: Callable[[str], None] | None = None,
                reference_only: bool = False) -> DecompressResult:
     """Write the dense model W = W_ref + B @ A as a Hugging Face folder (``from_pretrained`` loads it).
 
@@ -33,11 +35,11 @@ def decompress(artifact_path: str | Path, output: str | Path, *, force: bool = F
     its seed recipe, read from the embedded init or from the recorded path): the base model that
     ``export-peft``'s adapter goes on.
     """
-    artifact = open_artifact(artifact_path, init_override)
+    artifact = open_artifact(artifact_path, init)
     try:
         if reference_only and artifact.manifest.reference.mode == "zero":
             raise UsageError("this artifact's reference is zero (compressed with --no-init): there is no base "
-                             "model to write", str(artifact.path), "drop --reference-only to write the dense model")
+                             "model to write", str(artifact.path), f"drop {flag('--reference-only')} to write the dense model")
         config = _config(artifact)
         # Hugging Face re-ties an output embedding tied in the config; writing it again only adds bytes.
         skip_aliases = bool(config.get("tie_word_embeddings", True)) if config else False

@@ -40,10 +40,11 @@ from pathlib import Path
 import torch
 
 from .architecture import conv1d_class, meta_model
-from .artifact import Artifact, TensorFileWriter, atomic_output_dir
+from .artifact import Artifact
 from .checkpoints import SIDE_FILES, copy_side_files
 from .errors import UsageError
 from .modeling import model_config
+from .outputs import TensorFileWriter, atomic_output_dir
 from .sources import open_artifact
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -89,13 +90,13 @@ class PeftExportResult:
 
 
 def export_peft(artifact_path: str | Path, output: str | Path, *, force: bool = False,
-                init_override: str | Path | None = None) -> PeftExportResult:
+                init: str | Path | None = None) -> PeftExportResult:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for ``PeftModel.from_pretrained``.
 
     The base model is the artifact's reference: the recorded init/base folder, ``--init PATH``, or
     for a seed recipe or an embedded init the folder ``decompress --reference-only`` writes.
     """
-    artifact = open_artifact(artifact_path, init_override)
+    artifact = open_artifact(artifact_path, init)
     try:
         mode = artifact.manifest.reference.mode
         if mode == "zero":
@@ -108,12 +109,12 @@ def export_peft(artifact_path: str | Path, output: str | Path, *, force: bool = 
             with TensorFileWriter(temp / ADAPTER_WEIGHTS_FILE) as writer:
                 count = _write_tensors(writer, artifact, plan)
                 size = writer.finish()
-            config = _adapter_config(plan, _base_path(artifact, init_override))
+            config = _adapter_config(plan, _base_path(artifact, init))
             (temp / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
             # Tokenizer files go next to the adapter, as PEFT trainers save them; config.json does not (with
             # it, from_pretrained(DIR) would take the folder for a full model rather than an adapter).
             copy_side_files(artifact.path, temp, TOKENIZER_FILES)
-        return PeftExportResult(Path(output), _base_hint(artifact, init_override), plan.targets,
+        return PeftExportResult(Path(output), _base_hint(artifact, init), plan.targets,
                                 plan.modules_to_save, sorted(plan.biases), plan.unchanged, count, size,
                                 plan.notes)
     finally:
@@ -372,15 +373,15 @@ def _adapter_config(plan: _Plan, base_path: str | None) -> dict:
     return config
 
 
-def _base_path(artifact: Artifact, init_override: str | Path | None) -> str | None:
-    if init_override is not None:
-        return str(Path(init_override).resolve())
+def _base_path(artifact: Artifact, init: str | Path | None) -> str | None:
+    if init is not None:
+        return str(Path(init).resolve())
     reference = artifact.manifest.reference
     return reference.path if reference.mode == "reference" else None
 
 
-def _base_hint(artifact: Artifact, init_override: str | Path | None) -> str:
-    path = _base_path(artifact, init_override)
+def _base_hint(artifact: Artifact, init: str | Path | None) -> str:
+    path = _base_path(artifact, init)
     if path is not None:
         return path
     return f"write it with 'inrank-convert decompress {artifact.path} --reference-only -o BASE'"

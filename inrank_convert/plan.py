@@ -16,7 +16,7 @@ import torch
 
 from .architecture import config_from_dict, embedding_weight_names, meta_model
 from .checkpoints import Checkpoint, TensorInfo
-from .errors import MismatchError
+from .errors import MismatchError, flag
 from .reference import Reference
 from .spectrum import RankRule
 from .tensors import dtype_name
@@ -180,11 +180,11 @@ def make_plan(trained: Checkpoint, reference: Reference, options: PlanOptions,
         elif len(info.shape) != 2:
             entry.action, entry.reason = "dense", f"{len(info.shape)}-D tensor"
         elif options.include and not _matches(name, options.include):
-            entry.action, entry.reason = "dense", "not matched by --include"
+            entry.action, entry.reason = "dense", f"not matched by {flag('--include')}"
         elif _matches(name, options.exclude):
-            entry.action, entry.reason = "dense", "matched by --exclude"
+            entry.action, entry.reason = "dense", f"matched by {flag('--exclude')}"
         elif name in embeddings and not options.embeddings:
-            entry.action, entry.reason = "dense", "embedding (--no-embeddings)"
+            entry.action, entry.reason = "dense", f"embedding ({flag('--no-embeddings')})"
         elif entry.breakeven_rank == 0:
             entry.action, entry.reason = "dense", "too small for any rank to pay"
         entries.append(entry)

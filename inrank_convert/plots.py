@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import UsageError
+from .errors import UsageError, flag
 from .evaluate import finite_or_none
 
 if TYPE_CHECKING:
@@ -27,7 +27,7 @@ def pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise UsageError("plots need matplotlib", "--plot", "pip install 'inrank-convert[plot]'") from err
+        raise UsageError("plots need matplotlib", flag("--plot"), "pip install 'inrank-convert[plot]'") from err
     return plt
 
 

@@ -67,11 +67,6 @@ class RankController:
         full = min(layer.in_features, layer.out_features)
         return min(full, rank + self.policy.layer_buffer(layer))
 
-    def attach(self, model: nn.Module, initial_ranks: dict[str, int] | None = None) -> None:
-        """Record each layer's starting rank (from an artifact, or 0 for a fresh update)."""
-        for name, _ in low_rank_layers(model):
-            self.ranks.setdefault(name, (initial_ranks or {}).get(name, 0))
-
     def decide(self, model: nn.Module) -> dict[str, int]:
         """New rank per layer from its current spectrum: never below the current rank, and never
         grown past max_rank. Returns the layers whose width must grow: name -> new width."""

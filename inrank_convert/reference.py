@@ -16,7 +16,7 @@ import torch
 from .architecture import config_from_dict, seeded_model
 from .artifact import ReferenceMode, ReferenceRecord
 from .checkpoints import Checkpoint, FileHash, TensorInfo
-from .errors import CheckpointError, InitReferenceError, UsageError
+from .errors import CheckpointError, InitReferenceError, UsageError, flag
 from .tensors import aliases_of, dtype_name, sha256_tensor
 
 # Written by ``inrank-convert train`` into a run's step-0 folder: {"seed": N}.
@@ -138,7 +138,7 @@ class TensorsReference(Reference):
 
 def _mismatch_fix(mode: str) -> str:
     if mode == "seed":
-        return "the init is regenerated from a seed and this torch/transformers gives other values: pass --init PATH to the original init"
+        return f"the init is regenerated from a seed and this torch/transformers gives other values: pass {flag('--init')} PATH to the original init"
     return "the artifact's init.safetensors is damaged: re-compress with --embed-init"
 
 
@@ -147,7 +147,7 @@ def regenerate_seed_init(config: dict, seed: int, dtype: torch.dtype = torch.flo
     model_config = config_from_dict(config)
     if model_config is None:
         raise UsageError(f"cannot regenerate an init for model_type {config.get('model_type')!r}", "config.json",
-                         "pass --init PATH to the init checkpoint instead of --init-seed")
+                         f"pass {flag('--init')} PATH to the init checkpoint instead of {flag('--init-seed')}")
     model = seeded_model(model_config, seed)
     return {name: tensor.detach().to(dtype) for name, tensor in model.state_dict().items()}
 
@@ -182,8 +182,8 @@ def check_seed_matches(seeded: TensorsReference, init: Checkpoint, seed: int) ->
         regenerated = seeded.get(name) if name in seeded.hashes() else None
         if regenerated is None or not torch.equal(regenerated.to(tensor.dtype), tensor):
             raise InitReferenceError(
-                f"--init-seed {seed} does not regenerate the init: tensor {name!r} differs", str(init.path),
-                "check the seed, or drop --init-seed to store the init by path")
+                f"{flag('--init-seed')} {seed} does not regenerate the init: tensor {name!r} differs", str(init.path),
+                f"check the seed, or drop {flag('--init-seed')} to store the init by path")
 
 
 def read_init_recipe(folder: Path) -> int | None:

@@ -15,9 +15,9 @@ from pathlib import Path
 import torch
 
 from .artifact import Manifest, artifact_bytes, describe_artifact, is_artifact, read_manifest
-from .compress import check_device
 from .data import check_max_tokens, load_tokenizer, read_text, tokenize_text
-from .errors import CheckpointError, MismatchError, UsageError
+from .distributed import check_device
+from .errors import CheckpointError, MismatchError, UsageError, flag
 from .evaluate import (
     PerplexityResult,
     check_text_length,
@@ -106,20 +106,20 @@ class ReportResult:
 def _resolve_original(original: str | Path | None, artifact_config, manifest: Manifest,
                       notes: list[str]) -> ModelSpec | None:
     if original is not None:
-        return _original_spec(Path(original), artifact_config, manifest, notes, "--original", None)
+        return _original_spec(Path(original), artifact_config, manifest, notes, flag("--original"), None)
     source = Path(manifest.source.path)
     if manifest.source.is_training:
-        notes.append("a training checkpoint is its own original (no dense source to compare): pass --original CKPT")
+        notes.append(f"a training checkpoint is its own original (no dense source to compare): pass {flag('--original')} CKPT")
         return None
     if not source.exists():
         notes.append(f"the checkpoint this artifact was compressed from is gone ({source}): no original to compare; "
-                     "pass --original CKPT")
+                     f"pass {flag('--original')} CKPT")
         return None
     recorded = {entry.file: entry.bytes for entry in manifest.source.files}
     try:
         return _original_spec(source, artifact_config, manifest, notes, "the recorded source", recorded)
     except (CheckpointError, MismatchError) as err:  # the user did not name it: compare without it
-        notes.append(f"the recorded source is no longer usable as the original ({err.message}); pass --original CKPT")
+        notes.append(f"the recorded source is no longer usable as the original ({err.message}); pass {flag('--original')} CKPT")
         return None
 
 
@@ -152,7 +152,7 @@ def _resolve_also(path: str | Path, artifact_config, manifest: Manifest, labels:
     try:
         config = checkpoint_config(checkpoint)
         if config is None:  # no config.json: only usable as the artifact's architecture
-            check_same_architecture(checkpoint, artifact_config, manifest, f"--also {path}")
+            check_same_architecture(checkpoint, artifact_config, manifest, f"{flag('--also')} {path}")
             config = artifact_config
         size = sum(f.stat().st_size for f in checkpoint.files)
     finally:
@@ -182,9 +182,9 @@ def report(artifact: str | Path, data: str | Path, original: str | Path | None =
     check_device(device)
     check_max_tokens(max_tokens)
     if stride is not None and stride < 1:
-        raise UsageError("--stride must be at least 1", f"--stride {stride}", "leave it out for non-overlapping windows")
+        raise UsageError(f"{flag('--stride')} must be at least 1", f"{flag('--stride')} {stride}", "leave it out for non-overlapping windows")
     if context is not None and context < 2:
-        raise UsageError("the window must hold at least 2 tokens", f"--context {context}", "e.g. --context 512")
+        raise UsageError("the window must hold at least 2 tokens", f"{flag('--context')} {context}", f"e.g. {flag('--context')} 512")
     text = read_text(data)  # a missing, empty or binary file fails before any model or tokenizer is read
     artifact = Path(artifact)
     summary = describe_artifact(artifact)

@@ -23,7 +23,7 @@ from .checkpoints import (
     resolve_run,
     run_steps,
 )
-from .errors import CheckpointError, InitReferenceError, UsageError
+from .errors import CheckpointError, InitReferenceError, UsageError, flag
 from .reference import (
     CheckpointReference,
     Reference,
@@ -101,7 +101,7 @@ def reference_from_record(record: ReferenceRecord, artifact_dir: Path, init: Pat
         path = Path(record.path or "")
         if not record.path or not path.exists():
             raise InitReferenceError("the init reference this artifact was made against is missing", str(path),
-                                     "restore it, pass --init PATH, or re-compress with --embed-init")
+                                     f"restore it, pass {flag('--init')} PATH, or re-compress with --embed-init")
         checkpoint = _open_reference_checkpoint(path)
         if not verify:
             return CheckpointReference(checkpoint)
@@ -165,9 +165,9 @@ def open_inputs(source: str | Path, init: str | Path | None = None, init_seed: i
     """
     source = Path(source)
     if no_init and (init is not None or init_seed is not None):
-        raise UsageError("--no-init conflicts with --init/--init-seed", None, "pass only one reference option")
+        raise UsageError(f"{flag('--no-init')} conflicts with {flag('--init')}/{flag('--init-seed')}", None, "pass only one reference option")
     if no_init and embed_init:
-        raise UsageError("--embed-init has nothing to embed with --no-init", None, "drop one of the two options")
+        raise UsageError(f"{flag('--embed-init')} has nothing to embed with {flag('--no-init')}", None, "drop one of the two options")
     explicit = init is not None or init_seed is not None or no_init
     run_folder = None
     default_init: Path | None = None
@@ -190,7 +190,7 @@ def open_inputs(source: str | Path, init: str | Path | None = None, init_seed: i
     if reference is None:
         trained.close()
         raise UsageError("no reference given for the update", str(source),
-                         "pass --init PATH (init or base model), --init-seed N, or --no-init to factorize the weights")
+                         f"pass {flag('--init')} PATH (init or base model), {flag('--init-seed')} N, or {flag('--no-init')} to factorize the weights")
     embed_init = embed_init or reference.mode == "embedded"
     if isinstance(reference, CheckpointReference):
         paths.append(Path(reference.checkpoint.path))
@@ -213,8 +213,8 @@ def _open_reference(trained: Checkpoint, init: str | Path | None, init_seed: int
         return CheckpointReference(init_checkpoint)
     config = trained.config() or (init_checkpoint.config() if init_checkpoint is not None else None)
     if config is None:
-        raise UsageError("--init-seed needs the model's config.json beside the checkpoint", str(trained.path),
-                         "put config.json next to the weights, or pass --init PATH")
+        raise UsageError(f"{flag('--init-seed')} needs the model's config.json beside the checkpoint", str(trained.path),
+                         f"put config.json next to the weights, or pass {flag('--init')} PATH")
     if init_checkpoint is None:
         return seed_reference(config, seed)
     with init_checkpoint:

@@ -65,9 +65,9 @@ class VerifyResult:
                 "source": self.source_message, "layers": [layer.to_json() for layer in self.layers]}
 
 
-def verify_artifact(path: str | Path, init_override: str | Path | None = None,
+def verify_artifact(path: str | Path, init: str | Path | None = None,
                     source: str | Path | None = None) -> VerifyResult:
-    artifact = open_artifact(path, init_override)
+    artifact = open_artifact(path, init)
     try:
         bad = [name for name, expected in artifact.manifest.checksums.items()
                if checksum(artifact.stored(name)) != expected]

@@ -32,6 +32,7 @@ def test_compress_and_inspect_json_agree(tmp_path, gpt2_pair):
     for key in ("original_bytes", "compressed_bytes", "ratio", "reference", "layers"):
         assert key in compressed
     assert compressed["reference"] == "reference"
+    assert compressed["layers"]
     assert all(LAYER_KEYS <= set(layer) for layer in compressed["layers"])
     assert {layer["kind"] for layer in compressed["layers"]} <= {"lowrank", "dense", "zero"}
     inspected = run_json("inspect", out)
@@ -83,6 +84,7 @@ def test_spectrum_ranks_match_compress(tmp_path, llama_pair):
     compressed = run_json("compress", llama_pair.trained_dir, "--init", llama_pair.init_dir, "-o", tmp_path / "o",
                           "--threshold", "0.8")
     ranks = {layer["name"]: layer["rank"] for layer in compressed["layers"] if layer["kind"] == "lowrank"}
+    assert ranks and set(ranks) <= {layer["name"] for layer in spectrum["layers"]}
     for layer in spectrum["layers"]:
         if layer["name"] in ranks:
             assert layer["ranks"]["0.8"] == ranks[layer["name"]], layer["name"]
@@ -93,6 +95,7 @@ def test_decompress_and_verify(tmp_path, llama_pair):
     run("compress", llama_pair.trained_dir, "--init", llama_pair.init_dir, "-o", out, "-q")
     verified = run_json("verify", out)
     assert verified["ok"] and verified["checksums_ok"] and verified["reference_ok"] and verified["source_checked"]
+    assert verified["layers"]
     for layer in verified["layers"]:
         assert layer["measured_error"] == pytest.approx(layer["expected_error"], rel=1e-3, abs=1e-6)
     assert "verify: OK" in run("verify", out).stdout

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from inrank_convert import PlanOptions, RankRule, compress
 from inrank_convert.artifact import describe_artifact, read_manifest
 from inrank_convert.data import load_tokenizer, read_text, read_text_tokens
-from inrank_convert.errors import UsageError
+from inrank_convert.errors import UsageError, cli_flags
 from inrank_convert.evaluate import generate_text, perplexity, plan_windows
 from inrank_convert.modeling import load_compressed, load_dense, model_config
 from inrank_convert.report import report
@@ -120,7 +120,11 @@ def test_windows_score_each_token_at_most_once(n, length, stride):
 
 @pytest.mark.parametrize("stride", [0, -3, 129])
 def test_bad_stride_is_refused(stride):
-    with pytest.raises(UsageError, match="--stride"):
+    # Called from Python the message names the parameter; under a CLI command with --stride, the flag.
+    with pytest.raises(UsageError, match="stride") as refused:
+        plan_windows(512, 128, stride)
+    assert "--" not in refused.value.message
+    with cli_flags({"--stride"}), pytest.raises(UsageError, match="--stride"):
         plan_windows(512, 128, stride)
 
 
@@ -255,7 +259,9 @@ def test_tokenizers_from_every_source_agree(models):
 
 
 def test_no_tokenizer_suggests_the_option(tmp_path):
-    with pytest.raises(UsageError, match="--tokenizer"):
+    with cli_flags({"--tokenizer"}), pytest.raises(UsageError, match="--tokenizer"):
+        load_tokenizer([tmp_path])
+    with pytest.raises(UsageError, match="pass tokenizer DIR"):  # from Python: the parameter, not a flag
         load_tokenizer([tmp_path])
     with pytest.raises(UsageError, match="no tokenizer files"):
         load_tokenizer([tmp_path], tmp_path)

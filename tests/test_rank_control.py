@@ -38,8 +38,8 @@ def test_growth_leaves_the_function_and_grows_adam_state():
 def test_controller_ranks_grow_never_shrink_and_respect_max_rank():
     generator = torch.Generator().manual_seed(2)
     model = nn.Sequential(LowRankLinear(torch.randn(8, 64, generator=generator), torch.randn(64, 8, generator=generator)))
-    controller = RankController(RankPolicy(criterion="energy", threshold=0.99, buffer=4, warmup=0, every=1, max_rank=6))
-    controller.attach(model, {"0": 2})
+    controller = RankController(RankPolicy(criterion="energy", threshold=0.99, buffer=4, warmup=0, every=1, max_rank=6),
+                                {"0": 2})
     growth = controller.decide(model)
     assert controller.ranks["0"] == 6  # a full-rank-8 spectrum needs more than 6: capped
     assert growth == {"0": 10}
@@ -56,7 +56,8 @@ def test_controller_ranks_grow_never_shrink_and_respect_max_rank():
 def test_a_layer_that_starts_above_max_rank_keeps_its_rank():
     generator = torch.Generator().manual_seed(3)
     model = nn.Sequential(LowRankLinear(torch.randn(10, 64, generator=generator), torch.randn(64, 10, generator=generator)))
-    controller = RankController(RankPolicy(criterion="energy", threshold=0.99, buffer=2, warmup=0, every=1, max_rank=4))
-    controller.attach(model, {"0": 10})  # e.g. an artifact compressed at a high threshold
+    # A starting rank above the cap, e.g. an artifact compressed at a high threshold.
+    controller = RankController(RankPolicy(criterion="energy", threshold=0.99, buffer=2, warmup=0, every=1, max_rank=4),
+                                {"0": 10})
     assert controller.decide(model) == {"0": 12}  # keeps its buffer, never shrinks to the cap
     assert controller.ranks["0"] == 10

@@ -23,15 +23,10 @@ from inrank_convert.data import TokenBatches, cached_tokens, load_tokenizer
 from inrank_convert.distributed import World
 from inrank_convert.modeling import load_compressed
 from inrank_convert.rank_control import RankController, RankPolicy, factorize_model, low_rank_layers
-from inrank_convert.train_state import METRICS_FILE, read_metrics
-from inrank_convert.training import (
-    TrainOptions,
-    _grow,
-    batch_loss,
-    learning_rate,
-    resume,
-    train,
-)
+from inrank_convert.runs import METRICS_FILE, read_metrics
+from inrank_convert.train_loop import batch_loss, decide_ranks
+from inrank_convert.train_options import TrainOptions, learning_rate
+from inrank_convert.training import resume, train
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"
@@ -232,7 +227,7 @@ def test_growing_the_factors_leaves_the_function_unchanged(config_path):
     session = SimpleNamespace(controller=RankController(policy, ranks), model=model, optimizer=optimizer,
                               world=World(), options=options(), step=1, wrap=lambda: None)
     widths = [layer.rank for _, layer in low_rank_layers(model)]
-    _grow(session)
+    decide_ranks(session)
     grown = [layer.rank for _, layer in low_rank_layers(model)]
     assert all(g > w for g, w in zip(grown, widths, strict=True))
     assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-6)

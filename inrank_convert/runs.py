@@ -1,6 +1,8 @@
-"""Training checkpoints on disk: a model folder that every other command reads, plus the state
-that makes a resume exact.
+"""Run folders on disk: creating them, the training checkpoints in them (a model folder that every
+other command reads, plus the state that makes a resume exact) and their metrics.
 
+    RUN/step-0/                 where the run starts: the init model folder (train; with its seed
+                                recipe when seeded), or a checkpoint of the artifact it resumed from
     RUN/step-N/                 written whole into a temp folder, then renamed (a SIGKILL leaves
                                 the previous checkpoints as they were, never a half-written one)
       inrank.safetensors        InRank runs: an artifact (factors at their full width r + buffer)
@@ -10,12 +12,17 @@ that makes a resume exact.
         trainer_state.json      step, options, rank-controller state, tokenizer fingerprint
         state.safetensors       optimizer moments (by parameter name) and RNG states; no pickle
     RUN/metrics.jsonl           one JSON object per logged step
+    RUN/cache/                  a copy of an embedded init; token caches when home is not writable
+
+One module for the layout, so that the loop (which saves) and resume (which reads back) agree on it.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import time
 from pathlib import Path
 
 import torch
@@ -28,11 +35,12 @@ from .artifact import (
     RuleRecord,
     SourceRecord,
     TrainingRecord,
-    atomic_output_dir,
 )
 from .checkpoints import run_steps
-from .errors import CheckpointError
+from .distributed import World, barrier
+from .errors import CheckpointError, OutputError
 from .layers import LowRankLinear
+from .outputs import atomic_output_dir
 from .tensors import storage_key, without_aliases
 
 STATE_DIR = "train_state"
@@ -42,6 +50,8 @@ METRICS_FILE = "metrics.jsonl"
 OPTIMIZER_PREFIX = "optimizer."
 RNG_PREFIX = "rng."
 
+
+# --- run folders ------------------------------------------------------------------------------
 
 def step_folder(run: Path, step: int) -> Path:
     return Path(run) / f"step-{step}"
@@ -59,6 +69,62 @@ def latest_checkpoint(run: Path) -> Path:
                               str(run), "resume from an artifact or a model folder with -o, or train from scratch")
     return complete[-1]
 
+
+def ensure_writable_run(run: Path) -> None:
+    """Create the run folder if needed and prove that it takes files, before any work goes into it."""
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        probe = run / f".inrank-write-test-{int(time.time() * 1e6)}"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise OutputError(f"cannot write the run folder ({err.strerror})", str(run), "choose a writable -o location") from err
+
+
+def _check_new_run(run: Path) -> None:
+    """Refuse an occupied -o. Every process checks before any creates it: a refusal on rank 0 alone
+    would leave the others waiting at the next collective."""
+    if run.exists() and not run.is_dir():
+        raise OutputError("the run folder path is a file, not a folder", str(run), "choose another -o")
+    if run.exists() and any(run.iterdir()):
+        raise OutputError("the run folder exists and is not empty", str(run),
+                          f"continue it with 'inrank-convert resume {run} ...', or choose another -o")
+
+
+def start_run(run: Path, world: World, copy_from: tuple[Path, Path] | None = None) -> None:
+    """Create the new run folder (on rank 0), optionally as a copy of (source run, checkpoint)."""
+    _check_new_run(run)
+    barrier(world)
+    if world.is_main:
+        ensure_writable_run(run)
+        if copy_from is not None:
+            _copy_run(*copy_from, run)
+    barrier(world)
+
+
+def _copy_run(source: Path, checkpoint: Path, target: Path) -> None:
+    """Fill ``target`` with a copy of the source run up to ``checkpoint`` (init and checkpoint)."""
+    steps = run_steps(source)
+    if steps and steps[0][1] != checkpoint:
+        shutil.copytree(steps[0][1], target / steps[0][1].name)
+    shutil.copytree(checkpoint, target / checkpoint.name)
+
+
+def token_cache_dir(run: Path) -> Path:
+    """Where token caches live: $INRANK_CONVERT_CACHE, else ~/.cache/inrank-convert/tokens (shared by
+    runs, so a text is tokenized once per tokenizer), else the run folder when home is not writable."""
+    configured = os.environ.get("INRANK_CONVERT_CACHE")
+    if configured:
+        return Path(configured)
+    home = Path.home() / ".cache" / "inrank-convert" / "tokens"
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        return home
+    except OSError:
+        return run / "cache"
+
+
+# --- checkpoints ------------------------------------------------------------------------------
 
 def add_model_tensors(writer: ArtifactWriter, model: nn.Module) -> int:
     """Store the model's tensors with ``writer``; returns the dense bytes they stand for.
@@ -169,6 +235,8 @@ def load_optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, t
                                       f"{list(param.shape)}", None, "the checkpoint is damaged")
         optimizer.state[param] = {key: value if key == "step" else value.to(param.device) for key, value in state.items()}
 
+
+# --- metrics ----------------------------------------------------------------------------------
 
 def read_metrics(run: Path) -> list[dict]:
     path = Path(run) / METRICS_FILE

@@ -1,0 +1,41 @@
+"""The artifact on disk (format version 1, DESIGN §3): the typed manifest, the one writer, the reader.
+
+Layout of an artifact folder ``OUT/``::
+
+    inrank.safetensors   factors (``name.lora_B`` [rows, r], ``name.lora_A`` [r, cols]) and
+                         dense-stored tensors; header metadata key ``inrank`` = JSON manifest
+    init.safetensors     the reference tensors, only with --embed-init
+    config.json, generation_config.json, tokenizer files: copied from the source
+
+This package is the only place that knows file names, tensor-name suffixes and manifest keys:
+every other module builds and reads the manifest through ``Manifest`` / ``TensorEntry``
+(``manifest.py``), writes artifacts through ``ArtifactWriter`` (``writer.py``) and reads them
+through ``read_manifest`` / ``Artifact`` (``reader.py``).
+"""
+
+from .manifest import (
+    ARTIFACT_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    INIT_FILE,
+    REFERENCE_MODES,
+    TENSOR_KINDS,
+    Manifest,
+    ReferenceMode,
+    ReferenceRecord,
+    RuleRecord,
+    SourceRecord,
+    TensorEntry,
+    TensorKind,
+    TrainingRecord,
+    factor_names,
+)
+from .reader import Artifact, ReferenceTensors, artifact_bytes, describe_artifact, is_artifact, read_manifest
+from .writer import ArtifactWriter, manifest_metadata
+
+__all__ = [
+    "ARTIFACT_FILE", "FORMAT_NAME", "FORMAT_VERSION", "INIT_FILE", "REFERENCE_MODES", "TENSOR_KINDS", "Artifact",
+    "ArtifactWriter", "Manifest", "ReferenceMode", "ReferenceRecord", "ReferenceTensors", "RuleRecord",
+    "SourceRecord", "TensorEntry", "TensorKind", "TrainingRecord", "artifact_bytes", "describe_artifact",
+    "factor_names", "is_artifact", "manifest_metadata", "read_manifest",
+]

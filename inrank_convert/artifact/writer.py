@@ -1,0 +1,170 @@
+"""ArtifactWriter: the one way an artifact folder is written (compress and training checkpoints)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoints import TensorInfo, copy_side_files
+from ..errors import ArtifactError
+from ..outputs import TensorFileWriter, atomic_output_dir, link_or_copy
+from ..tensors import sha256_tensor
+from .manifest import (
+    ARTIFACT_FILE,
+    INIT_FILE,
+    MANIFEST_KEY,
+    Manifest,
+    ReferenceRecord,
+    RuleRecord,
+    SourceRecord,
+    TensorEntry,
+    factor_names,
+)
+from .reader import artifact_bytes
+
+
+class ArtifactWriter:
+    """The one way an artifact is written: ``compress`` and training checkpoints both use it.
+
+        with ArtifactWriter(OUT, force=..., inputs=...) as writer:
+            writer.add_lowrank(name, B, A, ...)      # or add_dense / add_zero / add_alias
+            writer.add_reference_tensor(name, W_ref)  # with --embed-init
+            writer.finish(source=..., reference=..., rule=..., original_bytes=...)
+
+    Everything goes into a temporary folder (``writer.folder``, where callers may add files of
+    their own: side files, training state) renamed into place when the block ends without an
+    exception; an exception, or a block that never called ``finish``, leaves no output at all.
+    """
+
+    def __init__(self, output: str | Path, *, force: bool = False, inputs: tuple[Path, ...] = (),
+                 embed_reference: bool = False):
+        self.output = Path(output)
+        self._force = force
+        self._inputs = inputs
+        self._embed_reference = embed_reference  # write init.safetensors even if no tensor needs it
+        self._folder_context = None
+        self.folder: Path | None = None
+        self._tensors: TensorFileWriter | None = None
+        self._init: TensorFileWriter | None = None
+        self._init_hashes: dict[str, str] = {}
+        self._linked_init = False
+        self.entries: dict[str, TensorEntry] = {}
+        self.manifest: Manifest | None = None
+        self.bytes = 0
+
+    def __enter__(self) -> ArtifactWriter:
+        self._folder_context = atomic_output_dir(self.output, self._force, self._inputs)
+        self.folder = self._folder_context.__enter__()
+        try:
+            self._tensors = TensorFileWriter(self.folder / ARTIFACT_FILE)
+            if self._embed_reference:
+                self._init = TensorFileWriter(self.folder / INIT_FILE)
+        except BaseException:
+            self._folder_context.__exit__(*sys.exc_info())
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, traceback) -> bool:
+        unfinished = exc_type is None and self.manifest is None
+        if unfinished:  # a caller's bug: never rename a folder without a manifest into place
+            exc = ArtifactError("the artifact was not finished", str(self.output), "this is a bug in inrank-convert")
+            exc_type, traceback = ArtifactError, None
+        if exc_type is None:
+            self._folder_context.__exit__(None, None, None)
+            return False
+        for writer in (self._tensors, self._init):
+            if writer is not None:
+                writer.abort()
+        self._folder_context.__exit__(exc_type, exc, traceback)  # removes the temporary folder
+        if unfinished:
+            raise exc
+        return False
+
+    # -- tensors
+
+    def _add_entry(self, name: str, entry: TensorEntry) -> TensorEntry:
+        if name in self.entries:
+            raise ValueError(f"tensor {name!r} added twice")
+        self.entries[name] = entry
+        return entry
+
+    def add_lowrank(self, name: str, B: torch.Tensor, A: torch.Tensor, *, shape: tuple[int, ...],
+                    dtype: torch.dtype, energy: float = 1.0, original_bytes: int | None = None,
+                    svd: str | None = None) -> TensorEntry:
+        """``W ~= W_ref + B @ A``: B [rows, r], A [r, cols] in the stored orientation."""
+        b_name, a_name = factor_names(name)
+        stored = self._tensors.add(b_name, B) + self._tensors.add(a_name, A)
+        nbytes = original_bytes if original_bytes is not None else TensorInfo(name, tuple(shape), dtype).nbytes
+        return self._add_entry(name, TensorEntry("lowrank", tuple(shape), dtype, A.shape[0], energy, stored,
+                                                 nbytes, svd))
+
+    def add_dense(self, name: str, tensor: torch.Tensor, *, dtype: torch.dtype | None = None,
+                  rank: int | None = None, svd: str | None = None) -> TensorEntry:
+        """The tensor whole. ``rank``/``svd``: a factorized tensor whose low rank did not pay."""
+        stored = self._tensors.add(name, tensor)
+        return self._add_entry(name, TensorEntry("dense", tuple(tensor.shape), dtype or tensor.dtype, rank, 1.0,
+                                                 stored, stored, svd))
+
+    def add_zero(self, name: str, *, shape: tuple[int, ...], dtype: torch.dtype, energy: float,
+                 original_bytes: int | None = None, svd: str | None = None) -> TensorEntry:
+        """An update of rank 0: the tensor equals its reference; nothing is stored."""
+        nbytes = original_bytes if original_bytes is not None else TensorInfo(name, tuple(shape), dtype).nbytes
+        return self._add_entry(name, TensorEntry("zero", tuple(shape), dtype, 0, energy, 0, nbytes, svd))
+
+    def add_alias(self, name: str, of: str, *, shape: tuple[int, ...], dtype: torch.dtype) -> TensorEntry:
+        """``name`` is the tensor ``of`` under a second name (tied weights): stored once."""
+        return self._add_entry(name, TensorEntry("alias", tuple(shape), dtype, of=of))
+
+    def add_reference_tensor(self, name: str, tensor: torch.Tensor) -> str:
+        """Store the reference of ``name`` in ``init.safetensors`` (--embed-init); returns its hash."""
+        if self._linked_init:
+            raise ValueError("the embedded init was linked whole: no tensors can be added to it")
+        if self._init is None:
+            self._init = TensorFileWriter(self.folder / INIT_FILE)
+        self._init.add(name, tensor)
+        self._init_hashes[name] = sha256_tensor(tensor)
+        return self._init_hashes[name]
+
+    def link_reference_file(self, file: Path) -> None:
+        """Carry an existing embedded init (a training run's) into this artifact unchanged."""
+        if self._init is not None:
+            raise ValueError("reference tensors were added already")
+        link_or_copy(Path(file), self.folder / INIT_FILE)
+        self._linked_init = True
+
+    def copy_side_files(self, source_dir: Path | None) -> list[str]:
+        return copy_side_files(source_dir, self.folder)
+
+    # -- the manifest
+
+    def finish(self, *, source: SourceRecord, reference: ReferenceRecord, rule: RuleRecord, original_bytes: int,
+               order: list[str] | None = None, **made_with: Any) -> Manifest:
+        """Write the tensor file with its manifest. ``order`` lists every name in the source's order
+        (a decompressed checkpoint lists names as the original did); ``made_with`` fills the
+        manifest's svd / factor_dtype / embeddings / include / exclude / training fields.
+        Reference tensors added with ``add_reference_tensor`` make the reference ``embedded``."""
+        if order is not None:
+            if set(order) != set(self.entries):
+                missing = sorted(set(order) ^ set(self.entries))
+                raise ValueError(f"order and entries differ: {missing[:3]}")
+            entries = {name: self.entries[name] for name in order}
+        else:
+            entries = dict(self.entries)
+        if self._init is not None:
+            self._init.finish()
+            reference = ReferenceRecord("embedded", file=INIT_FILE, tensors=dict(self._init_hashes), source=reference)
+        manifest = Manifest(source, reference, rule, entries, original_bytes, **made_with)
+        manifest.checksums = dict(self._tensors.checksums)
+        self._tensors.finish(manifest_metadata(manifest))
+        self.manifest = manifest
+        self.bytes = artifact_bytes(self.folder)
+        return manifest
+
+
+def manifest_metadata(manifest: Manifest) -> dict[str, str]:
+    """The safetensors header metadata of an artifact file."""
+    return {"format": "pt", MANIFEST_KEY: json.dumps(manifest.to_json(), separators=(",", ":"))}

@@ -1,0 +1,140 @@
+"""What a training run is asked and what it reports: ``TrainOptions`` (stored in every checkpoint,
+so a resumed run reuses them), their validation, the learning-rate schedule they define, and
+``TrainResult``.
+
+Kept apart from the loop: the CLI builds and checks options before any training starts, and the
+schedule has one definition that the loop, the metrics and the tests share.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from .distributed import check_device
+from .errors import UsageError, flag
+from .rank_control import RankPolicy
+from .spectrum import CRITERIA
+from .tensors import COMPUTE_DTYPES
+
+MODES = ("dense", "inrank")
+
+
+@dataclass
+class TrainOptions:
+    """Everything that decides a run. Stored in every checkpoint; a resumed run reuses it."""
+
+    data: str = ""
+    steps: int = 0  # total optimizer steps of the run
+    val_data: str | None = None
+    mode: str = "dense"
+    efficient: bool = False
+    freeze_dense: bool = False
+    lr: float = 1e-3
+    min_lr: float | None = None  # default lr / 10
+    warmup: int | None = None  # default min(100, steps // 10)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    batch_size: int = 16  # sequences per optimizer step, over all processes
+    block_size: int | None = None  # default min(256, the model's context)
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"  # autocast dtype; parameters and optimizer state stay float32
+    save_every: int | None = None  # default: only at the end
+    eval_every: int | None = None  # default: at each save and at the end (with val_data)
+    eval_blocks: int = 32
+    log_every: int = 10
+    tokenizer: str | None = None
+    criterion: str = "inrank"
+    threshold: float = 0.9
+    buffer: int = 100
+    rank_warmup: int = 200
+    rank_every: int = 25
+    max_rank: int | None = None
+
+    def policy(self) -> RankPolicy:
+        return RankPolicy(self.criterion, self.threshold, self.buffer, self.rank_warmup, self.rank_every, self.max_rank)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict) -> TrainOptions:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    start_step: int
+    step: int
+    loss: float | None
+    val_loss: float | None
+    checkpoints: list[Path]
+    interrupted: bool
+    ranks: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    process_rank: int = 0  # under torchrun, only process 0 reports
+
+    @property
+    def total_rank(self) -> int:
+        return sum(self.ranks.values())
+
+    def to_json(self) -> dict:
+        return {"run": str(self.run), "start_step": self.start_step, "step": self.step, "loss": self.loss,
+                "val_loss": self.val_loss, "checkpoints": [str(p) for p in self.checkpoints],
+                "interrupted": self.interrupted, "total_rank": self.total_rank, "ranks": self.ranks,
+                "seconds": round(self.seconds, 3), "tokens_per_second": round(self.tokens_per_second, 1)}
+
+
+def check_options(options: TrainOptions) -> None:
+    def bad(what: str, option: str, fix: str):
+        raise UsageError(what, option, fix)
+
+    if options.steps <= 0:
+        bad(f"{flag('--steps')} must be a positive number of optimizer steps", f"{flag('--steps')} {options.steps}", f"e.g. {flag('--steps')} 1000")
+    if not options.data:
+        bad("no training text given", flag("--data"), f"pass {flag('--data')} FILE (a text file or a folder of them)")
+    if options.mode not in MODES:
+        bad(f"unknown mode {options.mode!r}", flag("--mode"), "choose dense or inrank")
+    if options.efficient and options.mode != "inrank":
+        bad(f"{flag('--efficient')} is an InRank option", f"{flag('--mode')} dense", f"pass {flag('--mode')} inrank with {flag('--efficient')}")
+    if options.dtype not in COMPUTE_DTYPES:
+        bad(f"unknown dtype {options.dtype!r}", flag("--dtype"), f"choose one of {', '.join(COMPUTE_DTYPES)}")
+    if options.criterion not in CRITERIA:
+        bad(f"unknown criterion {options.criterion!r}", flag("--criterion"), f"choose one of {', '.join(CRITERIA)}")
+    if not 0.0 < options.threshold <= 1.0:
+        bad(f"{flag('--threshold')} must be in (0, 1]", f"{flag('--threshold')} {options.threshold}", f"e.g. {flag('--threshold')} 0.9")
+    for name in ("batch_size", "grad_accum", "log_every", "eval_blocks", "rank_every", "buffer"):
+        if getattr(options, name) < 1:
+            bad(f"--{name.replace('_', '-')} must be at least 1", f"--{name.replace('_', '-')} {getattr(options, name)}",
+                "pass a positive number")
+    for name in ("save_every", "eval_every", "max_rank", "block_size"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            bad(f"--{name.replace('_', '-')} must be at least 1", f"--{name.replace('_', '-')} {value}", "pass a positive number")
+    if options.rank_warmup < 0 or (options.warmup is not None and options.warmup < 0):
+        bad("warmup steps cannot be negative", f"{flag('--warmup')}/{flag('--rank-warmup')}", "pass 0 or more")
+    if options.lr <= 0 or options.grad_clip < 0 or options.weight_decay < 0:
+        bad(f"{flag('--lr')} must be positive, {flag('--grad-clip')} and {flag('--weight-decay')} not negative", f"{flag('--lr')} {options.lr}", "check the values")
+    if options.batch_size % options.grad_accum:
+        bad(f"{flag('--batch-size')} must be a multiple of {flag('--grad-accum')}", f"{flag('--batch-size')} {options.batch_size} {flag('--grad-accum')} "
+            f"{options.grad_accum}", f"e.g. {flag('--batch-size')} 16 {flag('--grad-accum')} 4")
+    device = options.device
+    check_device(device)
+    if options.dtype == "float16" and not device.startswith("cuda"):
+        bad("float16 autocast needs CUDA", f"{flag('--dtype')} float16", f"use {flag('--dtype')} bfloat16 or float32 on the CPU")
+
+
+def learning_rate(options: TrainOptions, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (1-based): linear warmup, then cosine to min_lr."""
+    warmup = options.warmup if options.warmup is not None else min(100, options.steps // 10)
+    min_lr = options.min_lr if options.min_lr is not None else options.lr / 10
+    if warmup and step <= warmup:
+        return options.lr * step / warmup
+    progress = (step - warmup) / max(1, options.steps - warmup)
+    return min_lr + 0.5 * (options.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))
