@@ -78,6 +78,7 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowr
     modules = dict(model.named_modules())
     state = model.state_dict(keep_vars=True)
     covered: set[str] = set()
+    filled_storage: set[tuple[int, int]] = set()  # tensors holding their final values
     for name, entry in artifact.tensors.items():
         covered.add(name)
         if entry.is_alias:
@@ -102,6 +103,19 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowr
         else:
             with torch.no_grad():
                 target.copy_(artifact.reconstruct(name))
+            filled_storage.add(storage_key(target))
+    # An alias is one value stored under two names. When the model ties the two (GPT-2's lm_head
+    # and wte) filling one filled both; when it does not (equal values in an untied model, or a
+    # canonical swapped out for a LowRankLinear) the alias's own parameter must be filled too.
+    for name, of in artifact.manifest.aliases().items():
+        target = state.get(name)
+        if target is None or tuple(target.shape) != artifact.tensors[of].shape:
+            raise ArtifactError(f"tied tensor {name!r} has no place in a {model.config.model_type} model",
+                                str(artifact.path), "the artifact's config.json does not match its tensors")
+        if storage_key(target) not in filled_storage:
+            with torch.no_grad():
+                target.copy_(artifact.reconstruct(name))
+            filled_storage.add(storage_key(target))
     missing = unfilled_tensors(state, covered)
     if missing:
         raise ArtifactError(f"artifact lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:3])}",

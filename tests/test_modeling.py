@@ -100,3 +100,40 @@ def test_cuda_logits_match_cpu(tmp_path, llama_pair):
     gpu = load_compressed(out, device="cuda")
     with torch.no_grad():
         assert torch.allclose(gpu(TOKENS.cuda()).logits.cpu(), cpu, atol=1e-3)
+
+
+@pytest.mark.parametrize("factorized", [False, True])
+def test_equal_but_untied_tensors_are_both_filled(tmp_path, factorized):
+    """An untied LLaMA whose head equals its embedding: compress stores one as an alias of the other
+    (value tie), and load_compressed must still fill both parameters, whether the canonical one is
+    stored dense or swapped out for a LowRankLinear."""
+    from safetensors.torch import save_file
+
+    from tests.conftest import build_model, llama_config
+
+    config = llama_config()  # tie_word_embeddings=False
+    model = build_model(config, 3)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    state["model.embed_tokens.weight"] = state["lm_head.weight"].clone()  # equal values, separate storage
+    folder = tmp_path / "untied"
+    model.config.save_pretrained(folder)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "out"
+    rule = RankRule("energy", 1.0, fixed_rank=4) if factorized else RankRule("energy", 1.0)
+    result = compress(folder, out, no_init=True, options=PlanOptions(rule=rule))
+    assert len(result.tied) == 1  # the value tie was found
+    canonical = next(iter(result.tied.values()))
+    assert (next(layer for layer in result.layers if layer.name == canonical).kind == "lowrank") == factorized
+    expected = build_model(config, 3)
+    expected.load_state_dict(state if not factorized else _decompressed_state(out, tmp_path))
+    loaded = load_compressed(out)
+    assert torch.allclose(logits(loaded), logits(expected.eval()), atol=1e-4)
+    embedding = loaded.get_input_embeddings().weight
+    assert torch.allclose(embedding, expected.get_input_embeddings().weight, atol=1e-5)
+
+
+def _decompressed_state(out, tmp_path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    decompress(out, tmp_path / "dense")
+    return load_file(tmp_path / "dense" / "model.safetensors")

@@ -282,3 +282,7 @@ class Manifest:
                 extra={key: value for key, value in values.items() if key not in known})
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ArtifactError(f"corrupt manifest ({type(err).__name__}: {err})", where, "re-run compress") from err
+        except ArtifactError as err:
+            if err.where is not None:
+                raise
+            raise ArtifactError(err.what, where, err.fix) from err  # name the file (parse_dtype cannot)
