@@ -11,6 +11,7 @@ import torch
 from .compress import load_update, plan_compression, planned_work
 from .distributed import check_device
 from .errors import UsageError, flag
+from .forms import effective_threshold
 from .plan import Plan, PlanOptions
 from .sources import open_inputs
 from .spectrum import RankRule, choose_rank
@@ -73,7 +74,10 @@ def spectrum_report(source: str | Path, thresholds: list[float], criterion: str 
         for _, entry in planned_work(plan, inputs, actions=("factorize",)):
             delta, total = load_update(inputs, entry, device)  # [rows, cols]
             values = torch.linalg.svdvals(delta.double() if options.float64 else delta).float().cpu()
-            ranks = {t: choose_rank(values, total, RankRule(criterion, t)) for t in thresholds}
+            # The rank compress keeps for a low-rank form (forms.py: a dominant component raises the rule).
+            ranks = {t: choose_rank(values, total, RankRule(criterion, t if criterion != "energy"
+                                                           else effective_threshold(values, total, t)[1]))
+                     for t in thresholds}
             layers.append(LayerSpectrum(entry.name, entry.shape, total, values[:SPECTRUM_VALUES_KEPT].tolist(), ranks))
             if on_layer is not None:
                 on_layer(entry.name)

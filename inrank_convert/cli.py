@@ -111,13 +111,14 @@ class _PlanProgress:
             self._advance(label)
 
 
-def _plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, include, exclude, float64, seed):
+def _plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, include, exclude, float64, seed,
+                  quantize=None):
     from .plan import PlanOptions
     from .spectrum import RankRule
 
     return PlanOptions(rule=RankRule(criterion, threshold, rank), engine=svd, device=device,
                        factor_dtype=_dtype(dtype), embeddings=embeddings, include=tuple(include or ()),
-                       exclude=tuple(exclude or ()), float64=float64, seed=seed)
+                       exclude=tuple(exclude or ()), float64=float64, seed=seed, quantize=quantize)
 
 
 @app.command("compress")
@@ -134,7 +135,11 @@ def compress_command(
     rank: Annotated[int | None, typer.Option("--rank", help="Fixed rank for every factorized tensor (clipped).")] = None,
     svd: Annotated[str, typer.Option("--svd", help="auto | exact | randomized.")] = "auto",
     device: DeviceOpt = "cpu",
-    dtype: Annotated[str | None, typer.Option("--dtype", help="Factor dtype: float32, float16, bfloat16 (default: source).")] = None,
+    dtype: Annotated[str | None, typer.Option(
+        "--dtype", help="Store factors and rows as float32, float16 or bfloat16 (default: bfloat16 below threshold 1, "
+                        "the source dtype at 1).")] = None,
+    quantize: Annotated[str | None, typer.Option(
+        "--quantize", help="int8: factors and rows as int8, one float scale per rank-1 component and per row.")] = None,
     embeddings: EmbeddingsOpt = True,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -152,7 +157,8 @@ def compress_command(
     from .compress import check_options, compress, plan_compression
     from .sources import open_inputs
 
-    options = _plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, include, exclude, float64, seed)
+    options = _plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, include, exclude, float64, seed,
+                            quantize)
     if dry_run:
         check_options(options)
         inputs = open_inputs(ckpt, init, init_seed, no_init, embed_init)

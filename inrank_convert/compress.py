@@ -16,12 +16,14 @@ from pathlib import Path
 import torch
 
 from .artifact import ArtifactWriter, RuleRecord, SourceRecord, TensorEntry, TensorKind
+from .artifact.storage import QUANTIZE_SCHEMES, element_bytes, round_trip, vector_overhead
 from .distributed import check_device
 from .errors import NonFiniteError, UsageError, flag
+from .forms import Costs, choose_form, stored_error
 from .outputs import check_output_free
 from .plan import Plan, PlanOptions, TensorPlan, make_plan
 from .sources import Inputs, open_inputs
-from .spectrum import CRITERIA, ENGINES, factorize, frobenius_energy, stored_as_lowrank
+from .spectrum import CRITERIA, ENGINES, frobenius_energy
 from .tensors import dtype_name
 
 
@@ -110,7 +112,30 @@ def check_options(options: PlanOptions) -> None:
     if options.engine == "randomized" and rule.criterion == "inrank" and rule.fixed_rank is None:
         raise UsageError("the inrank criterion needs the full spectrum, which the randomized SVD does not compute",
                          f"{flag('--svd')} randomized {flag('--criterion')} inrank", f"use {flag('--svd')} exact or auto, or {flag('--criterion')} energy")
+    if options.quantize is not None and options.quantize not in QUANTIZE_SCHEMES:
+        raise UsageError(f"unknown quantization scheme {options.quantize!r}", flag("--quantize"),
+                         f"choose one of {', '.join(QUANTIZE_SCHEMES)}")
+    if options.quantize is not None and options.lossless:
+        raise UsageError(f"{flag('--quantize')} {options.quantize} rounds the factors, but {flag('--threshold')} 1.0 asks "
+                         "for an exact artifact", flag("--quantize"),
+                         f"drop {flag('--quantize')}, or lower {flag('--threshold')} (e.g. 0.99)")
+    if options.quantize is not None and options.factor_dtype is not None:
+        raise UsageError(f"{flag('--quantize')} and {flag('--dtype')} both set how factors are stored", flag("--dtype"),
+                         "pass only one of them")
     check_device(options.device)
+
+
+def storage_for(options: PlanOptions, entry: TensorPlan) -> str:
+    """The precision factors and rows are stored at (format version 2): --quantize, else --dtype,
+    else float32 when the rule is lossless (float64 for a float64 source: factors of a half-precision
+    update rounded to half precision would not be exact), else bfloat16."""
+    if options.quantize is not None:
+        return options.quantize
+    if options.factor_dtype is not None:
+        return dtype_name(options.factor_dtype)
+    if options.lossless:
+        return "float64" if entry.dtype == torch.float64 else "float32"
+    return "bfloat16"
 
 
 def plan_compression(inputs: Inputs, options: PlanOptions) -> Plan:
@@ -150,7 +175,8 @@ def load_update(inputs: Inputs, entry: TensorPlan, device: torch.device) -> tupl
     del weight
     reference = inputs.reference.get(entry.name)
     if reference is not None:
-        delta.sub_(reference.to(device))
+        # A grown vocabulary: the reference's rows are the first ones; the new rows' update is themselves.
+        delta[:reference.shape[0]].sub_(reference.to(device))
         del reference
     total = frobenius_energy(delta)
     if not math.isfinite(total):
@@ -188,29 +214,33 @@ def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: to
         weight = inputs.trained.get(entry.name)
         if not check_finite_fast(weight):
             _raise_non_finite(inputs, entry.name)
-        stored = writer.add_dense(entry.name, weight)
+        stored = writer.add_dense(entry.name, weight, reference_rows=entry.reference_rows)
         return LayerResult(entry.name, stored, time.perf_counter() - started, [entry.reason])
 
     delta, total = load_update(inputs, entry, device)
     generator = torch.Generator(device=device).manual_seed(options.seed + index)
-    factors = factorize(delta, options.rule, options.engine, options.float64, generator, total_energy=total)
-    del delta
-    rows, cols = entry.shape
-    notes = list(factors.notes)
-    if factors.rank == 0:
-        energy = 1.0 if factors.total_energy == 0.0 else 0.0
-        stored = writer.add_zero(entry.name, shape=entry.shape, dtype=entry.dtype, energy=energy,
-                                 svd=factors.engine or None)
-    elif not stored_as_lowrank(factors.rank, rows, cols):
-        notes.append(f"rank {factors.rank} is not smaller than dense")
+    storage = storage_for(options, entry)
+    costs = Costs(element_bytes(storage), vector_overhead(storage), entry.nbytes)
+    forced = None if entry.reference_rows is None else torch.arange(entry.reference_rows, entry.shape[0])
+    form = choose_form(delta, total, options.rule, costs, options.engine, options.float64, generator, forced)
+    notes = list(form.notes)
+    engine = form.engine or None
+    if form.kind == "zero":
+        stored = writer.add_zero(entry.name, shape=entry.shape, dtype=entry.dtype, energy=form.energy, svd=engine)
+    elif form.kind == "dense":
         # Re-read: a memory map, no copy.
-        stored = writer.add_dense(entry.name, inputs.trained.get(entry.name), rank=factors.rank,
-                                  svd=factors.engine or None)
+        stored = writer.add_dense(entry.name, inputs.trained.get(entry.name), rank=form.rank or None, svd=engine,
+                                  reference_rows=entry.reference_rows)
     else:
-        dtype = options.factor_dtype or entry.dtype
-        stored = writer.add_lowrank(entry.name, factors.B.to("cpu", dtype), factors.A.to("cpu", dtype),
-                                    shape=entry.shape, dtype=entry.dtype, energy=factors.energy,
-                                    svd=factors.engine or None)
+        B, A, rows = round_trip(form.B, form.A, form.rows, storage)
+        error = stored_error(delta, total, B.to(delta.device), A.to(delta.device),
+                             None if rows is None else rows.to(delta.device), form.row_index)
+        stored = writer.add_lowrank(entry.name, form.B.cpu(), form.A.cpu(), shape=entry.shape, dtype=entry.dtype,
+                                    energy=form.energy, svd=engine, storage=storage, error=error,
+                                    rows=None if form.rows is None else form.rows.cpu(),
+                                    row_index=None if form.row_index is None else form.row_index.cpu(),
+                                    reference_rows=entry.reference_rows)
+    del delta
     if inputs.embed_init and stored.uses_reference:
         writer.add_reference_tensor(entry.name, inputs.reference.get(entry.name))
     return LayerResult(entry.name, stored, time.perf_counter() - started, notes)

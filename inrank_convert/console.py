@@ -63,15 +63,36 @@ def _rank(value) -> str:
     return "" if value is None else str(value)
 
 
+def _rows(layer: dict) -> str:
+    """Stored rows of a lowrank+rows tensor; for a grown vocabulary, how many of them are new."""
+    rows = layer.get("rows")
+    if rows is None:
+        return ""
+    reference_rows = layer.get("reference_rows")
+    if reference_rows is not None and layer.get("shape"):
+        return f"{rows} ({layer['shape'][0] - reference_rows} new)"
+    return str(rows)
+
+
 def layer_table(layers: list[dict], title: str) -> Table:
+    """Shape, kind, rank, energy kept and bytes per tensor; the stored rows and the storage
+    precision too when the layers say (format version 2: inspect and compress, not report)."""
     table = Table(title=title, title_justify="left")
     table.add_column("tensor", overflow="fold")
-    for column, justify in (("shape", "left"), ("kind", "left"), ("rank", "right"), ("energy", "right"),
-                            ("bytes", "right")):
+    with_rows = any(layer.get("rows") is not None for layer in layers)
+    with_storage = any(layer.get("storage") is not None for layer in layers)
+    columns = [("shape", "left"), ("kind", "left"), ("rank", "right")]
+    columns += [("rows", "right")] if with_rows else []
+    columns += [("energy", "right"), ("bytes", "right")]
+    columns += [("storage", "left")] if with_storage else []
+    for column, justify in columns:
         table.add_column(column, justify=justify, no_wrap=True)
     for layer in layers:
-        table.add_row(layer["name"], "x".join(map(str, layer["shape"])), layer["kind"], _rank(layer.get("rank")),
-                      _energy(layer.get("energy")), human_bytes(layer.get("bytes", 0)))
+        cells = ["x".join(map(str, layer["shape"])), layer["kind"], _rank(layer.get("rank"))]
+        cells += [_rows(layer)] if with_rows else []
+        cells += [_energy(layer.get("energy")), human_bytes(layer.get("bytes", 0))]
+        cells += [layer.get("storage") or ""] if with_storage else []
+        table.add_row(layer["name"], *cells)
     return table
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,6 +59,8 @@ def decompress(artifact_path: str | Path, output: str | Path, *, force: bool = F
                         on_tensor(name)
                 size = writer.finish()
             copy_side_files(artifact.path, temp)
+            if reference_only and config is not None:
+                _shrink_vocabulary(artifact, config, temp / "config.json")
         return DecompressResult(Path(output), count, size)
     finally:
         artifact.close()
@@ -80,7 +83,15 @@ def _reference_tensor(artifact: Artifact, name: str, known: set[str], device: st
 
 
 def _config(artifact: Artifact) -> dict | None:
-    import json
-
     file = artifact.path / "config.json"
     return json.loads(file.read_text()) if file.is_file() else None
+
+
+def _shrink_vocabulary(artifact: Artifact, config: dict, file: Path) -> None:
+    """A fine-tune that grew the vocabulary: its reference (the base) has fewer embedding rows, so
+    the base's config.json must say so, or from_pretrained refuses the smaller embedding."""
+    vocab = config.get("vocab_size")
+    grown = {entry.reference_rows for entry in artifact.tensors.values()
+             if entry.reference_rows is not None and entry.shape and entry.shape[0] == vocab}
+    if len(grown) == 1:
+        file.write_text(json.dumps({**config, "vocab_size": grown.pop()}, indent=2, sort_keys=True) + "\n")

@@ -92,8 +92,11 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowr
         if tuple(target.shape) != entry.shape:
             raise ArtifactError(f"tensor {name!r} has shape {list(entry.shape)}, the model expects {list(target.shape)}",
                                 str(artifact.path), "the artifact's config.json does not match its tensors")
+        # Linear layers whose update is B @ A run as LowRankLinear; rows (a lowrank+rows update, or a
+        # grown vocabulary) are gathered into a dense weight instead, like embeddings: a rows update
+        # is rare on a projection, and the dense weight trains (resume) like any dense parameter.
         factorized = entry.kind == "lowrank" or (zero_as_lowrank and entry.kind == "zero")
-        if factorized and attr == "weight" and isinstance(owner, (nn.Linear, conv1d)):
+        if factorized and entry.reference_rows is None and attr == "weight" and isinstance(owner, (nn.Linear, conv1d)):
             rows, cols = entry.shape
             B, A = artifact.factors(name) if entry.kind == "lowrank" else (torch.zeros(rows, 0), torch.zeros(0, cols))
             reference = artifact.reference.get(name)

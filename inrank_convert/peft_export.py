@@ -9,6 +9,13 @@ carried (checked against peft 0.21's loader, and tested end to end in tests/test
   only their orientation changes (see ``_lora_tensors``);
 - a dense-stored matrix (low rank was not smaller): an exact full-rank LoRA, the update times an
   identity (``delta = delta @ I``; no SVD, nothing lost beyond float32 rounding);
+- a ``lowrank+rows`` matrix (``B @ A`` plus K stored rows): PEFT has no row-sparse LoRA, so its whole
+  update ``W - W_ref`` (rebuilt from the artifact) goes in as that same exact full-rank LoRA;
+- a matrix with more rows than its reference (a grown vocabulary: embeddings and the LM head of a
+  fine-tune that added tokens), or a rows matrix whose reference is not known: the whole trained
+  module goes to ``modules_to_save``. The base model must then be resized to the new vocabulary
+  before the adapter is loaded (``base.resize_token_embeddings(n)``): PEFT copies the base module
+  and loads the saved one into the copy, so the shapes must agree;
 - an unchanged matrix (rank 0): not targeted at all;
 - biases: ``bias="all"``. PEFT loads every ``...bias`` key of the adapter file into the base model
   (the trained value, not a difference), so a Conv1D/Linear bias changes with or without LoRA on
@@ -22,6 +29,10 @@ carried (checked against peft 0.21's loader, and tested end to end in tests/test
   model. PEFT's ``ensure_weight_tying`` does not help: in peft 0.21 it recognizes only embeddings
   named ``embed_tokens``, drops ``lm_head`` from the config it saves, and still merges twice.
 
+Every tensor carried in full rather than in the compact form the artifact stores it in (the two
+rows cases above) is listed in ``PeftExportResult.carried_in_full`` (name, modules, why, bytes) and
+in its notes: the adapter is exact, but larger than the artifact.
+
 Every key of ``adapter_model.safetensors`` is one ``PeftModel.save_pretrained`` would write for
 this config, so the adapter also loads with transformers' ``load_adapter`` and survives a re-save.
 
@@ -32,6 +43,7 @@ from the artifact's ``config.json`` (no weights are allocated).
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -67,6 +79,20 @@ class LoraTarget:
 
 
 @dataclass
+class CarriedInFull:
+    """An artifact tensor the adapter carries whole (no row-sparse LoRA in PEFT)."""
+
+    name: str  # the artifact tensor
+    modules: list[str]  # the modules that carry it (two for a tied embedding)
+    how: str  # "full_rank_lora" (delta @ I) or "modules_to_save" (the trained module itself)
+    why: str
+    bytes: int  # what it adds to adapter_model.safetensors, over all its modules
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "modules": self.modules, "how": self.how, "why": self.why, "bytes": self.bytes}
+
+
+@dataclass
 class PeftExportResult:
     output: Path
     base: str  # where the base model PEFT needs comes from
@@ -77,6 +103,8 @@ class PeftExportResult:
     tensors: int
     bytes: int
     notes: list[str] = field(default_factory=list)
+    carried_in_full: list[CarriedInFull] = field(default_factory=list)
+    resize_token_embeddings: int | None = None  # the vocabulary the base must be resized to first
 
     def to_json(self) -> dict:
         return {
@@ -86,6 +114,8 @@ class PeftExportResult:
             "full_rank": [target.module for target in self.targets if target.full_rank],
             "modules_to_save": self.modules_to_save, "biases": self.biases, "unchanged": self.unchanged,
             "tensors": self.tensors, "bytes": self.bytes, "notes": self.notes,
+            "carried_in_full": [item.to_json() for item in self.carried_in_full],
+            "resize_token_embeddings": self.resize_token_embeddings,
         }
 
 
@@ -94,7 +124,9 @@ def export_peft(artifact_path: str | Path, output: str | Path, *, force: bool = 
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for ``PeftModel.from_pretrained``.
 
     The base model is the artifact's reference: the recorded init/base folder, ``--init PATH``, or
-    for a seed recipe or an embedded init the folder ``decompress --reference-only`` writes.
+    for a seed recipe or an embedded init the folder ``decompress --reference-only`` writes. When
+    the artifact's vocabulary grew, ``resize_token_embeddings`` of the result says the size to
+    resize the base to before loading the adapter.
     """
     artifact = open_artifact(artifact_path, init)
     try:
@@ -116,7 +148,7 @@ def export_peft(artifact_path: str | Path, output: str | Path, *, force: bool = 
             copy_side_files(artifact.path, temp, TOKENIZER_FILES)
         return PeftExportResult(Path(output), _base_hint(artifact, init), plan.targets,
                                 plan.modules_to_save, sorted(plan.biases), plan.unchanged, count, size,
-                                plan.notes)
+                                plan.notes, plan.carried_in_full, plan.resize_token_embeddings)
     finally:
         artifact.close()
 
@@ -159,12 +191,15 @@ class _Plan:
     biases: dict[str, str]  # adapter key -> artifact tensor
     unchanged: list[str]
     notes: list[str]
+    carried_in_full: list[CarriedInFull] = field(default_factory=list)
+    resize_token_embeddings: int | None = None
 
 
 def _plan(artifact: Artifact, model) -> _Plan:
     tensors = artifact.tensors
     reference = artifact.reference
-    known = set(reference.infos() or {})  # an embedded init holds only factorized and zero tensors
+    infos = reference.infos() or {}
+    known = set(infos)  # an embedded init holds only factorized and zero tensors
     state = model.state_dict(keep_vars=True)
     modules = dict(model.named_modules())
 
@@ -179,11 +214,22 @@ def _plan(artifact: Artifact, model) -> _Plan:
         if found is not None:
             source[key] = artifact.canonical(found)
 
+    def reference_rows(name: str) -> int | None:
+        """The reference's row count when it has fewer rows than the tensor (a grown vocabulary):
+        recorded in the entry, or seen in the reference's shape (a dense-stored grown tensor)."""
+        entry = tensors[name]
+        if entry.reference_rows is not None:
+            return entry.reference_rows
+        info = infos.get(name)
+        if info is not None and len(info.shape) == len(entry.shape) >= 1 and info.shape[0] < entry.shape[0]:
+            return int(info.shape[0])
+        return None
+
     def changed(name: str) -> bool:
         entry = tensors[name]
         if entry.kind == "zero":
             return False
-        if entry.kind == "lowrank" or name not in known:
+        if entry.has_factors or name not in known or reference_rows(name) is not None:
             return True
         stored, ref = artifact.stored(name), reference.get(name)
         return not (stored.dtype == ref.dtype and torch.equal(stored, ref))
@@ -198,13 +244,19 @@ def _plan(artifact: Artifact, model) -> _Plan:
         layout = _layout(modules[module_name])
         if attribute == "weight" and layout is not None and len(entry.shape) == 2:
             shape = entry.shape
-            if entry.kind == "lowrank":
+            if reference_rows(name) is not None:
+                # A grown vocabulary: the base model's module has fewer rows than this one, and the rows a
+                # resized base adds are not the reference's (they are new, initialized by transformers), so
+                # no update applies to them: the adapter carries the whole trained module.
+                to_save.add(module_name)
+            elif entry.kind == "lowrank":
                 targets[module_name] = LoraTarget(module_name, name, layout, shape, int(entry.rank or 0))
-            elif entry.kind == "dense" and name not in known:
-                # The update of this dense-stored matrix is unknown (an embedded init does not hold its
-                # reference), so the adapter carries the whole trained module instead.
+            elif entry.kind in ("dense", "lowrank+rows") and name not in known:
+                # The update of this matrix is unknown (an embedded init does not hold the reference of a
+                # dense-stored tensor), so the adapter carries the whole trained module instead.
                 to_save.add(module_name)
             elif changed(name):
+                # A dense-stored or lowrank+rows matrix: its whole update as an exact full-rank LoRA.
                 targets[module_name] = LoraTarget(module_name, name, layout, shape, min(shape), full_rank=True)
             else:
                 unchanged.append(module_name)
@@ -270,7 +322,62 @@ def _plan(artifact: Artifact, model) -> _Plan:
                          str(artifact.path), "the reference model itself is the compressed model")
     ordered = [targets[name] for name in modules if name in targets]
     _check_names_unambiguous([target.module for target in ordered], sorted(module_keys), list(modules))
-    return _Plan(ordered, sorted(module_keys), module_keys, bias_keys, unchanged, notes)
+    carried = _carried_in_full(tensors, ordered, module_keys, reference_rows)
+    notes.extend(item.why for item in carried)
+    # resize_token_embeddings resizes the input embedding and an untied output head together.
+    grown = [tensors[item.name].shape[0] for item in carried if reference_rows(item.name) is not None]
+    resize = max(grown) if grown else None
+    return _Plan(ordered, sorted(module_keys), module_keys, bias_keys, unchanged, notes, carried, resize)
+
+
+def _carried_in_full(tensors: dict, targets: list[LoraTarget], module_keys: dict[str, dict[str, str]],
+                     reference_rows) -> list[CarriedInFull]:
+    """The tensors the adapter carries whole although the artifact stores them compactly: every
+    lowrank+rows tensor (PEFT has no row-sparse LoRA) and every tensor of a grown vocabulary."""
+    found: dict[str, CarriedInFull] = {}
+
+    def add(name: str, module: str, how: str, nbytes: int) -> None:
+        item = found.setdefault(name, CarriedInFull(name, [], how, "", 0))
+        item.modules.append(module)
+        item.bytes += nbytes
+
+    for target in targets:
+        if target.full_rank and tensors[target.source].kind == "lowrank+rows":
+            rows, cols = target.shape
+            add(target.source, target.module, "full_rank_lora", 4 * target.rank * (rows + cols))  # float32 factors
+    for module, keys in module_keys.items():
+        for name in keys.values():
+            entry = tensors[name]
+            if entry.kind == "lowrank+rows" or reference_rows(name) is not None:
+                add(name, module, "modules_to_save", math.prod(entry.shape) * entry.dtype.itemsize)
+    for name, item in found.items():
+        entry = tensors[name]
+        where = " and ".join(item.modules)
+        form = (f"lowrank+rows (rank {entry.rank or 0} + {entry.rows} rows)" if entry.kind == "lowrank+rows"
+                else entry.kind)
+        old_rows = reference_rows(name)
+        if old_rows is not None:
+            item.why = (f"{name} has {entry.shape[0]} rows and its reference {old_rows} (a grown vocabulary, stored "
+                        f"{form}): {where} saved whole (modules_to_save, {_size(item.bytes)}); resize the base "
+                        f"model first: base.resize_token_embeddings({entry.shape[0]})")
+        elif item.how == "full_rank_lora":
+            item.why = (f"{name} is {form}, and PEFT has no row-sparse LoRA: {where} carry its whole update as an "
+                        f"exact full-rank LoRA (delta @ I, {_size(item.bytes)})")
+        else:
+            item.why = (f"{name} is {form} and its reference is not known: {where} saved whole "
+                        f"(modules_to_save, {_size(item.bytes)})")
+    return [found[name] for name in tensors if name in found]
+
+
+def _size(count: float) -> str:
+    """Bytes as notes say them (the library does not import the console's formatter)."""
+    if count < 1024:
+        return f"{int(count)} B"
+    for unit in ("KB", "MB", "GB"):
+        count /= 1024
+        if count < 1024 or unit == "GB":
+            break
+    return f"{count:.1f} {unit}"
 
 
 def _check_names_unambiguous(targets: list[str], to_save: list[str], names: list[str]) -> None:
@@ -312,9 +419,10 @@ def _factors(artifact: Artifact, target: LoraTarget) -> tuple[torch.Tensor, torc
         return torch.zeros(rows, 1), torch.zeros(1, cols)
     if not target.full_rank:
         return artifact.factors(target.source)
-    # delta = W - W_ref of a dense-stored matrix, written as delta @ I (or I @ delta when wide):
-    # r = min(rows, cols); no decomposition, so nothing is lost beyond float32 rounding.
-    delta = artifact.stored(target.source).float() - artifact.reference.get(target.source).float()
+    # delta = W - W_ref of a dense-stored or lowrank+rows matrix (the artifact's own W, rebuilt:
+    # reference + B @ A + rows), written as delta @ I (or I @ delta when wide): r = min(rows, cols);
+    # no decomposition, so nothing is lost beyond float32 rounding.
+    delta = artifact.reconstruct(target.source).float() - artifact.reference.get(target.source).float()
     rows, cols = delta.shape
     if rows >= cols:
         return delta, torch.eye(cols)  # [rows, cols] @ [cols, cols]

@@ -42,6 +42,12 @@ class PlanOptions:
     exclude: tuple[str, ...] = ()
     float64: bool = False
     seed: int = 0
+    quantize: str | None = None  # "int8": factors and rows as int8 with float scales (format version 2)
+
+    @property
+    def lossless(self) -> bool:
+        """The rule keeps every update whole (threshold 1, no fixed rank): nothing may be rounded."""
+        return self.rule.fixed_rank is None and self.rule.threshold >= 1.0
 
 
 @dataclass
@@ -52,6 +58,7 @@ class TensorPlan:
     action: PlanAction
     reason: str = ""
     alias_of: str | None = None
+    reference_rows: int | None = None  # the reference has fewer rows (a grown vocabulary)
 
     @property
     def nbytes(self) -> int:
@@ -137,16 +144,30 @@ def find_ties(checkpoint: Checkpoint, infos: dict[str, TensorInfo]) -> dict[str,
     return ties
 
 
+def grown_rows(trained: TensorInfo, reference: TensorInfo) -> int | None:
+    """The reference's row count when the trained tensor only adds rows to it (a fine-tune whose
+    vocabulary grew: embeddings and heads get new rows at the end), else None."""
+    same_rest = tuple(trained.shape[1:]) == tuple(reference.shape[1:])
+    if len(trained.shape) >= 1 and same_rest and 0 < reference.shape[0] < trained.shape[0] \
+            and trained.dtype.is_floating_point:
+        return int(reference.shape[0])
+    return None
+
+
 def check_reference_matches(trained: dict[str, TensorInfo], ties: dict[str, str], reference: Reference,
-                            reference_aliases: set[str]) -> None:
-    """Every trained tensor must have a reference tensor of the same shape, and vice versa."""
+                            reference_aliases: set[str]) -> dict[str, int]:
+    """Every trained tensor must have a reference tensor of the same shape, and vice versa, except
+    that a trained tensor may have more rows (a grown vocabulary). Returns name -> reference rows
+    of those grown tensors."""
     ref_infos = reference.infos()
     if ref_infos is None:
-        return
+        return {}
     missing = [name for name in trained if name not in ties and name not in ref_infos]
     extra = [name for name in ref_infos if name not in trained and name not in reference_aliases]
+    grown = {name: rows for name, info in trained.items() if name in ref_infos
+             and (rows := grown_rows(info, ref_infos[name])) is not None}
     shapes = [f"{name} {list(info.shape)} vs {list(ref_infos[name].shape)}" for name, info in trained.items()
-              if name in ref_infos and tuple(ref_infos[name].shape) != tuple(info.shape)]
+              if name in ref_infos and name not in grown and tuple(ref_infos[name].shape) != tuple(info.shape)]
     if missing:
         raise MismatchError(f"init lacks {len(missing)} tensor(s) of the trained model: {', '.join(missing[:3])}",
                             "trained vs init", "pass the init of this very model (same architecture and size)")
@@ -156,6 +177,7 @@ def check_reference_matches(trained: dict[str, TensorInfo], ties: dict[str, str]
     if shapes:
         raise MismatchError(f"init and trained shapes differ: {'; '.join(shapes[:3])}", "trained vs init",
                             "pass the init of this very model (same architecture and size)")
+    return grown
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
@@ -166,13 +188,13 @@ def make_plan(trained: Checkpoint, reference: Reference, options: PlanOptions,
               reference_aliases: set[str] | None = None) -> Plan:
     infos = trained.infos()
     ties = find_ties(trained, infos)
-    check_reference_matches(infos, ties, reference, reference_aliases or set())
+    grown = check_reference_matches(infos, ties, reference, reference_aliases or set())
     # Only --no-embeddings needs to know which tensors are embeddings (and building the module
     # tree costs a transformers import), so it is worked out only then.
     embeddings = set() if options.embeddings else embedding_parameter_names(trained.config(), list(infos))
     entries = []
     for name, info in infos.items():
-        entry = TensorPlan(name, info.shape, info.dtype, "factorize")
+        entry = TensorPlan(name, info.shape, info.dtype, "factorize", reference_rows=grown.get(name))
         if name in ties:
             entry.action, entry.alias_of, entry.reason = "alias", ties[name], f"tied to {ties[name]}"
         elif not info.dtype.is_floating_point:

@@ -48,6 +48,9 @@ class Factorization:
     singular_values: torch.Tensor  # the ones computed (all for exact, the leading ones for randomized)
     engine: str  # "exact" | "randomized" | "exact-float64" (after a convergence failure)
     notes: list[str] = field(default_factory=list)
+    # The leading right singular vectors computed on the way ([k, cols], k >= rank, orthonormal
+    # rows): the stored-form search (forms.py) builds its small low-rank parts from them.
+    right_vectors: torch.Tensor | None = None
 
     @property
     def relative_error(self) -> float:
@@ -230,7 +233,8 @@ def factorize(
             rank = min(choose_rank(S, total, rule), S.numel())
             B, A = _balanced(U, S, Vh, rank)
             kept = float((S[:rank].double() ** 2).sum()) / total
-            return Factorization(B.float(), A.float(), rank, min(kept, 1.0), total, S.float(), "randomized", notes)
+            return Factorization(B.float(), A.float(), rank, min(kept, 1.0), total, S.float(), "randomized", notes,
+                                 Vh.float())
         # Not a warning: auto hands high ranks to the exact SVD by design.
         notes.append("randomized basis would pass its size limit: used the exact SVD")
 
@@ -240,7 +244,7 @@ def factorize(
     B, A = _balanced(U, S, Vh, rank)
     kept = float((S[:rank].double() ** 2).sum()) / total
     used = "exact-float64" if (float64 or svd_notes) else "exact"
-    return Factorization(B.float(), A.float(), rank, min(kept, 1.0), total, S.float(), used, notes)
+    return Factorization(B.float(), A.float(), rank, min(kept, 1.0), total, S.float(), used, notes, Vh.float())
 
 
 def _fixed_rank_randomized(delta: torch.Tensor, rank: int, generator: torch.Generator | None,

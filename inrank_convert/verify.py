@@ -1,5 +1,6 @@
-"""Check an artifact: stored tensors against their checksums, the reference against its
-recorded hashes, and each layer's reconstruction error against the source checkpoint."""
+"""Check an artifact: stored tensors against their checksums, their structure (row indices, int8
+scales) against what the manifest says, the reference against its recorded hashes, and each
+layer's reconstruction error against the source checkpoint."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .artifact import Artifact
-from .errors import InrankError
+from .errors import ArtifactError, InrankError, MismatchError
 from .sources import open_artifact, open_checkpoint
 from .tensors import checksum
 
@@ -41,6 +42,7 @@ class VerifyResult:
     source_checked: bool
     source_message: str
     layers: list[LayerCheck] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)  # stored tensors that do not fit their entry
 
     @property
     def ok(self) -> bool:
@@ -51,6 +53,8 @@ class VerifyResult:
         if not self.checksums_ok:
             return (f"checksum mismatch in {', '.join(self.bad_checksums[:3])} "
                     "(the artifact file is damaged: re-run compress)")
+        if self.damaged:
+            return self.damaged[0]
         if not self.reference_ok:
             return self.reference_message
         worse = [layer.name for layer in self.layers if not layer.within_expected()]
@@ -60,7 +64,7 @@ class VerifyResult:
 
     def to_json(self) -> dict:
         return {"path": str(self.path), "ok": self.ok, "checksums_ok": self.checksums_ok,
-                "bad_checksums": self.bad_checksums, "reference_ok": self.reference_ok,
+                "bad_checksums": self.bad_checksums, "damaged": self.damaged, "reference_ok": self.reference_ok,
                 "reference": self.reference_message, "source_checked": self.source_checked,
                 "source": self.source_message, "layers": [layer.to_json() for layer in self.layers]}
 
@@ -71,6 +75,7 @@ def verify_artifact(path: str | Path, init: str | Path | None = None,
     try:
         bad = [name for name, expected in artifact.manifest.checksums.items()
                if checksum(artifact.stored(name)) != expected]
+        damaged = [] if bad else _check_structure(artifact)
         try:
             reference = artifact.reference
             for name, entry in artifact.tensors.items():
@@ -79,12 +84,41 @@ def verify_artifact(path: str | Path, init: str | Path | None = None,
             reference_ok, reference_message = True, f"{artifact.manifest.reference.mode}: hashes match"
         except InrankError as err:
             reference_ok, reference_message = False, err.message
-        result = VerifyResult(Path(path), not bad, bad, reference_ok, reference_message, False, "")
-        if reference_ok and not bad:
+        result = VerifyResult(Path(path), not bad, bad, reference_ok, reference_message, False, "", damaged=damaged)
+        if reference_ok and not bad and not damaged:
             _check_against_source(artifact, source, result)
         return result
     finally:
         artifact.close()
+
+
+def _check_structure(artifact: Artifact) -> list[str]:
+    """Problems with stored tensors whose checksums match but which cannot be read as their entry
+    says (a row index out of range or repeated, an int8 scale of the wrong length): a file written
+    wrong, which checksums alone do not catch. The reader's own checks, one message per tensor."""
+    problems = []
+    for name, entry in artifact.manifest.stored_entries().items():
+        try:
+            if entry.has_factors:
+                B, A = artifact.factors(name)
+                rows, cols = entry.shape[0], entry.shape[-1]
+                if B.dim() != 2 or A.dim() != 2 or B.shape[0] != rows or A.shape[1] != cols or B.shape[1] != A.shape[0]:
+                    raise ArtifactError(f"factors of {name!r} are {list(B.shape)} and {list(A.shape)}, which do not "
+                                        f"make its {list(entry.shape)}", str(artifact.file),
+                                        "the file is damaged: re-run compress")
+            if entry.kind == "lowrank+rows":
+                artifact.rows(name)
+        except ArtifactError as err:
+            problems.append(err.message)
+    return problems
+
+
+def _padded(base: torch.Tensor, rows: int) -> torch.Tensor:
+    """A grown vocabulary's reference with zero rows for the rows it does not have: what the
+    update of the new rows is measured against (they are their own update)."""
+    padded = torch.zeros((rows, *base.shape[1:]), dtype=torch.float32)
+    padded[:base.shape[0]] = base
+    return padded
 
 
 def _check_against_source(artifact: Artifact, source: str | Path | None, result: VerifyResult) -> None:
@@ -100,9 +134,19 @@ def _check_against_source(artifact: Artifact, source: str | Path | None, result:
                 result.source_message = f"source checkpoint at {source_path} changed since compression: not measured"
                 return
         reference = artifact.reference
+        infos = checkpoint.infos()
         for name, entry in artifact.manifest.stored_entries().items():
+            if name not in infos:
+                raise MismatchError(f"the source lacks tensor {name!r} of the artifact", str(source_path),
+                                    "pass the checkpoint the artifact was compressed from with --source")
             trained = checkpoint.get(name).float()
+            if tuple(trained.shape) != entry.shape:
+                raise MismatchError(f"tensor {name!r} of the source has shape {list(trained.shape)}, the artifact's "
+                                    f"{list(entry.shape)}", str(source_path),
+                                    "pass the checkpoint the artifact was compressed from with --source")
             base = reference.get(name) if entry.uses_reference else None
+            if base is not None and base.shape[0] < trained.shape[0]:
+                base = _padded(base.float(), trained.shape[0])  # a grown vocabulary
             update = trained - base.float() if base is not None else trained
             error = torch.linalg.vector_norm(trained - artifact.reconstruct(name).float())
             norm = torch.linalg.vector_norm(update)

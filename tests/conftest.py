@@ -88,6 +88,17 @@ def energy_rank_float64(delta: torch.Tensor, threshold: float) -> int:
     return int(torch.nonzero(cumulative >= threshold * total * (1 - 1e-9))[0, 0]) + 1
 
 
+def form_rank_float64(delta: torch.Tensor, threshold: float) -> int:
+    """Oracle of compress's energy rule (forms.py): when the leading component alone holds at least
+    half of the energy, keep it and ``threshold`` of the energy left after it; else the plain rule."""
+    s = torch.linalg.svdvals(delta.double())
+    total = float((delta.double() ** 2).sum())
+    dominant = float(s[0] ** 2) if float(s[0] ** 2) >= 0.5 * total else 0.0
+    target = dominant + threshold * (total - dominant)
+    cumulative = torch.cumsum(s**2, 0)
+    return int(torch.nonzero(cumulative >= target * (1 - 1e-9))[0, 0]) + 1
+
+
 def inrank_rank_float64(delta: torch.Tensor, threshold: float) -> int:
     """Oracle: InRank's loop, written as in the paper's code (one r at a time), in float64."""
     s = torch.linalg.svdvals(delta.double())

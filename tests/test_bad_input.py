@@ -27,6 +27,8 @@ from conftest import ModelPair, build_model, gpt2_config, make_pair, snapshot
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from inrank_convert.artifact import FORMAT_VERSION
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -393,7 +395,9 @@ def test_newer_format_version_is_refused(models, tmp_path):
     with safe_open(str(file), framework="pt") as handle:
         metadata = dict(handle.metadata())
     manifest = json.loads(metadata["inrank"])
-    manifest["version"] = 2
+    newer = manifest["version"] + 1  # one past what this reader knows
+    assert newer > FORMAT_VERSION
+    manifest["version"] = newer
     metadata["inrank"] = json.dumps(manifest)
     tensors = load_file(file)
     save_file(tensors, file, metadata=metadata)
@@ -402,7 +406,7 @@ def test_newer_format_version_is_refused(models, tmp_path):
     for args, output in ((["inspect", artifact], None), (["verify", artifact], None),
                          (["decompress", artifact, "-o", out], out),
                          (["compress", artifact, "-o", out, "--threshold", "0.5"], out)):
-        expect_error(args, says=("newer", "upgrade", "2"), output=output, inputs=(artifact, models.root))
+        expect_error(args, says=("newer", "upgrade", str(newer)), output=output, inputs=(artifact, models.root))
 
 
 # --------------------------------------------------------------------------- 12. pickles
@@ -570,3 +574,171 @@ def test_no_reference_option(models, tmp_path):
     out = tmp_path / "out"
     expect_error(["compress", trained, "-o", out], says=says, output=out, inputs=(trained,))
     expect_error(["spectrum", trained], says=says, inputs=(trained,))
+
+
+# --------------------------------------------------------------------------- 16. rows and quantized artifacts
+# (issue 10: --quantize, and artifacts whose lowrank+rows / int8 tensors are damaged; the damaged
+# files keep their manifest and matching checksums, so only the reader's own checks can catch them)
+
+
+def test_unknown_quantize_scheme(models, tmp_path):
+    out = tmp_path / "out"
+    expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out, "--quantize", "int4"],
+                 says=("--quantize", "int4", "int8"), output=out, inputs=(models.root,))
+
+
+def test_quantize_with_a_lossless_threshold(models, tmp_path):
+    out = tmp_path / "out"
+    expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out, "--quantize", "int8",
+                  "--threshold", "1.0"], says=("--quantize", "--threshold", "drop"), output=out, inputs=(models.root,))
+
+
+def test_quantize_with_dtype(models, tmp_path):
+    out = tmp_path / "out"
+    expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out, "--quantize", "int8",
+                  "--dtype", "bfloat16"], says=("--quantize", "--dtype"), output=out, inputs=(models.root,))
+
+
+ROWS_TENSOR = "transformer.wte.weight"
+
+
+@dataclass
+class RowsArtifacts:
+    root: Path
+    pair: ModelPair
+    bf16: Path  # the embedding stored as lowrank+rows, bfloat16
+    int8: Path  # the same with --quantize int8
+    tokenizer: Path  # a word-level tokenizer.json for the 320-token vocabulary
+    text: Path
+
+
+@pytest.fixture(scope="module")
+def rows_artifacts(tmp_path_factory) -> RowsArtifacts:
+    from test_storage import plant_rows
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+
+    root = tmp_path_factory.mktemp("bad-rows")
+    pair = make_pair(root, "gpt2")
+    plant_rows(pair, ROWS_TENSOR)
+    artifacts = []
+    for label, extra in (("rows-bf16", []), ("rows-int8", ["--quantize", "int8"])):
+        out = root / label
+        expect_ok(["compress", pair.trained_dir, "--init", pair.init_dir, "-o", out, "--quiet", *extra])
+        with safe_open(str(out / "inrank.safetensors"), framework="pt") as handle:
+            manifest = json.loads(handle.metadata()["inrank"])
+        assert manifest["tensors"][ROWS_TENSOR]["kind"] == "lowrank+rows", manifest["tensors"][ROWS_TENSOR]
+        artifacts.append(out)
+    words = [f"w{i}" for i in range(200)]
+    tokenizer = Tokenizer(tokenizer_models.WordLevel({word: i for i, word in enumerate(["[UNK]", *words])},
+                                                     unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer_dir = root / "tokenizer"
+    tokenizer_dir.mkdir()
+    tokenizer.save(str(tokenizer_dir / "tokenizer.json"))
+    text = root / "text.txt"
+    generator = random.Random(0)
+    text.write_text(" ".join(generator.choice(words) for _ in range(400)) + "\n")
+    return RowsArtifacts(root, pair, artifacts[0], artifacts[1], tokenizer_dir, text)
+
+
+def damaged_artifact(source: Path, folder: Path, how: str, source_gone: bool = False) -> tuple[Path, str]:
+    """A copy of ``source`` whose rows tensor is damaged ``how``, rewritten with its metadata, the
+    manifest's checksums updated to the new bytes. Returns (artifact, the damaged tensor's name).
+    ``source_gone``: the manifest names a source checkpoint that does not exist (verify cannot
+    measure the reconstruction, so only its structure checks can catch the damage)."""
+    from inrank_convert.tensors import checksum
+
+    artifact = Path(shutil.copytree(source, folder))
+    file = artifact / "inrank.safetensors"
+    with safe_open(str(file), framework="pt") as handle:
+        metadata = dict(handle.metadata())
+    manifest = json.loads(metadata["inrank"])
+    entry = manifest["tensors"][ROWS_TENSOR]
+    tensors = load_file(file)
+    index_name = ROWS_TENSOR + ".row_index"
+    index = tensors[index_name].clone()
+    assert index.numel() >= 2
+    damaged = index_name
+    if how == "out-of-range":
+        index[-1] = entry["shape"][0]  # one past the last row
+    elif how == "negative":
+        index[0] = -1
+    elif how == "repeated":
+        index[1] = index[0]
+    elif how == "int32":
+        index = index.to(torch.int32)
+    elif how in ("no-lora-scale", "no-rows-scale"):
+        damaged = ROWS_TENSOR + (".lora_scale" if how == "no-lora-scale" else ".rows_scale")
+        assert damaged in tensors
+        del tensors[damaged]
+        del manifest["checksums"][damaged]
+    else:
+        raise ValueError(how)
+    if damaged == index_name:
+        tensors[index_name] = index.contiguous()
+        manifest["checksums"][index_name] = checksum(tensors[index_name])
+    if source_gone:
+        manifest["source"]["path"] = str(folder.parent / "no-such-source")
+    metadata["inrank"] = json.dumps(manifest)
+    save_file(tensors, file, metadata=metadata)
+    return artifact, damaged
+
+
+DAMAGES = ["out-of-range", "negative", "repeated", "int32", "no-lora-scale", "no-rows-scale"]
+HEADER_DAMAGES = {"int32", "no-lora-scale", "no-rows-scale"}  # visible in the safetensors header alone
+
+
+def _damaged(rows_artifacts: RowsArtifacts, tmp_path: Path, how: str) -> tuple[Path, str]:
+    source = rows_artifacts.int8 if how.endswith("-scale") else rows_artifacts.bf16
+    return damaged_artifact(source, tmp_path / f"damaged-{how}", how)
+
+
+@pytest.mark.parametrize("source_gone", [False, True], ids=["source-present", "source-gone"])
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_rows_artifact_is_refused_by_verify(rows_artifacts, tmp_path, how, source_gone):
+    source = rows_artifacts.int8 if how.endswith("-scale") else rows_artifacts.bf16
+    artifact, name = damaged_artifact(source, tmp_path / f"damaged-{how}", how, source_gone)
+    expect_error(["verify", artifact], says=(name, "re-run compress"), inputs=(artifact, rows_artifacts.root))
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_rows_artifact_is_refused_by_decompress(rows_artifacts, tmp_path, how):
+    artifact, name = _damaged(rows_artifacts, tmp_path, how)
+    out = tmp_path / "dense"
+    expect_error(["decompress", artifact, "-o", out], says=(name, "re-run compress"), output=out,
+                 inputs=(artifact, rows_artifacts.root))
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_rows_artifact_is_refused_by_report(rows_artifacts, tmp_path, how):
+    artifact, name = _damaged(rows_artifacts, tmp_path, how)
+    expect_error(["report", artifact, "--data", rows_artifacts.text, "--tokenizer", rows_artifacts.tokenizer,
+                  "--context", "16", "--max-tokens", "128", "--quiet"], says=(name, "re-run compress"),
+                 inputs=(artifact, rows_artifacts.root))
+
+
+@pytest.mark.parametrize("how", DAMAGES)
+def test_damaged_rows_artifact_is_refused_by_load_and_compress(rows_artifacts, tmp_path, how):
+    from inrank_convert.errors import ArtifactError
+    from inrank_convert.modeling import load_compressed
+
+    artifact, name = _damaged(rows_artifacts, tmp_path, how)
+    with pytest.raises(ArtifactError) as raised:
+        load_compressed(artifact)
+    assert name in raised.value.message
+    out = tmp_path / "recompressed"
+    expect_error(["compress", artifact, "-o", out, "--threshold", "0.5"], says=(name,), output=out,
+                 inputs=(artifact, rows_artifacts.root))
+    if how in HEADER_DAMAGES:
+        expect_error(["inspect", artifact], says=(name,), inputs=(artifact,))
+
+
+def test_undamaged_rows_artifacts_pass_the_same_commands(rows_artifacts, tmp_path):
+    """The damaged copies above fail because of the damage: the originals pass every command."""
+    for artifact in (rows_artifacts.bf16, rows_artifacts.int8):
+        copy = Path(shutil.copytree(artifact, tmp_path / artifact.name))
+        expect_ok(["verify", copy])
+        expect_ok(["decompress", copy, "-o", tmp_path / f"{artifact.name}-dense", "--quiet"])
+        expect_ok(["report", copy, "--data", rows_artifacts.text, "--tokenizer", rows_artifacts.tokenizer,
+                   "--context", "16", "--max-tokens", "128", "--quiet"])

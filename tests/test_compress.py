@@ -12,9 +12,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from inrank_convert import PlanOptions, RankRule, compress, open_artifact, read_manifest
-from inrank_convert.artifact import ARTIFACT_FILE, INIT_FILE, artifact_bytes
+from inrank_convert.artifact import ARTIFACT_FILE, FORMAT_VERSION, INIT_FILE, artifact_bytes
 from inrank_convert.export import decompress
-from tests.conftest import energy_rank_float64, inrank_rank_float64, make_pair, snapshot
+from tests.conftest import form_rank_float64, inrank_rank_float64, make_pair, snapshot
 
 
 def stored_names(artifact: Path) -> list[str]:
@@ -32,7 +32,7 @@ def update(pair, name):
 
 
 def exact_rank(delta: torch.Tensor, threshold: float, criterion: str) -> int:
-    oracle = energy_rank_float64 if criterion == "energy" else inrank_rank_float64
+    oracle = form_rank_float64 if criterion == "energy" else inrank_rank_float64
     return oracle(delta, threshold)
 
 
@@ -255,9 +255,11 @@ def test_fixed_rank_and_factor_dtype(tmp_path, llama_pair):
                       options=PlanOptions(rule=RankRule(fixed_rank=2), factor_dtype=torch.bfloat16))
     lowrank = [layer for layer in result.layers if layer.kind == "lowrank"]
     assert lowrank and all(layer.rank == 2 for layer in lowrank)
-    artifact = open_artifact(tmp_path / "out")
-    B, A = artifact.factors(lowrank[0].name)
-    assert B.dtype == A.dtype == torch.bfloat16 and B.shape[1] == A.shape[0] == 2
+    assert read_manifest(tmp_path / "out").tensors[lowrank[0].name].storage == "bfloat16"
+    B, A = open_artifact(tmp_path / "out").factors(lowrank[0].name)  # read back as float32
+    assert B.dtype == A.dtype == torch.float32 and B.shape[1] == A.shape[0] == 2
+    with safe_open(str(tmp_path / "out" / ARTIFACT_FILE), framework="pt") as handle:
+        assert handle.get_slice(lowrank[0].name + ".lora_B").get_dtype() == "BF16"
 
 
 def test_randomized_engine_matches_exact_in_compress(tmp_path, llama_pair):
@@ -289,7 +291,7 @@ def test_artifact_is_a_valid_safetensors_file_with_side_files(tmp_path, gpt2_pai
     compress(gpt2_pair.trained_dir, tmp_path / "out", init=gpt2_pair.init_dir, options=options())
     tensors = load_file(tmp_path / "out" / ARTIFACT_FILE)
     manifest = read_manifest(tmp_path / "out")
-    assert manifest.to_json()["format"] == "inrank-convert" and manifest.version == 1
+    assert manifest.to_json()["format"] == "inrank-convert" and manifest.version == FORMAT_VERSION == 2
     name = "transformer.h.1.attn.c_attn.weight"
     rank = manifest.tensors[name].rank
     assert tensors[name + ".lora_B"].shape == (64, rank) and tensors[name + ".lora_A"].shape == (rank, 192)

@@ -1,4 +1,4 @@
-"""The artifact on disk (format version 1, DESIGN §3): the typed manifest, the one writer, the reader.
+"""The artifact on disk (format versions 1 and 2, DESIGN §3): the typed manifest, the one writer, the reader.
 
 Layout of an artifact folder ``OUT/``::
 

@@ -21,24 +21,37 @@ from ..version import __version__
 ARTIFACT_FILE = "inrank.safetensors"
 INIT_FILE = "init.safetensors"
 FORMAT_NAME = "inrank-convert"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # what this writer writes; readers take every version up to it (1: no rows, no int8)
 MANIFEST_KEY = "inrank"
 FACTOR_B = ".lora_B"  # [rows, r]
 FACTOR_A = ".lora_A"  # [r, cols]
+FACTOR_SCALE = ".lora_scale"  # [r] float32, int8 storage: component j is scale[j] * B[:, j] A[j, :]
+ROWS = ".rows"  # [K, cols]: the update's residual on K whole rows (kind lowrank+rows)
+ROW_INDEX = ".row_index"  # [K] int64, distinct, in [0, rows)
+ROWS_SCALE = ".rows_scale"  # [K] float32, int8 storage: row k is scale[k] * rows[k]
 
-# How a tensor is stored: B @ A on top of the reference, whole, not at all (equal to the
-# reference), or as a second name of another tensor (tied weights).
-TensorKind = Literal["lowrank", "dense", "zero", "alias"]
+# How a tensor is stored: B @ A on top of the reference; B @ A plus K exact rows (an update
+# concentrated in rows: embeddings); whole; not at all (equal to the reference); or as a second
+# name of another tensor (tied weights).
+TensorKind = Literal["lowrank", "lowrank+rows", "dense", "zero", "alias"]
+# The precision of stored factors and rows (dense tensors keep their source dtype).
+Storage = Literal["float64", "float32", "float16", "bfloat16", "int8"]
 # What the update is measured against: a checkpoint by path and hash, a seed recipe, the init
 # stored beside the factors, or nothing.
 ReferenceMode = Literal["reference", "seed", "embedded", "zero"]
 TENSOR_KINDS: tuple[str, ...] = get_args(TensorKind)
 REFERENCE_MODES: tuple[str, ...] = get_args(ReferenceMode)
+STORAGES: tuple[str, ...] = get_args(Storage)
 
 
 def factor_names(name: str) -> tuple[str, str]:
     """Stored names of the two factors of tensor ``name``: (B, A)."""
     return name + FACTOR_B, name + FACTOR_A
+
+
+def row_names(name: str) -> tuple[str, str]:
+    """Stored names of the rows of tensor ``name``: (rows, row_index)."""
+    return name + ROWS, name + ROW_INDEX
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -66,27 +79,53 @@ class TensorEntry:
     original_bytes: int = 0  # dense bytes of the source tensor
     svd: str | None = None  # the engine that factorized it
     of: str | None = None  # the canonical name of an alias
+    # Version 2 (absent in version 1, where factors are stored in the entry's own float dtype):
+    rows: int | None = None  # K, the stored rows of a lowrank+rows tensor
+    storage: Storage | None = None  # precision of the stored factors and rows
+    error: float | None = None  # ||delta - stored||_F / ||delta||_F, storage rounding included
+    reference_rows: int | None = None  # a reference with fewer rows (a grown vocabulary): they are its rows
 
     @property
     def is_alias(self) -> bool:
         return self.kind == "alias"
 
     @property
+    def has_factors(self) -> bool:
+        return self.kind in ("lowrank", "lowrank+rows")
+
+    @property
     def uses_reference(self) -> bool:
-        """Whether rebuilding the tensor needs the reference (lowrank and zero are updates to it)."""
-        return self.kind in ("lowrank", "zero")
+        """Whether rebuilding the tensor needs the reference (lowrank, rows and zero are updates to it)."""
+        return self.kind in ("lowrank", "lowrank+rows", "zero")
 
     @property
     def expected_error(self) -> float:
-        """The truncation's relative error ||delta - B A|| / ||delta|| implied by the recorded energy."""
-        return max(0.0, 1.0 - self.energy) ** 0.5 if self.kind == "lowrank" else 0.0
+        """The relative error ||delta - stored|| / ||delta|| this entry promises: the recorded one
+        (rounding included), else the truncation's, implied by the recorded energy (version 1)."""
+        if self.error is not None:
+            return self.error
+        return max(0.0, 1.0 - self.energy) ** 0.5 if self.has_factors else 0.0
+
+    def stored_names(self, name: str) -> tuple[str, ...]:
+        """Every tensor the artifact file must hold for this entry."""
+        if self.kind == "dense":
+            return (name,)
+        if not self.has_factors:
+            return ()
+        names = factor_names(name) + ((name + FACTOR_SCALE,) if self.storage == "int8" else ())
+        if self.kind == "lowrank+rows":
+            names += row_names(name) + ((name + ROWS_SCALE,) if self.storage == "int8" else ())
+        return names
 
     def to_json(self) -> dict[str, Any]:
         if self.kind == "alias":
             return {"kind": "alias", "of": self.of, "shape": list(self.shape), "dtype": dtype_name(self.dtype)}
-        return {"kind": self.kind, "shape": list(self.shape), "dtype": dtype_name(self.dtype), "rank": self.rank,
-                "energy": round(self.energy, 8), "bytes": self.bytes, "original_bytes": self.original_bytes,
-                "svd": self.svd}
+        values = {"kind": self.kind, "shape": list(self.shape), "dtype": dtype_name(self.dtype), "rank": self.rank,
+                  "energy": round(self.energy, 8), "bytes": self.bytes, "original_bytes": self.original_bytes,
+                  "svd": self.svd}
+        return values | _drop_none({"rows": self.rows, "storage": self.storage,
+                                    "error": None if self.error is None else round(self.error, 8),
+                                    "reference_rows": self.reference_rows})
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> TensorEntry:
@@ -96,10 +135,17 @@ class TensorEntry:
         shape = tuple(int(size) for size in values["shape"])
         if kind == "alias":
             return cls("alias", shape, parse_dtype(values["dtype"]), of=str(values["of"]))
-        rank = values.get("rank")
+        rank, rows, error, reference_rows = (values.get(key) for key in ("rank", "rows", "error", "reference_rows"))
+        storage = values.get("storage")
+        if storage is not None and storage not in STORAGES:
+            raise ValueError(f"unknown storage {storage!r}")
+        if kind == "lowrank+rows" and rows is None:
+            raise ValueError("a lowrank+rows entry without its row count")
         return cls(kind, shape, parse_dtype(values["dtype"]), None if rank is None else int(rank),
                    float(values.get("energy", 1.0)), int(values.get("bytes", 0)),
-                   int(values.get("original_bytes", 0)), values.get("svd"))
+                   int(values.get("original_bytes", 0)), values.get("svd"), None,
+                   None if rows is None else int(rows), storage, None if error is None else float(error),
+                   None if reference_rows is None else int(reference_rows))
 
 
 @dataclass
@@ -228,14 +274,14 @@ class Manifest:
         return {name: entry.of for name, entry in self.tensors.items() if entry.is_alias and entry.of is not None}
 
     def stored_parameters(self) -> int:
-        """Numbers the artifact stores: dense tensors whole, factorized ones as r * (rows + cols)."""
+        """Numbers the artifact stores: dense tensors whole, factorized ones as r * (rows + cols),
+        plus K * cols for stored rows (indices and scales not counted)."""
         total = 0
         for entry in self.stored_entries().values():
             if entry.kind == "dense":
                 total += numel(entry.shape)
-            elif entry.kind == "lowrank":
-                total += (entry.rank or 0) * (entry.shape[0] + entry.shape[-1]) if len(entry.shape) == 2 \
-                    else numel(entry.shape)
+            elif entry.has_factors:
+                total += (entry.rank or 0) * (entry.shape[0] + entry.shape[-1]) + (entry.rows or 0) * entry.shape[-1]
         return total
 
     def to_json(self) -> dict[str, Any]:

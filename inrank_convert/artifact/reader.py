@@ -12,8 +12,24 @@ import torch
 
 from ..checkpoints import SafetensorsCheckpoint, TensorInfo, open_safetensors
 from ..errors import ArtifactError, CheckpointError
-from ..tensors import dtype_name
-from .manifest import ARTIFACT_FILE, FORMAT_NAME, INIT_FILE, MANIFEST_KEY, Manifest, TensorEntry, factor_names
+from ..tensors import SAFETENSORS_DTYPES, dtype_name
+from .manifest import (
+    ARTIFACT_FILE,
+    FACTOR_SCALE,
+    FORMAT_NAME,
+    INIT_FILE,
+    MANIFEST_KEY,
+    ROWS_SCALE,
+    Manifest,
+    TensorEntry,
+    factor_names,
+    row_names,
+)
+from .storage import check_scale, decode_factors, decode_rows
+
+# Rows of the dense result built at a time by ``reconstruct`` (bounds the float32 temporaries of
+# B @ A for a tall matrix, e.g. 50,257 x 4096 embeddings, to about 64 MB).
+RECONSTRUCT_ROWS = 4096
 
 
 def is_artifact(path: Path) -> bool:
@@ -42,18 +58,23 @@ def read_manifest(path: str | Path) -> Manifest:
     except json.JSONDecodeError as err:
         raise ArtifactError(f"corrupt manifest ({err.msg})", str(file), "re-run compress") from err
     manifest = Manifest.from_json(values, str(file))
-    _check_stored(manifest, file, set(handle.keys()))
+    _check_stored(manifest, file, {name: handle.get_slice(name) for name in handle.keys()})
     return manifest
 
 
-def _check_stored(manifest: Manifest, file: Path, stored: set[str]) -> None:
-    """Every tensor the manifest lists must be in the file."""
+def _check_stored(manifest: Manifest, file: Path, stored: dict) -> None:
+    """Every tensor the manifest lists must be in the file (scales and row indices included), with
+    the dtype and length its entry implies: all from the header, no tensor data is read."""
     for name, entry in manifest.tensors.items():
-        needed = {"lowrank": factor_names(name), "dense": (name,)}.get(entry.kind, ())
-        missing = [stored_name for stored_name in needed if stored_name not in stored]
+        missing = [stored_name for stored_name in entry.stored_names(name) if stored_name not in stored]
         if missing:
             raise ArtifactError(f"artifact lacks tensor {missing[0]!r} that its manifest lists", str(file),
                                 "the file is damaged: re-run compress")
+        if entry.kind == "lowrank+rows":
+            index = stored[row_names(name)[1]]
+            if index.get_dtype() != "I64" or list(index.get_shape()) != [entry.rows]:
+                raise ArtifactError(f"row index {row_names(name)[1]!r} is {index.get_dtype()} {index.get_shape()}, "
+                                    f"expected I64 [{entry.rows}]", str(file), "the file is damaged: re-run compress")
     for name, entry in manifest.tensors.items():
         if entry.is_alias and manifest.tensors.get(entry.of or "") is None:
             raise ArtifactError(f"alias {name!r} points at {entry.of!r}, which the manifest lacks", str(file),
@@ -110,9 +131,37 @@ class Artifact:
         return self._file.get(name)
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B [rows, r], A [r, cols]) of a low-rank tensor."""
+        """(B [rows, r], A [r, cols]) of a low-rank tensor in float32, whatever the storage (int8
+        scales applied): ``B @ A`` is the update's low-rank part."""
         b_name, a_name = factor_names(name)
-        return self._file.get(b_name), self._file.get(a_name)
+        B, A = self._file.get(b_name), self._file.get(a_name)
+        scale = None
+        if self.tensors[name].storage == "int8":
+            scale = self._file.get(name + FACTOR_SCALE)
+            check_scale(name + FACTOR_SCALE, scale, A.shape[0], str(self.file))
+        return decode_factors(B, A, scale)
+
+    def rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row_index [K] int64, rows [K, cols] float32) of a lowrank+rows tensor, validated: the
+        indices must be distinct and inside the tensor, or the artifact is refused."""
+        entry = self.tensors[name]
+        rows_name, index_name = row_names(name)
+        index, rows = self._file.get(index_name), self._file.get(rows_name)
+        where = str(self.file)
+        if index.dtype != torch.int64 or index.dim() != 1 or tuple(rows.shape) != (index.shape[0], entry.shape[-1]):
+            raise ArtifactError(f"rows {rows_name!r} {list(rows.shape)} and index {index_name!r} "
+                                f"{list(index.shape)} {index.dtype} do not fit {list(entry.shape)}", where,
+                                "the file is damaged: re-run compress")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= entry.shape[0]):
+            raise ArtifactError(f"row index {index_name!r} points outside the tensor's {entry.shape[0]} rows", where,
+                                "the file is damaged: re-run compress")
+        if torch.unique(index).numel() != index.numel():
+            raise ArtifactError(f"row index {index_name!r} repeats a row", where, "the file is damaged: re-run compress")
+        scale = None
+        if entry.storage == "int8":
+            scale = self._file.get(name + ROWS_SCALE)
+            check_scale(name + ROWS_SCALE, scale, index.shape[0], where)
+        return index, decode_rows(rows, scale)
 
     def input_paths(self) -> tuple[Path, ...]:
         """Every path this artifact reads: outputs must never replace one of them."""
@@ -129,18 +178,27 @@ class Artifact:
         return TensorInfo(name, entry.shape, entry.dtype)
 
     def reconstruct(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
-        """The dense tensor W = W_ref + B @ A (or the stored / reference one), in its source dtype."""
+        """The dense tensor W = W_ref + B @ A (+ the stored rows), or the stored / reference one, in
+        its source dtype. Built in place, a block of rows at a time: no dense update is formed."""
         name = self.canonical(name)
         entry = self.tensors[name]
         if entry.kind == "dense":
             return self.stored(name).to(device)
+        weight = torch.zeros(entry.shape, dtype=torch.float32, device=device)  # [rows, cols]
         reference = self.reference.get(name)
-        base = (torch.zeros(entry.shape, dtype=torch.float32, device=device) if reference is None
-                else reference.to(device=device, dtype=torch.float32))
-        if entry.kind == "zero":
-            return base.to(entry.dtype)
-        B, A = self.factors(name)
-        return (base + B.to(device, torch.float32) @ A.to(device, torch.float32)).to(entry.dtype)
+        if reference is not None:
+            # A grown vocabulary: the reference has the first reference_rows rows, the rest start at 0.
+            weight[:reference.shape[0]].copy_(reference)
+        if entry.has_factors:
+            B, A = self.factors(name)
+            B, A = B.to(device, torch.float32), A.to(device, torch.float32)  # [rows, r], [r, cols]
+            for start in range(0, entry.shape[0], RECONSTRUCT_ROWS):
+                block = weight[start:start + RECONSTRUCT_ROWS]
+                block.addmm_(B[start:start + RECONSTRUCT_ROWS], A)
+        if entry.kind == "lowrank+rows":
+            index, rows = self.rows(name)
+            weight.index_add_(0, index.to(device), rows.to(device))
+        return weight.to(entry.dtype)
 
     def close(self) -> None:
         self._file.close()
@@ -160,8 +218,28 @@ def describe_artifact(path: str | Path) -> dict[str, Any]:
     manifest = read_manifest(path)
     compressed = artifact_bytes(path)
     original = manifest.original_bytes
+    header = None  # the stored dtypes, read only for version-1 factors (no storage in their entries)
+
+    def storage(name: str, entry: TensorEntry) -> str | None:
+        """The precision the tensor's data is stored at: its entry's (version 2), else the dtype of
+        what the file holds (a dense tensor, or version-1 factors); None when nothing is stored."""
+        nonlocal header
+        if entry.storage is not None:
+            return entry.storage
+        stored = name if entry.kind == "dense" else factor_names(name)[1] if entry.has_factors else None
+        if stored is None:
+            return None
+        if header is None:
+            header = open_safetensors(path / ARTIFACT_FILE)
+        dtype = SAFETENSORS_DTYPES.get(header.get_slice(stored).get_dtype())
+        return dtype_name(dtype) if dtype is not None else None
+
+    # rows: K stored rows of a lowrank+rows tensor (None otherwise); reference_rows: a grown vocabulary;
+    # error: the relative error of what is stored (version 2; None in version 1).
     layers = [{"name": name, "shape": list(entry.shape), "kind": entry.kind, "rank": entry.rank,
-               "energy": entry.energy, "bytes": entry.bytes, "dtype": dtype_name(entry.dtype)}
+               "energy": entry.energy, "bytes": entry.bytes, "dtype": dtype_name(entry.dtype),
+               "rows": entry.rows, "storage": storage(name, entry), "error": entry.error,
+               "reference_rows": entry.reference_rows}
               for name, entry in manifest.stored_entries().items()]
     return {
         "path": str(path), "format": FORMAT_NAME, "version": manifest.version,

@@ -12,19 +12,23 @@ import torch
 from ..checkpoints import TensorInfo, copy_side_files
 from ..errors import ArtifactError
 from ..outputs import TensorFileWriter, atomic_output_dir, link_or_copy
-from ..tensors import sha256_tensor
+from ..tensors import dtype_name, sha256_tensor
 from .manifest import (
     ARTIFACT_FILE,
+    FACTOR_SCALE,
     INIT_FILE,
     MANIFEST_KEY,
+    ROWS_SCALE,
     Manifest,
     ReferenceRecord,
     RuleRecord,
     SourceRecord,
     TensorEntry,
     factor_names,
+    row_names,
 )
 from .reader import artifact_bytes
+from .storage import encode_factors, encode_rows
 
 
 class ArtifactWriter:
@@ -94,20 +98,46 @@ class ArtifactWriter:
 
     def add_lowrank(self, name: str, B: torch.Tensor, A: torch.Tensor, *, shape: tuple[int, ...],
                     dtype: torch.dtype, energy: float = 1.0, original_bytes: int | None = None,
-                    svd: str | None = None) -> TensorEntry:
-        """``W ~= W_ref + B @ A``: B [rows, r], A [r, cols] in the stored orientation."""
+                    svd: str | None = None, rows: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
+                    storage: str | None = None, error: float | None = None,
+                    reference_rows: int | None = None) -> TensorEntry:
+        """``W ~= W_ref + B @ A`` (+ ``rows`` scattered to ``row_index``): B [rows, r], A [r, cols],
+        rows [K, cols], row_index [K] in the stored orientation.
+
+        ``storage`` (float32 / float16 / bfloat16 / int8) encodes the factors and rows; None stores
+        them as given (training checkpoints keep their parameters' exact values). ``error``: the
+        relative error of what is stored, measured by the caller; ``reference_rows``: the
+        reference has only that many rows (a grown vocabulary).
+        """
         b_name, a_name = factor_names(name)
-        stored = self._tensors.add(b_name, B) + self._tensors.add(a_name, A)
+        stored_storage = storage or dtype_name(A.dtype)
+        B_s, A_s, scale = encode_factors(B, A, stored_storage)
+        stored = self._tensors.add(b_name, B_s) + self._tensors.add(a_name, A_s)
+        if scale is not None:
+            stored += self._tensors.add(name + FACTOR_SCALE, scale)
+        kind = "lowrank"
+        if rows is not None:
+            if row_index is None or row_index.dim() != 1 or row_index.shape[0] != rows.shape[0]:
+                raise ValueError(f"rows of {name!r} need a [K] row_index")
+            kind = "lowrank+rows"
+            rows_name, index_name = row_names(name)
+            rows_s, row_scale = encode_rows(rows, stored_storage)
+            stored += self._tensors.add(rows_name, rows_s) + self._tensors.add(index_name, row_index.to(torch.int64))
+            if row_scale is not None:
+                stored += self._tensors.add(name + ROWS_SCALE, row_scale)
         nbytes = original_bytes if original_bytes is not None else TensorInfo(name, tuple(shape), dtype).nbytes
-        return self._add_entry(name, TensorEntry("lowrank", tuple(shape), dtype, A.shape[0], energy, stored,
-                                                 nbytes, svd))
+        return self._add_entry(name, TensorEntry(
+            kind, tuple(shape), dtype, A.shape[0], energy, stored, nbytes, svd,
+            rows=None if rows is None else int(rows.shape[0]), storage=stored_storage, error=error,
+            reference_rows=reference_rows))
 
     def add_dense(self, name: str, tensor: torch.Tensor, *, dtype: torch.dtype | None = None,
-                  rank: int | None = None, svd: str | None = None) -> TensorEntry:
-        """The tensor whole. ``rank``/``svd``: a factorized tensor whose low rank did not pay."""
+                  rank: int | None = None, svd: str | None = None, reference_rows: int | None = None) -> TensorEntry:
+        """The tensor whole. ``rank``/``svd``: a factorized tensor whose low rank did not pay;
+        ``reference_rows``: its reference has fewer rows (a grown vocabulary; export-peft needs to know)."""
         stored = self._tensors.add(name, tensor)
         return self._add_entry(name, TensorEntry("dense", tuple(tensor.shape), dtype or tensor.dtype, rank, 1.0,
-                                                 stored, stored, svd))
+                                                 stored, stored, svd, reference_rows=reference_rows))
 
     def add_zero(self, name: str, *, shape: tuple[int, ...], dtype: torch.dtype, energy: float,
                  original_bytes: int | None = None, svd: str | None = None) -> TensorEntry:

@@ -1,0 +1,251 @@
+"""The stored form of one update: the cheapest of zero, low rank, low rank + rows, and dense that
+meets the rank rule (DESIGN §2, "Stored forms").
+
+Why rows. In a from-scratch run the token embedding's update is one common drift shared by every
+row of a token the text never shows (a rank-1 term holding >99% of the energy) plus an individual
+update per token the text does show. An energy rule over the whole matrix is met by the drift
+alone and drops the information; and for a tall matrix (vocab x width) low rank buys little,
+since a rank-r pair costs r * (rows + cols) numbers while one stored row costs cols (+ its index).
+
+The criterion, so that a cheap dominant component cannot satisfy it:
+
+- the *dominant* part of an update is its leading singular component when that component alone
+  holds at least half of the energy (``DOMINANT_SHARE``; at most one component can); most block
+  updates have none, and for them everything below is exactly the plain energy rule;
+- a form must keep the dominant part, and ``threshold`` of the energy *left after it*:
+  kept >= E_d + t * (E - E_d). On the embedding above (E_d = 99% of E, t = 0.9) that is 99.9% of
+  the energy, of which 90% must come from the individual updates, not the drift;
+- low rank meets it with the smallest rank that does (the energy rule at the effective threshold
+  t + (1 - t) * E_d / E); low rank + rows with the dominant part as its low-rank part (rank 0 or
+  1) plus the fewest rows of the residual (largest row energies first) that reach the target;
+- of the forms that meet it the one with the fewest stored bytes wins (at the storage precision
+  the artifact uses); dense when none is smaller than the tensor itself. Rows compete only when
+  at most half of the rows are needed (``MAX_ROW_FRACTION``): the update is concentrated in rows.
+
+Why the rows' low-rank part is the dominant component and nothing more: a larger one is cheaper
+in bytes for the same energy, but it buys that energy by projecting every token's own update onto
+a few shared directions, which the model notices. Measured on the README's run (4x128 GPT-2,
+token embedding only, t = 0.9): rank 1 + 9,263 rows, 8.8% of the dense bytes, perplexity +0.04%;
+searching ranks 1-16 for the fewest bytes chose rank 8 + 5,326 rows, 7.6%, perplexity +3.1%.
+
+Rows of a grown vocabulary (``forced_rows``: rows the reference does not have) are always stored
+rows, so such a tensor is low rank + rows or dense. A fixed ``--rank`` or the ``inrank`` criterion
+choose low rank as before (rows only for forced rows).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .spectrum import RankRule, factorize
+
+DOMINANT_SHARE = 0.5
+# Rows are for updates concentrated in rows: a form that needs more than this fraction of the
+# rows is not one (a full-rank update, e.g. a weight factorized with --no-init, would otherwise
+# "compress" by dropping whole output channels, which low rank does far more gently).
+MAX_ROW_FRACTION = 0.5
+INDEX_BYTES = 8  # a stored row's int64 index
+
+
+@dataclass
+class Form:
+    """What to store for one update ``delta`` [rows, cols]."""
+
+    kind: str  # "zero" | "lowrank" | "lowrank+rows" | "dense"
+    B: torch.Tensor | None = None  # [rows, r]
+    A: torch.Tensor | None = None  # [r, cols]
+    rows: torch.Tensor | None = None  # [K, cols]: delta's residual after B @ A on those rows
+    row_index: torch.Tensor | None = None  # [K] int64
+    rank: int = 0
+    energy: float = 1.0  # fraction of ||delta||_F^2 kept (before storage rounding)
+    engine: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def stored_rows(self) -> int:
+        return 0 if self.rows is None else int(self.rows.shape[0])
+
+
+@dataclass(frozen=True)
+class Costs:
+    """Bytes of each stored number at the artifact's precision, and of the dense tensor."""
+
+    element: int  # per factor or row number
+    vector: int  # per rank-1 component or row (an int8 scale)
+    dense: int  # the tensor stored whole
+
+    def lowrank(self, rank: int, rows: int, cols: int) -> int:
+        return rank * ((rows + cols) * self.element + self.vector)
+
+    def row_set(self, count: int, cols: int) -> int:
+        return count * (cols * self.element + self.vector + INDEX_BYTES)
+
+
+def choose_form(delta: torch.Tensor, total: float, rule: RankRule, costs: Costs, engine: str = "auto",
+                float64: bool = False, generator: torch.Generator | None = None,
+                forced_rows: torch.Tensor | None = None) -> Form:
+    """The cheapest form of ``delta`` (float32 [rows, cols], ||delta||^2 = ``total``) that meets ``rule``."""
+    rows, cols = delta.shape
+    if total == 0.0 and forced_rows is None:
+        return Form("zero", energy=1.0, engine="none")
+    if rule.fixed_rank is not None or rule.criterion != "energy":
+        return _lowrank_by_rule(delta, total, rule, costs, engine, float64, generator, forced_rows)
+
+    # The plain energy rule first (the same factorization as a low-rank-only search would make):
+    # its spectrum tells whether a dominant component is there, its vectors give the small ranks.
+    low = factorize(delta, rule, engine, float64, generator, total_energy=total)
+    dominant, effective = effective_threshold(low.singular_values, total, rule.threshold)
+    target = effective * total
+    notes = list(low.notes)
+    if dominant:
+        share = float(low.singular_values[0].double() ** 2) / total
+        notes.append(f"the leading component holds {share:.1%} of the energy: the rule keeps "
+                     f"{rule.threshold:g} of the rest (energy {effective:.6g})")
+        low = factorize(delta, RankRule("energy", effective), engine, float64, generator, total_energy=total)
+        notes.extend(low.notes)
+
+    candidates: list[tuple[int, Form]] = []
+    if forced_rows is None and low.rank > 0:
+        candidates.append((costs.lowrank(low.rank, rows, cols),
+                           Form("lowrank", low.B, low.A, rank=low.rank, energy=low.energy, engine=low.engine)))
+    vectors = low.right_vectors if low.right_vectors is not None else low.A
+    with_rows = _rows_form(delta, total, target, vectors[:dominant], costs, forced_rows)
+    if with_rows is not None:
+        with_rows[1].engine = low.engine
+        candidates.append(with_rows)
+    if not candidates:
+        if low.rank == 0 and forced_rows is None:
+            return Form("zero", energy=0.0, engine=low.engine, notes=notes)
+        return Form("dense", rank=low.rank, engine=low.engine, notes=[*notes, "no form smaller than dense meets the rule"])
+    nbytes, form = min(candidates, key=lambda item: (item[0], item[1].kind != "lowrank"))
+    form.notes = notes + form.notes
+    if nbytes >= costs.dense:
+        return Form("dense", rank=form.rank, energy=1.0, engine=form.engine,
+                    notes=[*form.notes, f"{form.kind} at rank {form.rank} is not smaller than dense"])
+    return form
+
+
+def effective_threshold(singular_values: torch.Tensor, total: float, threshold: float) -> tuple[int, float]:
+    """(dominant rank 0 or 1, the energy fraction a form must keep): ``threshold`` of the energy
+    left after the leading component when that component alone holds DOMINANT_SHARE or more."""
+    if total <= 0.0 or singular_values.numel() == 0:
+        return 0, threshold
+    leading = float(singular_values[0].double() ** 2)
+    if leading < DOMINANT_SHARE * total:
+        return 0, threshold
+    return 1, min(1.0, (leading + threshold * (total - leading)) / total)
+
+
+def _rows_form(delta: torch.Tensor, total: float, target: float, V: torch.Tensor, costs: Costs,
+               forced_rows: torch.Tensor | None) -> tuple[int, Form] | None:
+    """Low rank + rows: the low-rank part spans ``V`` ([r, cols], r = 0 or 1: the dominant
+    direction), the rows are the fewest rows of the residual that bring the kept energy to
+    ``target``; None when that is not smaller than dense.
+
+    The low-rank part is the projection ``delta @ V.T @ V`` (B = delta @ V.T, A = V), and the
+    residual's row energies are ||delta_i||^2 - ||(delta @ V.T)_i||^2: no residual is formed
+    until the rows are chosen.
+    """
+    rows, cols = delta.shape
+    rank = V.shape[0]
+    V = V / V.norm(dim=1, keepdim=True).clamp_min(1e-30)  # unit rows (balanced factors carry sqrt(s))
+    B = delta @ V.T  # [rows, r]
+    kept_lowrank = float(B.double().pow(2).sum())
+    residual = (row_energies(delta) - B.double().pow(2).sum(dim=1)).clamp_min(0.0)  # [rows] float64
+    forced = torch.zeros(rows, dtype=torch.bool)
+    if forced_rows is not None:
+        forced[forced_rows] = True
+    count = _rows_needed(residual, forced, target - kept_lowrank)
+    nbytes = costs.lowrank(rank, rows, cols) + costs.row_set(count, cols)
+    if nbytes >= costs.dense or (count > MAX_ROW_FRACTION * rows and forced_rows is None):
+        return None
+    index = _top_rows(residual, forced, count)  # [K] int64, ascending
+    kept_rows = delta[index] - B[index] @ V  # [K, cols]
+    energy = min(1.0, (kept_lowrank + float(residual[index].sum())) / total) if total else 1.0
+    form = Form("lowrank+rows", *_balance(B, V), kept_rows, index, rank=rank, energy=energy)
+    form.notes.append(f"rank {rank} + {count} rows of {rows}")
+    return nbytes, form
+
+
+def row_energies(delta: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """||delta_i||^2 of every row in float64, a block of rows at a time (no float64 copy of delta)."""
+    return torch.cat([delta[start:start + block].double().pow(2).sum(dim=1)
+                      for start in range(0, delta.shape[0], block)])
+
+
+def _rows_needed(residual: torch.Tensor, forced: torch.Tensor, need: float) -> int:
+    """How many rows (the forced ones first, then by residual energy) reach ``need`` energy."""
+    forced_count = int(forced.sum())
+    have = float(residual[forced].sum())
+    if have >= need:
+        return forced_count
+    free = torch.sort(residual[~forced], descending=True).values
+    cumulative = torch.cumsum(free, dim=0)
+    hits = torch.nonzero(cumulative >= (need - have) * (1.0 - 1e-12))
+    return forced_count + (int(hits[0, 0]) + 1 if hits.numel() else free.numel())
+
+
+def _top_rows(residual: torch.Tensor, forced: torch.Tensor, count: int) -> torch.Tensor:
+    """The forced rows and the highest-energy others, ``count`` in all, as sorted int64 indices."""
+    chosen = torch.nonzero(forced).flatten()
+    others = torch.nonzero(~forced).flatten()
+    extra = count - chosen.numel()
+    if extra > 0:
+        order = torch.argsort(residual[others], descending=True)[:extra]
+        chosen = torch.cat([chosen, others[order]])
+    return torch.sort(chosen).values.to(torch.int64)
+
+
+def _balance(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale each rank-1 component so that its B column and A row have equal norms (the
+    convention of every factor pair here: int8 scales and PEFT's LoRA both prefer it)."""
+    if B.shape[1] == 0:
+        return B, A
+    root = (B.norm(dim=0) / A.norm(dim=1).clamp_min(1e-30)).sqrt().clamp_min(1e-30)  # [r]
+    return B / root[None, :], A * root[:, None]
+
+
+def _lowrank_by_rule(delta: torch.Tensor, total: float, rule: RankRule, costs: Costs, engine: str, float64: bool,
+                     generator: torch.Generator | None, forced_rows: torch.Tensor | None) -> Form:
+    """--rank r or the inrank criterion: low rank as the rule says (plus the forced rows, if any)."""
+    rows, cols = delta.shape
+    found = factorize(delta, rule, engine, float64, generator, total_energy=total)
+    notes = list(found.notes)
+    if forced_rows is not None:
+        index = torch.sort(forced_rows.to(torch.int64)).values
+        kept_rows = delta[index] - found.B[index] @ found.A
+        kept = total * found.energy + float((kept_rows.double() ** 2).sum())
+        form = Form("lowrank+rows", found.B, found.A, kept_rows, index, found.rank, min(1.0, kept / total) if total else 1.0,
+                    found.engine, notes)
+        nbytes = costs.lowrank(found.rank, rows, cols) + costs.row_set(index.numel(), cols)
+    elif found.rank == 0:
+        return Form("zero", energy=1.0 if found.total_energy == 0.0 else 0.0, engine=found.engine, notes=notes)
+    else:
+        form = Form("lowrank", found.B, found.A, rank=found.rank, energy=found.energy, engine=found.engine, notes=notes)
+        nbytes = costs.lowrank(found.rank, rows, cols)
+    if nbytes >= costs.dense:
+        return Form("dense", rank=found.rank, energy=1.0, engine=found.engine,
+                    notes=[*notes, f"rank {found.rank} is not smaller than dense"])
+    return form
+
+
+def stored_error(delta: torch.Tensor, total: float, B: torch.Tensor, A: torch.Tensor, rows: torch.Tensor | None,
+                 row_index: torch.Tensor | None, block: int = 4096) -> float:
+    """||delta - (B @ A + rows)||_F / ||delta||_F of what a reader gets back, a block of rows at a time."""
+    if total == 0.0:
+        return 0.0
+    error = 0.0
+    placed = None
+    if rows is not None:
+        placed = torch.full((delta.shape[0],), -1, dtype=torch.int64)
+        placed[row_index] = torch.arange(row_index.numel())
+    for start in range(0, delta.shape[0], block):
+        residual = delta[start:start + block] - B[start:start + block] @ A  # [block, cols]
+        if placed is not None:
+            here = placed[start:start + block]
+            mask = here >= 0
+            residual[mask] -= rows[here[mask]]
+        error += float(residual.double().pow(2).sum())
+    return min(1.0, error / total) ** 0.5
