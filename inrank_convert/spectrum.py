@@ -92,6 +92,8 @@ def rank_for_inrank(singular_values: torch.Tensor, threshold: float) -> int:
     n = s.numel()
     if n == 0 or float(s.abs().max()) == 0.0:
         return 0
+    if n == 1:
+        return 1  # one nonzero value: the variance is undefined, and the rank is 1 either way
     # For every r at once: zeroing s[:r] leaves a vector whose sum and sum of squares are
     # suffix sums, so its unbiased variance is (sum_sq - sum**2 / n) / (n - 1).
     var_all = torch.var(s)

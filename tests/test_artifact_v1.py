@@ -249,3 +249,35 @@ def test_old_training_checkpoint_manifest_round_trips(reference):
     again = manifest.to_json()
     assert not key_paths(raw) - key_paths(again)
     assert again == raw
+
+
+def test_old_artifact_resumes_training(old, tmp_path):
+    """resume starts InRank training from a version-1 artifact's factors: step 0 is its model."""
+    import random
+
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+
+    from inrank_convert.runs import read_metrics
+    from inrank_convert.training import resume
+
+    words = [f"w{i}" for i in range(old.config.vocab_size - 1)]  # every id inside the tiny vocabulary
+    tokenizer = Tokenizer(tokenizer_models.WordLevel({word: i for i, word in enumerate(["[UNK]", *words])},
+                                                     unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "tokenizer").mkdir()
+    tokenizer.save(str(tmp_path / "tokenizer" / "tokenizer.json"))
+    text = tmp_path / "text.txt"
+    generator = random.Random(0)
+    text.write_text(" ".join(generator.choice(words) for _ in range(600)) + "\n")
+
+    result = resume(old.path, tmp_path / "run", {"data": str(text), "steps": 3, "batch_size": 2, "block_size": 8,
+                                                 "tokenizer": str(tmp_path / "tokenizer"), "buffer": 1,
+                                                 "rank_warmup": 1, "rank_every": 1, "log_every": 1, "lr": 1e-3})
+    assert result.step == 3 and not result.interrupted
+    assert set(result.ranks) == {name.removesuffix(".weight") for name in LOWRANK} | {ZERO.removesuffix(".weight")}
+    assert all(result.ranks[name.removesuffix(".weight")] >= rank for name, rank in LOWRANK.items())
+    records = read_metrics(tmp_path / "run")
+    assert [record["step"] for record in records] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(record["loss"])) for record in records)
+    assert read_manifest(tmp_path / "run" / "step-3").version == 2  # its checkpoints are written in version 2
