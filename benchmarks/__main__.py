@@ -1,6 +1,11 @@
 """Run every benchmark (or those named on the command line), print one ratio table, write results.json.
 
-Usage: python -m benchmarks [compress] [svd] [memory] [runtime] [train]
+Usage: python -m benchmarks [compress] [svd] [memory] [runtime] [train] [compression]
+
+A benchmark module may define ``skip_reason()``: when it returns a reason the benchmark is skipped
+(said on stdout and recorded in results.json). A row whose ``passed`` is None has no target (it is
+there to compare with) and shows ``-``. A module with ``TIMED = False`` measures no time, so
+the busy-machine warning is not given for it.
 """
 
 from __future__ import annotations
@@ -13,20 +18,20 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from . import bench_compress, bench_memory, bench_runtime, bench_svd, bench_train
+from . import bench_compress, bench_compression, bench_memory, bench_runtime, bench_svd, bench_train
 from .common import BenchResult, Contention, machine_info
 
 BUSY_WARNING = 0.05  # other processes' share of the CPUs above which timings are suspect
 
 BENCHMARKS = {module.NAME: module
-              for module in (bench_compress, bench_svd, bench_memory, bench_runtime, bench_train)}
+              for module in (bench_compress, bench_svd, bench_memory, bench_runtime, bench_train, bench_compression)}
 RESULTS_FILE = Path(__file__).resolve().parent / "results.json"
 COLUMNS = ("benchmark", "measured", "baseline", "ratio", "target", "result")
 
 
 def render_table(results: list[BenchResult]) -> None:
     rows = [(r.name, r.measured, r.baseline, f"{r.ratio:.2f}", f"{r.ratio_label} {r.target}",
-             "PASS" if r.passed else "FAIL") for r in results]
+             "-" if r.passed is None else "PASS" if r.passed else "FAIL") for r in results]
     try:
         from rich import box
         from rich.console import Console
@@ -41,7 +46,7 @@ def render_table(results: list[BenchResult]) -> None:
     for column in COLUMNS:
         table.add_column(column, justify="right" if column == "ratio" else "left", no_wrap=True)
     for row in rows:
-        style = "green" if row[-1] == "PASS" else "red"
+        style = {"PASS": "green", "FAIL": "red"}.get(row[-1], "dim")
         table.add_row(*row[:-1], f"[{style}]{row[-1]}[/{style}]")
     # Wide enough for every cell on one line, even when stdout is a pipe (rich then assumes 80).
     needed = sum(max(len(str(row[i])) for row in [COLUMNS, *rows]) + 3 for i in range(len(COLUMNS))) + 4
@@ -60,8 +65,14 @@ def main(argv: list[str]) -> int:
     results: list[BenchResult] = []
     owners: list[str] = []  # the benchmark each row came from
     errors: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     for name in selected:
         print(f"[{name}] {BENCHMARKS[name].__doc__.splitlines()[0]}", flush=True)
+        reason = getattr(BENCHMARKS[name], "skip_reason", lambda: None)()
+        if reason:
+            skipped[name] = reason
+            print(f"  skipped: {reason}\n", flush=True)
+            continue
         bench_started = time.perf_counter()
         try:
             with Contention() as contention:
@@ -80,11 +91,14 @@ def main(argv: list[str]) -> int:
         print(f"  done in {seconds:.1f} s\n", flush=True)
     total = time.perf_counter() - started
     render_table(results)
-    for result in results:
+    for owner, result in zip(owners, results, strict=True):
         share = result.details["contention"]["other_processes_share_of_machine"]
-        if share is not None and share > BUSY_WARNING:
+        timed = getattr(BENCHMARKS[owner], "TIMED", True)  # False: it measures no time (sizes, perplexity)
+        if timed and share is not None and share > BUSY_WARNING:
             print(f"warning: other processes used {share:.0%} of the CPUs during '{result.name}': "
                   "its timings are inflated; re-run on a quiet machine")
+    for name, reason in skipped.items():
+        print(f"skipped '{name}': {reason}")
     print(f"total {total:.0f} s; details in {RESULTS_FILE}")
     report = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -93,6 +107,7 @@ def main(argv: list[str]) -> int:
         "results": {name: [r.to_json() for owner, r in zip(owners, results, strict=True) if owner == name]
                     for name in dict.fromkeys(owners)},
         "errors": errors,
+        "skipped": skipped,
     }
     RESULTS_FILE.write_text(json.dumps(report, indent=2, default=str) + "\n")
     return 1 if errors else 0

@@ -29,7 +29,7 @@ class BenchResult:
     ratio: float
     ratio_label: str  # how the ratio is formed, e.g. "compress / read"
     target: str  # e.g. "<= 4.0"
-    passed: bool
+    passed: bool | None  # None: a row that has no target (a comparison)
     details: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:

@@ -39,9 +39,9 @@ class DemoSettings:
     steps: int = 250
     resume_steps: int = 100
     thresholds: tuple[float, float] = (0.9, 0.99)
-    # Embeddings stay dense: in a short run their update is dominated by a rank-1 drift of the rows
-    # of tokens the text never uses, so an energy threshold keeps that drift and loses the rest.
-    embeddings: bool = False
+    # Embeddings are factorized too: their update (a rank-1 drift shared by the rows of tokens the
+    # text never uses, plus the rows of the tokens it does use) is stored as low rank + rows.
+    embeddings: bool = True
     n_embd: int = 128
     n_layer: int = 4
     n_head: int = 4
@@ -77,7 +77,8 @@ class DemoResult:
 
     def rank_table(self) -> list[dict]:
         """Mean rank per layer type (attention in/out, MLP in/out, embeddings) in each artifact, and
-        the resumed run's ranks (the rank controller's r, without the buffer)."""
+        the resumed run's ranks (the rank controller's r, without the buffer). A tensor stored as low
+        rank + rows adds a ``TYPE rows`` line: its stored rows, out of all its rows (``full``)."""
         rows: dict[str, dict] = {}
 
         def add(kind: str, column: str, rank: int, full: int | None = None) -> None:
@@ -89,6 +90,8 @@ class DemoResult:
             for layer in artifact.layers:
                 if len(layer.shape) == 2 and layer.rank is not None:  # not the tensors kept dense by choice
                     add(layer_type(layer.name), label, layer.rank, min(layer.shape))
+                    if layer.kind == "lowrank+rows":  # the rank alone would hide most of what is stored
+                        add(layer_type(layer.name) + " rows", label, layer.entry.rows or 0, layer.shape[0])
         for name, rank in self.resumed.ranks.items():
             add(layer_type(name + ".weight"), "resumed (InRank r)", rank)
         columns = list(dict.fromkeys(key for row in rows.values() for key in row))
@@ -202,8 +205,7 @@ def run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None = No
     for note in data.notes:
         say(f"note: {note}")
     if not settings.embeddings:
-        say(f"note: embeddings stay dense ({flag('--no-embeddings')}): early in training their update is dominated by a "
-            "rank-1 drift of unused tokens' rows (see the README's results)")
+        say(f"note: embeddings stay dense ({flag('--no-embeddings')})")
     config_dir = out / "config"
     _write_config(config_dir, data, settings)
 
@@ -233,8 +235,9 @@ def run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None = No
                      on_step=on_step)
 
     say("5/5 compressing the resumed model against the run's init, and measuring it")
-    # The resumed checkpoint trains its embeddings dense; compressing it against the original init
-    # (the seed recipe in run/step-0) gives its honest size next to the first artifacts.
+    # The resumed checkpoint trains its embeddings dense (a rows tensor is rebuilt dense to train);
+    # compressing it against the original init (the seed recipe in run/step-0) finds its rows again
+    # and gives its honest size next to the first artifacts.
     resumed_artifact = compress(out / "inrank" / f"step-{settings.resume_steps}", out / "resumed-artifact",
                                 init=out / "run" / "step-0", init_seed=settings.seed,
                                 options=_plan(settings, settings.thresholds[0]))
