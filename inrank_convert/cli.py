@@ -112,13 +112,27 @@ class _PlanProgress:
 
 
 def _plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, include, exclude, float64, seed,
-                  quantize=None):
+                  quantize=None, target_ratio=None, target_size=None):
     from .plan import PlanOptions
     from .spectrum import RankRule
 
     return PlanOptions(rule=RankRule(criterion, threshold, rank), engine=svd, device=device,
                        factor_dtype=_dtype(dtype), embeddings=embeddings, include=tuple(include or ()),
-                       exclude=tuple(exclude or ()), float64=float64, seed=seed, quantize=quantize)
+                       exclude=tuple(exclude or ()), float64=float64, seed=seed, quantize=quantize,
+                       target_ratio=target_ratio, target_size=target_size)
+
+
+DEFAULT_THRESHOLD = 0.90
+
+
+def _compress_threshold(threshold: float | None, target_ratio: float | None, target_size: int | None) -> float:
+    """--threshold as given, or its default; refused beside a size target (which sets the ranks itself)."""
+    if target_ratio is not None or target_size is not None:
+        which = "--target-ratio" if target_ratio is not None else "--target-size"
+        if threshold is not None:
+            raise UsageError(f"{which} allocates the ranks, but --threshold sets them per tensor", "--threshold",
+                             "pass only one of them")
+    return DEFAULT_THRESHOLD if threshold is None else threshold
 
 
 @app.command("compress")
@@ -130,9 +144,15 @@ def compress_command(
     init_seed: InitSeedOpt = None,
     no_init: NoInitOpt = False,
     embed_init: Annotated[bool, typer.Option("--embed-init", help="Store the init tensors in the artifact so it stands alone.")] = False,
-    threshold: Annotated[float, typer.Option("--threshold", "-t", help="Fraction of each update kept, in (0, 1].")] = 0.90,
+    threshold: Annotated[float | None, typer.Option(
+        "--threshold", "-t", help="Fraction of each update kept, in (0, 1] (default 0.9).")] = None,
     criterion: CriterionOpt = "energy",
     rank: Annotated[int | None, typer.Option("--rank", help="Fixed rank for every factorized tensor (clipped).")] = None,
+    target_ratio: Annotated[float | None, typer.Option(
+        "--target-ratio", help="Artifact file at most this fraction of the dense bytes, in (0, 1]: ranks and rows "
+                               "allocated across tensors by the most error removed per byte.")] = None,
+    target_size: Annotated[int | None, typer.Option(
+        "--target-size", help="Artifact file at most this many bytes (allocated as --target-ratio).")] = None,
     svd: Annotated[str, typer.Option("--svd", help="auto | exact | randomized.")] = "auto",
     device: DeviceOpt = "cpu",
     dtype: Annotated[str | None, typer.Option(
@@ -157,8 +177,9 @@ def compress_command(
     from .compress import check_options, compress, plan_compression
     from .sources import open_inputs
 
+    threshold = _compress_threshold(threshold, target_ratio, target_size)
     options = _plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, include, exclude, float64, seed,
-                            quantize)
+                            quantize, target_ratio, target_size)
     if dry_run:
         check_options(options)
         inputs = open_inputs(ckpt, init, init_seed, no_init, embed_init)

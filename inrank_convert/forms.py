@@ -85,9 +85,16 @@ class Costs:
 
 def choose_form(delta: torch.Tensor, total: float, rule: RankRule, costs: Costs, engine: str = "auto",
                 float64: bool = False, generator: torch.Generator | None = None,
-                forced_rows: torch.Tensor | None = None) -> Form:
-    """The cheapest form of ``delta`` (float32 [rows, cols], ||delta||^2 = ``total``) that meets ``rule``."""
+                forced_rows: torch.Tensor | None = None, allocation: tuple[int, int | None] | None = None) -> Form:
+    """The cheapest form of ``delta`` (float32 [rows, cols], ||delta||^2 = ``total``) that meets ``rule``.
+
+    ``allocation`` (rank, rows) replaces the rule with a size already decided (a global budget,
+    see budget.py): rows None is low rank at that rank; a row count is low rank + rows (rank 0
+    or 1) with that many rows of the residual besides the forced ones.
+    """
     rows, cols = delta.shape
+    if allocation is not None:
+        return _allocated_form(delta, total, allocation[0], allocation[1], engine, float64, generator, forced_rows)
     if total == 0.0 and forced_rows is None:
         return Form("zero", energy=1.0, engine="none")
     if rule.fixed_rank is not None or rule.criterion != "energy":
@@ -228,6 +235,50 @@ def _lowrank_by_rule(delta: torch.Tensor, total: float, rule: RankRule, costs: C
     if nbytes >= costs.dense:
         return Form("dense", rank=found.rank, energy=1.0, engine=found.engine,
                     notes=[*notes, f"rank {found.rank} is not smaller than dense"])
+    return form
+
+
+def _allocated_form(delta: torch.Tensor, total: float, rank: int, row_count: int | None, engine: str, float64: bool,
+                    generator: torch.Generator | None, forced_rows: torch.Tensor | None) -> Form:
+    """The form of a given size: ``rank`` components, and with ``row_count`` not None that many
+    residual rows (largest energy first) besides the forced rows. Its bytes follow from the sizes
+    alone (Costs.lowrank + Costs.row_set), which is what lets a budget be honoured to the byte."""
+    rows, cols = delta.shape
+    forced_count = 0 if forced_rows is None else int(forced_rows.numel())
+    if row_count is None and forced_count == 0:
+        if rank == 0:
+            return Form("zero", energy=1.0 if total == 0.0 else 0.0, engine="none")
+        found = factorize(delta, RankRule(fixed_rank=rank), engine, float64, generator, total_energy=total)
+        if found.rank == 0:
+            return Form("zero", energy=1.0 if total == 0.0 else 0.0, engine=found.engine, notes=list(found.notes))
+        return Form("lowrank", found.B, found.A, rank=found.rank, energy=found.energy, engine=found.engine,
+                    notes=list(found.notes))
+    count = forced_count + (row_count or 0)
+    notes: list[str] = []
+    used = "none"
+    V = delta.new_zeros(0, cols)
+    if rank > 0:
+        found = factorize(delta, RankRule(fixed_rank=rank), engine, float64, generator, total_energy=total)
+        notes, used = list(found.notes), found.engine
+        vectors = found.right_vectors if found.right_vectors is not None else found.A
+        V = vectors[:found.rank].to(delta.dtype)
+    if count == 0:
+        if V.shape[0] == 0:
+            return Form("zero", energy=1.0 if total == 0.0 else 0.0, engine=used, notes=notes)
+        return Form("lowrank", found.B, found.A, rank=found.rank, energy=found.energy, engine=used, notes=notes)
+    V = V / V.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    B = delta @ V.T  # [rows, r]
+    kept_lowrank = float(B.double().pow(2).sum())
+    residual = (row_energies(delta) - B.double().pow(2).sum(dim=1)).clamp_min(0.0)  # [rows] float64
+    forced = torch.zeros(rows, dtype=torch.bool)
+    if forced_rows is not None:
+        forced[forced_rows] = True
+    index = _top_rows(residual.cpu(), forced, min(count, rows)).to(delta.device)
+    kept_rows = delta[index] - B[index] @ V  # [K, cols]
+    energy = min(1.0, (kept_lowrank + float(residual[index].sum())) / total) if total else 1.0
+    form = Form("lowrank+rows", *_balance(B, V), kept_rows, index, rank=V.shape[0], energy=energy, engine=used,
+                notes=notes)
+    form.notes.append(f"rank {V.shape[0]} + {index.numel()} rows of {rows} (budget)")
     return form
 
 

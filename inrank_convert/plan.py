@@ -43,11 +43,19 @@ class PlanOptions:
     float64: bool = False
     seed: int = 0
     quantize: str | None = None  # "int8": factors and rows as int8 with float scales (format version 2)
+    # A global size budget (at most one): the artifact's tensor file <= target_ratio x the source's
+    # dense bytes, or <= target_size bytes; ranks and rows are then allocated across tensors (budget.py).
+    target_ratio: float | None = None
+    target_size: int | None = None
+
+    @property
+    def has_target(self) -> bool:
+        return self.target_ratio is not None or self.target_size is not None
 
     @property
     def lossless(self) -> bool:
         """The rule keeps every update whole (threshold 1, no fixed rank): nothing may be rounded."""
-        return self.rule.fixed_rank is None and self.rule.threshold >= 1.0
+        return self.rule.fixed_rank is None and self.rule.threshold >= 1.0 and not self.has_target
 
 
 @dataclass
@@ -92,7 +100,11 @@ class Plan:
         return {entry.name: entry.alias_of for entry in self.entries if entry.action == "alias"}
 
     def to_json(self) -> dict:
-        return {"rule": self.options.rule.describe(), "original_bytes": self.original_bytes,
+        options = self.options
+        rule = (f"target ratio {options.target_ratio:g}" if options.target_ratio is not None
+                else f"target size {options.target_size} bytes" if options.target_size is not None
+                else options.rule.describe())
+        return {"rule": rule, "original_bytes": self.original_bytes,
                 "tensors": [entry.to_json() for entry in self.entries]}
 
 

@@ -209,22 +209,31 @@ class ReferenceRecord:
 
 @dataclass
 class RuleRecord:
-    """The rank rule the factors were chosen by."""
+    """The rank rule the factors were chosen by.
+
+    A global size budget (compress --target-ratio / --target-size) is criterion ``budget`` with
+    ``threshold`` the target as a fraction of ``original_bytes`` and ``target_bytes`` the byte
+    target; the ranks were allocated across tensors (absent before it existed: optional)."""
 
     criterion: str
     threshold: float
     rank: int | None = None
+    target_bytes: int | None = None
 
     def describe(self) -> str:
+        if self.target_bytes is not None:
+            return f"budget<={self.target_bytes} bytes ({self.threshold:.4g} of dense)"
         return f"rank={self.rank}" if self.rank is not None else f"{self.criterion}>={self.threshold:g}"
 
     def to_json(self) -> dict[str, Any]:
-        return {"criterion": self.criterion, "threshold": self.threshold, "rank": self.rank}
+        values = {"criterion": self.criterion, "threshold": self.threshold, "rank": self.rank}
+        return values | _drop_none({"target_bytes": self.target_bytes})
 
     @classmethod
     def from_json(cls, values: dict[str, Any]) -> RuleRecord:
-        rank = values.get("rank")
-        return cls(str(values["criterion"]), float(values["threshold"]), None if rank is None else int(rank))
+        rank, target = values.get("rank"), values.get("target_bytes")
+        return cls(str(values["criterion"]), float(values["threshold"]), None if rank is None else int(rank),
+                   None if target is None else int(target))
 
 
 @dataclass
