@@ -76,8 +76,9 @@ def plain_read(trained_file: Path, init_file: Path) -> float:
 
 def _phase_breakdown(init_dir: Path, trained_dir: Path, options) -> dict[str, float]:
     """Time compress's steps one after the other (serially, so they do not overlap as in compress)."""
-    from inrank_convert.compress import load_update, plan_compression, planned_work
+    from inrank_convert.compress import plan_compression
     from inrank_convert.sources import open_inputs
+    from inrank_convert.updates import load_update, planned_work
 
     phases: dict[str, float] = {}
     started = time.perf_counter()

@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 
-from .compress import load_update, plan_compression, planned_work
+from .compress import plan_compression
 from .distributed import check_device
 from .errors import UsageError, flag
 from .forms import effective_threshold
 from .plan import Plan, PlanOptions
 from .sources import open_inputs
 from .spectrum import RankRule, choose_rank
+from .updates import load_update, planned_work
 
 SPECTRUM_VALUES_KEPT = 64
 

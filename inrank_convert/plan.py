@@ -223,3 +223,16 @@ def make_plan(trained: Checkpoint, reference: Reference, options: PlanOptions,
             entry.action, entry.reason = "dense", "too small for any rank to pay"
         entries.append(entry)
     return Plan(entries, options)
+
+
+def storage_for(options: PlanOptions, entry: TensorPlan) -> str:
+    """The precision factors and rows are stored at (format version 2): --quantize, else --dtype,
+    else float32 when the rule is lossless (float64 for a float64 source: factors of a half-precision
+    update rounded to half precision would not be exact), else bfloat16."""
+    if options.quantize is not None:
+        return options.quantize
+    if options.factor_dtype is not None:
+        return dtype_name(options.factor_dtype)
+    if options.lossless:
+        return "float64" if entry.dtype == torch.float64 else "float32"
+    return "bfloat16"

@@ -1,0 +1,73 @@
+"""The update of one planned tensor, streamed from the inputs: ``delta = W - W_ref`` in float32 and
+its exact energy, with a clear error for NaN/Inf; and the plan's work in order, with read-ahead.
+compress, its size-target pass (targets.py) and ``spectrum`` all read updates through here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+
+from .errors import NonFiniteError
+from .plan import Plan, TensorPlan
+from .sources import Inputs
+from .spectrum import frobenius_energy
+
+
+def raise_non_finite(inputs: Inputs, name: str) -> None:
+    """Name the checkpoint that holds NaN/Inf (a full check, run only once a cheap one failed)."""
+    weight = inputs.trained.get(name)
+    if not bool(torch.isfinite(weight).all()):
+        raise NonFiniteError(f"tensor {name!r} holds NaN or Inf", str(inputs.trained.path),
+                             "this checkpoint is broken (diverged training?): use an earlier one")
+    reference = inputs.reference.get(name)
+    where = getattr(getattr(inputs.reference, "checkpoint", None), "path", f"the {inputs.reference.mode} init")
+    if reference is not None and not bool(torch.isfinite(reference).all()):
+        raise NonFiniteError(f"init tensor {name!r} holds NaN or Inf", str(where), "pass a valid init")
+    raise NonFiniteError(f"the update of {name!r} overflows float32", str(inputs.trained.path),
+                         "the weights are too large to compare: check the checkpoint")
+
+
+def check_finite_fast(tensor: torch.Tensor) -> bool:
+    """One pass, no temporary mask: NaN or Inf anywhere makes the norm non-finite."""
+    if not tensor.dtype.is_floating_point or tensor.numel() == 0:
+        return True
+    return math.isfinite(frobenius_energy(tensor))
+
+
+def load_update(inputs: Inputs, entry: TensorPlan, device: torch.device) -> tuple[torch.Tensor, float]:
+    """delta = W - W_ref in float32 on ``device`` and its exact ||delta||_F^2.
+
+    The trained and reference tensors are dropped as soon as they are subtracted, so at most
+    one of them and the update are alive at once. bf16/fp16 inputs are subtracted in float32
+    (bf16 rounding of W would add noise to the update's energy).
+    """
+    weight = inputs.trained.get(entry.name)
+    delta = weight.to(device=device, dtype=torch.float32, copy=True)  # [rows, cols]
+    del weight
+    reference = inputs.reference.get(entry.name)
+    if reference is not None:
+        # A grown vocabulary: the reference's rows are the first ones; the new rows' update is themselves.
+        delta[:reference.shape[0]].sub_(reference.to(device))
+        del reference
+    total = frobenius_energy(delta)
+    if not math.isfinite(total):
+        raise_non_finite(inputs, entry.name)
+    return delta, total
+
+
+def planned_work(plan: Plan, inputs: Inputs, actions: tuple[str, ...] = ("factorize", "dense")
+                 ) -> Iterator[tuple[int, TensorPlan]]:
+    """(index, entry) of the plan entries to execute, in order. Before handing out an entry it
+    asks the kernel to start reading the next one's tensors (posix_fadvise), so disk reads
+    overlap the current SVD without mapping or copying anything early."""
+    work = [entry for entry in plan.entries if entry.action in actions]
+    for index, entry in enumerate(work):
+        if index + 1 < len(work):
+            following = work[index + 1]
+            inputs.trained.prefetch(following.name)
+            if following.action == "factorize":
+                inputs.reference.prefetch(following.name)
+        yield index, entry
