@@ -43,7 +43,6 @@ from the artifact's ``config.json`` (no weights are allocated).
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -51,45 +50,23 @@ from pathlib import Path
 
 import torch
 
-from .architecture import conv1d_class, meta_model
 from .artifact import Artifact
 from .checkpoints import SIDE_FILES, copy_side_files
 from .errors import UsageError
-from .modeling import model_config
 from .outputs import TensorFileWriter, atomic_output_dir
+from .peft_plan import (
+    PEFT_PREFIX,
+    AdapterPlan,
+    CarriedInFull,
+    LoraTarget,
+    adapter_model_structure,
+    plan_adapter,
+)
 from .sources import open_artifact
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before every module name
 TOKENIZER_FILES = tuple(name for name in SIDE_FILES if name not in ("config.json", "generation_config.json"))
-
-
-@dataclass
-class LoraTarget:
-    """One LoRA module: ``module`` gets ``delta = B @ A`` on its weight (stored orientation)."""
-
-    module: str
-    source: str  # the artifact tensor the update comes from
-    layout: str  # "linear" (weight [out, in]), "conv1d" (weight [in, out]) or "embedding" ([num, dim])
-    shape: tuple[int, int]  # of the weight as stored
-    rank: int
-    full_rank: bool = False  # a dense-stored update written as delta @ I
-    placeholder: bool = False  # a zero update: PEFT refuses an adapter without any LoRA module
-
-
-@dataclass
-class CarriedInFull:
-    """An artifact tensor the adapter carries whole (no row-sparse LoRA in PEFT)."""
-
-    name: str  # the artifact tensor
-    modules: list[str]  # the modules that carry it (two for a tied embedding)
-    how: str  # "full_rank_lora" (delta @ I) or "modules_to_save" (the trained module itself)
-    why: str
-    bytes: int  # what it adds to adapter_model.safetensors, over all its modules
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "modules": self.modules, "how": self.how, "why": self.why, "bytes": self.bytes}
 
 
 @dataclass
@@ -135,8 +112,8 @@ def export_peft(artifact_path: str | Path, output: str | Path, *, force: bool = 
             raise UsageError("a PEFT adapter needs a base model, but this artifact's reference is zero "
                              "(compressed with --no-init)", str(artifact.path),
                              "use 'inrank-convert decompress' for the dense model instead")
-        model = _meta_model(artifact)
-        plan = _plan(artifact, model)
+        model = adapter_model_structure(artifact)
+        plan = plan_adapter(artifact, model)
         with atomic_output_dir(Path(output), force, artifact.input_paths()) as temp:
             with TensorFileWriter(temp / ADAPTER_WEIGHTS_FILE) as writer:
                 count = _write_tensors(writer, artifact, plan)
@@ -151,245 +128,6 @@ def export_peft(artifact_path: str | Path, output: str | Path, *, force: bool = 
                                 plan.notes, plan.carried_in_full, plan.resize_token_embeddings)
     finally:
         artifact.close()
-
-
-# ----------------------------------------------------------------------------------------------
-# The model's structure
-
-
-def _meta_model(artifact: Artifact):
-    """The transformers model of ``config.json`` on the meta device: module types and names only."""
-    config = model_config(artifact.path)  # refuses a missing or unreadable config.json
-    file = artifact.path / "config.json"
-    try:
-        return meta_model(config)
-    except (ValueError, KeyError, OSError) as err:
-        raise UsageError(f"cannot build a causal language model from config.json ({err})", str(file),
-                         "export-peft supports Hugging Face causal LMs; use 'inrank-convert decompress' otherwise") from err
-
-
-def _layout(module: torch.nn.Module) -> str | None:
-    """How PEFT's LoRA wraps this module, by the orientation of its stored weight; None: it cannot."""
-    if isinstance(module, conv1d_class()):
-        return "conv1d"
-    if isinstance(module, torch.nn.Embedding):
-        return "embedding"
-    if isinstance(module, torch.nn.Linear):
-        return "linear"
-    return None
-
-
-# ----------------------------------------------------------------------------------------------
-# The plan: which module gets which treatment
-
-
-@dataclass
-class _Plan:
-    targets: list[LoraTarget]
-    modules_to_save: list[str]
-    module_keys: dict[str, dict[str, str]]  # module -> {state-dict key of the module: artifact tensor}
-    biases: dict[str, str]  # adapter key -> artifact tensor
-    unchanged: list[str]
-    notes: list[str]
-    carried_in_full: list[CarriedInFull] = field(default_factory=list)
-    resize_token_embeddings: int | None = None
-
-
-def _plan(artifact: Artifact, model) -> _Plan:
-    tensors = artifact.tensors
-    reference = artifact.reference
-    infos = reference.infos() or {}
-    known = set(infos)  # an embedded init holds only factorized and zero tensors
-    state = model.state_dict(keep_vars=True)
-    modules = dict(model.named_modules())
-
-    # Every state-dict key of the model -> the artifact tensor that holds its value. A key missing from
-    # the artifact may be tied to one that is there (GPT-2's lm_head.weight: Hugging Face drops it on save).
-    shared: dict[int, list[str]] = {}
-    for key, tensor in state.items():
-        shared.setdefault(id(tensor), []).append(key)
-    source: dict[str, str] = {}
-    for key, tensor in state.items():
-        found = next((name for name in (key, *shared[id(tensor)]) if name in tensors), None)
-        if found is not None:
-            source[key] = artifact.canonical(found)
-
-    def reference_rows(name: str) -> int | None:
-        """The reference's row count when it has fewer rows than the tensor (a grown vocabulary):
-        recorded in the entry, or seen in the reference's shape (a dense-stored grown tensor)."""
-        entry = tensors[name]
-        if entry.reference_rows is not None:
-            return entry.reference_rows
-        info = infos.get(name)
-        if info is not None and len(info.shape) == len(entry.shape) >= 1 and info.shape[0] < entry.shape[0]:
-            return int(info.shape[0])
-        return None
-
-    def changed(name: str) -> bool:
-        entry = tensors[name]
-        if entry.kind == "zero":
-            return False
-        if entry.has_factors or name not in known or reference_rows(name) is not None:
-            return True
-        stored, ref = artifact.stored(name), reference.get(name)
-        return not (stored.dtype == ref.dtype and torch.equal(stored, ref))
-
-    targets: dict[str, LoraTarget] = {}
-    to_save: set[str] = set()
-    biases: dict[str, str] = {}  # model key -> artifact tensor
-    unchanged: list[str] = []
-    for key, name in source.items():
-        module_name, _, attribute = key.rpartition(".")
-        entry = tensors[name]
-        layout = _layout(modules[module_name])
-        if attribute == "weight" and layout is not None and len(entry.shape) == 2:
-            shape = entry.shape
-            if reference_rows(name) is not None:
-                # A grown vocabulary: the base model's module has fewer rows than this one, and the rows a
-                # resized base adds are not the reference's (they are new, initialized by transformers), so
-                # no update applies to them: the adapter carries the whole trained module.
-                to_save.add(module_name)
-            elif entry.kind == "lowrank":
-                targets[module_name] = LoraTarget(module_name, name, layout, shape, int(entry.rank or 0))
-            elif entry.kind in ("dense", "lowrank+rows") and name not in known:
-                # The update of this matrix is unknown (an embedded init does not hold the reference of a
-                # dense-stored tensor), so the adapter carries the whole trained module instead.
-                to_save.add(module_name)
-            elif changed(name):
-                # A dense-stored or lowrank+rows matrix: its whole update as an exact full-rank LoRA.
-                targets[module_name] = LoraTarget(module_name, name, layout, shape, min(shape), full_rank=True)
-            else:
-                unchanged.append(module_name)
-        elif not changed(name):
-            continue
-        elif attribute == "bias":
-            biases[key] = name
-        else:
-            to_save.add(module_name)
-
-    used = set(source.values())
-    for name, entry in tensors.items():
-        if not entry.is_alias and name not in used and changed(name):
-            raise UsageError(f"tensor {name!r} changed but is no parameter of {type(model).__name__} built from "
-                             "config.json, so a PEFT adapter cannot carry it", str(artifact.path),
-                             "use 'inrank-convert decompress' for the dense model")
-
-    module_keys: dict[str, dict[str, str]] = {}
-    for module_name in sorted(to_save):
-        module = modules[module_name]
-        if not module_name or any(True for child in module.children() for _ in child.parameters()):
-            raise UsageError(f"the changed tensors of module {module_name or '(the model itself)'!r} cannot go into "
-                             "a PEFT adapter (only leaf modules can be saved whole)", str(artifact.path),
-                             "use 'inrank-convert decompress' for the dense model")
-        keys = {}
-        for attribute in module.state_dict():
-            key = f"{module_name}.{attribute}"
-            if key not in source:
-                raise UsageError(f"module {module_name!r} changed but the artifact lacks its tensor {key!r}",
-                                 str(artifact.path), "use 'inrank-convert decompress' for the dense model")
-            keys[attribute] = source[key]
-        module_keys[module_name] = keys
-        targets.pop(module_name, None)  # the whole copy carries the weight too
-
-    notes = []
-    if not targets:
-        # PEFT refuses an adapter that puts LoRA on no module; a rank-1 zero update changes nothing.
-        host = next((name for name, module in modules.items() if _layout(module) in ("linear", "conv1d")
-                     and name not in to_save and len(shared[id(module.weight)]) == 1), None)
-        if host is None:
-            raise UsageError("no matrix changed and the model has no Linear/Conv1D module to anchor an adapter",
-                             str(artifact.path), "use 'inrank-convert decompress' for the dense model")
-        shape = tuple(modules[host].weight.shape)
-        targets[host] = LoraTarget(host, "", _layout(modules[host]), shape, 1, placeholder=True)
-        notes.append(f"no matrix changed; {host} carries a rank-1 zero LoRA because PEFT needs one LoRA module")
-    for keys in shared.values():
-        tied_targets = [key for key in keys if key.endswith(".weight") and key.removesuffix(".weight") in targets]
-        if len(tied_targets) > 1:
-            notes.append(f"{' and '.join(tied_targets)} share one tensor in the base model: each module carries the "
-                         "update, so the adapter is exact, but PeftModel.merge_and_unload() would add it twice; "
-                         "use 'inrank-convert decompress' for a merged dense model")
-
-    bias_keys = {}
-    for key, name in biases.items():
-        module_name, _, attribute = key.rpartition(".")
-        if module_name in to_save:
-            continue  # in the module's copy
-        inner = f"{module_name}.base_layer" if module_name in targets else module_name
-        bias_keys[f"{PEFT_PREFIX}{inner}.{attribute}"] = name
-
-    if all(target.placeholder for target in targets.values()) and not module_keys and not bias_keys:
-        raise UsageError("the artifact holds no change over its reference, so there is no adapter to write",
-                         str(artifact.path), "the reference model itself is the compressed model")
-    ordered = [targets[name] for name in modules if name in targets]
-    _check_names_unambiguous([target.module for target in ordered], sorted(module_keys), list(modules))
-    carried = _carried_in_full(tensors, ordered, module_keys, reference_rows)
-    notes.extend(item.why for item in carried)
-    # resize_token_embeddings resizes the input embedding and an untied output head together.
-    grown = [tensors[item.name].shape[0] for item in carried if reference_rows(item.name) is not None]
-    resize = max(grown) if grown else None
-    return _Plan(ordered, sorted(module_keys), module_keys, bias_keys, unchanged, notes, carried, resize)
-
-
-def _carried_in_full(tensors: dict, targets: list[LoraTarget], module_keys: dict[str, dict[str, str]],
-                     reference_rows) -> list[CarriedInFull]:
-    """The tensors the adapter carries whole although the artifact stores them compactly: every
-    lowrank+rows tensor (PEFT has no row-sparse LoRA) and every tensor of a grown vocabulary."""
-    found: dict[str, CarriedInFull] = {}
-
-    def add(name: str, module: str, how: str, nbytes: int) -> None:
-        item = found.setdefault(name, CarriedInFull(name, [], how, "", 0))
-        item.modules.append(module)
-        item.bytes += nbytes
-
-    for target in targets:
-        if target.full_rank and tensors[target.source].kind == "lowrank+rows":
-            rows, cols = target.shape
-            add(target.source, target.module, "full_rank_lora", 4 * target.rank * (rows + cols))  # float32 factors
-    for module, keys in module_keys.items():
-        for name in keys.values():
-            entry = tensors[name]
-            if entry.kind == "lowrank+rows" or reference_rows(name) is not None:
-                add(name, module, "modules_to_save", math.prod(entry.shape) * entry.dtype.itemsize)
-    for name, item in found.items():
-        entry = tensors[name]
-        where = " and ".join(item.modules)
-        form = (f"lowrank+rows (rank {entry.rank or 0} + {entry.rows} rows)" if entry.kind == "lowrank+rows"
-                else entry.kind)
-        old_rows = reference_rows(name)
-        if old_rows is not None:
-            item.why = (f"{name} has {entry.shape[0]} rows and its reference {old_rows} (a grown vocabulary, stored "
-                        f"{form}): {where} saved whole (modules_to_save, {_size(item.bytes)}); resize the base "
-                        f"model first: base.resize_token_embeddings({entry.shape[0]})")
-        elif item.how == "full_rank_lora":
-            item.why = (f"{name} is {form}, and PEFT has no row-sparse LoRA: {where} carry its whole update as an "
-                        f"exact full-rank LoRA (delta @ I, {_size(item.bytes)})")
-        else:
-            item.why = (f"{name} is {form} and its reference is not known: {where} saved whole "
-                        f"(modules_to_save, {_size(item.bytes)})")
-    return [found[name] for name in tensors if name in found]
-
-
-def _size(count: float) -> str:
-    """Bytes as notes say them (the library does not import the console's formatter)."""
-    if count < 1024:
-        return f"{int(count)} B"
-    for unit in ("KB", "MB", "GB"):
-        count /= 1024
-        if count < 1024 or unit == "GB":
-            break
-    return f"{count:.1f} {unit}"
-
-
-def _check_names_unambiguous(targets: list[str], to_save: list[str], names: list[str]) -> None:
-    """PEFT matches ``target_modules`` by name or ``.``-suffix and ``modules_to_save`` by plain suffix."""
-    target_set = set(targets)
-    for name in names:
-        if name not in target_set and any(name.endswith("." + target) for target in targets):
-            raise UsageError(f"PEFT would also put LoRA on module {name!r}, whose name ends like a target's",
-                             name, "use 'inrank-convert decompress' for the dense model")
-        if name not in to_save and any(name.endswith(module) for module in to_save):
-            raise UsageError(f"PEFT would also save module {name!r}, whose name ends like a saved module's",
-                             name, "use 'inrank-convert decompress' for the dense model")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,7 +167,7 @@ def _factors(artifact: Artifact, target: LoraTarget) -> tuple[torch.Tensor, torc
     return torch.eye(rows), delta  # [rows, rows] @ [rows, cols]
 
 
-def _write_tensors(writer: TensorFileWriter, artifact: Artifact, plan: _Plan) -> int:
+def _write_tensors(writer: TensorFileWriter, artifact: Artifact, plan: AdapterPlan) -> int:
     count = 0
     for target in plan.targets:
         for key, tensor in _lora_tensors(target, *_factors(artifact, target)).items():
@@ -446,7 +184,7 @@ def _write_tensors(writer: TensorFileWriter, artifact: Artifact, plan: _Plan) ->
     return count
 
 
-def _adapter_config(plan: _Plan, base_path: str | None) -> dict:
+def _adapter_config(plan: AdapterPlan, base_path: str | None) -> dict:
     ranks = {target.module: target.rank for target in plan.targets}
     # PEFT reads rank_pattern / alpha_pattern keys as regular expressions matched at the end of a module
     # name: escaped full names match exactly one module. alpha = r everywhere makes the scaling exactly 1.
