@@ -157,13 +157,7 @@ def _rows_form(delta: torch.Tensor, total: float, target: float, V: torch.Tensor
     """
     rows, cols = delta.shape
     rank = V.shape[0]
-    V = V / V.norm(dim=1, keepdim=True).clamp_min(1e-30)  # unit rows (balanced factors carry sqrt(s))
-    B = delta @ V.T  # [rows, r]
-    kept_lowrank = float(B.double().pow(2).sum())
-    residual = (row_energies(delta) - B.double().pow(2).sum(dim=1)).clamp_min(0.0)  # [rows] float64
-    forced = torch.zeros(rows, dtype=torch.bool)
-    if forced_rows is not None:
-        forced[forced_rows] = True
+    V, B, kept_lowrank, residual, forced = _split_residual(delta, V, forced_rows)
     count = _rows_needed(residual, forced, target - kept_lowrank)
     nbytes = costs.lowrank(rank, rows, cols) + costs.row_set(count, cols)
     if nbytes >= costs.dense or (count > MAX_ROW_FRACTION * rows and forced_rows is None):
@@ -174,6 +168,22 @@ def _rows_form(delta: torch.Tensor, total: float, target: float, V: torch.Tensor
     form = Form("lowrank+rows", *_balance(B, V), kept_rows, index, rank=rank, energy=energy)
     form.notes.append(f"rank {rank} + {count} rows of {rows}")
     return nbytes, form
+
+
+def _split_residual(delta: torch.Tensor, V: torch.Tensor, forced_rows: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor]:
+    """The low-rank part spanned by ``V`` [r, cols] and what it leaves: (V with unit rows,
+    B = delta @ V.T [rows, r], its energy, the residual's row energies [rows] float64, the forced
+    rows as a mask [rows] bool). The residual's row energies are ||delta_i||^2 - ||B_i||^2: no
+    residual is formed until the rows are chosen."""
+    V = V / V.norm(dim=1, keepdim=True).clamp_min(1e-30)  # unit rows (balanced factors carry sqrt(s))
+    B = delta @ V.T  # [rows, r]
+    kept_lowrank = float(B.double().pow(2).sum())
+    residual = (row_energies(delta) - B.double().pow(2).sum(dim=1)).clamp_min(0.0)  # [rows] float64
+    forced = torch.zeros(delta.shape[0], dtype=torch.bool)
+    if forced_rows is not None:
+        forced[forced_rows] = True
+    return V, B, kept_lowrank, residual, forced
 
 
 def row_energies(delta: torch.Tensor, block: int = 4096) -> torch.Tensor:
@@ -266,13 +276,7 @@ def _allocated_form(delta: torch.Tensor, total: float, rank: int, row_count: int
         if V.shape[0] == 0:
             return Form("zero", energy=1.0 if total == 0.0 else 0.0, engine=used, notes=notes)
         return Form("lowrank", found.B, found.A, rank=found.rank, energy=found.energy, engine=used, notes=notes)
-    V = V / V.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    B = delta @ V.T  # [rows, r]
-    kept_lowrank = float(B.double().pow(2).sum())
-    residual = (row_energies(delta) - B.double().pow(2).sum(dim=1)).clamp_min(0.0)  # [rows] float64
-    forced = torch.zeros(rows, dtype=torch.bool)
-    if forced_rows is not None:
-        forced[forced_rows] = True
+    V, B, kept_lowrank, residual, forced = _split_residual(delta, V, forced_rows)
     index = _top_rows(residual.cpu(), forced, min(count, rows)).to(delta.device)
     kept_rows = delta[index] - B[index] @ V  # [K, cols]
     energy = min(1.0, (kept_lowrank + float(residual[index].sum())) / total) if total else 1.0
