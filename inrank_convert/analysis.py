@@ -14,7 +14,7 @@ from .errors import UsageError, flag
 from .forms import effective_threshold
 from .plan import Plan, PlanOptions
 from .sources import open_inputs
-from .spectrum import RankRule, choose_rank
+from .spectrum import RankRule, choose_rank, singular_values
 from .updates import load_update, planned_work
 
 SPECTRUM_VALUES_KEPT = 64
@@ -74,7 +74,7 @@ def spectrum_report(source: str | Path, thresholds: list[float], criterion: str 
         device = torch.device(options.device)
         for _, entry in planned_work(plan, inputs, actions=("factorize",)):
             delta, total = load_update(inputs, entry, device)  # [rows, cols]
-            values = torch.linalg.svdvals(delta.double() if options.float64 else delta).float().cpu()
+            values = singular_values(delta, options.float64).float().cpu()
             # The rank compress keeps for a low-rank form (forms.py: a dominant component raises the rule).
             ranks = {t: choose_rank(values, total, RankRule(criterion, t if criterion != "energy"
                                                            else effective_threshold(values, total, t)[1]))

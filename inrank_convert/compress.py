@@ -180,7 +180,7 @@ def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: to
     generator = torch.Generator(device=device).manual_seed(options.seed + index)
     storage = storage_for(options, entry)
     costs = Costs(element_bytes(storage), vector_overhead(storage), entry.nbytes)
-    forced = None if entry.reference_rows is None else torch.arange(entry.reference_rows, entry.shape[0])
+    forced = entry.forced_rows
     form = choose_form(delta, total, options.rule, costs, options.engine, options.float64, generator, forced,
                        None if assigned is None else (assigned.rank, assigned.rows))
     notes = list(form.notes)

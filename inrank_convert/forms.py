@@ -157,20 +157,24 @@ def _rows_form(delta: torch.Tensor, total: float, target: float, V: torch.Tensor
     """
     rows, cols = delta.shape
     rank = V.shape[0]
-    V, B, kept_lowrank, residual, forced = _split_residual(delta, V, forced_rows)
-    count = _rows_needed(residual, forced, target - kept_lowrank)
+    V, B, kept_lowrank, residual, forced = split_residual(delta, V, forced_rows)
+    count = rows_needed(residual, forced, target - kept_lowrank)
     nbytes = costs.lowrank(rank, rows, cols) + costs.row_set(count, cols)
     if nbytes >= costs.dense or (count > MAX_ROW_FRACTION * rows and forced_rows is None):
         return None
     index = _top_rows(residual, forced, count)  # [K] int64, ascending
+    return nbytes, _with_rows(delta, total, V, B, kept_lowrank, residual, index, f"rank {rank} + {count} rows of {rows}")
+
+
+def _with_rows(delta: torch.Tensor, total: float, V: torch.Tensor, B: torch.Tensor, kept_lowrank: float,
+               residual: torch.Tensor, index: torch.Tensor, note: str) -> Form:
+    """The low rank + rows form: ``B @ V`` (from ``split_residual``) plus the residual's rows ``index``."""
     kept_rows = delta[index] - B[index] @ V  # [K, cols]
     energy = min(1.0, (kept_lowrank + float(residual[index].sum())) / total) if total else 1.0
-    form = Form("lowrank+rows", *_balance(B, V), kept_rows, index, rank=rank, energy=energy)
-    form.notes.append(f"rank {rank} + {count} rows of {rows}")
-    return nbytes, form
+    return Form("lowrank+rows", *_balance(B, V), kept_rows, index, rank=V.shape[0], energy=energy, notes=[note])
 
 
-def _split_residual(delta: torch.Tensor, V: torch.Tensor, forced_rows: torch.Tensor | None
+def split_residual(delta: torch.Tensor, V: torch.Tensor, forced_rows: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor, torch.Tensor]:
     """The low-rank part spanned by ``V`` [r, cols] and what it leaves: (V with unit rows,
     B = delta @ V.T [rows, r], its energy, the residual's row energies [rows] float64, the forced
@@ -192,7 +196,7 @@ def row_energies(delta: torch.Tensor, block: int = 4096) -> torch.Tensor:
                       for start in range(0, delta.shape[0], block)])
 
 
-def _rows_needed(residual: torch.Tensor, forced: torch.Tensor, need: float) -> int:
+def rows_needed(residual: torch.Tensor, forced: torch.Tensor, need: float) -> int:
     """How many rows (the forced ones first, then by residual energy) reach ``need`` energy."""
     forced_count = int(forced.sum())
     have = float(residual[forced].sum())
@@ -254,35 +258,24 @@ def _allocated_form(delta: torch.Tensor, total: float, rank: int, row_count: int
     residual rows (largest energy first) besides the forced rows. Its bytes follow from the sizes
     alone (Costs.lowrank + Costs.row_set), which is what lets a budget be honoured to the byte."""
     rows, cols = delta.shape
-    forced_count = 0 if forced_rows is None else int(forced_rows.numel())
-    if row_count is None and forced_count == 0:
-        if rank == 0:
-            return Form("zero", energy=1.0 if total == 0.0 else 0.0, engine="none")
-        found = factorize(delta, RankRule(fixed_rank=rank), engine, float64, generator, total_energy=total)
-        if found.rank == 0:
-            return Form("zero", energy=1.0 if total == 0.0 else 0.0, engine=found.engine, notes=list(found.notes))
-        return Form("lowrank", found.B, found.A, rank=found.rank, energy=found.energy, engine=found.engine,
-                    notes=list(found.notes))
-    count = forced_count + (row_count or 0)
-    notes: list[str] = []
-    used = "none"
-    V = delta.new_zeros(0, cols)
-    if rank > 0:
-        found = factorize(delta, RankRule(fixed_rank=rank), engine, float64, generator, total_energy=total)
-        notes, used = list(found.notes), found.engine
+    count = (0 if forced_rows is None else int(forced_rows.numel())) + (row_count or 0)
+    found = factorize(delta, RankRule(fixed_rank=rank), engine, float64, generator, total_energy=total) \
+        if rank > 0 else None
+    notes, used = (list(found.notes), found.engine) if found is not None else ([], "none")
+    if found is None or found.rank == 0:
+        if count == 0:
+            return Form("zero", energy=1.0 if total == 0.0 else 0.0, engine=used, notes=notes)
+        V = delta.new_zeros(0, cols)
+    elif count == 0:
+        return Form("lowrank", found.B, found.A, rank=found.rank, energy=found.energy, engine=used, notes=notes)
+    else:
         vectors = found.right_vectors if found.right_vectors is not None else found.A
         V = vectors[:found.rank].to(delta.dtype)
-    if count == 0:
-        if V.shape[0] == 0:
-            return Form("zero", energy=1.0 if total == 0.0 else 0.0, engine=used, notes=notes)
-        return Form("lowrank", found.B, found.A, rank=found.rank, energy=found.energy, engine=used, notes=notes)
-    V, B, kept_lowrank, residual, forced = _split_residual(delta, V, forced_rows)
+    V, B, kept_lowrank, residual, forced = split_residual(delta, V, forced_rows)
     index = _top_rows(residual.cpu(), forced, min(count, rows)).to(delta.device)
-    kept_rows = delta[index] - B[index] @ V  # [K, cols]
-    energy = min(1.0, (kept_lowrank + float(residual[index].sum())) / total) if total else 1.0
-    form = Form("lowrank+rows", *_balance(B, V), kept_rows, index, rank=V.shape[0], energy=energy, engine=used,
-                notes=notes)
-    form.notes.append(f"rank {V.shape[0]} + {index.numel()} rows of {rows} (budget)")
+    form = _with_rows(delta, total, V, B, kept_lowrank, residual, index,
+                      f"rank {V.shape[0]} + {index.numel()} rows of {rows} (budget)")
+    form.engine, form.notes = used, notes + form.notes
     return form
 
 

@@ -69,6 +69,16 @@ class TensorPlan:
     reference_rows: int | None = None  # the reference has fewer rows (a grown vocabulary)
 
     @property
+    def new_rows(self) -> int:
+        """How many rows the reference lacks (a grown vocabulary's new tokens)."""
+        return 0 if self.reference_rows is None else self.shape[0] - self.reference_rows
+
+    @property
+    def forced_rows(self) -> torch.Tensor | None:
+        """The rows the reference lacks (a grown vocabulary's new tokens): always stored rows."""
+        return None if self.reference_rows is None else torch.arange(self.reference_rows, self.shape[0])
+
+    @property
     def nbytes(self) -> int:
         return TensorInfo(self.name, self.shape, self.dtype).nbytes
 

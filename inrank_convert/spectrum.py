@@ -152,6 +152,16 @@ def exact_svd(delta: torch.Tensor, float64: bool = False, solver=torch.linalg.sv
     return U.float(), S.float(), Vh.float(), notes
 
 
+def singular_values(delta: torch.Tensor, float64: bool = False) -> torch.Tensor:
+    """Every singular value of ``delta`` (in float64 on request), retried in float64 when the SVD
+    does not converge, as ``exact_svd`` retries."""
+    work = delta.double() if float64 else delta
+    try:
+        return torch.linalg.svdvals(work)
+    except RuntimeError:  # torch.linalg.LinAlgError on non-convergence
+        return torch.linalg.svdvals(work.double())
+
+
 def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
     Q, _ = torch.linalg.qr(Y)
     return Q

@@ -15,10 +15,10 @@ from .artifact import Manifest, RuleRecord, TensorEntry, manifest_metadata
 from .artifact.storage import element_bytes, vector_overhead
 from .budget import Allocation, TensorUnits, allocate
 from .errors import UsageError, flag
-from .forms import DOMINANT_SHARE, MAX_ROW_FRACTION, Costs, effective_threshold, row_energies
+from .forms import DOMINANT_SHARE, MAX_ROW_FRACTION, Costs, effective_threshold, rows_needed, split_residual
 from .plan import Plan, PlanOptions, TensorPlan, storage_for
 from .sources import Inputs
-from .spectrum import RankRule, exact_svd, rank_for_energy
+from .spectrum import RankRule, exact_svd, rank_for_energy, singular_values
 from .tensors import SAFETENSORS_CODES
 from .updates import load_update, planned_work
 
@@ -43,10 +43,6 @@ def target_bytes(options: PlanOptions, plan: Plan) -> int:
     if options.target_size is not None:
         return int(options.target_size)
     return int(math.floor(float(options.target_ratio) * plan.original_bytes))
-
-
-def _forced_count(entry: TensorPlan) -> int:
-    return 0 if entry.reference_rows is None else entry.shape[0] - entry.reference_rows
 
 
 def _costs(options: PlanOptions, entry: TensorPlan) -> Costs:
@@ -121,16 +117,12 @@ def tensor_units(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device
     delta, total = load_update(inputs, entry, device)
     rows, cols = entry.shape
     costs = _costs(options, entry)
-    forced_count = _forced_count(entry)
+    forced_count = entry.new_rows
     component, row = costs.lowrank(1, rows, cols), costs.row_set(1, cols)
     fixed = costs.row_set(forced_count, cols)
     if total == 0.0:
         return TensorUnits((), 0, component, row, entry.nbytes, fixed, 0.0, dense_gain=0.0), forced_count > 0
-    work = delta.double() if options.float64 else delta
-    try:
-        values = torch.linalg.svdvals(work)
-    except RuntimeError:  # no convergence: the float64 retry of exact_svd
-        values = torch.linalg.svdvals(work.double())
+    values = singular_values(delta, options.float64)
     energies = values.double().pow(2).cpu()  # [min(rows, cols)]
     dominant = float(energies[0]) >= DOMINANT_SHARE * total
     weight = float(rows * cols)
@@ -149,17 +141,12 @@ def tensor_units(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device
         V = Vh[:1].to(delta.dtype)
     else:
         V = delta.new_zeros(0, cols)
-    B = delta @ V.T  # [rows, r]
-    residual = (row_energies(delta) - B.double().pow(2).sum(dim=1)).clamp_min(0.0).cpu()  # [rows]
-    forced = torch.zeros(rows, dtype=torch.bool)
-    forced[rows - forced_count:] = True
+    _, _, _, residual, forced = split_residual(delta, V, entry.forced_rows)
+    residual = residual.cpu()  # [rows] float64
     free = torch.sort(residual[~forced], descending=True).values
     if forced_count == 0:
         _, effective = effective_threshold(values, total, RankRule().threshold)
-        need = effective * total - float(energies[0])
-        cumulative = torch.cumsum(free, dim=0)
-        hits = torch.nonzero(cumulative >= need * (1.0 - 1e-12))
-        count = int(hits[0, 0]) + 1 if hits.numel() else free.numel()
+        count = rows_needed(residual, forced, effective * total - float(energies[0]))
         low_rank = rank_for_energy(values, total, effective) or values.numel()
         if count > MAX_ROW_FRACTION * rows or costs.lowrank(1, rows, cols) + costs.row_set(count, cols) \
                 >= costs.lowrank(low_rank, rows, cols):
@@ -174,7 +161,7 @@ def plan_budget(plan: Plan, inputs: Inputs, options: PlanOptions, target: int, h
     artifact file (header included) is at most ``target`` bytes."""
     kept = sum(entry.nbytes for entry in plan.entries if entry.action == "dense")
     factorized = [entry for entry in plan.entries if entry.action == "factorize"]
-    least = sum(min(_costs(options, entry).row_set(_forced_count(entry), entry.shape[1]), entry.nbytes)
+    least = sum(min(_costs(options, entry).row_set(entry.new_rows, entry.shape[1]), entry.nbytes)
                 for entry in factorized)
     minimum = header + kept + least
     if target < minimum:
