@@ -132,9 +132,15 @@ class Artifact:
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B [rows, r], A [r, cols]) of a low-rank tensor in float32, whatever the storage (int8
-        scales applied): ``B @ A`` is the update's low-rank part."""
+        scales applied): ``B @ A`` is the update's low-rank part. Factors that do not make the
+        tensor's shape are refused (a damaged file), as ``rows`` refuses a bad row index."""
         b_name, a_name = factor_names(name)
         B, A = self._file.get(b_name), self._file.get(a_name)
+        rows, cols = self.tensors[name].shape[0], self.tensors[name].shape[-1]
+        if B.dim() != 2 or A.dim() != 2 or B.shape[0] != rows or A.shape[1] != cols or B.shape[1] != A.shape[0]:
+            raise ArtifactError(f"factors of {name!r} are {list(B.shape)} and {list(A.shape)}, which do not "
+                                f"make its {list(self.tensors[name].shape)}", str(self.file),
+                                "the file is damaged: re-run compress")
         scale = None
         if self.tensors[name].storage == "int8":
             scale = self._file.get(name + FACTOR_SCALE)
