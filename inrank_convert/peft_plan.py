@@ -91,8 +91,7 @@ class AdapterPlan:
 def plan_adapter(artifact: Artifact, model) -> AdapterPlan:
     tensors = artifact.tensors
     reference = artifact.reference
-    infos = reference.infos() or {}
-    known = set(infos)  # an embedded init holds only factorized and zero tensors
+    known = set(reference.infos() or {})  # an embedded init holds only factorized and zero tensors
     state = model.state_dict(keep_vars=True)
     modules = dict(model.named_modules())
 
@@ -107,22 +106,11 @@ def plan_adapter(artifact: Artifact, model) -> AdapterPlan:
         if found is not None:
             source[key] = artifact.canonical(found)
 
-    def reference_rows(name: str) -> int | None:
-        """The reference's row count when it has fewer rows than the tensor (a grown vocabulary):
-        recorded in the entry, or seen in the reference's shape (a dense-stored grown tensor)."""
-        entry = tensors[name]
-        if entry.reference_rows is not None:
-            return entry.reference_rows
-        info = infos.get(name)
-        if info is not None and len(info.shape) == len(entry.shape) >= 1 and info.shape[0] < entry.shape[0]:
-            return int(info.shape[0])
-        return None
-
     def changed(name: str) -> bool:
         entry = tensors[name]
         if entry.kind == "zero":
             return False
-        if entry.has_factors or name not in known or reference_rows(name) is not None:
+        if entry.has_factors or name not in known or entry.reference_rows is not None:
             return True
         stored, ref = artifact.stored(name), reference.get(name)
         return not (stored.dtype == ref.dtype and torch.equal(stored, ref))
@@ -137,7 +125,7 @@ def plan_adapter(artifact: Artifact, model) -> AdapterPlan:
         layout = _layout(modules[module_name])
         if attribute == "weight" and layout is not None and len(entry.shape) == 2:
             shape = entry.shape
-            if reference_rows(name) is not None:
+            if entry.reference_rows is not None:
                 # A grown vocabulary: the base model's module has fewer rows than this one, and the rows a
                 # resized base adds are not the reference's (they are new, initialized by transformers), so
                 # no update applies to them: the adapter carries the whole trained module.
@@ -215,16 +203,16 @@ def plan_adapter(artifact: Artifact, model) -> AdapterPlan:
                          str(artifact.path), "the reference model itself is the compressed model")
     ordered = [targets[name] for name in modules if name in targets]
     _check_names_unambiguous([target.module for target in ordered], sorted(module_keys), list(modules))
-    carried = _carried_in_full(tensors, ordered, module_keys, reference_rows)
+    carried = _carried_in_full(tensors, ordered, module_keys)
     notes.extend(item.why for item in carried)
     # resize_token_embeddings resizes the input embedding and an untied output head together.
-    grown = [tensors[item.name].shape[0] for item in carried if reference_rows(item.name) is not None]
+    grown = [tensors[item.name].shape[0] for item in carried if tensors[item.name].reference_rows is not None]
     resize = max(grown) if grown else None
     return AdapterPlan(ordered, sorted(module_keys), module_keys, bias_keys, unchanged, notes, carried, resize)
 
 
-def _carried_in_full(tensors: dict, targets: list[LoraTarget], module_keys: dict[str, dict[str, str]],
-                     reference_rows) -> list[CarriedInFull]:
+def _carried_in_full(tensors: dict, targets: list[LoraTarget], module_keys: dict[str, dict[str, str]]
+                     ) -> list[CarriedInFull]:
     """The tensors the adapter carries whole although the artifact stores them compactly: every
     lowrank+rows tensor (PEFT has no row-sparse LoRA) and every tensor of a grown vocabulary."""
     found: dict[str, CarriedInFull] = {}
@@ -241,14 +229,14 @@ def _carried_in_full(tensors: dict, targets: list[LoraTarget], module_keys: dict
     for module, keys in module_keys.items():
         for name in keys.values():
             entry = tensors[name]
-            if entry.kind == "lowrank+rows" or reference_rows(name) is not None:
+            if entry.kind == "lowrank+rows" or entry.reference_rows is not None:
                 add(name, module, "modules_to_save", math.prod(entry.shape) * entry.dtype.itemsize)
     for name, item in found.items():
         entry = tensors[name]
         where = " and ".join(item.modules)
         form = (f"lowrank+rows (rank {entry.rank or 0} + {entry.rows} rows)" if entry.kind == "lowrank+rows"
                 else entry.kind)
-        old_rows = reference_rows(name)
+        old_rows = entry.reference_rows
         if old_rows is not None:
             item.why = (f"{name} has {entry.shape[0]} rows and its reference {old_rows} (a grown vocabulary, stored "
                         f"{form}): {where} saved whole (modules_to_save, {_size(item.bytes)}); resize the base "
