@@ -22,16 +22,15 @@ from .artifact import (
     TensorEntry,
     TensorKind,
 )
-from .artifact.storage import QUANTIZE_SCHEMES, element_bytes, round_trip, vector_overhead
+from .artifact.storage import QUANTIZE_SCHEMES, round_trip
 from .distributed import check_device
 from .errors import UsageError, flag
 from .forms import (
-    Costs,
     choose_form,
     stored_error,
 )
 from .outputs import check_output_free
-from .plan import Plan, PlanOptions, TensorPlan, make_plan, storage_for
+from .plan import Plan, PlanOptions, TensorPlan, costs_for, make_plan, storage_for
 from .sources import Inputs, open_inputs
 from .spectrum import CRITERIA, ENGINES
 from .targets import Assigned, budget_ratio, header_bound, plan_budget, target_bytes
@@ -167,7 +166,6 @@ def iter_compress(plan: Plan, inputs: Inputs, options: PlanOptions, writer: Arti
 def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: torch.device, index: int,
              writer: ArtifactWriter, assigned: Assigned | None = None) -> LayerResult:
     started = time.perf_counter()
-    notes: list[str] = []
     if entry.action == "dense" or (assigned is not None and assigned.dense):
         weight = inputs.trained.get(entry.name)
         if not check_finite_fast(weight):
@@ -179,9 +177,8 @@ def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: to
     delta, total = load_update(inputs, entry, device)
     generator = torch.Generator(device=device).manual_seed(options.seed + index)
     storage = storage_for(options, entry)
-    costs = Costs(element_bytes(storage), vector_overhead(storage), entry.nbytes)
-    forced = entry.forced_rows
-    form = choose_form(delta, total, options.rule, costs, options.engine, options.float64, generator, forced,
+    form = choose_form(delta, total, options.rule, costs_for(options, entry), options.engine, options.float64,
+                       generator, entry.forced_rows,
                        None if assigned is None else (assigned.rank, assigned.rows))
     notes = list(form.notes)
     engine = form.engine or None

@@ -15,8 +15,10 @@ from typing import Literal
 import torch
 
 from .architecture import config_from_dict, embedding_weight_names, meta_model
+from .artifact.storage import element_bytes, vector_overhead
 from .checkpoints import Checkpoint, TensorInfo
 from .errors import MismatchError, flag
+from .forms import Costs
 from .reference import Reference
 from .spectrum import RankRule
 from .tensors import dtype_name
@@ -233,6 +235,12 @@ def make_plan(trained: Checkpoint, reference: Reference, options: PlanOptions,
             entry.action, entry.reason = "dense", "too small for any rank to pay"
         entries.append(entry)
     return Plan(entries, options)
+
+
+def costs_for(options: PlanOptions, entry: TensorPlan) -> Costs:
+    """What each stored number, component or row of ``entry`` costs at its storage precision, and its dense bytes."""
+    storage = storage_for(options, entry)
+    return Costs(element_bytes(storage), vector_overhead(storage), entry.nbytes)
 
 
 def storage_for(options: PlanOptions, entry: TensorPlan) -> str:

@@ -12,11 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from .artifact import Manifest, RuleRecord, TensorEntry, manifest_metadata
-from .artifact.storage import element_bytes, vector_overhead
 from .budget import Allocation, TensorUnits, allocate
 from .errors import UsageError, flag
-from .forms import DOMINANT_SHARE, MAX_ROW_FRACTION, Costs, effective_threshold, rows_needed, split_residual
-from .plan import Plan, PlanOptions, TensorPlan, storage_for
+from .forms import DOMINANT_SHARE, MAX_ROW_FRACTION, effective_threshold, rows_needed, split_residual
+from .plan import Plan, PlanOptions, TensorPlan, costs_for, storage_for
 from .sources import Inputs
 from .spectrum import RankRule, exact_svd, rank_for_energy, singular_values
 from .tensors import SAFETENSORS_CODES
@@ -43,11 +42,6 @@ def target_bytes(options: PlanOptions, plan: Plan) -> int:
     if options.target_size is not None:
         return int(options.target_size)
     return int(math.floor(float(options.target_ratio) * plan.original_bytes))
-
-
-def _costs(options: PlanOptions, entry: TensorPlan) -> Costs:
-    storage = storage_for(options, entry)
-    return Costs(element_bytes(storage), vector_overhead(storage), entry.nbytes)
 
 
 def header_bound(plan: Plan, options: PlanOptions, finish_arguments: dict, target: int) -> int:
@@ -116,7 +110,7 @@ def tensor_units(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device
     bytes than more components (an embedding)."""
     delta, total = load_update(inputs, entry, device)
     rows, cols = entry.shape
-    costs = _costs(options, entry)
+    costs = costs_for(options, entry)
     forced_count = entry.new_rows
     component, row = costs.lowrank(1, rows, cols), costs.row_set(1, cols)
     fixed = costs.row_set(forced_count, cols)
@@ -161,7 +155,7 @@ def plan_budget(plan: Plan, inputs: Inputs, options: PlanOptions, target: int, h
     artifact file (header included) is at most ``target`` bytes."""
     kept = sum(entry.nbytes for entry in plan.entries if entry.action == "dense")
     factorized = [entry for entry in plan.entries if entry.action == "factorize"]
-    least = sum(min(_costs(options, entry).row_set(entry.new_rows, entry.shape[1]), entry.nbytes)
+    least = sum(min(costs_for(options, entry).row_set(entry.new_rows, entry.shape[1]), entry.nbytes)
                 for entry in factorized)
     minimum = header + kept + least
     if target < minimum:
