@@ -224,20 +224,22 @@ def describe_artifact(path: str | Path) -> dict[str, Any]:
     manifest = read_manifest(path)
     compressed = artifact_bytes(path)
     original = manifest.original_bytes
-    header = None  # the stored dtypes, read only for version-1 factors (no storage in their entries)
+    header = None  # the file's header, opened only for version-1 factors (no storage in their entries)
 
     def storage(name: str, entry: TensorEntry) -> str | None:
-        """The precision the tensor's data is stored at: its entry's (version 2), else the dtype of
-        what the file holds (a dense tensor, or version-1 factors); None when nothing is stored."""
+        """The precision the tensor's data is stored at: its entry's (version 2); a dense tensor's own
+        dtype (stored whole, as it is); for version-1 factors the dtype the file holds; None when
+        nothing is stored."""
         nonlocal header
         if entry.storage is not None:
             return entry.storage
-        stored = name if entry.kind == "dense" else factor_names(name)[1] if entry.has_factors else None
-        if stored is None:
+        if entry.kind == "dense":
+            return dtype_name(entry.dtype)
+        if not entry.has_factors:
             return None
         if header is None:
             header = open_safetensors(path / ARTIFACT_FILE)
-        dtype = SAFETENSORS_DTYPES.get(header.get_slice(stored).get_dtype())
+        dtype = SAFETENSORS_DTYPES.get(header.get_slice(factor_names(name)[1]).get_dtype())
         return dtype_name(dtype) if dtype is not None else None
 
     # rows: K stored rows of a lowrank+rows tensor (None otherwise); reference_rows: a grown vocabulary;
