@@ -125,14 +125,31 @@ def _plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, in
 DEFAULT_THRESHOLD = 0.90
 
 
-def _compress_threshold(threshold: float | None, target_ratio: float | None, target_size: int | None) -> float:
-    """--threshold as given, or its default; refused beside a size target (which sets the ranks itself)."""
-    if target_ratio is not None or target_size is not None:
-        which = "--target-ratio" if target_ratio is not None else "--target-size"
+def _compress_threshold(threshold: float | None, target_ratio: float | None, target_size: int | None,
+                        max_increase: float | None = None) -> float:
+    """--threshold as given, or its default; refused beside a size or perplexity target (which set the ranks)."""
+    if target_ratio is not None or target_size is not None or max_increase is not None:
+        which = "--target-ratio" if target_ratio is not None else "--target-size" if target_size is not None \
+            else "--max-perplexity-increase"
         if threshold is not None:
             raise UsageError(f"{which} allocates the ranks, but --threshold sets them per tensor", "--threshold",
                              "pass only one of them")
     return DEFAULT_THRESHOLD if threshold is None else threshold
+
+
+def _check_target_flags(max_increase: float | None, eval_text: Path | None, eval_tokens: int | None,
+                        calibrate: Path | None, calib_tokens: int | None) -> None:
+    """Flags that only mean something beside another one."""
+    if max_increase is not None and eval_text is None:
+        raise UsageError("--max-perplexity-increase measures perplexity, but no text to measure it on was given",
+                         "--max-perplexity-increase", "add --eval-text TEXT (held-out text, not the calibration text)")
+    if max_increase is None and (eval_text is not None or eval_tokens is not None):
+        which = "--eval-text" if eval_text is not None else "--eval-tokens"
+        raise UsageError(f"{which} is the text of a perplexity target, but none was set", which,
+                         "add --max-perplexity-increase P (percent), or drop it")
+    if calibrate is None and calib_tokens is not None:
+        raise UsageError("--calib-tokens limits the calibration text, but no --calibrate TEXT was given",
+                         "--calib-tokens", "add --calibrate TEXT, or drop --calib-tokens")
 
 
 @app.command("compress")
@@ -153,6 +170,20 @@ def compress_command(
                                "allocated across tensors by the most error removed per byte.")] = None,
     target_size: Annotated[int | None, typer.Option(
         "--target-size", help="Artifact file at most this many bytes (allocated as --target-ratio).")] = None,
+    max_increase: Annotated[float | None, typer.Option(
+        "--max-perplexity-increase", help="Smallest artifact whose perplexity on --eval-text is at most P percent "
+                                          "above the dense model's (a search over --target-ratio).")] = None,
+    eval_text: Annotated[Path | None, typer.Option(
+        "--eval-text", help="Held-out text (file or folder) the perplexity target is measured on.")] = None,
+    eval_tokens: Annotated[int | None, typer.Option(
+        "--eval-tokens", help="Use only the first N tokens of --eval-text (default: all of it).")] = None,
+    calibrate: Annotated[Path | None, typer.Option(
+        "--calibrate", help="Text (file or folder) to whiten each layer's update by its input Gram on: the factors "
+                            "minimize the layer's output error. Needs a size or perplexity target.")] = None,
+    calib_tokens: Annotated[int | None, typer.Option(
+        "--calib-tokens", help="Use the first N tokens of --calibrate (default 65536).")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(
+        "--tokenizer", help="Tokenizer folder for --calibrate and --eval-text (default: the checkpoint's).")] = None,
     svd: Annotated[str, typer.Option("--svd", help="auto | exact | randomized.")] = "auto",
     device: DeviceOpt = "cpu",
     dtype: Annotated[str | None, typer.Option(
@@ -174,10 +205,11 @@ def compress_command(
 
     Example: inrank-convert compress runs/gpt2/ -o gpt2-inrank --threshold 0.9
     """
-    from .compress import check_options, compress, plan_compression
+    from .compress import CalibrationRequest, check_options, compress, plan_compression
     from .sources import open_inputs
 
-    threshold = _compress_threshold(threshold, target_ratio, target_size)
+    threshold = _compress_threshold(threshold, target_ratio, target_size, max_increase)
+    _check_target_flags(max_increase, eval_text, eval_tokens, calibrate, calib_tokens)
     options = _plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, include, exclude, float64, seed,
                             quantize, target_ratio, target_size)
     if dry_run:
@@ -190,17 +222,41 @@ def compress_command(
         console.emit_json(plan) if json_output else console.render_plan(plan)
         return
     output = output or ckpt.with_name(ckpt.name.removesuffix(ckpt.suffix) + "-inrank")
-    with contextlib.ExitStack() as stack:
-        bar = _PlanProgress(stack, "compressing", quiet or json_output)
-        result = compress(ckpt, output, init=init, init_seed=init_seed, no_init=no_init, embed_init=embed_init,
-                          options=options, force=force, on_plan=bar.start,
-                          on_layer=lambda layer: bar.advance(f"{layer.name} {layer.kind} r={layer.rank}"))
+    calibration = None if calibrate is None else \
+        CalibrationRequest(calibrate, *(() if calib_tokens is None else (calib_tokens,)), tokenizer=tokenizer)
+    silent = quiet or json_output
+    if max_increase is not None:
+        from .perplexity_target import compress_to_perplexity
+
+        def on_step(step) -> None:
+            if not silent:
+                console.status(f"candidate of {step.bytes} bytes: perplexity {step.perplexity:.4g} "
+                               f"({step.increase_percent:+.3f}%, {'within' if step.within else 'above'} the target)")
+
+        searched = compress_to_perplexity(ckpt, output, max_increase=max_increase, eval_text=eval_text,
+                                          eval_tokens=eval_tokens, tokenizer=tokenizer, init=init, init_seed=init_seed,
+                                          no_init=no_init, embed_init=embed_init, options=options, force=force,
+                                          calibration=calibration, on_step=on_step,
+                                          on_stage=None if silent else console.status)
+        result = searched.compress
+        summary = searched.to_json()
+        title = (f"Compressed {ckpt} -> {output}: perplexity {searched.perplexity:.4g} "
+                 f"({searched.increase_percent:+.3f}% of the dense {searched.dense_perplexity:.4g}, target "
+                 f"+{max_increase:g}%) in {len(searched.steps)} candidates")
+    else:
+        with contextlib.ExitStack() as stack:
+            bar = _PlanProgress(stack, "compressing", silent)
+            result = compress(ckpt, output, init=init, init_seed=init_seed, no_init=no_init, embed_init=embed_init,
+                              options=options, force=force, calibration=calibration, on_plan=bar.start,
+                              on_layer=lambda layer: bar.advance(f"{layer.name} {layer.kind} r={layer.rank}"))
+        summary = result.to_json()
+        title = f"Compressed {ckpt} -> {output} in {result.seconds:.1f} s"
     for note in result.notes:
         console.warn(note)
     if json_output:
-        console.emit_json(result.to_json())
+        console.emit_json(summary)
     else:
-        console.render_summary(result.to_json(), f"Compressed {ckpt} -> {output} in {result.seconds:.1f} s")
+        console.render_summary(result.to_json(), title)
 
 
 @app.command("inspect")
@@ -407,6 +463,72 @@ def report_command(
     if plot is not None:
         plot_report(result, plot)
     console.emit_json(result.to_json()) if json_output else console.render_report(result.to_json())
+
+
+def _numbers(text: str | None, name: str, default: tuple[float, ...]) -> tuple[float, ...]:
+    """A comma-separated list of numbers ("0.8,0.9"); empty for none."""
+    if text is None:
+        return default
+    try:
+        return tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as err:
+        raise UsageError(f"{name} takes numbers separated by commas, got {text!r}", name, f"e.g. {name} 0.05,0.1,0.2") from err
+
+
+@app.command("sweep")
+@user_errors
+def sweep_command(
+    ckpt: Annotated[Path, typer.Argument(help="HF folder, sharded folder, .safetensors/.bin/.pt/.ckpt, run folder or artifact.")],
+    data: Annotated[Path, typer.Option("--data", help="Held-out UTF-8 text (file or folder) to measure perplexity on.")],
+    calibrate: Annotated[Path | None, typer.Option(
+        "--calibrate", help="Also sweep the budgets calibrated on this text (see compress --calibrate).")] = None,
+    calib_tokens: Annotated[int | None, typer.Option("--calib-tokens", help="Use the first N tokens of --calibrate (default 65536).")] = None,
+    thresholds: Annotated[str | None, typer.Option(
+        "--thresholds", help="Per-tensor thresholds, comma-separated (default 0.8,0.9,0.95,0.99; '' for none).")] = None,
+    ratios: Annotated[str | None, typer.Option(
+        "--ratios", help="Size budgets as fractions of the dense bytes (default 0.03,0.05,0.1,0.2; '' for none).")] = None,
+    int8: Annotated[bool, typer.Option("--int8/--no-int8", help="Every setting also with --quantize int8.")] = True,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Use only the first N tokens of --data.")] = None,
+    tokenizer: Annotated[Path | None, typer.Option(
+        "--tokenizer", help="Tokenizer folder for --data and --calibrate (default: the checkpoint's).")] = None,
+    init: InitOpt = None,
+    init_seed: InitSeedOpt = None,
+    no_init: NoInitOpt = False,
+    device: DeviceOpt = "cpu",
+    embeddings: EmbeddingsOpt = True,
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write bytes against perplexity, one line per series, to this PNG.")] = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Compress at many settings and measure each: the whole size/perplexity trade-off in one table.
+
+    Example: inrank-convert sweep runs/gpt2/ --data wiki.valid.raw --calibrate train.txt --plot sweep.png
+    """
+    from .compress import CalibrationRequest
+    from .plan import PlanOptions
+    from .plots import plot_sweep, pyplot
+    from .sweep import DEFAULT_RATIOS, DEFAULT_THRESHOLDS, sweep
+
+    if calibrate is None and calib_tokens is not None:
+        raise UsageError("--calib-tokens limits the calibration text, but no --calibrate TEXT was given",
+                         "--calib-tokens", "add --calibrate TEXT, or drop --calib-tokens")
+    if plot is not None:
+        pyplot()  # fail on a missing matplotlib or a bad path before minutes of work
+        if not plot.absolute().parent.is_dir():
+            raise UsageError("the plot's folder does not exist", str(plot.absolute().parent), "create it or choose another --plot")
+    calibration = None if calibrate is None else \
+        CalibrationRequest(calibrate, *(() if calib_tokens is None else (calib_tokens,)), tokenizer=tokenizer)
+    silent = quiet or json_output
+    result = sweep(ckpt, data, thresholds=_numbers(thresholds, "--thresholds", DEFAULT_THRESHOLDS),
+                   ratios=_numbers(ratios, "--ratios", DEFAULT_RATIOS), storages=(None, "int8") if int8 else (None,),
+                   calibration=calibration, max_tokens=max_tokens, tokenizer=tokenizer, init=init, init_seed=init_seed,
+                   no_init=no_init, options=PlanOptions(device=device, embeddings=embeddings),
+                   on_row=None if silent else lambda row: console.status(
+                       f"{row.setting.label}: {row.ratio:.2%} of dense, perplexity {row.perplexity:.4g} "
+                       f"({row.increase_percent:+.2f}%)"))
+    if plot is not None:
+        plot_sweep(result, plot)
+    console.emit_json(result.to_json()) if json_output else console.render_sweep(result.to_json())
 
 
 @app.command("generate")

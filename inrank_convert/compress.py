@@ -17,12 +17,15 @@ import torch
 
 from .artifact import (
     ArtifactWriter,
+    Manifest,
     RuleRecord,
     SourceRecord,
     TensorEntry,
     TensorKind,
 )
 from .artifact.storage import QUANTIZE_SCHEMES, round_trip
+from .calibrate_checkpoint import calibrate_checkpoint
+from .calibration import DEFAULT_CALIBRATION_TOKENS, DEFAULT_DAMPING, CalibrationStats, whitened_svd
 from .distributed import check_device
 from .errors import UsageError, flag
 from .forms import (
@@ -33,7 +36,16 @@ from .outputs import check_output_free
 from .plan import Plan, PlanOptions, TensorPlan, costs_for, make_plan, storage_for
 from .sources import Inputs, open_inputs
 from .spectrum import CRITERIA, ENGINES
-from .targets import Assigned, budget_ratio, header_bound, plan_budget, target_bytes
+from .targets import (
+    Assigned,
+    Spectra,
+    allocate_target,
+    budget_ratio,
+    check_target,
+    header_bound,
+    measure_spectra,
+    target_bytes,
+)
 from .tensors import dtype_name
 from .updates import check_finite_fast, load_update, planned_work, raise_non_finite
 
@@ -96,6 +108,7 @@ class CompressResult:
     compressed_bytes: int
     seconds: float
     notes: list[str] = field(default_factory=list)
+    manifest: Manifest | None = None
 
     @property
     def ratio(self) -> float:
@@ -154,17 +167,20 @@ def plan_compression(inputs: Inputs, options: PlanOptions) -> Plan:
 
 
 def iter_compress(plan: Plan, inputs: Inputs, options: PlanOptions, writer: ArtifactWriter,
-                  budget: dict[str, Assigned] | None = None) -> Iterator[LayerResult]:
+                  budget: dict[str, Assigned] | None = None, stats: CalibrationStats | None = None
+                  ) -> Iterator[LayerResult]:
     """Execute the plan one tensor at a time, storing each result with ``writer``; ``budget``:
-    the size each factorized tensor was allocated (a global target), instead of the rank rule."""
+    the size each factorized tensor was allocated (a global target), instead of the rank rule;
+    ``stats``: the calibration whose Grams whiten the tensors the budget marked ``whitened``."""
     device = torch.device(options.device)
     for index, entry in planned_work(plan, inputs):
         assigned = None if budget is None else budget.get(entry.name)
-        yield _execute(entry, inputs, options, device, index, writer, assigned)
+        yield _execute(entry, inputs, options, device, index, writer, assigned, stats)
 
 
 def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: torch.device, index: int,
-             writer: ArtifactWriter, assigned: Assigned | None = None) -> LayerResult:
+             writer: ArtifactWriter, assigned: Assigned | None = None,
+             stats: CalibrationStats | None = None) -> LayerResult:
     started = time.perf_counter()
     if entry.action == "dense" or (assigned is not None and assigned.dense):
         weight = inputs.trained.get(entry.name)
@@ -177,9 +193,15 @@ def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: to
     delta, total = load_update(inputs, entry, device)
     generator = torch.Generator(device=device).manual_seed(options.seed + index)
     storage = storage_for(options, entry)
-    form = choose_form(delta, total, options.rule, costs_for(options, entry), options.engine, options.float64,
-                       generator, entry.forced_rows,
-                       None if assigned is None else (assigned.rank, assigned.rows))
+    if assigned is not None and assigned.whitened:
+        if stats is None:
+            raise ValueError(f"{entry.name} was allocated a whitened rank without calibration statistics")
+        form = whitened_svd(delta, stats.grams[entry.name].to(device), conv1d=stats.conv1d[entry.name],
+                            name=entry.name).form(assigned.rank)
+    else:
+        form = choose_form(delta, total, options.rule, costs_for(options, entry), options.engine, options.float64,
+                           generator, entry.forced_rows,
+                           None if assigned is None else (assigned.rank, assigned.rows))
     notes = list(form.notes)
     engine = form.engine or None
     if form.kind == "zero":
@@ -203,10 +225,165 @@ def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: to
     return LayerResult(entry.name, stored, time.perf_counter() - started, notes)
 
 
+@dataclass(frozen=True)
+class CalibrationRequest:
+    """``--calibrate TEXT``: the text, how many of its tokens, and the tokenizer (default: the model's)."""
+
+    text: Path
+    tokens: int = DEFAULT_CALIBRATION_TOKENS
+    tokenizer: Path | None = None
+
+
+def check_target_options(options: PlanOptions, embed_init: bool, calibration: CalibrationRequest | None,
+                         searched: bool = False) -> None:
+    """Options that only a size target (or a perplexity target, ``searched``) makes sense with."""
+    which = "--target-ratio" if options.target_ratio is not None else "--target-size"
+    if options.has_target and embed_init:
+        raise UsageError(f"{flag('--embed-init')} stores every factorized tensor's init whole, so {flag(which)} "
+                         "could not shrink the artifact", flag("--embed-init"),
+                         f"drop {flag('--embed-init')} (pass {flag('--init')} or {flag('--init-seed')})")
+    if calibration is not None and not (options.has_target or searched):
+        # A whitened spectrum is far more concentrated than the plain one: a per-tensor energy
+        # threshold on it keeps far too few ranks (+44% perplexity at t = 0.9 in issue 11's run).
+        raise UsageError(f"{flag('--calibrate')} needs a size or perplexity target: an energy threshold means "
+                         "something else on a whitened spectrum", flag("--calibrate"),
+                         f"add {flag('--target-ratio')} F, {flag('--target-size')} BYTES or "
+                         f"{flag('--max-perplexity-increase')} P")
+
+
+class CompressionJob:
+    """One compress, opened: its inputs and plan, the calibration statistics (``--calibrate``, or
+    ``stats`` already collected on the same source) and,
+    for a size target, the spectra (read once, on first use). ``write`` executes the plan into an
+    artifact folder, at a byte target or by the rank rule; it can be called again at another
+    target without reading any update for the spectra again (the perplexity target's search)."""
+
+    def __init__(self, source: str | Path, *, init: str | Path | None = None, init_seed: int | None = None,
+                 no_init: bool = False, embed_init: bool = False, options: PlanOptions | None = None,
+                 calibration: CalibrationRequest | None = None, on_plan: Callable[[Plan], None] | None = None,
+                 on_stage: Callable[[str], None] | None = None, stats: CalibrationStats | None = None):
+        self.source = source
+        self.options = options or PlanOptions()
+        self.inputs = open_inputs(source, init, init_seed, no_init, embed_init)
+        self._on_stage = on_stage
+        self._spectra: Spectra | None = None
+        self.calibration_seconds = 0.0
+        # Hash the inputs while the model calibrates and the SVDs run: hashing a large checkpoint
+        # costs a full read.
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inrank-hash")
+        try:
+            self.plan = plan_compression(self.inputs, self.options)
+            if on_plan is not None:
+                on_plan(self.plan)
+            self._source_hashes = self._hasher.submit(self.inputs.trained.file_hashes)
+            self._reference_record = self._hasher.submit(self.inputs.reference.record)
+            self.stats: CalibrationStats | None = stats  # given: another job's calibration of the same source
+            if calibration is not None and stats is None:
+                self._stage("calibrating")
+                started = time.perf_counter()
+                names = {entry.name for entry in self.plan.entries if entry.action == "factorize"}
+                self.stats = calibrate_checkpoint(self.inputs, calibration.text, names, max_tokens=calibration.tokens,
+                                                  tokenizer=calibration.tokenizer, device=self.options.device)
+                self.calibration_seconds = time.perf_counter() - started
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> CompressionJob:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._hasher.shutdown(wait=True, cancel_futures=True)
+        self.inputs.close()
+
+    def _stage(self, label: str) -> None:
+        if self._on_stage is not None:
+            self._on_stage(label)
+
+    def spectra(self) -> Spectra:
+        if self._spectra is None:
+            self._stage("measuring spectra")
+            self._spectra = measure_spectra(self.plan, self.inputs, self.options, self.stats)
+        return self._spectra
+
+    def calibration_record(self) -> dict | None:
+        if self.stats is None:
+            return None
+        return {**self.stats.to_json(), "damping": DEFAULT_DAMPING}
+
+    def default_target(self) -> int | None:
+        """The byte target --target-ratio / --target-size ask for (None: the rank rule)."""
+        return target_bytes(self.options, self.plan) if self.options.has_target else None
+
+    def header(self, target: int, perplexity_target: dict | None = None) -> int:
+        """The bound on the artifact file's header at ``target`` (see targets.header_bound)."""
+        return header_bound(self.plan, self.options, self._finish_arguments(target, perplexity_target), target)
+
+    def minimum_bytes(self, perplexity_target: dict | None = None) -> int:
+        """The least target any allocation meets (the tensors kept whole, the least of the others, the header)."""
+        target = self.plan.original_bytes
+        return self.spectra().minimum(self.header(target, perplexity_target))
+
+    def _finish_arguments(self, target: int | None, perplexity_target: dict | None = None) -> dict:
+        options, plan, inputs, trained = self.options, self.plan, self.inputs, self.inputs.trained
+        rule = options.rule
+        rule_record = RuleRecord(rule.criterion, rule.threshold, rule.fixed_rank) if target is None \
+            else RuleRecord("budget", budget_ratio(target, plan), None, target)
+        hashes, reference = self._source_hashes.result(), self._reference_record.result()
+        return dict(
+            source=SourceRecord(str(Path(trained.path).resolve()), trained.kind,
+                                str(inputs.run_folder.resolve()) if inputs.run_folder else None, hashes),
+            reference=reference, rule=rule_record, original_bytes=plan.original_bytes,
+            svd={"engine": options.engine, "device": options.device, "float64": options.float64, "seed": options.seed},
+            factor_dtype=dtype_name(options.factor_dtype) if options.factor_dtype else None,
+            embeddings=options.embeddings, include=list(options.include), exclude=list(options.exclude),
+            calibration=self.calibration_record(), perplexity_target=perplexity_target)
+
+    def write(self, output: str | Path, target: int | None = None, *, force: bool = False,
+              on_layer: Callable[[LayerResult], None] | None = None,
+              perplexity_target: dict | None = None) -> CompressResult:
+        """Execute the plan into the artifact folder ``output`` (temp folder, then rename), at most
+        ``target`` bytes (allocated from the spectra) or by the rank rule when ``target`` is None.
+        ``perplexity_target`` is the record that --max-perplexity-increase will fill in (its
+        longest form bounds the header)."""
+        started = time.perf_counter()
+        options, plan, inputs = self.options, self.plan, self.inputs
+        budget = None
+        if target is not None:
+            spectra = self.spectra()
+            header = self.header(target, perplexity_target)
+            check_target(spectra, plan, options, target, header)
+            budget = allocate_target(spectra, target, header)
+        self._stage("writing")
+        with ArtifactWriter(output, force=force, inputs=inputs.paths, embed_reference=inputs.embed_init) as writer:
+            layers: list[LayerResult] = []
+            for layer in iter_compress(plan, inputs, options, writer, budget, self.stats):
+                layers.append(layer)
+                if on_layer is not None:
+                    on_layer(layer)
+            for entry in plan.entries:
+                if entry.action == "alias":
+                    writer.add_alias(entry.name, entry.alias_of, shape=entry.shape, dtype=entry.dtype)
+            arguments = self._finish_arguments(target, perplexity_target)
+            # Keep the source's tensor order, so a decompressed checkpoint lists names as the original did.
+            manifest = writer.finish(order=[entry.name for entry in plan.entries], **arguments)
+            writer.copy_side_files(inputs.trained.config_dir)
+        notes = sorted({note for layer in layers for note in layer.notes
+                        if "float64" in note or "Cholesky" in note or "eigendecomposition" in note})
+        return CompressResult(Path(output), str(self.source), manifest.reference.mode, arguments["rule"].describe(),
+                              layers, plan.tied, plan.original_bytes, writer.bytes,
+                              time.perf_counter() - started + self.calibration_seconds, notes, manifest)
+
+
 def compress(source: str | Path, output: str | Path, *, init: str | Path | None = None, init_seed: int | None = None,
              no_init: bool = False, embed_init: bool = False, options: PlanOptions | None = None,
-             force: bool = False, on_plan: Callable[[Plan], None] | None = None,
-             on_layer: Callable[[LayerResult], None] | None = None) -> CompressResult:
+             force: bool = False, calibration: CalibrationRequest | None = None,
+             on_plan: Callable[[Plan], None] | None = None,
+             on_layer: Callable[[LayerResult], None] | None = None,
+             on_stage: Callable[[str], None] | None = None) -> CompressResult:
     """Compress ``source`` into the artifact folder ``output``.
 
     Everything is written into a temporary folder that is renamed into place at the end, so a
@@ -214,57 +391,8 @@ def compress(source: str | Path, output: str | Path, *, init: str | Path | None 
     """
     options = options or PlanOptions()
     check_options(options)
-    if options.has_target and embed_init:
-        which = "--target-ratio" if options.target_ratio is not None else "--target-size"
-        raise UsageError(f"{flag('--embed-init')} stores every factorized tensor's init whole, so {flag(which)} "
-                         "could not shrink the artifact", flag("--embed-init"),
-                         f"drop {flag('--embed-init')} (pass {flag('--init')} or {flag('--init-seed')})")
+    check_target_options(options, embed_init, calibration)
     check_output_free(Path(output), force)  # fail before any expensive input work
-    started = time.perf_counter()
-    inputs = open_inputs(source, init, init_seed, no_init, embed_init)
-    try:
-        plan = plan_compression(inputs, options)
-        if on_plan is not None:
-            on_plan(plan)
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="inrank-hash") as hasher, \
-                ArtifactWriter(output, force=force, inputs=inputs.paths, embed_reference=inputs.embed_init) as writer:
-            # Hash the inputs while the SVDs run: hashing a large checkpoint costs a full read.
-            source_hashes = hasher.submit(inputs.trained.file_hashes)
-            reference_record = hasher.submit(inputs.reference.record)
-            trained = inputs.trained
-            rule = options.rule
-            rule_record = RuleRecord(rule.criterion, rule.threshold, rule.fixed_rank)
-            budget = None
-            if options.has_target:
-                target = target_bytes(options, plan)
-                rule_record = RuleRecord("budget", budget_ratio(target, plan), None, target)
-
-            def finish_arguments() -> dict:
-                return dict(
-                    source=SourceRecord(str(Path(trained.path).resolve()), trained.kind,
-                                        str(inputs.run_folder.resolve()) if inputs.run_folder else None,
-                                        source_hashes.result()),
-                    reference=reference_record.result(), rule=rule_record, original_bytes=plan.original_bytes,
-                    svd={"engine": options.engine, "device": options.device, "float64": options.float64,
-                         "seed": options.seed},
-                    factor_dtype=dtype_name(options.factor_dtype) if options.factor_dtype else None,
-                    embeddings=options.embeddings, include=list(options.include), exclude=list(options.exclude))
-
-            if options.has_target:
-                budget = plan_budget(plan, inputs, options, target, header_bound(plan, options, finish_arguments(), target))
-            layers: list[LayerResult] = []
-            for layer in iter_compress(plan, inputs, options, writer, budget):
-                layers.append(layer)
-                if on_layer is not None:
-                    on_layer(layer)
-            for entry in plan.entries:
-                if entry.action == "alias":
-                    writer.add_alias(entry.name, entry.alias_of, shape=entry.shape, dtype=entry.dtype)
-            # Keep the source's tensor order, so a decompressed checkpoint lists names as the original did.
-            manifest = writer.finish(order=[entry.name for entry in plan.entries], **finish_arguments())
-            writer.copy_side_files(trained.config_dir)
-        notes = sorted({note for layer in layers for note in layer.notes if "float64" in note})
-        return CompressResult(Path(output), str(source), manifest.reference.mode, rule_record.describe(), layers,
-                              plan.tied, plan.original_bytes, writer.bytes, time.perf_counter() - started, notes)
-    finally:
-        inputs.close()
+    with CompressionJob(source, init=init, init_seed=init_seed, no_init=no_init, embed_init=embed_init,
+                        options=options, calibration=calibration, on_plan=on_plan, on_stage=on_stage) as job:
+        return job.write(output, job.default_target(), force=force, on_layer=on_layer)

@@ -27,6 +27,12 @@ def warn(message: str) -> None:
     sys.stderr.write(f"warning: {message}\n")
 
 
+def status(message: str) -> None:
+    """One line of progress on stderr (a stage of a long command, a search step)."""
+    sys.stderr.write(f"{message}\n")
+    sys.stderr.flush()
+
+
 def emit_json(payload: dict) -> None:
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
     sys.stdout.flush()
@@ -272,3 +278,15 @@ def render_demo(result: dict) -> None:
     resumed = result["resumed"]
     stdout.print(f"InRank resume: steps {resumed['start_step']} -> {resumed['step']}, loss {resumed['loss']:.4f}, "
                  f"total rank {resumed['total_rank']}; plots: {result['plot']}; {result['seconds']:.0f} s in all")
+
+
+def render_sweep(result: dict) -> None:
+    """The sweep's table: one row per setting, sorted by size, the dense model first."""
+    table = Table(title=f"{result['source']}: size and perplexity on {result['tokens']} tokens of {result['data']}")
+    for column in ("setting", "bytes", "of dense", "perplexity", "change"):
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    table.add_row("dense", human_bytes(result["dense_bytes"]), "100.00%", f"{result['dense_perplexity']:.2f}", "")
+    for row in sorted(result["rows"], key=lambda row: row["bytes"]):
+        table.add_row(row["setting"], human_bytes(row["bytes"]), f"{row['ratio']:.2%}", f"{row['perplexity']:.2f}",
+                      f"{row['increase_percent']:+.2f}%")
+    stdout.print(table)

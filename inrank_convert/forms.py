@@ -171,7 +171,7 @@ def _with_rows(delta: torch.Tensor, total: float, V: torch.Tensor, B: torch.Tens
     """The low rank + rows form: ``B @ V`` (from ``split_residual``) plus the residual's rows ``index``."""
     kept_rows = delta[index] - B[index] @ V  # [K, cols]
     energy = min(1.0, (kept_lowrank + float(residual[index].sum())) / total) if total else 1.0
-    return Form("lowrank+rows", *_balance(B, V), kept_rows, index, rank=V.shape[0], energy=energy, notes=[note])
+    return Form("lowrank+rows", *balance(B, V), kept_rows, index, rank=V.shape[0], energy=energy, notes=[note])
 
 
 def split_residual(delta: torch.Tensor, V: torch.Tensor, forced_rows: torch.Tensor | None
@@ -219,7 +219,7 @@ def _top_rows(residual: torch.Tensor, forced: torch.Tensor, count: int) -> torch
     return torch.sort(chosen).values.to(torch.int64)
 
 
-def _balance(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def balance(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rescale each rank-1 component so that its B column and A row have equal norms (the
     convention of every factor pair here: int8 scales and PEFT's LoRA both prefer it)."""
     if B.shape[1] == 0:

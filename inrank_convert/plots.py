@@ -5,6 +5,7 @@ imported only when a plot is asked for; figures are written atomically.
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -17,6 +18,7 @@ from .evaluate import finite_or_none
 if TYPE_CHECKING:
     from .analysis import SpectrumResult
     from .report import ReportResult
+    from .sweep import SweepResult
 
 
 def pyplot():
@@ -94,3 +96,33 @@ def plot_report(result: ReportResult, path: str | Path) -> Path:
 
 def _short(name: str) -> str:
     return name.removesuffix(".weight").removeprefix("transformer.").removeprefix("model.")
+
+
+def plot_sweep(result: SweepResult, path: str | Path) -> Path:
+    """Bytes (as a share of the dense checkpoint, log scale) against perplexity: one line per
+    series of settings (per-tensor thresholds, budgets, calibrated budgets; bfloat16, int8), the
+    dense model as a horizontal line."""
+    plt = pyplot()
+    figure, axis = plt.subplots(figsize=(8, 5))
+    series: dict[str, list] = {}
+    for row in result.rows:
+        series.setdefault(row.setting.series, []).append(row)
+    for name, rows in series.items():
+        rows = sorted(rows, key=lambda row: row.bytes)
+        axis.plot([100.0 * row.ratio for row in rows], [row.perplexity for row in rows], marker="o", label=name,
+                  linestyle="--" if "int8" in name else "-")
+    axis.axhline(result.dense_perplexity, color="black", linewidth=1, label="dense")
+    axis.set_xscale("log")
+    percent = plt.FuncFormatter(lambda value, _: f"{value:g}%")
+    axis.xaxis.set_major_formatter(percent)
+    axis.xaxis.set_minor_formatter(percent)
+    axis.tick_params(axis="x", which="minor", labelsize=7)
+    axis.set(title=f"Size against perplexity ({result.tokens} tokens of {Path(result.data).name})",
+             xlabel="artifact bytes, share of the dense checkpoint (log scale)", ylabel="perplexity")
+    finite = [row.perplexity for row in result.rows if math.isfinite(row.perplexity)]
+    if finite:  # one setting far off the curve must not flatten all the others
+        axis.set_ylim(result.dense_perplexity * 0.995, min(max(finite), result.dense_perplexity * 1.5) * 1.01)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, path)

@@ -211,7 +211,8 @@ def _manifest_of_every_record() -> Manifest:
         reference=ReferenceRecord("seed", recipe=recipe, tensors={"w": "cd" * 32}),
         rule=RuleRecord("inrank", 0.9, 4), tensors=tensors, original_bytes=12,
         checksums={"w.lora_B": "01" * 32, "w.lora_A": "02" * 32}, training=TrainingRecord(12, "inrank"),
-        extra={"calibration": {"tokens": 512}})
+        calibration={"tokens": 512}, perplexity_target={"max_increase_percent": 1.0, "perplexity": 2.5},
+        extra={"newer_key": {"a": 1}})
 
 
 @pytest.mark.parametrize("source", ["written", "every-record"])
@@ -227,6 +228,7 @@ def test_manifest_json_round_trip(tmp_path, source):
     assert again == manifest
     if source == "every-record":
         assert values["training"] == {"step": 12, "mode": "inrank"} and values["calibration"] == {"tokens": 512}
+        assert values["perplexity_target"]["perplexity"] == 2.5 and values["newer_key"] == {"a": 1}
         assert again.reference.recipe["seed"] == 7 and again.rule.rank == 4
 
 

@@ -267,6 +267,12 @@ class Manifest:
     include: list[str] | None = None
     exclude: list[str] | None = None
     training: TrainingRecord | None = None
+    # compress --calibrate: the text the layers' input Grams came from (text_sha256, tokens, window,
+    # windows, layers, damping); the factors of "whitened" entries minimize the output error on it.
+    calibration: dict[str, Any] | None = None
+    # compress --max-perplexity-increase: the target, the eval text (sha256, tokens), the dense and
+    # the artifact's measured perplexity, the budget chosen and the search's steps.
+    perplexity_target: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # keys of a newer minor writer, kept as they are
 
     def canonical(self, name: str) -> str:
@@ -297,9 +303,11 @@ class Manifest:
         made_by_compress = {"svd": self.svd, "factor_dtype": self.factor_dtype, "embeddings": self.embeddings,
                             "include": self.include, "exclude": self.exclude} if self.svd is not None else {}
         training = {"training": self.training.to_json()} if self.training is not None else {}
+        optional = {key: value for key, value in (("calibration", self.calibration),
+                                                  ("perplexity_target", self.perplexity_target)) if value is not None}
         return {"format": FORMAT_NAME, "version": self.version, "tool_version": self.tool_version,
                 "created": self.created, "source": self.source.to_json(), "reference": self.reference.to_json(),
-                "rule": self.rule.to_json(), **made_by_compress, **training, **self.extra,
+                "rule": self.rule.to_json(), **made_by_compress, **training, **optional, **self.extra,
                 "original_bytes": self.original_bytes,
                 "tensors": {name: entry.to_json() for name, entry in self.tensors.items()},
                 "checksums": dict(self.checksums)}
@@ -318,7 +326,7 @@ class Manifest:
                 where, "upgrade: pip install -U inrank-convert")
         known = {"format", "version", "tool_version", "created", "source", "reference", "rule", "svd",
                  "factor_dtype", "embeddings", "include", "exclude", "training", "original_bytes", "tensors",
-                 "checksums"}
+                 "checksums", "calibration", "perplexity_target"}
         try:
             reference = ReferenceRecord.from_json(values["reference"])
             if reference.mode not in REFERENCE_MODES:
@@ -334,6 +342,8 @@ class Manifest:
                 svd=values.get("svd"), factor_dtype=values.get("factor_dtype"), embeddings=values.get("embeddings"),
                 include=values.get("include"), exclude=values.get("exclude"),
                 training=None if training is None else TrainingRecord(int(training["step"]), str(training["mode"])),
+                calibration=_optional_dict(values, "calibration"),
+                perplexity_target=_optional_dict(values, "perplexity_target"),
                 extra={key: value for key, value in values.items() if key not in known})
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise ArtifactError(f"corrupt manifest ({type(err).__name__}: {err})", where, "re-run compress") from err
@@ -341,3 +351,10 @@ class Manifest:
             if err.where is not None:
                 raise
             raise ArtifactError(err.what, where, err.fix) from err  # name the file (parse_dtype cannot)
+
+
+def _optional_dict(values: dict[str, Any], key: str) -> dict[str, Any] | None:
+    found = values.get(key)
+    if found is not None and not isinstance(found, dict):
+        raise TypeError(f"{key} is a {type(found).__name__}, not an object")
+    return None if found is None else dict(found)

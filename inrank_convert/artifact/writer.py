@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import struct
 import sys
 from pathlib import Path
 from typing import Any
@@ -198,3 +201,28 @@ class ArtifactWriter:
 def manifest_metadata(manifest: Manifest) -> dict[str, str]:
     """The safetensors header metadata of an artifact file."""
     return {"format": "pt", MANIFEST_KEY: json.dumps(manifest.to_json(), separators=(",", ":"))}
+
+
+def rewrite_manifest(folder: Path, manifest: Manifest) -> int:
+    """Replace the manifest in an artifact's tensor file (its tensors' bytes unchanged, so their
+    checksums hold): for a record known only after the artifact was measured, such as the
+    perplexity a --max-perplexity-increase search found. Temp file, then rename. Returns the
+    file's new size."""
+    path = Path(folder) / ARTIFACT_FILE
+    temp = path.with_name(f".{path.name}.rewrite")
+    try:
+        with open(path, "rb") as source, open(temp, "wb") as out:
+            (length,) = struct.unpack("<Q", source.read(8))
+            header = json.loads(source.read(length))
+            header["__metadata__"] = manifest_metadata(manifest)
+            encoded = json.dumps(header, separators=(",", ":")).encode()
+            encoded += b" " * (-len(encoded) % 8)  # the data section stays 8-byte aligned
+            out.write(struct.pack("<Q", len(encoded)))
+            out.write(encoded)
+            shutil.copyfileobj(source, out, 16 << 20)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, path)
+    finally:
+        temp.unlink(missing_ok=True)
+    return path.stat().st_size
