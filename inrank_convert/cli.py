@@ -172,7 +172,8 @@ def compress_command(
         "--target-size", help="Artifact file at most this many bytes (allocated as --target-ratio).")] = None,
     max_increase: Annotated[float | None, typer.Option(
         "--max-perplexity-increase", help="Smallest artifact whose perplexity on --eval-text is at most P percent "
-                                          "above the dense model's (a search over --target-ratio).")] = None,
+                                          "above the dense model's (a search over the size; --target-ratio or "
+                                          "--target-size beside it caps the size).")] = None,
     eval_text: Annotated[Path | None, typer.Option(
         "--eval-text", help="Held-out text (file or folder) the perplexity target is measured on.")] = None,
     eval_tokens: Annotated[int | None, typer.Option(

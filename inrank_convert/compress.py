@@ -237,8 +237,9 @@ class CalibrationRequest:
 def check_target_options(options: PlanOptions, embed_init: bool, calibration: CalibrationRequest | None,
                          searched: bool = False) -> None:
     """Options that only a size target (or a perplexity target, ``searched``) makes sense with."""
-    which = "--target-ratio" if options.target_ratio is not None else "--target-size"
-    if options.has_target and embed_init:
+    which = "--max-perplexity-increase" if searched else \
+        "--target-ratio" if options.target_ratio is not None else "--target-size"
+    if (options.has_target or searched) and embed_init:
         raise UsageError(f"{flag('--embed-init')} stores every factorized tensor's init whole, so {flag(which)} "
                          "could not shrink the artifact", flag("--embed-init"),
                          f"drop {flag('--embed-init')} (pass {flag('--init')} or {flag('--init-seed')})")
@@ -357,7 +358,6 @@ class CompressionJob:
             header = self.header(target, perplexity_target)
             check_target(spectra, plan, options, target, header)
             budget = allocate_target(spectra, target, header)
-        self._stage("writing")
         with ArtifactWriter(output, force=force, inputs=inputs.paths, embed_reference=inputs.embed_init) as writer:
             layers: list[LayerResult] = []
             for layer in iter_compress(plan, inputs, options, writer, budget, self.stats):

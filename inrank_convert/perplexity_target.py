@@ -4,7 +4,8 @@ artifact whose perplexity on the eval text is within P percent of the dense mode
 The spectra are read once (compress.CompressionJob); each step of the search allocates a byte
 target from them, writes a candidate artifact beside the output, loads it and measures it on the
 same tokens and windows as the dense model. The search is a bisection on the logarithm of the
-target between the least the tensors need and the dense bytes, until the bracket is within
+target between the least the tensors need and the dense bytes (or ``--target-ratio`` /
+``--target-size`` when given beside it: the largest size accepted), until the bracket is within
 ``RELATIVE_TOLERANCE`` or ``MAX_STEPS`` candidates were measured. The smallest candidate within
 the target becomes the output, with the search recorded in its manifest (``perplexity_target``).
 """
@@ -38,6 +39,7 @@ from .evaluate import perplexity, window_length
 from .modeling import checkpoint_config, load_compressed, load_dense
 from .outputs import atomic_output_dir, check_output_free
 from .plan import PlanOptions
+from .targets import check_target
 
 RELATIVE_TOLERANCE = 0.02  # stop when the passing and failing targets are within 2% of each other
 MAX_STEPS = 12
@@ -106,10 +108,6 @@ def check_search_options(max_increase: float, options: PlanOptions) -> None:
     if not (math.isfinite(max_increase) and max_increase > 0.0):
         raise UsageError(f"the perplexity increase must be a positive percentage, got {max_increase:g}",
                          flag("--max-perplexity-increase"), f"e.g. {flag('--max-perplexity-increase')} 1 (one percent)")
-    if options.has_target:
-        which = "--target-ratio" if options.target_ratio is not None else "--target-size"
-        raise UsageError(f"{flag('--max-perplexity-increase')} chooses the size, but {flag(which)} sets it",
-                         flag(which), "pass only one of them")
     if options.rule.fixed_rank is not None:
         raise UsageError(f"{flag('--max-perplexity-increase')} allocates the ranks, but {flag('--rank')} fixes them",
                          flag("--rank"), "pass only one of them")
@@ -134,10 +132,6 @@ def compress_to_perplexity(source: str | Path, output: str | Path, *, max_increa
     options = options or PlanOptions()
     check_options(options)
     check_search_options(max_increase, options)
-    if embed_init:
-        raise UsageError(f"{flag('--embed-init')} stores every factorized tensor's init whole, so "
-                         f"{flag('--max-perplexity-increase')} could not shrink the artifact", flag("--embed-init"),
-                         f"drop {flag('--embed-init')} (pass {flag('--init')} or {flag('--init-seed')})")
     check_target_options(options, embed_init, calibration, searched=True)
     output = Path(output)
     check_output_free(output, force)
@@ -167,7 +161,11 @@ def compress_to_perplexity(source: str | Path, output: str | Path, *, max_increa
         _free(device)
         limit = dense * (1.0 + max_increase / 100.0)
         longest = _longest_record(max_increase, tokens.numel(), job.plan.original_bytes)
-        low, high = job.minimum_bytes(longest), job.plan.original_bytes
+        # --target-ratio / --target-size beside the perplexity target is the largest size accepted.
+        ceiling = job.default_target()
+        high = ceiling if ceiling is not None else job.plan.original_bytes
+        low = job.minimum_bytes(longest)
+        check_target(job.spectra(), job.plan, options, high, job.header(high, longest))
         steps: list[SearchStep] = []
         best: tuple[SearchStep, Path, CompressResult] | None = None
         search_root = Path(tempfile.mkdtemp(prefix=".inrank-search-", dir=output.absolute().parent))
@@ -208,12 +206,14 @@ def compress_to_perplexity(source: str | Path, output: str | Path, *, max_increa
                     measure(high)
                 if best is None:
                     closest = min(steps, key=lambda step: step.perplexity)
-                    raise UsageError(f"no size reaches +{max_increase:g}% perplexity: the best found is "
-                                     f"{closest.bytes} bytes at {closest.increase_percent:+.3f}% "
+                    which = "--target-ratio" if options.target_ratio is not None else "--target-size"
+                    limit_note = f" within {flag(which)}'s {high} bytes" if ceiling is not None else ""
+                    raise UsageError(f"no size{limit_note} keeps the perplexity within +{max_increase:g}%: the best "
+                                     f"found is {closest.bytes} bytes at {closest.increase_percent:+.3f}% "
                                      f"({closest.perplexity:.4g} against the dense {dense:.4g})",
                                      f"{flag('--max-perplexity-increase')} {max_increase:g}",
-                                     f"allow at least {math.ceil(closest.increase_percent * 100) / 100:g}%, "
-                                     "or compress with a size target")
+                                     f"allow at least {math.ceil(closest.increase_percent * 100) / 100:g}%"
+                                     + (f", or raise {flag(which)}" if ceiling is not None else ""))
             step, folder, result = best
             record = search_record(max_increase, text_sha256, tokens.numel(), dense, step.perplexity,
                                    step.target_bytes, len(steps))

@@ -168,3 +168,46 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     """(size, mtime_ns) of every file below ``folder``: to prove an input was not touched."""
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+REAL_TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"
+GPT2_TOKENIZER_DIR = SHARED_DATA / "gpt2-tokenizer"
+REAL_STEPS = 60
+REAL_EVAL_TOKENS = 4096
+needs_real_data = pytest.mark.skipif(not (REAL_TEXT.is_file() and (GPT2_TOKENIZER_DIR / "vocab.json").is_file()),
+                                     reason=f"shared data (Tiny Shakespeare, GPT-2 tokenizer) absent under {SHARED_DATA}")
+
+
+@dataclass
+class RealRun:
+    trained: Path  # the last step's folder
+    run: Path  # the run folder
+    train_text: Path  # what it was trained on (and calibrates on)
+    eval_text: Path  # held out
+    tokens: torch.Tensor  # the first REAL_EVAL_TOKENS ids of eval_text (GPT-2 tokenizer)
+
+
+@pytest.fixture(scope="session")
+def real_run(tmp_path_factory) -> RealRun:
+    """A real run: 2x64 GPT-2 (GPT-2 tokenizer), 60 steps on the first 90% of the first 300 KB of
+    Tiny Shakespeare; the last 10% is held out."""
+    if not (REAL_TEXT.is_file() and (GPT2_TOKENIZER_DIR / "vocab.json").is_file()):
+        pytest.skip(f"shared data (Tiny Shakespeare, GPT-2 tokenizer) absent under {SHARED_DATA}")
+    from transformers import GPT2Config
+
+    from inrank_convert.data import load_tokenizer, tokenize_text
+    from inrank_convert.train_options import TrainOptions
+    from inrank_convert.training import train
+
+    root = tmp_path_factory.mktemp("real")
+    text = REAL_TEXT.read_text()[:300_000]
+    cut = text.rfind("\n", 0, int(len(text) * 0.9)) + 1
+    (root / "train.txt").write_text(text[:cut])
+    (root / "val.txt").write_text(text[cut:])
+    GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=64, vocab_size=50257, bos_token_id=50256,
+               eos_token_id=50256).save_pretrained(root / "config")
+    train(root / "config" / "config.json", root / "run",
+          TrainOptions(data=str(root / "train.txt"), steps=REAL_STEPS, batch_size=8, block_size=64, lr=3e-3,
+                       tokenizer=str(GPT2_TOKENIZER_DIR), log_every=1000))
+    tokens = tokenize_text(text[cut:], load_tokenizer(None, GPT2_TOKENIZER_DIR), REAL_EVAL_TOKENS)
+    return RealRun(root / "run" / f"step-{REAL_STEPS}", root / "run", root / "train.txt", root / "val.txt", tokens)

@@ -12,45 +12,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config
 
 from inrank_convert import PlanOptions, compress, load_compressed
 from inrank_convert.artifact import artifact_bytes
-from inrank_convert.data import load_tokenizer, tokenize_text
 from inrank_convert.evaluate import perplexity
 from inrank_convert.modeling import load_dense, model_config
-from inrank_convert.train_options import TrainOptions
-from inrank_convert.training import train
 from tests.conftest import SHARED_DATA
 
 TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"
 TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
 pytestmark = pytest.mark.skipif(not (TEXT.is_file() and (TOKENIZER / "vocab.json").is_file()),
                                 reason=f"shared data (Tiny Shakespeare, GPT-2 tokenizer) absent under {SHARED_DATA}")
-STEPS = 60
-EVAL_TOKENS = 4096
-
-
-@pytest.fixture(scope="module")
-def real_run(tmp_path_factory):
-    """(trained step folder, run folder, held-out token ids): 2x64 GPT-2, 60 steps on the first
-    90% of the first 300 KB of Tiny Shakespeare; the last 10% is held out."""
-    root = tmp_path_factory.mktemp("real")
-    text = TEXT.read_text()[:300_000]
-    cut = text.rfind("\n", 0, int(len(text) * 0.9)) + 1
-    (root / "train.txt").write_text(text[:cut])
-    GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=64, vocab_size=50257, bos_token_id=50256,
-               eos_token_id=50256).save_pretrained(root / "config")
-    train(root / "config" / "config.json", root / "run",
-          TrainOptions(data=str(root / "train.txt"), steps=STEPS, batch_size=8, block_size=64, lr=3e-3,
-                       tokenizer=str(TOKENIZER), log_every=1000))
-    tokens = tokenize_text(text[cut:], load_tokenizer(None, TOKENIZER), EVAL_TOKENS)
-    return root / "run" / f"step-{STEPS}", root / "run", tokens
 
 
 @pytest.mark.parametrize("quantize,max_ratio,max_change", [(None, 0.20, 1.5), ("int8", 0.11, 2.0)])
 def test_default_compress_meets_the_readme_bound(real_run, tmp_path, quantize, max_ratio, max_change):
-    trained, run, tokens = real_run
+    trained, run, tokens = real_run.trained, real_run.run, real_run.tokens
     out = tmp_path / "artifact"
     result = compress(run, out, options=PlanOptions(quantize=quantize))
     embedding = next(layer for layer in result.layers if layer.name == "transformer.wte.weight")
