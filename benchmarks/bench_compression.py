@@ -13,8 +13,13 @@ The run is compressed at threshold 0.9 four ways:
 - the new default (no options): low rank + rows where cheaper, factors and rows in bfloat16;
 - ``--quantize int8``.
 
+Then calibration (issue 11): the same run compressed to a global budget without and with
+``--calibrate`` on its training text (65,536 tokens), at ``--target-ratio 0.1`` in bfloat16 and at
+``--target-ratio 0.05 --quantize int8``. Target: calibrated loses at least 40% less perplexity than
+plain at the same budget (a ratio of increases <= 0.6).
+
 One ``report`` scores the dense model (the baseline, measured in this run) and every artifact on
-the same 16,384 tokens of the held-out last 10%. Targets (the issue): the new default <= 12% of
+the same 16,384 tokens of the held-out last 10%. Targets (issue 10): the new default <= 12% of
 the dense bytes at <= +1.5% perplexity, int8 <= 6% at <= +2%. The two earlier settings have no
 target: they are there to compare with. Skipped without ../shared/data.
 """
@@ -42,6 +47,10 @@ THRESHOLD = 0.9
 # setting -> (bytes of dense, perplexity change in %) targets; None: no target (for comparison)
 TARGETS: dict[str, tuple[float, float] | None] = {"v1-default": None, "no-embeddings": None,
                                                     "default": (0.12, 1.5), "int8": (0.06, 2.0)}
+# (plain, calibrated) settings compared at the same budget: (ratio, quantize)
+CALIBRATED_PAIRS = {"budget-0.1": (0.1, None), "budget-0.05-int8": (0.05, "int8")}
+CALIBRATION_TOKENS = 65_536
+MAX_INCREASE_RATIO = 0.6  # calibrated increase / plain increase (at least 40% less)
 LABELS = {"v1-default": "version-1 default (energy rule on everything, float32), emulated",
           "no-embeddings": "--no-embeddings (embedding dense, blocks bfloat16)",
           "default": "new default (low rank + rows, bfloat16)",
@@ -87,8 +96,9 @@ def version_1_rule() -> Iterator[None]:
         forms.DOMINANT_SHARE, forms.MAX_ROW_FRACTION = saved
 
 
-def compress_all(run: Path, root: Path) -> dict[str, Path]:
+def compress_all(run: Path, root: Path, train_file: Path) -> dict[str, Path]:
     from inrank_convert import PlanOptions, RankRule, compress
+    from inrank_convert.compress import CalibrationRequest
 
     rule = RankRule("energy", THRESHOLD)
     settings = {"v1-default": PlanOptions(rule=rule, factor_dtype=torch.float32),
@@ -108,6 +118,14 @@ def compress_all(run: Path, root: Path) -> dict[str, Path]:
         log(f"{name:14s} {result.ratio:7.2%} of dense in {time.perf_counter() - started:.1f} s; "
             f"token embedding {embedding.kind} rank {embedding.rank}{rows}")
         outputs[name] = root / name
+    calibration = CalibrationRequest(train_file, CALIBRATION_TOKENS)
+    for name, (ratio, quantize) in CALIBRATED_PAIRS.items():
+        for calibrated in (False, True):
+            label = f"{name}-{'calibrated' if calibrated else 'plain'}"
+            result = compress(run, root / label, options=PlanOptions(target_ratio=ratio, quantize=quantize),
+                              calibration=calibration if calibrated else None)
+            log(f"{label:26s} {result.ratio:7.2%} of dense in {result.seconds:.1f} s")
+            outputs[label] = root / label
     return outputs
 
 
@@ -123,7 +141,7 @@ def run() -> list[BenchResult]:
                                      seed=SEED, tokenizer=str(TOKENIZER), log_every=STEPS))
         train_seconds = time.perf_counter() - started
         log(f"trained {STEPS} steps in {train_seconds:.0f} s, loss {trained.loss}")
-        outputs = compress_all(root / "run", root)
+        outputs = compress_all(root / "run", root, train_file)
         started = time.perf_counter()
         measured = report(outputs["default"], held_out, also=[outputs[name] for name in outputs if name != "default"],
                           max_tokens=EVAL_TOKENS)
@@ -152,4 +170,12 @@ def run() -> list[BenchResult]:
             results.append(BenchResult(f"{LABELS[name]}, t = {THRESHOLD}", measured_text, baseline, row.ratio,
                                        "artifact / dense bytes", f"<= {max_ratio:g} at <= +{max_change:g}% ppl",
                                        passed, details))
+    for name, (ratio, quantize) in CALIBRATED_PAIRS.items():
+        plain, calibrated = by_path[f"{name}-plain"], by_path[f"{name}-calibrated"]
+        share = calibrated.change_percent / plain.change_percent if plain.change_percent > 0 else float("inf")
+        flags = f"--target-ratio {ratio:g}" + (f" --quantize {quantize}" if quantize else "")
+        results.append(BenchResult(
+            f"{flags}: --calibrate vs plain", f"calibrated {calibrated.change_percent:+.2f}% ({calibrated.ratio:.2%})",
+            f"plain {plain.change_percent:+.2f}% ({plain.ratio:.2%})", share, "calibrated / plain ppl increase",
+            f"<= {MAX_INCREASE_RATIO:g}", share <= MAX_INCREASE_RATIO, details))
     return results

@@ -58,15 +58,74 @@ class CalibrationStats:
     window: int  # tokens per window
     windows: int
     text_sha256: str | None = None
+    input_embedding: str | None = None  # the token embedding's weight name
+    head: str | None = None  # the LM head's weight name (its Gram is of the body's output)
+    tied: bool = False  # the head and the token embedding are one tensor (GPT-2)
 
     def token_frequencies(self) -> torch.Tensor:
         """Each token id's share of the text used ([vocab], float64, sums to 1)."""
         return self.token_counts.double() / max(1, self.tokens)
 
+    def row_scores(self, name: str, delta: torch.Tensor, V: torch.Tensor, B: torch.Tensor,
+                   residual: torch.Tensor) -> torch.Tensor | None:
+        """How much each residual row of a token-indexed tensor (a token embedding, an LM head) is
+        worth to the model's outputs on the calibration text ([rows] float64, summing to the plain
+        residual energy so that budget gains keep their scale), or None for any other tensor.
+
+        ``delta`` [rows, cols] is the update, ``B @ V`` its low-rank part (split_residual) and
+        ``residual`` [rows] the plain energies of the rows of ``delta - B @ V``. A row ``e_t`` used
+        as the LM head costs ``e_t^T G e_t`` (G: the head's input Gram: every token's logit at every
+        position); as the token embedding, ``count_t * ||e_t||^2`` (read once per occurrence).
+        Each use is taken relative to its total, and a tied tensor (both uses) averages the two.
+        Measured on the README's run (token embedding, tied; rank 1 + K rows chosen, blocks dense):
+        plain row energies give +64.8% / +34.1% / +0.08% perplexity at K = 2,000 / 4,500 / 9,000;
+        the head's part alone +21.6% / +9.3% / +0.73%; both +12.1% / +3.7% / +0.12%."""
+        head_gram = self.grams.get(self.head) if self.head is not None and \
+            (name == self.head or (self.tied and name == self.input_embedding)) else None
+        embedding = name == self.input_embedding
+        if head_gram is None and not embedding:
+            return None
+        parts = []
+        if head_gram is not None:
+            gram = head_gram.to(device=delta.device, dtype=torch.float64)
+            head = torch.cat([torch.einsum("ti,ij,tj->t", block, gram, block)
+                              for block in _residual_blocks(delta, V, B)]).cpu()  # [rows]
+            parts.append(head)
+        if embedding:
+            counts = torch.zeros(residual.numel(), dtype=torch.float64)
+            known = min(counts.numel(), self.token_counts.numel())
+            counts[:known] = self.token_counts[:known].double()
+            parts.append(residual.cpu() * counts)
+        scores = [part / float(part.sum()) for part in parts if float(part.sum()) > 0]
+        if not scores:
+            return None
+        return sum(scores) / len(scores) * float(residual.sum())
+
     def to_json(self) -> dict:
         """What a manifest records about the calibration (damping is recorded per factorization)."""
         return {"text_sha256": self.text_sha256, "tokens": self.tokens, "window": self.window,
                 "windows": self.windows, "layers": len(self.grams)}
+
+
+def _residual_blocks(delta: torch.Tensor, V: torch.Tensor, B: torch.Tensor, block: int = 4096):
+    """The rows of ``delta - B @ V`` in float64, a block at a time ([block, cols] each)."""
+    for start in range(0, delta.shape[0], block):
+        yield (delta[start:start + block] - B[start:start + block] @ V).double()
+
+
+def embedding_weights(model) -> tuple[str | None, str | None, bool]:
+    """(the token embedding's weight name, the LM head's, whether they are one tensor)."""
+    by_module = {id(module): name for name, module in model.named_modules()}
+
+    def weight_name(module) -> str | None:
+        module = getattr(module, "base_layer", module)
+        name = by_module.get(id(module)) if module is not None else None
+        return None if name is None else f"{name}.weight" if name else "weight"
+
+    embedding = model.get_input_embeddings()
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = head is not None and embedding is not None and head.weight is embedding.weight
+    return weight_name(embedding), weight_name(head), tied
 
 
 def vocabulary_size(model) -> int | None:
@@ -150,6 +209,9 @@ def collect_statistics(model, tokens: torch.Tensor, *, block_size: int | None = 
     vocab = vocabulary_size(model)
     check_calibration_tokens(tokens, vocab, window, where, max_tokens)
     device = torch.device(device)
+    input_embedding, head_weight, tied = embedding_weights(model)
+    if names is not None and tied and input_embedding in names and head_weight is not None:
+        names = names | {head_weight}  # a tied embedding is also the head: its rows are ranked by the head's Gram
     modules = calibrated_modules(model, names)
     grams = {name: torch.zeros(_input_width(m), _input_width(m), dtype=torch.float64, device=device)
              for name, m in modules.items()}
@@ -204,7 +266,8 @@ def collect_statistics(model, tokens: torch.Tensor, *, block_size: int | None = 
     return CalibrationStats(grams={name: grams[name].cpu() for name in ran}, rows={name: rows[name] for name in ran},
                             conv1d={name: isinstance(modules[name], conv1d_class()) for name in ran},
                             token_counts=counts, tokens=tokens.numel(), window=window,
-                            windows=full + (1 if tail.numel() else 0))
+                            windows=full + (1 if tail.numel() else 0), input_embedding=input_embedding,
+                            head=head_weight, tied=tied)
 
 
 # --------------------------------------------------------------------------- whitening

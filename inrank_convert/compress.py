@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -115,7 +116,10 @@ class CompressResult:
         return self.compressed_bytes / self.original_bytes if self.original_bytes else 0.0
 
     def to_json(self) -> dict:
-        return {"output": str(self.output) if self.output else None, "source": self.source,
+        records = {} if self.manifest is None else \
+            {key: value for key, value in (("calibration", self.manifest.calibration),
+                                           ("perplexity_target", self.manifest.perplexity_target)) if value is not None}
+        return {**records, "output": str(self.output) if self.output else None, "source": self.source,
                 "reference": self.reference_mode, "rule": self.rule, "original_bytes": self.original_bytes,
                 "compressed_bytes": self.compressed_bytes, "ratio": self.ratio, "seconds": round(self.seconds, 3),
                 "tied": self.tied, "notes": self.notes, "layers": [layer.to_json() for layer in self.layers]}
@@ -199,9 +203,10 @@ def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: to
         form = whitened_svd(delta, stats.grams[entry.name].to(device), conv1d=stats.conv1d[entry.name],
                             name=entry.name).form(assigned.rank)
     else:
+        row_scores = None if stats is None or assigned is None else partial(stats.row_scores, entry.name)
         form = choose_form(delta, total, options.rule, costs_for(options, entry), options.engine, options.float64,
                            generator, entry.forced_rows,
-                           None if assigned is None else (assigned.rank, assigned.rows))
+                           None if assigned is None else (assigned.rank, assigned.rows), row_scores)
     notes = list(form.notes)
     engine = form.engine or None
     if form.kind == "zero":

@@ -116,6 +116,15 @@ def render_summary(summary: dict, title: str) -> None:
     stdout.print(totals_line(summary))
     if summary.get("tied"):
         stdout.print("tied (stored once): " + ", ".join(f"{a} -> {c}" for a, c in summary["tied"].items()))
+    calibration = summary.get("calibration")
+    if calibration:
+        stdout.print(f"calibrated on {calibration['tokens']} tokens (text sha256 {calibration['text_sha256'][:12]}...), "
+                     f"{calibration['layers']} layers' input Grams, damping {calibration['damping']:g}")
+    target = summary.get("perplexity_target")
+    if target:
+        stdout.print(f"perplexity target +{target['max_increase_percent']:g}%: {target['perplexity']:g} against the "
+                     f"dense {target['dense_perplexity']:g} ({target['increase_percent']:+.3f}%) on "
+                     f"{target['eval_tokens']} tokens, {target['steps']} candidates")
 
 
 def render_plan(plan: dict) -> None:

@@ -35,6 +35,7 @@ choose low rank as before (rows only for forced rows).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -83,18 +84,26 @@ class Costs:
         return count * (cols * self.element + self.vector + INDEX_BYTES)
 
 
+# (delta, V, B, residual row energies) -> a ranking of the residual rows ([rows] float64), or None
+# for the plain energies: calibration ranks a token embedding's rows by what the outputs lose.
+RowScores = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], "torch.Tensor | None"]
+
+
 def choose_form(delta: torch.Tensor, total: float, rule: RankRule, costs: Costs, engine: str = "auto",
                 float64: bool = False, generator: torch.Generator | None = None,
-                forced_rows: torch.Tensor | None = None, allocation: tuple[int, int | None] | None = None) -> Form:
+                forced_rows: torch.Tensor | None = None, allocation: tuple[int, int | None] | None = None,
+                row_scores: RowScores | None = None) -> Form:
     """The cheapest form of ``delta`` (float32 [rows, cols], ||delta||^2 = ``total``) that meets ``rule``.
 
     ``allocation`` (rank, rows) replaces the rule with a size already decided (a global budget,
     see budget.py): rows None is low rank at that rank; a row count is low rank + rows (rank 0
-    or 1) with that many rows of the residual besides the forced ones.
+    or 1) with that many rows of the residual besides the forced ones, the highest by
+    ``row_scores`` (default: by residual energy).
     """
     rows, cols = delta.shape
     if allocation is not None:
-        return _allocated_form(delta, total, allocation[0], allocation[1], engine, float64, generator, forced_rows)
+        return _allocated_form(delta, total, allocation[0], allocation[1], engine, float64, generator, forced_rows,
+                               row_scores)
     if total == 0.0 and forced_rows is None:
         return Form("zero", energy=1.0, engine="none")
     if rule.fixed_rank is not None or rule.criterion != "energy":
@@ -253,7 +262,8 @@ def _lowrank_by_rule(delta: torch.Tensor, total: float, rule: RankRule, costs: C
 
 
 def _allocated_form(delta: torch.Tensor, total: float, rank: int, row_count: int | None, engine: str, float64: bool,
-                    generator: torch.Generator | None, forced_rows: torch.Tensor | None) -> Form:
+                    generator: torch.Generator | None, forced_rows: torch.Tensor | None,
+                    row_scores: RowScores | None = None) -> Form:
     """The form of a given size: ``rank`` components, and with ``row_count`` not None that many
     residual rows (largest energy first) besides the forced rows. Its bytes follow from the sizes
     alone (Costs.lowrank + Costs.row_set), which is what lets a budget be honoured to the byte."""
@@ -272,7 +282,8 @@ def _allocated_form(delta: torch.Tensor, total: float, rank: int, row_count: int
         vectors = found.right_vectors if found.right_vectors is not None else found.A
         V = vectors[:found.rank].to(delta.dtype)
     V, B, kept_lowrank, residual, forced = split_residual(delta, V, forced_rows)
-    index = _top_rows(residual.cpu(), forced, min(count, rows)).to(delta.device)
+    ranking = None if row_scores is None else row_scores(delta, V, B, residual)
+    index = _top_rows((residual if ranking is None else ranking).cpu(), forced, min(count, rows)).to(delta.device)
     form = _with_rows(delta, total, V, B, kept_lowrank, residual, index,
                       f"rank {V.shape[0]} + {index.numel()} rows of {rows} (budget)")
     form.engine, form.notes = used, notes + form.notes

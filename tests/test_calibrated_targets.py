@@ -54,6 +54,9 @@ def test_calibrated_compress_is_recorded_and_honours_the_budget(real_run, calibr
     # Every block projection (nn Conv1D) has an input Gram; the token embedding has none.
     assert len(whitened) == 8 and all(".h." in name for name in whitened), whitened
     assert manifest.tensors["transformer.wte.weight"].svd != WHITENED_ENGINE
+    shown = json.loads(expect_ok(["inspect", calibrated, "--json"]).stdout)
+    assert shown["calibration"] == manifest.calibration and "perplexity_target" not in shown
+    assert "calibrated on 8192 tokens" in expect_ok(["inspect", calibrated]).stdout
 
 
 def test_whitened_factors_beat_plain_truncation_on_the_layer_outputs(real_run, calibrated):
@@ -131,6 +134,8 @@ def test_perplexity_target_is_met_and_a_smaller_artifact_would_not_be(real_run, 
     assert record["perplexity"] == pytest.approx(again, rel=1e-5) and record["max_increase_percent"] == 2.0
     assert record["eval_tokens"] == 4096 and record["steps"] == len(result.steps)
     assert not list(out.parent.glob(".inrank-search-*"))
+    assert json.loads(expect_ok(["inspect", out, "--json"]).stdout)["perplexity_target"] == record
+    assert expect_ok(["verify", out]).exit_code == 0  # the rewritten header still matches every checksum
 
 
 def test_a_perplexity_target_no_size_under_the_cap_reaches_names_the_best_found(real_run, tmp_path):

@@ -268,3 +268,50 @@ def test_a_text_shorter_than_one_window_is_refused(tmp_path):
     # A shorter window makes the same text enough.
     stats = collect_statistics(model, short, block_size=32)
     assert stats.windows == 2 and stats.tokens == 40
+
+
+def test_row_scores_weigh_the_heads_gram_and_the_token_counts():
+    """A token-indexed tensor's residual rows: the head's output energy e^T G e and the embedding's
+    count x ||e||^2, each relative to its total, averaged when tied, scaled to the plain energy."""
+    from inrank_convert.calibration import CalibrationStats
+    from inrank_convert.forms import split_residual
+
+    generator = torch.Generator().manual_seed(0)
+    delta = torch.randn(50, 8, generator=generator)
+    X = torch.randn(200, 8, generator=generator) * torch.linspace(0.1, 3.0, 8)
+    gram = (X.T @ X).double()
+    counts = torch.randint(0, 5, (50,), generator=generator)
+    V = torch.linalg.svd(delta, full_matrices=False).Vh[:1]
+    V, B, _, residual, forced = split_residual(delta, V, None)
+    E = (delta - B @ V).double()
+    head = torch.einsum("ti,ij,tj->t", E, gram, E)
+    embedding = residual * counts.double()
+
+    def stats(**roles):
+        return CalibrationStats({"lm_head.weight": gram}, {}, {}, counts, int(counts.sum()), 8, 1, **roles)
+
+    tied = stats(input_embedding="wte.weight", head="lm_head.weight", tied=True).row_scores(
+        "wte.weight", delta, V, B, residual)
+    expected = (head / head.sum() + embedding / embedding.sum()) / 2 * residual.sum()
+    assert torch.allclose(tied, expected, rtol=1e-10) and tied.sum() == pytest.approx(float(residual.sum()))
+    untied = stats(input_embedding="embed.weight", head="lm_head.weight", tied=False)
+    assert torch.allclose(untied.row_scores("embed.weight", delta, V, B, residual),
+                          embedding / embedding.sum() * residual.sum(), rtol=1e-10)
+    assert torch.allclose(untied.row_scores("lm_head.weight", delta, V, B, residual),
+                          head / head.sum() * residual.sum(), rtol=1e-10)
+    assert untied.row_scores("model.layers.0.mlp.up_proj.weight", delta, V, B, residual) is None
+    # The ranking differs from the plain energies (else calibration would change nothing).
+    assert not torch.equal(torch.argsort(tied, descending=True), torch.argsort(residual, descending=True))
+
+
+def test_collect_statistics_finds_the_embedding_the_head_and_the_tie(tmp_path, shakespeare_ids):
+    pair, model = trained_model(tmp_path, "gpt2")
+    stats = collect_statistics(model, shakespeare_ids, max_tokens=4 * WINDOW, names={"transformer.wte.weight"})
+    assert (stats.input_embedding, stats.head, stats.tied) == ("transformer.wte.weight", "lm_head.weight", True)
+    assert set(stats.grams) == {"lm_head.weight"}  # a tied embedding brings the head's Gram along
+    final = model.transformer(shakespeare_ids[:WINDOW][None]).last_hidden_state[0].double()  # [window, width]
+    first = collect_statistics(model, shakespeare_ids, max_tokens=WINDOW, names={"transformer.wte.weight"})
+    assert torch.allclose(first.grams["lm_head.weight"], final.T @ final, rtol=1e-5, atol=1e-6)
+    _, llama = trained_model(tmp_path / "llama", "llama")
+    stats = collect_statistics(llama, shakespeare_ids, max_tokens=WINDOW)
+    assert (stats.input_embedding, stats.head, stats.tied) == ("model.embed_tokens.weight", "lm_head.weight", False)

@@ -255,4 +255,6 @@ def describe_artifact(path: str | Path) -> dict[str, Any]:
         "source": manifest.source.path, "reference": manifest.reference.mode, "rule": manifest.rule.describe(),
         "original_bytes": original, "compressed_bytes": compressed,
         "ratio": compressed / original if original else 0.0, "tied": manifest.aliases(), "layers": layers,
+        **{key: value for key, value in (("calibration", manifest.calibration),
+                                         ("perplexity_target", manifest.perplexity_target)) if value is not None},
     }
