@@ -532,6 +532,38 @@ def sweep_command(
     console.emit_json(result.to_json()) if json_output else console.render_sweep(result.to_json())
 
 
+@app.command("compare-runs")
+@user_errors
+def compare_runs_command(
+    dense_run: Annotated[Path, typer.Argument(help="A run folder (train --mode dense).")],
+    inrank_run: Annotated[Path, typer.Argument(help="A run folder of the same architecture (train --mode inrank).")],
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="Score every step both runs saved on this text (default: the runs' own validation losses).")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Use only the first N tokens of --data.")] = None,
+    device: EvalDeviceOpt = "cpu",
+    plot: Annotated[Path | None, typer.Option("--plot", help="Write perplexity and rank fraction over steps to this PNG.")] = None,
+    json_output: JsonOpt = False,
+    quiet: QuietOpt = False,
+):
+    """Two training runs side by side: validation curves, rank fraction, bytes, parameters, speed.
+
+    Example: inrank-convert compare-runs runs/dense runs/inrank --data val.txt --plot runs.png
+    """
+    from .compare_runs import compare_runs
+    from .plots import plot_compare_runs, pyplot
+
+    if plot is not None:
+        pyplot()
+        if not plot.absolute().parent.is_dir():
+            raise UsageError("the plot's folder does not exist", str(plot.absolute().parent), "create it or choose another --plot")
+    silent = quiet or json_output
+    result = compare_runs(dense_run, inrank_run, data=data, max_tokens=max_tokens, device=device,
+                          on_checkpoint=None if silent else lambda label, step: console.status(f"scoring {label} step {step}"))
+    if plot is not None:
+        plot_compare_runs(result, plot)
+    console.emit_json(result.to_json()) if json_output else console.render_compare_runs(result.to_json())
+
+
 @app.command("generate")
 @user_errors
 def generate_command(

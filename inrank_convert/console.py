@@ -299,3 +299,32 @@ def render_sweep(result: dict) -> None:
         table.add_row(row["setting"], human_bytes(row["bytes"]), f"{row['ratio']:.2%}", f"{row['perplexity']:.2f}",
                       f"{row['increase_percent']:+.2f}%")
     stdout.print(table)
+
+
+def render_compare_runs(result: dict) -> None:
+    """compare-runs: one column per run."""
+    runs = result["runs"]
+    table = Table(title="Runs side by side" + (f" (perplexity on {result['data_tokens']} tokens of {result['data']})"
+                                                if result.get("data") else ""))
+    table.add_column("")
+    for run in runs:
+        table.add_column(f"{run['label']} ({run['mode']}{', efficient' if run['efficient'] else ''})", justify="right")
+
+    def number(value, form: str) -> str:
+        return "" if value is None else format(value, form)
+
+    rows = [("steps", [str(run["final_step"]) for run in runs]),
+            ("final validation loss" + ("" if result["same_val_data"] else " (own val data)"),
+             [number(run["final_val_loss"], ".4f") for run in runs]),
+            ("final validation perplexity", [number(run["final_val_perplexity"], ".2f") for run in runs])]
+    if result.get("data"):
+        rows.append(("final perplexity on --data",
+                     [number(run["data_curve"][-1]["perplexity"] if run["data_curve"] else None, ".2f") for run in runs]))
+    rows += [("total rank / full rank: final", [number(run["final_rank_fraction"], ".1%") for run in runs]),
+             ("total rank / full rank: mean", [number(run["mean_rank_fraction"], ".1%") for run in runs]),
+             ("checkpoint bytes", [human_bytes(run["bytes"]) for run in runs]),
+             ("parameters stored", [f"{run['parameters']:,}" for run in runs]),
+             ("tokens/s (mean)", [number(run["tokens_per_second"], ".0f") for run in runs])]
+    for label, values in rows:
+        table.add_row(label, *values)
+    stdout.print(table)

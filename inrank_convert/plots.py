@@ -17,6 +17,7 @@ from .evaluate import finite_or_none
 
 if TYPE_CHECKING:
     from .analysis import SpectrumResult
+    from .compare_runs import CompareResult
     from .report import ReportResult
     from .sweep import SweepResult
 
@@ -124,5 +125,29 @@ def plot_sweep(result: SweepResult, path: str | Path) -> Path:
         axis.set_ylim(result.dense_perplexity * 0.995, min(max(finite), result.dense_perplexity * 1.5) * 1.01)
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+def plot_compare_runs(result: CompareResult, path: str | Path) -> Path:
+    """Left: validation loss (metrics) or perplexity on --data over steps, one line per run.
+    Right: InRank's total rank over steps as a fraction of the full rank."""
+    plt = pyplot()
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
+    scored = any(run.data_curve for run in result.runs)
+    for run in result.runs:
+        curve = [(s, p) for s, p in run.data_curve] if scored else [(s, math.exp(v)) for s, v in run.val_curve]
+        if curve:
+            left.plot([s for s, _ in curve], [p for _, p in curve], marker="o", markersize=3, label=run.label)
+        if run.rank_curve and run.full_rank:
+            right.plot([s for s, _ in run.rank_curve], [r / run.full_rank for _, r in run.rank_curve], label=run.label)
+    what = f"perplexity on {Path(result.data).name}" if scored else "validation perplexity (metrics)"
+    left.set(title=what, xlabel="step", ylabel="perplexity")
+    left.set_yscale("log")
+    right.set(title="total rank / full rank of the factorized layers", xlabel="step", ylabel="fraction", ylim=(0, 1))
+    for axis in (left, right):
+        axis.grid(True, alpha=0.3)
+        if axis.get_legend_handles_labels()[0]:
+            axis.legend(fontsize=8)
     figure.tight_layout()
     return save_figure(figure, path)
