@@ -645,6 +645,12 @@ def train_command(
     rank_warmup: Annotated[int, typer.Option("--rank-warmup", help="Optimizer steps before the first rank decision.")] = 200,
     rank_every: Annotated[int, typer.Option("--rank-every", help="Optimizer steps between rank decisions.")] = 25,
     max_rank: Annotated[int | None, typer.Option("--max-rank", help="Rank cap (default min(rows, cols) // 2).")] = None,
+    factorize: Annotated[str, typer.Option(
+        "--factorize", help="Which linear layers InRank factorizes: all, mlp (the reference's) or attention.")] = "all",
+    initial_rank: Annotated[int | None, typer.Option(
+        "--initial-rank", help="Starting rank per layer (default 0; the buffer with --efficient; the reference: 2).")] = None,
+    stage2_at: Annotated[int | None, typer.Option(
+        "--stage2-at", help="At this step freeze the ranks and re-split the factors by SVD (InRank-Efficient's stage 2).")] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -660,7 +666,8 @@ def train_command(
         min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, grad_accum=grad_accum, batch_size=batch_size,
         block_size=block_size, seed=seed, device=device, dtype=dtype, save_every=save_every, eval_every=eval_every,
         log_every=log_every, tokenizer=tokenizer, criterion=criterion, threshold=threshold, buffer=buffer,
-        rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank))
+        rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank, factorize=factorize,
+        initial_rank=initial_rank, stage2_at=stage2_at))
     check_options(options)
     with console.training_progress(steps, 0, quiet or json_output) as update:
         result = train(source, output, options, on_step=update)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .architecture import conv1d_class, replace_module
+from .errors import UsageError, flag
 from .layers import LowRankLinear
 from .spectrum import RankRule, choose_rank
 from .tensors import storage_key
@@ -43,8 +44,11 @@ class RankPolicy:
     warmup: int = 200  # optimizer steps before the first decision
     every: int = 25  # optimizer steps between decisions
     max_rank: int | None = None  # default: min(rows, cols) // 2 per layer
+    stage2_at: int | None = None  # from this step on, no decisions (InRank-Efficient's stage 2)
 
     def due(self, step: int) -> bool:
+        if self.stage2_at is not None and step >= self.stage2_at:
+            return False
         return step >= self.warmup and (step - self.warmup) % self.every == 0
 
     def layer_max_rank(self, layer: LowRankLinear) -> int:
@@ -142,20 +146,68 @@ def _replace_parameter(layer: nn.Module, attr: str, value: torch.Tensor, optimiz
     optimizer.state[new] = grown
 
 
-def factorize_model(model: nn.Module, policy: RankPolicy, efficient: bool, generator: torch.Generator) -> dict[str, int]:
-    """Turn every untied linear layer into a LowRankLinear; returns the starting rank of each.
+FACTORIZE_CHOICES = ("all", "mlp", "attention")
+_MLP_PARTS = {"mlp", "ffn", "feed_forward", "feedforward"}
+_ATTENTION_PARTS = {"attn", "self_attn", "attention", "self_attention"}
 
-    With a reference (InRank): W = W_init + B @ A, B zero and A random, so the function is the
-    init's (rank 0 plus a buffer). ``efficient`` (no reference): B @ A is the best rank-k
-    approximation of the init, k = 2 x buffer (rank = buffer, plus a buffer).
-    """
+
+def layer_role(name: str) -> str:
+    """``mlp``, ``attention`` or ``other`` from a module's dotted name (``transformer.h.0.mlp.c_fc``)."""
+    parts = set(name.split("."))
+    if parts & _MLP_PARTS:
+        return "mlp"
+    if parts & _ATTENTION_PARTS:
+        return "attention"
+    return "other"
+
+
+def factorized_layers(model: nn.Module, factorize: str = "all") -> list[tuple[str, nn.Module]]:
+    """The (name, module) of every untied nn.Linear / Conv1D that ``factorize`` selects."""
+    if factorize not in FACTORIZE_CHOICES:
+        raise ValueError(f"factorize must be one of {FACTORIZE_CHOICES}, got {factorize!r}")
     conv1d = conv1d_class()
     embeddings = model.get_input_embeddings()
-    tied = {storage_key(embeddings.weight)} if embeddings is not None else set()
+    embedding = embeddings.weight if embeddings is not None else None
+
+    def tied(weight: torch.Tensor) -> bool:
+        # The same Parameter, or (real tensors only: every meta tensor has data_ptr 0) the same storage.
+        return embedding is not None and (weight is embedding or (
+            not weight.is_meta and storage_key(weight) == storage_key(embedding)))
+
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, conv1d)) and not tied(module.weight)
+            and (factorize == "all" or layer_role(name) == factorize)]
+
+
+def check_initial_rank(model: nn.Module, factorize: str, initial_rank: int | None) -> None:
+    """--initial-rank must fit every factorized layer (checked on a meta model, before a run starts)."""
+    if initial_rank is None:
+        return
+    layers = factorized_layers(model, factorize)
+    if not layers:
+        raise UsageError(f"{flag('--factorize')} {factorize} selects no linear layer of this model",
+                         flag("--factorize"), "choose all, mlp or attention to match the model's module names")
+    name, module = min(layers, key=lambda item: min(item[1].weight.shape))
+    full = min(module.weight.shape)
+    if initial_rank > full:
+        raise UsageError(f"{flag('--initial-rank')} {initial_rank} is above the full rank {full} of {name}",
+                         flag("--initial-rank"), f"pass at most {full}")
+
+
+def factorize_model(model: nn.Module, policy: RankPolicy, efficient: bool, generator: torch.Generator,
+                    factorize: str = "all", initial_rank: int | None = None) -> dict[str, int]:
+    """Turn the untied linear layers ``factorize`` names (``all``; ``mlp``, as the InRank reference
+    does; ``attention``) into LowRankLinears; returns the starting rank of each.
+
+    With a reference (InRank): W = W_init + B @ A, B zero and A random, so the function is the
+    init's (rank ``initial_rank``, default 0, plus a buffer). ``efficient`` (no reference): B @ A
+    is the best rank-k approximation of the init, k = rank + buffer (rank: ``initial_rank``,
+    default the buffer).
+    """
+    check_initial_rank(model, factorize, initial_rank)
+    conv1d = conv1d_class()
     ranks = {}
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, (nn.Linear, conv1d)) or storage_key(module.weight) in tied:
-            continue
+    for name, module in factorized_layers(model, factorize):
         transposed = isinstance(module, conv1d)
         weight = module.weight.detach()
         weight = weight.T if transposed else weight  # [out, in]
@@ -164,8 +216,9 @@ def factorize_model(model: nn.Module, policy: RankPolicy, efficient: bool, gener
                               None if efficient else weight.clone(), module.bias)
         layer.stored_transposed = transposed
         buffer = policy.layer_buffer(layer)
-        rank = buffer if efficient else 0
-        width = min(min(in_features, out_features), rank + buffer)
+        full = min(in_features, out_features)
+        rank = initial_rank if initial_rank is not None else buffer if efficient else 0
+        width = min(full, rank + buffer)
         if efficient:
             U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
             root = S[:width].sqrt()
@@ -176,3 +229,34 @@ def factorize_model(model: nn.Module, policy: RankPolicy, efficient: bool, gener
         replace_module(model, name, layer)
         ranks[name] = rank
     return ranks
+
+
+# Components of B @ A below this fraction of the largest singular value are dropped at stage 2:
+# they are numerically zero (a buffer column never trained), so the function does not change.
+RESPLIT_FLOOR = 1e-7
+
+
+@torch.no_grad()
+def resplit_layer(layer: LowRankLinear, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """InRank-Efficient's stage 2 for one layer: B @ A re-split by its SVD into balanced factors
+    (B' = U sqrt(S), A' = sqrt(S) V^T, from thin QRs: the product is never formed), keeping every
+    component above RESPLIT_FLOOR, so the layer's function is unchanged. The factors' optimizer
+    state is dropped: the moments of the old coordinates mean nothing in the new basis.
+    Returns the new width."""
+    B, A = layer.lora_B.detach().double(), layer.lora_A.detach().double()  # [out, k], [k, in]
+    Q_B, R_B = torch.linalg.qr(B)
+    Q_A, R_A = torch.linalg.qr(A.T)
+    U, S, Vh = torch.linalg.svd(R_B @ R_A.T)  # [k, k]
+    keep = int((S > RESPLIT_FLOOR * S[0]).sum()) if S.numel() and float(S[0]) > 0 else 0
+    root = S[:keep].sqrt()
+    new_B = (Q_B @ U[:, :keep]) * root  # [out, keep]
+    new_A = root[:, None] * (Vh[:keep] @ Q_A.T)  # [keep, in]
+    for attr, value in (("lora_B", new_B), ("lora_A", new_A)):
+        old = getattr(layer, attr)
+        new = nn.Parameter(value.to(old.dtype).contiguous(), requires_grad=old.requires_grad)
+        setattr(layer, attr, new)
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["params"] = [new if param is old else param for param in group["params"]]
+            optimizer.state.pop(old, None)
+    return keep

@@ -26,7 +26,7 @@ from .artifact import ReferenceRecord, RuleRecord
 from .data import TokenBatches, tokenizer_fingerprint, validation_blocks
 from .distributed import World, any_true, barrier, broadcast_object, gather_objects, mean
 from .errors import UsageError, flag
-from .rank_control import RankController, grow_layer, low_rank_layers
+from .rank_control import RankController, grow_layer, low_rank_layers, resplit_layer
 from .runs import (
     METRICS_FILE,
     RNG_PREFIX,
@@ -199,6 +199,16 @@ def decide_ranks(session: Session) -> None:
     session.wrap()
 
 
+def enter_stage_two(session: Session) -> None:
+    """InRank-Efficient's stage 2 (--stage2-at): every layer's factors re-split by SVD (the function
+    unchanged, numerically-zero components dropped), and no rank decision after this step. The
+    controller's ranks become the kept widths. Deterministic, so every process does it alike."""
+    layers = dict(low_rank_layers(session.model))
+    for name in sorted(layers):
+        session.controller.ranks[name] = resplit_layer(layers[name], session.optimizer)
+    session.wrap()
+
+
 # --- one step --------------------------------------------------------------------------------
 
 def optimizer_step(session: Session, scaler: torch.amp.GradScaler | None) -> float:
@@ -331,6 +341,8 @@ def run_loop(session: Session, on_step: Callable[[dict], None] | None = None) ->
                 loss = optimizer_step(session, scaler)
                 if session.controller is not None and session.controller.policy.due(session.step):
                     decide_ranks(session)
+                if session.controller is not None and session.controller.policy.stage2_at == session.step:
+                    enter_stage_two(session)
                 log.steps += 1
                 due = due_actions(session, stop["stop"])
                 if due.evaluate:

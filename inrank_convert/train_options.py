@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .distributed import check_device
 from .errors import UsageError, flag
-from .rank_control import RankPolicy
+from .rank_control import FACTORIZE_CHOICES, RankPolicy
 from .spectrum import CRITERIA
 from .tensors import COMPUTE_DTYPES
 
@@ -53,9 +53,13 @@ class TrainOptions:
     rank_warmup: int = 200
     rank_every: int = 25
     max_rank: int | None = None
+    factorize: str = "all"  # which linear layers InRank factorizes: all, mlp (the reference's), attention
+    initial_rank: int | None = None  # default: 0 (InRank), the buffer (--efficient)
+    stage2_at: int | None = None  # freeze ranks and re-split the factors by SVD at this step
 
     def policy(self) -> RankPolicy:
-        return RankPolicy(self.criterion, self.threshold, self.buffer, self.rank_warmup, self.rank_every, self.max_rank)
+        return RankPolicy(self.criterion, self.threshold, self.buffer, self.rank_warmup, self.rank_every, self.max_rank,
+                          self.stage2_at)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -103,6 +107,22 @@ def check_options(options: TrainOptions) -> None:
         bad(f"unknown mode {options.mode!r}", flag("--mode"), "choose dense or inrank")
     if options.efficient and options.mode != "inrank":
         bad(f"{flag('--efficient')} is an InRank option", f"{flag('--mode')} dense", f"pass {flag('--mode')} inrank with {flag('--efficient')}")
+    inrank_only = [(name, flag_name) for name, flag_name, default in
+                   (("factorize", "--factorize", "all"), ("initial_rank", "--initial-rank", None),
+                    ("stage2_at", "--stage2-at", None)) if getattr(options, name) != default]
+    if inrank_only and options.mode != "inrank":
+        name, flag_name = inrank_only[0]
+        bad(f"{flag(flag_name)} is an InRank option", f"{flag('--mode')} {options.mode}",
+            f"pass {flag('--mode')} inrank with {flag(flag_name)}")
+    if options.factorize not in FACTORIZE_CHOICES:
+        bad(f"unknown {flag('--factorize')} {options.factorize!r}", flag("--factorize"),
+            f"choose one of {', '.join(FACTORIZE_CHOICES)} (the InRank reference factorizes mlp)")
+    if options.initial_rank is not None and options.initial_rank < 0:
+        bad(f"{flag('--initial-rank')} cannot be negative", f"{flag('--initial-rank')} {options.initial_rank}",
+            "pass 0 or more (the reference starts at 2)")
+    if options.stage2_at is not None and not 1 <= options.stage2_at <= options.steps:
+        bad(f"{flag('--stage2-at')} must be a step of the run (1 to {flag('--steps')} {options.steps})",
+            f"{flag('--stage2-at')} {options.stage2_at}", f"pass a step between 1 and {options.steps}")
     if options.dtype not in COMPUTE_DTYPES:
         bad(f"unknown dtype {options.dtype!r}", flag("--dtype"), f"choose one of {', '.join(COMPUTE_DTYPES)}")
     if options.criterion not in CRITERIA:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .architecture import model_context, seeded_model
+from .architecture import meta_model, model_context, seeded_model
 from .artifact import (
     INIT_FILE,
     ReferenceRecord,
@@ -35,7 +35,7 @@ from .errors import CheckpointError, MismatchError, OutputError, UsageError, fla
 from .modeling import load_compressed, load_dense, model_config
 from .outputs import atomic_output_dir, check_output_free
 from .plan import PlanOptions
-from .rank_control import RankController, factorize_model, grow_layer, low_rank_layers
+from .rank_control import RankController, check_initial_rank, factorize_model, grow_layer, low_rank_layers
 from .reference import INIT_RECIPE_FILE, CheckpointReference, read_init_recipe, seed_reference
 from .runs import (
     ensure_writable_run,
@@ -138,6 +138,8 @@ def train(source: str | Path, run: str | Path, options: TrainOptions,
         _check_tokenizer(tokenizer, config, options.tokenizer or str(source))
         block_size = _block_size(options, config)
         tokens, val = _load_data(run, options, tokenizer, block_size)  # bad text fails before anything is written
+        if options.mode == "inrank":
+            check_initial_rank(meta_model(config), options.factorize, options.initial_rank)
         start_run(run, world)
         model = load_dense(weights, config) if weights is not None else seeded_model(config, options.seed)
         init_folder = step_folder(run, 0)
@@ -148,7 +150,8 @@ def train(source: str | Path, run: str | Path, options: TrainOptions,
         if options.mode == "inrank":
             reference = _init_reference(init_folder, weights is None, options, model)
             generator = torch.Generator().manual_seed(options.seed * 1_000_003)
-            ranks = factorize_model(model, options.policy(), options.efficient, generator)
+            ranks = factorize_model(model, options.policy(), options.efficient, generator, options.factorize,
+                                    options.initial_rank)
             controller = RankController(options.policy(), ranks)
         session = Session(run, options, world, process_device(options.device, world), model, tokenizer, tokens,
                           block_size, reference, controller=controller, val_tokens=val)
@@ -266,6 +269,8 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
         _check_tokenizer(tokenizer, config, options.tokenizer or str(artifact))
         block_size = _block_size(options, config)
         tokens, val = _load_data(run, options, tokenizer, block_size)  # bad text fails before anything is written
+        if options.mode == "inrank":
+            check_initial_rank(meta_model(config), options.factorize, options.initial_rank)
         start_run(run, world)
         model = load_compressed(artifact, zero_as_lowrank=True)
         ranks = {name: layer.rank for name, layer in low_rank_layers(model)}
