@@ -651,6 +651,9 @@ def train_command(
         "--initial-rank", help="Starting rank per layer (default 0; the buffer with --efficient; the reference: 2).")] = None,
     stage2_at: Annotated[int | None, typer.Option(
         "--stage2-at", help="At this step freeze the ranks and re-split the factors by SVD (InRank-Efficient's stage 2).")] = None,
+    growth: Annotated[str, typer.Option(
+        "--growth", help="New factor columns: exact (B zero, function unchanged) or random (kaiming, the reference's; "
+                         "with --efficient the factors start random too).")] = "exact",
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -667,7 +670,7 @@ def train_command(
         block_size=block_size, seed=seed, device=device, dtype=dtype, save_every=save_every, eval_every=eval_every,
         log_every=log_every, tokenizer=tokenizer, criterion=criterion, threshold=threshold, buffer=buffer,
         rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank, factorize=factorize,
-        initial_rank=initial_rank, stage2_at=stage2_at))
+        initial_rank=initial_rank, stage2_at=stage2_at, growth=growth))
     check_options(options)
     with console.training_progress(steps, 0, quiet or json_output) as update:
         result = train(source, output, options, on_step=update)

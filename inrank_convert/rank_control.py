@@ -45,6 +45,7 @@ class RankPolicy:
     every: int = 25  # optimizer steps between decisions
     max_rank: int | None = None  # default: min(rows, cols) // 2 per layer
     stage2_at: int | None = None  # from this step on, no decisions (InRank-Efficient's stage 2)
+    growth: str = "exact"  # new factor columns: "exact" (B zero: the function is unchanged) or "random" (the reference's)
 
     def due(self, step: int) -> bool:
         if self.stage2_at is not None and step >= self.stage2_at:
@@ -104,20 +105,41 @@ def low_rank_layers(model: nn.Module) -> list[tuple[str, LowRankLinear]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, LowRankLinear)]
 
 
+GROWTH_MODES = ("exact", "random")
+
+
+def _uniform(shape: tuple[int, int], bound: float, generator: torch.Generator | None) -> torch.Tensor:
+    return (torch.rand(shape, generator=generator, dtype=torch.float32) * 2.0 - 1.0) * bound
+
+
 @torch.no_grad()
 def grow_layer(layer: LowRankLinear, width: int, optimizer: torch.optim.Optimizer | None = None,
-               generator: torch.Generator | None = None) -> None:
-    """Widen the factors to ``width``: B gets zero columns, A small random rows (so B @ A and the
-    layer's function are unchanged); Adam-style optimizer state gets zero entries for them."""
+               generator: torch.Generator | None = None, mode: str = "exact", max_width: int | None = None) -> None:
+    """Widen the factors to ``width``; Adam-style optimizer state gets zero entries for the new ones.
+
+    ``exact``: B gets zero columns, A small random rows, so B @ A and the layer's function are
+    unchanged. ``random`` (the InRank reference's InRank-Efficient, whose factors are allocated at
+    full width with nn.Linear's default init and switched on as the rank grows): both get
+    kaiming-uniform entries, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = in for A and the
+    largest width ``max_width`` for B, so the function changes where the layer grows and the new
+    components are visible to the next rank decision."""
     old = layer.rank
     if width <= old:
         return
     extra = width - old
-    scale = GROWTH_INIT_SCALE / layer.in_features ** 0.5
-    new_rows = torch.randn(extra, layer.in_features, generator=generator, dtype=torch.float32)
-    new_rows = (new_rows * scale).to(device=layer.lora_A.device, dtype=layer.lora_A.dtype)
+    if mode == "random":
+        new_rows = _uniform((extra, layer.in_features), layer.in_features ** -0.5, generator)
+        new_columns = _uniform((layer.out_features, extra), max(1, max_width or width) ** -0.5, generator)
+    elif mode == "exact":
+        new_rows = torch.randn(extra, layer.in_features, generator=generator, dtype=torch.float32)
+        new_rows = new_rows * (GROWTH_INIT_SCALE / layer.in_features ** 0.5)
+        new_columns = torch.zeros(layer.out_features, extra)
+    else:
+        raise ValueError(f"growth must be one of {GROWTH_MODES}, got {mode!r}")
+    new_rows = new_rows.to(device=layer.lora_A.device, dtype=layer.lora_A.dtype)
+    new_columns = new_columns.to(device=layer.lora_B.device, dtype=layer.lora_B.dtype)
     grown_A = torch.cat([layer.lora_A.data, new_rows], dim=0)  # [width, in]
-    grown_B = torch.cat([layer.lora_B.data, layer.lora_B.new_zeros(layer.out_features, extra)], dim=1)  # [out, width]
+    grown_B = torch.cat([layer.lora_B.data, new_columns], dim=1)  # [out, width]
     _replace_parameter(layer, "lora_A", grown_A, optimizer, pad_dim=0)
     _replace_parameter(layer, "lora_B", grown_B, optimizer, pad_dim=1)
 
@@ -219,13 +241,18 @@ def factorize_model(model: nn.Module, policy: RankPolicy, efficient: bool, gener
         full = min(in_features, out_features)
         rank = initial_rank if initial_rank is not None else buffer if efficient else 0
         width = min(full, rank + buffer)
-        if efficient:
+        if efficient and policy.growth == "random":
+            # The reference's InRank-Efficient: W = B @ A from random factors, not from the init.
+            layer.lora_B = nn.Parameter(weight.new_zeros(out_features, 0))
+            layer.lora_A = nn.Parameter(weight.new_zeros(0, in_features))
+            grow_layer(layer, width, None, generator, "random", policy.layer_max_rank(layer))
+        elif efficient:
             U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
             root = S[:width].sqrt()
             layer.lora_B = nn.Parameter((U[:, :width] * root).to(weight.dtype))  # [out, k]
             layer.lora_A = nn.Parameter((root[:, None] * Vh[:width]).to(weight.dtype))  # [k, in]
         else:
-            grow_layer(layer, width, None, generator)
+            grow_layer(layer, width, None, generator, policy.growth, policy.layer_max_rank(layer))
         replace_module(model, name, layer)
         ranks[name] = rank
     return ranks

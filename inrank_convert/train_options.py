@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .distributed import check_device
 from .errors import UsageError, flag
-from .rank_control import FACTORIZE_CHOICES, RankPolicy
+from .rank_control import FACTORIZE_CHOICES, GROWTH_MODES, RankPolicy
 from .spectrum import CRITERIA
 from .tensors import COMPUTE_DTYPES
 
@@ -56,10 +56,11 @@ class TrainOptions:
     factorize: str = "all"  # which linear layers InRank factorizes: all, mlp (the reference's), attention
     initial_rank: int | None = None  # default: 0 (InRank), the buffer (--efficient)
     stage2_at: int | None = None  # freeze ranks and re-split the factors by SVD at this step
+    growth: str = "exact"  # new factor columns: exact (function unchanged) or random (the reference's)
 
     def policy(self) -> RankPolicy:
         return RankPolicy(self.criterion, self.threshold, self.buffer, self.rank_warmup, self.rank_every, self.max_rank,
-                          self.stage2_at)
+                          self.stage2_at, self.growth)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -109,7 +110,8 @@ def check_options(options: TrainOptions) -> None:
         bad(f"{flag('--efficient')} is an InRank option", f"{flag('--mode')} dense", f"pass {flag('--mode')} inrank with {flag('--efficient')}")
     inrank_only = [(name, flag_name) for name, flag_name, default in
                    (("factorize", "--factorize", "all"), ("initial_rank", "--initial-rank", None),
-                    ("stage2_at", "--stage2-at", None)) if getattr(options, name) != default]
+                    ("stage2_at", "--stage2-at", None), ("growth", "--growth", "exact"))
+                   if getattr(options, name) != default]
     if inrank_only and options.mode != "inrank":
         name, flag_name = inrank_only[0]
         bad(f"{flag(flag_name)} is an InRank option", f"{flag('--mode')} {options.mode}",
@@ -117,6 +119,9 @@ def check_options(options: TrainOptions) -> None:
     if options.factorize not in FACTORIZE_CHOICES:
         bad(f"unknown {flag('--factorize')} {options.factorize!r}", flag("--factorize"),
             f"choose one of {', '.join(FACTORIZE_CHOICES)} (the InRank reference factorizes mlp)")
+    if options.growth not in GROWTH_MODES:
+        bad(f"unknown {flag('--growth')} {options.growth!r}", flag("--growth"),
+            "choose exact (new columns leave the function unchanged) or random (the InRank reference's)")
     if options.initial_rank is not None and options.initial_rank < 0:
         bad(f"{flag('--initial-rank')} cannot be negative", f"{flag('--initial-rank')} {options.initial_rank}",
             "pass 0 or more (the reference starts at 2)")

@@ -116,3 +116,41 @@ def test_inrank_option_bad_input(tmp_path):
     ]
     for extra, says in cases:
         expect_error([*base, *extra], says, output=out, inputs=(config, data))
+
+
+def test_random_growth_switches_on_kaiming_columns_that_the_next_decision_sees():
+    from inrank_convert.rank_control import RankController, factor_singular_values, grow_layer
+
+    model = build_model(gpt2_config(), seed=0).eval()
+    policy = RankPolicy(buffer=4, growth="random")
+    ranks = factorize_model(model, policy, True, torch.Generator().manual_seed(0), "mlp", initial_rank=2)
+    name, layer = low_rank_layers(model)[0]
+    assert layer.rank == 6 and layer.weight_ref is None  # W = B @ A, random factors at rank + buffer
+    limit_B, limit_A = policy.layer_max_rank(layer) ** -0.5, layer.in_features ** -0.5
+    B, A = layer.lora_B.detach(), layer.lora_A.detach()
+    assert float(B.abs().max()) <= limit_B and float(A.abs().max()) <= limit_A
+    assert float(B.abs().max()) > 0.5 * limit_B  # not a zero (function-preserving) start
+    x = torch.randint(0, 320, (1, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(x).logits.sum().backward()
+    optimizer.step()
+    before = model(x).logits.detach()
+    grow_layer(layer, 10, optimizer, torch.Generator().manual_seed(1), "random", policy.layer_max_rank(layer))
+    assert layer.rank == 10 and not torch.allclose(model(x).logits, before, atol=1e-4)
+    assert optimizer.state[layer.lora_B]["exp_avg"].shape == layer.lora_B.shape  # moments padded
+    # The new columns are live components: the spectrum of B @ A has 10 non-negligible values.
+    controller = RankController(policy, dict(ranks))
+    values = factor_singular_values(layer.lora_B, layer.lora_A)
+    assert int((values > 1e-3 * values[0]).sum()) == 10
+    assert controller.total_rank == 2 * len(ranks)
+
+
+@needs_text
+def test_growth_bad_input(tmp_path):
+    config = tiny_config(tmp_path / "config")
+    data = tmp_path / "text.txt"
+    data.write_text(TEXT.read_text()[:3000])
+    out = tmp_path / "out"
+    base = ["train", config, "-o", out, "--data", data, "--steps", "4", *SMALL]
+    expect_error([*base, "--mode", "inrank", "--growth", "kaiming"], ("--growth", "random"), output=out)
+    expect_error([*base, "--growth", "random"], ("--growth", "InRank option"), output=out)
