@@ -11,6 +11,7 @@ from __future__ import annotations
 import gc
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,27 @@ from .data import load_tokenizer, read_text, tokenize_text
 from .errors import UsageError, flag
 from .modeling import checkpoint_config, load_dense
 from .sources import Inputs
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+
+def trained_config(inputs: Inputs, what: str, fix: str) -> PretrainedConfig:
+    """The config of the trained model, for ``what`` runs it (calibration, a perplexity target,
+    sweep); one line saying ``fix`` when no config.json is beside the checkpoint."""
+    config = checkpoint_config(inputs.trained)
+    if config is None:
+        raise UsageError(f"{what} runs the model, but no config.json is beside the checkpoint",
+                         str(inputs.trained.path), f"use a Hugging Face folder or run, or {fix}")
+    return config
+
+
+def trained_tokens(inputs: Inputs, text: str, tokenizer: str | Path | None, max_tokens: int | None,
+                   where: str) -> torch.Tensor:
+    """Token ids of ``text`` under the trained model's tokenizer (beside the checkpoint or in its
+    run folder) or ``tokenizer``."""
+    folders = [folder for folder in (inputs.trained.config_dir, inputs.run_folder) if folder is not None]
+    return tokenize_text(text, load_tokenizer(folders, tokenizer), max_tokens, where)
 
 
 def calibrate_checkpoint(inputs: Inputs, text: str | Path, names: set[str], *, max_tokens: int,
@@ -30,14 +52,9 @@ def calibrate_checkpoint(inputs: Inputs, text: str | Path, names: set[str], *, m
                          f"e.g. {flag('--calib-tokens')} 65536")
     where = f"{flag('--calibrate')} {text}"
     content = read_text(text)  # missing, empty or binary text fails before the model is read
-    trained = inputs.trained
-    config = checkpoint_config(trained)
-    if config is None:
-        raise UsageError("calibration runs the model, but no config.json is beside the checkpoint", str(trained.path),
-                         f"compress a Hugging Face folder or run, or drop {flag('--calibrate')}")
-    folders = [folder for folder in (trained.config_dir, inputs.run_folder) if folder is not None]
-    tokens = tokenize_text(content, load_tokenizer(folders, tokenizer), max(2, max_tokens), where)
-    model = load_dense(trained.path, config, "cpu", torch.float32)
+    config = trained_config(inputs, "calibration", f"drop {flag('--calibrate')}")
+    tokens = trained_tokens(inputs, content, tokenizer, max(2, max_tokens), where)
+    model = load_dense(inputs.trained.path, config, "cpu", torch.float32)
     try:
         stats = collect_statistics(model, tokens, device=device, max_tokens=max_tokens, names=names, where=where,
                                    batch_dtype=torch.float32)

@@ -137,8 +137,7 @@ def _compress_threshold(threshold: float | None, target_ratio: float | None, tar
     return DEFAULT_THRESHOLD if threshold is None else threshold
 
 
-def _check_target_flags(max_increase: float | None, eval_text: Path | None, eval_tokens: int | None,
-                        calibrate: Path | None, calib_tokens: int | None) -> None:
+def _check_target_flags(max_increase: float | None, eval_text: Path | None, eval_tokens: int | None) -> None:
     """Flags that only mean something beside another one."""
     if max_increase is not None and eval_text is None:
         raise UsageError("--max-perplexity-increase measures perplexity, but no text to measure it on was given",
@@ -147,9 +146,29 @@ def _check_target_flags(max_increase: float | None, eval_text: Path | None, eval
         which = "--eval-text" if eval_text is not None else "--eval-tokens"
         raise UsageError(f"{which} is the text of a perplexity target, but none was set", which,
                          "add --max-perplexity-increase P (percent), or drop it")
+
+
+def _calibration_request(calibrate: Path | None, calib_tokens: int | None, tokenizer: Path | None):
+    """``--calibrate TEXT [--calib-tokens N]`` as a CalibrationRequest (None without --calibrate)."""
+    from .compress import CalibrationRequest
+
     if calibrate is None and calib_tokens is not None:
         raise UsageError("--calib-tokens limits the calibration text, but no --calibrate TEXT was given",
                          "--calib-tokens", "add --calibrate TEXT, or drop --calib-tokens")
+    if calibrate is None:
+        return None
+    return CalibrationRequest(calibrate, *(() if calib_tokens is None else (calib_tokens,)), tokenizer=tokenizer)
+
+
+def _check_plot(plot: Path | None) -> None:
+    """Fail on a missing matplotlib or a bad --plot path before minutes of work."""
+    if plot is None:
+        return
+    from .plots import pyplot
+
+    pyplot()
+    if not plot.absolute().parent.is_dir():
+        raise UsageError("the plot's folder does not exist", str(plot.absolute().parent), "create it or choose another --plot")
 
 
 @app.command("compress")
@@ -206,11 +225,12 @@ def compress_command(
 
     Example: inrank-convert compress runs/gpt2/ -o gpt2-inrank --threshold 0.9
     """
-    from .compress import CalibrationRequest, check_options, compress, plan_compression
+    from .compress import check_options, compress, plan_compression
     from .sources import open_inputs
 
     threshold = _compress_threshold(threshold, target_ratio, target_size, max_increase)
-    _check_target_flags(max_increase, eval_text, eval_tokens, calibrate, calib_tokens)
+    _check_target_flags(max_increase, eval_text, eval_tokens)
+    calibration = _calibration_request(calibrate, calib_tokens, tokenizer)
     options = _plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, include, exclude, float64, seed,
                             quantize, target_ratio, target_size)
     if dry_run:
@@ -223,8 +243,6 @@ def compress_command(
         console.emit_json(plan) if json_output else console.render_plan(plan)
         return
     output = output or ckpt.with_name(ckpt.name.removesuffix(ckpt.suffix) + "-inrank")
-    calibration = None if calibrate is None else \
-        CalibrationRequest(calibrate, *(() if calib_tokens is None else (calib_tokens,)), tokenizer=tokenizer)
     silent = quiet or json_output
     if max_increase is not None:
         from .perplexity_target import compress_to_perplexity
@@ -447,13 +465,10 @@ def report_command(
 
     Example: inrank-convert report gpt2-inrank --data wiki.test.raw --max-tokens 8192 --json
     """
-    from .plots import plot_report, pyplot
+    from .plots import plot_report
     from .report import report
 
-    if plot is not None:
-        pyplot()  # fail on a missing matplotlib or a bad path before minutes of evaluation
-        if not plot.absolute().parent.is_dir():
-            raise UsageError("the plot's folder does not exist", str(plot.absolute().parent), "create it or choose another --plot")
+    _check_plot(plot)
     with contextlib.ExitStack() as stack:
         bar = _WindowProgress(stack, quiet or json_output)
         result = report(artifact, data, original=original, also=tuple(also or ()), device=device,
@@ -505,20 +520,12 @@ def sweep_command(
 
     Example: inrank-convert sweep runs/gpt2/ --data wiki.valid.raw --calibrate train.txt --plot sweep.png
     """
-    from .compress import CalibrationRequest
     from .plan import PlanOptions
-    from .plots import plot_sweep, pyplot
+    from .plots import plot_sweep
     from .sweep import DEFAULT_RATIOS, DEFAULT_THRESHOLDS, sweep
 
-    if calibrate is None and calib_tokens is not None:
-        raise UsageError("--calib-tokens limits the calibration text, but no --calibrate TEXT was given",
-                         "--calib-tokens", "add --calibrate TEXT, or drop --calib-tokens")
-    if plot is not None:
-        pyplot()  # fail on a missing matplotlib or a bad path before minutes of work
-        if not plot.absolute().parent.is_dir():
-            raise UsageError("the plot's folder does not exist", str(plot.absolute().parent), "create it or choose another --plot")
-    calibration = None if calibrate is None else \
-        CalibrationRequest(calibrate, *(() if calib_tokens is None else (calib_tokens,)), tokenizer=tokenizer)
+    calibration = _calibration_request(calibrate, calib_tokens, tokenizer)
+    _check_plot(plot)
     silent = quiet or json_output
     result = sweep(ckpt, data, thresholds=_numbers(thresholds, "--thresholds", DEFAULT_THRESHOLDS),
                    ratios=_numbers(ratios, "--ratios", DEFAULT_RATIOS), storages=(None, "int8") if int8 else (None,),
@@ -550,12 +557,9 @@ def compare_runs_command(
     Example: inrank-convert compare-runs runs/dense runs/inrank --data val.txt --plot runs.png
     """
     from .compare_runs import compare_runs
-    from .plots import plot_compare_runs, pyplot
+    from .plots import plot_compare_runs
 
-    if plot is not None:
-        pyplot()
-        if not plot.absolute().parent.is_dir():
-            raise UsageError("the plot's folder does not exist", str(plot.absolute().parent), "create it or choose another --plot")
+    _check_plot(plot)
     silent = quiet or json_output
     result = compare_runs(dense_run, inrank_run, data=data, max_tokens=max_tokens, device=device,
                           on_checkpoint=None if silent else lambda label, step: console.status(f"scoring {label} step {step}"))

@@ -16,13 +16,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .checkpoints import run_steps
 from .data import load_tokenizer, read_text, tokenize_text
 from .errors import MismatchError, UsageError
-from .evaluate import perplexity, window_length
-from .modeling import load_dense
+from .evaluate import checkpoint_perplexity, window_length
+from .modeling import model_config
 from .runs import is_training_checkpoint, latest_checkpoint, load_state, read_metrics
 from .sources import open_checkpoint
 
@@ -173,10 +171,8 @@ def compare_runs(dense_run: str | Path, inrank_run: str | Path, *, data: str | P
     result = CompareResult(runs, same_val)
     if text is None:
         return result
-    from transformers import AutoConfig
-
     checkpoint = Path(runs[1].checkpoint)
-    config = AutoConfig.from_pretrained(str(checkpoint))
+    config = model_config(checkpoint)
     tokens = tokenize_text(text, load_tokenizer([checkpoint]), max_tokens, str(data))
     window = window_length(config)
     steps = [{step: folder for step, folder in run_steps(Path(run.path)) if is_training_checkpoint(folder)}
@@ -186,10 +182,6 @@ def compare_runs(dense_run: str | Path, inrank_run: str | Path, *, data: str | P
         for step in common:
             if on_checkpoint is not None:
                 on_checkpoint(run.label, step)
-            model = load_dense(saved[step], config, device)
-            run.data_curve.append((step, perplexity(model, tokens, window, device=device).perplexity))
-            del model
-    if str(device).startswith("cuda"):
-        torch.cuda.empty_cache()
+            run.data_curve.append((step, checkpoint_perplexity(saved[step], tokens, window, device, config)))
     result.data, result.data_tokens = str(data), int(tokens.numel())
     return result

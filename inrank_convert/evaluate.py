@@ -6,6 +6,7 @@ token ids in the same windows, so the numbers compare.
 
 from __future__ import annotations
 
+import gc
 import math
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ from .artifact import Manifest, read_manifest
 from .data import load_tokenizer
 from .distributed import check_device
 from .errors import NonFiniteError, UsageError, flag
-from .modeling import load_compressed
+from .modeling import load_compressed, load_dense
 
 _ROWS_PER_CHUNK = 1024  # log-softmax rows cast to float32 at a time (1024 x 128k vocab = 512 MB)
 
@@ -177,6 +178,26 @@ def perplexity(model, tokens: torch.Tensor, context: int | None = None, stride: 
                              f"evaluate in float32 ({flag('--dtype')} float32); check the checkpoint for NaN weights")
     speed = timed_tokens / (finished - timed_from) if finished > timed_from else math.inf
     return PerplexityResult(nll, scored, processed, len(windows), length, stride or length, finished - started, speed)
+
+
+def free_memory(device: str | torch.device) -> None:
+    """Give back what the last model held (before the next one is loaded: peak memory is one model)."""
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+
+
+def checkpoint_perplexity(path: str | Path, tokens: torch.Tensor, context: int, device: str = "cpu",
+                          config=None) -> float:
+    """The perplexity on ``tokens`` (windows of ``context``) of the model at ``path``: an artifact
+    run from its factors, or, with its ``config``, any checkpoint form loaded dense. The model is
+    dropped before this returns."""
+    model = load_dense(path, config, device) if config is not None else load_compressed(path, device)
+    try:
+        return perplexity(model, tokens, context, device=device).perplexity
+    finally:
+        del model
+        free_memory(device)
 
 
 # --------------------------------------------------------------------------- generation

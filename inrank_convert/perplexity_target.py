@@ -12,7 +12,6 @@ the target becomes the output, with the search recorded in its manifest (``perpl
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import math
 import os
@@ -22,9 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 from .artifact import artifact_bytes, read_manifest, rewrite_manifest
+from .calibrate_checkpoint import trained_config, trained_tokens
 from .compress import (
     CalibrationRequest,
     CompressionJob,
@@ -33,10 +31,9 @@ from .compress import (
     check_options,
     check_target_options,
 )
-from .data import load_tokenizer, read_text, tokenize_text
+from .data import read_text
 from .errors import UsageError, flag
-from .evaluate import perplexity, window_length
-from .modeling import checkpoint_config, load_compressed, load_dense
+from .evaluate import checkpoint_perplexity, window_length
 from .outputs import atomic_output_dir, check_output_free
 from .plan import PlanOptions
 from .targets import check_target
@@ -113,12 +110,6 @@ def check_search_options(max_increase: float, options: PlanOptions) -> None:
                          flag("--rank"), "pass only one of them")
 
 
-def _free(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
 def compress_to_perplexity(source: str | Path, output: str | Path, *, max_increase: float, eval_text: str | Path,
                            eval_tokens: int | None = None, tokenizer: str | Path | None = None,
                            init: str | Path | None = None, init_seed: int | None = None, no_init: bool = False,
@@ -145,20 +136,11 @@ def compress_to_perplexity(source: str | Path, output: str | Path, *, max_increa
 
     with CompressionJob(source, init=init, init_seed=init_seed, no_init=no_init, embed_init=embed_init,
                         options=options, calibration=calibration, on_stage=on_stage) as job:
-        trained = job.inputs.trained
-        config = checkpoint_config(trained)
-        if config is None:
-            raise UsageError("the perplexity target runs the model, but no config.json is beside the checkpoint",
-                             str(trained.path), f"compress a Hugging Face folder or run, or pass {flag('--target-ratio')}")
-        folders = [folder for folder in (trained.config_dir, job.inputs.run_folder) if folder is not None]
-        tokens = tokenize_text(text, load_tokenizer(folders, tokenizer), eval_tokens,
-                               f"{flag('--eval-text')} {eval_text}")
+        config = trained_config(job.inputs, "the perplexity target", f"pass {flag('--target-ratio')}")
+        tokens = trained_tokens(job.inputs, text, tokenizer, eval_tokens, f"{flag('--eval-text')} {eval_text}")
         context = window_length(config)
         stage("measuring the dense model")
-        model = load_dense(trained.path, config, device)
-        dense = perplexity(model, tokens, context, device=device).perplexity
-        del model
-        _free(device)
+        dense = checkpoint_perplexity(job.inputs.trained.path, tokens, context, device, config)
         limit = dense * (1.0 + max_increase / 100.0)
         longest = _longest_record(max_increase, tokens.numel(), job.plan.original_bytes)
         # --target-ratio / --target-size beside the perplexity target is the largest size accepted.
@@ -175,10 +157,7 @@ def compress_to_perplexity(source: str | Path, output: str | Path, *, max_increa
                 folder = search_root / f"step-{len(steps)}"
                 stage(f"candidate {len(steps) + 1}: {target} bytes")
                 result = job.write(folder, target, perplexity_target=longest, on_layer=on_layer)
-                candidate = load_compressed(folder, device)
-                found = perplexity(candidate, tokens, context, device=device).perplexity
-                del candidate
-                _free(device)
+                found = checkpoint_perplexity(folder, tokens, context, device)
                 step = SearchStep(target, result.compressed_bytes, found, 100.0 * (found / dense - 1.0), found <= limit)
                 steps.append(step)
                 if on_step is not None:

@@ -7,7 +7,6 @@ model, not the sum; each goes through ``evaluate.perplexity`` on the same tokens
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from .evaluate import (
     check_text_length,
     check_vocabulary,
     finite_or_none,
+    free_memory,
     perplexity,
     plan_windows,
     window_length,
@@ -160,12 +160,6 @@ def _resolve_also(path: str | Path, artifact_config, manifest: Manifest, labels:
     return ModelSpec(label, "also", path, "checkpoint", config, size)
 
 
-def _free_memory(device: str) -> None:
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
-
-
 def report(artifact: str | Path, data: str | Path, original: str | Path | None = None, also: Sequence[str | Path] = (),
            device: str = "cpu", dtype: torch.dtype = torch.float32, max_tokens: int | None = None,
            stride: int | None = None, tokenizer: str | Path | None = None, *, context: int | None = None,
@@ -220,7 +214,7 @@ def report(artifact: str | Path, data: str | Path, original: str | Path | None =
         callback = None if on_window is None else (lambda done, total, label=spec.label: on_window(label, done, total))
         result = perplexity(model, tokens, length, stride, device, callback)
         del model  # before the next model is loaded: peak memory is one model, not two
-        _free_memory(device)
+        free_memory(device)
         rows[spec.label] = ModelRow(spec.label, spec.role, str(spec.path), spec.kind, spec.bytes, parameters, result)
 
     ordered = ([rows["original"]] if "original" in rows else []) + [rows["compressed"]] + \

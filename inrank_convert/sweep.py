@@ -10,7 +10,6 @@ those ``compress`` with the same flags followed by ``report --data`` give.
 
 from __future__ import annotations
 
-import gc
 import math
 import shutil
 import tempfile
@@ -18,15 +17,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-import torch
-
 from .artifact import artifact_bytes, read_manifest
+from .calibrate_checkpoint import trained_config, trained_tokens
 from .compress import CalibrationRequest, CompressionJob, check_options
-from .data import load_tokenizer, read_text, tokenize_text
+from .data import read_text
 from .distributed import check_device
 from .errors import UsageError, flag
-from .evaluate import perplexity, window_length
-from .modeling import checkpoint_config, load_compressed, load_dense
+from .evaluate import checkpoint_perplexity, window_length
 from .plan import PlanOptions
 from .spectrum import RankRule
 
@@ -153,18 +150,11 @@ def sweep(source: str | Path, data: str | Path, *, thresholds: Sequence[float] =
             return jobs[key]
 
         first = job_for(settings[0], options_for(settings[0]))
-        trained = first.inputs.trained
-        config = checkpoint_config(trained)
-        if config is None:
-            raise UsageError("sweep runs the model, but no config.json is beside the checkpoint", str(trained.path),
-                             "sweep a Hugging Face folder or run")
-        folders = [folder for folder in (trained.config_dir, first.inputs.run_folder) if folder is not None]
-        tokens = tokenize_text(text, load_tokenizer(folders, tokenizer), max_tokens, str(data))
+        config = trained_config(first.inputs, "sweep", "compress it first and sweep the artifact")
+        tokens = trained_tokens(first.inputs, text, tokenizer, max_tokens, str(data))
         window = window_length(config)
         stage("measuring the dense model")
-        model = load_dense(trained.path, config, base.device)
-        dense = perplexity(model, tokens, window, device=base.device).perplexity
-        del model
+        dense = checkpoint_perplexity(first.inputs.trained.path, tokens, window, base.device, config)
         result = SweepResult(str(source), str(data), int(tokens.numel()), window, first.plan.original_bytes, dense)
         for index, setting in enumerate(settings):
             chosen = options_for(setting)
@@ -179,10 +169,7 @@ def sweep(source: str | Path, data: str | Path, *, thresholds: Sequence[float] =
             job.write(folder, target)
             if job.stats is not None and result.calibration is None:
                 result.calibration = read_manifest(folder).calibration
-            model = load_compressed(folder, base.device)
-            found = perplexity(model, tokens, window, device=base.device).perplexity
-            del model
-            gc.collect()
+            found = checkpoint_perplexity(folder, tokens, window, base.device)
             size = artifact_bytes(folder)
             row = SweepRow(setting, size, size / result.dense_bytes, found, 100.0 * (found / dense - 1.0))
             result.rows.append(row)
@@ -196,5 +183,3 @@ def sweep(source: str | Path, data: str | Path, *, thresholds: Sequence[float] =
         for job in jobs.values():
             job.close()
         shutil.rmtree(workdir, ignore_errors=True)
-        if str(base.device).startswith("cuda"):
-            torch.cuda.empty_cache()

@@ -258,12 +258,3 @@ def allocate_target(spectra: Spectra, target: int, header: int) -> dict[str, Ass
             rank, extra = given.split(found.lead)
             budget[name] = Assigned(False, rank, extra if mode == "rows" else None)
     return budget
-
-
-def plan_budget(plan: Plan, inputs: Inputs, options: PlanOptions, target: int, header: int,
-                stats: CalibrationStats | None = None) -> dict[str, Assigned]:
-    """The spectra pass and the allocation: name -> what each factorized tensor gets, so that the
-    artifact file (header included) is at most ``target`` bytes."""
-    spectra = measure_spectra(plan, inputs, options, stats)
-    check_target(spectra, plan, options, target, header)
-    return allocate_target(spectra, target, header)

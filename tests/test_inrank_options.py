@@ -113,6 +113,8 @@ def test_inrank_option_bad_input(tmp_path):
         (["--mode", "inrank", "--stage2-at", "5"], ("--stage2-at", "1 to --steps 4")),
         (["--mode", "dense", "--stage2-at", "2"], ("--stage2-at", "InRank option")),
         (["--factorize", "mlp"], ("--factorize", "InRank option")),
+        (["--mode", "inrank", "--growth", "kaiming"], ("--growth", "random")),
+        (["--growth", "random"], ("--growth", "InRank option")),
     ]
     for extra, says in cases:
         expect_error([*base, *extra], says, output=out, inputs=(config, data))
@@ -143,14 +145,3 @@ def test_random_growth_switches_on_kaiming_columns_that_the_next_decision_sees()
     values = factor_singular_values(layer.lora_B, layer.lora_A)
     assert int((values > 1e-3 * values[0]).sum()) == 10
     assert controller.total_rank == 2 * len(ranks)
-
-
-@needs_text
-def test_growth_bad_input(tmp_path):
-    config = tiny_config(tmp_path / "config")
-    data = tmp_path / "text.txt"
-    data.write_text(TEXT.read_text()[:3000])
-    out = tmp_path / "out"
-    base = ["train", config, "-o", out, "--data", data, "--steps", "4", *SMALL]
-    expect_error([*base, "--mode", "inrank", "--growth", "kaiming"], ("--growth", "random"), output=out)
-    expect_error([*base, "--growth", "random"], ("--growth", "InRank option"), output=out)
