@@ -1,15 +1,16 @@
 """Benchmark 5: time of one training step (forward + backward + AdamW) of InRank-Efficient vs dense.
 
-A GPT-2-shaped model (width 768, 12 heads, 4 layers, context 256, dropout 0, random weights)
-trains in float32 on one fixed batch of 8 x 128 random tokens. InRank-Efficient is the same
-model after ``factorize_model(efficient=True)`` with buffer 768 / 6 = 128: every attention and
-MLP matrix becomes B @ A of width 2 x 128 = 256 (a third of the full rank 768), with no dense
-reference. The tied LM head is not factorized and at GPT-2's 50257 tokens it is most of the
-step's work, so the main row uses an 8192-token vocabulary; for the second row both models'
-tied embedding is resized to the full 50257 (the rest of each model is kept, so the SVDs of the
-factorization run once). Both models warm up, then their steps alternate (dense, InRank, dense,
-...) and each keeps its median. Targets (the issue): not slower than dense on CPU; >= 1.3x faster on GPU (the paper's
-GPT-2 figure).
+A GPT-2-small-shaped model (width 768, 12 heads, 12 layers, context 256, dropout 0, random
+weights) trains in float32 on one fixed batch of 8 x 128 random tokens. InRank-Efficient is the
+same model after ``factorize_model(efficient=True, factorize="mlp")`` as the InRank reference
+trains it in stage 2 (after its ranks are frozen): every MLP matrix becomes B @ A of width
+2 x 128 = 256, a third of the full rank 768 (the reference's GPT-2 small settles near 250), with no
+dense reference; attention, embeddings and the tied LM head stay dense. The main row has GPT-2's
+50257-token vocabulary (whose tied head is a large share of the step); for the second row both
+models' tied embedding is resized to 8192 tokens (the rest of each model is kept, so the SVDs of
+the factorization run once). Both models warm up, then their steps alternate (dense, InRank,
+dense, ...) and each keeps its median. Targets (issue 12): InRank-Efficient's step <= 0.8x dense's
+on CPU (dense / InRank >= 1.25); >= 1.3x faster on GPU (the paper's GPT-2 figure).
 """
 
 from __future__ import annotations
@@ -26,14 +27,15 @@ from .bench_runtime import device, synchronize
 from .common import BenchResult, fmt_seconds, log
 
 NAME = "train"
-EMBED, HEADS, LAYERS, CONTEXT = 768, 12, 4, 256
+EMBED, HEADS, LAYERS, CONTEXT = 768, 12, 12, 256
+FACTORIZE = "mlp"  # the reference's layers
 BUFFER = EMBED // 6  # efficient factors are 2 x buffer wide: a third of the full rank
 BATCH, BLOCK = 8, 128
 LEARNING_RATE = 1e-4
 WARMUP_STEPS = 2
-TIMED_STEPS = {8192: 10, 50257: 5}  # vocabulary -> timed steps per model (the full vocab's are ~2x slower)
+TIMED_STEPS = {50257: 5, 8192: 8}  # vocabulary -> timed steps per model (the full vocab's are slower)
 BUILD_VOCAB = next(iter(TIMED_STEPS))
-TARGETS = {"cpu": 1.0, "cuda": 1.3}  # dense / InRank step time
+TARGETS = {"cpu": 1.25, "cuda": 1.3}  # dense / InRank step time
 
 
 def build(vocab: int, device_name: str) -> tuple[nn.Module, nn.Module]:
@@ -48,7 +50,8 @@ def build(vocab: int, device_name: str) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     inrank = copy.deepcopy(dense)
-    factorize_model(inrank, RankPolicy(buffer=BUFFER), efficient=True, generator=torch.Generator().manual_seed(0))
+    factorize_model(inrank, RankPolicy(buffer=BUFFER), efficient=True, generator=torch.Generator().manual_seed(0),
+                    factorize=FACTORIZE)
     return dense.to(device_name).train(), inrank.to(device_name).train()
 
 
@@ -112,14 +115,14 @@ def run() -> list[BenchResult]:
     setup = {"device": device_name, "embed": EMBED, "heads": HEADS, "layers": LAYERS, "batch": BATCH, "block": BLOCK,
              "buffer": BUFFER, "warmup_steps": WARMUP_STEPS, "dtype": "float32", "mean_width_ratio": width_ratio,
              "widths": sorted({layer.rank for layer in factorized}),
-             "note": "the tied LM head (vocab x embed) is not factorized"}
+             "factorize": FACTORIZE, "note": "attention, embeddings and the tied LM head stay dense"}
     results = []
     for vocab, timed_steps in TIMED_STEPS.items():
         measured = measure(dense, inrank, vocab, timed_steps, device_name)
         dense_seconds, inrank_seconds = measured["median_seconds"]["dense"], measured["median_seconds"]["inrank"]
         ratio = dense_seconds / inrank_seconds
         results.append(BenchResult(
-            f"InRank-Efficient (width n/3) vs dense train step, vocab {vocab} ({on})",
+            f"InRank-Efficient (MLP width n/3) vs dense train step, GPT-2 small, vocab {vocab} ({on})",
             f"{inrank_seconds * 1000:.0f} ms/step, width {width_ratio:.2f} n",
             f"dense {dense_seconds * 1000:.0f} ms/step", ratio, "dense / inrank time",
             f">= {target:g} ({on} target)", ratio >= target, {**setup, **measured}))

@@ -650,14 +650,15 @@ def train_command(
     rank_every: Annotated[int, typer.Option("--rank-every", help="Optimizer steps between rank decisions.")] = 25,
     max_rank: Annotated[int | None, typer.Option("--max-rank", help="Rank cap (default min(rows, cols) // 2).")] = None,
     factorize: Annotated[str, typer.Option(
-        "--factorize", help="Which linear layers InRank factorizes: all, mlp (the reference's) or attention.")] = "all",
+        "--factorize", help="Which linear layers InRank factorizes: mlp (the reference's), attention or all.")] = "mlp",
     initial_rank: Annotated[int | None, typer.Option(
-        "--initial-rank", help="Starting rank per layer (default 0; the buffer with --efficient; the reference: 2).")] = None,
+        "--initial-rank", help="Starting rank per layer (default 2, the reference's).")] = None,
     stage2_at: Annotated[int | None, typer.Option(
         "--stage2-at", help="At this step freeze the ranks and re-split the factors by SVD (InRank-Efficient's stage 2).")] = None,
-    growth: Annotated[str, typer.Option(
+    growth: Annotated[str | None, typer.Option(
         "--growth", help="New factor columns: exact (B zero, function unchanged) or random (kaiming, the reference's; "
-                         "with --efficient the factors start random too).")] = "exact",
+                         "with --efficient the factors start random too). Default: random with --efficient, "
+                         "else exact.")] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -739,15 +740,15 @@ def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Folder the demo owns (replaced by the next demo).")] = Path("demo-out"),
     data_dir: Annotated[Path | None, typer.Option(
         "--data-dir", help="Real text: gpt2-tokenizer/, tinyshakespeare/, wikitext-2-raw/ (default: ../shared/data).")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Training steps from scratch.")] = 250,
-    resume_steps: Annotated[int, typer.Option("--resume-steps", help="InRank steps resumed from the artifact.")] = 100,
+    steps: Annotated[int, typer.Option("--steps", help="Training steps of each run from scratch.")] = 250,
+    resume_steps: Annotated[int, typer.Option("--resume-steps", help="InRank steps resumed from the dense artifact.")] = 100,
     eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Evaluation tokens of wiki.test.raw.")] = 16384,
     n_embd: Annotated[int, typer.Option("--n-embd", help="Model width.")] = 128,
     n_layer: Annotated[int, typer.Option("--n-layer", help="Transformer blocks.")] = 4,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
-    """Train a small GPT-2 on real text, compress it at two thresholds, report, resume with InRank, report.
+    """Train a small GPT-2 dense and with InRank from one init, compress both, resume InRank, compare.
 
     Example: inrank-convert demo --out demo-out
     """

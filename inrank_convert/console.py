@@ -255,27 +255,44 @@ def render_training(result: dict) -> None:
 
 
 def render_demo(result: dict) -> None:
-    """``demo``: sizes and perplexities of every model, then mean ranks per layer type."""
-    data = result["data"]
-    table = Table(title=f"Perplexity on {Path(data['eval']).name} ({result['after']['text_tokens']} tokens); "
-                        f"trained on {Path(data['train']).name}", title_justify="left")
-    table.add_column("model")
-    table.add_column("path", overflow="fold")
-    for column in ("bytes", "of dense", "perplexity", "change"):
-        table.add_column(column, justify="right", no_wrap=True)
-    seen = set()
-    for stage in ("before", "after"):
-        for row in result[stage]["models"]:
-            if row["path"] in seen:
-                continue
-            seen.add(row["path"])
-            change = row["change_percent"]
-            label = "dense (trained)" if row["role"] == "original" else "artifact"
-            if stage == "after":
-                label = {"compressed": "resumed, compressed", "also": "resumed InRank"}.get(row["role"], label)
-            table.add_row(label, row["path"], human_bytes(row["bytes"]), f"{100 * row['ratio']:.2f}%",
-                          _number(row["perplexity"], 2), "" if change is None else f"{change:+.2f}%")
+    """``demo``: the dense and InRank runs side by side, every model's size and perplexity, then
+    mean ranks per layer type."""
+    data, story = result["data"], result["story"]
+    measured = result["measured"]
+    table = Table(title=f"Dense vs InRank: {story[0]['steps']} steps from one init on {Path(data['train']).name}; "
+                        f"validation perplexity on {Path(data['eval']).name}", title_justify="left")
+    table.add_column("")
+    for run in story[:2]:
+        table.add_column(run["run"], justify="right")
+
+    def cell(run: dict, key: str, form: str) -> str:
+        value = run.get(key)
+        return "" if value is None else format(value, form)
+
+    for label, key, form in (("final validation perplexity", "val_perplexity", ".2f"),
+                             ("total rank / full rank: final", "rank_fraction_final", ".1%"),
+                             ("total rank / full rank: mean", "rank_fraction_mean", ".1%"),
+                             ("checkpoint", "checkpoint_bytes", "bytes"),
+                             (f"perplexity, {measured['text_tokens']} tokens", "checkpoint_perplexity", ".2f"),
+                             (f"artifact at {result['dense_artifact']['rule']}", "artifact_bytes", "bytes"),
+                             ("its perplexity", "artifact_perplexity", ".2f"),
+                             ("training time (s)", "seconds", ".0f"), ("tokens/s", "tokens_per_second", ".0f")):
+        table.add_row(label, *(human_bytes(run[key]) if form == "bytes" else cell(run, key, form) for run in story[:2]))
     stdout.print(table)
+    models = Table(title=f"Size and perplexity on {Path(data['eval']).name} ({measured['text_tokens']} tokens)",
+                   title_justify="left")
+    models.add_column("model")
+    models.add_column("path", overflow="fold")
+    for column in ("bytes", "of dense", "perplexity", "change"):
+        models.add_column(column, justify="right", no_wrap=True)
+    labels = {result["dense"]["checkpoints"][-1]: "dense (trained)", result["dense_artifact"]["output"]: "dense, compressed",
+              result["inrank"]["checkpoints"][-1]: "InRank (trained)", result["inrank_artifact"]["output"]: "InRank, compressed",
+              result["resumed"]["checkpoints"][-1]: "resumed InRank"}
+    for row in measured["models"]:
+        change = row["change_percent"]
+        models.add_row(labels.get(row["path"], row["label"]), row["path"], human_bytes(row["bytes"]),
+                       f"{100 * row['ratio']:.2f}%", _number(row["perplexity"], 2), "" if change is None else f"{change:+.2f}%")
+    stdout.print(models)
     ranks = Table(title="Mean rank per layer type", title_justify="left")
     columns = [key for key in result["ranks"][0] if key != "type"] if result["ranks"] else []
     ranks.add_column("layer type")
@@ -284,9 +301,9 @@ def render_demo(result: dict) -> None:
     for row in result["ranks"]:
         ranks.add_row(row["type"], *("" if row.get(c) is None else f"{row[c]:.1f}".removesuffix(".0") for c in columns))
     stdout.print(ranks)
-    resumed = result["resumed"]
-    stdout.print(f"InRank resume: steps {resumed['start_step']} -> {resumed['step']}, loss {resumed['loss']:.4f}, "
-                 f"total rank {resumed['total_rank']}; plots: {result['plot']}; {result['seconds']:.0f} s in all")
+    resumed = story[2]
+    stdout.print(f"InRank resumed from the dense artifact: {resumed['steps']} steps, total rank {resumed['start_total_rank']} "
+                 f"-> {resumed['total_rank']}; plots: {', '.join(result['plots'])}; {result['seconds']:.0f} s in all")
 
 
 def render_sweep(result: dict) -> None:

@@ -1,15 +1,18 @@
 """The end-to-end story on real text, as one library call (``inrank-convert demo``, ``make demo``).
 
-Train a small GPT-2 from scratch, compress the run at two thresholds, measure size and
-perplexity, resume InRank training from one artifact, and measure again. With ../shared/data it
-uses the GPT-2 tokenizer and WikiText-2 (valid to train, test to evaluate); without it, it trains a byte-level BPE
-tokenizer on the Python standard library's own sources and uses them as the text (and says so).
-Every number in the result comes from this run.
+Train a small GPT-2 twice from one seed's init on the same text for the same steps, dense and with
+InRank (the reference's recipe: the MLP factorized, ranks growing from 2); compress both runs;
+resume InRank from the dense run's artifact; measure sizes and perplexities on held-out text and
+put the runs side by side (validation curves, the rank InRank used, bytes, time). With
+../shared/data it uses the GPT-2 tokenizer and WikiText-2 (valid to train, test to evaluate);
+without it, it trains a byte-level BPE tokenizer on the Python standard library's own sources and
+uses them as the text (and says so). Every number in the result comes from this run.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import re
 import shutil
 import sysconfig
@@ -18,10 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .compare_runs import CompareResult, RunSummary, compare_runs
 from .compress import CompressResult, compress
 from .errors import OutputError, flag
 from .plan import PlanOptions
-from .plots import plot_report
+from .plots import plot_compare_runs, plot_report
 from .report import ReportResult, report
 from .spectrum import RankRule
 from .train_options import TrainOptions, TrainResult
@@ -38,7 +42,7 @@ class DemoSettings:
     data_dir: Path | None = None
     steps: int = 250
     resume_steps: int = 100
-    thresholds: tuple[float, float] = (0.9, 0.99)
+    threshold: float = 0.9
     # Embeddings are factorized too: their update (a rank-1 drift shared by the rows of tokens the
     # text never uses, plus the rows of the tokens it does use) is stored as low rank + rows.
     embeddings: bool = True
@@ -49,8 +53,19 @@ class DemoSettings:
     batch_size: int = 16
     lr: float = 3e-3
     eval_tokens: int = 16384
+    eval_blocks: int = 16  # validation windows during training (block_size tokens each)
     seed: int = 0
     fallback_chars: int = FALLBACK_CHARS
+    # The InRank run: the reference's layers (MLP), starting rank and growth; a buffer and schedule
+    # sized for a 128-wide model and a few hundred steps (the reference's 100 / 200 / 25 are for
+    # GPT-2 small over thousands).
+    factorize: str = "mlp"
+    efficient: bool = False
+    growth: str = "exact"
+    initial_rank: int = 2
+    buffer: int = 16
+    rank_warmup: int = 25
+    rank_every: int = 10
 
 
 @dataclass
@@ -66,18 +81,39 @@ class DemoData:
 class DemoResult:
     settings: DemoSettings
     data: DemoData
-    trained: TrainResult
-    artifacts: list[CompressResult]
-    before: ReportResult
+    dense: TrainResult
+    inrank: TrainResult
+    dense_artifact: CompressResult
+    inrank_artifact: CompressResult
     resumed: TrainResult
-    resumed_artifact: CompressResult
-    after: ReportResult
-    plot: Path
+    measured: ReportResult
+    comparison: CompareResult
+    plots: list[Path]
     seconds: float
+
+    def story(self) -> list[dict]:
+        """The demo's one table: per run, the final validation perplexity (each run's own curve on
+        the same held-out windows), the rank InRank used as a fraction of full rank, the bytes of
+        its checkpoint and of its artifact (with the artifact's perplexity on the evaluation
+        text), and the training time."""
+        perplexity = {row.path: row.result.perplexity for row in self.measured.models}
+        rows = []
+        for run, summary, artifact in ((self.dense, self.comparison.runs[0], self.dense_artifact),
+                                       (self.inrank, self.comparison.runs[1], self.inrank_artifact)):
+            rows.append(_story_row(summary.label, run, summary, artifact, perplexity))
+        rows.append({"run": "resumed InRank", "steps": self.resumed.step, "seconds": round(self.resumed.seconds, 1),
+                     "start_total_rank": self.resumed_start_rank, "total_rank": self.resumed.total_rank,
+                     "checkpoint_perplexity": perplexity.get(str(self.resumed.checkpoints[-1]))})
+        return rows
+
+    @property
+    def resumed_start_rank(self) -> int:
+        return sum(layer.rank for layer in self.dense_artifact.layers
+                   if layer.rank is not None and layer.name.removesuffix(".weight") in self.resumed.ranks)
 
     def rank_table(self) -> list[dict]:
         """Mean rank per layer type (attention in/out, MLP in/out, embeddings) in each artifact, and
-        the resumed run's ranks (the rank controller's r, without the buffer). A tensor stored as low
+        the InRank runs' ranks (the rank controller's r, without the buffer). A tensor stored as low
         rank + rows adds a ``TYPE rows`` line: its stored rows, out of all its rows (``full``)."""
         rows: dict[str, dict] = {}
 
@@ -85,34 +121,47 @@ class DemoResult:
             row = rows.setdefault(kind, {"type": kind, "full": full})
             row.setdefault(column, []).append(rank)
 
-        for label, artifact in [(f"t={a.rule.split('>=')[-1]}", a) for a in self.artifacts] + \
-                [("resumed, compressed", self.resumed_artifact)]:
+        for label, artifact in (("dense, compressed", self.dense_artifact), ("InRank, compressed", self.inrank_artifact)):
             for layer in artifact.layers:
                 if len(layer.shape) == 2 and layer.rank is not None:  # not the tensors kept dense by choice
                     add(layer_type(layer.name), label, layer.rank, min(layer.shape))
                     if layer.kind == "lowrank+rows":  # the rank alone would hide most of what is stored
                         add(layer_type(layer.name) + " rows", label, layer.entry.rows or 0, layer.shape[0])
-        for name, rank in self.resumed.ranks.items():
-            add(layer_type(name + ".weight"), "resumed (InRank r)", rank)
-        columns = list(dict.fromkeys(key for row in rows.values() for key in row))
+        for label, run in (("InRank r", self.inrank), ("resumed r", self.resumed)):
+            for name, rank in run.ranks.items():
+                add(layer_type(name + ".weight"), label, rank)
+        columns = ["type", "full", "dense, compressed", "InRank, compressed", "InRank r", "resumed r"]
         return [{key: (sum(row[key]) / len(row[key]) if isinstance(row.get(key), list) else row.get(key))
                  for key in columns} for row in rows.values()]
 
     def to_json(self) -> dict:
+        def artifact(result: CompressResult) -> dict:
+            return {"output": str(result.output), "rule": result.rule, "compressed_bytes": result.compressed_bytes,
+                    "original_bytes": result.original_bytes, "ratio": result.ratio}
+
         return {
             "data": {"source": self.data.source, "train": str(self.data.train_text), "eval": str(self.data.eval_text),
                      "tokenizer": str(self.data.tokenizer), "notes": self.data.notes},
             "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(self.settings).items()},
-            "trained": self.trained.to_json(),
-            "artifacts": [{"output": str(a.output), "rule": a.rule, "compressed_bytes": a.compressed_bytes,
-                           "original_bytes": a.original_bytes, "ratio": a.ratio} for a in self.artifacts],
-            "before": self.before.to_json(), "resumed": self.resumed.to_json(),
-            "resumed_artifact": {"output": str(self.resumed_artifact.output), "rule": self.resumed_artifact.rule,
-                                 "compressed_bytes": self.resumed_artifact.compressed_bytes,
-                                 "ratio": self.resumed_artifact.ratio},
-            "after": self.after.to_json(),
-            "ranks": self.rank_table(), "plot": str(self.plot), "seconds": round(self.seconds, 1),
+            "story": self.story(),
+            "dense": self.dense.to_json(), "inrank": self.inrank.to_json(),
+            "dense_artifact": artifact(self.dense_artifact), "inrank_artifact": artifact(self.inrank_artifact),
+            "resumed": self.resumed.to_json(), "measured": self.measured.to_json(),
+            "comparison": self.comparison.to_json(),
+            "ranks": self.rank_table(), "plots": [str(p) for p in self.plots], "seconds": round(self.seconds, 1),
         }
+
+
+def _story_row(label: str, run: TrainResult, summary: RunSummary, artifact: CompressResult,
+               perplexity: dict[str, float]) -> dict:
+    final_val = summary.final_val_loss
+    return {"run": label, "steps": run.step, "seconds": round(run.seconds, 1),
+            "tokens_per_second": round(run.tokens_per_second, 1),
+            "val_perplexity": None if final_val is None else math.exp(final_val),
+            "rank_fraction_final": summary.final_rank_fraction, "rank_fraction_mean": summary.mean_rank_fraction,
+            "total_rank": run.total_rank if run.ranks else None,
+            "checkpoint_bytes": summary.bytes, "checkpoint_perplexity": perplexity.get(summary.checkpoint),
+            "artifact_bytes": artifact.compressed_bytes, "artifact_perplexity": perplexity.get(str(artifact.output))}
 
 
 def layer_type(name: str) -> str:
@@ -208,51 +257,49 @@ def run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None = No
         say(f"note: embeddings stay dense ({flag('--no-embeddings')})")
     config_dir = out / "config"
     _write_config(config_dir, data, settings)
-
-    say(f"1/5 training a {settings.n_layer}x{settings.n_embd} GPT-2 from scratch for {settings.steps} steps "
-        f"on {data.train_text.name}")
     common = dict(data=str(data.train_text), batch_size=settings.batch_size, block_size=settings.block_size,
-                  seed=settings.seed, log_every=max(1, settings.steps // 10), tokenizer=str(data.tokenizer))
-    trained = train(config_dir, out / "run", TrainOptions(steps=settings.steps, mode="dense", lr=settings.lr, **common),
-                    on_step=on_step)
+                  seed=settings.seed, log_every=max(1, settings.steps // 10), tokenizer=str(data.tokenizer),
+                  val_data=str(data.eval_text), eval_every=max(1, settings.steps // 5), eval_blocks=settings.eval_blocks)
+    model = f"{settings.n_layer}x{settings.n_embd} GPT-2"
 
-    artifacts = []
-    for threshold in settings.thresholds:
-        say(f"2/5 compressing the run at threshold {threshold}")
-        artifacts.append(compress(out / "run", out / f"artifact-t{threshold}", options=_plan(settings, threshold)))
+    say(f"1/6 training a {model} dense from scratch for {settings.steps} steps on {data.train_text.name}")
+    dense = train(config_dir, out / "dense", TrainOptions(steps=settings.steps, mode="dense", lr=settings.lr, **common),
+                  on_step=on_step)
+    say(f"2/6 training it with InRank from the same init, text and steps ({flag('--factorize')} {settings.factorize}, "
+        f"ranks from {settings.initial_rank})")
+    inrank = train(config_dir, out / "inrank", TrainOptions(
+        steps=settings.steps, mode="inrank", lr=settings.lr, efficient=settings.efficient, factorize=settings.factorize,
+        growth=settings.growth, initial_rank=settings.initial_rank, buffer=settings.buffer,
+        rank_warmup=settings.rank_warmup, rank_every=settings.rank_every, **common), on_step=on_step)
 
-    say(f"3/5 measuring size and perplexity on {data.eval_text.name} ({settings.eval_tokens} tokens)")
-    keep, other = artifacts[0].output, artifacts[-1].output  # resume from the smaller one: more room to grow
-    last_dense = out / "run" / f"step-{settings.steps}"
-    before = report(keep, data.eval_text, original=last_dense, also=(other,), max_tokens=settings.eval_tokens)
-    plot = plot_report(before, out / "report.png")
+    say(f"3/6 compressing both runs at threshold {settings.threshold}")
+    dense_artifact = compress(out / "dense", out / "dense-artifact", options=_plan(settings))
+    inrank_artifact = compress(out / "inrank", out / "inrank-artifact", options=_plan(settings))
 
-    say(f"4/5 resuming InRank training from {keep.name} for {settings.resume_steps} steps")
-    warmup = max(1, settings.resume_steps // 4)
-    # Continue at the learning rate the dense run ended with (its cosine floor): no second warm-up spike.
-    resumed = resume(keep, out / "inrank", dict(steps=settings.resume_steps, lr=settings.lr / 10, rank_warmup=warmup,
-                                                rank_every=max(1, settings.resume_steps // 8), **common),
-                     on_step=on_step)
+    say(f"4/6 resuming InRank from {dense_artifact.output.name} for {settings.resume_steps} steps")
+    resume_warmup = max(1, settings.resume_steps // 5)
+    # A third of the peak learning rate: enough for the buffers to learn what the artifact dropped
+    # (ranks grow) without the spike of a second full warm-up.
+    resumed = resume(dense_artifact.output, out / "resumed", dict(
+        steps=settings.resume_steps, lr=settings.lr / 3, buffer=settings.buffer, rank_warmup=resume_warmup,
+        rank_every=resume_warmup, **common), on_step=on_step)
 
-    say("5/5 compressing the resumed model against the run's init, and measuring it")
-    # The resumed checkpoint trains its embeddings dense (a rows tensor is rebuilt dense to train);
-    # compressing it against the original init (the seed recipe in run/step-0) finds its rows again
-    # and gives its honest size next to the first artifacts.
-    resumed_artifact = compress(out / "inrank" / f"step-{settings.resume_steps}", out / "resumed-artifact",
-                                init=out / "run" / "step-0", init_seed=settings.seed,
-                                options=_plan(settings, settings.thresholds[0]))
-    resumed_checkpoint = out / "inrank" / f"step-{settings.resume_steps}"  # the resumed model itself, exact
-    after = report(resumed_artifact.output, data.eval_text, original=last_dense, also=(resumed_checkpoint, keep),
-                   max_tokens=settings.eval_tokens)
-    plot_report(after, out / "report-resumed.png")
-    result = DemoResult(settings, data, trained, artifacts, before, resumed, resumed_artifact, after, plot,
-                        time.perf_counter() - started)
+    say(f"5/6 measuring size and perplexity on {data.eval_text.name} ({settings.eval_tokens} tokens)")
+    measured = report(dense_artifact.output, data.eval_text, original=dense.checkpoints[-1],
+                      also=(inrank.checkpoints[-1], inrank_artifact.output, resumed.checkpoints[-1]),
+                      max_tokens=settings.eval_tokens)
+
+    say("6/6 putting the dense and InRank runs side by side")
+    comparison = compare_runs(out / "dense", out / "inrank")
+    plots = [plot_compare_runs(comparison, out / "runs.png"), plot_report(measured, out / "report.png")]
+    result = DemoResult(settings, data, dense, inrank, dense_artifact, inrank_artifact, resumed, measured, comparison,
+                        plots, time.perf_counter() - started)
     (out / MARKER).write_text(json.dumps(result.to_json(), indent=1) + "\n")
     return result
 
 
-def _plan(settings: DemoSettings, threshold: float) -> PlanOptions:
-    return PlanOptions(rule=RankRule("energy", threshold), embeddings=settings.embeddings, seed=settings.seed)
+def _plan(settings: DemoSettings) -> PlanOptions:
+    return PlanOptions(rule=RankRule("energy", settings.threshold), embeddings=settings.embeddings, seed=settings.seed)
 
 
 def _write_config(folder: Path, data: DemoData, settings: DemoSettings) -> None:

@@ -16,7 +16,7 @@ from torch import nn
 from .architecture import conv1d_class, replace_module
 from .errors import UsageError, flag
 from .layers import LowRankLinear
-from .spectrum import RankRule, choose_rank
+from .spectrum import RankRule, choose_rank, inrank_scan
 from .tensors import storage_key
 
 GROWTH_INIT_SCALE = 1e-3  # std of the new rows of A, relative to 1/sqrt(in_features)
@@ -74,15 +74,26 @@ class RankController:
 
     def decide(self, model: nn.Module) -> dict[str, int]:
         """New rank per layer from its current spectrum: never below the current rank, and never
-        grown past max_rank. Returns the layers whose width must grow: name -> new width."""
+        grown past max_rank. Returns the layers whose width must grow: name -> new width.
+
+        ``inrank`` is the reference's scan (spectrum.inrank_scan): over the buffer only, on the
+        spectrum zero-padded to the layer's full rank, at most buffer - 1 per decision, and
+        rank + buffer within max_rank (the reference's factor width). ``energy`` takes the
+        smallest rank holding the threshold's share of B @ A's energy, capped at max_rank."""
         rule = RankRule(self.policy.criterion, self.policy.threshold)
         growth: dict[str, int] = {}
         for name, layer in low_rank_layers(model):
             values = factor_singular_values(layer.lora_B, layer.lora_A)
-            total = float((values.double() ** 2).sum())
-            chosen = choose_rank(values, total, rule) if total > 0 else 0
+            current = self.ranks.get(name, 0)
+            if self.policy.criterion == "inrank":
+                chosen = inrank_scan(values, min(layer.in_features, layer.out_features), current,
+                                     self.policy.layer_buffer(layer), self.policy.layer_max_rank(layer),
+                                     self.policy.threshold)
+            else:
+                total = float((values.double() ** 2).sum())
+                chosen = min(choose_rank(values, total, rule) if total > 0 else 0, self.policy.layer_max_rank(layer))
             # Never below the current rank (an artifact may start above the cap); the cap only limits growth.
-            rank = max(self.ranks.get(name, 0), min(chosen, self.policy.layer_max_rank(layer)))
+            rank = max(current, chosen)
             self.ranks[name] = rank
             width = self.width_for(layer, rank)
             if width > layer.rank:
@@ -216,15 +227,20 @@ def check_initial_rank(model: nn.Module, factorize: str, initial_rank: int | Non
                          flag("--initial-rank"), f"pass at most {full}")
 
 
-def factorize_model(model: nn.Module, policy: RankPolicy, efficient: bool, generator: torch.Generator,
-                    factorize: str = "all", initial_rank: int | None = None) -> dict[str, int]:
-    """Turn the untied linear layers ``factorize`` names (``all``; ``mlp``, as the InRank reference
-    does; ``attention``) into LowRankLinears; returns the starting rank of each.
+DEFAULT_FACTORIZE = "mlp"  # the InRank reference factorizes the MLP projections only
+DEFAULT_INITIAL_RANK = 2  # the reference's init_modes
 
-    With a reference (InRank): W = W_init + B @ A, B zero and A random, so the function is the
-    init's (rank ``initial_rank``, default 0, plus a buffer). ``efficient`` (no reference): B @ A
-    is the best rank-k approximation of the init, k = rank + buffer (rank: ``initial_rank``,
-    default the buffer).
+
+def factorize_model(model: nn.Module, policy: RankPolicy, efficient: bool, generator: torch.Generator,
+                    factorize: str = DEFAULT_FACTORIZE, initial_rank: int | None = None) -> dict[str, int]:
+    """Turn the untied linear layers ``factorize`` names (``mlp``, as the InRank reference does;
+    ``attention``; ``all``) into LowRankLinears; returns the starting rank of each (``initial_rank``,
+    default 2 as in the reference, clipped to the layer's full rank), with a buffer of columns.
+
+    With a reference (InRank): W = W_init + B @ A; exact growth starts B zero and A small random, so
+    the function is the init's. ``efficient`` (no reference): B @ A is the best rank-k
+    approximation of the init, k = rank + buffer, or with ``random`` growth two kaiming-uniform
+    factors as in the reference's InRank-Efficient.
     """
     check_initial_rank(model, factorize, initial_rank)
     conv1d = conv1d_class()
@@ -239,7 +255,7 @@ def factorize_model(model: nn.Module, policy: RankPolicy, efficient: bool, gener
         layer.stored_transposed = transposed
         buffer = policy.layer_buffer(layer)
         full = min(in_features, out_features)
-        rank = initial_rank if initial_rank is not None else buffer if efficient else 0
+        rank = min(full, initial_rank if initial_rank is not None else DEFAULT_INITIAL_RANK)
         width = min(full, rank + buffer)
         if efficient and policy.growth == "random":
             # The reference's InRank-Efficient: W = B @ A from random factors, not from the init.

@@ -88,25 +88,59 @@ def rank_for_energy(singular_values: torch.Tensor, total_energy: float, threshol
 
 def rank_for_inrank(singular_values: torch.Tensor, threshold: float) -> int:
     """Smallest r whose InRank explained ratio reaches ``threshold`` (full spectrum needed)."""
-    s = singular_values.double()
-    n = s.numel()
-    if n == 0 or float(s.abs().max()) == 0.0:
+    n = singular_values.numel()
+    if n == 0 or float(singular_values.abs().max()) == 0.0:
         return 0
     if n == 1:
         return 1  # one nonzero value: the variance is undefined, and the rank is 1 either way
-    # For every r at once: zeroing s[:r] leaves a vector whose sum and sum of squares are
-    # suffix sums, so its unbiased variance is (sum_sq - sum**2 / n) / (n - 1).
-    var_all = torch.var(s)
-    if var_all <= 0:
+    ratios = explained_ratios(singular_values)
+    if float(torch.var(singular_values.double())) <= 0:
         return n
-    prefix_sum = torch.cat([s.new_zeros(1), torch.cumsum(s, 0)])
-    prefix_sq = torch.cat([s.new_zeros(1), torch.cumsum(s * s, 0)])
-    tail_sum = prefix_sum[-1] - prefix_sum  # sum of the kept tail for r = 0..n
-    tail_sq = prefix_sq[-1] - prefix_sq
-    tail_var = (tail_sq - tail_sum * tail_sum / n) / (n - 1)
-    ratios = 1.0 - tail_var / var_all  # [n + 1], ratios[r] = explained ratio of rank r
     hits = torch.nonzero(ratios >= threshold - 1e-12)
     return int(hits[0, 0]) if hits.numel() else n
+
+
+def explained_ratios(singular_values: torch.Tensor, length: int | None = None) -> torch.Tensor:
+    """InRank's explained ratio of every rank r = 0..n at once: ``1 - var(s[r:]) / var(s)``, the
+    variance taken over ``s`` zero-padded to ``length`` values (a layer's full rank; default
+    ``len(s)``) with entries below r zeroed. Returns [n + 1] float64 (NaN-free: all ones when the
+    spectrum is constant, nothing to explain).
+
+    Zeroing s[:r] leaves a vector whose sum and sum of squares are suffix sums, so its unbiased
+    variance is (sum_sq - sum**2 / n) / (n - 1) for every r in one pass.
+    """
+    s = singular_values.double()
+    n = max(s.numel(), length or 0)
+    prefix_sum = torch.cat([s.new_zeros(1), torch.cumsum(s, 0)])
+    prefix_sq = torch.cat([s.new_zeros(1), torch.cumsum(s * s, 0)])
+    if n < 2:
+        return torch.ones_like(prefix_sum)
+    tail_sum = prefix_sum[-1] - prefix_sum  # sum of the kept tail for r = 0..len(s)
+    tail_sq = prefix_sq[-1] - prefix_sq
+    tail_var = (tail_sq - tail_sum * tail_sum / n) / (n - 1)
+    var_all = tail_var[0]
+    if var_all <= 0:
+        return torch.ones_like(prefix_sum)
+    return 1.0 - tail_var / var_all
+
+
+def inrank_scan(singular_values: torch.Tensor, full_rank: int, current: int, buffer: int, max_rank: int,
+                threshold: float) -> int:
+    """The InRank reference's rank decision (``_matrx_svd_approximation_explained_variance``):
+    scan r = current .. min(current + buffer, max_rank - buffer) - 1 and stop at the first whose
+    explained ratio over the spectrum zero-padded to ``full_rank`` is strictly above
+    ``threshold``; if none is, the last r scanned. So a decision grows a layer by at most
+    buffer - 1, never shrinks it, and keeps current + buffer <= max_rank; a layer already at
+    max_rank - buffer or above keeps its rank."""
+    stop = min(current + buffer, max_rank - buffer)
+    if current >= stop:
+        return current
+    ratios = explained_ratios(singular_values, full_rank)
+    for rank in range(current, stop):
+        # Ranks beyond the measured spectrum explain what all of it does.
+        if float(ratios[min(rank, ratios.numel() - 1)]) > threshold:
+            return rank
+    return stop - 1
 
 
 def choose_rank(singular_values: torch.Tensor, total_energy: float, rule: RankRule) -> int:

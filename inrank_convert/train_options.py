@@ -53,14 +53,16 @@ class TrainOptions:
     rank_warmup: int = 200
     rank_every: int = 25
     max_rank: int | None = None
-    factorize: str = "all"  # which linear layers InRank factorizes: all, mlp (the reference's), attention
-    initial_rank: int | None = None  # default: 0 (InRank), the buffer (--efficient)
+    factorize: str = "mlp"  # which linear layers InRank factorizes: mlp (the reference's), attention, all
+    initial_rank: int | None = None  # default: 2, the reference's (clipped to a layer's full rank)
     stage2_at: int | None = None  # freeze ranks and re-split the factors by SVD at this step
-    growth: str = "exact"  # new factor columns: exact (function unchanged) or random (the reference's)
+    growth: str | None = None  # new factor columns: exact (function unchanged) or random (the reference's);
+    # default: random with --efficient (the reference's InRank-Efficient), exact otherwise
 
     def policy(self) -> RankPolicy:
+        growth = self.growth or ("random" if self.efficient else "exact")
         return RankPolicy(self.criterion, self.threshold, self.buffer, self.rank_warmup, self.rank_every, self.max_rank,
-                          self.stage2_at, self.growth)
+                          self.stage2_at, growth)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -109,8 +111,8 @@ def check_options(options: TrainOptions) -> None:
     if options.efficient and options.mode != "inrank":
         bad(f"{flag('--efficient')} is an InRank option", f"{flag('--mode')} dense", f"pass {flag('--mode')} inrank with {flag('--efficient')}")
     inrank_only = [(name, flag_name) for name, flag_name, default in
-                   (("factorize", "--factorize", "all"), ("initial_rank", "--initial-rank", None),
-                    ("stage2_at", "--stage2-at", None), ("growth", "--growth", "exact"))
+                   (("factorize", "--factorize", "mlp"), ("initial_rank", "--initial-rank", None),
+                    ("stage2_at", "--stage2-at", None), ("growth", "--growth", None))
                    if getattr(options, name) != default]
     if inrank_only and options.mode != "inrank":
         name, flag_name = inrank_only[0]
@@ -119,7 +121,7 @@ def check_options(options: TrainOptions) -> None:
     if options.factorize not in FACTORIZE_CHOICES:
         bad(f"unknown {flag('--factorize')} {options.factorize!r}", flag("--factorize"),
             f"choose one of {', '.join(FACTORIZE_CHOICES)} (the InRank reference factorizes mlp)")
-    if options.growth not in GROWTH_MODES:
+    if options.growth is not None and options.growth not in GROWTH_MODES:
         bad(f"unknown {flag('--growth')} {options.growth!r}", flag("--growth"),
             "choose exact (new columns leave the function unchanged) or random (the InRank reference's)")
     if options.initial_rank is not None and options.initial_rank < 0:

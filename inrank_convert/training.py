@@ -277,9 +277,9 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
         controller = RankController(options.policy(), ranks)
         generator = torch.Generator().manual_seed(options.seed * 1_000_003)
         for name, layer in low_rank_layers(model):
-            # Buffer columns: B zero, A random, so the function at step 0 is the artifact's.
-            grow_layer(layer, controller.width_for(layer, ranks[name]), None, generator, controller.policy.growth,
-                       controller.policy.layer_max_rank(layer))
+            # Buffer columns: B zero, A random, so the function at step 0 is the artifact's (later
+            # growth follows --growth).
+            grow_layer(layer, controller.width_for(layer, ranks[name]), None, generator, "exact")
         embedded = None
         if reference.mode == "embedded":
             # The run keeps its own copy of the init: the temporary artifact of a dense resume goes away.

@@ -112,7 +112,7 @@ def test_inrank_option_bad_input(tmp_path):
         (["--mode", "inrank", "--initial-rank", "33"], ("--initial-rank", "above the full rank 32")),
         (["--mode", "inrank", "--stage2-at", "5"], ("--stage2-at", "1 to --steps 4")),
         (["--mode", "dense", "--stage2-at", "2"], ("--stage2-at", "InRank option")),
-        (["--factorize", "mlp"], ("--factorize", "InRank option")),
+        (["--factorize", "all"], ("--factorize", "InRank option")),
         (["--mode", "inrank", "--growth", "kaiming"], ("--growth", "random")),
         (["--growth", "random"], ("--growth", "InRank option")),
     ]

@@ -51,6 +51,8 @@ def options(**overrides) -> TrainOptions:
     settings = dict(data=str(TEXT), steps=12, mode="inrank", batch_size=4, block_size=16, lr=3e-3, log_every=1,
                     tokenizer=str(TOKENIZER), buffer=2, rank_warmup=3, rank_every=3, seed=3)
     settings.update(overrides)
+    if settings["mode"] == "inrank":
+        settings.setdefault("factorize", "all")  # these tests exercise every kind of layer
     return TrainOptions(**settings)
 
 
@@ -148,7 +150,7 @@ def test_interrupted_and_resumed_dense_run_with_accumulation_reproduces_the_loss
 def test_sigint_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path, config_path):
     args = ["--data", TEXT, "--tokenizer", TOKENIZER, "--steps", "400", "--mode", "inrank", "--batch-size", "4",
             "--block-size", "16", "--log-every", "1", "--buffer", "2", "--rank-warmup", "3", "--rank-every", "3",
-            "--seed", "3", "--lr", "3e-3", "--warmup", "0", "--min-lr", "3e-3"]
+            "--seed", "3", "--lr", "3e-3", "--warmup", "0", "--min-lr", "3e-3", "--factorize", "all"]
     run = tmp_path / "run"
     command = [sys.executable, "-m", "inrank_convert", "train", str(config_path), "-o", str(run), *map(str, args)]
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -196,17 +198,19 @@ def test_first_step_loss_equals_the_artifact_loss(dropout_free_artifact, tmp_pat
 
 def test_ranks_grow_on_real_text_under_the_inrank_criterion_and_never_pass_max_rank(tmp_path, config_path):
     run = tmp_path / "run"
-    train(config_path, run, options(steps=40, lr=1e-2, buffer=2, max_rank=2, rank_warmup=4, rank_every=4, log_every=4))
+    # The reference's scan: at most buffer - 1 = 1 per decision, and rank + buffer within max_rank.
+    train(config_path, run, options(steps=40, lr=1e-2, buffer=2, max_rank=5, rank_warmup=4, rank_every=4, log_every=4,
+                                    initial_rank=0))
     records = read_metrics(run)
     totals = [r["total_rank"] for r in records]
     assert records[0]["step"] == 1 and totals[0] == 0  # from scratch: the update starts at rank 0
     assert totals == sorted(totals), "ranks never shrink"
     first_decision = next(r["total_rank"] for r in records if r["step"] == 4)
     assert totals[-1] > first_decision > 0, totals  # grown again later, not only at the first decision
-    assert all(rank <= 2 for r in records for rank in r["ranks"].values())
+    assert all(rank <= 5 - 2 for r in records for rank in r["ranks"].values())
     model = load_compressed(run / "step-40")
     widths = [layer.rank for _, layer in low_rank_layers(model)]
-    assert widths and all(width <= 2 + 2 for width in widths)  # max rank plus the buffer
+    assert widths and all(width <= 5 for width in widths)  # the reference's width cap
 
 
 def test_growing_the_factors_leaves_the_function_unchanged(config_path):
@@ -295,7 +299,7 @@ def test_torchrun_with_two_gloo_processes_matches_one_process(tmp_path, config_p
         pytest.skip("torchrun is not installed beside this python")
     args = [str(config_path), "--data", str(TEXT), "--tokenizer", str(TOKENIZER), "--steps", "6", "--mode", "inrank",
             "--batch-size", "4", "--block-size", "16", "--log-every", "1", "--buffer", "2", "--rank-warmup", "2",
-            "--rank-every", "2", "--save-every", "3", "--seed", "3", "--lr", "3e-3", "--quiet"]
+            "--rank-every", "2", "--save-every", "3", "--seed", "3", "--lr", "3e-3", "--quiet", "--factorize", "all"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "inrank_convert", "train",
                            *args, "-o", str(tmp_path / "ddp")], cwd=REPO, env=env, capture_output=True, text=True,
