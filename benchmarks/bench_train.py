@@ -50,8 +50,9 @@ def build(vocab: int, device_name: str) -> tuple[nn.Module, nn.Module]:
     torch.manual_seed(0)
     dense = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     inrank = copy.deepcopy(dense)
-    factorize_model(inrank, RankPolicy(buffer=BUFFER), efficient=True, generator=torch.Generator().manual_seed(0),
-                    factorize=FACTORIZE)
+    # Rank = buffer = 128: width 256 = n/3, the factors the init's best rank-256 approximation.
+    factorize_model(inrank, RankPolicy(buffer=BUFFER, growth="exact"), efficient=True,
+                    generator=torch.Generator().manual_seed(0), factorize=FACTORIZE, initial_rank=BUFFER)
     return dense.to(device_name).train(), inrank.to(device_name).train()
 
 

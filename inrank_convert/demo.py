@@ -56,12 +56,13 @@ class DemoSettings:
     eval_blocks: int = 16  # validation windows during training (block_size tokens each)
     seed: int = 0
     fallback_chars: int = FALLBACK_CHARS
-    # The InRank run: the reference's layers (MLP), starting rank and growth; a buffer and schedule
-    # sized for a 128-wide model and a few hundred steps (the reference's 100 / 200 / 25 are for
-    # GPT-2 small over thousands).
+    # The InRank run: the reference's InRank-Efficient (MLP factorized, W = B @ A from kaiming
+    # factors, ranks growing from 2 by switching on random columns); a buffer and schedule sized
+    # for a 128-wide model and a few hundred steps (the reference's 100 / 200 / 25 are for GPT-2
+    # small over thousands).
     factorize: str = "mlp"
-    efficient: bool = False
-    growth: str = "exact"
+    efficient: bool = True
+    growth: str | None = None  # the default: random with efficient
     initial_rank: int = 2
     buffer: int = 16
     rank_warmup: int = 25
@@ -265,8 +266,8 @@ def run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None = No
     say(f"1/6 training a {model} dense from scratch for {settings.steps} steps on {data.train_text.name}")
     dense = train(config_dir, out / "dense", TrainOptions(steps=settings.steps, mode="dense", lr=settings.lr, **common),
                   on_step=on_step)
-    say(f"2/6 training it with InRank from the same init, text and steps ({flag('--factorize')} {settings.factorize}, "
-        f"ranks from {settings.initial_rank})")
+    say(f"2/6 training it with InRank{'-Efficient' if settings.efficient else ''} from the same init, text and steps "
+        f"({flag('--factorize')} {settings.factorize}, ranks from {settings.initial_rank})")
     inrank = train(config_dir, out / "inrank", TrainOptions(
         steps=settings.steps, mode="inrank", lr=settings.lr, efficient=settings.efficient, factorize=settings.factorize,
         growth=settings.growth, initial_rank=settings.initial_rank, buffer=settings.buffer,
@@ -278,8 +279,8 @@ def run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None = No
 
     say(f"4/6 resuming InRank from {dense_artifact.output.name} for {settings.resume_steps} steps")
     resume_warmup = max(1, settings.resume_steps // 5)
-    # A third of the peak learning rate: enough for the buffers to learn what the artifact dropped
-    # (ranks grow) without the spike of a second full warm-up.
+    # A third of the peak learning rate: the run continues without the spike of a second full
+    # warm-up. Ranks grow only where the buffers learn more than the artifact's 10% left out.
     resumed = resume(dense_artifact.output, out / "resumed", dict(
         steps=settings.resume_steps, lr=settings.lr / 3, buffer=settings.buffer, rank_warmup=resume_warmup,
         rank_every=resume_warmup, **common), on_step=on_step)
