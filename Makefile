@@ -23,8 +23,8 @@ test: install
 bench: install
 	$(BIN)/python -m benchmarks
 
-# Train a small GPT-2 on real text (../shared/data, or a fallback corpus), compress it at two
-# thresholds, report, resume with InRank, report again: about 5-10 minutes on 2 CPU cores.
+# Train a small GPT-2 dense and with InRank from one init on real text (../shared/data, or a
+# fallback corpus), compress both, resume InRank, report and compare: about 6 minutes on 2 CPU cores.
 demo: install
 	$(BIN)/inrank-convert demo --out demo-out
 

@@ -740,8 +740,8 @@ def demo_command(
     out: Annotated[Path, typer.Option("--out", help="Folder the demo owns (replaced by the next demo).")] = Path("demo-out"),
     data_dir: Annotated[Path | None, typer.Option(
         "--data-dir", help="Real text: gpt2-tokenizer/, tinyshakespeare/, wikitext-2-raw/ (default: ../shared/data).")] = None,
-    steps: Annotated[int, typer.Option("--steps", help="Training steps of each run from scratch.")] = 250,
-    resume_steps: Annotated[int, typer.Option("--resume-steps", help="InRank steps resumed from the dense artifact.")] = 100,
+    steps: Annotated[int, typer.Option("--steps", help="Training steps of each run from scratch.")] = 200,
+    resume_steps: Annotated[int, typer.Option("--resume-steps", help="InRank steps resumed from the dense artifact.")] = 60,
     eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Evaluation tokens of wiki.test.raw.")] = 16384,
     n_embd: Annotated[int, typer.Option("--n-embd", help="Model width.")] = 128,
     n_layer: Annotated[int, typer.Option("--n-layer", help="Transformer blocks.")] = 4,

@@ -40,8 +40,8 @@ FALLBACK_CHARS = 2_000_000  # of standard-library source: enough to train on for
 class DemoSettings:
     out: Path = Path("demo-out")
     data_dir: Path | None = None
-    steps: int = 250
-    resume_steps: int = 100
+    steps: int = 200
+    resume_steps: int = 60
     threshold: float = 0.9
     # Embeddings are factorized too: their update (a rank-1 drift shared by the rows of tokens the
     # text never uses, plus the rows of the tokens it does use) is stored as low rank + rows.
