@@ -101,10 +101,10 @@ def rank_for_inrank(singular_values: torch.Tensor, threshold: float) -> int:
 
 
 def explained_ratios(singular_values: torch.Tensor, length: int | None = None) -> torch.Tensor:
-    """InRank's explained ratio of every rank r = 0..n at once: ``1 - var(s[r:]) / var(s)``, the
-    variance taken over ``s`` zero-padded to ``length`` values (a layer's full rank; default
-    ``len(s)``) with entries below r zeroed. Returns [n + 1] float64 (NaN-free: all ones when the
-    spectrum is constant, nothing to explain).
+    """InRank's explained ratio of every rank r = 0..len(s) at once: ``1 - var(s[r:]) / var(s)``,
+    the variance taken over ``s`` zero-padded to ``length`` values (a layer's full rank; default
+    ``len(s)``) with entries below r zeroed. Returns [len(s) + 1] float64 (all ones when the
+    padded spectrum is constant: nothing to explain).
 
     Zeroing s[:r] leaves a vector whose sum and sum of squares are suffix sums, so its unbiased
     variance is (sum_sq - sum**2 / n) / (n - 1) for every r in one pass.

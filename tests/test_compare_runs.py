@@ -74,9 +74,9 @@ def test_compare_runs_json_equals_the_metrics_and_scores_every_common_step(runs,
     ranks = [(r["step"], r["total_rank"]) for r in read_metrics(inrank) if "total_rank" in r]
     shown = by_label["inrank"]
     assert ranks and [(p["step"], p["total_rank"]) for p in shown["rank_curve"]] == ranks
-    # Full rank: the 8 factorized block matrices of a 2x32 GPT-2, min(rows, cols) = 32 each.
-    assert shown["full_rank"] == 8 * 32
-    assert shown["final_rank_fraction"] == pytest.approx(ranks[-1][1] / 256)
+    # Full rank: the 4 factorized MLP matrices (the default) of a 2x32 GPT-2, min(rows, cols) = 32 each.
+    assert shown["full_rank"] == 4 * 32
+    assert shown["final_rank_fraction"] == pytest.approx(ranks[-1][1] / 128)
     assert by_label["dense"]["rank_curve"] == [] and by_label["dense"]["final_rank_fraction"] is None
     # The --data column is report's perplexity of the final checkpoint on the same tokens.
     final = dense / f"step-{STEPS}"

@@ -145,3 +145,14 @@ def test_random_growth_switches_on_kaiming_columns_that_the_next_decision_sees()
     values = factor_singular_values(layer.lora_B, layer.lora_A)
     assert int((values > 1e-3 * values[0]).sum()) == 10
     assert controller.total_rank == 2 * len(ranks)
+
+
+def test_the_defaults_are_the_reference_s():
+    from inrank_convert.train_options import TrainOptions
+
+    assert TrainOptions(efficient=True).policy().growth == "random"  # InRank-Efficient: live kaiming columns
+    assert TrainOptions().policy().growth == "exact"  # W_init + B @ A: the function unchanged as it grows
+    assert TrainOptions(efficient=True, growth="exact").policy().growth == "exact"
+    model = build_model(gpt2_config(), seed=0)
+    ranks = factorize_model(model, RankPolicy(buffer=4, growth="random"), True, torch.Generator().manual_seed(0))
+    assert ranks and set(ranks.values()) == {2} and all(".mlp." in name for name in ranks)
