@@ -8,13 +8,14 @@ STAMP := $(VENV)/.installed
 
 install: $(STAMP)
 
-# torch is installed first and pinned: 2.13.0 resolves to the local CPU build; an unpinned
-# torch (or one pulled in by another package's range) would download GBs of CUDA wheels.
-$(STAMP): pyproject.toml
+# torch is installed first, at the exact version of constraints.txt (2.13.0 resolves to the local
+# CPU build; an unpinned torch would download GBs of CUDA wheels), and the constraints hold it
+# while the package (which only asks for a range) and its dependencies install.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q -c constraints.txt torch
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
 test: install
