@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .errors import ArtifactError
+from .errors import ArtifactError, UsageError, flag
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig, PreTrainedModel
@@ -46,6 +46,18 @@ def config_from_dict(config: dict) -> PretrainedConfig | None:
     if model_type not in CONFIG_MAPPING:
         return None
     return CONFIG_MAPPING[model_type].from_dict(config)
+
+
+# Seeds feed torch.manual_seed (64 bits) and derived streams (seed * 1_000_003 + step): 32 bits
+# leave room for both.
+SEED_LIMIT = 2 ** 32
+
+
+def check_seed(seed: int, option: str) -> None:
+    """A seed torch accepts, checked before anything is read or written."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise UsageError(f"{flag(option)} must be between 0 and {SEED_LIMIT - 1}", f"{flag(option)} {seed}",
+                         f"pass a smaller seed, e.g. {flag(option)} 0")
 
 
 def seeded_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from .architecture import check_seed
 from .artifact import (
     ArtifactWriter,
     Manifest,
@@ -128,8 +129,11 @@ class CompressResult:
 def check_options(options: PlanOptions) -> None:
     """Reject option values that cannot work, before any input is opened."""
     rule = options.rule
-    if rule.fixed_rank is not None and rule.fixed_rank < 0:
-        raise UsageError(f"rank must be 0 or more, got {rule.fixed_rank}", flag("--rank"), f"pass {flag('--rank')} 0 or a positive rank")
+    if rule.fixed_rank is not None and rule.fixed_rank < 1:
+        # Rank 0 would store every changed tensor as "unchanged" and fail its own verify.
+        raise UsageError(f"rank must be 1 or more, got {rule.fixed_rank}", flag("--rank"),
+                         f"pass {flag('--rank')} 1 or more; {flag('--exclude')} keeps a tensor as it is")
+    check_seed(options.seed, "--seed")
     if not (0.0 < rule.threshold <= 1.0):
         raise UsageError(f"threshold must be in (0, 1], got {rule.threshold:g}", flag("--threshold"),
                          f"e.g. {flag('--threshold')} 0.9 keeps 90% of each update's energy")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .architecture import config_from_dict, seeded_model
+from .architecture import check_seed, config_from_dict, seeded_model
 from .artifact import ReferenceMode, ReferenceRecord
 from .checkpoints import Checkpoint, FileHash, TensorInfo
 from .errors import CheckpointError, InitReferenceError, UsageError, flag
@@ -144,6 +144,7 @@ def _mismatch_fix(mode: str) -> str:
 
 def regenerate_seed_init(config: dict, seed: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """``AutoModelForCausalLM.from_config(config)`` under ``torch.manual_seed(seed)``: its state dict."""
+    check_seed(seed, "--init-seed")
     model_config = config_from_dict(config)
     if model_config is None:
         raise UsageError(f"cannot regenerate an init for model_type {config.get('model_type')!r}", "config.json",

@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from .architecture import check_seed
 from .distributed import check_device
 from .errors import UsageError, flag
 from .rank_control import FACTORIZE_CHOICES, GROWTH_MODES, RankPolicy
@@ -146,8 +147,16 @@ def check_options(options: TrainOptions) -> None:
             bad(f"--{name.replace('_', '-')} must be at least 1", f"--{name.replace('_', '-')} {value}", "pass a positive number")
     if options.rank_warmup < 0 or (options.warmup is not None and options.warmup < 0):
         bad("warmup steps cannot be negative", f"{flag('--warmup')}/{flag('--rank-warmup')}", "pass 0 or more")
-    if options.lr <= 0 or options.grad_clip < 0 or options.weight_decay < 0:
-        bad(f"{flag('--lr')} must be positive, {flag('--grad-clip')} and {flag('--weight-decay')} not negative", f"{flag('--lr')} {options.lr}", "check the values")
+    if not (math.isfinite(options.lr) and options.lr > 0):
+        bad(f"{flag('--lr')} must be a positive number", f"{flag('--lr')} {options.lr}", f"e.g. {flag('--lr')} 1e-3")
+    if options.min_lr is not None and not (math.isfinite(options.min_lr) and options.min_lr >= 0):
+        bad(f"{flag('--min-lr')} must be 0 or more", f"{flag('--min-lr')} {options.min_lr}",
+            f"pass 0 or more; the default is {flag('--lr')} / 10")
+    for name, option in (("grad_clip", "--grad-clip"), ("weight_decay", "--weight-decay")):
+        value = getattr(options, name)
+        if not (math.isfinite(value) and value >= 0):
+            bad(f"{flag(option)} must be 0 or more", f"{flag(option)} {value}", "pass 0 or more; 0 turns it off")
+    check_seed(options.seed, "--seed")
     if options.batch_size % options.grad_accum:
         bad(f"{flag('--batch-size')} must be a multiple of {flag('--grad-accum')}", f"{flag('--batch-size')} {options.batch_size} {flag('--grad-accum')} "
             f"{options.grad_accum}", f"e.g. {flag('--batch-size')} 16 {flag('--grad-accum')} 4")

@@ -273,10 +273,21 @@ def test_threshold_one_is_accepted(models, tmp_path):
     assert temps_beside(out) == []
 
 
-def test_negative_rank(models, tmp_path):
+@pytest.mark.parametrize("extra, says", [
+    (["--rank", "-1"], ("--rank",)),
+    (["--rank", "0"], ("--rank", "1 or more")),  # rank 0 would label changed tensors unchanged
+    (["--seed", "99999999999999999999"], ("--seed", "4294967295")),
+], ids=["rank -1", "rank 0", "seed too large"])
+def test_bad_rank_or_seed(models, tmp_path, extra, says):
     out = tmp_path / "out"
-    expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out,
-                  "--rank", "-1"], says=("--rank",), output=out, inputs=(models.root,))
+    expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out, *extra],
+                 says=says, output=out, inputs=(models.root,))
+
+
+def test_init_seed_too_large(models, tmp_path):
+    out = tmp_path / "out"
+    expect_error(["compress", models.gpt2.trained_dir, "--init-seed", "99999999999999999999", "-o", out],
+                 says=("--init-seed", "4294967295"), output=out, inputs=(models.root,))
 
 
 # --------------------------------------------------------------------------- 8. existing output, --force

@@ -377,6 +377,11 @@ TRAIN_BAD_OPTIONS = [
     (["--device", "tpu"], ("--device", "tpu")),
     (["--criterion", "vibes"], ("--criterion", "vibes")),
     (["--lr", "0"], ("--lr",)),
+    (["--lr", "nan"], ("--lr", "nan")),
+    (["--min-lr", "-1"], ("--min-lr",)),
+    (["--weight-decay", "-1"], ("--weight-decay",)),
+    (["--grad-clip", "-1"], ("--grad-clip",)),
+    (["--seed", "99999999999999999999"], ("--seed", "4294967295")),
 ]
 
 
