@@ -162,13 +162,10 @@ def _calibration_request(calibrate: Path | None, calib_tokens: int | None, token
 
 def _check_plot(plot: Path | None) -> None:
     """Fail on a missing matplotlib or a bad --plot path before minutes of work."""
-    if plot is None:
-        return
-    from .plots import pyplot
+    if plot is not None:
+        from .plots import check_plot_path
 
-    pyplot()
-    if not plot.absolute().parent.is_dir():
-        raise UsageError("the plot's folder does not exist", str(plot.absolute().parent), "create it or choose another --plot")
+        check_plot_path(plot)
 
 
 @app.command("compress")
@@ -322,6 +319,7 @@ def spectrum_command(
     if criterion not in ("energy", "inrank"):
         raise UsageError(f"unknown criterion {criterion!r}", "--criterion", "choose energy or inrank")
     values = parse_thresholds(thresholds)
+    _check_plot(plot)
     options = _plan_options(0.9, None, criterion, "exact", device, None, embeddings, include, exclude, float64, 0)
     with contextlib.ExitStack() as stack:
         bar = _PlanProgress(stack, "spectra", quiet or json_output)

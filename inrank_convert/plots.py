@@ -34,6 +34,22 @@ def pyplot():
     return plt
 
 
+def check_plot_path(path: str | Path) -> None:
+    """Before any work: matplotlib is there, the folder exists, and the extension is an image
+    format matplotlib writes (``x.safetensors`` would fail only after minutes of work)."""
+    pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(path)
+    formats = FigureCanvasBase.get_supported_filetypes()  # {"png": "Portable Network Graphics", ...}
+    if path.suffix.lstrip(".").lower() not in formats:
+        raise UsageError(f"a plot is written as an image, and {path.suffix or 'no extension'!r} is not an image format",
+                         str(path), f"end {flag('--plot')} with .png; {', '.join(sorted(formats)[:6])} and others work too")
+    if not path.absolute().parent.is_dir():
+        raise UsageError("the plot's folder does not exist", str(path.absolute().parent),
+                         f"create it or choose another {flag('--plot')}")
+
+
 def save_figure(figure, path: str | Path) -> Path:
     """Save atomically: a half-written PNG must never look valid."""
     path = Path(path)

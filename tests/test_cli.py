@@ -77,6 +77,12 @@ def test_spectrum_json_and_plot(tmp_path, gpt2_pair):
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = run("spectrum", gpt2_pair.trained_dir, "--init", gpt2_pair.init_dir, "--criterion", "inrank")
     assert "r@0.9" in table.stdout
+    # A plot path that is no image format fails before the spectra are computed, and writes nothing.
+    wrong = tmp_path / "spectra.safetensors"
+    failed = CliRunner().invoke(app, ["spectrum", str(gpt2_pair.trained_dir), "--init", str(gpt2_pair.init_dir),
+                                      "--plot", str(wrong)])
+    assert failed.exit_code == 2 and "not an image format" in failed.stderr and "Traceback" not in failed.output
+    assert failed.stderr.strip().count("\n") == 0 and not wrong.exists()
 
 
 def test_spectrum_ranks_match_compress(tmp_path, llama_pair):

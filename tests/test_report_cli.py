@@ -224,6 +224,7 @@ def test_original_of_another_architecture(models, small, text, tmp_path, which, 
     (("--dtype", "float64"), ("dtype", "float64")),
     (("--also", "/no/such/model"), ("no such file",)),
     (("--plot", "/no/such/folder/plot.png"), ("plot", "/no/such/folder")),
+    (("--plot", "report.safetensors"), ("'.safetensors' is not an image format", "--plot")),
 ])
 def test_bad_report_options(models, options, says):
     expect_error("report", models.full, "--data", WIKI_TEST, *options, says=says)
