@@ -257,8 +257,14 @@ def adaptive_randomized_svd(
     while True:
         Ub, S, Vh = torch.linalg.svd(projected, full_matrices=False)  # [k, k], [k], [k, cols]
         rank = rank_for_energy(S, total_energy, threshold) or S.numel()
+        # The truncation's error^2 is at most the optimum's plus the energy outside span(Q), and the
+        # optimum's is at least the projection's tail: a residual under 2% of that tail keeps the
+        # error within 1% of the optimum without more directions (an update of exactly low rank,
+        # whose residual is rounding, needs none).
+        residual = max(0.0, total_energy - float(torch.linalg.vector_norm(projected, dtype=torch.float64) ** 2))
+        tail = float((S[rank:].double() ** 2).sum())
         missing = rank + oversampling(rank) - Q.shape[1]
-        if missing <= 0:
+        if missing <= 0 or residual <= max(0.02 * tail, 1e-9 * total_energy):
             return Q @ Ub, S, Vh
         if Q.shape[1] + missing > limit:
             return None
