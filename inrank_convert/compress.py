@@ -34,7 +34,7 @@ from .forms import (
     choose_form,
     stored_error,
 )
-from .outputs import check_output_free
+from .outputs import check_output_free, check_output_outside
 from .plan import Plan, PlanOptions, TensorPlan, costs_for, make_plan, storage_for
 from .sources import Inputs, open_inputs
 from .spectrum import CRITERIA, ENGINES
@@ -401,7 +401,8 @@ def compress(source: str | Path, output: str | Path, *, init: str | Path | None 
     options = options or PlanOptions()
     check_options(options)
     check_target_options(options, embed_init, calibration)
-    check_output_free(Path(output), force)  # fail before any expensive input work
+    check_output_outside(Path(output), (source, init))  # fail before any expensive input work
+    check_output_free(Path(output), force)
     with CompressionJob(source, init=init, init_seed=init_seed, no_init=no_init, embed_init=embed_init,
                         options=options, calibration=calibration, on_plan=on_plan, on_stage=on_stage) as job:
         return job.write(output, job.default_target(), force=force, on_layer=on_layer)

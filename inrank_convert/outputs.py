@@ -87,6 +87,21 @@ def _is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def check_output_outside(output: Path, inputs: tuple[Path | str | None, ...]) -> None:
+    """The output neither is nor holds an input (replacing it would change one), nor lies inside
+    an input folder (which would gain files)."""
+    output = Path(output).absolute()
+    for source in inputs:
+        if source is None:
+            continue
+        source = Path(source).absolute()
+        if _is_within(source, output):  # replacing output would delete or change this input
+            raise OutputError("the output would overwrite an input", str(output), "choose another -o folder")
+        if source.is_dir() and _is_within(output, source):
+            raise OutputError(f"the output is inside the input folder {source}", str(output),
+                              "choose an -o outside it: inputs are never changed")
+
+
 def check_output_free(output: Path, force: bool) -> None:
     """Refuse an existing output unless --force (and never a file where a folder goes)."""
     if output.exists() and not force:
@@ -103,10 +118,7 @@ def atomic_output_dir(output: Path, force: bool = False, inputs: tuple[Path, ...
     ``output``. ``force`` replaces an existing output, but never one that is or holds an input.
     """
     output = Path(output).absolute()
-    for source in inputs:
-        source = Path(source).absolute()
-        if _is_within(source, output):  # replacing output would delete or change this input
-            raise OutputError("the output would overwrite an input", str(output), "choose another -o folder")
+    check_output_outside(output, inputs)
     check_output_free(output, force)
     parent = output.parent
     try:

@@ -284,6 +284,15 @@ def test_bad_rank_or_seed(models, tmp_path, extra, says):
                  says=says, output=out, inputs=(models.root,))
 
 
+def test_output_inside_an_input_folder_is_refused_and_the_folder_gains_nothing(models, tmp_path):
+    trained = models.gpt2.trained_dir
+    before = sorted(p.name for p in trained.iterdir())
+    for output in (trained / "sub", models.gpt2.init_dir / "artifact"):  # inside CKPT, inside --init
+        expect_error(["compress", trained, "--init", models.gpt2.init_dir, "-o", output],
+                     says=("inside the input folder",), output=output, inputs=(models.root,))
+    assert sorted(p.name for p in trained.iterdir()) == before
+
+
 def test_init_seed_too_large(models, tmp_path):
     out = tmp_path / "out"
     expect_error(["compress", models.gpt2.trained_dir, "--init-seed", "99999999999999999999", "-o", out],
