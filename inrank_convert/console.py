@@ -174,6 +174,11 @@ def _number(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
+def _optional(value, form: str) -> str:
+    """``value`` in ``form``, or an empty cell when there is none (a dense run has no rank)."""
+    return "" if value is None else format(value, form)
+
+
 def _count(value: int) -> str:
     for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
         if value >= size:
@@ -265,10 +270,6 @@ def render_demo(result: dict) -> None:
     for run in story[:2]:
         table.add_column(run["run"], justify="right")
 
-    def cell(run: dict, key: str, form: str) -> str:
-        value = run.get(key)
-        return "" if value is None else format(value, form)
-
     for label, key, form in (("final validation perplexity", "val_perplexity", ".2f"),
                              ("total rank / full rank: final", "rank_fraction_final", ".1%"),
                              ("total rank / full rank: mean", "rank_fraction_mean", ".1%"),
@@ -277,7 +278,7 @@ def render_demo(result: dict) -> None:
                              (f"artifact at {result['dense_artifact']['rule']}", "artifact_bytes", "bytes"),
                              ("its perplexity", "artifact_perplexity", ".2f"),
                              ("training time (s)", "seconds", ".0f"), ("tokens/s", "tokens_per_second", ".0f")):
-        table.add_row(label, *(human_bytes(run[key]) if form == "bytes" else cell(run, key, form) for run in story[:2]))
+        table.add_row(label, *(human_bytes(run[key]) if form == "bytes" else _optional(run.get(key), form) for run in story[:2]))
     stdout.print(table)
     models = Table(title=f"Size and perplexity on {Path(data['eval']).name} ({measured['text_tokens']} tokens)",
                    title_justify="left")
@@ -327,21 +328,18 @@ def render_compare_runs(result: dict) -> None:
     for run in runs:
         table.add_column(f"{run['label']} ({run['mode']}{', efficient' if run['efficient'] else ''})", justify="right")
 
-    def number(value, form: str) -> str:
-        return "" if value is None else format(value, form)
-
     rows = [("steps", [str(run["final_step"]) for run in runs]),
             ("final validation loss" + ("" if result["same_val_data"] else " (own val data)"),
-             [number(run["final_val_loss"], ".4f") for run in runs]),
-            ("final validation perplexity", [number(run["final_val_perplexity"], ".2f") for run in runs])]
+             [_optional(run["final_val_loss"], ".4f") for run in runs]),
+            ("final validation perplexity", [_optional(run["final_val_perplexity"], ".2f") for run in runs])]
     if result.get("data"):
         rows.append(("final perplexity on --data",
-                     [number(run["data_curve"][-1]["perplexity"] if run["data_curve"] else None, ".2f") for run in runs]))
-    rows += [("total rank / full rank: final", [number(run["final_rank_fraction"], ".1%") for run in runs]),
-             ("total rank / full rank: mean", [number(run["mean_rank_fraction"], ".1%") for run in runs]),
+                     [_optional(run["data_curve"][-1]["perplexity"] if run["data_curve"] else None, ".2f") for run in runs]))
+    rows += [("total rank / full rank: final", [_optional(run["final_rank_fraction"], ".1%") for run in runs]),
+             ("total rank / full rank: mean", [_optional(run["mean_rank_fraction"], ".1%") for run in runs]),
              ("checkpoint bytes", [human_bytes(run["bytes"]) for run in runs]),
              ("parameters stored", [f"{run['parameters']:,}" for run in runs]),
-             ("tokens/s (mean)", [number(run["tokens_per_second"], ".0f") for run in runs])]
+             ("tokens/s (mean)", [_optional(run["tokens_per_second"], ".0f") for run in runs])]
     for label, values in rows:
         table.add_row(label, *values)
     stdout.print(table)

@@ -93,10 +93,9 @@ def rank_for_inrank(singular_values: torch.Tensor, threshold: float) -> int:
         return 0
     if n == 1:
         return 1  # one nonzero value: the variance is undefined, and the rank is 1 either way
-    ratios = explained_ratios(singular_values)
     if float(torch.var(singular_values.double())) <= 0:
         return n
-    hits = torch.nonzero(ratios >= threshold - 1e-12)
+    hits = torch.nonzero(explained_ratios(singular_values) >= threshold - 1e-12)
     return int(hits[0, 0]) if hits.numel() else n
 
 
@@ -261,7 +260,7 @@ def adaptive_randomized_svd(
         # optimum's is at least the projection's tail: a residual under 2% of that tail keeps the
         # error within 1% of the optimum without more directions (an update of exactly low rank,
         # whose residual is rounding, needs none).
-        residual = max(0.0, total_energy - float(torch.linalg.vector_norm(projected, dtype=torch.float64) ** 2))
+        residual = max(0.0, total_energy - captured)
         tail = float((S[rank:].double() ** 2).sum())
         missing = rank + oversampling(rank) - Q.shape[1]
         if missing <= 0 or residual <= max(0.02 * tail, 1e-9 * total_energy):
@@ -269,6 +268,7 @@ def adaptive_randomized_svd(
         if Q.shape[1] + missing > limit:
             return None
         Q, projected = _grow_basis(delta, Q, projected, missing, generator)
+        captured = float(torch.linalg.vector_norm(projected, dtype=torch.float64) ** 2)
 
 
 def factorize(

@@ -194,8 +194,8 @@ def decide_ranks(session: Session) -> None:
         return
     generator = torch.Generator().manual_seed(session.options.seed * 1_000_003 + session.step)
     layers = dict(low_rank_layers(session.model))
+    policy = session.controller.policy
     for name in sorted(growth):
-        policy = session.controller.policy
         grow_layer(layers[name], growth[name], session.optimizer, generator, policy.growth,
                    policy.layer_max_rank(layers[name]))
     session.wrap()

@@ -111,10 +111,9 @@ def check_options(options: TrainOptions) -> None:
         bad(f"unknown mode {options.mode!r}", flag("--mode"), "choose dense or inrank")
     if options.efficient and options.mode != "inrank":
         bad(f"{flag('--efficient')} is an InRank option", f"{flag('--mode')} dense", f"pass {flag('--mode')} inrank with {flag('--efficient')}")
-    inrank_only = [(name, flag_name) for name, flag_name, default in
-                   (("factorize", "--factorize", "mlp"), ("initial_rank", "--initial-rank", None),
-                    ("stage2_at", "--stage2-at", None), ("growth", "--growth", None))
-                   if getattr(options, name) != default]
+    defaults = {f.name: f.default for f in fields(TrainOptions)}
+    inrank_only = [(name, f"--{name.replace('_', '-')}") for name in ("factorize", "initial_rank", "stage2_at", "growth")
+                   if getattr(options, name) != defaults[name]]
     if inrank_only and options.mode != "inrank":
         name, flag_name = inrank_only[0]
         bad(f"{flag(flag_name)} is an InRank option", f"{flag('--mode')} {options.mode}",
