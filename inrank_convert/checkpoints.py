@@ -12,9 +12,11 @@ import hashlib
 import json
 import os
 import pickle
+import pickletools
 import re
 import shutil
 import struct
+import warnings
 import zipfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
@@ -259,18 +261,18 @@ def open_safetensors(file: Path):
 def load_state_dict_file(file: Path) -> dict[str, torch.Tensor]:
     """Load a pickled checkpoint safely and return its tensors (the ``state_dict`` of a Lightning file)."""
     try:
-        try:
-            obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as err:
-            if "mmap" not in str(err):
-                raise
-            # Files in the legacy (non-zip) format cannot be memory-mapped.
-            obj = torch.load(file, map_location="cpu", weights_only=True)
+        # torch's own warnings (e.g. "Detected pickle protocol 4") would precede our one-line message.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                obj = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as err:
+                if "mmap" not in str(err):
+                    raise
+                # Files in the legacy (non-zip) format cannot be memory-mapped.
+                obj = torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        raise CheckpointError(
-            "refusing to load a pickle that needs more than weights_only (it holds arbitrary Python objects)",
-            str(file), "re-save its state_dict with safetensors or torch.save(model.state_dict()) where you trust it",
-        ) from err
+        raise _refused_pickle(file, err) from err
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"cannot read checkpoint (truncated or corrupt: {first_line})", str(file),
@@ -287,6 +289,31 @@ def load_state_dict_file(file: Path) -> dict[str, torch.Tensor]:
     if not tensors:
         raise CheckpointError("no tensors in checkpoint", str(file), "point at a file that holds the model's weights")
     return tensors
+
+
+def _refused_pickle(file: Path, err: pickle.UnpicklingError) -> CheckpointError:
+    """Why the weights-only unpickler refused ``file``, told apart without unpickling anything.
+
+    torch's message is the same for three different files: a torch.save file holding Python
+    objects beyond tensors, a raw ``pickle.dump`` (its protocol-4 FRAME opcode is refused), and
+    bytes that are no pickle at all. ``pickletools.genops`` only parses opcodes, never runs them.
+    """
+    unsupported = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    if zipfile.is_zipfile(file) or unsupported is not None:
+        what = f" such as {unsupported.group(1)}" if unsupported is not None else ""
+        return CheckpointError(
+            f"refusing to load a pickle that needs more than weights_only (it holds arbitrary Python objects{what})",
+            str(file), "re-save its state_dict with safetensors or torch.save(model.state_dict()) where you trust it")
+    try:
+        with open(file, "rb") as handle:
+            for _ in pickletools.genops(handle):
+                pass
+    except Exception:  # noqa: BLE001 - any parse failure means the same thing: not a pickle
+        return CheckpointError("not a readable checkpoint (neither safetensors, a torch.save file, nor a pickle)",
+                               str(file), "point at the model's weights file, or re-download it")
+    return CheckpointError(
+        "refusing to unpickle a raw Python pickle (not written by torch.save; loading it could run code)",
+        str(file), "re-save its state_dict with safetensors or torch.save(model.state_dict()) where you trust it")
 
 
 def strip_common_prefix(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], str]:
@@ -359,9 +386,17 @@ def open_weights(path: str | Path) -> Checkpoint:
 def _shards_from_index(index: Path) -> list[Path]:
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError("cannot parse shard index (expected a 'weight_map')", str(index),
                               "re-save the model with save_pretrained") from err
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError("the shard index's 'weight_map' is not a mapping of tensor names to shard files",
+                              str(index), "re-save the model with save_pretrained")
+    for name, shard in weight_map.items():
+        # A shard is a file of this folder: a path elsewhere ("../x", "/etc/x") is never followed.
+        if not isinstance(shard, str) or not shard or Path(shard).name != shard:
+            raise CheckpointError(f"the shard index maps {name!r} to {shard!r}, not a file name in its folder",
+                                  str(index), "re-save the model with save_pretrained")
     files = [index.parent / shard for shard in dict.fromkeys(weight_map.values())]
     missing = [f.name for f in files if not f.is_file()]
     if missing:

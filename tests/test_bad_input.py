@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import signal
@@ -190,6 +191,19 @@ def test_broken_artifact_file(models, tmp_path, how):
     for args, output in ((["inspect", artifact], None), (["verify", artifact], None),
                          (["decompress", artifact, "-o", out], out)):
         expect_error(args, says=(str(artifact), "corrupt"), output=output, inputs=(artifact,))
+
+
+@pytest.mark.parametrize("weight_map", ['"oops"', '{"a": 5}', '{}', '["model.safetensors"]',
+                                        '{"h.0.attn.c_attn.weight": "../elsewhere.safetensors"}',
+                                        '{"h.0.attn.c_attn.weight": "/etc/passwd"}'])
+def test_malformed_shard_index(models, tmp_path, weight_map):
+    folder = tmp_path / "sharded"
+    shutil.copytree(models.gpt2.trained_dir, folder)
+    (folder / "model.safetensors.index.json").write_text(f'{{"metadata": {{}}, "weight_map": {weight_map}}}')
+    out = tmp_path / "out"
+    expect_error(["compress", folder, "--init", models.gpt2.init_dir, "-o", out],
+                 says=("model.safetensors.index.json", ("weight_map", "shard")), output=out,
+                 inputs=(folder, models.root))
 
 
 # --------------------------------------------------------------------------- 4. init does not match
@@ -477,6 +491,32 @@ def test_pickle_without_a_state_dict(models, tmp_path):
     out = tmp_path / "out"
     expect_error(["compress", saved, "--no-init", "-o", out], says=(str(saved), "state"), output=out,
                  inputs=(saved,))
+
+
+def test_random_bytes_are_not_called_a_pickle(models, tmp_path):
+    folder = tmp_path / "noise-model"
+    folder.mkdir()
+    shutil.copyfile(models.gpt2.trained_dir / "config.json", folder / "config.json")
+    noise = folder / "pytorch_model.bin"
+    noise.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0),
+                                    dtype=torch.uint8).numpy().tobytes())
+    out = tmp_path / "out"
+    line = expect_error(["compress", folder, "--init", models.gpt2.init_dir, "-o", out],
+                        says=(str(noise), "not a readable checkpoint"), output=out, inputs=(folder, models.root))
+    assert "arbitrary" not in line
+
+
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_raw_pickle_is_refused_in_one_line_without_torch_warnings(models, tmp_path, protocol):
+    """``pickle.dump`` of a state dict: torch warns about the protocol before refusing it; the
+    user sees one line, whatever the file holds (tensors only, or a Python object too)."""
+    for name, state in (("tensors.bin", dict(models.gpt2.trained_state)),
+                        ("gadget.bin", {**models.gpt2.trained_state, "gadget": Gadget()})):
+        raw = tmp_path / f"p{protocol}-{name}"
+        raw.write_bytes(pickle.dumps(state, protocol=protocol))
+        out = tmp_path / "out"
+        expect_error(["compress", raw, "--init", models.gpt2.init_dir, "-o", out],
+                     says=(str(raw), ("pickle", "arbitrary")), output=out, inputs=(raw, models.root))
 
 
 # --------------------------------------------------------------------------- 13. killed midway
