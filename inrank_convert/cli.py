@@ -234,7 +234,8 @@ def compress_command(
         check_options(options)
         inputs = open_inputs(ckpt, init, init_seed, no_init, embed_init)
         try:
-            plan = plan_compression(inputs, options).to_json()
+            plan = plan_compression(inputs, options).to_json(str(Path(inputs.trained.path).resolve()),
+                                                             inputs.reference.mode)
         finally:
             inputs.close()
         console.emit_json(plan) if json_output else console.render_plan(plan)

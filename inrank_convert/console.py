@@ -132,9 +132,11 @@ def render_plan(plan: dict) -> None:
     table.add_column("tensor", overflow="fold")
     for column in ("shape", "dtype", "action", "max rank that pays", "bytes", "why"):
         table.add_column(column)
-    for entry in plan["tensors"]:
+    for entry in plan["layers"]:
         table.add_row(entry["name"], "x".join(map(str, entry["shape"])), entry["dtype"], entry["action"],
-                      _rank(entry["breakeven_rank"]), human_bytes(entry["bytes"]), entry["reason"])
+                      _rank(entry["breakeven_rank"]), human_bytes(entry["original_bytes"]), entry["reason"])
+    for alias, canonical in plan["tied"].items():
+        table.add_row(alias, "", "", "alias", "", "", f"tied to {canonical}")
     stdout.print(table)
     stdout.print(f"original size {human_bytes(plan['original_bytes'])}")
 

@@ -111,13 +111,20 @@ class Plan:
     def tied(self) -> dict[str, str]:
         return {entry.name: entry.alias_of for entry in self.entries if entry.action == "alias"}
 
-    def to_json(self) -> dict:
+    def to_json(self, source: str, reference: str) -> dict:
+        """``compress --dry-run --json``: compress's own JSON shape (DESIGN §6) with what only the
+        factorization can tell left null (kind, rank, bytes, ratio) and each tensor's planned action."""
         options = self.options
         rule = (f"target ratio {options.target_ratio:g}" if options.target_ratio is not None
                 else f"target size {options.target_size} bytes" if options.target_size is not None
                 else options.rule.describe())
-        return {"rule": rule, "original_bytes": self.original_bytes,
-                "tensors": [entry.to_json() for entry in self.entries]}
+        layers = [{"name": entry.name, "shape": list(entry.shape), "dtype": dtype_name(entry.dtype), "kind": None,
+                   "rank": None, "bytes": None, "original_bytes": entry.nbytes, "action": entry.action,
+                   "reason": entry.reason, "breakeven_rank": entry.breakeven_rank}
+                  for entry in self.entries if entry.action != "alias"]
+        return {"dry_run": True, "output": None, "source": source, "reference": reference, "rule": rule,
+                "original_bytes": self.original_bytes, "compressed_bytes": None, "ratio": None, "seconds": None,
+                "tied": self.tied, "notes": [], "layers": layers}
 
 
 def embedding_parameter_names(config: dict | None, names: list[str]) -> set[str]:
@@ -166,6 +173,14 @@ def find_ties(checkpoint: Checkpoint, infos: dict[str, TensorInfo]) -> dict[str,
                 if torch.equal(first, checkpoint.get(other)):
                     ties[other] = same_row[0]
     return ties
+
+
+def dense_tensor_bytes(checkpoint: Checkpoint) -> int:
+    """A checkpoint's size as compress counts it (a plan's ``original_bytes``): the dense bytes of
+    its tensors, tied ones once, no file headers."""
+    infos = checkpoint.infos()
+    ties = find_ties(checkpoint, infos)
+    return sum(info.nbytes for name, info in infos.items() if name not in ties)
 
 
 def grown_rows(trained: TensorInfo, reference: TensorInfo) -> int | None:

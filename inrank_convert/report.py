@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .artifact import Manifest, artifact_bytes, describe_artifact, is_artifact, read_manifest
-from .data import check_max_tokens, load_tokenizer, read_text, tokenize_text
+from .data import check_max_tokens, has_tokenizer, load_tokenizer, read_text, tokenize_text
 from .distributed import check_device
 from .errors import CheckpointError, MismatchError, UsageError, flag
 from .evaluate import (
@@ -28,6 +28,7 @@ from .evaluate import (
     window_length,
 )
 from .modeling import check_same_architecture, checkpoint_config, load_compressed, load_dense, model_config
+from .plan import dense_tensor_bytes
 from .sources import open_checkpoint
 from .tensors import dtype_name
 
@@ -130,13 +131,15 @@ def _original_spec(original: Path, artifact_config, manifest: Manifest, notes: l
         check_same_architecture(checkpoint, artifact_config, manifest, option)
         config = checkpoint_config(checkpoint, artifact_config)
         kind = "artifact" if is_artifact(original) else "checkpoint"
-        files = artifact_bytes(original) if kind == "artifact" else sum(f.stat().st_size for f in checkpoint.files)
+        # One definition of a model's bytes everywhere (compress, inspect, report): a checkpoint's dense
+        # tensor bytes (tied weights once, no file headers), an artifact's files on disk.
+        size = artifact_bytes(original) if kind == "artifact" else dense_tensor_bytes(checkpoint)
         if recorded is not None and {f.name: f.stat().st_size for f in checkpoint.files} != recorded:
             notes.append(f"the source checkpoint changed since compression (file sizes differ): {original}")
     finally:
         checkpoint.close()
     # Always loaded dense (an artifact given as the original is reconstructed W_ref + B @ A).
-    return ModelSpec("original", "original", original, kind, config, files)
+    return ModelSpec("original", "original", original, kind, config, size)
 
 
 def _resolve_also(path: str | Path, artifact_config, manifest: Manifest, labels: set[str]) -> ModelSpec:
@@ -154,10 +157,28 @@ def _resolve_also(path: str | Path, artifact_config, manifest: Manifest, labels:
         if config is None:  # no config.json: only usable as the artifact's architecture
             check_same_architecture(checkpoint, artifact_config, manifest, f"{flag('--also')} {path}")
             config = artifact_config
-        size = sum(f.stat().st_size for f in checkpoint.files)
+        size = dense_tensor_bytes(checkpoint)
     finally:
         checkpoint.close()
     return ModelSpec(label, "also", path, "checkpoint", config, size)
+
+
+def _check_same_tokens(spec: ModelSpec, in_use: Path, tokens: torch.Tensor, text: str, max_tokens: int | None) -> None:
+    """Every model is scored on the same token ids; a model that ships its own tokenizer must split
+    the text into those same ids, or its perplexity is that of another model's tokens (a GPT-2
+    scored on LLaMA ids gives a number in the tens of thousands that looks like a result)."""
+    folder = spec.path if spec.path.is_dir() else spec.path.parent
+    if not has_tokenizer(folder) or folder.resolve() == in_use.resolve():
+        return
+    own = tokenize_text(text, load_tokenizer(folder), max_tokens)
+    if torch.equal(own, tokens):
+        return
+    common = min(own.numel(), tokens.numel())
+    mismatch = (own[:common] != tokens[:common]).nonzero()
+    differs = int(mismatch[0, 0]) if mismatch.numel() else common
+    raise UsageError(f"{spec.label} has its own tokenizer, which splits the text differently from the one in use "
+                     f"({in_use}; first difference at token {differs}): perplexities on different tokens do not compare",
+                     str(spec.path), "report models that share a tokenizer (compare other models in a report of their own)")
 
 
 def report(artifact: str | Path, data: str | Path, original: str | Path | None = None, also: Sequence[str | Path] = (),
@@ -199,6 +220,9 @@ def report(artifact: str | Path, data: str | Path, original: str | Path | None =
                                       if original_spec is not None else [])
     tok = load_tokenizer(tokenizer_folders, tokenizer)
     tokens = tokenize_text(text, tok, max_tokens, str(data))
+    in_use = Path(tokenizer) if tokenizer is not None else next(f for f in tokenizer_folders if has_tokenizer(f))
+    for spec in specs:
+        _check_same_tokens(spec, in_use, tokens, text, max_tokens)
     for spec in specs:
         check_vocabulary(tokens, getattr(spec.config, "vocab_size", None), f"{spec.label} ({spec.path})")
     check_text_length(tokens.numel(), length, max_tokens)

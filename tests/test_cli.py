@@ -55,8 +55,18 @@ def test_dry_run_writes_nothing(tmp_path, gpt2_pair):
     plan = run_json("compress", gpt2_pair.trained_dir, "--init", gpt2_pair.init_dir, "-o", tmp_path / "out",
                     "--dry-run", "--no-embeddings")
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".inrank-tmp-*"))
-    actions = {entry["name"]: entry["action"] for entry in plan["tensors"]}
+    actions = {entry["name"]: entry["action"] for entry in plan["layers"]}
     assert actions["transformer.wte.weight"] == "dense" and actions["transformer.h.0.mlp.c_fc.weight"] == "factorize"
+    # The same JSON shape as compress --json: every key of the real run, with what only the SVD can tell null.
+    done = run_json("compress", gpt2_pair.trained_dir, "--init", gpt2_pair.init_dir, "-o", tmp_path / "real",
+                    "--no-embeddings")
+    assert set(plan) - {"dry_run"} == set(done) and plan["dry_run"] is True
+    assert plan["original_bytes"] == done["original_bytes"] and plan["tied"] == done["tied"]
+    assert plan["source"] == done["source"] and plan["reference"] == done["reference"] and plan["rule"] == done["rule"]
+    assert [layer["name"] for layer in plan["layers"]] == [layer["name"] for layer in done["layers"]]
+    assert all(set(real) <= set(planned) | {"energy", "svd", "storage", "error"}
+               for planned, real in zip(plan["layers"], done["layers"], strict=True))
+    assert plan["ratio"] is None and all(layer["rank"] is None for layer in plan["layers"])
     table = run("compress", gpt2_pair.trained_dir, "--init", gpt2_pair.init_dir, "--dry-run")
     assert "factorize" in table.stdout and "nothing written" in table.stdout
 

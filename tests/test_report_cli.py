@@ -110,8 +110,10 @@ def test_report_json_has_every_key(report_json, models):
     assert report_json["layers"] and all(LAYER_KEYS <= set(layer) for layer in report_json["layers"])
     original, compressed, half = report_json["models"]
     assert original["path"] == str(models.trained.resolve())  # the recorded source, by default
-    assert report_json["original_bytes"] == original["bytes"] == (models.trained / "model.safetensors").stat().st_size
     inspected = json.loads(ok("inspect", models.full, "--json").stdout)
+    # One definition everywhere: dense tensor bytes (tied once, no file header), as compress/inspect count them.
+    assert report_json["original_bytes"] == original["bytes"] == inspected["original_bytes"]
+    assert original["bytes"] < (models.trained / "model.safetensors").stat().st_size  # the header is not counted
     assert report_json["compressed_bytes"] == compressed["bytes"] == inspected["compressed_bytes"]
     assert report_json["ratio"] == pytest.approx(compressed["bytes"] / original["bytes"])
     assert half["ratio"] < 0.05 and half["parameters"] < original["parameters"] / 20
@@ -288,3 +290,39 @@ def test_generate_json_and_merge(models):
 ])
 def test_bad_generate_options(models, options, says):
     expect_error("generate", models.full, *options, says=says)
+
+
+def _word_level_tokenizer(folder: Path) -> None:
+    """A real tokenizer that is not GPT-2's: whole words, ids in GPT-2's range (so that only the
+    tokenizer comparison, not the vocabulary-size check, can tell the models apart)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = sorted(set(WIKI_TEST.read_text(encoding="utf-8").split()[:4000]))
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, **{w: i + 1 for i, w in enumerate(words)}}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    for name in ("vocab.json", "merges.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (folder / name).unlink(missing_ok=True)
+    tokenizer.save(str(folder / "tokenizer.json"))
+
+
+@pytest.mark.parametrize("option", ["--also", "--original"])
+def test_a_model_with_another_tokenizer_is_refused(models, tmp_path, option):
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(models.trained, other)
+    _word_level_tokenizer(other)
+    line = expect_error("report", models.full, "--data", WIKI_TEST, "--max-tokens", 512, option, other,
+                        says=("own tokenizer", "splits the text differently", str(other)))
+    assert "first difference at token" in line
+
+
+def test_a_model_with_the_same_tokenizer_files_is_accepted(models, tmp_path):
+    """The check compares token ids, not folders: a copy of the model with its tokenizer is scored."""
+    same = tmp_path / "same-tokenizer"
+    shutil.copytree(models.trained, same)
+    payload = json.loads(ok("report", models.full, "--data", WIKI_TEST, "--max-tokens", 512, "--also", same,
+                            "--json").stdout)
+    rows = {row["label"]: row for row in payload["models"]}
+    assert rows["same-tokenizer"]["perplexity"] == pytest.approx(rows["original"]["perplexity"], rel=1e-6)
+    # One definition of bytes: a checkpoint's dense tensor bytes, as compress and inspect count them.
+    inspected = json.loads(ok("inspect", models.full, "--json").stdout)
+    assert rows["same-tokenizer"]["bytes"] == rows["original"]["bytes"] == inspected["original_bytes"]
