@@ -26,6 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError, flag
+from .hub import resolve_model
 from .tensors import SAFETENSORS_DTYPES, dtype_size, numel, shared_storage_groups
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
@@ -347,9 +348,9 @@ def _weights_in_folder(folder: Path) -> bool:
 
 def open_weights(path: str | Path) -> Checkpoint:
     """Open a raw weights form of DESIGN §2: a Hugging Face folder (single or sharded safetensors,
-    pytorch_model.bin), or one .safetensors/.bin/.pt/.ckpt file. Artifacts and run folders are
-    ``sources.open_checkpoint``'s business."""
-    path = Path(path)
+    pytorch_model.bin), or one .safetensors/.bin/.pt/.ckpt file; a hub id not a local path is read
+    from the Hugging Face cache. Artifacts and run folders are ``sources.open_checkpoint``'s business."""
+    path = resolve_model(path)
     if not path.exists():
         raise CheckpointError("no such file or folder", str(path), "check the path")
     if path.is_file():

@@ -86,6 +86,10 @@ def _dtype(name: str | None) -> torch.dtype | None:
 InitOpt = Annotated[Path | None, typer.Option("--init", help="Init or base checkpoint (any CKPT form): update = W - W_init.")]
 InitSeedOpt = Annotated[int | None, typer.Option("--init-seed", help="Init = from_config(config.json) under torch.manual_seed(N); stores only the recipe.")]
 NoInitOpt = Annotated[bool, typer.Option("--no-init", help="Reference is zero: factorize the weights themselves.")]
+RevisionOpt = Annotated[str | None, typer.Option(
+    "--revision", help="CKPT as a Hugging Face hub id: the branch, tag or commit to read from the cache (default main).")]
+InitRevisionOpt = Annotated[str | None, typer.Option(
+    "--init-revision", help="--init as a Hugging Face hub id: the branch, tag or commit to read from the cache.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda[:N]: where the SVDs run.")]
@@ -160,6 +164,26 @@ def _calibration_request(calibrate: Path | None, calib_tokens: int | None, token
     return CalibrationRequest(calibrate, *(() if calib_tokens is None else (calib_tokens,)), tokenizer=tokenizer)
 
 
+def _model_paths(ckpt: Path, revision: str | None, init: Path | None,
+                 init_revision: str | None) -> tuple[Path, Path | None]:
+    """CKPT and --init as local paths: a hub id (not a local path) becomes its snapshot folder in
+    the Hugging Face cache, at --revision / --init-revision."""
+    from .hub import resolve_model
+
+    if init_revision is not None and init is None:
+        raise UsageError("--init-revision selects a version of --init, but no --init was given", "--init-revision",
+                         "add --init HUB_ID, or drop --init-revision")
+    source = resolve_model(ckpt, revision)
+    return source, (resolve_model(init, init_revision, "--init-revision") if init is not None else None)
+
+
+def _default_output(ckpt: Path, source: Path) -> Path:
+    """CKPT-inrank beside CKPT; for a hub id (resolved elsewhere), NAME-inrank in the current folder."""
+    if source != ckpt:
+        return Path(f"{ckpt.name}-inrank")
+    return ckpt.with_name(ckpt.name.removesuffix(ckpt.suffix) + "-inrank")
+
+
 def _check_plot(plot: Path | None) -> None:
     """Fail on a missing matplotlib or a bad --plot path before minutes of work."""
     if plot is not None:
@@ -171,11 +195,14 @@ def _check_plot(plot: Path | None) -> None:
 @app.command("compress")
 @user_errors
 def compress_command(
-    ckpt: Annotated[Path, typer.Argument(help="HF folder, sharded folder, .safetensors/.bin/.pt/.ckpt, run folder or artifact.")],
+    ckpt: Annotated[Path, typer.Argument(help="HF folder, sharded folder, .safetensors/.bin/.pt/.ckpt, run folder, "
+                                             "artifact, or a Hugging Face hub id in the local cache.")],
     output: Annotated[Path | None, typer.Option("-o", "--output", help="Artifact folder to write (default: CKPT-inrank).")] = None,
     init: InitOpt = None,
     init_seed: InitSeedOpt = None,
     no_init: NoInitOpt = False,
+    revision: RevisionOpt = None,
+    init_revision: InitRevisionOpt = None,
     embed_init: Annotated[bool, typer.Option("--embed-init", help="Store the init tensors in the artifact so it stands alone.")] = False,
     threshold: Annotated[float | None, typer.Option(
         "--threshold", "-t", help="Fraction of each update kept, in (0, 1] (default 0.9).")] = None,
@@ -230,9 +257,10 @@ def compress_command(
     calibration = _calibration_request(calibrate, calib_tokens, tokenizer)
     options = _plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, include, exclude, float64, seed,
                             quantize, target_ratio, target_size)
+    source, init = _model_paths(ckpt, revision, init, init_revision)
     if dry_run:
         check_options(options)
-        inputs = open_inputs(ckpt, init, init_seed, no_init, embed_init)
+        inputs = open_inputs(source, init, init_seed, no_init, embed_init)
         try:
             plan = plan_compression(inputs, options).to_json(str(Path(inputs.trained.path).resolve()),
                                                              inputs.reference.mode)
@@ -240,7 +268,7 @@ def compress_command(
             inputs.close()
         console.emit_json(plan) if json_output else console.render_plan(plan)
         return
-    output = output or ckpt.with_name(ckpt.name.removesuffix(ckpt.suffix) + "-inrank")
+    output = output or _default_output(ckpt, source)
     silent = quiet or json_output
     if max_increase is not None:
         from .perplexity_target import compress_to_perplexity
@@ -250,7 +278,7 @@ def compress_command(
                 console.status(f"candidate of {step.bytes} bytes: perplexity {step.perplexity:.4g} "
                                f"({step.increase_percent:+.3f}%, {'within' if step.within else 'above'} the target)")
 
-        searched = compress_to_perplexity(ckpt, output, max_increase=max_increase, eval_text=eval_text,
+        searched = compress_to_perplexity(source, output, max_increase=max_increase, eval_text=eval_text,
                                           eval_tokens=eval_tokens, tokenizer=tokenizer, init=init, init_seed=init_seed,
                                           no_init=no_init, embed_init=embed_init, options=options, force=force,
                                           calibration=calibration, on_step=on_step,
@@ -263,7 +291,7 @@ def compress_command(
     else:
         with contextlib.ExitStack() as stack:
             bar = _PlanProgress(stack, "compressing", silent)
-            result = compress(ckpt, output, init=init, init_seed=init_seed, no_init=no_init, embed_init=embed_init,
+            result = compress(source, output, init=init, init_seed=init_seed, no_init=no_init, embed_init=embed_init,
                               options=options, force=force, calibration=calibration, on_plan=bar.start,
                               on_layer=lambda layer: bar.advance(f"{layer.name} {layer.kind} r={layer.rank}"))
         summary = result.to_json()
@@ -299,6 +327,8 @@ def spectrum_command(
     init: InitOpt = None,
     init_seed: InitSeedOpt = None,
     no_init: NoInitOpt = False,
+    revision: RevisionOpt = None,
+    init_revision: InitRevisionOpt = None,
     thresholds: Annotated[str, typer.Option("--thresholds", help="Comma-separated thresholds in (0, 1].")] = "0.5,0.8,0.9,0.99",
     criterion: CriterionOpt = "energy",
     device: DeviceOpt = "cpu",
@@ -322,9 +352,10 @@ def spectrum_command(
     values = parse_thresholds(thresholds)
     _check_plot(plot)
     options = _plan_options(0.9, None, criterion, "exact", device, None, embeddings, include, exclude, float64, 0)
+    source, init = _model_paths(ckpt, revision, init, init_revision)
     with contextlib.ExitStack() as stack:
         bar = _PlanProgress(stack, "spectra", quiet or json_output)
-        result = spectrum_report(ckpt, values, criterion, init=init, init_seed=init_seed, no_init=no_init,
+        result = spectrum_report(source, values, criterion, init=init, init_seed=init_seed, no_init=no_init,
                                  options=options, on_plan=bar.start, on_layer=bar.advance)
     if plot is not None:
         plot_spectrum(result, plot)
@@ -509,6 +540,8 @@ def sweep_command(
     init: InitOpt = None,
     init_seed: InitSeedOpt = None,
     no_init: NoInitOpt = False,
+    revision: RevisionOpt = None,
+    init_revision: InitRevisionOpt = None,
     device: DeviceOpt = "cpu",
     embeddings: EmbeddingsOpt = True,
     plot: Annotated[Path | None, typer.Option("--plot", help="Write bytes against perplexity, one line per series, to this PNG.")] = None,
@@ -526,7 +559,8 @@ def sweep_command(
     calibration = _calibration_request(calibrate, calib_tokens, tokenizer)
     _check_plot(plot)
     silent = quiet or json_output
-    result = sweep(ckpt, data, thresholds=_numbers(thresholds, "--thresholds", DEFAULT_THRESHOLDS),
+    source, init = _model_paths(ckpt, revision, init, init_revision)
+    result = sweep(source, data, thresholds=_numbers(thresholds, "--thresholds", DEFAULT_THRESHOLDS),
                    ratios=_numbers(ratios, "--ratios", DEFAULT_RATIOS), storages=(None, "int8") if int8 else (None,),
                    calibration=calibration, max_tokens=max_tokens, tokenizer=tokenizer, init=init, init_seed=init_seed,
                    no_init=no_init, options=PlanOptions(device=device, embeddings=embeddings),
@@ -619,7 +653,8 @@ def _finish_training(result, json_output: bool) -> None:
 @app.command("train")
 @user_errors
 def train_command(
-    source: Annotated[Path, typer.Argument(help="config.json (init = from_config under --seed) or a model folder used as the init.")],
+    source: Annotated[Path, typer.Argument(help="config.json (init = from_config under --seed) or a model folder (or a "
+                                               "Hugging Face hub id in the local cache) used as the init.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Run folder to create (step-0, step-N, metrics.jsonl).")],
     data: Annotated[Path, typer.Option("--data", help="Training text: a file or a folder of text files.")],
     steps: Annotated[int, typer.Option("--steps", help="Total optimizer steps.")],

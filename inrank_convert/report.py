@@ -27,6 +27,7 @@ from .evaluate import (
     plan_windows,
     window_length,
 )
+from .hub import resolve_model
 from .modeling import check_same_architecture, checkpoint_config, load_compressed, load_dense, model_config
 from .plan import dense_tensor_bytes
 from .sources import open_checkpoint
@@ -107,7 +108,7 @@ class ReportResult:
 def _resolve_original(original: str | Path | None, artifact_config, manifest: Manifest,
                       notes: list[str]) -> ModelSpec | None:
     if original is not None:
-        return _original_spec(Path(original), artifact_config, manifest, notes, flag("--original"), None)
+        return _original_spec(resolve_model(original), artifact_config, manifest, notes, flag("--original"), None)
     source = Path(manifest.source.path)
     if manifest.source.is_training:
         notes.append(f"a training checkpoint is its own original (no dense source to compare): pass {flag('--original')} CKPT")
@@ -143,11 +144,11 @@ def _original_spec(original: Path, artifact_config, manifest: Manifest, notes: l
 
 
 def _resolve_also(path: str | Path, artifact_config, manifest: Manifest, labels: set[str]) -> ModelSpec:
-    path = Path(path)
-    label = path.name or str(path)
+    label = Path(path).name or str(path)  # a hub id's name, not its snapshot's commit
     while label in labels:
         label += "'"
     labels.add(label)
+    path = resolve_model(path)
     if is_artifact(path):
         describe_artifact(path)  # validates format and version
         return ModelSpec(label, "also", path, "artifact", model_config(path), artifact_bytes(path))

@@ -24,6 +24,7 @@ from .checkpoints import (
     run_steps,
 )
 from .errors import CheckpointError, InitReferenceError, UsageError, flag
+from .hub import resolve_model
 from .reference import (
     CheckpointReference,
     Reference,
@@ -42,9 +43,10 @@ def is_run(path: Path) -> bool:
 
 
 def open_checkpoint(path: str | Path, init: str | Path | None = None) -> Checkpoint:
-    """Open any single-model input form: a Hugging Face folder, a weights file, or an artifact
-    (read as the dense model it stands for; ``init`` overrides its reference's location)."""
-    path = Path(path)
+    """Open any single-model input form: a Hugging Face folder, a weights file, an artifact (read
+    as the dense model it stands for; ``init`` overrides its reference's location), or a hub id in
+    the Hugging Face cache (any of those forms)."""
+    path = resolve_model(path)
     if path.is_dir() and is_artifact(path):
         return ArtifactCheckpoint(path, Path(init) if init is not None else None)
     return open_weights(path)
@@ -161,13 +163,15 @@ def open_inputs(source: str | Path, init: str | Path | None = None, init_seed: i
 
     A training-run folder's latest step is the trained model and its earliest the init (a
     seed recipe there, written by ``train``, turns it into a seed reference). An artifact is
-    measured against its own reference unless told otherwise.
+    measured against its own reference unless told otherwise. Hub ids are read from the Hugging
+    Face cache (``hub.resolve_model``).
     """
-    source = Path(source)
     if no_init and (init is not None or init_seed is not None):
         raise UsageError(f"{flag('--no-init')} conflicts with {flag('--init')}/{flag('--init-seed')}", None, "pass only one reference option")
     if no_init and embed_init:
         raise UsageError(f"{flag('--embed-init')} has nothing to embed with {flag('--no-init')}", None, "drop one of the two options")
+    source = resolve_model(source)
+    init = resolve_model(init) if init is not None else None
     explicit = init is not None or init_seed is not None or no_init
     run_folder = None
     default_init: Path | None = None

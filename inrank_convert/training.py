@@ -32,6 +32,7 @@ from .compress import compress
 from .data import cached_tokens, check_block_fits, load_tokenizer, read_text, tokenizer_fingerprint
 from .distributed import World, barrier, close_world, init_world, process_device
 from .errors import CheckpointError, MismatchError, OutputError, UsageError, flag
+from .hub import resolve_model
 from .modeling import load_compressed, load_dense, model_config
 from .outputs import atomic_output_dir, check_output_free
 from .plan import PlanOptions
@@ -128,6 +129,7 @@ def train(source: str | Path, run: str | Path, options: TrainOptions,
           on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Train from ``source`` (a config.json, or a model folder used as the init) into ``run``."""
     check_options(options)
+    source = resolve_model(source)  # a hub id: its snapshot folder in the Hugging Face cache
     run = Path(run)
     world = init_world(options.device)
     try:
@@ -196,7 +198,7 @@ def resume(source: str | Path, run: str | Path | None, overrides: dict, init: st
     ``overrides`` are the options given on the command line (None values are ignored); a run
     folder's own options fill in the rest, otherwise the defaults do.
     """
-    source = Path(source)
+    source = resolve_model(source)
     given = {k: v for k, v in overrides.items() if v is not None}
     if not source.exists():
         raise UsageError("no such run folder, artifact or checkpoint", str(source), "check the path")

@@ -11,6 +11,7 @@ import torch
 
 from .artifact import Artifact
 from .errors import ArtifactError, InrankError, MismatchError
+from .hub import resolve_model
 from .sources import open_artifact, open_checkpoint
 from .tensors import checksum
 
@@ -119,7 +120,7 @@ def _padded(base: torch.Tensor, rows: int) -> torch.Tensor:
 
 def _check_against_source(artifact: Artifact, source: str | Path | None, result: VerifyResult) -> None:
     recorded = artifact.manifest.source
-    source_path = Path(source) if source is not None else Path(recorded.path)
+    source_path = resolve_model(source) if source is not None else Path(recorded.path)
     if not source_path.exists():
         result.source_message = f"source checkpoint not found at {source_path}: reconstruction not measured"
         return
