@@ -1,6 +1,7 @@
 """Transformers module trees built from a config, never from weights: the seeded init a recipe
 stands for, an uninitialized model to fill, a meta-device model to read names and module types
-from, and the facts of a config every command needs (context length, GPT-2's Conv1D class).
+from, the facts of a config every command needs (context length, GPT-2's Conv1D class), and
+where a saved tensor name goes in the model (transformers' own checkpoint key mapping).
 
 ``transformers`` is imported inside the functions: commands that never build a model (inspect,
 verify, compress without --no-embeddings) do not pay for importing it.
@@ -8,6 +9,7 @@ verify, compress without --no-embeddings) do not pay for importing it.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import TYPE_CHECKING
 
 import torch
@@ -97,6 +99,34 @@ def empty_model(config: PretrainedConfig, dtype: torch.dtype) -> PreTrainedModel
                             config.model_type, "only causal language models can run from an artifact") from err
     model.tie_weights()  # part of weight init, which no_init_weights skipped
     return model
+
+
+def checkpoint_keys(model: torch.nn.Module, names: Iterable[str]) -> dict[str, str | None]:
+    """Saved tensor name -> the model's state-dict key it loads into, as ``from_pretrained`` maps it.
+
+    A checkpoint's names need not be the model's module paths: transformers 5 builds GPT-NeoX with
+    ``lm_head`` but saves (and loads) it as ``embed_out.weight``, a checkpoint of the base model
+    lacks the ``model.`` prefix, and old ones say ``LayerNorm.gamma``. This uses transformers' own
+    checkpoint conversion mapping and its renaming function, in the order its loader applies them,
+    so every architecture it knows maps as it does. A name that is already a key maps to itself. A
+    name transformers converts with tensor operations on load (fused or split: Mixtral's experts)
+    has no one-to-one key: None.
+    """
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [item for item in transforms if isinstance(item, WeightRenaming)]
+    converters = [item for item in transforms if isinstance(item, WeightConverter)]
+    state = model.state_dict()  # only its keys are read (on the meta device it holds no memory)
+    prefix = getattr(model, "base_model_prefix", None)
+    keys: dict[str, str | None] = {}
+    for name in names:
+        key, converted = rename_source_key(name, renamings, converters, prefix, state)
+        if key not in state and name in state:  # transformers' loader undoes a renaming that misses, too
+            key, converted = rename_source_key(name, [], [], prefix, state)
+        keys[name] = None if converted is not None else key
+    return keys
 
 
 def embedding_weight_names(model: torch.nn.Module) -> set[str]:

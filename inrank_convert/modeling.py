@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .architecture import conv1d_class, empty_model, replace_module
+from .architecture import checkpoint_keys, conv1d_class, empty_model, replace_module
 from .artifact import Artifact, Manifest
 from .checkpoints import Checkpoint
-from .errors import ArtifactError, CheckpointError, MismatchError
+from .errors import ArtifactError, CheckpointError, InrankError, MismatchError
 from .layers import LowRankLinear
 from .sources import open_artifact, open_checkpoint
 from .tensors import storage_key
@@ -77,18 +77,19 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowr
     conv1d = conv1d_class()
     modules = dict(model.named_modules())
     state = model.state_dict(keep_vars=True)
+    # The artifact keeps the names its source was saved under; transformers loads some of them into
+    # modules of another name (GPT-NeoX: embed_out.weight -> lm_head.weight).
+    places = checkpoint_keys(model, artifact.tensors)
     covered: set[str] = set()
     filled_storage: set[tuple[int, int]] = set()  # tensors holding their final values
     for name, entry in artifact.tensors.items():
-        covered.add(name)
+        key = _place(model, state, places, name, artifact.path)
+        covered.add(key)
         if entry.is_alias:
             continue
-        owner_name, _, attr = name.rpartition(".")
+        owner_name, _, attr = key.rpartition(".")
         owner = modules.get(owner_name)
-        if owner is None or name not in state:
-            raise ArtifactError(f"tensor {name!r} has no place in a {model.config.model_type} model", str(artifact.path),
-                                "the artifact's config.json does not describe the model it was made from")
-        target = state[name]
+        target = state[key]
         if tuple(target.shape) != entry.shape:
             raise ArtifactError(f"tensor {name!r} has shape {list(entry.shape)}, the model expects {list(target.shape)}",
                                 str(artifact.path), "the artifact's config.json does not match its tensors")
@@ -111,10 +112,11 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowr
     # and wte) filling one filled both; when it does not (equal values in an untied model, or a
     # canonical swapped out for a LowRankLinear) the alias's own parameter must be filled too.
     for name, of in artifact.manifest.aliases().items():
-        target = state.get(name)
-        if target is None or tuple(target.shape) != artifact.tensors[of].shape:
-            raise ArtifactError(f"tied tensor {name!r} has no place in a {model.config.model_type} model",
-                                str(artifact.path), "the artifact's config.json does not match its tensors")
+        target = state[places[name]]  # _place checked it above
+        if tuple(target.shape) != artifact.tensors[of].shape:
+            raise ArtifactError(f"tied tensor {name!r} has shape {list(target.shape)} in the model, the tensor it is "
+                                f"tied to {list(artifact.tensors[of].shape)}", str(artifact.path),
+                                "the artifact's config.json does not match its tensors")
         if storage_key(target) not in filled_storage:
             with torch.no_grad():
                 target.copy_(artifact.reconstruct(name))
@@ -123,6 +125,26 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowr
     if missing:
         raise ArtifactError(f"artifact lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:3])}",
                             str(artifact.path), "the artifact's config.json does not match its tensors")
+
+
+def _place(model: nn.Module, state: dict, places: dict[str, str | None], name: str, where: Path | str,
+           error: type[InrankError] = ArtifactError, config_file: str = "the artifact's config.json") -> str:
+    """The model's state-dict key for the saved tensor ``name``, or an error that says why it has none."""
+    key = places[name]
+    model_type = model.config.model_type
+    if key is None:
+        raise error(f"tensor {name!r} is one transformers fuses or splits with others when it loads a {model_type} "
+                    "model, so inrank-convert cannot load it tensor by tensor", str(where),
+                    "run 'inrank-convert decompress' and load the dense folder with from_pretrained")
+    if key not in state:
+        import transformers
+
+        loaded_as = f" (loaded as {key!r})" if key != name else ""
+        raise error(f"tensor {name!r}{loaded_as} is no parameter of the {model_type} model that transformers "
+                    f"{transformers.__version__} builds from {config_file}", str(where),
+                    "the config.json must be the one saved with these weights; if it is, the transformers that saved "
+                    "them names this architecture's weights otherwise: use that version")
+    return key
 
 
 def checkpoint_config(checkpoint: Checkpoint, fallback: PretrainedConfig | None = None) -> PretrainedConfig | None:
@@ -178,18 +200,18 @@ def load_dense(path: str | Path, config: PretrainedConfig, device: str | torch.d
         model = empty_model(config, dtype)
         state = model.state_dict(keep_vars=True)
         filled = set()
-        for name in checkpoint.names():
-            target = state.get(name)
-            if target is None:
-                raise MismatchError(f"tensor {name!r} has no place in a {config.model_type} model", str(path),
-                                    "its config.json does not describe these weights")
+        names = checkpoint.names()
+        places = checkpoint_keys(model, names)  # saved name -> the model's key, as from_pretrained maps it
+        for name in names:
+            key = _place(model, state, places, name, path, MismatchError, "its config.json")
+            target = state[key]
             tensor = checkpoint.get(name)
             if tuple(tensor.shape) != tuple(target.shape):
                 raise MismatchError(f"tensor {name!r} has shape {list(tensor.shape)}, the model expects "
                                     f"{list(target.shape)}", str(path), "its config.json does not describe these weights")
             with torch.no_grad():
                 target.copy_(tensor)
-            filled.add(name)
+            filled.add(key)
             del tensor
     finally:
         checkpoint.close()

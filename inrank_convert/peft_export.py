@@ -22,6 +22,9 @@ carried (checked against peft 0.21's loader, and tested end to end in tests/test
   its weight. ``lora_bias`` would be the other candidate, but PEFT refuses it on embedding layers;
 - any other changed tensor (LayerNorm / RMSNorm weights, a dense matrix whose reference is not
   known): its module goes to ``modules_to_save`` (a full copy of that small leaf module);
+- an embedding whose forward is not ``nn.Embedding``'s (OPT's learned positions are called with the
+  attention mask and look up position + 2): PEFT's LoRA embedding would look up the wrong rows and
+  crash, so the trained module goes to ``modules_to_save`` even when its update is low rank;
 - tied weights (GPT-2's ``lm_head`` shares ``wte``): every module that uses the tensor gets the
   same update (the LoRA of an ``nn.Embedding`` and of the tied ``nn.Linear`` head), so the adapter
   is right whether or not the base model keeps the tie. Only ``merge_and_unload()`` on a tied base

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .architecture import conv1d_class, meta_model
+from .architecture import checkpoint_keys, conv1d_class, meta_model
 from .artifact import Artifact
 from .errors import UsageError
 from .modeling import model_config
@@ -66,7 +66,11 @@ def _layout(module: torch.nn.Module) -> str | None:
     if isinstance(module, conv1d_class()):
         return "conv1d"
     if isinstance(module, torch.nn.Embedding):
-        return "embedding"
+        # PEFT's LoRA embedding looks up its input ids in lora_embedding_A: right only for a plain lookup.
+        # A subclass with its own forward maps its input otherwise (OPT's learned positions take the
+        # attention mask and add an offset of 2; Gemma 3's scaled embedding multiplies the rows): such a
+        # module goes whole to modules_to_save.
+        return "embedding" if type(module).forward is torch.nn.Embedding.forward else None
     if isinstance(module, torch.nn.Linear):
         return "linear"
     return None
@@ -97,12 +101,16 @@ def plan_adapter(artifact: Artifact, model) -> AdapterPlan:
 
     # Every state-dict key of the model -> the artifact tensor that holds its value. A key missing from
     # the artifact may be tied to one that is there (GPT-2's lm_head.weight: Hugging Face drops it on save).
+    # The artifact keeps its source's saved names, which transformers maps to keys on load (GPT-NeoX:
+    # embed_out.weight -> lm_head.weight); the adapter addresses modules by their keys.
+    places = checkpoint_keys(model, tensors)
+    saved = {key: name for name, key in places.items() if key is not None}
     shared: dict[int, list[str]] = {}
     for key, tensor in state.items():
         shared.setdefault(id(tensor), []).append(key)
     source: dict[str, str] = {}
     for key, tensor in state.items():
-        found = next((name for name in (key, *shared[id(tensor)]) if name in tensors), None)
+        found = next((saved[name] for name in (key, *shared[id(tensor)]) if name in saved), None)
         if found is not None:
             source[key] = artifact.canonical(found)
 
@@ -151,9 +159,10 @@ def plan_adapter(artifact: Artifact, model) -> AdapterPlan:
     used = set(source.values())
     for name, entry in tensors.items():
         if not entry.is_alias and name not in used and changed(name):
-            raise UsageError(f"tensor {name!r} changed but is no parameter of {type(model).__name__} built from "
-                             "config.json, so a PEFT adapter cannot carry it", str(artifact.path),
-                             "use 'inrank-convert decompress' for the dense model")
+            what = ("is one transformers fuses or splits with others on load (no module holds it alone)"
+                    if places[name] is None else f"is no parameter of {type(model).__name__} built from config.json")
+            raise UsageError(f"tensor {name!r} changed but {what}, so a PEFT adapter cannot carry it",
+                             str(artifact.path), "use 'inrank-convert decompress' for the dense model")
 
     module_keys: dict[str, dict[str, str]] = {}
     for module_name in sorted(to_save):
@@ -214,7 +223,8 @@ def plan_adapter(artifact: Artifact, model) -> AdapterPlan:
 def _carried_in_full(tensors: dict, targets: list[LoraTarget], module_keys: dict[str, dict[str, str]]
                      ) -> list[CarriedInFull]:
     """The tensors the adapter carries whole although the artifact stores them compactly: every
-    lowrank+rows tensor (PEFT has no row-sparse LoRA) and every tensor of a grown vocabulary."""
+    lowrank+rows tensor (PEFT has no row-sparse LoRA), every tensor of a grown vocabulary, and a
+    low-rank weight of a module PEFT's LoRA cannot wrap (OPT's learned position embedding)."""
     found: dict[str, CarriedInFull] = {}
 
     def add(name: str, module: str, how: str, nbytes: int) -> None:
@@ -229,7 +239,7 @@ def _carried_in_full(tensors: dict, targets: list[LoraTarget], module_keys: dict
     for module, keys in module_keys.items():
         for name in keys.values():
             entry = tensors[name]
-            if entry.kind == "lowrank+rows" or entry.reference_rows is not None:
+            if entry.has_factors or entry.reference_rows is not None:
                 add(name, module, "modules_to_save", math.prod(entry.shape) * entry.dtype.itemsize)
     for name, item in found.items():
         entry = tensors[name]
@@ -244,6 +254,10 @@ def _carried_in_full(tensors: dict, targets: list[LoraTarget], module_keys: dict
         elif item.how == "full_rank_lora":
             item.why = (f"{name} is {form}, and PEFT has no row-sparse LoRA: {where} carry its whole update as an "
                         f"exact full-rank LoRA (delta @ I, {_size(item.bytes)})")
+        elif entry.kind == "lowrank":
+            item.why = (f"{name} is lowrank (rank {entry.rank or 0}), but PEFT's LoRA would change what {where} "
+                        f"computes (its forward is not a plain Linear/Embedding one): saved whole "
+                        f"(modules_to_save, {_size(item.bytes)})")
         else:
             item.why = (f"{name} is {form} and its reference is not known: {where} saved whole "
                         f"(modules_to_save, {_size(item.bytes)})")

@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from .architecture import config_from_dict, embedding_weight_names, meta_model
+from .architecture import checkpoint_keys, config_from_dict, embedding_weight_names, meta_model
 from .artifact.storage import element_bytes, vector_overhead
 from .checkpoints import Checkpoint, TensorInfo
 from .errors import MismatchError, flag
@@ -137,7 +137,10 @@ def embedding_parameter_names(config: dict | None, names: list[str]) -> set[str]
         try:
             model_config = config_from_dict(config)
             if model_config is not None:
-                return embedding_weight_names(meta_model(model_config))
+                model = meta_model(model_config)
+                embeddings = embedding_weight_names(model)
+                # Saved names are not always module paths (GPT-NeoX saves lm_head as embed_out.weight).
+                return embeddings | {name for name, key in checkpoint_keys(model, names).items() if key in embeddings}
         except Exception:  # noqa: BLE001 - a custom architecture transformers cannot build: fall back to names
             pass
     return {name for name in names if _EMBEDDING_NAME.search(name)}

@@ -46,7 +46,7 @@ def build_model(config, seed: int):
     return AutoModelForCausalLM.from_config(config)
 
 
-def planted_update(shape, rank: int, scale: float, generator: torch.Generator) -> torch.Tensor:
+def planted_update(shape, rank: int, scale: float, generator: torch.Generator, noise: float = NOISE) -> torch.Tensor:
     rows, cols = shape
     left = torch.randn(rows, rank, generator=generator)
     right = torch.randn(rank, cols, generator=generator)
@@ -54,13 +54,15 @@ def planted_update(shape, rank: int, scale: float, generator: torch.Generator) -
     weights = torch.linspace(1.0, 0.3, rank)
     update = (left * weights) @ right
     update *= scale / update.norm()
-    noise = torch.randn(rows, cols, generator=generator)
-    return update + noise * (NOISE * scale / noise.norm())
+    if not noise:  # an exactly rank-k update (no noise draw: the generator's stream is the caller's)
+        return update
+    extra = torch.randn(rows, cols, generator=generator)
+    return update + extra * (noise * scale / extra.norm())
 
 
 def train_state(init_state: dict[str, torch.Tensor], seed: int = 1, rank: int = PLANTED_RANK,
-                unchanged: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-    """init + planted rank-k update (+ noise) on every 2-D tensor; small shifts on 1-D ones."""
+                unchanged: tuple[str, ...] = (), noise: float = NOISE) -> dict[str, torch.Tensor]:
+    """init + planted rank-k update (+ noise, relative to its norm) on every 2-D tensor; small shifts on 1-D ones."""
     generator = torch.Generator().manual_seed(seed)
     trained = {}
     seen: dict[int, str] = {}
@@ -74,7 +76,7 @@ def train_state(init_state: dict[str, torch.Tensor], seed: int = 1, rank: int = 
             trained[name] = tensor.clone()
         elif tensor.ndim == 2:
             scale = 0.3 * float(tensor.norm())
-            trained[name] = tensor + planted_update(tensor.shape, rank, scale, generator)
+            trained[name] = tensor + planted_update(tensor.shape, rank, scale, generator, noise)
         else:
             trained[name] = tensor + 0.01 * torch.randn(tensor.shape, generator=generator)
     return trained

@@ -88,7 +88,7 @@ def test_missing_config_is_a_clear_error(tmp_path, gpt2_pair):
 def test_config_of_another_model_is_refused(tmp_path, gpt2_pair, llama_pair):
     out = compressed(tmp_path, gpt2_pair)
     shutil.copy(llama_pair.trained_dir / "config.json", out / "config.json")
-    with pytest.raises(ArtifactError, match="no place in a llama model"):
+    with pytest.raises(ArtifactError, match="no parameter of the llama model"):
         load_compressed(out)
 
 
