@@ -212,7 +212,7 @@ def test_gpt_neox_head_saved_as_embed_out_is_an_embedding(tmp_path):
     """--no-embeddings keeps GPT-NeoX's head dense: it is the module lm_head, saved as embed_out.weight."""
     init, trained = make_models("gpt_neox", tmp_path)
     plan = json.loads(expect_ok(["compress", trained, "--init", init, "--no-embeddings", "--dry-run", "--json"]).stdout)
-    actions = {item["name"]: item["action"] for item in plan["tensors"]}
+    actions = {item["name"]: item["action"] for item in plan["layers"]}
     assert actions["embed_out.weight"] == actions["gpt_neox.embed_in.weight"] == "dense"
     assert actions["gpt_neox.layers.0.mlp.dense_h_to_4h.weight"] != "dense"
 
