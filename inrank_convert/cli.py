@@ -97,6 +97,9 @@ CriterionOpt = Annotated[str, typer.Option("--criterion", help="energy: sum(s[:r
 EmbeddingsOpt = Annotated[bool, typer.Option("--embeddings/--no-embeddings", help="Factorize embeddings and an untied LM head.")]
 IncludeOpt = Annotated[list[str] | None, typer.Option("--include", help="Glob over parameter names; only matches are factorized (repeatable).")]
 ExcludeOpt = Annotated[list[str] | None, typer.Option("--exclude", help="Glob over parameter names kept dense (repeatable).")]
+EvalDeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda[:N]: where the models run.")]
+TokenizerOpt = Annotated[Path | None, typer.Option(
+    "--tokenizer", help="Tokenizer folder (tokenizer.json, or GPT-2 vocab.json + merges.txt); default: the artifact's.")]
 
 
 class _PlanProgress:
@@ -398,27 +401,55 @@ def export_peft_command(
     artifact: Annotated[Path, typer.Argument(help="Artifact folder written by compress.")],
     output: Annotated[Path, typer.Option("-o", "--output", help="Adapter folder to write.")],
     init: Annotated[Path | None, typer.Option("--init", help="Use this init instead of the recorded one.")] = None,
+    target: Annotated[str, typer.Option(
+        "--target", help="peft: exact (LoRA, biases, modules_to_save); vllm: LoRA on linear projections only, "
+                         "what vLLM serves (the rest is listed as dropped).")] = "peft",
+    max_rank: Annotated[int | None, typer.Option(
+        "--max-rank", help="--target vllm: the largest LoRA rank, at most 512 (default 512); a larger update "
+                           "becomes its truncated SVD.")] = None,
+    data: Annotated[Path | None, typer.Option(
+        "--data", help="Text (file or folder): perplexity of the base, base + adapter (PEFT) and the artifact.")] = None,
+    max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Use only the first N tokens of --data.")] = None,
+    context: Annotated[int | None, typer.Option(
+        "--context", help="Window length in tokens for --data (default: the model's context length).")] = None,
+    tokenizer: TokenizerOpt = None,
+    device: EvalDeviceOpt = "cpu",
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     json_output: JsonOpt = False,
 ):
     """Write a PEFT LoRA adapter that turns the reference (init / base) model into the compressed one.
 
     Load it with PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(BASE), OUTPUT); for a
-    seed or embedded init, 'decompress --reference-only' writes BASE.
+    seed or embedded init, 'decompress --reference-only' writes BASE. --target vllm writes what vLLM
+    serves and lists what that leaves out.
 
     Example: inrank-convert export-peft gpt2-inrank -o gpt2-adapter
     """
+    from .adapter_check import export_and_score
     from .peft_export import export_peft
+    from .vllm_plan import dropped_summary
 
-    result = export_peft(artifact, output, force=force, init=init)
+    if data is None:
+        for name, value in (("--max-tokens", max_tokens), ("--context", context), ("--tokenizer", tokenizer)):
+            if value is not None:
+                raise UsageError(f"{name} applies to the perplexity check only", f"{name} {value}",
+                                 f"add --data TEXT, or drop {name}")
+        result = export_peft(artifact, output, force=force, init=init, target=target, max_rank=max_rank)
+    else:
+        result = export_and_score(artifact, output, data, force=force, init=init, target=target, max_rank=max_rank,
+                                  max_tokens=max_tokens, context=context, tokenizer=tokenizer, device=device)
     for note in result.notes:
         console.warn(note)
+    lines = dropped_summary(result.dropped)
+    if lines:
+        console.warn(f"the vllm adapter leaves out or approximates {len(result.dropped)} changed tensors "
+                     "(--json lists each):")
+        for line in lines:
+            console.status(f"  {line}")
     if json_output:
         console.emit_json(result.to_json())
     else:
-        console.stdout.print(f"wrote a LoRA adapter on {len(result.targets)} modules, {len(result.modules_to_save)} "
-                             f"saved whole, {len(result.biases)} biases ({console.human_bytes(result.bytes)}) to "
-                             f"{output}; base model: {result.base}")
+        console.render_export_peft(result.to_json())
 
 
 @app.command("verify")
@@ -461,10 +492,7 @@ class _WindowProgress:
         self._advance(f"window {done}/{total}")
 
 
-EvalDeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda[:N]: where the models run.")]
 EvalDtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16: the dtype the models run in.")]
-TokenizerOpt = Annotated[Path | None, typer.Option(
-    "--tokenizer", help="Tokenizer folder (tokenizer.json, or GPT-2 vocab.json + merges.txt); default: the artifact's.")]
 MergeOpt = Annotated[bool, typer.Option("--merge", help="Fold the factors into dense weights (dense speed and memory).")]
 
 

@@ -206,6 +206,31 @@ def render_report(result: dict) -> None:
                                                f"rule: {result['rule']})"))
 
 
+def render_export_peft(result: dict) -> None:
+    """``export-peft``: what was written, how vLLM serves it (--target vllm), and the perplexities (--data)."""
+    stdout.print(f"wrote a LoRA adapter on {len(result['target_modules'])} modules, {len(result['modules_to_save'])} "
+                 f"saved whole, {len(result['biases'])} biases ({human_bytes(result['bytes'])}) to "
+                 f"{result['output']}; base model: {result['base']}")
+    if result["target"] == "vllm":
+        stdout.print(f"serve it with: vllm serve BASE --enable-lora --max-lora-rank {result['max_lora_rank']} "
+                     f"--lora-modules adapter={result['output']}")
+    scores = result.get("perplexity")
+    if not scores:
+        return
+    table = Table(title=f"Perplexity on {scores['data']} ({scores['tokens']} tokens, window {scores['context']})",
+                  title_justify="left")
+    table.add_column("model")
+    table.add_column("perplexity", justify="right", no_wrap=True)
+    table.add_column("vs artifact", justify="right", no_wrap=True)
+    artifact = scores["artifact"]
+    for label, key in (("base (reference)", "reference"), (f"base + {result['target']} adapter", "adapter"),
+                       ("artifact", "artifact")):
+        value = scores[key]
+        change = "" if value is None or not artifact else f"{100 * (value / artifact - 1):+.2f}%"
+        table.add_row(label, _number(value, 3), change)
+    stdout.print(table)
+
+
 def render_generation(result: dict) -> None:
     """``generate``: the prompt and its continuation on stdout; the speed on stderr."""
     sys.stdout.write(result["text"] + "\n")

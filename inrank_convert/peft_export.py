@@ -41,6 +41,10 @@ this config, so the adapter also loads with transformers' ``load_adapter`` and s
 
 Which module is a Conv1D, a Linear or an Embedding comes from the model built on the meta device
 from the artifact's ``config.json`` (no weights are allocated).
+
+``target="vllm"`` is the one lossy export: the same plan cut down by ``vllm_plan.vllm_plan`` to LoRA
+on linear projections of rank at most the cap (a higher-rank update written as its truncated SVD,
+``_truncated``), ``r = lora_alpha`` = the largest rank; what it leaves out is in ``dropped``.
 """
 
 from __future__ import annotations
@@ -66,6 +70,8 @@ from .peft_plan import (
     plan_adapter,
 )
 from .sources import open_artifact
+from .spectrum import exact_svd
+from .vllm_plan import DroppedChange, check_target, serving_rank, vllm_plan
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
 ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -85,9 +91,20 @@ class PeftExportResult:
     notes: list[str] = field(default_factory=list)
     carried_in_full: list[CarriedInFull] = field(default_factory=list)
     resize_token_embeddings: int | None = None  # the vocabulary the base must be resized to first
+    target: str = "peft"  # peft: exact; vllm: LoRA on linear projections only (see vllm_plan.py)
+    max_rank: int | None = None  # vllm: the rank cap
+    dropped: list[DroppedChange] = field(default_factory=list)  # vllm: what the adapter leaves out or truncates
+    perplexity: dict | None = None  # filled by adapter_check.export_and_score when text is given
+
+    @property
+    def rank(self) -> int:
+        """The largest LoRA rank in the adapter (vLLM's --max-lora-rank must be at least this)."""
+        return max(target.rank for target in self.targets)
 
     def to_json(self) -> dict:
+        vllm = {"max_rank": self.max_rank, "max_lora_rank": serving_rank(self.rank)} if self.target == "vllm" else {}
         return {
+            "target": self.target, **vllm,
             "output": str(self.output), "base": self.base,
             "target_modules": [target.module for target in self.targets],
             "ranks": {target.module: target.rank for target in self.targets},
@@ -96,18 +113,24 @@ class PeftExportResult:
             "tensors": self.tensors, "bytes": self.bytes, "notes": self.notes,
             "carried_in_full": [item.to_json() for item in self.carried_in_full],
             "resize_token_embeddings": self.resize_token_embeddings,
+            "dropped": [item.to_json() for item in self.dropped],
+            **({} if self.perplexity is None else {"perplexity": self.perplexity}),
         }
 
 
 def export_peft(artifact_path: str | Path, output: str | Path, *, force: bool = False,
-                init: str | Path | None = None) -> PeftExportResult:
+                init: str | Path | None = None, target: str = "peft", max_rank: int | None = None) -> PeftExportResult:
     """Write ``adapter_config.json`` + ``adapter_model.safetensors`` for ``PeftModel.from_pretrained``.
 
     The base model is the artifact's reference: the recorded init/base folder, ``--init PATH``, or
     for a seed recipe or an embedded init the folder ``decompress --reference-only`` writes. When
     the artifact's vocabulary grew, ``resize_token_embeddings`` of the result says the size to
     resize the base to before loading the adapter.
+
+    ``target="vllm"``: only what vLLM serves (LoRA on linear projections, ranks at most ``max_rank``,
+    default 512); ``dropped`` of the result lists every change left out or truncated (vllm_plan.py).
     """
+    cap = check_target(target, max_rank)
     artifact = open_artifact(artifact_path, init)
     try:
         mode = artifact.manifest.reference.mode
@@ -117,18 +140,24 @@ def export_peft(artifact_path: str | Path, output: str | Path, *, force: bool = 
                              "use 'inrank-convert decompress' for the dense model instead")
         model = adapter_model_structure(artifact)
         plan = plan_adapter(artifact, model)
+        dropped: list[DroppedChange] = []
+        if cap is not None:
+            plan, dropped = vllm_plan(plan, artifact, model, cap)
         with atomic_output_dir(Path(output), force, artifact.input_paths()) as temp:
             with TensorFileWriter(temp / ADAPTER_WEIGHTS_FILE) as writer:
-                count = _write_tensors(writer, artifact, plan)
+                count, energies = _write_tensors(writer, artifact, plan)
                 size = writer.finish()
-            config = _adapter_config(plan, _base_path(artifact, init))
+            config = _adapter_config(plan, _base_path(artifact, init), target)
             (temp / ADAPTER_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
             # Tokenizer files go next to the adapter, as PEFT trainers save them; config.json does not (with
             # it, from_pretrained(DIR) would take the folder for a full model rather than an adapter).
             copy_side_files(artifact.path, temp, TOKENIZER_FILES)
+        for item in dropped:
+            if item.what == "truncated":
+                item.energy_kept = energies[item.modules[0]]
         return PeftExportResult(Path(output), _base_hint(artifact, init), plan.targets,
                                 plan.modules_to_save, sorted(plan.biases), plan.unchanged, count, size,
-                                plan.notes, plan.carried_in_full, plan.resize_token_embeddings)
+                                plan.notes, plan.carried_in_full, plan.resize_token_embeddings, target, cap, dropped)
     finally:
         artifact.close()
 
@@ -170,10 +199,31 @@ def _factors(artifact: Artifact, target: LoraTarget) -> tuple[torch.Tensor, torc
     return torch.eye(rows), delta  # [rows, rows] @ [rows, cols]
 
 
-def _write_tensors(writer: TensorFileWriter, artifact: Artifact, plan: AdapterPlan) -> int:
+def _truncated(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The best rank-``rank`` approximation of ``B @ A`` (B [rows, k], A [k, cols], k > rank) as factors
+    [rows, rank] and [rank, cols], and the fraction of ``||B @ A||_F^2`` it keeps.
+
+    Through QR factors (B = Qb Rb, A.T = Qa Ra, so B @ A = Qb (Rb Ra.T) Qa.T): only the k x k middle is
+    decomposed, and no [rows, cols] product is formed beyond what a dense update already is.
+    """
+    Qb, Rb = torch.linalg.qr(B.float())  # [rows, k], [k, k]
+    Qa, Ra = torch.linalg.qr(A.float().T)  # [cols, k], [k, k]
+    U, S, Vh, _ = exact_svd(Rb @ Ra.T)  # [k, k] each
+    total = float((S.double() ** 2).sum())
+    kept = float((S[:rank].double() ** 2).sum()) / total if total > 0 else 1.0
+    root = S[:rank].sqrt()
+    return (Qb @ U[:, :rank]) * root, root[:, None] * (Vh[:rank] @ Qa.T), kept
+
+
+def _write_tensors(writer: TensorFileWriter, artifact: Artifact, plan: AdapterPlan) -> tuple[int, dict[str, float]]:
+    """Every tensor of the plan; the count, and the energy each truncated LoRA keeps (by module)."""
     count = 0
+    energies: dict[str, float] = {}
     for target in plan.targets:
-        for key, tensor in _lora_tensors(target, *_factors(artifact, target)).items():
+        B, A = _factors(artifact, target)
+        if target.truncated_from is not None:
+            B, A, energies[target.module] = _truncated(B, A, target.rank)
+        for key, tensor in _lora_tensors(target, B, A).items():
             writer.add(key, tensor)
             count += 1
     for module_name in plan.modules_to_save:
@@ -184,15 +234,19 @@ def _write_tensors(writer: TensorFileWriter, artifact: Artifact, plan: AdapterPl
     for key, name in sorted(plan.biases.items()):
         writer.add(key, artifact.reconstruct(name))
         count += 1
-    return count
+    return count, energies
 
 
-def _adapter_config(plan: AdapterPlan, base_path: str | None) -> dict:
+def _adapter_config(plan: AdapterPlan, base_path: str | None, target: str = "peft") -> dict:
     ranks = {target.module: target.rank for target in plan.targets}
     # PEFT reads rank_pattern / alpha_pattern keys as regular expressions matched at the end of a module
     # name: escaped full names match exactly one module. alpha = r everywhere makes the scaling exactly 1.
     pattern = {re.escape(module): rank for module, rank in ranks.items()}
     default = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    if target == "vllm":
+        # vLLM ignores rank_pattern / alpha_pattern: it scales every module by lora_alpha / r and checks only r
+        # against --max-lora-rank, so r is the largest rank (and lora_alpha = r keeps the scaling at 1).
+        default = max(ranks.values())
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

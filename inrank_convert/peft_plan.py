@@ -30,6 +30,7 @@ class LoraTarget:
     rank: int
     full_rank: bool = False  # a dense-stored update written as delta @ I
     placeholder: bool = False  # a zero update: PEFT refuses an adapter without any LoRA module
+    truncated_from: int | None = None  # export-peft --target vllm: the update's rank, cut to ``rank`` by an SVD
 
 
 @dataclass
