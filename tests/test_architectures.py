@@ -206,6 +206,20 @@ def test_architecture_end_to_end(arch, tmp_path, tokenizer_file):
         carried = {item["name"]: item for item in result["carried_in_full"]}
         assert carried[f"{positions}.weight"]["modules"] == [positions]
 
+    # export-peft --target vllm: projections only (no modules_to_save, no embeddings, no biases); it loads
+    # and runs, and what it leaves out (every vector and embedding changed here) is listed.
+    served = tmp_path / "vllm"
+    vllm = json.loads(expect_ok(["export-peft", artifact, "-o", served, "--target", "vllm", "--json"]).stdout)
+    config = json.loads((served / "adapter_config.json").read_text())
+    assert not config.get("modules_to_save") and config["bias"] == "none" and config["target_modules"]
+    assert not any("embed" in module or module.endswith("lm_head") for module in config["target_modules"])
+    assert vllm["dropped"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        served_model = peft.PeftModel.from_pretrained(pretrained(init), served).eval()
+        served_logits = logits(served_model)
+    assert torch.isfinite(served_logits).all() and (served_logits - base).abs().max() > 1e-3
+
 
 
 def test_gpt_neox_head_saved_as_embed_out_is_an_embedding(tmp_path):
