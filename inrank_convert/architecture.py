@@ -3,7 +3,8 @@ stands for, an uninitialized model to fill, a meta-device model to read names an
 from, and the facts of a config every command needs (context length, GPT-2's Conv1D class).
 
 ``transformers`` is imported inside the functions: commands that never build a model (inspect,
-verify, compress without --no-embeddings) do not pay for importing it.
+compress without --no-embeddings) do not pay for importing it; verify builds one on the meta device
+to check the tensors against config.json.
 """
 
 from __future__ import annotations
