@@ -4,7 +4,8 @@ from, the facts of a config every command needs (context length, GPT-2's Conv1D 
 where a saved tensor name goes in the model (transformers' own checkpoint key mapping).
 
 ``transformers`` is imported inside the functions: commands that never build a model (inspect,
-verify, compress without --no-embeddings) do not pay for importing it.
+compress without --no-embeddings) do not pay for importing it; verify builds one on the meta device
+to check the tensors against config.json.
 """
 
 from __future__ import annotations

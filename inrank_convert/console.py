@@ -158,16 +158,20 @@ def render_spectrum(result: dict) -> None:
 def render_verify(result: dict) -> None:
     stdout.print(f"checksums: {'ok' if result['checksums_ok'] else 'MISMATCH in ' + ', '.join(result['bad_checksums'][:5])}")
     stdout.print(f"reference: {'ok' if result['reference_ok'] else 'FAILED'} ({result['reference']})")
+    model = "ok" if result["model_ok"] and result["model_checked"] else "not checked" if result["model_ok"] else "FAILED"
+    stdout.print(f"model: {model} ({result['model']})")
     if result["source"]:
         stdout.print(f"source: {result['source']}")
     if result["layers"]:
+        # expected: the recorded error of what is stored; rounding: the most that rounding the rebuilt
+        # weight to its dtype adds (both relative to the update); measured must not exceed their sum.
         table = Table(title="Reconstruction error (relative to each update)", title_justify="left")
         table.add_column("tensor", overflow="fold")
-        for column in ("kind", "rank", "expected", "measured"):
+        for column in ("kind", "rank", "expected", "rounding", "measured"):
             table.add_column(column, no_wrap=True)
         for layer in result["layers"]:
             table.add_row(layer["name"], layer["kind"], _rank(layer["rank"]), f"{layer['expected_error']:.2e}",
-                          f"{layer['measured_error']:.2e}")
+                          f"{layer['rounding_error']:.2e}", f"{layer['measured_error']:.2e}")
         stdout.print(table)
     stdout.print("verify: OK" if result["ok"] else "verify: FAILED")
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from .artifact import Artifact
 from .checkpoints import copy_side_files
 from .errors import UsageError, flag
+from .modeling import check_fits_config
 from .outputs import TensorFileWriter, atomic_output_dir
 from .sources import open_artifact
 
@@ -31,7 +32,9 @@ def decompress(artifact_path: str | Path, output: str | Path, *, force: bool = F
                reference_only: bool = False) -> DecompressResult:
     """Write the dense model W = W_ref + B @ A as a Hugging Face folder (``from_pretrained`` loads it).
 
-    Tensors are rebuilt and written one at a time; the folder appears only when complete.
+    Refused before anything is written when the artifact has no config.json or its tensors are
+    not the model config.json describes. Tensors are rebuilt and written one at a time; the
+    folder appears only when complete.
     ``reference_only`` writes the reference W_ref instead (the init or base model, regenerated from
     its seed recipe, read from the embedded init or from the recorded path): the base model that
     ``export-peft``'s adapter goes on.
@@ -41,6 +44,9 @@ def decompress(artifact_path: str | Path, output: str | Path, *, force: bool = F
         if reference_only and artifact.manifest.reference.mode == "zero":
             raise UsageError("this artifact's reference is zero (compressed with --no-init): there is no base "
                              "model to write", str(artifact.path), f"drop {flag('--reference-only')} to write the dense model")
+        # The folder must load with from_pretrained: config.json must be there and describe exactly
+        # these tensors (checked on the meta device before anything is written).
+        check_fits_config(artifact.path, {name: entry.shape for name, entry in artifact.tensors.items()})
         config = _config(artifact)
         # Hugging Face re-ties an output embedding tied in the config; writing it again only adds bytes.
         skip_aliases = bool(config.get("tie_word_embeddings", True)) if config else False

@@ -7,13 +7,14 @@ rows are gathered rather than multiplied) and every dense-stored tensor are rebu
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from .architecture import checkpoint_keys, conv1d_class, empty_model, replace_module
+from .architecture import checkpoint_keys, conv1d_class, empty_model, meta_model, replace_module
 from .artifact import Artifact, Manifest
 from .checkpoints import Checkpoint
 from .errors import ArtifactError, CheckpointError, InrankError, MismatchError
@@ -31,12 +32,61 @@ def model_config(path: Path) -> PretrainedConfig:
 
     if not (Path(path) / "config.json").is_file():
         raise ArtifactError("artifact has no config.json, so no model can be built from it", str(path),
-                            "re-compress from a Hugging Face folder or run that holds config.json")
+                            "put the model's config.json in the artifact folder, or re-compress from a Hugging Face "
+                            "folder or run that holds one")
     try:
         return AutoConfig.from_pretrained(str(path))
     except (ValueError, KeyError, OSError) as err:
         raise ArtifactError(f"cannot build a config from config.json ({str(err).splitlines()[0]})", str(path),
                             "fix config.json, or upgrade transformers for this model type") from err
+
+
+# What to do when config.json and the tensors beside it describe different models.
+MISFIT_FIX = "config.json and inrank.safetensors must be the pair compress wrote: restore them, or re-run compress"
+
+
+def model_misfit(config: PretrainedConfig, shapes: Mapping[str, tuple[int, ...]],
+                 model: nn.Module | None = None) -> str | None:
+    """Why a folder holding the tensors ``shapes`` (name -> shape) would not load into the model
+    ``config`` describes, or None when it would: a name with no place in the model's state dict, a
+    shape that differs, or a tensor the model needs that is neither there nor tied to one that is
+    (GPT-2's lm_head is wte: a tie is one Parameter under two names). The one place where tensor
+    names meet the model's parameter names. ``model``: that model if already built; otherwise it is
+    built on the meta device (no memory)."""
+    model = model if model is not None else meta_model(config)
+    state = model.state_dict(keep_vars=True)
+    kind = getattr(config, "model_type", "this")
+    # Saved names are mapped as from_pretrained maps them (GPT-NeoX saves lm_head as embed_out.weight).
+    # A name transformers fuses or splits on load (Mixtral's experts: None) has no one-to-one key to check.
+    places = checkpoint_keys(model, shapes)
+    for name, shape in shapes.items():
+        if places[name] is None:
+            continue
+        target = state.get(places[name])
+        if target is None:
+            return f"tensor {name!r} has no place in the {kind} model of config.json"
+        if tuple(target.shape) != tuple(shape):
+            return f"tensor {name!r} has shape {list(shape)}, the {kind} model of config.json {list(target.shape)}"
+    present = {id(state[places[name]]) for name in shapes if places[name] is not None}
+    missing = [name for name, tensor in state.items() if id(tensor) not in present]
+    # Which keys the converted tensors fill is transformers' business: the check is skipped for such models.
+    if missing and all(key is not None for key in places.values()):
+        return (f"the {kind} model of config.json needs {len(missing)} tensor(s) the artifact lacks "
+                f"({', '.join(missing[:3])}): from_pretrained would initialize them at random")
+    return None
+
+
+def check_fits_config(path: Path, shapes: Mapping[str, tuple[int, ...]], model: nn.Module | None = None) -> None:
+    """Refuse (ArtifactError) the artifact at ``path`` when its tensors ``shapes`` are not the model
+    its config.json describes, or when it has no usable config.json."""
+    config = model_config(path)
+    try:
+        problem = model_misfit(config, shapes, model)
+    except ValueError as err:  # transformers builds no causal LM from this config
+        raise ArtifactError(f"cannot build a causal LM from config.json ({str(err).splitlines()[0]})", str(path),
+                            "only causal language models can be rebuilt from an artifact") from err
+    if problem is not None:
+        raise ArtifactError(problem, str(path), MISFIT_FIX)
 
 
 def unfilled_tensors(state: dict[str, torch.Tensor], filled: set[str]) -> list[str]:

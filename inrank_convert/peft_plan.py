@@ -14,7 +14,7 @@ import torch
 from .architecture import checkpoint_keys, conv1d_class, meta_model
 from .artifact import Artifact
 from .errors import UsageError
-from .modeling import model_config
+from .modeling import check_fits_config, model_config
 
 PEFT_PREFIX = "base_model.model."  # what PeftModel.save_pretrained puts before every module name
 
@@ -56,10 +56,14 @@ def adapter_model_structure(artifact: Artifact):
     config = model_config(artifact.path)  # refuses a missing or unreadable config.json
     file = artifact.path / "config.json"
     try:
-        return meta_model(config)
+        model = meta_model(config)
     except (ValueError, KeyError, OSError) as err:
         raise UsageError(f"cannot build a causal language model from config.json ({err})", str(file),
                          "export-peft supports Hugging Face causal LMs; use 'inrank-convert decompress' otherwise") from err
+    # Every artifact tensor must have its place in that model, and the model all it needs: the plan
+    # below would silently skip a tensor that has none.
+    check_fits_config(artifact.path, {name: entry.shape for name, entry in artifact.tensors.items()}, model)
+    return model
 
 
 def _layout(module: torch.nn.Module) -> str | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .artifact import Artifact, Manifest, ReferenceRecord, is_artifact
+from .artifact import Artifact, Manifest, ReferenceRecord, check_reference, is_artifact
 from .checkpoints import (
     Checkpoint,
     SafetensorsCheckpoint,
@@ -58,9 +58,26 @@ def open_artifact(path: str | Path, init: str | Path | None = None, verify: bool
     init_path = Path(init) if init is not None else None
 
     def load(manifest: Manifest, folder: Path) -> Reference:
-        return reference_from_record(manifest.reference, folder, init_path, verify)
+        reference = reference_from_record(manifest.reference, folder, init_path, verify)
+        try:
+            check_reference(manifest, reference.infos(), *_reference_place(manifest.reference, folder, init_path))
+        except BaseException:
+            reference.close()
+            raise
+        return reference
 
     return Artifact(path, reference_loader=load, input_paths=(init_path,) if init_path is not None else ())
+
+
+def _reference_place(record: ReferenceRecord, folder: Path, init: Path | None) -> tuple[str, str]:
+    """(where, how to fix) for a reference that lacks a tensor of its artifact."""
+    if init is not None and record.mode in ("reference", "seed"):
+        return str(init), f"pass with {flag('--init')} the init this artifact was compressed against"
+    if record.mode == "embedded":
+        return str(folder / (record.file or "")), "the embedded init is damaged: re-compress with --embed-init"
+    if record.mode == "seed":
+        return "the regenerated seed init", f"pass the init with {flag('--init')} PATH"
+    return record.path or str(folder), f"restore the original init, or pass it with {flag('--init')} PATH"
 
 
 class ArtifactCheckpoint(Checkpoint):

@@ -321,15 +321,15 @@ def test_not_an_artifact(tmp_path):
         read_manifest(tmp_path / "folder")
 
 
-def test_factors_that_do_not_make_the_tensor_are_refused_by_every_reader(tmp_path):
+def test_factors_that_do_not_make_the_tensor_are_refused_at_open(tmp_path):
     """A file whose factors do not multiply to the entry's shape (written wrong, checksums intact):
-    the reader refuses it with one ArtifactError naming the tensor, so reconstruct, load and
-    decompress never fail on a shape mismatch deep inside a matmul."""
+    the reader refuses it when it is opened, from the header alone, with one ArtifactError naming
+    the factor, its shape and the one the entry needs, so reconstruct, load and decompress never
+    fail on a shape mismatch deep inside a matmul."""
     with ArtifactWriter(tmp_path / "out") as writer:
         writer.add_lowrank("a.weight", torch.ones(6, 2), torch.ones(2, 4), shape=(6, 5), dtype=torch.float32)
         writer.finish(source=SourceRecord("/models/trained", "safetensors"), reference=ReferenceRecord("zero"),
                       rule=RuleRecord("energy", 0.9), original_bytes=120)
-    artifact = Artifact(tmp_path / "out", ZeroReference())
-    for read in (artifact.factors, artifact.reconstruct):
-        with pytest.raises(ArtifactError, match=r"factors of 'a\.weight' are \[6, 2\] and \[2, 4\]"):
-            read("a.weight")
+    for read in (read_manifest, lambda out: Artifact(out, ZeroReference())):
+        with pytest.raises(ArtifactError, match=r"'a\.weight\.lora_A' is F32 \[2, 4\].*needs F32 \[2, 5\]"):
+            read(tmp_path / "out")

@@ -30,12 +30,20 @@ from .manifest import (
     TrainingRecord,
     factor_names,
 )
-from .reader import Artifact, ReferenceTensors, artifact_bytes, describe_artifact, is_artifact, read_manifest
+from .reader import (
+    Artifact,
+    ReferenceTensors,
+    artifact_bytes,
+    check_reference,
+    describe_artifact,
+    is_artifact,
+    read_manifest,
+)
 from .writer import ArtifactWriter, manifest_metadata, rewrite_manifest
 
 __all__ = [
     "ARTIFACT_FILE", "FORMAT_NAME", "FORMAT_VERSION", "INIT_FILE", "REFERENCE_MODES", "TENSOR_KINDS", "Artifact",
     "ArtifactWriter", "Manifest", "ReferenceMode", "ReferenceRecord", "ReferenceTensors", "RuleRecord",
-    "SourceRecord", "TensorEntry", "TensorKind", "TrainingRecord", "artifact_bytes", "describe_artifact",
+    "SourceRecord", "TensorEntry", "TensorKind", "TrainingRecord", "artifact_bytes", "check_reference", "describe_artifact",
     "factor_names", "is_artifact", "manifest_metadata", "read_manifest", "rewrite_manifest",
 ]

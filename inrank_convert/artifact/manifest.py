@@ -7,6 +7,8 @@ or a damaged manifest, is one ArtifactError); ``to_json`` writes the version-1 l
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Literal, get_args
@@ -15,7 +17,7 @@ import torch
 
 from ..checkpoints import FileHash
 from ..errors import ArtifactError
-from ..tensors import dtype_from_name, dtype_name, numel
+from ..tensors import SAFETENSORS_CODES, dtype_from_name, dtype_name, numel
 from ..version import __version__
 
 ARTIFACT_FILE = "inrank.safetensors"
@@ -54,16 +56,142 @@ def row_names(name: str) -> tuple[str, str]:
     return name + ROWS, name + ROW_INDEX
 
 
-def parse_dtype(name: str) -> torch.dtype:
-    """A manifest's dtype name; an unknown one means a damaged manifest."""
-    dtype = dtype_from_name(name)
-    if dtype is None:
-        raise ArtifactError(f"unknown dtype {name!r} in manifest", None, "the artifact may be corrupt")
-    return dtype
-
-
 def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in values.items() if value is not None}
+
+
+# What a damaged manifest tells the user to do: the file no longer says what compress wrote.
+DAMAGED = "the file is damaged: re-run compress"
+
+
+class ManifestFormatError(ValueError):
+    """A manifest value that is missing or of the wrong type; the message names its place
+    (``tensors['h.0.weight'].rank``) so that a user can see what was edited or damaged."""
+
+
+def _shown(value: Any) -> str:
+    """A manifest value as JSON, cut short: what a message quotes."""
+    try:
+        text = json.dumps(value)
+    except (TypeError, ValueError):
+        text = type(value).__name__
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+_JSON_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+
+
+class _Fields:
+    """Typed reads of one JSON object of the manifest. A missing required key, or a value of the
+    wrong type (a string where a number belongs, a list where an object does), raises
+    ManifestFormatError naming the key's place; optional keys read as None when absent or null."""
+
+    def __init__(self, values: Any, place: str):
+        if not isinstance(values, dict):
+            raise ManifestFormatError(f"{place or 'the manifest'} is {_JSON_KINDS.get(type(values), 'a number')}, "
+                                      "not an object")
+        self.values = values
+        self.place = place
+
+    def at(self, key: str) -> str:
+        return f"{self.place}.{key}" if self.place else key
+
+    def _raw(self, key: str, required: bool) -> Any:
+        value = self.values.get(key)
+        if value is None and required:
+            raise ManifestFormatError(f"{self.at(key)} is missing")
+        return value
+
+    def _wrong(self, key: str, value: Any, expected: str) -> ManifestFormatError:
+        found = _JSON_KINDS[type(value)] if isinstance(value, (dict, list)) else _shown(value)
+        return ManifestFormatError(f"{self.at(key)} is {found}, not {expected}")
+
+    def string(self, key: str, required: bool = False) -> str | None:
+        value = self._raw(key, required)
+        if value is not None and not isinstance(value, str):
+            raise self._wrong(key, value, "a string")
+        return value
+
+    def integer(self, key: str, required: bool = False, minimum: int = 0) -> int | None:
+        value = self._raw(key, required)
+        if value is None:
+            return None
+        # bool is an int in Python, not in JSON; 4.0 (another writer's integer) is accepted as 4.
+        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        if isinstance(value, bool) or not whole:
+            raise self._wrong(key, value, "a whole number")
+        if value < minimum:
+            raise ManifestFormatError(f"{self.at(key)} is {_shown(value)}, below {minimum}")
+        return int(value)
+
+    def number(self, key: str, required: bool = False, low: float = -math.inf, high: float = math.inf) -> float | None:
+        value = self._raw(key, required)
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self._wrong(key, value, "a finite number")
+        if not low <= value <= high:
+            raise ManifestFormatError(f"{self.at(key)} is {_shown(value)}, outside [{low:g}, {high:g}]")
+        return float(value)
+
+    def boolean(self, key: str) -> bool | None:
+        value = self._raw(key, False)
+        if value is not None and not isinstance(value, bool):
+            raise self._wrong(key, value, "true or false")
+        return value
+
+    def object(self, key: str, required: bool = False) -> dict[str, Any] | None:
+        value = self._raw(key, required)
+        if value is not None and not isinstance(value, dict):
+            raise self._wrong(key, value, "an object")
+        return value
+
+    def fields(self, key: str, place: str | None = None) -> _Fields:
+        """The required object ``key``, to read in turn."""
+        return _Fields(self.object(key, required=True), place or self.at(key))
+
+    def array(self, key: str, required: bool = False) -> list[Any] | None:
+        value = self._raw(key, required)
+        if value is not None and not isinstance(value, list):
+            raise self._wrong(key, value, "a list")
+        return value
+
+    def strings(self, key: str) -> list[str] | None:
+        values = self.array(key)
+        if values is not None and not all(isinstance(item, str) for item in values):
+            raise ManifestFormatError(f"{self.at(key)} holds something other than strings")
+        return values
+
+    def string_map(self, key: str, required: bool = False) -> dict[str, str] | None:
+        values = self.object(key, required)
+        if values is not None and not all(isinstance(item, str) for item in values.values()):
+            raise ManifestFormatError(f"{self.at(key)} maps a name to something other than a string")
+        return None if values is None else dict(values)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        values = self.array(key, required=True)
+        if not all(isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in values):
+            raise ManifestFormatError(f"{self.at(key)} is {_shown(values)}, not a list of sizes")
+        return tuple(values)
+
+    def dtype(self, key: str) -> torch.dtype:
+        name = self.string(key, required=True)
+        dtype = dtype_from_name(name)
+        if dtype not in SAFETENSORS_CODES:  # not a torch dtype, or none a safetensors file can hold
+            raise ArtifactError(f"unknown dtype {name!r} in manifest ({self.at(key)})", None, DAMAGED)
+        return dtype
+
+
+def _file_hashes(fields: _Fields, key: str) -> list[FileHash] | None:
+    items = fields.array(key)
+    if items is None:
+        return None
+    hashes = []
+    for index, item in enumerate(items):
+        record = _Fields(item, f"{fields.at(key)}[{index}]")
+        hashes.append(FileHash(record.string("file", required=True), record.integer("bytes") or 0,
+                               record.string("sha256", required=True)))
+    return hashes
 
 
 @dataclass
@@ -104,7 +232,8 @@ class TensorEntry:
         (rounding included), else the truncation's, implied by the recorded energy (version 1)."""
         if self.error is not None:
             return self.error
-        return max(0.0, 1.0 - self.energy) ** 0.5 if self.has_factors else 0.0
+        # A zero entry under a rule or budget that gave it rank 0 dropped its update (energy 0).
+        return max(0.0, 1.0 - self.energy) ** 0.5 if self.has_factors or self.kind == "zero" else 0.0
 
     def stored_names(self, name: str) -> tuple[str, ...]:
         """Every tensor the artifact file must hold for this entry."""
@@ -128,24 +257,57 @@ class TensorEntry:
                                     "reference_rows": self.reference_rows})
 
     @classmethod
-    def from_json(cls, values: dict[str, Any]) -> TensorEntry:
-        kind = values["kind"]
+    def from_json(cls, values: Any, place: str = "tensor") -> TensorEntry:
+        """One entry of ``tensors``; ``place`` names it in messages (``tensors['h.0.weight']``)."""
+        fields = _Fields(values, place)
+        kind = fields.string("kind", required=True)
         if kind not in TENSOR_KINDS:
-            raise ValueError(f"unknown tensor kind {kind!r}")
-        shape = tuple(int(size) for size in values["shape"])
+            raise ArtifactError(f"unknown tensor kind {kind!r} in {fields.at('kind')} (this reader knows "
+                                f"{', '.join(TENSOR_KINDS)})", None, DAMAGED)
+        shape, dtype = fields.shape("shape"), fields.dtype("dtype")
         if kind == "alias":
-            return cls("alias", shape, parse_dtype(values["dtype"]), of=str(values["of"]))
-        rank, rows, error, reference_rows = (values.get(key) for key in ("rank", "rows", "error", "reference_rows"))
-        storage = values.get("storage")
+            return cls("alias", shape, dtype, of=fields.string("of", required=True))
+        storage = fields.string("storage")
         if storage is not None and storage not in STORAGES:
-            raise ValueError(f"unknown storage {storage!r}")
-        if kind == "lowrank+rows" and rows is None:
-            raise ValueError("a lowrank+rows entry without its row count")
-        return cls(kind, shape, parse_dtype(values["dtype"]), None if rank is None else int(rank),
-                   float(values.get("energy", 1.0)), int(values.get("bytes", 0)),
-                   int(values.get("original_bytes", 0)), values.get("svd"), None,
-                   None if rows is None else int(rows), storage, None if error is None else float(error),
-                   None if reference_rows is None else int(reference_rows))
+            raise ManifestFormatError(f"{fields.at('storage')} is {storage!r}, not one of {', '.join(STORAGES)}")
+        energy = fields.number("energy", low=0.0, high=1.0 + 1e-6)
+        return cls(kind, shape, dtype, fields.integer("rank"), 1.0 if energy is None else energy,
+                   fields.integer("bytes") or 0, fields.integer("original_bytes") or 0, fields.string("svd"), None,
+                   fields.integer("rows"), storage, fields.number("error", low=0.0),
+                   fields.integer("reference_rows", minimum=1))
+
+    def check(self, name: str, tensors: dict[str, TensorEntry]) -> None:
+        """What the entry says must hang together (before any tensor is looked at): a factorized
+        tensor is a matrix with a rank, a rows entry has its row count, an alias points at a stored
+        tensor of its own shape. Raises ManifestFormatError."""
+        place = f"tensors[{name!r}]"
+        if self.is_alias:
+            target = tensors.get(self.of or "")
+            if self.of == name:
+                raise ManifestFormatError(f"alias {name!r} points at itself")
+            if target is None:
+                raise ManifestFormatError(f"alias {name!r} points at {self.of!r}, which the manifest lacks")
+            if target.is_alias:
+                raise ManifestFormatError(f"alias {name!r} points at {self.of!r}, itself an alias")
+            if target.shape != self.shape:
+                raise ManifestFormatError(f"alias {name!r} has shape {list(self.shape)}, the tensor it points at "
+                                          f"{list(target.shape)}")
+            return
+        if self.has_factors:
+            if len(self.shape) != 2:
+                raise ManifestFormatError(f"{place} is {self.kind} but its shape {list(self.shape)} is not a matrix")
+            if self.rank is None:
+                raise ManifestFormatError(f"{place}.rank is missing")
+        if self.kind == "lowrank+rows" and self.rows is None:
+            raise ManifestFormatError(f"{place}.rows is missing")
+        if self.rows is not None and (self.kind != "lowrank+rows" or self.rows > self.shape[0]):
+            raise ManifestFormatError(f"{place}.rows is {self.rows}, but the tensor is {self.kind} "
+                                      f"{list(self.shape)}")
+        if self.storage == "int8" and not self.has_factors:
+            raise ManifestFormatError(f"{place}.storage is int8, but a {self.kind} tensor has no factors")
+        if self.reference_rows is not None and (not self.shape or self.reference_rows > self.shape[0]):
+            raise ManifestFormatError(f"{place}.reference_rows is {self.reference_rows}, more than the tensor's "
+                                      f"{list(self.shape)}")
 
 
 @dataclass
@@ -166,9 +328,10 @@ class SourceRecord:
         return {"path": self.path, "kind": self.kind, "run": self.run, "files": [f.to_json() for f in self.files]}
 
     @classmethod
-    def from_json(cls, values: dict[str, Any]) -> SourceRecord:
-        return cls(str(values["path"]), str(values.get("kind", "checkpoint")), values.get("run"),
-                   [FileHash.from_json(item) for item in values.get("files", [])])
+    def from_json(cls, values: Any, place: str = "source") -> SourceRecord:
+        fields = _Fields(values, place)
+        return cls(fields.string("path", required=True), fields.string("kind") or "checkpoint", fields.string("run"),
+                   _file_hashes(fields, "files") or [])
 
 
 @dataclass
@@ -197,14 +360,24 @@ class ReferenceRecord:
             "source": None if self.source is None else self.source.to_json()})
 
     @classmethod
-    def from_json(cls, values: dict[str, Any]) -> ReferenceRecord:
-        mode = values["mode"]
-        files = values.get("files")
-        source = values.get("source")
-        tensors = values.get("tensors")
-        return cls(mode, values.get("path"), None if files is None else [FileHash.from_json(f) for f in files],
-                   values.get("recipe"), None if tensors is None else dict(tensors), values.get("file"),
-                   None if source is None else cls.from_json(source))
+    def from_json(cls, values: Any, place: str = "reference") -> ReferenceRecord:
+        """Parse and check what each mode needs; an unknown mode is an ArtifactError (a newer writer)."""
+        fields = _Fields(values, place)
+        mode = fields.string("mode", required=True)
+        if mode not in REFERENCE_MODES:
+            raise ArtifactError(f"unknown reference mode {mode!r}", None,
+                                "this artifact may come from a newer inrank-convert: upgrade it")
+        recipe = fields.object("recipe", required=mode == "seed")
+        if mode == "seed":
+            recipe_fields = fields.fields("recipe")
+            recipe_fields.object("config", required=True)
+            recipe_fields.integer("seed", required=True)
+            if recipe_fields.string("dtype") is not None:
+                recipe_fields.dtype("dtype")
+        source = fields.object("source")
+        return cls(mode, fields.string("path", required=mode == "reference"), _file_hashes(fields, "files"),
+                   recipe, fields.string_map("tensors"), fields.string("file", required=mode == "embedded"),
+                   None if source is None else cls.from_json(source, fields.at("source")))
 
 
 @dataclass
@@ -230,10 +403,10 @@ class RuleRecord:
         return values | _drop_none({"target_bytes": self.target_bytes})
 
     @classmethod
-    def from_json(cls, values: dict[str, Any]) -> RuleRecord:
-        rank, target = values.get("rank"), values.get("target_bytes")
-        return cls(str(values["criterion"]), float(values["threshold"]), None if rank is None else int(rank),
-                   None if target is None else int(target))
+    def from_json(cls, values: Any, place: str = "rule") -> RuleRecord:
+        fields = _Fields(values, place)
+        return cls(fields.string("criterion", required=True), fields.number("threshold", required=True),
+                   fields.integer("rank"), fields.integer("target_bytes"))
 
 
 @dataclass
@@ -316,10 +489,10 @@ class Manifest:
     def from_json(cls, values: Any, where: str = "manifest") -> Manifest:
         """Parse and validate; a newer format version or a damaged manifest is an ArtifactError."""
         if not isinstance(values, dict) or values.get("format") != FORMAT_NAME:
-            raise ArtifactError("not an inrank-convert manifest", where, "re-run compress")
+            raise ArtifactError("not an inrank-convert manifest", where, DAMAGED)
         version = values.get("version")
-        if not isinstance(version, int):
-            raise ArtifactError("manifest has no format version", where, "re-run compress")
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise ArtifactError(f"manifest has no format version (version is {_shown(version)})", where, DAMAGED)
         if version > FORMAT_VERSION:
             raise ArtifactError(
                 f"artifact format version {version} is newer than this inrank-convert reads (version {FORMAT_VERSION})",
@@ -328,33 +501,33 @@ class Manifest:
                  "factor_dtype", "embeddings", "include", "exclude", "training", "original_bytes", "tensors",
                  "checksums", "calibration", "perplexity_target"}
         try:
-            reference = ReferenceRecord.from_json(values["reference"])
-            if reference.mode not in REFERENCE_MODES:
-                raise ArtifactError(f"unknown reference mode {reference.mode!r}", where,
-                                    "this artifact may come from a newer inrank-convert: upgrade it")
-            training = values.get("training")
+            fields = _Fields(values, "")
+            reference = ReferenceRecord.from_json(fields.object("reference", required=True))
+            source = SourceRecord.from_json(fields.object("source", required=True))
+            rule = RuleRecord.from_json(fields.object("rule", required=True))
+            entries = fields.object("tensors", required=True)
+            tensors = {name: TensorEntry.from_json(entry, f"tensors[{name!r}]") for name, entry in entries.items()}
+            for name, entry in tensors.items():
+                entry.check(name, tensors)
+            training = None
+            if fields.object("training") is not None:
+                record = fields.fields("training")
+                training = TrainingRecord(record.integer("step", required=True), record.string("mode", required=True))
             return cls(
-                source=SourceRecord.from_json(values["source"]), reference=reference,
-                rule=RuleRecord.from_json(values["rule"]),
-                tensors={str(name): TensorEntry.from_json(entry) for name, entry in values["tensors"].items()},
-                original_bytes=int(values["original_bytes"]), checksums=dict(values.get("checksums", {})),
-                version=version, tool_version=str(values.get("tool_version", "")), created=str(values.get("created", "")),
-                svd=values.get("svd"), factor_dtype=values.get("factor_dtype"), embeddings=values.get("embeddings"),
-                include=values.get("include"), exclude=values.get("exclude"),
-                training=None if training is None else TrainingRecord(int(training["step"]), str(training["mode"])),
-                calibration=_optional_dict(values, "calibration"),
-                perplexity_target=_optional_dict(values, "perplexity_target"),
+                source=source, reference=reference, rule=rule, tensors=tensors,
+                original_bytes=fields.integer("original_bytes", required=True),
+                checksums=fields.string_map("checksums") or {}, version=version,
+                tool_version=fields.string("tool_version") or "", created=fields.string("created") or "",
+                svd=fields.object("svd"), factor_dtype=fields.string("factor_dtype"),
+                embeddings=fields.boolean("embeddings"), include=fields.strings("include"),
+                exclude=fields.strings("exclude"), training=training,
+                calibration=fields.object("calibration"), perplexity_target=fields.object("perplexity_target"),
                 extra={key: value for key, value in values.items() if key not in known})
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ArtifactError(f"corrupt manifest ({type(err).__name__}: {err})", where, "re-run compress") from err
+        except ManifestFormatError as err:
+            raise ArtifactError(f"corrupt manifest: {err}", where, DAMAGED) from err
+        except (KeyError, TypeError, ValueError, AttributeError) as err:  # a check above forgot a case
+            raise ArtifactError(f"corrupt manifest ({type(err).__name__}: {err})", where, DAMAGED) from err
         except ArtifactError as err:
             if err.where is not None:
                 raise
-            raise ArtifactError(err.what, where, err.fix) from err  # name the file (parse_dtype cannot)
-
-
-def _optional_dict(values: dict[str, Any], key: str) -> dict[str, Any] | None:
-    found = values.get(key)
-    if found is not None and not isinstance(found, dict):
-        raise TypeError(f"{key} is a {type(found).__name__}, not an object")
-    return None if found is None else dict(found)
+            raise ArtifactError(err.what, where, err.fix) from err  # name the file (the records cannot)

@@ -11,10 +11,11 @@ from typing import Any, Protocol
 import torch
 
 from ..checkpoints import SafetensorsCheckpoint, TensorInfo, open_safetensors
-from ..errors import ArtifactError, CheckpointError
-from ..tensors import SAFETENSORS_DTYPES, dtype_name
+from ..errors import ArtifactError, CheckpointError, InitReferenceError
+from ..tensors import SAFETENSORS_CODES, SAFETENSORS_DTYPES, dtype_name, is_finite
 from .manifest import (
     ARTIFACT_FILE,
+    DAMAGED,
     FACTOR_SCALE,
     FORMAT_NAME,
     INIT_FILE,
@@ -25,7 +26,7 @@ from .manifest import (
     factor_names,
     row_names,
 )
-from .storage import check_scale, decode_factors, decode_rows
+from .storage import FLOAT_STORAGE, check_scale, decode_factors, decode_rows
 
 # Rows of the dense result built at a time by ``reconstruct`` (bounds the float32 temporaries of
 # B @ A for a tall matrix, e.g. 50,257 x 4096 embeddings, to about 64 MB).
@@ -62,23 +63,89 @@ def read_manifest(path: str | Path) -> Manifest:
     return manifest
 
 
+FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
+
+
+def _stored_layout(name: str, entry: TensorEntry) -> dict[str, tuple[tuple[int, ...], frozenset[str]]]:
+    """stored name -> (shape, the safetensors dtype codes it may have) of every tensor ``entry`` needs.
+
+    A dense tensor is stored whole in its own dtype. Factors at rank r of a [rows, cols] tensor are
+    B [rows, r] and A [r, cols] at the entry's storage (version 1, no storage: any float), int8
+    ones with a float scale [r]; K stored rows are [K, cols] with a [K] int64 index (and a [K]
+    scale under int8)."""
+    if entry.kind == "dense":
+        return {name: (entry.shape, frozenset({SAFETENSORS_CODES[entry.dtype]}))}
+    if not entry.has_factors:
+        return {}
+    rows, cols = entry.shape
+    rank = entry.rank or 0
+    if entry.storage is None:
+        codes = FLOAT_CODES
+    elif entry.storage == "int8":
+        codes = frozenset({"I8"})
+    else:
+        codes = frozenset({SAFETENSORS_CODES[FLOAT_STORAGE[entry.storage]]})
+    b_name, a_name = factor_names(name)
+    layout = {b_name: ((rows, rank), codes), a_name: ((rank, cols), codes)}
+    if entry.storage == "int8":
+        layout[name + FACTOR_SCALE] = ((rank,), FLOAT_CODES)
+    if entry.kind == "lowrank+rows":
+        count = entry.rows or 0
+        rows_name, index_name = row_names(name)
+        layout[rows_name] = ((count, cols), codes)
+        layout[index_name] = ((count,), frozenset({"I64"}))
+        if entry.storage == "int8":
+            layout[name + ROWS_SCALE] = ((count,), FLOAT_CODES)
+    return layout
+
+
 def _check_stored(manifest: Manifest, file: Path, stored: dict) -> None:
-    """Every tensor the manifest lists must be in the file (scales and row indices included), with
-    the dtype and length its entry implies: all from the header, no tensor data is read."""
+    """The manifest against the file's tensors, from the header alone (no tensor data is read):
+    every tensor an entry needs is there with the shape and dtype the entry implies (factors of
+    the recorded rank that make the recorded shape, a dense tensor of its recorded shape, row
+    indices int64), the file holds nothing the manifest does not list, and every checksum names a
+    stored tensor."""
+    where = str(file)
+    expected: dict[str, tuple[tuple[int, ...], frozenset[str]]] = {}
     for name, entry in manifest.tensors.items():
-        missing = [stored_name for stored_name in entry.stored_names(name) if stored_name not in stored]
-        if missing:
-            raise ArtifactError(f"artifact lacks tensor {missing[0]!r} that its manifest lists", str(file),
-                                "the file is damaged: re-run compress")
-        if entry.kind == "lowrank+rows":
-            index = stored[row_names(name)[1]]
-            if index.get_dtype() != "I64" or list(index.get_shape()) != [entry.rows]:
-                raise ArtifactError(f"row index {row_names(name)[1]!r} is {index.get_dtype()} {index.get_shape()}, "
-                                    f"expected I64 [{entry.rows}]", str(file), "the file is damaged: re-run compress")
+        for stored_name, (shape, codes) in _stored_layout(name, entry).items():
+            if stored_name not in stored:
+                raise ArtifactError(f"artifact lacks tensor {stored_name!r} that its manifest lists", where, DAMAGED)
+            found = stored[stored_name]
+            found_shape, found_code = tuple(found.get_shape()), found.get_dtype()
+            if found_shape != shape or found_code not in codes:
+                rank = f", rank {entry.rank}" if entry.has_factors else ""
+                raise ArtifactError(
+                    f"stored tensor {stored_name!r} is {found_code} {list(found_shape)}, but the manifest's "
+                    f"{entry.kind} entry for {name!r} ({list(entry.shape)}{rank}"
+                    f"{f', {entry.storage}' if entry.storage else ''}) needs {'/'.join(sorted(codes))} "
+                    f"{list(shape)}", where, DAMAGED)
+            expected[stored_name] = (shape, codes)
+    unlisted = [stored_name for stored_name in stored if stored_name not in expected]
+    if unlisted:
+        raise ArtifactError(f"artifact file holds tensor {unlisted[0]!r} that its manifest does not list", where,
+                            DAMAGED)
+    unknown = [stored_name for stored_name in manifest.checksums if stored_name not in stored]
+    if unknown:
+        raise ArtifactError(f"manifest has a checksum for {unknown[0]!r}, which the file lacks", where, DAMAGED)
+
+
+def check_reference(manifest: Manifest, infos: dict[str, TensorInfo] | None, where: str, fix: str) -> None:
+    """The reference must hold every tensor an entry is an update to, at the entry's shape (or with
+    the entry's ``reference_rows`` rows: a grown vocabulary). From names and shapes alone; raises
+    InitReferenceError (``None`` infos: the zero reference, which has every tensor)."""
+    if infos is None:
+        return
     for name, entry in manifest.tensors.items():
-        if entry.is_alias and manifest.tensors.get(entry.of or "") is None:
-            raise ArtifactError(f"alias {name!r} points at {entry.of!r}, which the manifest lacks", str(file),
-                                "the file is damaged: re-run compress")
+        if not entry.uses_reference:
+            continue
+        info = infos.get(name)
+        if info is None:
+            raise InitReferenceError(f"the init lacks tensor {name!r} of the artifact", where, fix)
+        shape = entry.shape if entry.reference_rows is None else (entry.reference_rows, *entry.shape[1:])
+        if tuple(info.shape) != tuple(shape):
+            raise InitReferenceError(f"init tensor {name!r} has shape {list(info.shape)}, the artifact needs "
+                                     f"{list(shape)}", where, fix)
 
 
 def artifact_bytes(path: Path) -> int:
@@ -145,7 +212,22 @@ class Artifact:
         if self.tensors[name].storage == "int8":
             scale = self._file.get(name + FACTOR_SCALE)
             check_scale(name + FACTOR_SCALE, scale, A.shape[0], str(self.file))
-        return decode_factors(B, A, scale)
+        B, A = decode_factors(B, A, scale)
+        for stored_name, tensor in ((b_name, B), (a_name, A)):
+            self._check_finite(stored_name, tensor)
+        return B, A
+
+    def _check_finite(self, stored_name: str, tensor: torch.Tensor) -> None:
+        """Stored data holding NaN or Inf (compress refuses such weights, so the file was damaged
+        or written by something else) is refused where it is read, before anything is built from it."""
+        if not is_finite(tensor):
+            raise ArtifactError(f"stored tensor {stored_name!r} holds NaN or Inf", str(self.file), DAMAGED)
+
+    def dense(self, name: str) -> torch.Tensor:
+        """A dense-stored tensor as stored (its source dtype), refused if it holds NaN or Inf."""
+        tensor = self._file.get(name)
+        self._check_finite(name, tensor)
+        return tensor
 
     def rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(row_index [K] int64, rows [K, cols] float32) of a lowrank+rows tensor, validated: the
@@ -167,7 +249,9 @@ class Artifact:
         if entry.storage == "int8":
             scale = self._file.get(name + ROWS_SCALE)
             check_scale(name + ROWS_SCALE, scale, index.shape[0], where)
-        return index, decode_rows(rows, scale)
+        rows = decode_rows(rows, scale)
+        self._check_finite(rows_name, rows)
+        return index, rows
 
     def input_paths(self) -> tuple[Path, ...]:
         """Every path this artifact reads: outputs must never replace one of them."""
@@ -183,13 +267,15 @@ class Artifact:
         entry = self.tensors[self.canonical(name)]
         return TensorInfo(name, entry.shape, entry.dtype)
 
-    def reconstruct(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+    def reconstruct(self, name: str, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+                    ) -> torch.Tensor:
         """The dense tensor W = W_ref + B @ A (+ the stored rows), or the stored / reference one, in
-        its source dtype. Built in place, a block of rows at a time: no dense update is formed."""
+        its source dtype (or ``dtype``: float32 gives the sum before it is rounded to a 16-bit source
+        dtype). Built in place, a block of rows at a time: no dense update is formed."""
         name = self.canonical(name)
         entry = self.tensors[name]
         if entry.kind == "dense":
-            return self.stored(name).to(device)
+            return self.dense(name).to(device, dtype or entry.dtype)
         weight = torch.zeros(entry.shape, dtype=torch.float32, device=device)  # [rows, cols]
         reference = self.reference.get(name)
         if reference is not None:
@@ -204,7 +290,7 @@ class Artifact:
         if entry.kind == "lowrank+rows":
             index, rows = self.rows(name)
             weight.index_add_(0, index.to(device), rows.to(device))
-        return weight.to(entry.dtype)
+        return weight.to(dtype or entry.dtype)
 
     def close(self) -> None:
         self._file.close()
