@@ -31,11 +31,18 @@ from .manifest import (
     factor_names,
 )
 from .reader import Artifact, ReferenceTensors, artifact_bytes, describe_artifact, is_artifact, read_manifest
-from .writer import ArtifactWriter, manifest_metadata, rewrite_manifest
+from .writer import (
+    ArtifactWriter,
+    RecordingWriter,
+    SourceTensor,
+    StoredTensor,
+    manifest_metadata,
+    rewrite_manifest,
+)
 
 __all__ = [
     "ARTIFACT_FILE", "FORMAT_NAME", "FORMAT_VERSION", "INIT_FILE", "REFERENCE_MODES", "TENSOR_KINDS", "Artifact",
-    "ArtifactWriter", "Manifest", "ReferenceMode", "ReferenceRecord", "ReferenceTensors", "RuleRecord",
-    "SourceRecord", "TensorEntry", "TensorKind", "TrainingRecord", "artifact_bytes", "describe_artifact",
+    "ArtifactWriter", "Manifest", "RecordingWriter", "ReferenceMode", "ReferenceRecord", "ReferenceTensors",
+    "RuleRecord", "SourceRecord", "SourceTensor", "StoredTensor", "TensorEntry", "TensorKind", "TrainingRecord", "artifact_bytes", "describe_artifact",
     "factor_names", "is_artifact", "manifest_metadata", "read_manifest", "rewrite_manifest",
 ]
