@@ -74,9 +74,9 @@ from .updates import planned_entries, prefetch
 # for rank 0 to finish writing: a large SVD on a CPU takes far longer than torch's default 30 min.
 RESULTS_TIMEOUT = timedelta(days=7)
 _HEADER, _PAYLOAD, _FINAL = 1, 2, 3  # message tags: a payload's length, the payload, rank 0's "done"
-_USER_ERRORS = (InrankError, OSError)
-PER_TENSOR_COST = 1.5e7  # ~2 ms: reading, subtracting, choosing the form, rounding, measuring the error
-HASH_COST_PER_BYTE = 10.0  # see hashing_cost  # what a process hands to rank 0 to print; anything else is a bug
+_USER_ERRORS = (InrankError, OSError)  # what a process hands to rank 0 to print; anything else is a bug
+PER_TENSOR_COST = 1.5e7  # svd_cost's units (~2 ms): reading, subtracting, choosing the form, measuring the error
+HASH_COST_PER_BYTE = 10.0  # svd_cost's units per byte of sha256 (see hashing_cost)
 
 
 def check_one_process(options: PlanOptions, calibration: CalibrationRequest | None = None,

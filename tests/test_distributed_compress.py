@@ -161,6 +161,32 @@ def test_an_error_in_another_process_is_one_line_from_rank_0_and_nothing_is_writ
     assert not output.exists() and not temps_beside(output)
 
 
+def test_an_error_only_another_process_meets_before_compress_starts_is_printed_by_rank_0(tmp_path):
+    # The CLI's own checks fail on rank 1 alone (as a path that only one node lacks would): rank 1
+    # joins the job to hand its error to rank 0, which prints it.
+    launcher = tmp_path / "launch.py"
+    launcher.write_text(
+        "import os\n"
+        "import inrank_convert.cli as cli\n"
+        "from inrank_convert.errors import UsageError\n"
+        "checks = cli._compress_threshold\n"
+        "def rank_1_fails(*args):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        raise UsageError('only rank 1 meets this', 'rank 1', 'nothing to fix')\n"
+        "    return checks(*args)\n"
+        "cli._compress_threshold = rank_1_fails\n"
+        "cli.main()\n")
+    pair = make_pair(tmp_path)
+    output = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(launcher), "compress", str(pair.trained_dir), "--init", str(pair.init_dir), "-o",
+                           str(output)], cwd=REPO, env=env, capture_output=True, text=True, timeout=180)
+    assert done.returncode != 0
+    assert our_error_lines(done.stderr) == ["error: only rank 1 meets this: rank 1 (nothing to fix)"], done.stderr[-3000:]
+    assert not output.exists() and not temps_beside(output)
+
+
 def test_a_process_killed_mid_run_leaves_no_artifact(tmp_path):
     if not Path("/proc/self/environ").exists():
         pytest.skip("finding the worker process needs /proc")
