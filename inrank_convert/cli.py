@@ -205,6 +205,11 @@ def _rank0_reports(command):
             return command(*args, **kwargs)
         except ReportedElsewhere:
             raise
+        except KeyboardInterrupt:
+            world = env_world()
+            if not world.enabled or world.is_main:
+                raise
+            raise ReportedElsewhere(130) from None  # Ctrl-C reaches every process: rank 0 says it once
         except (InrankError, OSError) as err:
             world = env_world()
             if not world.enabled or world.is_main:

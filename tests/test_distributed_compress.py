@@ -26,8 +26,8 @@ from conftest import make_pair
 from safetensors.torch import load_file, save_file
 
 from inrank_convert.artifact import ARTIFACT_FILE, INIT_FILE, read_manifest
-from inrank_convert.compress import compress, plan_compression
-from inrank_convert.distributed_compress import hashing_cost, share_out, svd_cost
+from inrank_convert.compress import CompressionJob, compress, plan_compression
+from inrank_convert.distributed_compress import _compute, hashing_cost, share_out, svd_cost
 from inrank_convert.plan import PlanOptions, TensorPlan
 from inrank_convert.sources import open_inputs
 from inrank_convert.spectrum import RankRule
@@ -244,6 +244,31 @@ def test_a_global_budget_is_refused_under_torchrun(tmp_path, monkeypatch, flags)
     expect_error(["compress", pair.trained_dir, "--init", pair.init_dir, "-o", output, *flags],
                  says=(flags[0], "one process", "without torchrun"), output=output,
                  inputs=(pair.trained_dir, pair.init_dir, text))
+
+
+def test_tensors_computed_in_any_order_and_written_by_another_writer_give_the_same_file(tmp_path):
+    """What each process does, in one process: every tensor computed into a RecordingWriter, here
+    last to first (its seed is its plan index, not its turn), then written in plan order."""
+    pair = make_pair(tmp_path, unchanged=("transformer.h.1.attn.c_proj.weight",))
+    options = PlanOptions(engine="randomized", seed=3, exclude=("*h.0.mlp.c_proj*",))
+
+    class Recorded(CompressionJob):
+        def execute(self, writer, budget):
+            work = planned_entries(self.plan)
+            computed = {index: _compute(entry, index, self.inputs, self.options, torch.device("cpu"))
+                        for index, entry in reversed(work)}
+            for index, _ in work:
+                layer, stored = computed[index]
+                for item in stored:
+                    layer.entry = writer.add_stored(item, self.inputs.trained.get, self.inputs.reference.get)
+                yield layer
+
+    compress(pair.trained_dir, tmp_path / "direct", init=pair.init_dir, embed_init=True, options=options)
+    with Recorded(pair.trained_dir, init=pair.init_dir, embed_init=True, options=options) as job:
+        recorded = job.write(tmp_path / "recorded")
+    assert_same_artifact(tmp_path / "recorded", tmp_path / "direct")
+    kinds = {layer.kind for layer in recorded.layers}
+    assert {"lowrank", "dense", "zero"} <= kinds
 
 
 def _entry(index: int, rows: int, cols: int, action: str = "factorize") -> tuple[int, TensorPlan]:
