@@ -16,7 +16,7 @@ import torch
 import typer
 
 from . import console
-from .errors import InrankError, UsageError, cli_flags
+from .errors import InrankError, ReportedElsewhere, UsageError, cli_flags
 from .tensors import COMPUTE_DTYPES
 from .version import __version__
 
@@ -50,7 +50,8 @@ def user_errors(command):
             with cli_flags(flags):
                 return command(*args, **kwargs)
         except InrankError as err:
-            console.error(err.message)
+            if not isinstance(err, ReportedElsewhere):  # under torchrun, rank 0 prints the job's one line
+                console.error(err.message)
             raise typer.Exit(err.exit_code) from None
         except KeyboardInterrupt:
             console.error("interrupted; nothing was written")
@@ -195,8 +196,37 @@ def _check_plot(plot: Path | None) -> None:
         check_plot_path(plot)
 
 
+def _rank0_reports(command):
+    """Under torchrun, a user error met on a rank other than 0 before compress starts (a bad flag:
+    every process meets it) is handed to rank 0, which prints the job's one line."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        from .distributed import env_world
+
+        try:
+            return command(*args, **kwargs)
+        except ReportedElsewhere:
+            raise
+        except KeyboardInterrupt:
+            world = env_world()
+            if not world.enabled or world.is_main:
+                raise
+            raise ReportedElsewhere(130) from None  # Ctrl-C reaches every process: rank 0 says it once
+        except (InrankError, OSError) as err:
+            world = env_world()
+            if not world.enabled or world.is_main:
+                raise
+            from .distributed_compress import hand_error_to_main
+
+            hand_error_to_main(err)
+
+    return wrapper
+
+
 @app.command("compress")
 @user_errors
+@_rank0_reports
 def compress_command(
     ckpt: Annotated[Path, typer.Argument(help="HF folder, sharded folder, .safetensors/.bin/.pt/.ckpt, run folder, "
                                              "artifact, or a Hugging Face hub id in the local cache.")],
@@ -251,15 +281,26 @@ def compress_command(
     """Factorize each weight's update relative to its init into a compact low-rank artifact.
 
     Example: inrank-convert compress runs/gpt2/ -o gpt2-inrank --threshold 0.9
+
+    Under torchrun (torchrun --nproc_per_node N -m inrank_convert compress ...) the tensors are
+    shared out over the processes and rank 0 writes the artifact.
     """
     from .compress import check_options, compress, plan_compression
+    from .distributed import env_world
     from .sources import open_inputs
 
+    world = env_world()
+    if dry_run and not world.is_main:
+        return  # rank 0 prints the plan
     threshold = _compress_threshold(threshold, target_ratio, target_size, max_increase)
     _check_target_flags(max_increase, eval_text, eval_tokens)
     calibration = _calibration_request(calibrate, calib_tokens, tokenizer)
     options = _plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, include, exclude, float64, seed,
                             quantize, target_ratio, target_size)
+    if world.enabled and not dry_run:
+        from .distributed_compress import check_one_process
+
+        check_one_process(options, calibration, max_increase is not None)
     source, init = _model_paths(ckpt, revision, init, init_revision)
     if dry_run:
         check_options(options)
@@ -293,10 +334,19 @@ def compress_command(
                  f"+{max_increase:g}%) in {len(searched.steps)} candidates")
     else:
         with contextlib.ExitStack() as stack:
-            bar = _PlanProgress(stack, "compressing", silent)
-            result = compress(source, output, init=init, init_seed=init_seed, no_init=no_init, embed_init=embed_init,
-                              options=options, force=force, calibration=calibration, on_plan=bar.start,
-                              on_layer=lambda layer: bar.advance(f"{layer.name} {layer.kind} r={layer.rank}"))
+            bar = _PlanProgress(stack, "compressing", silent or not world.is_main)
+            progress = dict(on_plan=bar.start, on_layer=lambda layer: bar.advance(f"{layer.name} {layer.kind} r={layer.rank}"))
+            if world.enabled:
+                from .distributed_compress import compress_distributed
+
+                result = compress_distributed(source, output, init=init, init_seed=init_seed, no_init=no_init,
+                                              embed_init=embed_init, options=options, force=force, **progress)
+            else:
+                result = compress(source, output, init=init, init_seed=init_seed, no_init=no_init,
+                                  embed_init=embed_init, options=options, force=force, calibration=calibration,
+                                  **progress)
+        if result is None:  # a rank other than 0 of a torchrun job: rank 0 reports
+            return
         summary = result.to_json()
         title = f"Compressed {ckpt} -> {output} in {result.seconds:.1f} s"
     for note in result.notes:

@@ -352,6 +352,11 @@ class CompressionJob:
             embeddings=options.embeddings, include=list(options.include), exclude=list(options.exclude),
             calibration=self.calibration_record(), perplexity_target=perplexity_target)
 
+    def execute(self, writer: ArtifactWriter, budget: dict[str, Assigned] | None) -> Iterator[LayerResult]:
+        """The plan's tensors stored into ``writer`` in plan order, here in this process (under
+        torchrun, distributed_compress shares them out over the processes instead)."""
+        return iter_compress(self.plan, self.inputs, self.options, writer, budget, self.stats)
+
     def write(self, output: str | Path, target: int | None = None, *, force: bool = False,
               on_layer: Callable[[LayerResult], None] | None = None,
               perplexity_target: dict | None = None) -> CompressResult:
@@ -369,7 +374,7 @@ class CompressionJob:
             budget = allocate_target(spectra, target, header)
         with ArtifactWriter(output, force=force, inputs=inputs.paths, embed_reference=inputs.embed_init) as writer:
             layers: list[LayerResult] = []
-            for layer in iter_compress(plan, inputs, options, writer, budget, self.stats):
+            for layer in self.execute(writer, budget):
                 layers.append(layer)
                 if on_layer is not None:
                     on_layer(layer)

@@ -31,18 +31,27 @@ class World:
         return self.rank == 0
 
 
-def init_world(device: str) -> World:
-    """Join the torchrun process group when launched by torchrun."""
+def env_world() -> World:
+    """This process's place in a torchrun job, from the environment torchrun sets (no process
+    group joined: for decisions that must come before ``init_world``)."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return World()
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init_world(device: str, backend: str | None = None) -> World:
+    """Join the torchrun process group when launched by torchrun: NCCL when ``device`` is CUDA,
+    else gloo, unless ``backend`` says which."""
+    world = env_world()
+    if not world.enabled:
+        return world
     if not dist.is_initialized():
-        backend = "nccl" if device.startswith("cuda") else "gloo"
+        backend = backend or ("nccl" if device.startswith("cuda") else "gloo")
         if backend == "nccl":
-            torch.cuda.set_device(local_rank)
+            torch.cuda.set_device(world.local_rank)
         dist.init_process_group(backend)
-    return World(rank, size, local_rank)
+    return world
 
 
 def close_world(world: World) -> None:

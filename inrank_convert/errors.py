@@ -83,3 +83,16 @@ class OutputError(InrankError):
 
 class NonFiniteError(InrankError):
     """A weight holds NaN or Inf."""
+
+
+class DistributedError(InrankError):
+    """A torchrun job cannot go on: a process stopped, or the processes disagree on their inputs."""
+
+
+class ReportedElsewhere(InrankError):
+    """Under torchrun: this process's job failed, and rank 0 prints the one line that says why
+    (every process meets the same error, or handed its own to rank 0). The CLI prints nothing."""
+
+    def __init__(self, exit_code: int = 1):
+        super().__init__("reported by rank 0 of the torchrun job")
+        self.exit_code = exit_code

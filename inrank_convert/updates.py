@@ -58,16 +58,25 @@ def load_update(inputs: Inputs, entry: TensorPlan, device: torch.device) -> tupl
     return delta, total
 
 
+def planned_entries(plan: Plan, actions: tuple[str, ...] = ("factorize", "dense")) -> list[tuple[int, TensorPlan]]:
+    """(index, entry) of the plan entries to execute, in order. The index seeds the tensor's random
+    generator (seed + index), so a tensor's result does not depend on who computes it, or when."""
+    return list(enumerate(entry for entry in plan.entries if entry.action in actions))
+
+
+def prefetch(inputs: Inputs, entry: TensorPlan) -> None:
+    """Ask the kernel to start reading ``entry``'s tensors (posix_fadvise): no mapping, no copy."""
+    inputs.trained.prefetch(entry.name)
+    if entry.action == "factorize":
+        inputs.reference.prefetch(entry.name)
+
+
 def planned_work(plan: Plan, inputs: Inputs, actions: tuple[str, ...] = ("factorize", "dense")
                  ) -> Iterator[tuple[int, TensorPlan]]:
-    """(index, entry) of the plan entries to execute, in order. Before handing out an entry it
-    asks the kernel to start reading the next one's tensors (posix_fadvise), so disk reads
-    overlap the current SVD without mapping or copying anything early."""
-    work = [entry for entry in plan.entries if entry.action in actions]
-    for index, entry in enumerate(work):
-        if index + 1 < len(work):
-            following = work[index + 1]
-            inputs.trained.prefetch(following.name)
-            if following.action == "factorize":
-                inputs.reference.prefetch(following.name)
+    """``planned_entries``, handed out one at a time; before each it prefetches the next one's
+    tensors, so disk reads overlap the current SVD."""
+    work = planned_entries(plan, actions)
+    for position, (index, entry) in enumerate(work):
+        if position + 1 < len(work):
+            prefetch(inputs, work[position + 1][1])
         yield index, entry

@@ -39,11 +39,19 @@ from .reader import (
     is_artifact,
     read_manifest,
 )
-from .writer import ArtifactWriter, manifest_metadata, rewrite_manifest
+from .writer import (
+    ArtifactWriter,
+    RecordingWriter,
+    SourceTensor,
+    StoredTensor,
+    manifest_metadata,
+    rewrite_manifest,
+)
 
 __all__ = [
     "ARTIFACT_FILE", "FORMAT_NAME", "FORMAT_VERSION", "INIT_FILE", "REFERENCE_MODES", "TENSOR_KINDS", "Artifact",
-    "ArtifactWriter", "Manifest", "ReferenceMode", "ReferenceRecord", "ReferenceTensors", "RuleRecord",
-    "SourceRecord", "TensorEntry", "TensorKind", "TrainingRecord", "artifact_bytes", "check_reference", "describe_artifact",
+    "ArtifactWriter", "Manifest", "RecordingWriter", "ReferenceMode", "ReferenceRecord", "ReferenceTensors",
+    "RuleRecord", "SourceRecord", "SourceTensor", "StoredTensor", "TensorEntry", "TensorKind", "TrainingRecord",
+    "artifact_bytes", "check_reference", "describe_artifact",
     "factor_names", "is_artifact", "manifest_metadata", "read_manifest", "rewrite_manifest",
 ]

@@ -7,6 +7,8 @@ import os
 import shutil
 import struct
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +171,25 @@ class ArtifactWriter:
         link_or_copy(Path(file), self.folder / INIT_FILE)
         self._linked_init = True
 
+    def add_stored(self, stored: StoredTensor, source: Callable[[str], torch.Tensor],
+                   reference: Callable[[str], torch.Tensor]) -> TensorEntry:
+        """Store what a ``RecordingWriter`` recorded for one tensor, byte for byte what the add_*
+        call would have written here. ``source(name)`` / ``reference(name)`` give the tensors that
+        were recorded by name only: the source tensor a dense form keeps whole and the reference
+        that --embed-init stores (both re-read here rather than carried between processes)."""
+        for name, tensor in stored.tensors:
+            if isinstance(tensor, SourceTensor):
+                whole = source(stored.name)
+                if (tuple(whole.shape), whole.dtype) != (tensor.shape, tensor.dtype):
+                    raise ValueError(f"{stored.name!r} was recorded as the source tensor {tensor}, but the source "
+                                     f"holds {tuple(whole.shape)} {whole.dtype}")
+                tensor = whole
+            self._tensors.add(name, tensor)
+        entry = self._add_entry(stored.name, stored.entry)
+        if stored.reference:
+            self.add_reference_tensor(stored.name, reference(stored.name))
+        return entry
+
     def copy_side_files(self, source_dir: Path | None) -> list[str]:
         return copy_side_files(source_dir, self.folder)
 
@@ -196,6 +217,79 @@ class ArtifactWriter:
         self.manifest = manifest
         self.bytes = artifact_bytes(self.folder)
         return manifest
+
+
+@dataclass(frozen=True)
+class SourceTensor:
+    """Stands for a tensor stored whole as the source holds it: the writing side re-reads it."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+
+@dataclass
+class StoredTensor:
+    """What an ArtifactWriter stores for one tensor, recorded by a ``RecordingWriter``: its entry,
+    the tensors it adds to ``inrank.safetensors`` (encoded, in order) and whether --embed-init adds
+    its reference. ``ArtifactWriter.add_stored`` writes it."""
+
+    name: str
+    entry: TensorEntry
+    tensors: list[tuple[str, torch.Tensor | SourceTensor]] = field(default_factory=list)
+    reference: bool = False
+
+
+class _TensorRecorder:
+    """In place of a RecordingWriter's TensorFileWriter: keeps what would be written."""
+
+    def __init__(self):
+        self.tensors: list[tuple[str, torch.Tensor | SourceTensor]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> int:
+        # A copy of its own: a factor is often a view of a whole SVD output (U[:, :r]), whose full
+        # storage would otherwise travel with it when pickled.
+        self.tensors.append((name, tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)))
+        return tensor.numel() * tensor.element_size()
+
+    def take(self) -> list[tuple[str, torch.Tensor | SourceTensor]]:
+        taken, self.tensors = self.tensors, []
+        return taken
+
+
+class RecordingWriter(ArtifactWriter):
+    """An ArtifactWriter that writes nothing: each add_* computes the entry and the encoded tensors
+    exactly as the real writer would and keeps them as a ``StoredTensor`` (``take()``), so one
+    process can compute tensors that another writes (compress under torchrun). A dense tensor
+    is recorded by name only (``SourceTensor``): the writing side reads it from its own source."""
+
+    def __init__(self):
+        super().__init__(os.devnull)  # never entered: no folder, no file
+        self._tensors = _TensorRecorder()
+        self._stored: list[StoredTensor] = []
+
+    def __enter__(self):
+        raise TypeError("a RecordingWriter writes nothing: pass what it recorded to ArtifactWriter.add_stored")
+
+    def _add_entry(self, name: str, entry: TensorEntry) -> TensorEntry:
+        entry = super()._add_entry(name, entry)
+        self._stored.append(StoredTensor(name, entry, self._tensors.take()))
+        return entry
+
+    def add_dense(self, name: str, tensor: torch.Tensor, **options) -> TensorEntry:
+        entry = super().add_dense(name, tensor, **options)
+        stored = self._stored[-1]
+        stored.tensors = [(name, SourceTensor(tuple(tensor.shape), tensor.dtype))]
+        return entry
+
+    def add_reference_tensor(self, name: str, tensor: torch.Tensor) -> str:
+        stored = next(stored for stored in reversed(self._stored) if stored.name == name)
+        stored.reference = True
+        return ""
+
+    def take(self) -> list[StoredTensor]:
+        """What was recorded since the last call, in the order it was added."""
+        taken, self._stored = self._stored, []
+        return taken
 
 
 def manifest_metadata(manifest: Manifest) -> dict[str, str]:
