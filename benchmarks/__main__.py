@@ -1,6 +1,6 @@
 """Run every benchmark (or those named on the command line), print one ratio table, write results.json.
 
-Usage: python -m benchmarks [compress] [svd] [memory] [runtime] [train] [compression] [calibration]
+Usage: python -m benchmarks [compress] [svd] [memory] [runtime] [train] [compression] [calibration] [llama]
 
 A benchmark module may define ``skip_reason()``: when it returns a reason the benchmark is skipped
 (said on stdout and recorded in results.json). A row whose ``passed`` is None has no target (it is
@@ -22,6 +22,7 @@ from . import (
     bench_calibration,
     bench_compress,
     bench_compression,
+    bench_llama,
     bench_memory,
     bench_runtime,
     bench_svd,
@@ -33,7 +34,7 @@ BUSY_WARNING = 0.05  # other processes' share of the CPUs above which timings ar
 
 BENCHMARKS = {module.NAME: module
               for module in (bench_compress, bench_svd, bench_memory, bench_runtime, bench_train, bench_compression,
-                              bench_calibration)}
+                              bench_calibration, bench_llama)}
 RESULTS_FILE = Path(__file__).resolve().parent / "results.json"
 COLUMNS = ("benchmark", "measured", "baseline", "ratio", "target", "result")
 

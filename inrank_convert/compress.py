@@ -31,6 +31,7 @@ from .calibration import DEFAULT_CALIBRATION_TOKENS, DEFAULT_DAMPING, Calibratio
 from .distributed import check_device
 from .errors import UsageError, flag
 from .forms import (
+    BREAKEVEN_MARK,
     choose_form,
     stored_error,
 )
@@ -382,6 +383,8 @@ class CompressionJob:
             writer.copy_side_files(inputs.trained.config_dir)
         notes = sorted({note for layer in layers for note in layer.notes
                         if "float64" in note or "Cholesky" in note or "eigendecomposition" in note})
+        # A rank the rule needs near (or past) the dense break-even: a noise-like update, said per tensor.
+        notes += [f"{layer.name}: {note}" for layer in layers for note in layer.notes if note.startswith(BREAKEVEN_MARK)]
         return CompressResult(Path(output), str(self.source), manifest.reference.mode, arguments["rule"].describe(),
                               layers, plan.tied, plan.original_bytes, writer.bytes,
                               time.perf_counter() - started + self.calibration_seconds, notes, manifest)
