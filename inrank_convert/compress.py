@@ -34,11 +34,12 @@ from .forms import (
     BREAKEVEN_MARK,
     choose_form,
     stored_error,
+    svd_stored_error,
 )
 from .outputs import check_output_free, check_output_outside
 from .plan import Plan, PlanOptions, TensorPlan, costs_for, make_plan, storage_for
 from .sources import Inputs, open_inputs
-from .spectrum import CRITERIA, ENGINES
+from .spectrum import CRITERIA, ENGINES, BasisHints
 from .targets import (
     Assigned,
     Spectra,
@@ -182,14 +183,15 @@ def iter_compress(plan: Plan, inputs: Inputs, options: PlanOptions, writer: Arti
     the size each factorized tensor was allocated (a global target), instead of the rank rule;
     ``stats``: the calibration whose Grams whiten the tensors the budget marked ``whitened``."""
     device = torch.device(options.device)
+    hints: BasisHints = {}  # the adaptive engine's basis size by shape: the next update of that shape starts there
     for index, entry in planned_work(plan, inputs):
         assigned = None if budget is None else budget.get(entry.name)
-        yield _execute(entry, inputs, options, device, index, writer, assigned, stats)
+        yield _execute(entry, inputs, options, device, index, writer, assigned, stats, hints)
 
 
 def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: torch.device, index: int,
              writer: ArtifactWriter, assigned: Assigned | None = None,
-             stats: CalibrationStats | None = None) -> LayerResult:
+             stats: CalibrationStats | None = None, hints: BasisHints | None = None) -> LayerResult:
     started = time.perf_counter()
     if entry.action == "dense" or (assigned is not None and assigned.dense):
         weight = inputs.trained.get(entry.name)
@@ -211,7 +213,7 @@ def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: to
         row_scores = None if stats is None or assigned is None else partial(stats.row_scores, entry.name)
         form = choose_form(delta, total, options.rule, costs_for(options, entry), options.engine, options.float64,
                            generator, entry.forced_rows,
-                           None if assigned is None else (assigned.rank, assigned.rows), row_scores)
+                           None if assigned is None else (assigned.rank, assigned.rows), row_scores, hints=hints)
     notes = list(form.notes)
     engine = form.engine or None
     if form.kind == "zero":
@@ -222,8 +224,10 @@ def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: to
                                   reference_rows=entry.reference_rows)
     else:
         B, A, rows = round_trip(form.B, form.A, form.rows, storage)
-        error = stored_error(delta, total, B.to(delta.device), A.to(delta.device),
-                             None if rows is None else rows.to(delta.device), form.row_index)
+        B, A = B.to(delta.device), A.to(delta.device)
+        error = svd_stored_error(total, form.B, form.A, B, A) if form.svd_factors and rows is None else None
+        if error is None:
+            error = stored_error(delta, total, B, A, None if rows is None else rows.to(delta.device), form.row_index)
         stored = writer.add_lowrank(entry.name, form.B.cpu(), form.A.cpu(), shape=entry.shape, dtype=entry.dtype,
                                     energy=form.energy, svd=engine, storage=storage, error=error,
                                     rows=None if form.rows is None else form.rows.cpu(),
