@@ -1,6 +1,7 @@
 """Run every benchmark (or those named on the command line), print one ratio table, write results.json.
 
-Usage: python -m benchmarks [compress] [svd] [memory] [runtime] [train] [compression] [calibration] [distributed]
+Usage: python -m benchmarks [compress] [svd] [memory] [runtime] [train] [compression] [calibration] [llama]
+       [distributed]
 
 A benchmark module may define ``skip_reason()``: when it returns a reason the benchmark is skipped
 (said on stdout and recorded in results.json). A row whose ``passed`` is None has no target (it is
@@ -23,6 +24,7 @@ from . import (
     bench_compress,
     bench_compression,
     bench_distributed,
+    bench_llama,
     bench_memory,
     bench_runtime,
     bench_svd,
@@ -34,7 +36,7 @@ BUSY_WARNING = 0.05  # other processes' share of the CPUs above which timings ar
 
 BENCHMARKS = {module.NAME: module
               for module in (bench_compress, bench_svd, bench_memory, bench_runtime, bench_train, bench_compression,
-                              bench_calibration, bench_distributed)}
+                              bench_calibration, bench_llama, bench_distributed)}
 RESULTS_FILE = Path(__file__).resolve().parent / "results.json"
 COLUMNS = ("benchmark", "measured", "baseline", "ratio", "target", "result")
 

@@ -8,7 +8,7 @@ update is updates.py's; a size target's allocation is targets.py's.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -31,13 +31,15 @@ from .calibration import DEFAULT_CALIBRATION_TOKENS, DEFAULT_DAMPING, Calibratio
 from .distributed import check_device
 from .errors import UsageError, flag
 from .forms import (
+    BREAKEVEN_MARK,
     choose_form,
     stored_error,
+    svd_stored_error,
 )
 from .outputs import check_output_free, check_output_outside
 from .plan import Plan, PlanOptions, TensorPlan, costs_for, make_plan, storage_for
 from .sources import Inputs, open_inputs
-from .spectrum import CRITERIA, ENGINES
+from .spectrum import CRITERIA, ENGINES, BasisHints
 from .targets import (
     Assigned,
     Spectra,
@@ -49,7 +51,7 @@ from .targets import (
     target_bytes,
 )
 from .tensors import dtype_name
-from .updates import check_finite_fast, load_update, planned_work, raise_non_finite
+from .updates import check_finite_fast, load_update, planned_entries, planned_work, raise_non_finite
 
 
 @dataclass
@@ -181,14 +183,39 @@ def iter_compress(plan: Plan, inputs: Inputs, options: PlanOptions, writer: Arti
     the size each factorized tensor was allocated (a global target), instead of the rank rule;
     ``stats``: the calibration whose Grams whiten the tensors the budget marked ``whitened``."""
     device = torch.device(options.device)
+    chains = HintChains(planned_entries(plan))
     for index, entry in planned_work(plan, inputs):
         assigned = None if budget is None else budget.get(entry.name)
-        yield _execute(entry, inputs, options, device, index, writer, assigned, stats)
+        yield _execute(entry, inputs, options, device, index, writer, assigned, stats, chains.hints(index))
+
+
+# The adaptive engine starts an update with the basis size the last update of its shape ended with,
+# but only within a chain of HINT_CHAIN same-shape updates in plan order: a tensor's bits then depend
+# on its chain alone, never on which process computed it (torchrun shares out whole chains).
+HINT_CHAIN = 4
+
+
+class HintChains:
+    """The basis hints of one compress (or of one process's share), chain by chain."""
+
+    def __init__(self, work: Sequence[tuple[int, TensorPlan]]):
+        self.chain: dict[int, tuple[tuple[int, ...], int]] = {}  # plan index -> (shape, chain number)
+        counts: dict[tuple[int, ...], int] = {}
+        for index, entry in work:
+            if entry.action == "factorize":
+                shape = tuple(entry.shape)
+                self.chain[index] = (shape, counts.get(shape, 0) // HINT_CHAIN)
+                counts[shape] = counts.get(shape, 0) + 1
+        self._hints: dict[tuple[tuple[int, ...], int], BasisHints] = {}
+
+    def hints(self, index: int) -> BasisHints | None:
+        key = self.chain.get(index)
+        return None if key is None else self._hints.setdefault(key, {})
 
 
 def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: torch.device, index: int,
              writer: ArtifactWriter, assigned: Assigned | None = None,
-             stats: CalibrationStats | None = None) -> LayerResult:
+             stats: CalibrationStats | None = None, hints: BasisHints | None = None) -> LayerResult:
     started = time.perf_counter()
     if entry.action == "dense" or (assigned is not None and assigned.dense):
         weight = inputs.trained.get(entry.name)
@@ -210,7 +237,7 @@ def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: to
         row_scores = None if stats is None or assigned is None else partial(stats.row_scores, entry.name)
         form = choose_form(delta, total, options.rule, costs_for(options, entry), options.engine, options.float64,
                            generator, entry.forced_rows,
-                           None if assigned is None else (assigned.rank, assigned.rows), row_scores)
+                           None if assigned is None else (assigned.rank, assigned.rows), row_scores, hints=hints)
     notes = list(form.notes)
     engine = form.engine or None
     if form.kind == "zero":
@@ -221,8 +248,10 @@ def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: to
                                   reference_rows=entry.reference_rows)
     else:
         B, A, rows = round_trip(form.B, form.A, form.rows, storage)
-        error = stored_error(delta, total, B.to(delta.device), A.to(delta.device),
-                             None if rows is None else rows.to(delta.device), form.row_index)
+        B, A = B.to(delta.device), A.to(delta.device)
+        error = svd_stored_error(total, form.B, form.A, B, A) if form.svd_factors and rows is None else None
+        if error is None:
+            error = stored_error(delta, total, B, A, None if rows is None else rows.to(delta.device), form.row_index)
         stored = writer.add_lowrank(entry.name, form.B.cpu(), form.A.cpu(), shape=entry.shape, dtype=entry.dtype,
                                     energy=form.energy, svd=engine, storage=storage, error=error,
                                     rows=None if form.rows is None else form.rows.cpu(),
@@ -387,6 +416,8 @@ class CompressionJob:
             writer.copy_side_files(inputs.trained.config_dir)
         notes = sorted({note for layer in layers for note in layer.notes
                         if "float64" in note or "Cholesky" in note or "eigendecomposition" in note})
+        # A rank the rule needs near (or past) the dense break-even: a noise-like update, said per tensor.
+        notes += [f"{layer.name}: {note}" for layer in layers for note in layer.notes if note.startswith(BREAKEVEN_MARK)]
         return CompressResult(Path(output), str(self.source), manifest.reference.mode, arguments["rule"].describe(),
                               layers, plan.tied, plan.original_bytes, writer.bytes,
                               time.perf_counter() - started + self.calibration_seconds, notes, manifest)

@@ -54,6 +54,7 @@ from .compress import (
     CalibrationRequest,
     CompressionJob,
     CompressResult,
+    HintChains,
     LayerResult,
     _execute,
     check_options,
@@ -119,19 +120,27 @@ def hashing_cost(inputs: Inputs, device: str) -> float:
 
 
 def share_out(work: list[tuple[int, TensorPlan]], size: int, head_start: float = 0.0) -> dict[int, int]:
-    """Plan index -> the rank that computes it. The tensors to factorize go largest first to the
-    least loaded rank (LPT: the busiest rank ends at most one tensor's work above the mean);
-    rank 0 starts with ``head_start`` (its hashing). The tensors stored whole go to rank 0,
-    which copies them into the file without computing."""
+    """Plan index -> the rank that computes it. The tensors to factorize go, a hint chain at a time
+    (``compress.HintChains``: up to HINT_CHAIN same-shape updates that hand on the adaptive engine's
+    basis size, so they must be computed together, in plan order), largest first to the least
+    loaded rank (LPT: the busiest rank ends at most one chain's work above the mean); rank 0 starts
+    with ``head_start`` (its hashing). The tensors stored whole go to rank 0, which copies them into
+    the file without computing."""
     owners = {index: 0 for index, entry in work if entry.action != "factorize"}
+    chains = HintChains(work).chain
+    members: dict[tuple, list[int]] = {}
+    costs: dict[tuple, float] = {}
+    for index, entry in work:
+        if entry.action == "factorize":
+            members.setdefault(chains[index], []).append(index)
+            costs[chains[index]] = costs.get(chains[index], 0.0) + svd_cost(entry)
     loads = [0.0] * size
     loads[0] = head_start
-    factorized = sorted(((index, entry) for index, entry in work if entry.action == "factorize"),
-                        key=lambda item: (-svd_cost(item[1]), item[0]))
-    for index, entry in factorized:
+    for chain in sorted(members, key=lambda key: (-costs[key], members[key][0])):
         rank = min(range(size), key=lambda candidate: (loads[candidate], candidate))
-        owners[index] = rank
-        loads[rank] += svd_cost(entry)
+        for index in members[chain]:
+            owners[index] = rank
+        loads[rank] += costs[chain]
     return owners
 
 
@@ -264,7 +273,8 @@ class _SharedJob(CompressionJob):
     def execute(self, writer: ArtifactWriter, budget: dict[str, Assigned] | None) -> Iterator[LayerResult]:
         work = planned_entries(self.plan)
         owners = share_out(work, self.world.size, hashing_cost(self.inputs, self.options.device))
-        own = _OwnShare(self.inputs, self.options, self.device, [(i, e) for i, e in work if owners[i] == 0])
+        own = _OwnShare(self.inputs, self.options, self.device, [(i, e) for i, e in work if owners[i] == 0],
+                        HintChains(work))
         own.start()
         try:
             for index, _ in work:
@@ -313,8 +323,9 @@ class _OwnShare:
     GIL) while the main thread receives the others' tensors and writes."""
 
     def __init__(self, inputs: Inputs, options: PlanOptions, device: torch.device,
-                 mine: list[tuple[int, TensorPlan]]):
+                 mine: list[tuple[int, TensorPlan]], chains: HintChains):
         self._inputs, self._options, self._device, self._mine = inputs, options, device, mine
+        self._chains = chains
         self._done: dict[int, tuple[LayerResult, list[StoredTensor]]] = {}
         self._error: BaseException | None = None
         self._stopped = False
@@ -335,7 +346,7 @@ class _OwnShare:
                     return
                 if position + 1 < len(self._mine):
                     prefetch(self._inputs, self._mine[position + 1][1])
-                computed = _compute(entry, index, self._inputs, self._options, self._device)
+                computed = _compute(entry, index, self._inputs, self._options, self._device, self._chains)
                 with self._ready:
                     self._done[index] = computed
                     self._ready.notify_all()
@@ -417,12 +428,13 @@ def _run_worker(world: World, group, source, output, reference: dict, options: P
         work = planned_entries(plan)
         owners = share_out(work, world.size, hashing_cost(inputs, options.device))
         mine = [(index, entry) for index, entry in work if owners[index] == world.rank]
+        chains = HintChains(work)
         sending = []
         for position, (index, entry) in enumerate(mine):
             if position + 1 < len(mine):
                 prefetch(inputs, mine[position + 1][1])
             try:
-                message = ("tensor", index, *_compute(entry, index, inputs, options, device))
+                message = ("tensor", index, *_compute(entry, index, inputs, options, device, chains))
             except _USER_ERRORS as err:
                 error, message = err, ("error", index, err)
             sending.append(_post(message, 0, group))
@@ -450,11 +462,12 @@ def _wait_for_main(sending: list, group) -> bool:
 
 # -- computing and carrying one tensor
 
-def _compute(entry: TensorPlan, index: int, inputs: Inputs, options: PlanOptions, device: torch.device
-             ) -> tuple[LayerResult, list[StoredTensor]]:
-    """One tensor as compress stores it (same code, same seed), recorded rather than written."""
+def _compute(entry: TensorPlan, index: int, inputs: Inputs, options: PlanOptions, device: torch.device,
+             chains: HintChains) -> tuple[LayerResult, list[StoredTensor]]:
+    """One tensor as compress stores it (same code, same seed, same hint chain), recorded rather
+    than written."""
     recorder = RecordingWriter()
-    layer = _execute(entry, inputs, options, device, index, recorder)
+    layer = _execute(entry, inputs, options, device, index, recorder, hints=chains.hints(index))
     return layer, recorder.take()
 
 

@@ -20,6 +20,21 @@ ENGINES = ("auto", "exact", "randomized")
 RANDOMIZED_MAX_FRACTION = 1 / 8
 RANDOMIZED_FIRST_BLOCK = 32
 POWER_ITERATIONS = 2
+# The adaptive range finder gives up early when even an optimistic count of the directions still
+# needed (as if each held the last block's average energy) passes this multiple of its size limit:
+# the blocks it would still grow are wasted passes before the hand-over (a noise-only update).
+OVERFLOW_MARGIN = 2.0
+# Safety factor of the power-iteration stopping test (``_gap_allows``): calibrated on planted,
+# steep and power-law spectra, where the true excess over the optimum after j = 0 iterations was
+# up to 42x the estimate; after one iteration it was at rounding level (< 1e-5 of the error^2).
+GAP_SAFETY = 1000.0
+# Stopping before the last power iteration needs the excess over the optimal error^2 under this
+# share of it (0.1% of the error): ten times inside the 1% the engine promises.
+EARLY_SHARE = 0.002
+# The Gram engine forms the lower triangle of its Gram in this many row blocks (blocks narrower than
+# GRAM_MIN_BLOCK lose more to small products than the skipped upper triangle saves).
+GRAM_BLOCKS = 8
+GRAM_MIN_BLOCK = 128
 
 
 @dataclass(frozen=True)
@@ -46,11 +61,23 @@ class Factorization:
     energy: float  # fraction of ||delta||_F^2 kept by the rank-r truncation
     total_energy: float  # ||delta||_F^2 (float64 accumulation)
     singular_values: torch.Tensor  # the ones computed (all for exact, the leading ones for randomized)
-    engine: str  # "exact" | "randomized" | "exact-float64" (after a convergence failure)
+    engine: str  # "exact" | "randomized" | "gram" | "exact-float64" (after a convergence failure)
     notes: list[str] = field(default_factory=list)
     # The leading right singular vectors computed on the way ([k, cols], k >= rank, orthonormal
-    # rows): the stored-form search (forms.py) builds its small low-rank parts from them.
+    # rows; k >= 1 only, when ``factored`` is False): the stored-form search (forms.py) builds its
+    # small low-rank parts from them.
     right_vectors: torch.Tensor | None = None
+    # The Gram engine's exact spectrum, kept so that a second rule on the same update (forms.py's
+    # effective threshold) reuses it instead of decomposing again.
+    gram: GramSpectrum | None = None
+    # Products of the randomized engines with delta (each reads the whole update once): their unit of cost.
+    passes: int = 0
+
+    @property
+    def factored(self) -> bool:
+        """False when the rank passed factorize's ``max_rank``: B and A are empty, only the rank,
+        the spectrum and the energy are known (the update is stored dense, no factors computed)."""
+        return self.B.shape[1] == self.rank
 
     @property
     def relative_error(self) -> float:
@@ -195,6 +222,76 @@ def singular_values(delta: torch.Tensor, float64: bool = False) -> torch.Tensor:
         return torch.linalg.svdvals(work.double())
 
 
+# The final basis size of the adaptive engine by update shape: a later update of the same shape
+# starts with a block of that size (one block instead of a block plus its missing oversampling).
+BasisHints = dict[tuple[int, ...], int]
+
+
+@dataclass
+class GramSpectrum:
+    """The exact spectrum of ``delta`` [rows, cols] from the Gram matrix of its small side: ``G =
+    delta.T @ delta`` [cols, cols] when tall (its eigenvectors are the right singular vectors),
+    ``delta @ delta.T`` [rows, rows] when wide (the left ones).
+
+    Why: once the adaptive basis overflows, the rule needs a rank beyond n / 8 and only the whole
+    spectrum decides it. One Gram product, one symmetric eigendecomposition and B = delta @ V_r cost
+    a fraction of a full SVD (32000 x 2048, one thread: 3 + 1.4 + 2.3 s against 26 s for the SVD),
+    no U is ever formed, and past the break-even only the eigenvalues are needed.
+
+    Precision: the Gram and its eigendecomposition are in delta's dtype (float32). Its rounding is
+    ~1e-7 of the largest eigenvalue per value; measured on 4096 x 512 updates with steep (8 decades),
+    power-law, dominant-component and flat spectra at thresholds 0.5 to 0.9999, every energy-rule rank
+    equals the float64 SVD's, as the float32 SVD's does (and float64 eigenvalues changed none)."""
+
+    values: torch.Tensor  # [n] float64, descending: the singular values
+    vectors: torch.Tensor | None  # [n, n] delta's dtype, column i for values[i]; None: eigenvalues only
+    wide: bool  # True: vectors are left singular vectors
+    matrix: torch.Tensor | None = None  # the Gram [n, n], kept while the vectors are not made
+
+    @classmethod
+    def of(cls, delta: torch.Tensor, vectors: bool = True, gram: torch.Tensor | None = None) -> GramSpectrum:
+        wide = delta.shape[0] < delta.shape[1]
+        if gram is None:
+            gram = lower_gram(delta.T if wide else delta)  # [n, n], lower triangle
+        if vectors:
+            eigenvalues, eigenvectors = torch.linalg.eigh(gram)  # ascending
+            return cls(eigenvalues.double().flip(0).clamp_min(0.0).sqrt(), eigenvectors.flip(1), wide)
+        return cls(torch.linalg.eigvalsh(gram).double().flip(0).clamp_min(0.0).sqrt(), None, wide, gram)
+
+    def with_vectors(self, delta: torch.Tensor) -> GramSpectrum:
+        return self if self.vectors is not None else GramSpectrum.of(delta, vectors=True, gram=self.matrix)
+
+    def factors(self, delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B [rows, r], A [r, cols], the right vectors [r, cols]) of the projection of ``delta`` on
+        its leading ``rank`` singular vectors: B = delta @ V_r, A = V_r.T (tall) or B = U_r, A =
+        U_r.T @ delta (wide), each component then balanced by sqrt(s) (as ``_balanced``)."""
+        if self.vectors is None:
+            raise ValueError("GramSpectrum.factors needs the eigenvectors (with_vectors first)")
+        basis = self.vectors[:, :rank].to(delta.dtype)  # [n, r] orthonormal columns
+        root = self.values[:rank].clamp_min(1e-30).sqrt().to(delta.dtype)  # [r]
+        if self.wide:
+            coefficients = basis.T @ delta  # [r, cols]: S_r V_r^T
+            right = coefficients / (root * root)[:, None]
+            return (basis * root).contiguous(), (coefficients / root[:, None]).contiguous(), right.contiguous()
+        coefficients = delta @ basis  # [rows, r]: U_r S_r
+        return (coefficients / root).contiguous(), (basis.T * root[:, None]).contiguous(), basis.T.contiguous()
+
+
+def lower_gram(X: torch.Tensor, blocks: int = GRAM_BLOCKS) -> torch.Tensor:
+    """The lower triangle of ``X.T @ X`` [n, n] for X [m, n] (the upper one is zeros): what
+    ``torch.linalg.eigh`` reads. A block of rows at a time against the columns up to its own, so
+    about (blocks + 1) / (2 * blocks) of the full product's flops (32000 x 2048, 8 blocks: 1.13 s
+    against 1.65 s on one thread)."""
+    n = X.shape[1]
+    step = -(-n // blocks)
+    if n < 2 * GRAM_MIN_BLOCK or step < GRAM_MIN_BLOCK:
+        return torch.tril(X.T @ X)
+    gram = X.new_zeros(n, n)
+    for start in range(0, n, step):
+        gram[start:start + step, :start + step] = X[:, start:start + step].T @ X[:, :start + step]
+    return gram
+
+
 def _orthonormal(Y: torch.Tensor) -> torch.Tensor:
     Q, _ = torch.linalg.qr(Y)
     return Q
@@ -206,22 +303,28 @@ def oversampling(rank: int) -> int:
     return max(10, rank // 4)
 
 
-def _grow_basis(delta: torch.Tensor, Q: torch.Tensor, projected: torch.Tensor, block: int,
-                generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q [rows, k] and Q.T @ delta [k, cols] grown by ``block`` directions of the range of delta
-    that Q does not hold yet (power iterations against the current basis)."""
-    omega = torch.randn(delta.shape[1], block, device=delta.device, dtype=delta.dtype, generator=generator)
-    Y = delta @ omega  # [rows, block]
-    for _ in range(POWER_ITERATIONS):
-        Y = Y - Q @ (Q.T @ Y)  # search only the part of the range not captured yet
-        Z = _orthonormal(delta.T @ _orthonormal(Y))  # [cols, block]
-        Y = delta @ Z
-    # Re-orthonormalize against the basis twice: one Gram-Schmidt pass loses
-    # orthogonality in float32 when the new block is nearly inside span(Q).
+def _new_directions(delta: torch.Tensor, Q: torch.Tensor, Y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Y [rows, b] orthonormalized against Q [rows, k] and itself: (Qb [rows, b], Qb.T @ delta [b, cols])."""
+    # Twice: one Gram-Schmidt pass loses orthogonality in float32 when Y is nearly inside span(Q).
     for _ in range(2):
         Y = Y - Q @ (Q.T @ Y)
     Qb = _orthonormal(Y)
-    return torch.cat([Q, Qb], dim=1), torch.cat([projected, Qb.T @ delta], dim=0)
+    return Qb, Qb.T @ delta
+
+
+def _gap_allows(S: torch.Tensor, rank: int, error2: float, iterations: int) -> bool:
+    """Whether ``iterations`` power iterations already give a truncation within 1% of the optimum,
+    judged from the Ritz values S [k] (descending): a block refined j times misses direction i by
+    about (s_k / s_i)^(4j + 2) of its energy, so the excess over the optimum is estimated as
+    GAP_SAFETY * sum_i<r s_i^2 (s_k / s_i)^(4j+2), accepted when under EARLY_SHARE of the error^2
+    (0.1% of the error). A fast-decaying spectrum (the planted rank-32 updates of the benchmarks: s_k / s_r ~ 0.06)
+    passes after one iteration; a flat one never does and gets all of POWER_ITERATIONS."""
+    if iterations < 1 or rank >= S.numel() or error2 <= 0.0:
+        return False
+    head = S[:rank].double()
+    ratio = float(S[-1]) / head.clamp_min(1e-300)
+    excess = GAP_SAFETY * float((head.square() * ratio.pow(4 * iterations + 2)).sum())
+    return excess <= EARLY_SHARE * error2
 
 
 def adaptive_randomized_svd(
@@ -233,53 +336,107 @@ def adaptive_randomized_svd(
     it holds ``oversampling(r)`` directions beyond the rank r that threshold needs; then one
     small exact SVD of Q.T @ delta [k, cols]. Without the oversampling a basis that barely holds
     the energy truncates worse than the optimum (1.09% worse on a 384 x 96 update of rank 10).
+    Each block gets up to POWER_ITERATIONS power iterations, fewer when the spectrum the basis
+    already shows decays fast enough (``_gap_allows``).
 
     Returns the leading U, S, Vh, or None when the basis would pass ``max_fraction`` of
-    min(rows, cols): the caller should then use the exact SVD, which is cheaper there (and is
-    what small matrices get).
+    min(rows, cols) (or, from the energy the blocks so far captured, clearly will): the caller
+    should then use an exact engine, which is cheaper there (and is what small matrices get).
     """
+    return _adaptive(delta, total_energy, threshold, generator, max_fraction).found
+
+
+@dataclass
+class _Adaptive:
+    """What the adaptive range finder ended with."""
+
+    found: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # U [rows, k], S [k], Vh [k, cols]
+    rank: int  # the rule's rank; when ``found`` is None a low estimate of it
+    basis: int  # the final basis size k (0 when it gave up)
+    passes: int  # products with delta (each reads the whole update once)
+
+
+def _adaptive(delta: torch.Tensor, total_energy: float, threshold: float, generator: torch.Generator | None,
+              max_fraction: float, first_block: int | None = None) -> _Adaptive:
+    """``adaptive_randomized_svd``, starting with ``first_block`` directions (default 32: a hint
+    from an earlier update of the same shape saves the second block its oversampling would need)."""
     rows, cols = delta.shape
     limit = max(1, int(min(rows, cols) * max_fraction))
     target = threshold * total_energy
     Q = delta.new_zeros(rows, 0)
     projected = delta.new_zeros(0, cols)  # Q.T @ delta, grown block by block
-    block = RANDOMIZED_FIRST_BLOCK
+    block = first_block or RANDOMIZED_FIRST_BLOCK
+    captured, passes, rank = 0.0, 0, 0
     while True:
         block = min(block, limit - Q.shape[1])
         if block <= 0:
-            return None
-        Q, projected = _grow_basis(delta, Q, projected, block, generator)
-        captured = float(torch.linalg.vector_norm(projected, dtype=torch.float64) ** 2)
+            return _Adaptive(None, max(rank, limit + 1), 0, passes)
+        before = captured
+        Y = delta @ torch.randn(cols, block, device=delta.device, dtype=delta.dtype, generator=generator)
+        passes += 1
+        for iteration in range(POWER_ITERATIONS + 1):
+            Qb, Pb = _new_directions(delta, Q, Y)  # Pb [block, cols]: one pass
+            passes += 1
+            basis, stacked = torch.cat([Q, Qb], dim=1), torch.cat([projected, Pb], dim=0)
+            captured = float(torch.linalg.vector_norm(stacked, dtype=torch.float64) ** 2)
+            if captured >= target * (1.0 - 1e-9):
+                # LAPACK is 2-3x slower on a wide matrix: decompose [k, cols] transposed.
+                Vb, S, Ubh = torch.linalg.svd(stacked.T, full_matrices=False)  # [cols, k], [k], [k, k]
+                rank = rank_for_energy(S, total_energy, threshold) or S.numel()
+                # The truncation's error^2 is at most the optimum's plus the energy outside span(Q), and the
+                # optimum's is at least the projection's tail: a residual under 2% of that tail keeps the
+                # error within 1% of the optimum without more directions (an update of exactly low rank,
+                # whose residual is rounding, needs none).
+                # Before the last power iteration the bar is ten times higher (0.1% of the optimal
+                # error): stopping early must not cost what the iterations it skips would have bought.
+                last = iteration == POWER_ITERATIONS
+                share = 0.02 if last else EARLY_SHARE
+                residual = max(0.0, total_energy - captured)
+                tail = float((S[rank:].double() ** 2).sum())
+                oversampled = basis.shape[1] >= rank + oversampling(rank)
+                if residual <= max(share * tail, 1e-9 * total_energy) or oversampled and (
+                        last or _gap_allows(S, rank, total_energy - captured + tail, iteration)):
+                    return _Adaptive((basis @ Ubh.T, S, Vb.T), rank, basis.shape[1], passes)
+            else:
+                # Each further direction holds at most about what this block's did on average (the
+                # blocks follow the spectrum down; an unrefined block holds less): when even that
+                # count passes the limit by a margin, growing on is only passes wasted before the
+                # hand-over (a noise-only update gives up after its first two passes).
+                average = (captured - before) / block
+                needed = basis.shape[1] + ((target - captured) / average if average > 0 else math.inf)
+                if needed > OVERFLOW_MARGIN * limit:
+                    return _Adaptive(None, int(min(needed, min(rows, cols))), 0, passes)
+            if iteration < POWER_ITERATIONS:
+                Y = delta @ _orthonormal(Pb.T)  # [rows, block]: one power iteration (delta delta^T Qb)
+                passes += 1
+        Q, projected = basis, stacked
         if captured >= target * (1.0 - 1e-9):
-            break
+            block = rank + oversampling(rank) - Q.shape[1]  # the oversampling still missing
+            if Q.shape[1] + block > limit:
+                return _Adaptive(None, rank, 0, passes)
+            continue
         block *= 2
-    while True:
-        Ub, S, Vh = torch.linalg.svd(projected, full_matrices=False)  # [k, k], [k], [k, cols]
-        rank = rank_for_energy(S, total_energy, threshold) or S.numel()
-        # The truncation's error^2 is at most the optimum's plus the energy outside span(Q), and the
-        # optimum's is at least the projection's tail: a residual under 2% of that tail keeps the
-        # error within 1% of the optimum without more directions (an update of exactly low rank,
-        # whose residual is rounding, needs none).
-        residual = max(0.0, total_energy - captured)
-        tail = float((S[rank:].double() ** 2).sum())
-        missing = rank + oversampling(rank) - Q.shape[1]
-        if missing <= 0 or residual <= max(0.02 * tail, 1e-9 * total_energy):
-            return Q @ Ub, S, Vh
-        if Q.shape[1] + missing > limit:
-            return None
-        Q, projected = _grow_basis(delta, Q, projected, missing, generator)
-        captured = float(torch.linalg.vector_norm(projected, dtype=torch.float64) ** 2)
 
 
 def factorize(
     delta: torch.Tensor, rule: RankRule, engine: str = "auto", float64: bool = False,
     generator: torch.Generator | None = None, solver=torch.linalg.svd, total_energy: float | None = None,
+    max_rank: int | None = None, prior: Factorization | None = None, hints: BasisHints | None = None,
 ) -> Factorization:
     """Truncated SVD of one update with the rank chosen by ``rule``.
 
     ``engine``: "exact" (full SVD), "randomized" (adaptive range finder; energy criterion or
     fixed rank) or "auto" (randomized where the criterion allows and the rank turns out
-    small, exact otherwise). ``delta`` must be 2-D and float32 or float64.
+    small; for the energy criterion past that the exact spectrum of the Gram matrix, see
+    ``GramSpectrum``; the full SVD otherwise). ``delta`` must be 2-D and float32 or float64.
+
+    ``max_rank``: the largest rank worth factors (the break-even of the stored form). When the
+    Gram engine finds that the rule needs more, no factors are computed: the result has the rank,
+    the spectrum and the energy, ``factored`` False, and the leading right vector only.
+    ``prior``: an earlier factorization of the same update whose Gram spectrum can be reused.
+    ``hints``: basis sizes the adaptive engine ended with on earlier updates, by shape (read and updated).
+    ``solver`` is the full SVD (torch.linalg.svd): a parameter so its calls can be counted and
+    its retry path exercised.
     """
     if engine not in ENGINES:
         raise ValueError(f"unknown SVD engine {engine!r}")
@@ -295,12 +452,26 @@ def factorize(
     use_randomized = engine == "randomized" or (engine == "auto" and rule.criterion == "energy")
     if rule.criterion == "inrank" and rule.fixed_rank is None:
         use_randomized = False  # InRank's ratio needs every singular value
+    # The Gram engine serves the energy rule's overflow below threshold 1: not a fixed rank, whose
+    # exactly-zero singular values it would not see as zero; not a lossless rule, whose factors must
+    # rebuild the update to rounding (the float32 Gram squares the condition: 1.5e-5 where the SVD
+    # gives 1e-7); not --float64, which asks for the full SVD's precision.
+    gram_allowed = (engine == "auto" and rule.criterion == "energy" and rule.fixed_rank is None and not float64
+                    and rule.threshold < 1.0)
+    if gram_allowed and prior is not None and prior.gram is not None:
+        return _gram_factorization(work, prior.gram, rule, total, max_rank, list(prior.notes))
+    estimate = passes = 0
     if use_randomized:
         max_fraction = 1.0 if engine == "randomized" else RANDOMIZED_MAX_FRACTION
         if rule.fixed_rank is not None:
-            found = _fixed_rank_randomized(work, min(rule.fixed_rank, n), generator, max_fraction)
+            found, passes = _fixed_rank_randomized(work, min(rule.fixed_rank, n), generator, max_fraction, total)
         else:
-            found = adaptive_randomized_svd(work, total, rule.threshold, generator, max_fraction)
+            shape = tuple(work.shape)
+            adaptive = _adaptive(work, total, rule.threshold, generator, max_fraction,
+                                 None if hints is None else hints.get(shape))
+            found, estimate, passes = adaptive.found, adaptive.rank, adaptive.passes
+            if hints is not None and found is not None:
+                hints[shape] = adaptive.basis
         if found is not None:
             U, S, Vh = found
             # S holds only the leading values, but choose_rank's energy total is the exact one.
@@ -308,8 +479,16 @@ def factorize(
             B, A = _balanced(U, S, Vh, rank)
             kept = float((S[:rank].double() ** 2).sum()) / total
             return Factorization(B.float(), A.float(), rank, min(kept, 1.0), total, S.float(), "randomized", notes,
-                                 Vh.float())
-        # Not a warning: auto hands high ranks to the exact SVD by design.
+                                 Vh.float(), passes=passes)
+        if gram_allowed:
+            # Not a warning: auto hands high ranks to an exact engine by design. The eigenvectors
+            # are left out when even the low estimate of the rank is past the break-even.
+            notes.append("randomized basis would pass its size limit: used the Gram matrix's exact spectrum")
+            surely_dense = max_rank is not None and estimate > max_rank
+            found = _gram_factorization(work, GramSpectrum.of(work, vectors=not surely_dense), rule, total,
+                                        max_rank, notes)
+            found.passes = passes  # those the randomized engine spent before handing over
+            return found
         notes.append("randomized basis would pass its size limit: used the exact SVD")
 
     U, S, Vh, svd_notes = exact_svd(work, float64=float64, solver=solver)
@@ -321,23 +500,62 @@ def factorize(
     return Factorization(B.float(), A.float(), rank, min(kept, 1.0), total, S.float(), used, notes, Vh.float())
 
 
+def _gram_factorization(work: torch.Tensor, gram: GramSpectrum, rule: RankRule, total: float, max_rank: int | None,
+                        notes: list[str]) -> Factorization:
+    """The factorization ``rule`` asks for from an exact Gram spectrum; no factors past ``max_rank``."""
+    rows, cols = work.shape
+    values = gram.values  # [n] float64
+    rank = choose_rank(values, total, rule)
+    energy = min(1.0, float(values[:rank].square().sum()) / total)
+    if max_rank is not None and rank > max_rank:
+        # Dense is decided: no factors; the leading right vector (the rows form's low-rank part)
+        # when the eigenvectors are there anyway (else ``leading_right_vectors`` makes it).
+        lead = gram.factors(work, 1)[2].float() if gram.vectors is not None else None
+        return Factorization(work.new_zeros(rows, 0), work.new_zeros(0, cols), rank, energy, total, values.float(),
+                             "gram", [*notes, f"the rule needs rank {rank}, past the break-even rank {max_rank}: "
+                                      "no factors computed"], lead, gram)
+    gram = gram.with_vectors(work)
+    B, A, right = gram.factors(work, rank)
+    return Factorization(B.float(), A.float(), rank, energy, total, values.float(), "gram", notes, right.float(), gram)
+
+
+def leading_right_vectors(delta: torch.Tensor, found: Factorization, count: int) -> torch.Tensor:
+    """The leading ``count`` right singular vectors of ``delta`` [count, cols] that ``found`` (a
+    factorization of it) computed, made from its Gram spectrum when it stopped short of them."""
+    if found.right_vectors is not None and found.right_vectors.shape[0] >= count:
+        return found.right_vectors[:count]
+    if found.gram is None:
+        return found.A[:count]
+    work = delta.float()
+    return found.gram.with_vectors(work).factors(work, count)[2]
+
+
 def _fixed_rank_randomized(delta: torch.Tensor, rank: int, generator: torch.Generator | None,
-                           max_fraction: float = RANDOMIZED_MAX_FRACTION):
-    """Range finder of width rank + oversampling with power iterations, for ``--rank r``.
+                           max_fraction: float = RANDOMIZED_MAX_FRACTION, total_energy: float | None = None
+                           ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, int]:
+    """Range finder of width rank + oversampling with up to POWER_ITERATIONS + 1 power iterations
+    (fewer when the spectrum decays fast, ``_gap_allows``), for ``--rank r``: ((U, S, Vh), passes).
 
     None when that width passes ``max_fraction`` of min(rows, cols) (or the whole matrix):
     the exact SVD is cheaper and exact there."""
     rows, cols = delta.shape
     width = rank + oversampling(rank)
     if width >= min(rows, cols) * min(max_fraction, 1.0) or width >= min(rows, cols):
-        return None
-    omega = torch.randn(cols, width, device=delta.device, dtype=delta.dtype, generator=generator)
-    Y = delta @ omega
-    for _ in range(POWER_ITERATIONS + 1):
-        Y = delta @ _orthonormal(delta.T @ _orthonormal(Y))
-    Q = _orthonormal(Y)  # [rows, width]
-    Ub, S, Vh = torch.linalg.svd(Q.T @ delta, full_matrices=False)
-    return Q @ Ub, S, Vh
+        return None, 0
+    total = frobenius_energy(delta) if total_energy is None else total_energy
+    Y = delta @ torch.randn(cols, width, device=delta.device, dtype=delta.dtype, generator=generator)
+    passes = 1
+    for iteration in range(POWER_ITERATIONS + 2):
+        Q = _orthonormal(Y)  # [rows, width]
+        projected_t = delta.T @ Q  # [cols, width] = (Q.T @ delta).T: one pass
+        passes += 1
+        Vb, S, Ubh = torch.linalg.svd(projected_t, full_matrices=False)  # tall: faster than the wide one
+        error2 = total - float(S[:rank].double().square().sum())
+        if iteration == POWER_ITERATIONS + 1 or _gap_allows(S, rank, error2, iteration):
+            return (Q @ Ubh.T, S, Vb.T), passes
+        Y = delta @ _orthonormal(projected_t)  # one power iteration
+        passes += 1
+    raise AssertionError("unreachable")
 
 
 def stored_as_lowrank(rank: int, rows: int, cols: int) -> bool:

@@ -310,3 +310,37 @@ def test_cuda_device_gives_the_cpu_ranks(tmp_path, llama_pair):
     artifact = open_artifact(tmp_path / "gpu")
     name = "model.layers.0.mlp.up_proj.weight"
     assert artifact.factors(name)[0].device.type == "cpu"  # factors are always stored from the CPU
+
+
+def _noise_embedding_pair(root: Path) -> tuple[Path, Path]:
+    """A bfloat16 LLaMA pair (untied, vocab 320 x 64) whose embedding and LM head changed by
+    Gaussian noise alone (a full-rank update), every other matrix by a planted low-rank update."""
+    from tests.conftest import build_model, llama_config, save_hf, train_state
+
+    model = build_model(llama_config(), seed=5).to(torch.bfloat16)
+    init = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    trained = {k: v.to(torch.bfloat16) for k, v in train_state({k: v.float() for k, v in init.items()}).items()}
+    generator = torch.Generator().manual_seed(9)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        noise = torch.randn(init[name].shape, generator=generator)
+        trained[name] = (init[name].float() + noise * (0.05 * init[name].float().norm() / noise.norm())).to(torch.bfloat16)
+    return save_hf(model, init, root / "init"), save_hf(model, trained, root / "trained")
+
+
+def test_a_rank_near_the_break_even_is_said_in_the_report(tmp_path):
+    """A noise-only embedding update: at t = 0.9 its rank lands just under the dense break-even
+    (kept as low rank, said per tensor); at t = 0.97 past it (dense, with no full SVD)."""
+    init, trained = _noise_embedding_pair(tmp_path)
+    near = compress(trained, tmp_path / "near", init=init, options=options(0.9))
+    embeddings = {layer.name: layer for layer in near.layers if layer.name in ("model.embed_tokens.weight", "lm_head.weight")}
+    assert len(embeddings) == 2
+    for name, layer in embeddings.items():
+        assert layer.kind == "lowrank" and layer.engine == "gram", (name, layer.kind, layer.engine)
+        assert any(note.startswith(f"{name}: near the dense break-even") for note in near.notes), near.notes
+    assert near.to_json()["notes"] == near.notes
+    blocks = [layer for layer in near.layers if layer.kind == "lowrank" and layer.name not in embeddings]
+    assert blocks and not any(note.startswith(layer.name) for layer in blocks for note in near.notes)
+    past = compress(trained, tmp_path / "past", init=init, options=options(0.97))
+    for layer in past.layers:
+        if layer.name in embeddings:
+            assert layer.kind == "dense" and layer.rank > 53 and layer.engine == "gram", (layer.name, layer.kind)

@@ -26,7 +26,7 @@ from conftest import make_pair
 from safetensors.torch import load_file, save_file
 
 from inrank_convert.artifact import ARTIFACT_FILE, INIT_FILE, read_manifest
-from inrank_convert.compress import CompressionJob, compress, plan_compression
+from inrank_convert.compress import CompressionJob, HintChains, compress, plan_compression
 from inrank_convert.distributed_compress import _compute, hashing_cost, share_out, svd_cost
 from inrank_convert.plan import PlanOptions, TensorPlan
 from inrank_convert.sources import open_inputs
@@ -248,15 +248,22 @@ def test_a_global_budget_is_refused_under_torchrun(tmp_path, monkeypatch, flags)
 
 def test_tensors_computed_in_any_order_and_written_by_another_writer_give_the_same_file(tmp_path):
     """What each process does, in one process: every tensor computed into a RecordingWriter, here
-    last to first (its seed is its plan index, not its turn), then written in plan order."""
+    the hint chains last to first (a tensor's seed is its plan index, not its turn; the adaptive
+    engine's basis hints pass only along a chain, in plan order), then written in plan order."""
     pair = make_pair(tmp_path, unchanged=("transformer.h.1.attn.c_proj.weight",))
     options = PlanOptions(engine="randomized", seed=3, exclude=("*h.0.mlp.c_proj*",))
 
     class Recorded(CompressionJob):
         def execute(self, writer, budget):
             work = planned_entries(self.plan)
-            computed = {index: _compute(entry, index, self.inputs, self.options, torch.device("cpu"))
-                        for index, entry in reversed(work)}
+            chains = HintChains(work)
+            groups: dict[object, list] = {}  # a chain's tensors together, in plan order; others alone
+            for index, entry in work:
+                groups.setdefault(chains.chain.get(index, ("alone", index)), []).append((index, entry))
+            order = [item for group in reversed(list(groups.values())) for item in group]
+            assert order != work and len(groups) > 1
+            computed = {index: _compute(entry, index, self.inputs, self.options, torch.device("cpu"), chains)
+                        for index, entry in order}
             for index, _ in work:
                 layer, stored = computed[index]
                 for item in stored:
@@ -282,10 +289,11 @@ def test_share_out_deals_the_largest_tensors_first_to_the_least_loaded_process()
     assert sorted(owners) == [index for index, _ in work]  # every tensor has exactly one owner
     assert owners[0] == owners[6] == 0  # kept whole: rank 0 copies them
     assert owners[2] != owners[3]  # the two largest go to different processes
+    assert owners[1] == owners[5]  # one hint chain (same shape, within HINT_CHAIN): one process, in plan order
     loads = [sum(svd_cost(entry) for index, entry in work if entry.action == "factorize" and owners[index] == rank)
              for rank in range(2)]
     largest = max(svd_cost(entry) for _, entry in work)
-    assert abs(loads[0] - loads[1]) <= largest  # LPT: within one tensor's work of each other
+    assert abs(loads[0] - loads[1]) <= largest  # LPT: within one chain's work of each other
     idle = share_out(work[:2], 4)  # more processes than tensors: the others get nothing
     assert set(idle.values()) == {0}
     # Rank 0 also hashes the inputs: with that head start, the first tensor goes to rank 1.

@@ -274,3 +274,119 @@ def test_dense_when_nothing_is_smaller():
     form = choose_form(delta, energy(delta), RankRule("energy", 0.999), costs, engine="exact")
     assert form.kind == "dense", form.notes
     assert form.B is None and form.rows is None
+
+
+# --------------------------------------------------------------------------- early dense (issue 14)
+
+
+def counting_svd(calls: list):
+    """torch.linalg.svd, counted: the full SVDs a decision took (factorize's ``solver``)."""
+    def solver(matrix, full_matrices=False):
+        calls.append(tuple(matrix.shape))
+        return torch.linalg.svd(matrix, full_matrices=full_matrices)
+    return solver
+
+
+def bf16_source_costs(delta: torch.Tensor) -> Costs:
+    """bfloat16 factors of a bfloat16 source (dense = 2 bytes a number): break-even near r (m + n) = m n."""
+    return Costs(element=BF16, vector=0, dense=delta.numel() * BF16)
+
+
+def form_bytes(form: forms.Form, costs: Costs, rows: int, cols: int) -> int:
+    if form.kind == "dense":
+        return costs.dense
+    return costs.lowrank(form.rank, rows, cols) + costs.row_set(form.stored_rows, cols)
+
+
+def test_a_noise_only_update_past_the_break_even_is_dense_without_a_full_svd():
+    """A full-rank update whose 90% needs ~70% of the rank of a square matrix (break-even: 50%):
+    dense, decided from the Gram's eigenvalues, no full SVD, as the exact engine decides it."""
+    delta = torch.randn(512, 512, generator=torch.Generator().manual_seed(1))
+    total, costs = energy(delta), bf16_source_costs(delta)
+    calls: list = []
+    form = choose_form(delta, total, RankRule("energy", THRESHOLD), costs, engine="auto", solver=counting_svd(calls))
+    assert calls == []
+    assert form.kind == "dense" and form.engine == "gram", form.notes
+    assert form.rank > costs.breakeven_rank(512, 512)
+    assert any("no factors computed" in note for note in form.notes)
+    reference_calls: list = []
+    exact = choose_form(delta, total, RankRule("energy", THRESHOLD), costs, engine="exact",
+                        solver=counting_svd(reference_calls))
+    assert reference_calls == [(512, 512)]  # the full SVD the same decision costs without the Gram engine
+    assert (exact.kind, exact.rank) == (form.kind, form.rank)
+
+
+def test_a_noise_only_embedding_near_the_break_even_keeps_its_low_rank_and_says_so():
+    """Embedding-shaped noise (tall, 3000 x 96): 90% of its energy needs ~85% of the rank, just under
+    the break-even (93): low rank still pays a little, so it is kept (the same rank and bytes as the
+    exact engine), with no full SVD, and the form says the rank is near the break-even."""
+    delta = torch.randn(3000, 96, generator=torch.Generator().manual_seed(2))
+    total, costs = energy(delta), bf16_source_costs(delta)
+    calls: list = []
+    form = choose_form(delta, total, RankRule("energy", THRESHOLD), costs, engine="auto", solver=counting_svd(calls))
+    exact = choose_form(delta, total, RankRule("energy", THRESHOLD), costs, engine="exact")
+    assert calls == []
+    assert form.kind == exact.kind == "lowrank" and form.engine == "gram"
+    assert form.rank == exact.rank < costs.breakeven_rank(3000, 96)
+    assert form_bytes(form, costs, 3000, 96) == form_bytes(exact, costs, 3000, 96) >= forms.NEAR_BREAKEVEN * costs.dense
+    assert any(note.startswith(forms.BREAKEVEN_MARK) for note in form.notes), form.notes
+    assert not any(note.startswith(forms.BREAKEVEN_MARK) for note in choose_form(
+        *planted_low_rank(), RankRule("energy", THRESHOLD), bf16_costs(planted_low_rank()[0])).notes)
+    B, A, _ = round_trip(form.B, form.A, None, "bfloat16")
+    assert stored_error(delta, total, B, A, None, None) <= (1 - THRESHOLD) ** 0.5 * 1.001
+
+
+def planted_low_rank(rows: int = 768, cols: int = 256, rank: int = 32, noise: float = 0.05,
+                     seed: int = 3) -> tuple[torch.Tensor, float]:
+    """(delta, its energy): a rank-32 update (random factors) with ``noise`` of its energy as Gaussian noise."""
+    generator = torch.Generator().manual_seed(seed)
+    signal = torch.randn(rows, rank, generator=generator) @ torch.randn(rank, cols, generator=generator)
+    extra = torch.randn(rows, cols, generator=generator)
+    delta = signal / signal.norm() * (1 - noise) ** 0.5 + extra / extra.norm() * noise**0.5
+    return delta, energy(delta)
+
+
+PLANTED_CASES = {
+    "noise-only embedding": lambda: (lambda d: (d, energy(d)))(torch.randn(3000, 96, generator=torch.Generator().manual_seed(4))),
+    "rank-1 drift + rows": lambda: (lambda d: (d, energy(d)))(planted_drift_and_rows()[0]),
+    "rank-32 + 5% noise projection": lambda: planted_low_rank(1536, 512),  # randomized: 38 directions of 64
+}
+
+
+@pytest.mark.parametrize("case", list(PLANTED_CASES))
+@pytest.mark.parametrize("threshold", [0.8, 0.9, 0.95])
+def test_the_auto_engine_chooses_the_exact_engines_form(case, threshold):
+    """The planted cases of issue 14: the auto engine (randomized, Gram, early dense) chooses the
+    form, rank and stored rows the exact SVD leads to, at no more bytes, keeping the rule."""
+    delta, total = PLANTED_CASES[case]()
+    rows, cols = delta.shape
+    costs = bf16_source_costs(delta)
+    rule = RankRule("energy", threshold)
+    fast = choose_form(delta, total, rule, costs, engine="auto", generator=torch.Generator().manual_seed(0))
+    exact = choose_form(delta, total, rule, costs, engine="exact")
+    assert (fast.kind, fast.rank, fast.stored_rows) == (exact.kind, exact.rank, exact.stored_rows), (fast.notes, exact.notes)
+    assert form_bytes(fast, costs, rows, cols) <= form_bytes(exact, costs, rows, cols)
+    if fast.kind != "dense":
+        values = torch.linalg.svdvals(delta.double())
+        _, effective = effective_threshold(values, total, threshold)
+        kept = 1 - stored_error(delta, total, fast.B, fast.A, fast.rows, fast.row_index) ** 2
+        assert kept >= effective - 1e-5
+
+
+@pytest.mark.parametrize("engine", ["exact", "randomized", "auto"])
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
+def test_the_stored_error_of_svd_factors_from_their_norms(engine, storage):
+    """svd_stored_error (no [rows, cols] product) agrees with the measured stored error."""
+    delta, total = planted_low_rank(noise=0.3)
+    form = choose_form(delta, total, RankRule("energy", THRESHOLD), bf16_costs(delta), engine=engine,
+                       generator=torch.Generator().manual_seed(0))
+    assert form.kind == "lowrank" and form.svd_factors
+    B, A, _ = round_trip(form.B, form.A, None, storage)
+    measured = stored_error(delta, total, B, A, None, None)
+    assert forms.svd_stored_error(total, form.B, form.A, B, A) == pytest.approx(measured, rel=1e-4)
+    # Below SVD_ERROR_FLOOR of the energy it declines (the caller measures).
+    assert forms.svd_stored_error(total, form.B, form.A, B, A) is not None
+    tight = choose_form(delta, total, RankRule("energy", 0.999), bf16_costs(delta), engine=engine,
+                        generator=torch.Generator().manual_seed(0))
+    if tight.kind == "lowrank":
+        assert forms.svd_stored_error(total, tight.B, tight.A, *round_trip(tight.B, tight.A, None, storage)[:2]) is None

@@ -8,11 +8,13 @@ import pytest
 import torch
 
 from inrank_convert.spectrum import (
+    POWER_ITERATIONS,
     RankRule,
     adaptive_randomized_svd,
     choose_rank,
     factorize,
     frobenius_energy,
+    oversampling,
     rank_for_energy,
     rank_for_inrank,
     stored_as_lowrank,
@@ -98,11 +100,12 @@ def test_adaptive_range_finder_stops_on_exact_energy():
     assert torch.allclose(U.T @ U, torch.eye(U.shape[1]), atol=1e-4)
 
 
-def test_auto_hands_high_ranks_to_the_exact_engine():
+def test_auto_hands_high_ranks_to_the_exact_gram_spectrum():
     noise_only = torch.randn(200, 200, generator=torch.Generator().manual_seed(0))
     result = factorize(noise_only, RankRule("energy", 0.99), "auto")
-    assert result.engine == "exact"
+    assert result.engine == "gram"
     assert result.rank == energy_rank_float64(noise_only, 0.99)
+    assert result.energy >= 0.99
 
 
 def test_fixed_rank_is_clipped_and_exact_for_both_engines():
@@ -190,3 +193,108 @@ def test_the_auto_engine_is_within_one_percent_of_the_optimal_truncation(rows, c
     error = torch.linalg.matrix_norm(delta.double() - found.B.double() @ found.A.double())
     optimal = torch.linalg.svdvals(delta.double())[found.rank:].square().sum().sqrt()  # the float64 oracle
     assert error <= 1.01 * optimal, (found.engine, found.rank, float(error / optimal))
+
+
+@pytest.mark.parametrize("rows,cols,rank", [(384, 96, 10), (96, 384, 10), (64, 256, 8), (512, 512, 40), (1024, 256, 24),
+                                            (256, 1024, 60)])
+@pytest.mark.parametrize("noise", [0.05, 0.3])
+def test_the_fixed_rank_engine_is_within_one_percent_of_the_optimal_truncation(rows, cols, rank, noise):
+    """--rank r: the randomized engine (which may stop its power iterations early) at r = the planted rank."""
+    delta = planted_update(rows, cols, rank, noise, seed=rows + cols)
+    found = factorize(delta, RankRule(fixed_rank=rank), engine="auto", generator=torch.Generator().manual_seed(0))
+    assert found.rank == rank
+    error = torch.linalg.matrix_norm(delta.double() - found.B.double() @ found.A.double())
+    optimal = torch.linalg.svdvals(delta.double())[rank:].square().sum().sqrt()
+    assert error <= 1.01 * optimal, (found.engine, found.passes, float(error / optimal))
+
+
+# Each block of the adaptive engine, refined by all its POWER_ITERATIONS, reads the update
+# 2 * POWER_ITERATIONS + 2 times.
+FULL_BLOCK_PASSES = 2 * POWER_ITERATIONS + 2
+
+
+@pytest.mark.parametrize("rows,cols", [(1024, 512), (512, 1024), (2048, 256)])
+@pytest.mark.parametrize("rule", [RankRule("energy", 0.9), RankRule(fixed_rank=16)])
+def test_a_fast_decaying_spectrum_takes_fewer_passes_at_the_optimal_error(rows, cols, rule):
+    """Rank 16 over a noise floor 1% of the energy: one power iteration already finds the range, so
+    the engine stops there (4 passes, not 6), and its truncation is within 0.1% of the optimum."""
+    delta = planted_update(rows, cols, 16, 0.01, seed=rows)
+    found = factorize(delta, rule, engine="auto", generator=torch.Generator().manual_seed(0))
+    assert found.engine == "randomized"
+    assert found.passes < FULL_BLOCK_PASSES, found.passes
+    error = torch.linalg.matrix_norm(delta.double() - found.B.double() @ found.A.double())
+    optimal = torch.linalg.svdvals(delta.double())[found.rank:].square().sum().sqrt()
+    assert error <= 1.001 * optimal, float(error / optimal)
+
+
+def test_a_flat_spectrum_gets_every_power_iteration():
+    """Rank 40 with equal singular values under 5% noise energy: no gap, so no early stop, neither
+    for the energy rule (one block of 64, oversampled from the start) nor for --rank 16 (8 passes)."""
+    delta = planted_update(512, 512, 40, 0.05, seed=1024)
+    found = factorize(delta, RankRule("energy", 0.9), engine="auto", generator=torch.Generator().manual_seed(0),
+                      hints={(512, 512): 64})
+    assert found.engine == "randomized" and found.rank + oversampling(found.rank) <= 64
+    assert found.passes == FULL_BLOCK_PASSES
+    fixed = factorize(delta, RankRule(fixed_rank=16), engine="auto", generator=torch.Generator().manual_seed(0))
+    assert fixed.passes == FULL_BLOCK_PASSES + 2  # one power iteration more than a block of the adaptive engine
+
+
+def test_an_update_of_the_same_shape_starts_with_the_last_basis():
+    """The first rank-30 update needs a second block for its oversampling (32 directions, then the
+    ones missing); the next of that shape starts with the basis the first ended with: one block."""
+    hints: dict = {}
+    first = factorize(planted_update(1024, 512, 30, 0.01, seed=1), RankRule("energy", 0.9), "auto",
+                      generator=torch.Generator().manual_seed(0), hints=hints)
+    assert first.engine == "randomized" and hints[(1024, 512)] >= first.rank + oversampling(first.rank) > 32
+    delta = planted_update(1024, 512, 30, 0.01, seed=2)
+    second = factorize(delta, RankRule("energy", 0.9), "auto", generator=torch.Generator().manual_seed(0), hints=hints)
+    alone = factorize(delta, RankRule("energy", 0.9), "auto", generator=torch.Generator().manual_seed(0))
+    assert second.rank == alone.rank
+    assert second.passes < alone.passes, (second.passes, alone.passes)
+    error = torch.linalg.matrix_norm(delta.double() - second.B.double() @ second.A.double())
+    optimal = torch.linalg.svdvals(delta.double())[second.rank:].square().sum().sqrt()
+    assert error <= 1.001 * optimal
+
+
+def test_a_noise_only_update_leaves_the_randomized_engine_after_two_passes():
+    noise = torch.randn(2000, 256, generator=torch.Generator().manual_seed(0))
+    found = factorize(noise, RankRule("energy", 0.9), "auto", generator=torch.Generator().manual_seed(0))
+    assert found.engine == "gram"
+    assert found.passes == 2  # one sketch and its projection, then the estimate says the limit is far off
+    assert found.rank == energy_rank_float64(noise, 0.9)
+
+
+@pytest.mark.parametrize("shape", [(900, 120), (120, 900)])
+@pytest.mark.parametrize("threshold", [0.5, 0.9, 0.99])
+def test_the_gram_engine_is_the_optimal_truncation(shape, threshold):
+    """Past the adaptive basis: the rank of the float64 SVD, the optimal error, balanced factors,
+    and the leading right singular vectors, for tall and wide updates."""
+    delta = planted_update(*shape, 60, 0.3, seed=7)
+    found = factorize(delta, RankRule("energy", threshold), "auto", generator=torch.Generator().manual_seed(0))
+    assert found.engine == "gram" and found.factored
+    assert found.rank == energy_rank_float64(delta, threshold)
+    _, s, Vh = torch.linalg.svd(delta.double(), full_matrices=False)
+    error = torch.linalg.matrix_norm(delta.double() - found.B.double() @ found.A.double())
+    assert float(error) == pytest.approx(float(s[found.rank:].square().sum().sqrt()), rel=1e-4)
+    assert torch.allclose(found.B.norm(dim=0), found.A.norm(dim=1), rtol=1e-4)
+    overlap = (found.right_vectors[:3].double() @ Vh[:3].T).abs()  # [3, 3]: the same directions up to sign
+    assert torch.allclose(overlap, torch.eye(3, dtype=torch.float64), atol=1e-4)
+
+
+def test_the_gram_engine_makes_no_factors_past_max_rank():
+    """Dense decided from the eigenvalues alone: no eigenvectors, no B, no full SVD."""
+    calls = []
+
+    def counting_svd(matrix, full_matrices=False):
+        calls.append(matrix.shape)
+        return torch.linalg.svd(matrix, full_matrices=full_matrices)
+
+    noise = torch.randn(400, 400, generator=torch.Generator().manual_seed(3))
+    found = factorize(noise, RankRule("energy", 0.9), "auto", generator=torch.Generator().manual_seed(0),
+                      solver=counting_svd, max_rank=150)
+    assert calls == []
+    assert found.engine == "gram" and not found.factored
+    assert found.rank == energy_rank_float64(noise, 0.9) > 150
+    assert found.B.shape == (400, 0) and found.A.shape == (0, 400)
+    assert found.gram.vectors is None  # the rank estimate was already past max_rank: eigenvalues only
+    assert found.energy == pytest.approx(0.9, abs=0.01) and found.energy >= 0.9
