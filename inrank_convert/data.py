@@ -27,6 +27,11 @@ def has_tokenizer(folder: Path) -> bool:
     return folder.is_dir() and any(all((folder / name).is_file() for name in names) for names in TOKENIZER_FILE_SETS)
 
 
+def first_tokenizer_folder(folders: Sequence[str | Path]) -> Path | None:
+    """The first of ``folders`` that holds tokenizer files: the one ``load_tokenizer`` reads."""
+    return next((Path(folder) for folder in folders if has_tokenizer(Path(folder))), None)
+
+
 def load_tokenizer(model_dir: str | Path | Sequence[str | Path] | None, tokenizer: str | Path | None = None):
     """The tokenizer to use for a model.
 
@@ -49,9 +54,9 @@ def load_tokenizer(model_dir: str | Path | Sequence[str | Path] | None, tokenize
                              "expected tokenizer.json, or vocab.json and merges.txt (GPT-2 BPE), or tokenizer.model")
         return _from_folder(path)
     folders = [] if model_dir is None else [model_dir] if isinstance(model_dir, (str, Path)) else list(model_dir)
-    for folder in folders:
-        if has_tokenizer(Path(folder)):
-            return _from_folder(Path(folder))
+    found = first_tokenizer_folder(folders)
+    if found is not None:
+        return _from_folder(found)
     where = ", ".join(str(f) for f in folders) or None
     raise UsageError("no tokenizer found beside the model", where,
                      f"pass {flag('--tokenizer')} DIR (a folder with tokenizer.json, or vocab.json and merges.txt)")

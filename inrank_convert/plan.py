@@ -93,9 +93,11 @@ class TensorPlan:
         return max(0, (rows * cols - 1) // (rows + cols))
 
     def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "dtype": dtype_name(self.dtype),
-                "action": self.action, "reason": self.reason, "alias_of": self.alias_of,
-                "bytes": self.nbytes, "breakeven_rank": self.breakeven_rank}
+        """A layer of ``compress --dry-run --json``: a compress layer's keys, with what only the
+        factorization can tell (kind, rank, bytes) null, and the planned action."""
+        return {"name": self.name, "shape": list(self.shape), "dtype": dtype_name(self.dtype), "kind": None,
+                "rank": None, "bytes": None, "original_bytes": self.nbytes, "action": self.action,
+                "reason": self.reason, "breakeven_rank": self.breakeven_rank}
 
 
 @dataclass
@@ -118,10 +120,7 @@ class Plan:
         rule = (f"target ratio {options.target_ratio:g}" if options.target_ratio is not None
                 else f"target size {options.target_size} bytes" if options.target_size is not None
                 else options.rule.describe())
-        layers = [{"name": entry.name, "shape": list(entry.shape), "dtype": dtype_name(entry.dtype), "kind": None,
-                   "rank": None, "bytes": None, "original_bytes": entry.nbytes, "action": entry.action,
-                   "reason": entry.reason, "breakeven_rank": entry.breakeven_rank}
-                  for entry in self.entries if entry.action != "alias"]
+        layers = [entry.to_json() for entry in self.entries if entry.action != "alias"]  # aliases: under "tied"
         return {"dry_run": True, "output": None, "source": source, "reference": reference, "rule": rule,
                 "original_bytes": self.original_bytes, "compressed_bytes": None, "ratio": None, "seconds": None,
                 "tied": self.tied, "notes": [], "layers": layers}

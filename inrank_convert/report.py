@@ -14,7 +14,14 @@ from pathlib import Path
 import torch
 
 from .artifact import Manifest, artifact_bytes, describe_artifact, is_artifact, read_manifest
-from .data import check_max_tokens, has_tokenizer, load_tokenizer, read_text, tokenize_text
+from .data import (
+    check_max_tokens,
+    first_tokenizer_folder,
+    has_tokenizer,
+    load_tokenizer,
+    read_text,
+    tokenize_text,
+)
 from .distributed import check_device
 from .errors import CheckpointError, MismatchError, UsageError, flag
 from .evaluate import (
@@ -221,7 +228,7 @@ def report(artifact: str | Path, data: str | Path, original: str | Path | None =
                                       if original_spec is not None else [])
     tok = load_tokenizer(tokenizer_folders, tokenizer)
     tokens = tokenize_text(text, tok, max_tokens, str(data))
-    in_use = Path(tokenizer) if tokenizer is not None else next(f for f in tokenizer_folders if has_tokenizer(f))
+    in_use = Path(tokenizer) if tokenizer is not None else first_tokenizer_folder(tokenizer_folders)
     for spec in specs:
         _check_same_tokens(spec, in_use, tokens, text, max_tokens)
     for spec in specs:
