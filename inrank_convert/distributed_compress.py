@@ -61,7 +61,7 @@ from .compress import (
     check_target_options,
     plan_compression,
 )
-from .distributed import World, check_device, close_world, env_world, init_world, process_device
+from .distributed import World, close_world, env_world, init_world, process_device
 from .errors import DistributedError, InrankError, ReportedElsewhere, UsageError, flag
 from .outputs import check_output_free, check_output_outside
 from .plan import Plan, PlanOptions, TensorPlan
@@ -69,7 +69,7 @@ from .reference import CheckpointReference
 from .sources import Inputs, open_inputs
 from .targets import Assigned
 from .tensors import dtype_name
-from .updates import planned_entries, prefetch
+from .updates import planned_entries, prefetching
 
 # One receive may wait for the slowest process's next tensor, and a process that is done waits
 # for rank 0 to finish writing: a large SVD on a CPU takes far longer than torch's default 30 min.
@@ -244,8 +244,7 @@ def _check_setup(source, output, reference: dict, options: PlanOptions, force: b
     check_target_options(options, reference["embed_init"], None)
     check_one_process(options)
     check_output_outside(Path(output), (source, reference["init"]))
-    check_output_free(Path(output), force)
-    check_device(options.device)
+    check_output_free(Path(output), force)  # check_options checked the device
     device = process_device(options.device, world)
     if device.type == "cuda":
         if world.local_rank >= torch.cuda.device_count():
@@ -341,11 +340,9 @@ class _OwnShare:
 
     def _run(self) -> None:
         try:
-            for position, (index, entry) in enumerate(self._mine):
+            for index, entry in prefetching(self._inputs, self._mine):
                 if self._stopped:
                     return
-                if position + 1 < len(self._mine):
-                    prefetch(self._inputs, self._mine[position + 1][1])
                 computed = _compute(entry, index, self._inputs, self._options, self._device, self._chains)
                 with self._ready:
                     self._done[index] = computed
@@ -430,9 +427,7 @@ def _run_worker(world: World, group, source, output, reference: dict, options: P
         mine = [(index, entry) for index, entry in work if owners[index] == world.rank]
         chains = HintChains(work)
         sending = []
-        for position, (index, entry) in enumerate(mine):
-            if position + 1 < len(mine):
-                prefetch(inputs, mine[position + 1][1])
+        for index, entry in prefetching(inputs, mine):
             try:
                 message = ("tensor", index, *_compute(entry, index, inputs, options, device, chains))
             except _USER_ERRORS as err:

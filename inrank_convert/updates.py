@@ -73,9 +73,13 @@ def prefetch(inputs: Inputs, entry: TensorPlan) -> None:
 
 def planned_work(plan: Plan, inputs: Inputs, actions: tuple[str, ...] = ("factorize", "dense")
                  ) -> Iterator[tuple[int, TensorPlan]]:
-    """``planned_entries``, handed out one at a time; before each it prefetches the next one's
-    tensors, so disk reads overlap the current SVD."""
-    work = planned_entries(plan, actions)
+    """``planned_entries``, handed out one at a time (``prefetching``)."""
+    return prefetching(inputs, planned_entries(plan, actions))
+
+
+def prefetching(inputs: Inputs, work: list[tuple[int, TensorPlan]]) -> Iterator[tuple[int, TensorPlan]]:
+    """``work`` one entry at a time; before each it prefetches the next one's tensors, so disk
+    reads overlap the current SVD."""
     for position, (index, entry) in enumerate(work):
         if position + 1 < len(work):
             prefetch(inputs, work[position + 1][1])

@@ -246,9 +246,8 @@ class _TensorRecorder:
         self.tensors: list[tuple[str, torch.Tensor | SourceTensor]] = []
 
     def add(self, name: str, tensor: torch.Tensor) -> int:
-        # A copy of its own: a factor is often a view of a whole SVD output (U[:, :r]), whose full
-        # storage would otherwise travel with it when pickled.
-        self.tensors.append((name, tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format)))
+        # Kept as given: RecordingWriter.take copies what travels (a dense tensor travels by name only).
+        self.tensors.append((name, tensor))
         return tensor.numel() * tensor.element_size()
 
     def take(self) -> list[tuple[str, torch.Tensor | SourceTensor]]:
@@ -287,8 +286,14 @@ class RecordingWriter(ArtifactWriter):
         return ""
 
     def take(self) -> list[StoredTensor]:
-        """What was recorded since the last call, in the order it was added."""
+        """What was recorded since the last call, in the order it was added. Each tensor is a copy
+        of its own, on the CPU: a factor is often a view of a whole SVD output (U[:, :r]), whose
+        full storage would otherwise travel with it when pickled."""
         taken, self._stored = self._stored, []
+        for stored in taken:
+            stored.tensors = [(name, tensor if isinstance(tensor, SourceTensor)
+                               else tensor.detach().to("cpu", copy=True, memory_format=torch.contiguous_format))
+                              for name, tensor in stored.tensors]
         return taken
 
 
