@@ -67,11 +67,7 @@ class FileHash:
     sha256: str
 
     def to_json(self) -> dict:
-        return {"file": self.file, "bytes": self.bytes, "sha256": self.sha256}
-
-    @classmethod
-    def from_json(cls, values: dict) -> FileHash:
-        return cls(str(values["file"]), int(values.get("bytes", 0)), str(values["sha256"]))
+        return {"file": self.file, "bytes": self.bytes, "sha256": self.sha256}  # read back by manifest._file_hashes
 
 
 class Checkpoint(ABC):

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .spectrum import BasisHints, RankRule, factorize, leading_right_vectors
+from .spectrum import BasisHints, RankRule, factorize, frobenius_energy, leading_right_vectors
 
 DOMINANT_SHARE = 0.5
 # Rows are for updates concentrated in rows: a form that needs more than this fraction of the
@@ -315,8 +315,7 @@ def _allocated_form(delta: torch.Tensor, total: float, rank: int, row_count: int
         return Form("lowrank", found.B, found.A, rank=found.rank, energy=found.energy, engine=used, notes=notes,
                     svd_factors=True)
     else:
-        vectors = found.right_vectors if found.right_vectors is not None else found.A
-        V = vectors[:found.rank].to(delta.dtype)
+        V = leading_right_vectors(delta, found, found.rank).to(delta.dtype)
     V, B, kept_lowrank, residual, forced = split_residual(delta, V, forced_rows)
     ranking = None if row_scores is None else row_scores(delta, V, B, residual)
     index = _top_rows((residual if ranking is None else ranking).cpu(), forced, min(count, rows)).to(delta.device)
@@ -342,7 +341,7 @@ def stored_error(delta: torch.Tensor, total: float, B: torch.Tensor, A: torch.Te
             here = placed[start:start + block]
             mask = here >= 0
             residual[mask] -= rows[here[mask]]
-        error += float(torch.linalg.vector_norm(residual, dim=1).double().square().sum())
+        error += frobenius_energy(residual)
     return min(1.0, error / total) ** 0.5
 
 

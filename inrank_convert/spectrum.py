@@ -459,7 +459,7 @@ def factorize(
     gram_allowed = (engine == "auto" and rule.criterion == "energy" and rule.fixed_rank is None and not float64
                     and rule.threshold < 1.0)
     if gram_allowed and prior is not None and prior.gram is not None:
-        return _gram_factorization(work, prior.gram, rule, total, max_rank, list(prior.notes))
+        return _gram_factorization(work, prior.gram, rule, total, max_rank, [])  # the caller holds prior's notes
     estimate = passes = 0
     if use_randomized:
         max_fraction = 1.0 if engine == "randomized" else RANDOMIZED_MAX_FRACTION

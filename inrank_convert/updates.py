@@ -14,17 +14,18 @@ from .errors import NonFiniteError
 from .plan import Plan, TensorPlan
 from .sources import Inputs
 from .spectrum import frobenius_energy
+from .tensors import is_finite
 
 
 def raise_non_finite(inputs: Inputs, name: str) -> None:
     """Name the checkpoint that holds NaN/Inf (a full check, run only once a cheap one failed)."""
     weight = inputs.trained.get(name)
-    if not bool(torch.isfinite(weight).all()):
+    if not is_finite(weight):
         raise NonFiniteError(f"tensor {name!r} holds NaN or Inf", str(inputs.trained.path),
                              "this checkpoint is broken (diverged training?): use an earlier one")
     reference = inputs.reference.get(name)
     where = getattr(getattr(inputs.reference, "checkpoint", None), "path", f"the {inputs.reference.mode} init")
-    if reference is not None and not bool(torch.isfinite(reference).all()):
+    if reference is not None and not is_finite(reference):
         raise NonFiniteError(f"init tensor {name!r} holds NaN or Inf", str(where), "pass a valid init")
     raise NonFiniteError(f"the update of {name!r} overflows float32", str(inputs.trained.path),
                          "the weights are too large to compare: check the checkpoint")
