@@ -23,13 +23,14 @@ from .errors import UsageError, flag
 from .evaluate import (
     check_text_length,
     check_vocabulary,
+    checkpoint_perplexity,
     finite_or_none,
     free_memory,
     perplexity,
     window_length,
 )
 from .export import decompress
-from .modeling import load_compressed, load_dense, model_config
+from .modeling import load_dense, model_config
 from .peft_export import PeftExportResult, export_peft
 from .vllm_plan import check_target
 
@@ -58,10 +59,7 @@ def export_and_score(artifact: str | Path, output: str | Path, data: str | Path,
     result = export_peft(artifact, output, force=force, init=init, target=target, max_rank=max_rank)
     reference, adapted = _base_and_adapter(artifact, Path(output), init, tokens, length, device,
                                            result.resize_token_embeddings)
-    model = load_compressed(artifact, device, init=init)
-    compressed = perplexity(model, tokens, length, device=device).perplexity
-    del model
-    free_memory(device)
+    compressed = checkpoint_perplexity(artifact, tokens, length, device, init=init)
     result.perplexity = {
         "data": str(data), "tokens": int(tokens.numel()), "context": length,
         "reference": finite_or_none(reference), "adapter": finite_or_none(adapted),

@@ -188,11 +188,11 @@ def free_memory(device: str | torch.device) -> None:
 
 
 def checkpoint_perplexity(path: str | Path, tokens: torch.Tensor, context: int, device: str = "cpu",
-                          config=None) -> float:
+                          config=None, init: str | Path | None = None) -> float:
     """The perplexity on ``tokens`` (windows of ``context``) of the model at ``path``: an artifact
-    run from its factors, or, with its ``config``, any checkpoint form loaded dense. The model is
-    dropped before this returns."""
-    model = load_dense(path, config, device) if config is not None else load_compressed(path, device)
+    run from its factors (``init``: where its reference is, if not where recorded), or, with its
+    ``config``, any checkpoint form loaded dense. The model is dropped before this returns."""
+    model = load_dense(path, config, device) if config is not None else load_compressed(path, device, init=init)
     try:
         return perplexity(model, tokens, context, device=device).perplexity
     finally:
