@@ -39,7 +39,7 @@ from .forms import (
 from .outputs import check_output_free, check_output_outside
 from .plan import Plan, PlanOptions, TensorPlan, costs_for, make_plan, storage_for
 from .sources import Inputs, open_inputs
-from .spectrum import CRITERIA, ENGINES, BasisHints
+from .spectrum import CRITERIA, ENGINES, BasisHints, native_bfloat16
 from .targets import (
     Assigned,
     Spectra,
@@ -213,6 +213,17 @@ class HintChains:
         return None if key is None else self._hints.setdefault(key, {})
 
 
+# Storage at least as coarse as bfloat16: a bfloat16 factor product rounds no coarser than it.
+REDUCED_PRODUCT_STORAGE = ("bfloat16", "int8")
+
+
+def product_dtype(storage: str, device: torch.device) -> torch.dtype | None:
+    """The dtype the Gram engine may compute factors in for ``storage`` on ``device`` (see
+    spectrum.REDUCED_PRODUCT_MIN_TAIL): bfloat16 where the factors are stored that coarsely and the
+    hardware multiplies bfloat16 natively; None (float32) elsewhere."""
+    return torch.bfloat16 if storage in REDUCED_PRODUCT_STORAGE and native_bfloat16(device) else None
+
+
 def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: torch.device, index: int,
              writer: ArtifactWriter, assigned: Assigned | None = None,
              stats: CalibrationStats | None = None, hints: BasisHints | None = None) -> LayerResult:
@@ -237,7 +248,8 @@ def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: to
         row_scores = None if stats is None or assigned is None else partial(stats.row_scores, entry.name)
         form = choose_form(delta, total, options.rule, costs_for(options, entry), options.engine, options.float64,
                            generator, entry.forced_rows,
-                           None if assigned is None else (assigned.rank, assigned.rows), row_scores, hints=hints)
+                           None if assigned is None else (assigned.rank, assigned.rows), row_scores, hints=hints,
+                           products=product_dtype(storage, device))
     notes = list(form.notes)
     engine = form.engine or None
     if form.kind == "zero":
@@ -249,7 +261,8 @@ def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: to
     else:
         B, A, rows = round_trip(form.B, form.A, form.rows, storage)
         B, A = B.to(delta.device), A.to(delta.device)
-        error = svd_stored_error(total, form.B, form.A, B, A) if form.svd_factors and rows is None else None
+        error = svd_stored_error(total, form.B, form.A, B, A, form.product_error, form.product_error_side) \
+            if form.svd_factors and rows is None else None
         if error is None:
             error = stored_error(delta, total, B, A, None if rows is None else rows.to(delta.device), form.row_index)
         stored = writer.add_lowrank(entry.name, form.B.cpu(), form.A.cpu(), shape=entry.shape, dtype=entry.dtype,

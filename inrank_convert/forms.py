@@ -71,6 +71,10 @@ class Form:
     # B, A are a truncated SVD of delta (``factorize``'s): orthogonal B columns and A rows, and
     # B.T @ (delta - B @ A) = 0, which lets ``svd_stored_error`` price the stored error from norms.
     svd_factors: bool = False
+    # The error a reduced-precision factor product added (``Factorization.product_error``): [r]
+    # float64 squared errors of B's columns ("B") or A's rows ("A").
+    product_error: torch.Tensor | None = None
+    product_error_side: str = "B"
 
     @property
     def stored_rows(self) -> int:
@@ -105,7 +109,8 @@ RowScores = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], "
 def choose_form(delta: torch.Tensor, total: float, rule: RankRule, costs: Costs, engine: str = "auto",
                 float64: bool = False, generator: torch.Generator | None = None,
                 forced_rows: torch.Tensor | None = None, allocation: tuple[int, int | None] | None = None,
-                row_scores: RowScores | None = None, solver=torch.linalg.svd, hints: BasisHints | None = None) -> Form:
+                row_scores: RowScores | None = None, solver=torch.linalg.svd, hints: BasisHints | None = None,
+                products: torch.dtype | None = None) -> Form:
     """The cheapest form of ``delta`` (float32 [rows, cols], ||delta||^2 = ``total``) that meets ``rule``.
 
     ``allocation`` (rank, rows) replaces the rule with a size already decided (a global budget,
@@ -113,7 +118,8 @@ def choose_form(delta: torch.Tensor, total: float, rule: RankRule, costs: Costs,
     or 1) with that many rows of the residual besides the forced ones, the highest by
     ``row_scores`` (default: by residual energy). ``solver``: the full SVD, as ``factorize`` takes it
     (a parameter so that tests can count the full SVDs a decision needed); ``hints``: the adaptive
-    engine's basis sizes on earlier updates, by shape (see ``factorize``).
+    engine's basis sizes on earlier updates, by shape; ``products``: the dtype the Gram engine may
+    multiply in (see ``factorize``).
     """
     rows, cols = delta.shape
     if allocation is not None:
@@ -129,7 +135,7 @@ def choose_form(delta: torch.Tensor, total: float, rule: RankRule, costs: Costs,
     # Past the break-even no low-rank form can win, so no factors are made there (max_rank).
     breakeven = costs.breakeven_rank(rows, cols) if forced_rows is None else 0
     low = factorize(delta, rule, engine, float64, generator, solver, total_energy=total, max_rank=breakeven,
-                    hints=hints)
+                    hints=hints, products=products)
     dominant, effective = effective_threshold(low.singular_values, total, rule.threshold)
     target = effective * total
     notes = list(low.notes)
@@ -138,14 +144,15 @@ def choose_form(delta: torch.Tensor, total: float, rule: RankRule, costs: Costs,
         notes.append(f"the leading component holds {share:.1%} of the energy: the rule keeps "
                      f"{rule.threshold:g} of the rest (energy {effective:.6g})")
         low = factorize(delta, RankRule("energy", effective), engine, float64, generator, solver, total_energy=total,
-                        max_rank=breakeven, prior=low, hints=hints)
+                        max_rank=breakeven, prior=low, hints=hints, products=products)
         notes.extend(low.notes)
 
     candidates: list[tuple[int, Form]] = []
     if forced_rows is None and low.rank > 0 and low.factored:
         candidates.append((costs.lowrank(low.rank, rows, cols),
                            Form("lowrank", low.B, low.A, rank=low.rank, energy=low.energy, engine=low.engine,
-                                svd_factors=True)))
+                                svd_factors=True, product_error=low.product_error,
+                                product_error_side=low.product_error_side)))
     vectors = leading_right_vectors(delta, low, dominant) if dominant else delta.new_zeros(0, cols)
     with_rows = _rows_form(delta, total, target, vectors, costs, forced_rows)
     if with_rows is not None:
@@ -345,8 +352,31 @@ def stored_error(delta: torch.Tensor, total: float, B: torch.Tensor, A: torch.Te
     return min(1.0, error / total) ** 0.5
 
 
-def svd_stored_error(total: float, B: torch.Tensor, A: torch.Tensor, B_stored: torch.Tensor, A_stored: torch.Tensor
-                     ) -> float | None:
+# Row blocks of the norms below: their temporaries stay under glibc's 32 MiB mmap threshold and
+# are reused, where whole [rows, r] temporaries (222 MB on a 32000 x 2048 rank-1733 embedding)
+# were each page-faulted in afresh.
+NORM_BLOCK_BYTES = 16 << 20
+
+
+def _column_energies(X: torch.Tensor, scale: torch.Tensor | None = None, minus: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+    """sum_i (X[i] * scale - minus[i])^2 of each column of X [rows, r] (float32 arithmetic, float64
+    sums), a block of rows at a time: [r] float64."""
+    step = max(1, NORM_BLOCK_BYTES // max(1, X.shape[1] * 4))
+    sums = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
+    for start in range(0, X.shape[0], step):
+        block = X[start:start + step].float()
+        if scale is not None:
+            block = block * scale[None, :]
+        if minus is not None:
+            block = block - minus[start:start + step]
+        # Column sums, not vector_norm(dim=0): that strided reduction took 7x longer (1.07 s on 32000 x 1733).
+        sums += block.square().sum(dim=0).double()
+    return sums
+
+
+def svd_stored_error(total: float, B: torch.Tensor, A: torch.Tensor, B_stored: torch.Tensor, A_stored: torch.Tensor,
+                     product_error: torch.Tensor | None = None, product_error_side: str = "B") -> float | None:
     """``stored_error`` of a low-rank form whose B [rows, r], A [r, cols] are a truncated SVD of
     delta (``Form.svd_factors``), from norms alone, with no [rows, cols] product: None when the
     truncation error is too small for that (then measure with ``stored_error``).
@@ -358,12 +388,24 @@ def svd_stored_error(total: float, B: torch.Tensor, A: torch.Tensor, B_stored: t
     sum_j ||B_j||^2 ||alpha_j||^2. What is left out (R against beta @ A, beta @ A against B @ alpha,
     beta @ alpha) are products of independent roundings: second order (measured within 1e-4 of the
     measured error for float32, bfloat16 and int8 storage). The [rows, cols] product this saves costs
-    as much as computing B (2 s of a 32000 x 2048 rank-1733 embedding on one thread)."""
+    as much as computing B (2 s of a 32000 x 2048 rank-1733 embedding on one thread).
+
+    ``product_error`` (``Form.product_error``): what a reduced-precision product already added to B's
+    columns or A's rows, independent of the storage rounding, so its squares add to that side's."""
     if total <= 0.0:
         return 0.0
-    # Column sums, not vector_norm(dim=0): that strided reduction took 7x longer (1.07 s on 32000 x 1733).
-    factor_b = B.square().sum(dim=0).double()  # [r]
-    factor_a = A.square().sum(dim=1).double()  # [r]
+    # A factor may be bfloat16 (the one a reduced-precision product computed): every norm below is
+    # taken in float32 a block at a time, A's through its transpose.
+    factor_b = _column_energies(B)  # [r]
+    factor_a = _column_energies(A.T)  # [r]
+    if product_error is not None:
+        # The computed side's norms are off by its product's error, and not only second order (the
+        # bfloat16 product's rounding shrank them: ||B||^2 8e-6 of the total low on the 32000 x 2048
+        # case). The exact factors are balanced (||B_j|| = ||A_j|| = sqrt(s_j)): take the other side's.
+        if product_error_side == "B":
+            factor_b = factor_a
+        else:
+            factor_a = factor_b
     truncation = total - float((factor_b * factor_a).sum())
     # The float32 factors hold the identity ||R||^2 = ||delta||^2 - ||B @ A||^2 to ~1e-6 of the total:
     # below SVD_ERROR_FLOOR of it that would be more than 1e-4 of the error^2, so it is measured instead.
@@ -371,8 +413,13 @@ def svd_stored_error(total: float, B: torch.Tensor, A: torch.Tensor, B_stored: t
         return None
     # A stored component may carry its scale on either side (int8 puts both scales on B): move it
     # back to A's norm first, which leaves every product B_j A_j, and so the error, as it is.
-    shift = (torch.linalg.vector_norm(A_stored, dim=1) / factor_a.sqrt().to(A.dtype).clamp_min(1e-30)).clamp_min(1e-30)
-    rounding_b = (B_stored.to(B.dtype) * shift[None, :]).sub_(B).square_().sum(dim=0).double()  # one [rows, r] temporary
-    rounding_a = (A_stored.to(A.dtype) / shift[:, None]).sub_(A).square_().sum(dim=1).double()
+    shift = (_column_energies(A_stored.T).sqrt() / factor_a.sqrt().clamp_min(1e-30)).clamp_min(1e-30).float()  # [r]
+    rounding_b = _column_energies(B_stored, shift, B)
+    rounding_a = _column_energies(A_stored.T, 1.0 / shift, A.T)
+    if product_error is not None:
+        if product_error_side == "B":
+            rounding_b = rounding_b + product_error
+        else:
+            rounding_a = rounding_a + product_error
     rounding = float((rounding_b * factor_a + factor_b * rounding_a).sum())
     return min(1.0, (truncation + rounding) / total) ** 0.5

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from inrank_convert import PlanOptions, RankRule, compress, open_artifact, read_manifest
 from inrank_convert.artifact import ARTIFACT_FILE, FORMAT_VERSION, INIT_FILE, artifact_bytes
 from inrank_convert.export import decompress
+from inrank_convert.spectrum import native_bfloat16
 from tests.conftest import form_rank_float64, inrank_rank_float64, make_pair, snapshot
 
 
@@ -327,6 +328,30 @@ def _noise_embedding_pair(root: Path) -> tuple[Path, Path]:
     return save_hf(model, init, root / "init"), save_hf(model, trained, root / "trained")
 
 
+@pytest.mark.parametrize("dtype", [None, torch.float32])
+def test_the_gram_engines_product_dtype_follows_the_storage(tmp_path, dtype):
+    """bfloat16 factors (the default) may be computed by a bfloat16 product where the CPU has it
+    natively (engine "gram-bfloat16"); float32 factors (``--dtype float32``) never are. Either way
+    the recorded error is what verify measures against the source, to the bfloat16 model's rounding."""
+    from inrank_convert.compress import product_dtype
+    from inrank_convert.verify import verify_artifact
+
+    init, trained = _noise_embedding_pair(tmp_path)
+    result = compress(trained, tmp_path / "out", init=init, options=options(0.9, factor_dtype=dtype))
+    native = native_bfloat16(torch.device("cpu"))
+    expected = "gram-bfloat16" if dtype is None and native else "gram"
+    embeddings = [layer for layer in result.layers if layer.name in ("model.embed_tokens.weight", "lm_head.weight")]
+    assert len(embeddings) == 2 and all(layer.engine == expected for layer in embeddings), embeddings
+    assert product_dtype("float32", torch.device("cpu")) is None
+    assert product_dtype("int8", torch.device("cpu")) == (torch.bfloat16 if native else None)
+    checked = verify_artifact(tmp_path / "out", source=trained)
+    assert checked.checksums_ok and checked.source_checked
+    by_name = {layer.name: layer for layer in checked.layers}
+    for layer in embeddings:
+        check = by_name[layer.name]
+        assert abs(check.measured_error - check.expected_error) <= check.rounding_error + 1e-4 * check.expected_error, check
+
+
 def test_a_rank_near_the_break_even_is_said_in_the_report(tmp_path):
     """A noise-only embedding update: at t = 0.9 its rank lands just under the dense break-even
     (kept as low rank, said per tensor); at t = 0.97 past it (dense, with no full SVD)."""
@@ -334,8 +359,10 @@ def test_a_rank_near_the_break_even_is_said_in_the_report(tmp_path):
     near = compress(trained, tmp_path / "near", init=init, options=options(0.9))
     embeddings = {layer.name: layer for layer in near.layers if layer.name in ("model.embed_tokens.weight", "lm_head.weight")}
     assert len(embeddings) == 2
+    # bfloat16 storage at t = 0.9: the factor product is bfloat16 where the CPU multiplies it natively.
+    gram = "gram-bfloat16" if native_bfloat16(torch.device("cpu")) else "gram"
     for name, layer in embeddings.items():
-        assert layer.kind == "lowrank" and layer.engine == "gram", (name, layer.kind, layer.engine)
+        assert layer.kind == "lowrank" and layer.engine == gram, (name, layer.kind, layer.engine)
         assert any(note.startswith(f"{name}: near the dense break-even") for note in near.notes), near.notes
     assert near.to_json()["notes"] == near.notes
     blocks = [layer for layer in near.layers if layer.kind == "lowrank" and layer.name not in embeddings]

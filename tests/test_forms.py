@@ -390,3 +390,27 @@ def test_the_stored_error_of_svd_factors_from_their_norms(engine, storage):
                         generator=torch.Generator().manual_seed(0))
     if tight.kind == "lowrank":
         assert forms.svd_stored_error(total, tight.B, tight.A, *round_trip(tight.B, tight.A, None, storage)[:2]) is None
+
+
+@pytest.mark.parametrize("shape", [(3000, 96), (96, 3000)])
+@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
+def test_the_stored_error_of_a_bfloat16_product_from_norms(shape, storage):
+    """A noise-only update past the adaptive basis, its factor computed by a bfloat16 product: the
+    same form, rank and bytes as the float32 product; svd_stored_error, given the product's
+    measured error, agrees with the stored error measured on the [rows, cols] reconstruction (and
+    without it would not: it would miss what the product added)."""
+    delta = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
+    total, costs = energy(delta), bf16_source_costs(delta)
+    rule = RankRule("energy", THRESHOLD)
+    plain = choose_form(delta, total, rule, costs)
+    form = choose_form(delta, total, rule, costs, products=torch.bfloat16)
+    assert plain.engine == "gram" and form.engine == "gram-bfloat16" and form.product_error is not None
+    assert (form.kind, form.rank) == (plain.kind, plain.rank) == ("lowrank", plain.rank)
+    B, A, _ = round_trip(form.B, form.A, None, storage)
+    measured = stored_error(delta, total, B, A, None, None)
+    estimated = forms.svd_stored_error(total, form.B, form.A, B, A, form.product_error, form.product_error_side)
+    assert estimated == pytest.approx(measured, rel=2e-5)
+    plain_B, plain_A, _ = round_trip(plain.B, plain.A, None, storage)
+    assert measured == pytest.approx(stored_error(delta, total, plain_B, plain_A, None, None), rel=1e-4)
+    ignored = forms.svd_stored_error(total, form.B, form.A, B, A)  # the product's error left out
+    assert abs(ignored - measured) > 5 * abs(estimated - measured), (ignored, estimated, measured)

@@ -9,6 +9,7 @@ import torch
 
 from inrank_convert.spectrum import (
     POWER_ITERATIONS,
+    REDUCED_PRODUCT_MIN_TAIL,
     RankRule,
     adaptive_randomized_svd,
     choose_rank,
@@ -298,3 +299,36 @@ def test_the_gram_engine_makes_no_factors_past_max_rank():
     assert found.B.shape == (400, 0) and found.A.shape == (0, 400)
     assert found.gram.vectors is None  # the rank estimate was already past max_rank: eigenvalues only
     assert found.energy == pytest.approx(0.9, abs=0.01) and found.energy >= 0.9
+
+
+@pytest.mark.parametrize("shape", [(3000, 160), (160, 3000)])
+def test_the_gram_engines_bfloat16_product_measures_the_error_it_adds(shape):
+    """A bfloat16 factor product (``products``): the rank, energy and spectrum of the float32 one
+    (the Gram stays float32), the computed factor within bfloat16 rounding of the float32 one, and
+    its recorded per-component error equal to the true one (sampled rows, scaled), tall and wide."""
+    delta = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
+    rule = RankRule("energy", 0.9)
+    plain = factorize(delta, rule, "auto", generator=torch.Generator().manual_seed(0))
+    reduced = factorize(delta, rule, "auto", generator=torch.Generator().manual_seed(0), products=torch.bfloat16)
+    assert plain.engine == "gram" and plain.product_error is None
+    assert reduced.engine == "gram-bfloat16"
+    assert (reduced.rank, reduced.energy) == (plain.rank, plain.energy)
+    assert torch.equal(reduced.singular_values, plain.singular_values)
+    tall = shape[0] > shape[1]
+    computed, exact = (reduced.B, plain.B) if tall else (reduced.A.T, plain.A.T)  # [long, r]
+    assert reduced.product_error_side == ("B" if tall else "A") and computed.dtype == torch.bfloat16
+    true_error = (computed.double() - exact.double()).square().sum(dim=0)  # [r]
+    relative = float(true_error.sum() / exact.double().square().sum())
+    assert 1e-7 < relative < 4 ** -8, relative  # rounded, but within a few bfloat16 ulps
+    assert float(reduced.product_error.sum()) == pytest.approx(float(true_error.sum()), rel=0.05)
+    assert torch.equal(reduced.B if not tall else reduced.A, plain.B if not tall else plain.A)  # the other side exact
+
+
+def test_the_bfloat16_product_is_kept_for_rules_that_drop_enough():
+    """Where the rule keeps more than 1 - REDUCED_PRODUCT_MIN_TAIL of the energy the product's rounding
+    would matter next to the truncation's: float32, whatever ``products`` says."""
+    delta = torch.randn(3000, 160, generator=torch.Generator().manual_seed(4))
+    tight = factorize(delta, RankRule("energy", 0.995), "auto", generator=torch.Generator().manual_seed(0),
+                      products=torch.bfloat16)
+    assert 1.0 - tight.energy < REDUCED_PRODUCT_MIN_TAIL
+    assert tight.engine == "gram" and tight.product_error is None and tight.B.dtype == torch.float32
