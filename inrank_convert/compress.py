@@ -296,8 +296,8 @@ class _HashingCore:
     """While compress hashes its inputs in a thread, torch's own threads leave that thread a core.
 
     With torch's default threads (one per core) the hash thread and MKL's threads fight for the
-    cores: on 2 cores GPT-2 small's pair compressed in 1.81-2.18 s with both torch threads beside
-    the hash thread, in 1.25-1.38 s with one until the hashes were done (0.96-1.10 s with nothing
+    cores: on 2 cores GPT-2 small's pair compressed in 1.77-2.18 s with both torch threads beside
+    the hash thread, in 1.25-1.40 s with one until the hashes were done (0.96-1.10 s with nothing
     to hash). torch's thread count is process-global and jobs can overlap (``sweep`` holds several),
     so the first job lowers it by one and the last one restores exactly the count it found, unless
     something else changed it meanwhile. Called from the thread that runs the jobs' torch work."""
