@@ -8,7 +8,6 @@ header is parsed, the data is memory-mapped); pickled files are loaded with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import pickle
@@ -26,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError, flag
+from .hash_cache import sha256_files
 from .hub import resolve_model
 from .tensors import SAFETENSORS_DTYPES, dtype_size, numel, shared_storage_groups
 
@@ -36,7 +36,6 @@ SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
     "special_tokens_map.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json",
 )
-HASH_CHUNK = 8 << 20
 
 
 @dataclass(frozen=True)
@@ -48,14 +47,6 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return numel(self.shape) * dtype_size(self.dtype)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -110,8 +101,12 @@ class Checkpoint(ABC):
     def infos(self) -> dict[str, TensorInfo]:
         return {name: self.info(name) for name in self.names()}
 
-    def file_hashes(self) -> list[FileHash]:
-        return [FileHash(f.name, f.stat().st_size, sha256_file(f)) for f in self.files]
+    def file_hashes(self, fresh: bool = False) -> list[FileHash]:
+        """Each weight file's size and sha256, in ``files`` order. Several files (shards) are hashed
+        in parallel; a file unchanged since it was last hashed (same stat) is not read again unless
+        ``fresh`` (see hash_cache)."""
+        digests = sha256_files(self.files, fresh)
+        return [FileHash(f.name, f.stat().st_size, digest) for f, digest in zip(self.files, digests, strict=True)]
 
     def config(self) -> dict | None:
         if self.config_dir is None or not (self.config_dir / "config.json").is_file():

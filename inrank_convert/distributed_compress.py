@@ -63,9 +63,9 @@ from .compress import (
 )
 from .distributed import World, close_world, env_world, init_world, process_device
 from .errors import DistributedError, InrankError, ReportedElsewhere, UsageError, flag
+from .hash_cache import remembered
 from .outputs import check_output_free, check_output_outside
 from .plan import Plan, PlanOptions, TensorPlan
-from .reference import CheckpointReference
 from .sources import Inputs, open_inputs
 from .targets import Assigned
 from .tensors import dtype_name
@@ -110,12 +110,11 @@ def svd_cost(entry: TensorPlan) -> float:
 def hashing_cost(inputs: Inputs, device: str) -> float:
     """Rank 0 hashes the input files (for the manifest) in a thread beside its SVDs; on CPUs that
     takes a share of its core, in svd_cost's units: sha256 ran at 1.4 ns a byte here, an SVD at
-    0.14 ns a unit, so a byte counts as HASH_COST_PER_BYTE units. On GPUs it costs the SVDs nothing."""
+    0.14 ns a unit, so a byte counts as HASH_COST_PER_BYTE units. On GPUs it costs the SVDs nothing,
+    and a file the hash cache remembers costs nothing anywhere."""
     if not device.startswith("cpu"):
         return 0.0
-    files = list(inputs.trained.files)
-    if isinstance(inputs.reference, CheckpointReference):
-        files += inputs.reference.checkpoint.files
+    files = [file for file in inputs.hashed_files() if remembered(file) is None]
     return HASH_COST_PER_BYTE * sum(Path(file).stat().st_size for file in files)
 
 

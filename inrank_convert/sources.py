@@ -52,13 +52,15 @@ def open_checkpoint(path: str | Path, init: str | Path | None = None) -> Checkpo
     return open_weights(path)
 
 
-def open_artifact(path: str | Path, init: str | Path | None = None, verify: bool = True) -> Artifact:
+def open_artifact(path: str | Path, init: str | Path | None = None, verify: bool = True,
+                  fresh: bool = False) -> Artifact:
     """An artifact with its recorded reference, rebuilt on first use (and verified unless ``verify``
-    is False); ``init`` overrides where a path or seed reference is read from."""
+    is False; ``fresh``: a path reference's files are read and hashed even when the hash cache
+    knows them); ``init`` overrides where a path or seed reference is read from."""
     init_path = Path(init) if init is not None else None
 
     def load(manifest: Manifest, folder: Path) -> Reference:
-        reference = reference_from_record(manifest.reference, folder, init_path, verify)
+        reference = reference_from_record(manifest.reference, folder, init_path, verify, fresh)
         try:
             check_reference(manifest, reference.infos(), *_reference_place(manifest.reference, folder, init_path))
         except BaseException:
@@ -109,8 +111,10 @@ class ArtifactCheckpoint(Checkpoint):
 
 
 def reference_from_record(record: ReferenceRecord, artifact_dir: Path, init: Path | None = None,
-                          verify: bool = True) -> Reference:
-    """Rebuild the reference an artifact was made against, verifying that it is unchanged."""
+                          verify: bool = True, fresh: bool = False) -> Reference:
+    """Rebuild the reference an artifact was made against, verifying that it is unchanged (a path
+    reference's files by their sha256: remembered by the hash cache for files whose stat is
+    unchanged, read again when ``fresh``)."""
     mode = record.mode
     if init is not None and mode in ("reference", "seed"):
         return CheckpointReference(open_checkpoint(init))
@@ -125,7 +129,7 @@ def reference_from_record(record: ReferenceRecord, artifact_dir: Path, init: Pat
         if not verify:
             return CheckpointReference(checkpoint)
         recorded = {entry.file: entry.sha256 for entry in record.files or []}
-        current = checkpoint.file_hashes()
+        current = checkpoint.file_hashes(fresh)
         changed = [entry.file for entry in current if recorded.get(entry.file) != entry.sha256]
         if changed or len(current) != len(recorded):
             checkpoint.close()
@@ -168,6 +172,14 @@ class Inputs:
     embed_init: bool
     paths: tuple[Path, ...]  # every input path, so outputs never overwrite one
     run_folder: Path | None = None
+
+    def hashed_files(self) -> list[Path]:
+        """The weight files whose sha256 the manifest records: the trained checkpoint's and a path
+        reference's."""
+        files = list(self.trained.files)
+        if isinstance(self.reference, CheckpointReference):
+            files += self.reference.checkpoint.files
+        return files
 
     def close(self) -> None:
         self.trained.close()

@@ -98,7 +98,9 @@ class VerifyResult:
 
 def verify_artifact(path: str | Path, init: str | Path | None = None,
                     source: str | Path | None = None) -> VerifyResult:
-    artifact = open_artifact(path, init)
+    # verify is the command whose job is to check: every hash is computed from the bytes on disk,
+    # never taken from the hash cache.
+    artifact = open_artifact(path, init, fresh=True)
     try:
         bad = [name for name, expected in artifact.manifest.checksums.items()
                if checksum(artifact.stored(name)) != expected]
@@ -171,7 +173,7 @@ def _check_against_source(artifact: Artifact, source: str | Path | None, result:
         return
     with open_checkpoint(source_path) as checkpoint:
         if source is None:
-            current = {entry.sha256 for entry in checkpoint.file_hashes()}
+            current = {entry.sha256 for entry in checkpoint.file_hashes(fresh=True)}
             if current != {entry.sha256 for entry in recorded.files}:
                 result.source_message = f"source checkpoint at {source_path} changed since compression: not measured"
                 return
