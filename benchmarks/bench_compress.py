@@ -7,6 +7,11 @@ the weight's) with Gaussian noise holding 5% of the update's energy; 1-D tensors
 Baseline (DESIGN §8): one streaming pass with ``safe_open`` over both files that loads every
 tensor pair and computes the Frobenius norm of (trained - init) in float32: the least work any
 delta compressor must do. Both files are read once first so both sides run from the page cache.
+
+Two compress sides, alternated with the read: a first compress (the hash cache off, so it reads and
+hashes both inputs, as a compress of a new checkpoint does) and a repeat compress (both inputs'
+sha256 remembered by the hash cache, as in a sweep or a second threshold). The hash cache lives in a
+scratch folder of this run, never the user's.
 """
 
 from __future__ import annotations
@@ -20,9 +25,12 @@ from pathlib import Path
 
 import torch
 
+from inrank_convert import hash_cache
+
 from .common import BenchResult, best_of, fmt_seconds, log, planted_update, scratch_dir, warm_page_cache
 
 NAME = "compress"
+CACHE_ENV, CACHE_SWITCH = "INRANK_CONVERT_CACHE", "INRANK_CONVERT_HASH_CACHE"
 TARGET_RATIO = 4.0
 PLANTED_RANK = 32
 UPDATE_SCALE = 0.3  # update norm relative to the weight's norm
@@ -89,10 +97,10 @@ def _phase_breakdown(init_dir: Path, trained_dir: Path, options) -> dict[str, fl
         plan = plan_compression(inputs, options)
         phases["plan (shapes, ties, name checks)"] = time.perf_counter() - started
         started = time.perf_counter()
-        inputs.trained.file_hashes()
+        inputs.trained.file_hashes(fresh=True)
         phases["sha256 trained file"] = time.perf_counter() - started
         started = time.perf_counter()
-        inputs.reference.record()
+        inputs.reference.checkpoint.file_hashes(fresh=True)
         phases["sha256 init file (reference manifest)"] = time.perf_counter() - started
         started = time.perf_counter()
         device = torch.device("cpu")
@@ -113,7 +121,7 @@ def _layer_breakdown(layers) -> dict[str, float]:
     return sums
 
 
-def run() -> BenchResult:
+def run() -> list[BenchResult]:
     from inrank_convert.compress import compress
     from inrank_convert.plan import PlanOptions
     from inrank_convert.spectrum import RankRule
@@ -128,31 +136,50 @@ def run() -> BenchResult:
         warm_seconds = warm_page_cache(trained_file, init_file)
         warm_page_cache(trained_file, init_file)
         output = root / "artifact"
+        saved = {key: os.environ.get(key) for key in (CACHE_ENV, CACHE_SWITCH)}
+        os.environ[CACHE_ENV] = str(root / "hash-cache")
 
-        def run_compress():
+        def run_compress(cached: bool = True):
+            os.environ[CACHE_SWITCH] = "1" if cached else "0"
             return compress(trained_dir, output, init=init_dir, options=options, force=True)
 
-        # Alternate the two sides so neither gets a systematically warmer machine.
-        read_times, compress_times = [], []
-        result = None
-        for _ in range(REPEATS):
-            read_times.append(best_of(lambda: plain_read(trained_file, init_file), 1)[0])
-            seconds, _, result = best_of(run_compress, 1)
-            compress_times.append(seconds)
-        read_best, compress_best = min(read_times), min(compress_times)
-        ratio = compress_best / read_best
-        log(f"plain read best {read_best:.3f} s {fmt_seconds(read_times)}, "
-            f"compress best {compress_best:.3f} s {fmt_seconds(compress_times)}")
+        try:
+            # The cache remembers a file only once it is older than its racy window: wait that out,
+            # then one compress records both hashes.
+            newest = max(os.stat(path).st_ctime_ns for path in (trained_file, init_file))
+            time.sleep(max(0.0, (newest + hash_cache.RACY_NS) / 1e9 - time.time() + 0.1))
+            run_compress()
+            if any(hash_cache.remembered(path) is None for path in (trained_file, init_file)):
+                raise RuntimeError("the hash cache did not remember the benchmark's inputs")
+            # Alternate the sides so none gets a systematically warmer machine.
+            read_times, first_times, repeat_times = [], [], []
+            result = None
+            for _ in range(REPEATS):
+                read_times.append(best_of(lambda: plain_read(trained_file, init_file), 1)[0])
+                seconds, _, result = best_of(lambda: run_compress(cached=False), 1)
+                first_times.append(seconds)
+                repeat_times.append(best_of(run_compress, 1)[0])
 
-        profiler = cProfile.Profile()
-        profiler.enable()
-        run_compress()
-        profiler.disable()
+            profiler = cProfile.Profile()
+            profiler.enable()
+            run_compress(cached=False)  # what the first compress does
+            profiler.disable()
+            phases = _phase_breakdown(init_dir, trained_dir, options)
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+        read_best, compress_best, repeat_best = min(read_times), min(first_times), min(repeat_times)
+        ratio, repeat_ratio = compress_best / read_best, repeat_best / read_best
+        log(f"plain read best {read_best:.3f} s {fmt_seconds(read_times)}, "
+            f"first compress best {compress_best:.3f} s {fmt_seconds(first_times)}, "
+            f"repeat compress (hashes cached) best {repeat_best:.3f} s {fmt_seconds(repeat_times)}")
+
         stream = io.StringIO()
         pstats.Stats(profiler, stream=stream).sort_stats("cumulative").print_stats(PROFILE_TOP)
         profile_text = _trim_profile(stream.getvalue())
-
-        phases = _phase_breakdown(init_dir, trained_dir, options)
         phases.update(_layer_breakdown(result.layers))
 
     kinds: dict[str, int] = {}
@@ -172,7 +199,8 @@ def run() -> BenchResult:
     details = {
         "model": "GPT2Config() defaults", "parameters": parameters, "file_bytes_both": file_bytes,
         "planted_rank": PLANTED_RANK, "noise_fraction": NOISE_FRACTION, "threshold": THRESHOLD,
-        "read_seconds": read_times, "compress_seconds": compress_times,
+        "read_seconds": read_times, "compress_seconds": first_times, "repeat_compress_seconds": repeat_times,
+        "repeat_best": repeat_best,
         "read_best": read_best, "compress_best": compress_best,
         "read_throughput_gb_s": file_bytes / read_best / 1e9,
         "first_cache_warm_seconds": warm_seconds,
@@ -183,11 +211,18 @@ def run() -> BenchResult:
         "slowest_layers": [{"name": layer.name, "shape": list(layer.shape), "seconds": layer.seconds,
                             "rank": layer.rank} for layer in slowest], "profile_top_cumulative": profile_text,
     }
-    return BenchResult(
-        name=f"compress vs plain read, GPT-2 {parameters / 1e6:.0f}M",
-        measured=f"{compress_best:.2f} s", baseline=f"{read_best:.3f} s ({file_bytes / read_best / 1e9:.1f} GB/s)", ratio=ratio,
-        ratio_label="compress / read", target=f"<= {TARGET_RATIO:g}", passed=ratio <= TARGET_RATIO,
-        details=details)
+    read = f"{read_best:.3f} s ({file_bytes / read_best / 1e9:.1f} GB/s)"
+    return [
+        BenchResult(
+            name=f"compress vs plain read, GPT-2 {parameters / 1e6:.0f}M, first compress (hashes both inputs)",
+            measured=f"{compress_best:.2f} s", baseline=read, ratio=ratio, ratio_label="compress / read",
+            target=f"<= {TARGET_RATIO:g}", passed=ratio <= TARGET_RATIO, details=details),
+        BenchResult(
+            name=f"compress vs plain read, GPT-2 {parameters / 1e6:.0f}M, repeat compress (hashes cached)",
+            measured=f"{repeat_best:.2f} s", baseline=read, ratio=repeat_ratio, ratio_label="compress / read",
+            target=f"<= {TARGET_RATIO:g}", passed=repeat_ratio <= TARGET_RATIO,
+            details={"repeat_compress_seconds": repeat_times, "read_seconds": read_times}),
+    ]
 
 
 def _trim_profile(text: str) -> str:
