@@ -467,7 +467,9 @@ class CompressionJob:
             header = self.header(target, perplexity_target)
             check_target(spectra, plan, options, target, header)
             budget = allocate_target(spectra, target, header)
-        with ArtifactWriter(output, force=force, inputs=inputs.paths, embed_reference=inputs.embed_init) as writer:
+        # Background spooling: the factors and the source's tensors are never changed once added.
+        with ArtifactWriter(output, force=force, inputs=inputs.paths, embed_reference=inputs.embed_init,
+                            background=True) as writer:
             layers: list[LayerResult] = []
             for layer in self.execute(writer, budget):
                 self._take_core_back()

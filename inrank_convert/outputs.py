@@ -11,6 +11,7 @@ import shutil
 import struct
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,15 +29,23 @@ class TensorFileWriter:
     The safetensors header (with every offset) comes first in the file but is known only at the
     end, so tensor bytes are spooled to a side file and copied behind the header in ``finish``.
     Used as a context manager it aborts (removes its spool) when the block raises.
+
+    ``background``: each tensor is spooled and checksummed on a writer thread while the caller
+    computes the next one (one tensor in flight: ``add`` first waits for the previous one). Only
+    for callers that never change a tensor after adding it (compress: fresh factors, read-only
+    source tensors); a training checkpoint, whose parameters the next step changes in place, writes
+    in the foreground. An error on the writer thread is raised by the next ``add`` or ``finish``.
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, background: bool = False):
         self.path = Path(path)
         self._spool_path = self.path.with_name(self.path.name + ".spool")
         self._spool = open(self._spool_path, "wb")
         self._header: dict[str, dict] = {}
         self._offset = 0
-        self.checksums: dict[str, str] = {}
+        self._checksums: dict[str, str] = {}
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inrank-write") if background else None
+        self._pending: Future | None = None
 
     def __enter__(self) -> TensorFileWriter:
         return self
@@ -54,17 +63,38 @@ class TensorFileWriter:
         if code is None:
             raise ArtifactError(f"cannot store dtype {tensor.dtype} (tensor {name!r})", None,
                                 "store it as float32, float16 or bfloat16")
-        data = tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b""
-        self._spool.write(data)
         size = tensor.numel() * tensor.element_size()
         self._header[name] = {"dtype": code, "shape": list(tensor.shape),
                               "data_offsets": [self._offset, self._offset + size]}
         self._offset += size
-        self.checksums[name] = checksum(tensor)
+        if self._worker is None:
+            self._spool_tensor(name, tensor)
+        else:
+            self._drain()
+            self._pending = self._worker.submit(self._spool_tensor, name, tensor)
         return size
+
+    def _spool_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        data = tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b""
+        self._spool.write(data)
+        self._checksums[name] = checksum(tensor)
+
+    def _drain(self) -> None:
+        """Wait for the tensor in flight (raising its error, if any)."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            pending.result()
+
+    @property
+    def checksums(self) -> dict[str, str]:
+        """Each tensor's sha256 (``tensors.checksum``), once every added tensor is spooled."""
+        self._drain()
+        return self._checksums
 
     def finish(self, metadata: dict[str, str] | None = None) -> int:
         """Write header + data to ``path``; returns the file size."""
+        self._drain()
+        self._stop()
         self._spool.close()
         header = {"__metadata__": metadata or {"format": "pt"}, **self._header}
         encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -78,7 +108,13 @@ class TensorFileWriter:
         self._spool_path.unlink()
         return self.path.stat().st_size
 
+    def _stop(self) -> None:
+        if self._worker is not None:
+            self._worker.shutdown(wait=True, cancel_futures=True)
+
     def abort(self) -> None:
+        self._stop()
+        self._pending = None
         self._spool.close()
         self._spool_path.unlink(missing_ok=True)
 

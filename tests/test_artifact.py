@@ -333,3 +333,47 @@ def test_factors_that_do_not_make_the_tensor_are_refused_at_open(tmp_path):
     for read in (read_manifest, lambda out: Artifact(out, ZeroReference())):
         with pytest.raises(ArtifactError, match=r"'a\.weight\.lora_A' is F32 \[2, 4\].*needs F32 \[2, 5\]"):
             read(tmp_path / "out")
+
+
+def _spooled(path, background: bool, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    from inrank_convert.outputs import TensorFileWriter
+
+    writer = TensorFileWriter(path, background=background)
+    for name, tensor in tensors.items():
+        writer.add(name, tensor)
+    checksums = dict(writer.checksums)
+    writer.finish({"format": "pt"})
+    return checksums
+
+
+def test_a_background_writer_writes_the_same_file(tmp_path):
+    """Spooled on a writer thread (compress) or in the foreground (training checkpoints): the same
+    bytes, tensors and checksums, in the order added."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = {"b": torch.randn(300, 7, generator=generator).bfloat16(), "a": torch.randn(7, 50, generator=generator),
+               "empty": torch.zeros(0, 4), "index": torch.arange(9)}
+    foreground = _spooled(tmp_path / "f.safetensors", False, tensors)
+    background = _spooled(tmp_path / "b.safetensors", True, tensors)
+    assert foreground == background == {name: checksum(tensor) for name, tensor in tensors.items()}
+    assert (tmp_path / "f.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "b.safetensors"), "pt") as handle:
+        assert list(handle.keys()) == sorted(tensors)
+        for name, tensor in tensors.items():
+            assert torch.equal(handle.get_tensor(name), tensor)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["b.safetensors", "f.safetensors"]  # no spool left
+
+
+def test_an_error_on_the_writer_thread_is_raised_by_the_next_call(tmp_path):
+    """A spool write that fails on the writer thread (its file closed under it) is raised by the
+    next add, and abort leaves nothing behind."""
+    from inrank_convert.outputs import TensorFileWriter
+
+    writer = TensorFileWriter(tmp_path / "x.safetensors", background=True)
+    writer.add("first", torch.ones(4))
+    writer.checksums  # noqa: B018 -- waits for the first tensor
+    writer._spool.close()  # the disk "fails" under the writer thread
+    writer.add("second", torch.ones(4))  # queued; it fails on the thread
+    with pytest.raises(ValueError, match="closed file"):
+        writer.add("third", torch.ones(4))
+    writer.abort()
+    assert list(tmp_path.iterdir()) == []

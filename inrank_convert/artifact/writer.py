@@ -50,11 +50,14 @@ class ArtifactWriter:
     """
 
     def __init__(self, output: str | Path, *, force: bool = False, inputs: tuple[Path, ...] = (),
-                 embed_reference: bool = False):
+                 embed_reference: bool = False, background: bool = False):
         self.output = Path(output)
         self._force = force
         self._inputs = inputs
         self._embed_reference = embed_reference  # write init.safetensors even if no tensor needs it
+        # Spool tensors on a writer thread (TensorFileWriter's ``background``): for callers that never
+        # change a tensor after adding it.
+        self._background = background
         self._folder_context = None
         self.folder: Path | None = None
         self._tensors: TensorFileWriter | None = None
@@ -69,7 +72,7 @@ class ArtifactWriter:
         self._folder_context = atomic_output_dir(self.output, self._force, self._inputs)
         self.folder = self._folder_context.__enter__()
         try:
-            self._tensors = TensorFileWriter(self.folder / ARTIFACT_FILE)
+            self._tensors = TensorFileWriter(self.folder / ARTIFACT_FILE, background=self._background)
             if self._embed_reference:
                 self._init = TensorFileWriter(self.folder / INIT_FILE)
         except BaseException:
