@@ -26,7 +26,7 @@ from .artifact import (
     TensorEntry,
     TensorKind,
 )
-from .artifact.storage import QUANTIZE_SCHEMES, round_trip
+from .artifact.storage import QUANTIZE_SCHEMES, encode_factors, round_trip
 from .calibrate_checkpoint import calibrate_checkpoint
 from .calibration import DEFAULT_CALIBRATION_TOKENS, DEFAULT_DAMPING, CalibrationStats, whitened_svd
 from .distributed import check_device
@@ -261,12 +261,15 @@ def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: to
         stored = writer.add_dense(entry.name, inputs.trained.get(entry.name), rank=form.rank or None, svd=engine,
                                   reference_rows=entry.reference_rows)
     else:
-        B, A, rows = round_trip(form.B, form.A, form.rows, storage)
-        B, A = B.to(delta.device), A.to(delta.device)
-        error = svd_stored_error(total, form.B, form.A, B, A, form.product_error, form.product_error_side) \
-            if form.svd_factors and rows is None else None
+        # The stored error from the factors as they will be stored (no float32 copy of them) where
+        # norms suffice, else measured on what a reader decodes.
+        B_q, A_q, scale = encode_factors(form.B, form.A, storage)
+        error = svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error, form.product_error_side, scale) \
+            if form.svd_factors and form.rows is None else None
         if error is None:
-            error = stored_error(delta, total, B, A, None if rows is None else rows.to(delta.device), form.row_index)
+            B, A, rows = round_trip(form.B, form.A, form.rows, storage)
+            error = stored_error(delta, total, B.to(delta.device), A.to(delta.device),
+                                 None if rows is None else rows.to(delta.device), form.row_index)
         stored = writer.add_lowrank(entry.name, form.B.cpu(), form.A.cpu(), shape=entry.shape, dtype=entry.dtype,
                                     energy=form.energy, svd=engine, storage=storage, error=error,
                                     rows=None if form.rows is None else form.rows.cpu(),

@@ -376,7 +376,8 @@ def _column_energies(X: torch.Tensor, scale: torch.Tensor | None = None, minus: 
 
 
 def svd_stored_error(total: float, B: torch.Tensor, A: torch.Tensor, B_stored: torch.Tensor, A_stored: torch.Tensor,
-                     product_error: torch.Tensor | None = None, product_error_side: str = "B") -> float | None:
+                     product_error: torch.Tensor | None = None, product_error_side: str = "B",
+                     stored_scale: torch.Tensor | None = None) -> float | None:
     """``stored_error`` of a low-rank form whose B [rows, r], A [r, cols] are a truncated SVD of
     delta (``Form.svd_factors``), from norms alone, with no [rows, cols] product: None when the
     truncation error is too small for that (then measure with ``stored_error``).
@@ -390,21 +391,24 @@ def svd_stored_error(total: float, B: torch.Tensor, A: torch.Tensor, B_stored: t
     measured error for float32, bfloat16 and int8 storage). The [rows, cols] product this saves costs
     as much as computing B (2 s of a 32000 x 2048 rank-1733 embedding on one thread).
 
-    ``product_error`` (``Form.product_error``): what a reduced-precision product already added to B's
-    columns or A's rows, independent of the storage rounding, so its squares add to that side's."""
+    ``B_stored``, ``A_stored`` are what is stored, decoded or not: float, bfloat16 or int8 with
+    ``stored_scale`` ([r], on B: ``storage.encode_factors``'s), so that no float32 copy of a large
+    factor is made. ``product_error`` (``Form.product_error``): what a reduced-precision product
+    already added to B's columns or A's rows, independent of the storage rounding, so its squares
+    add to that side's."""
     if total <= 0.0:
         return 0.0
     # A factor may be bfloat16 (the one a reduced-precision product computed): every norm below is
     # taken in float32 a block at a time, A's through its transpose.
-    factor_b = _column_energies(B)  # [r]
     factor_a = _column_energies(A.T)  # [r]
-    if product_error is not None:
+    if product_error is not None and product_error_side == "B":
         # The computed side's norms are off by its product's error, and not only second order (the
         # bfloat16 product's rounding shrank them: ||B||^2 8e-6 of the total low on the 32000 x 2048
         # case). The exact factors are balanced (||B_j|| = ||A_j|| = sqrt(s_j)): take the other side's.
-        if product_error_side == "B":
-            factor_b = factor_a
-        else:
+        factor_b = factor_a
+    else:
+        factor_b = _column_energies(B)  # [r]
+        if product_error is not None:
             factor_a = factor_b
     truncation = total - float((factor_b * factor_a).sum())
     # The float32 factors hold the identity ||R||^2 = ||delta||^2 - ||B @ A||^2 to ~1e-6 of the total:
@@ -414,7 +418,11 @@ def svd_stored_error(total: float, B: torch.Tensor, A: torch.Tensor, B_stored: t
     # A stored component may carry its scale on either side (int8 puts both scales on B): move it
     # back to A's norm first, which leaves every product B_j A_j, and so the error, as it is.
     shift = (_column_energies(A_stored.T).sqrt() / factor_a.sqrt().clamp_min(1e-30)).clamp_min(1e-30).float()  # [r]
-    rounding_b = _column_energies(B_stored, shift, B)
+    b_scale = shift if stored_scale is None else shift * stored_scale.float()
+    if B_stored is B:  # stored as computed (a bfloat16 product kept in bfloat16): beta = B (shift - 1)
+        rounding_b = (b_scale.double() - 1.0).square() * _column_energies(B)
+    else:
+        rounding_b = _column_energies(B_stored, b_scale, B)
     rounding_a = _column_energies(A_stored.T, 1.0 / shift, A.T)
     if product_error is not None:
         if product_error_side == "B":

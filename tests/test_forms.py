@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from inrank_convert import forms, spectrum
-from inrank_convert.artifact.storage import round_trip
+from inrank_convert.artifact.storage import encode_factors, round_trip
 from inrank_convert.forms import Costs, choose_form, effective_threshold, stored_error
 from inrank_convert.spectrum import RankRule
 
@@ -384,6 +384,8 @@ def test_the_stored_error_of_svd_factors_from_their_norms(engine, storage):
     B, A, _ = round_trip(form.B, form.A, None, storage)
     measured = stored_error(delta, total, B, A, None, None)
     assert forms.svd_stored_error(total, form.B, form.A, B, A) == pytest.approx(measured, rel=1e-4)
+    B_q, A_q, scale = encode_factors(form.B, form.A, storage)  # as compress passes them: not decoded
+    assert forms.svd_stored_error(total, form.B, form.A, B_q, A_q, stored_scale=scale) == pytest.approx(measured, rel=1e-4)
     # Below SVD_ERROR_FLOOR of the energy it declines (the caller measures).
     assert forms.svd_stored_error(total, form.B, form.A, B, A) is not None
     tight = choose_form(delta, total, RankRule("energy", 0.999), bf16_costs(delta), engine=engine,
@@ -410,6 +412,9 @@ def test_the_stored_error_of_a_bfloat16_product_from_norms(shape, storage):
     measured = stored_error(delta, total, B, A, None, None)
     estimated = forms.svd_stored_error(total, form.B, form.A, B, A, form.product_error, form.product_error_side)
     assert estimated == pytest.approx(measured, rel=2e-5)
+    B_q, A_q, scale = encode_factors(form.B, form.A, storage)  # as compress passes them: not decoded
+    assert forms.svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error, form.product_error_side,
+                                  scale) == pytest.approx(estimated, rel=1e-6)
     plain_B, plain_A, _ = round_trip(plain.B, plain.A, None, storage)
     assert measured == pytest.approx(stored_error(delta, total, plain_B, plain_A, None, None), rel=1e-4)
     ignored = forms.svd_stored_error(total, form.B, form.A, B, A)  # the product's error left out
