@@ -150,7 +150,18 @@ def regenerate_seed_init(config: dict, seed: int, dtype: torch.dtype = torch.flo
         raise UsageError(f"cannot regenerate an init for model_type {config.get('model_type')!r}", "config.json",
                          f"pass {flag('--init')} PATH to the init checkpoint instead of {flag('--init-seed')}")
     model = seeded_model(model_config, seed)
-    return {name: tensor.detach().to(dtype) for name, tensor in model.state_dict().items()}
+    return {name: tensor.detach().to(dtype) for name, tensor in saved_state(model).items()}
+
+
+def saved_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under the names ``save_pretrained`` gives them (transformers' own
+    reverse conversion mapping): a reference is looked up by a checkpoint's saved names, and
+    transformers 5 saves some under other names than its modules' (GPT-NeoX's ``lm_head`` as
+    ``embed_out.weight``). Tied weights stay under every name, sharing their storage."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    state = model.state_dict()
+    return dict(revert_weight_conversion(model, dict(state)))
 
 
 def seed_reference(config: dict, seed: int, dtype: torch.dtype = torch.float32,

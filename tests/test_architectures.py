@@ -248,3 +248,25 @@ def test_fused_on_load_mixtral_is_refused_but_decompresses(tmp_path, tokenizer_f
                  output=tmp_path / "adapter", inputs=(artifact,))
     expect_ok(["decompress", artifact, "-o", tmp_path / "dense", "--quiet"])
     torch.testing.assert_close(logits(pretrained(tmp_path / "dense")), logits(pretrained(trained)), **CLOSE)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "gpt_neox", "mixtral"])
+def test_init_seed_regenerates_the_saved_names(arch, tmp_path):
+    """``--init-seed`` regenerates the init under the names transformers saves (GPT-NeoX's head as
+    embed_out.weight, Mixtral's experts one by one), so a transformers-saved model compresses against
+    its seed alone (both were refused before: the regenerated init had the modules' names), and what
+    is read back is the trained model."""
+    init, trained = make_models(arch, tmp_path)
+    artifact = tmp_path / "artifact"
+    # Mixtral's experts are one 3-D tensor per layer in the state dict train_state changes: not rank 4.
+    rule = ["--threshold", "1.0"] if arch == "mixtral" else ["--rank", "4", "--dtype", "float32"]
+    expect_ok(["compress", trained, "--init-seed", "7", "-o", artifact, *rule, "--quiet"])
+    manifest = read_manifest(artifact)
+    assert manifest.reference.mode == "seed" and not (artifact / "init.safetensors").exists()
+    if arch == "mixtral":  # runs only through decompress (fused on load)
+        dense = tmp_path / "dense"
+        expect_ok(["decompress", artifact, "-o", dense, "--quiet"])
+        torch.testing.assert_close(logits(pretrained(dense)), logits(pretrained(trained)), **CLOSE)
+    else:
+        torch.testing.assert_close(logits(load_compressed(artifact)), logits(pretrained(trained)), **CLOSE)
+    expect_ok(["compress", trained, "--init-seed", "7", "--init", init, "-o", tmp_path / "checked", "--quiet"])
