@@ -76,8 +76,12 @@ def spectrum_report(source: str | Path, thresholds: list[float], criterion: str 
             delta, total = load_update(inputs, entry, device)  # [rows, cols]
             values = singular_values(delta, options.float64).float().cpu()
             # The rank compress keeps for a low-rank form (forms.py: a dominant component raises the rule).
+            # At t = 1 the numerical rank, with the eps of the SVD compress runs (float64 with --float64).
+            numerical = {"size": max(delta.shape), "eps": torch.finfo(torch.float64 if options.float64
+                                                                     else torch.float32).eps}
             ranks = {t: choose_rank(values, total, RankRule(criterion, t if criterion != "energy"
-                                                           else effective_threshold(values, total, t)[1]))
+                                                           else effective_threshold(values, total, t)[1]),
+                                    **numerical)
                      for t in thresholds}
             layers.append(LayerSpectrum(entry.name, entry.shape, total, values[:SPECTRUM_VALUES_KEPT].tolist(), ranks))
             if on_layer is not None:

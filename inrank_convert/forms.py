@@ -35,6 +35,7 @@ choose low rank as before (rows only for forced rows).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -186,13 +187,18 @@ def _breakeven_note(rank: int, rows: int, cols: int, costs: Costs, forced_rows: 
 
 def effective_threshold(singular_values: torch.Tensor, total: float, threshold: float) -> tuple[int, float]:
     """(dominant rank 0 or 1, the energy fraction a form must keep): ``threshold`` of the energy
-    left after the leading component when that component alone holds DOMINANT_SHARE or more."""
+    left after the leading component when that component alone holds DOMINANT_SHARE or more.
+
+    Threshold 1 stays exactly 1 and a threshold below 1 stays below it: the energy rule at 1 is the
+    numerical rank (``rank_for_energy``), which a rounding of the fraction must not switch on or off."""
     if total <= 0.0 or singular_values.numel() == 0:
         return 0, threshold
     leading = float(singular_values[0].double() ** 2)
     if leading < DOMINANT_SHARE * total:
         return 0, threshold
-    return 1, min(1.0, (leading + threshold * (total - leading)) / total)
+    if threshold >= 1.0:
+        return 1, threshold
+    return 1, min(math.nextafter(1.0, 0.0), (leading + threshold * (total - leading)) / total)
 
 
 def _rows_form(delta: torch.Tensor, total: float, target: float, V: torch.Tensor, costs: Costs,

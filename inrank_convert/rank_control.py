@@ -91,7 +91,11 @@ class RankController:
                                      self.policy.threshold)
             else:
                 total = float((values.double() ** 2).sum())
-                chosen = min(choose_rank(values, total, rule) if total > 0 else 0, self.policy.layer_max_rank(layer))
+                # At threshold 1 the numerical rank of B @ A, at the precision of its (float32) factors.
+                numerical = {"size": max(layer.in_features, layer.out_features),
+                             "eps": torch.finfo(layer.lora_B.dtype).eps}
+                chosen = min(choose_rank(values, total, rule, **numerical) if total > 0 else 0,
+                             self.policy.layer_max_rank(layer))
             # Never below the current rank (an artifact may start above the cap); the cap only limits growth.
             rank = max(current, chosen)
             self.ranks[name] = rank

@@ -114,13 +114,34 @@ def frobenius_energy(delta: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(rows, dim=1).double().square().sum())
 
 
-def rank_for_energy(singular_values: torch.Tensor, total_energy: float, threshold: float) -> int | None:
+def numerical_tolerance(largest: float, size: int, eps: float) -> float:
+    """``torch.linalg.matrix_rank``'s tolerance: singular values at or below ``s_max * max(rows,
+    cols) * eps`` (``size`` = max(rows, cols), ``eps`` that of the SVD's dtype) are rounding, not rank."""
+    return largest * size * eps
+
+
+def rank_for_energy(singular_values: torch.Tensor, total_energy: float, threshold: float, *,
+                    size: int | None = None, eps: float | None = None) -> int | None:
     """Smallest r with sum(s[:r]**2) >= threshold * total_energy, or None if s does not reach it.
 
     ``total_energy`` is the exact ||delta||_F^2, so a partial (leading) spectrum is enough.
+
+    At threshold >= 1 (lossless) the numerical rank instead: the count of values above
+    ``numerical_tolerance`` (``size`` and ``eps`` required), None when every value given is above
+    it. Why: a float32 SVD's values are off by ~eps * s_max each, so their energy sum misses the
+    exact total by ~1e-7 of it, and no energy slack both reaches 1.0 and leaves rounding out (a
+    rank-4 update rounded in float32 came out at rank 64 or 4 depending on the engine).
     """
     if total_energy <= 0.0:
         return 0
+    if threshold >= 1.0:
+        if size is None or eps is None:
+            raise ValueError("the lossless energy rule (threshold >= 1) needs the matrix size and the SVD's eps")
+        if singular_values.numel() == 0:
+            return None
+        tolerance = numerical_tolerance(float(singular_values[0]), size, eps)
+        kept = int(torch.count_nonzero(singular_values > tolerance))
+        return None if kept == singular_values.numel() else kept
     energy = torch.cumsum(singular_values.double() ** 2, dim=0)
     target = threshold * total_energy
     # Rounding in the SVD can leave the full cumulative sum a hair below ||delta||^2; a
@@ -187,15 +208,17 @@ def inrank_scan(singular_values: torch.Tensor, full_rank: int, current: int, buf
     return stop - 1
 
 
-def choose_rank(singular_values: torch.Tensor, total_energy: float, rule: RankRule) -> int:
-    """The rank a rule gives for a full spectrum."""
+def choose_rank(singular_values: torch.Tensor, total_energy: float, rule: RankRule, *,
+                size: int | None = None, eps: float | None = None) -> int:
+    """The rank a rule gives for a full spectrum (``size``, ``eps``: see ``rank_for_energy``,
+    needed by the energy rule at threshold >= 1)."""
     n = singular_values.numel()
     if rule.fixed_rank is not None:
         nonzero = int(torch.count_nonzero(singular_values > 0))
         return min(rule.fixed_rank, n, nonzero)
     if rule.criterion == "inrank":
         return rank_for_inrank(singular_values, rule.threshold)
-    rank = rank_for_energy(singular_values, total_energy, rule.threshold)
+    rank = rank_for_energy(singular_values, total_energy, rule.threshold, size=size, eps=eps)
     return n if rank is None else rank
 
 
@@ -396,6 +419,9 @@ def adaptive_randomized_svd(
     Each block gets up to POWER_ITERATIONS power iterations, fewer when the spectrum the basis
     already shows decays fast enough (``_gap_allows``).
 
+    At threshold >= 1 the rule is the numerical rank, and the basis is grown until the energy
+    outside it is within the rounding floor instead (see ``_adaptive``).
+
     Returns the leading U, S, Vh, or None when the basis would pass ``max_fraction`` of
     min(rows, cols) (or, from the energy the blocks so far captured, clearly will): the caller
     should then use an exact engine, which is cheaper there (and is what small matrices get).
@@ -420,6 +446,7 @@ def _adaptive(delta: torch.Tensor, total_energy: float, threshold: float, genera
     rows, cols = delta.shape
     limit = max(1, int(min(rows, cols) * max_fraction))
     target = threshold * total_energy
+    lossless = threshold >= 1.0  # the rule is the numerical rank (rank_for_energy): its own stop below
     Q = delta.new_zeros(rows, 0)
     projected = delta.new_zeros(0, cols)  # Q.T @ delta, grown block by block
     block = first_block or RANDOMIZED_FIRST_BLOCK
@@ -436,7 +463,26 @@ def _adaptive(delta: torch.Tensor, total_energy: float, threshold: float, genera
             passes += 1
             basis, stacked = torch.cat([Q, Qb], dim=1), torch.cat([projected, Pb], dim=0)
             captured = float(torch.linalg.vector_norm(stacked, dtype=torch.float64) ** 2)
-            if captured >= target * (1.0 - 1e-9):
+            if lossless:
+                # The numerical rank r (rank_for_energy at threshold 1). ``total - captured`` cannot tell
+                # when the basis holds every direction above the tolerance: float32 products measure the
+                # captured energy only to ~1e-7 of the total, above the rounding floor of a small layer.
+                # So once the basis reaches a Ritz value at or below the tolerance (it holds more than r
+                # directions), the residual outside it is measured directly (one pass; exact to about
+                # (eps ||delta||_F)^2) and must be at most (min(rows, cols) - r) * tol^2: the most energy
+                # the values the convention calls zero can hold (each <= tol, min(rows, cols) - r of
+                # them). A larger residual holds a direction above the tolerance: the engine grows on.
+                # Ritz values are within the residual's norm of the true ones, so only values within
+                # sqrt(min(rows, cols) - r) * tol of the tolerance may be counted unlike the exact SVD.
+                Vb, S, Ubh = torch.linalg.svd(stacked.T, full_matrices=False)  # [cols, k], [k], [k, k]
+                size, eps = max(rows, cols), torch.finfo(delta.dtype).eps
+                rank = rank_for_energy(S, total_energy, threshold, size=size, eps=eps) or S.numel()
+                if rank < S.numel():
+                    passes += 1
+                    floor = (min(rows, cols) - rank) * numerical_tolerance(float(S[0]), size, eps) ** 2
+                    if _residual_energy(delta, basis, stacked) <= floor:
+                        return _Adaptive((basis @ Ubh.T, S, Vb.T), rank, basis.shape[1], passes)
+            if not lossless and captured >= target * (1.0 - 1e-9):
                 # LAPACK is 2-3x slower on a wide matrix: decompose [k, cols] transposed.
                 Vb, S, Ubh = torch.linalg.svd(stacked.T, full_matrices=False)  # [cols, k], [k], [k, k]
                 rank = rank_for_energy(S, total_energy, threshold) or S.numel()
@@ -467,12 +513,21 @@ def _adaptive(delta: torch.Tensor, total_energy: float, threshold: float, genera
                 Y = delta @ _orthonormal(Pb.T)  # [rows, block]: one power iteration (delta delta^T Qb)
                 passes += 1
         Q, projected = basis, stacked
-        if captured >= target * (1.0 - 1e-9):
+        if not lossless and captured >= target * (1.0 - 1e-9):
             block = rank + oversampling(rank) - Q.shape[1]  # the oversampling still missing
             if Q.shape[1] + block > limit:
                 return _Adaptive(None, rank, 0, passes)
             continue
         block *= 2
+
+
+def _residual_energy(delta: torch.Tensor, basis: torch.Tensor, projected: torch.Tensor) -> float:
+    """||delta - basis @ projected||_F^2 (delta [rows, cols], basis [rows, k], projected [k, cols]),
+    measured directly a block of rows at a time (no [rows, cols] temporary): one pass over delta."""
+    rows, cols = delta.shape
+    step = max(1, PRODUCT_BLOCK_BYTES // (cols * delta.element_size()))
+    return sum(frobenius_energy(delta[start:start + step] - basis[start:start + step] @ projected)
+               for start in range(0, rows, step))
 
 
 def factorize(
@@ -504,6 +559,8 @@ def factorize(
     work = delta.double() if float64 else delta.float()
     total = frobenius_energy(work) if total_energy is None else total_energy
     n = min(work.shape)
+    # The numerical rank's tolerance at threshold >= 1 (rank_for_energy): the SVD's dtype is work's.
+    numerical = {"size": max(work.shape), "eps": torch.finfo(work.dtype).eps}
     notes: list[str] = []
     if total == 0.0:
         empty = work.new_zeros(0)
@@ -536,7 +593,7 @@ def factorize(
         if found is not None:
             U, S, Vh = found
             # S holds only the leading values, but choose_rank's energy total is the exact one.
-            rank = min(choose_rank(S, total, rule), S.numel())
+            rank = min(choose_rank(S, total, rule, **numerical), S.numel())
             B, A = _balanced(U, S, Vh, rank)
             kept = float((S[:rank].double() ** 2).sum()) / total
             return Factorization(B.float(), A.float(), rank, min(kept, 1.0), total, S.float(), "randomized", notes,
@@ -554,7 +611,7 @@ def factorize(
 
     U, S, Vh, svd_notes = exact_svd(work, float64=float64, solver=solver)
     notes.extend(svd_notes)
-    rank = choose_rank(S, total, rule)
+    rank = choose_rank(S, total, rule, **numerical)
     B, A = _balanced(U, S, Vh, rank)
     kept = float((S[:rank].double() ** 2).sum()) / total
     used = "exact-float64" if (float64 or svd_notes) else "exact"
@@ -566,7 +623,8 @@ def _gram_factorization(work: torch.Tensor, gram: GramSpectrum, rule: RankRule, 
     """The factorization ``rule`` asks for from an exact Gram spectrum; no factors past ``max_rank``."""
     rows, cols = work.shape
     values = gram.values  # [n] float64
-    rank = choose_rank(values, total, rule)
+    # Never a rule at threshold 1 (gram_allowed; effective_threshold keeps a rule below 1 below it).
+    rank = choose_rank(values, total, rule, size=max(rows, cols), eps=torch.finfo(work.dtype).eps)
     energy = min(1.0, float(values[:rank].square().sum()) / total)
     if max_rank is not None and rank > max_rank:
         # Dense is decided: no factors; the leading right vector (the rows form's low-rank part)

@@ -135,13 +135,14 @@ def save_hf(model, state: dict[str, torch.Tensor], folder: Path) -> Path:
     return folder
 
 
-def make_pair(tmp_path: Path, arch: str = "gpt2", seed: int = 7, unchanged: tuple[str, ...] = ()) -> ModelPair:
+def make_pair(tmp_path: Path, arch: str = "gpt2", seed: int = 7, unchanged: tuple[str, ...] = (),
+              noise: float = NOISE) -> ModelPair:
     config = gpt2_config() if arch == "gpt2" else llama_config()
     model = build_model(config, seed)
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if arch == "gpt2":  # keep the tie of the model's own state dict
         init_state["lm_head.weight"] = init_state["transformer.wte.weight"]
-    trained_state = train_state(init_state, unchanged=unchanged)
+    trained_state = train_state(init_state, unchanged=unchanged, noise=noise)
     init_dir = save_hf(model, init_state, tmp_path / f"{arch}-init")
     trained_dir = save_hf(model, trained_state, tmp_path / f"{arch}-trained")
     return ModelPair(arch, config, init_dir, trained_dir, init_state, trained_state, seed)

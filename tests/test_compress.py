@@ -15,7 +15,7 @@ from inrank_convert import PlanOptions, RankRule, compress, open_artifact, read_
 from inrank_convert.artifact import ARTIFACT_FILE, FORMAT_VERSION, INIT_FILE, artifact_bytes
 from inrank_convert.export import decompress
 from inrank_convert.spectrum import native_bfloat16
-from tests.conftest import form_rank_float64, inrank_rank_float64, make_pair, snapshot
+from tests.conftest import PLANTED_RANK, form_rank_float64, inrank_rank_float64, make_pair, snapshot
 
 
 def stored_names(artifact: Path) -> list[str]:
@@ -56,6 +56,28 @@ def test_threshold_one_reproduces_trained_weights(tmp_path, any_pair):
     assert names
     for name in names:
         assert torch.allclose(artifact.reconstruct(name), any_pair.trained_state[name], atol=1e-5, rtol=1e-5), name
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("engine", ["auto", "exact"])
+def test_threshold_one_stores_the_numerical_rank_of_rounded_low_rank_updates(tmp_path, arch, engine):
+    """Every 2-D tensor's update is exactly rank 4, made in float32 as W0 + U @ V (so W rounds): at -t 1.0
+    the rounding is no rank, every one is stored at rank 4, and each trained weight is rebuilt to
+    float32 rounding (the old energy slack stored most of them dense, at up to full rank)."""
+    pair = make_pair(tmp_path, arch, noise=0.0)
+    result = compress(pair.trained_dir, tmp_path / "out", init=pair.init_dir, options=options(1.0, engine=engine))
+    ranks = {layer.name: (layer.kind, layer.rank) for layer in result.layers if layer.name in pair.factorized_names()}
+    assert len(ranks) == len(pair.factorized_names()) >= 10
+    assert ranks == {name: ("lowrank", PLANTED_RANK) for name in ranks}
+    artifact = open_artifact(tmp_path / "out")
+    eps = torch.finfo(torch.float32).eps
+    names = [name for name in pair.trained_state if name in artifact.tensors]
+    assert set(ranks) <= set(names)
+    for name in names:
+        source = pair.trained_state[name].double()
+        error = float((artifact.reconstruct(name).double() - source).norm())
+        assert error <= 4 * eps * float(source.norm()), (name, error / (eps * float(source.norm())))
+    artifact.close()
 
 
 def test_lower_threshold_error_is_the_optimal_truncation_error(tmp_path, llama_pair):

@@ -82,6 +82,16 @@ def test_planted_update_has_a_dominant_component(planted):
                                       rel=1e-12)
 
 
+def test_effective_threshold_stays_one_at_one_and_below_one_below():
+    """Threshold 1's energy rule is the numerical rank: the dominant rule's fraction must neither
+    round up to 1 from below (switching it on) nor down from 1 (switching it off)."""
+    values = torch.tensor([3.0, 1e-20])  # the leading component holds all of the energy a float can say
+    total = float((values.double() ** 2).sum())
+    assert effective_threshold(values, total, 0.9) == (1, pytest.approx(1.0))
+    assert effective_threshold(values, total, 0.9)[1] < 1.0
+    assert effective_threshold(values, total, 1.0) == (1, 1.0)
+
+
 def test_plain_energy_rule_keeps_only_the_drift(planted):
     """The failure the new criterion exists for: at 0.9 the plain rule is met by the drift alone,
     which throws away every token's own update."""

@@ -15,6 +15,7 @@ from inrank_convert.spectrum import (
     choose_rank,
     factorize,
     frobenius_energy,
+    numerical_tolerance,
     oversampling,
     rank_for_energy,
     rank_for_inrank,
@@ -130,6 +131,87 @@ def test_threshold_one_keeps_everything():
     result = factorize(delta, RankRule("energy", 1.0), "exact")
     assert result.rank == 30
     assert torch.allclose(result.B @ result.A, delta, atol=1e-5)
+
+
+# --------------------------------------------------------------------------- threshold 1: the numerical rank
+
+EPS32 = torch.finfo(torch.float32).eps
+
+
+def rounded_low_rank(rows: int, cols: int, rank: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(W0, W, delta): an update of exactly rank ``rank`` as compress sees it, delta = (W0 + U @ V) - W0
+    in float32 with W0 of ten times the update's norm, so the sum rounds (~eps |W0| per entry)."""
+    generator = torch.Generator().manual_seed(seed)
+    update = torch.randn(rows, rank, generator=generator) @ torch.randn(rank, cols, generator=generator)
+    W0 = torch.randn(rows, cols, generator=generator)
+    W0 *= 10 * update.norm() / W0.norm()
+    W = W0 + update
+    return W0, W, W - W0
+
+
+ENGINES = ("exact", "randomized", "auto")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+@pytest.mark.parametrize("shape", [(64, 256), (256, 64), (300, 200)])
+def test_threshold_one_keeps_the_numerical_rank_of_a_rounded_update(engine, shape):
+    """The float32 rounding of W0 + U @ V is no rank: every engine keeps rank r (matrix_rank's) and
+    the factors still rebuild W to float32 rounding. The old 1e-9 energy slack kept up to all of
+    min(rows, cols) here, differently per engine (float32 singular values miss the exact energy
+    total by ~1e-7 of it)."""
+    checked = 0
+    for rank in (1, 4, 8):
+        for seed in range(3):
+            W0, W, delta = rounded_low_rank(*shape, rank, seed)
+            assert int(torch.linalg.matrix_rank(delta)) == rank  # the convention's count, as torch makes it
+            found = factorize(delta, RankRule("energy", 1.0), engine, generator=torch.Generator().manual_seed(seed))
+            assert found.rank == rank, (rank, seed, found.rank, found.engine)
+            # The randomized engine stops on its own (the rounding floor), not by handing over to the exact SVD.
+            assert engine == "auto" or found.engine == engine
+            rebuilt = W0.double() + found.B.double() @ found.A.double()
+            assert float((rebuilt - W.double()).norm()) <= 4 * EPS32 * float(W.double().norm()), (rank, seed)
+            checked += 1
+    assert checked == 9
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_threshold_one_counts_a_component_by_the_tolerance(engine):
+    """A component planted at 10x the matrix_rank tolerance is rank, one at 0.1x is rounding, in every engine."""
+    W0, _, delta = rounded_low_rank(96, 160, 4, seed=5)
+    generator = torch.Generator().manual_seed(6)
+    tolerance = numerical_tolerance(float(torch.linalg.svdvals(delta.double())[0]), 160, EPS32)
+    left, right = torch.randn(96, 1, generator=generator), torch.randn(1, 160, generator=generator)
+    direction = (left / left.norm()) @ (right / right.norm())  # [96, 160], unit spectral norm
+    for scale, expected in ((10.0, 5), (0.1, 4)):
+        planted = delta + scale * tolerance * direction
+        found = factorize(planted, RankRule("energy", 1.0), engine, generator=torch.Generator().manual_seed(0))
+        assert found.rank == expected == int(torch.linalg.matrix_rank(planted)), (scale, found.rank)
+
+
+def test_threshold_one_tolerance_follows_the_svds_dtype():
+    """With --float64 the tolerance is float64's: float32 rounding of W0 + U @ V is then above it (full rank)."""
+    _, _, delta = rounded_low_rank(64, 96, 4, seed=1)
+    assert factorize(delta, RankRule("energy", 1.0), "exact").rank == 4
+    found = factorize(delta, RankRule("energy", 1.0), "exact", float64=True)
+    assert found.rank == int(torch.linalg.matrix_rank(delta.double())) == 64
+
+
+def test_rank_for_energy_at_threshold_one_is_the_numerical_rank():
+    values = torch.tensor([4.0, 2.0, 1e-3, 4e-5, 1e-9])
+    total = float((values.double() ** 2).sum())
+    tolerance = 4.0 * 100 * EPS32  # 4.8e-5: the last two values are rounding
+    assert numerical_tolerance(4.0, 100, EPS32) == pytest.approx(tolerance)
+    assert rank_for_energy(values, total, 1.0, size=100, eps=EPS32) == 3
+    assert choose_rank(values, total, RankRule("energy", 1.0), size=100, eps=EPS32) == 3
+    # Every value above the tolerance: a leading spectrum does not reach it, a full one is full rank.
+    assert rank_for_energy(values[:3], total, 1.0, size=100, eps=EPS32) is None
+    assert choose_rank(values[:3], total, RankRule("energy", 1.0), size=100, eps=EPS32) == 3
+    # Below 1 the energy rule is unchanged: 4^2 + 2^2 = 20 of 20.000001 is 0.99999995 of the energy.
+    assert rank_for_energy(values, total, 0.99999999) == 3
+    assert rank_for_energy(values, total, 0.9999999) == 2
+    assert rank_for_energy(values, total, 0.99) == 2
+    with pytest.raises(ValueError, match="size"):
+        rank_for_energy(values, total, 1.0)
 
 
 def test_choose_rank_fixed_ignores_zero_singular_values():
