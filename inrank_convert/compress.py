@@ -7,7 +7,7 @@ update is updates.py's; a size target's allocation is targets.py's.
 
 from __future__ import annotations
 
-import threading
+import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -308,40 +308,10 @@ def check_target_options(options: PlanOptions, embed_init: bool, calibration: Ca
                          f"{flag('--max-perplexity-increase')} P")
 
 
-class _HashingCore:
-    """While compress hashes its inputs in a thread, torch's own threads leave that thread a core.
-
-    With torch's default threads (one per core) the hash thread and MKL's threads fight for the
-    cores: on 2 cores GPT-2 small's pair compressed in 1.77-2.18 s with both torch threads beside
-    the hash thread, in 1.25-1.40 s with one until the hashes were done (0.96-1.10 s with nothing
-    to hash). torch's thread count is process-global and jobs can overlap (``sweep`` holds several),
-    so the first job lowers it by one and the last one restores exactly the count it found, unless
-    something else changed it meanwhile. Called from the thread that runs the jobs' torch work."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._jobs = 0
-        self._found: int | None = None  # the count before the first job lowered it (None: left alone)
-
-    def lend(self) -> None:
-        with self._lock:
-            if self._jobs == 0:
-                found = torch.get_num_threads()
-                self._found = found if found > 1 else None
-                if self._found is not None:
-                    torch.set_num_threads(found - 1)
-            self._jobs += 1
-
-    def take_back(self) -> None:
-        with self._lock:
-            self._jobs -= 1
-            if self._jobs == 0 and self._found is not None:
-                if torch.get_num_threads() == self._found - 1:
-                    torch.set_num_threads(self._found)
-                self._found = None
-
-
-HASHING_CORE = _HashingCore()
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the platform tells)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
 
 
 class CompressionJob:
@@ -361,21 +331,18 @@ class CompressionJob:
         self._on_stage = on_stage
         self._spectra: Spectra | None = None
         self.calibration_seconds = 0.0
-        # Hash the inputs while the model calibrates and the SVDs run: hashing a large checkpoint
-        # costs a full read (unless the hash cache remembers it).
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="inrank-hash")
-        self._core_lent = False
+        # The source's and the reference's hashes, each job on its own thread (a checkpoint's
+        # shards on more): a full read of each file the hash cache does not remember.
+        self._hasher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inrank-hash")
         try:
             self.plan = plan_compression(self.inputs, self.options)
             if on_plan is not None:
                 on_plan(self.plan)
-            reading = self.options.device.startswith("cpu") and \
-                any(remembered(file) is None for file in self.inputs.hashed_files())
             self._source_hashes = self._hasher.submit(self.inputs.trained.file_hashes)
             self._reference_record = self._hasher.submit(self.inputs.reference.record)
-            if reading:
-                HASHING_CORE.lend()
-                self._core_lent = True
+            if self._hash_first():
+                self._source_hashes.result()
+                self._reference_record.result()
             self.stats: CalibrationStats | None = stats  # given: another job's calibration of the same source
             if calibration is not None and stats is None:
                 self._stage("calibrating")
@@ -396,14 +363,21 @@ class CompressionJob:
 
     def close(self) -> None:
         self._hasher.shutdown(wait=True, cancel_futures=True)
-        self._take_core_back(closing=True)
         self.inputs.close()
 
-    def _take_core_back(self, closing: bool = False) -> None:
-        """torch's threads back to what they were, once the hashes are done (or the job closes)."""
-        if self._core_lent and (closing or (self._source_hashes.done() and self._reference_record.done())):
-            HASHING_CORE.take_back()
-            self._core_lent = False
+    def _hash_first(self) -> bool:
+        """Whether to wait for the hashes before any torch work, rather than run them beside it.
+
+        Beside it they are free where torch leaves a core idle (one thread per process: torchrun,
+        OMP_NUM_THREADS=1). Where torch uses every core, a hash thread beside its threads stalls
+        them (GPT-2 small's pair on 2 cores: 1.8-2.2 s against 0.93 s with nothing to hash), and
+        giving torch one thread fewer while hashing made a tensor's bits depend on when the hashes
+        finished (torch's kernels round differently with another thread count): so the files are
+        hashed first, in parallel, and the compress itself runs at torch's thread count throughout
+        (same bits on every run)."""
+        if not self.options.device.startswith("cpu") or torch.get_num_threads() < usable_cores():
+            return False
+        return any(remembered(file) is None for file in self.inputs.hashed_files())
 
     def _stage(self, label: str) -> None:
         if self._on_stage is not None:
@@ -413,7 +387,6 @@ class CompressionJob:
         if self._spectra is None:
             self._stage("measuring spectra")
             self._spectra = measure_spectra(self.plan, self.inputs, self.options, self.stats)
-            self._take_core_back()
         return self._spectra
 
     def calibration_record(self) -> dict | None:
@@ -440,7 +413,6 @@ class CompressionJob:
         rule_record = RuleRecord(rule.criterion, rule.threshold, rule.fixed_rank) if target is None \
             else RuleRecord("budget", budget_ratio(target, plan), None, target)
         hashes, reference = self._source_hashes.result(), self._reference_record.result()
-        self._take_core_back()
         return dict(
             source=SourceRecord(str(Path(trained.path).resolve()), trained.kind,
                                 str(inputs.run_folder.resolve()) if inputs.run_folder else None, hashes),
@@ -475,7 +447,6 @@ class CompressionJob:
                             background=True) as writer:
             layers: list[LayerResult] = []
             for layer in self.execute(writer, budget):
-                self._take_core_back()
                 layers.append(layer)
                 if on_layer is not None:
                     on_layer(layer)

@@ -44,6 +44,10 @@ PRODUCT_BLOCK_BYTES = 16 << 20
 # only when the rule drops at least this share of the energy: its rounding (about 2^-8 of each
 # factor entry against bfloat16 storage's 2^-9) then adds under 0.03% to the stored error.
 REDUCED_PRODUCT_MIN_TAIL = 0.01
+# ... and only for a product of at least this many multiply-adds (long side x n x r; 4 ms in float32
+# on one core here): a smaller one gains nothing worth its rounding (nor the 9 header bytes of the
+# longer engine name: a 4 x 128 GPT-2 has 26 such tensors, 156 bytes).
+REDUCED_PRODUCT_MIN_WORK = 1 << 28
 # Rows of delta the reduced-precision product is checked against in float32, to measure (not
 # assume) the error it adds: every k-th row, about this many.
 PRODUCT_CHECK_ROWS = 2048
@@ -634,7 +638,8 @@ def _gram_factorization(work: torch.Tensor, gram: GramSpectrum, rule: RankRule, 
                              "gram", [*notes, f"the rule needs rank {rank}, past the break-even rank {max_rank}: "
                                       "no factors computed"], lead, gram)
     gram = gram.with_vectors(work)
-    reduced = products is not None and products != work.dtype and 1.0 - energy >= REDUCED_PRODUCT_MIN_TAIL
+    reduced = (products is not None and products != work.dtype and 1.0 - energy >= REDUCED_PRODUCT_MIN_TAIL
+               and rows * cols * rank >= REDUCED_PRODUCT_MIN_WORK)
     made = gram.factors(work, rank, products if reduced else None)
     engine = f"gram-{str(products).removeprefix('torch.')}" if reduced else "gram"
     # A factor the bfloat16 product computed stays bfloat16: exactly what its storage keeps, and half

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from inrank_convert import hash_cache
-from inrank_convert.compress import HASHING_CORE, compress
+from inrank_convert import hash_cache, read_manifest
+from inrank_convert.compress import CompressionJob, compress, usable_cores
 from inrank_convert.errors import InitReferenceError
 from inrank_convert.plan import PlanOptions
 from inrank_convert.sources import open_artifact, open_checkpoint
@@ -256,40 +256,33 @@ def test_shards_are_hashed_in_parallel_in_the_index_order(tmp_path, cache):
         assert [(h.file, h.bytes, h.sha256) for h in hashes] == expected and (read, remembered) == (3, 0)
 
 
-def test_the_hashing_core_is_given_back_exactly(monkeypatch):
-    """torch's thread count is process-global: jobs that overlap lower it once, and the last one
-    restores exactly the count found, unless something else changed it meanwhile."""
+@pytest.mark.parametrize("cached", [False, True])
+def test_compress_hashes_first_where_torch_uses_every_core(tmp_path, monkeypatch, cache, gpt2_pair, cached):
+    """With torch on every core, the inputs are hashed before any tensor is computed (a hash thread
+    beside torch's stalls them), and torch's thread count is never changed: the artifact's tensors
+    are the same bits whether the hashes were read or remembered."""
     found = torch.get_num_threads()
+    monkeypatch.setenv("INRANK_CONVERT_HASH_CACHE", "1" if cached else "0")
+    if cached:  # remember both inputs first
+        settle()
+        compress(gpt2_pair.trained_dir, tmp_path / "warm", init=gpt2_pair.init_dir)
     try:
-        torch.set_num_threads(3)
-        HASHING_CORE.lend()
-        assert torch.get_num_threads() == 2
-        HASHING_CORE.lend()  # a second job (sweep): not lowered twice
-        assert torch.get_num_threads() == 2
-        HASHING_CORE.take_back()
-        assert torch.get_num_threads() == 2
-        HASHING_CORE.take_back()
-        assert torch.get_num_threads() == 3
-        HASHING_CORE.lend()
-        torch.set_num_threads(5)  # the user's own choice meanwhile is kept
-        HASHING_CORE.take_back()
-        assert torch.get_num_threads() == 5
-        torch.set_num_threads(1)
-        HASHING_CORE.lend()  # one thread: nothing to lend
-        assert torch.get_num_threads() == 1
-        HASHING_CORE.take_back()
-        assert torch.get_num_threads() == 1
+        torch.set_num_threads(usable_cores())
+        seen: list[tuple[int, bool]] = []
+        with CompressionJob(gpt2_pair.trained_dir, init=gpt2_pair.init_dir,
+                            options=PlanOptions(rule=RankRule("energy", 0.9))) as job:
+            result = job.write(tmp_path / "out", on_layer=lambda layer: seen.append(
+                (torch.get_num_threads(), job._source_hashes.done() and job._reference_record.done())))
+        assert seen and all(entry == (usable_cores(), True) for entry in seen), seen
+        assert torch.get_num_threads() == usable_cores() and result.layers
     finally:
         torch.set_num_threads(found)
-
-
-def test_compress_restores_the_thread_count(tmp_path, monkeypatch, cache, gpt2_pair):
-    monkeypatch.setenv("INRANK_CONVERT_HASH_CACHE", "0")  # every file is read: the core is lent
-    found = torch.get_num_threads()
+    other = tmp_path / "again"
+    monkeypatch.setenv("INRANK_CONVERT_HASH_CACHE", "0" if cached else "1")
+    settle()
+    torch.set_num_threads(usable_cores())
     try:
-        torch.set_num_threads(3)
-        compress(gpt2_pair.trained_dir, tmp_path / "out", init=gpt2_pair.init_dir,
-                 options=PlanOptions(rule=RankRule("energy", 0.9)))
-        assert torch.get_num_threads() == 3
+        compress(gpt2_pair.trained_dir, other, init=gpt2_pair.init_dir, options=PlanOptions(rule=RankRule("energy", 0.9)))
     finally:
         torch.set_num_threads(found)
+    assert read_manifest(other).checksums == read_manifest(tmp_path / "out").checksums

@@ -7,9 +7,11 @@ import math
 import pytest
 import torch
 
+from inrank_convert import spectrum
 from inrank_convert.spectrum import (
     POWER_ITERATIONS,
     REDUCED_PRODUCT_MIN_TAIL,
+    REDUCED_PRODUCT_MIN_WORK,
     RankRule,
     adaptive_randomized_svd,
     choose_rank,
@@ -384,10 +386,11 @@ def test_the_gram_engine_makes_no_factors_past_max_rank():
 
 
 @pytest.mark.parametrize("shape", [(3000, 160), (160, 3000)])
-def test_the_gram_engines_bfloat16_product_measures_the_error_it_adds(shape):
+def test_the_gram_engines_bfloat16_product_measures_the_error_it_adds(shape, monkeypatch):
     """A bfloat16 factor product (``products``): the rank, energy and spectrum of the float32 one
     (the Gram stays float32), the computed factor within bfloat16 rounding of the float32 one, and
     its recorded per-component error equal to the true one (sampled rows, scaled), tall and wide."""
+    monkeypatch.setattr(spectrum, "REDUCED_PRODUCT_MIN_WORK", 0)  # a product this small would stay float32
     delta = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
     rule = RankRule("energy", 0.9)
     plain = factorize(delta, rule, "auto", generator=torch.Generator().manual_seed(0))
@@ -406,10 +409,16 @@ def test_the_gram_engines_bfloat16_product_measures_the_error_it_adds(shape):
     assert torch.equal(reduced.B if not tall else reduced.A, plain.B if not tall else plain.A)  # the other side exact
 
 
-def test_the_bfloat16_product_is_kept_for_rules_that_drop_enough():
+def test_the_bfloat16_product_is_kept_for_rules_that_drop_enough_on_large_products(monkeypatch):
     """Where the rule keeps more than 1 - REDUCED_PRODUCT_MIN_TAIL of the energy the product's rounding
-    would matter next to the truncation's: float32, whatever ``products`` says."""
+    would matter next to the truncation's, and below REDUCED_PRODUCT_MIN_WORK multiply-adds it saves
+    nothing: float32 in both cases, whatever ``products`` says."""
     delta = torch.randn(3000, 160, generator=torch.Generator().manual_seed(4))
+    small = factorize(delta, RankRule("energy", 0.9), "auto", generator=torch.Generator().manual_seed(0),
+                      products=torch.bfloat16)
+    assert 3000 * 160 * small.rank < REDUCED_PRODUCT_MIN_WORK
+    assert small.engine == "gram" and small.product_error is None and small.B.dtype == torch.float32
+    monkeypatch.setattr(spectrum, "REDUCED_PRODUCT_MIN_WORK", 0)
     tight = factorize(delta, RankRule("energy", 0.995), "auto", generator=torch.Generator().manual_seed(0),
                       products=torch.bfloat16)
     assert 1.0 - tight.energy < REDUCED_PRODUCT_MIN_TAIL
