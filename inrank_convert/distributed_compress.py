@@ -218,23 +218,26 @@ def _plan_digest(plan: Plan) -> str:
     return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
-def _agree(outcome: tuple, world: World, group: dist.ProcessGroup) -> bool:
-    """Every process's setup outcome, ("ok", plan digest) or ("error", error), in every process.
-    Rank 0 raises the first error (by rank), or the processes' disagreement; the others return
-    whether the job stops there."""
+def _agree(outcome: tuple, world: World, group: dist.ProcessGroup) -> tuple[bool, float]:
+    """Every process's setup outcome, ("ok", plan digest[, rank 0's hashing head start]) or
+    ("error", error), in every process. Rank 0 raises the first error (by rank), or the processes'
+    disagreement; the others return whether the job stops there. All return rank 0's head start
+    (``hashing_cost``): the share-out must be the same in every process, and what the hash cache
+    remembers changes while rank 0 hashes, so only rank 0's view of it counts."""
     outcomes = [None] * world.size
     dist.all_gather_object(outcomes, outcome, group=group)
-    errors = [value for kind, value in outcomes if kind == "error"]
-    digests = {value for kind, value in outcomes if kind == "ok"}
+    errors = [found[1] for found in outcomes if found[0] == "error"]
+    digests = {found[1] for found in outcomes if found[0] == "ok"}
+    head_start = float(outcomes[0][2]) if outcomes[0][0] == "ok" and len(outcomes[0]) > 2 else 0.0
     if not world.is_main:
-        return bool(errors) or len(digests) > 1
+        return bool(errors) or len(digests) > 1, head_start
     if errors:
         raise errors[0]
     if len(digests) > 1:
         differing = [rank for rank, (_, value) in enumerate(outcomes) if value != outcomes[0][1]]
         raise DistributedError("the processes of this torchrun job see different inputs (their plans differ)",
                                f"rank {differing[0]}", "give every process the same checkpoint files")
-    return False
+    return False, head_start
 
 
 def _check_setup(source, output, reference: dict, options: PlanOptions, force: bool, world: World) -> torch.device:
@@ -267,10 +270,11 @@ class _SharedJob(CompressionJob):
     group: dist.ProcessGroup
     device: torch.device
     sigterm: _Sigterm
+    head_start: float  # its hashing's cost, as every process shares the tensors out by it
 
     def execute(self, writer: ArtifactWriter, budget: dict[str, Assigned] | None) -> Iterator[LayerResult]:
         work = planned_entries(self.plan)
-        owners = share_out(work, self.world.size, hashing_cost(self.inputs, self.options.device))
+        owners = share_out(work, self.world.size, self.head_start)
         own = _OwnShare(self.inputs, self.options, self.device, [(i, e) for i, e in work if owners[i] == 0],
                         HintChains(work))
         own.start()
@@ -298,7 +302,8 @@ def _run_main(world: World, group, source, output, reference: dict, options: Pla
             device = _check_setup(source, output, reference, options, force, world)
             job = _SharedJob(source, options=options, **reference)
             job.world, job.group, job.device, job.sigterm = world, group, device, sigterm
-            outcome = ("ok", _plan_digest(job.plan))
+            job.head_start = hashing_cost(job.inputs, options.device)
+            outcome = ("ok", _plan_digest(job.plan), job.head_start)
         except _USER_ERRORS as err:
             outcome = ("error", err)
         _agree(outcome, world, group)
@@ -418,11 +423,12 @@ def _run_worker(world: World, group, source, output, reference: dict, options: P
             outcome = ("ok", _plan_digest(plan))
         except _USER_ERRORS as err:
             error, outcome = err, ("error", err)
-        if _agree(outcome, world, group):
+        stop, head_start = _agree(outcome, world, group)
+        if stop:
             _wait_for_main([], group)
             raise ReportedElsewhere(_exit_code(error) if error is not None else 1)
         work = planned_entries(plan)
-        owners = share_out(work, world.size, hashing_cost(inputs, options.device))
+        owners = share_out(work, world.size, head_start)
         mine = [(index, entry) for index, entry in work if owners[index] == world.rank]
         chains = HintChains(work)
         sending = []
