@@ -7,7 +7,6 @@ update is updates.py's; a size target's allocation is targets.py's.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +36,7 @@ from .forms import (
     stored_error,
     svd_stored_error,
 )
-from .hash_cache import remembered
+from .hash_cache import usable_cores
 from .outputs import check_output_free, check_output_outside
 from .plan import Plan, PlanOptions, TensorPlan, costs_for, make_plan, storage_for
 from .sources import Inputs, open_inputs
@@ -53,7 +52,7 @@ from .targets import (
     target_bytes,
 )
 from .tensors import dtype_name
-from .updates import check_finite_fast, load_update, planned_entries, planned_work, raise_non_finite
+from .updates import check_finite_fast, load_update, planned_entries, prefetching, raise_non_finite
 
 
 @dataclass
@@ -185,8 +184,9 @@ def iter_compress(plan: Plan, inputs: Inputs, options: PlanOptions, writer: Arti
     the size each factorized tensor was allocated (a global target), instead of the rank rule;
     ``stats``: the calibration whose Grams whiten the tensors the budget marked ``whitened``."""
     device = torch.device(options.device)
-    chains = HintChains(planned_entries(plan))
-    for index, entry in planned_work(plan, inputs):
+    work = planned_entries(plan)
+    chains = HintChains(work)
+    for index, entry in prefetching(inputs, work):
         assigned = None if budget is None else budget.get(entry.name)
         yield _execute(entry, inputs, options, device, index, writer, assigned, stats, chains.hints(index))
 
@@ -263,9 +263,11 @@ def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: to
     else:
         # The stored error from the factors as they will be stored (no float32 copy of them) where
         # norms suffice, else measured on what a reader decodes.
-        B_q, A_q, scale = encode_factors(form.B, form.A, storage)
-        error = svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error, form.product_error_side, scale) \
-            if form.svd_factors and form.rows is None else None
+        error = None
+        if form.svd_factors and form.rows is None:
+            B_q, A_q, scale = encode_factors(form.B, form.A, storage)
+            error = svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error, form.product_error_side,
+                                     scale)
         if error is None:
             B, A, rows = round_trip(form.B, form.A, form.rows, storage)
             error = stored_error(delta, total, B.to(delta.device), A.to(delta.device),
@@ -306,12 +308,6 @@ def check_target_options(options: PlanOptions, embed_init: bool, calibration: Ca
                          "something else on a whitened spectrum", flag("--calibrate"),
                          f"add {flag('--target-ratio')} F, {flag('--target-size')} BYTES or "
                          f"{flag('--max-perplexity-increase')} P")
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity, where the platform tells)."""
-    affinity = getattr(os, "sched_getaffinity", None)
-    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
 
 
 class CompressionJob:
@@ -375,9 +371,8 @@ class CompressionJob:
         finished (torch's kernels round differently with another thread count): so the files are
         hashed first, in parallel, and the compress itself runs at torch's thread count throughout
         (same bits on every run)."""
-        if not self.options.device.startswith("cpu") or torch.get_num_threads() < usable_cores():
-            return False
-        return any(remembered(file) is None for file in self.inputs.hashed_files())
+        # Files the hash cache remembers make the wait a few stats.
+        return self.options.device.startswith("cpu") and torch.get_num_threads() >= usable_cores()
 
     def _stage(self, label: str) -> None:
         if self._on_stage is not None:

@@ -40,14 +40,14 @@ def env_world() -> World:
     return World(int(os.environ.get("RANK", "0")), size, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init_world(device: str, backend: str | None = None) -> World:
+def init_world(device: str) -> World:
     """Join the torchrun process group when launched by torchrun: NCCL when ``device`` is CUDA,
-    else gloo, unless ``backend`` says which."""
+    else gloo."""
     world = env_world()
     if not world.enabled:
         return world
     if not dist.is_initialized():
-        backend = backend or ("nccl" if device.startswith("cuda") else "gloo")
+        backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(world.local_rank)
         dist.init_process_group(backend)

@@ -199,7 +199,7 @@ def hand_error_to_main(error: BaseException) -> NoReturn:
 
 def _join() -> tuple[World, dist.ProcessGroup]:
     # gloo for everything, CUDA processes included (see the module's description).
-    world = init_world("cpu", backend="gloo")
+    world = init_world("cpu")
     return world, dist.new_group(backend="gloo", timeout=RESULTS_TIMEOUT)
 
 

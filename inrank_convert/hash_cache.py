@@ -64,11 +64,17 @@ def cache_dir() -> Path:
     return Path(base) / "inrank-convert" / "hashes"
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the platform tells)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity is not None else (os.cpu_count() or 1)
+
+
 def sha256_files(paths: Sequence[Path], fresh: bool = False) -> list[str]:
     """The sha256 of each file, in the order given. Several files are hashed in parallel
     (hashlib releases the GIL while it hashes a chunk), at most one thread per core."""
     paths = list(paths)
-    workers = min(len(paths), os.cpu_count() or 1)
+    workers = min(len(paths), usable_cores())
     if workers <= 1:
         return [sha256_file(path, fresh) for path in paths]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="inrank-sha256") as pool:
@@ -78,14 +84,10 @@ def sha256_files(paths: Sequence[Path], fresh: bool = False) -> list[str]:
 def sha256_file(path: Path, fresh: bool = False) -> str:
     """The file's sha256: from its cache entry when its stat is unchanged (unless ``fresh``), else
     read, and remembered when the file held still while read and is not racily new."""
-    if not enabled():
+    located = _locate(path)
+    if located is None:  # off, no stat (the read raises what the caller expects) or no home folder
         return _read(path)
-    try:
-        resolved = Path(path).resolve()
-        before = os.stat(resolved)
-        entry = _entry_file(resolved)
-    except (OSError, RuntimeError):  # no stat (the read raises what the caller expects) or no home folder
-        return _read(path)
+    resolved, before, entry = located
     if not fresh:
         digest = _lookup(entry, resolved, before)
         if digest is not None:
@@ -105,15 +107,20 @@ def sha256_file(path: Path, fresh: bool = False) -> str:
 
 def remembered(path: Path) -> str | None:
     """The file's sha256 if its cache entry holds for its current stat (None: it would be read)."""
+    located = _locate(path)
+    return None if located is None else _lookup(located[2], located[0], located[1])
+
+
+def _locate(path: Path) -> tuple[Path, os.stat_result, Path] | None:
+    """(the resolved path, its stat, its cache entry's file); None when the cache is off or the
+    file has no stat, or there is no home folder for the cache."""
     if not enabled():
         return None
     try:
         resolved = Path(path).resolve()
-        stat = os.stat(resolved)
-        entry = _entry_file(resolved)
+        return resolved, os.stat(resolved), _entry_file(resolved)
     except (OSError, RuntimeError):
         return None
-    return _lookup(entry, resolved, stat)
 
 
 def _entry_file(resolved: Path) -> Path:

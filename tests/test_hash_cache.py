@@ -16,8 +16,9 @@ import torch
 from safetensors.torch import save_file
 
 from inrank_convert import hash_cache, read_manifest
-from inrank_convert.compress import CompressionJob, compress, usable_cores
+from inrank_convert.compress import CompressionJob, compress
 from inrank_convert.errors import InitReferenceError
+from inrank_convert.hash_cache import usable_cores
 from inrank_convert.plan import PlanOptions
 from inrank_convert.sources import open_artifact, open_checkpoint
 from inrank_convert.spectrum import RankRule
