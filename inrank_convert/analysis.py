@@ -14,7 +14,7 @@ from .errors import UsageError, flag
 from .forms import effective_threshold
 from .plan import Plan, PlanOptions
 from .sources import open_inputs
-from .spectrum import RankRule, choose_rank, singular_values
+from .spectrum import RankRule, choose_rank, numerical_args, singular_values
 from .updates import load_update, planned_work
 
 SPECTRUM_VALUES_KEPT = 64
@@ -77,8 +77,7 @@ def spectrum_report(source: str | Path, thresholds: list[float], criterion: str 
             values = singular_values(delta, options.float64).float().cpu()
             # The rank compress keeps for a low-rank form (forms.py: a dominant component raises the rule).
             # At t = 1 the numerical rank, with the eps of the SVD compress runs (float64 with --float64).
-            numerical = {"size": max(delta.shape), "eps": torch.finfo(torch.float64 if options.float64
-                                                                     else torch.float32).eps}
+            numerical = numerical_args(delta.shape, torch.float64 if options.float64 else torch.float32)
             ranks = {t: choose_rank(values, total, RankRule(criterion, t if criterion != "energy"
                                                            else effective_threshold(values, total, t)[1]),
                                     **numerical)

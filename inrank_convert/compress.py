@@ -266,8 +266,7 @@ def _execute(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: to
         error = None
         if form.svd_factors and form.rows is None:
             B_q, A_q, scale = encode_factors(form.B, form.A, storage)
-            error = svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error, form.product_error_side,
-                                     scale)
+            error = svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error, scale)
         if error is None:
             B, A, rows = round_trip(form.B, form.A, form.rows, storage)
             error = stored_error(delta, total, B.to(delta.device), A.to(delta.device),

@@ -41,7 +41,14 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .spectrum import BasisHints, RankRule, factorize, frobenius_energy, leading_right_vectors
+from .spectrum import (
+    PRODUCT_BLOCK_BYTES,
+    BasisHints,
+    RankRule,
+    factorize,
+    frobenius_energy,
+    leading_right_vectors,
+)
 
 DOMINANT_SHARE = 0.5
 # Rows are for updates concentrated in rows: a form that needs more than this fraction of the
@@ -73,9 +80,8 @@ class Form:
     # B.T @ (delta - B @ A) = 0, which lets ``svd_stored_error`` price the stored error from norms.
     svd_factors: bool = False
     # The error a reduced-precision factor product added (``Factorization.product_error``): [r]
-    # float64 squared errors of B's columns ("B") or A's rows ("A").
+    # float64 squared errors of B's columns (tall) or A's rows (wide).
     product_error: torch.Tensor | None = None
-    product_error_side: str = "B"
 
     @property
     def stored_rows(self) -> int:
@@ -152,8 +158,7 @@ def choose_form(delta: torch.Tensor, total: float, rule: RankRule, costs: Costs,
     if forced_rows is None and low.rank > 0 and low.factored:
         candidates.append((costs.lowrank(low.rank, rows, cols),
                            Form("lowrank", low.B, low.A, rank=low.rank, energy=low.energy, engine=low.engine,
-                                svd_factors=True, product_error=low.product_error,
-                                product_error_side=low.product_error_side)))
+                                svd_factors=True, product_error=low.product_error)))
     vectors = leading_right_vectors(delta, low, dominant) if dominant else delta.new_zeros(0, cols)
     with_rows = _rows_form(delta, total, target, vectors, costs, forced_rows)
     if with_rows is not None:
@@ -358,17 +363,15 @@ def stored_error(delta: torch.Tensor, total: float, B: torch.Tensor, A: torch.Te
     return min(1.0, error / total) ** 0.5
 
 
-# Row blocks of the norms below: their temporaries stay under glibc's 32 MiB mmap threshold and
-# are reused, where whole [rows, r] temporaries (222 MB on a 32000 x 2048 rank-1733 embedding)
-# were each page-faulted in afresh.
-NORM_BLOCK_BYTES = 16 << 20
+# The norms below run a row block of PRODUCT_BLOCK_BYTES at a time (spectrum.py's reason: whole
+# [rows, r] temporaries, 222 MB on a 32000 x 2048 rank-1733 embedding, were each page-faulted in afresh).
 
 
 def _column_energies(X: torch.Tensor, scale: torch.Tensor | None = None, minus: torch.Tensor | None = None
                      ) -> torch.Tensor:
     """sum_i (X[i] * scale - minus[i])^2 of each column of X [rows, r] (float32 arithmetic, float64
     sums), a block of rows at a time: [r] float64."""
-    step = max(1, NORM_BLOCK_BYTES // max(1, X.shape[1] * 4))
+    step = max(1, PRODUCT_BLOCK_BYTES // max(1, X.shape[1] * 4))
     sums = torch.zeros(X.shape[1], dtype=torch.float64, device=X.device)
     for start in range(0, X.shape[0], step):
         block = X[start:start + step].float()
@@ -382,8 +385,7 @@ def _column_energies(X: torch.Tensor, scale: torch.Tensor | None = None, minus: 
 
 
 def svd_stored_error(total: float, B: torch.Tensor, A: torch.Tensor, B_stored: torch.Tensor, A_stored: torch.Tensor,
-                     product_error: torch.Tensor | None = None, product_error_side: str = "B",
-                     stored_scale: torch.Tensor | None = None) -> float | None:
+                     product_error: torch.Tensor | None = None, stored_scale: torch.Tensor | None = None) -> float | None:
     """``stored_error`` of a low-rank form whose B [rows, r], A [r, cols] are a truncated SVD of
     delta (``Form.svd_factors``), from norms alone, with no [rows, cols] product: None when the
     truncation error is too small for that (then measure with ``stored_error``).
@@ -400,22 +402,21 @@ def svd_stored_error(total: float, B: torch.Tensor, A: torch.Tensor, B_stored: t
     ``B_stored``, ``A_stored`` are what is stored, decoded or not: float, bfloat16 or int8 with
     ``stored_scale`` ([r], on B: ``storage.encode_factors``'s), so that no float32 copy of a large
     factor is made. ``product_error`` (``Form.product_error``): what a reduced-precision product
-    already added to B's columns or A's rows, independent of the storage rounding, so its squares
-    add to that side's."""
+    already added to the factor it computed (B's columns for a tall update, A's rows for a wide
+    one), independent of the storage rounding, so its squares add to that side's."""
     if total <= 0.0:
         return 0.0
     # A factor may be bfloat16 (the one a reduced-precision product computed): every norm below is
     # taken in float32 a block at a time, A's through its transpose.
+    product_on_b = B.shape[0] >= A.shape[1]  # the Gram engine multiplies the long side: B when tall
     factor_a = _column_energies(A.T)  # [r]
-    if product_error is not None and product_error_side == "B":
-        # The computed side's norms are off by its product's error, and not only second order (the
-        # bfloat16 product's rounding shrank them: ||B||^2 8e-6 of the total low on the 32000 x 2048
-        # case). The exact factors are balanced (||B_j|| = ||A_j|| = sqrt(s_j)): take the other side's.
-        factor_b = factor_a
-    else:
-        factor_b = _column_energies(B)  # [r]
-        if product_error is not None:
-            factor_a = factor_b
+    # The computed side's norms are off by its product's error, and not only second order (the
+    # bfloat16 product's rounding shrank them: ||B||^2 8e-6 of the total low on the 32000 x 2048
+    # case). The exact factors are balanced (||B_j|| = ||A_j|| = sqrt(s_j)): take the other side's.
+    b_energies = None if product_error is not None and product_on_b else _column_energies(B)  # [r]
+    factor_b = factor_a if b_energies is None else b_energies
+    if product_error is not None and not product_on_b:
+        factor_a = factor_b
     truncation = total - float((factor_b * factor_a).sum())
     # The float32 factors hold the identity ||R||^2 = ||delta||^2 - ||B @ A||^2 to ~1e-6 of the total:
     # below SVD_ERROR_FLOOR of it that would be more than 1e-4 of the error^2, so it is measured instead.
@@ -426,12 +427,12 @@ def svd_stored_error(total: float, B: torch.Tensor, A: torch.Tensor, B_stored: t
     shift = (_column_energies(A_stored.T).sqrt() / factor_a.sqrt().clamp_min(1e-30)).clamp_min(1e-30).float()  # [r]
     b_scale = shift if stored_scale is None else shift * stored_scale.float()
     if B_stored is B:  # stored as computed (a bfloat16 product kept in bfloat16): beta = B (shift - 1)
-        rounding_b = (b_scale.double() - 1.0).square() * _column_energies(B)
+        rounding_b = (b_scale.double() - 1.0).square() * (_column_energies(B) if b_energies is None else b_energies)
     else:
         rounding_b = _column_energies(B_stored, b_scale, B)
     rounding_a = _column_energies(A_stored.T, 1.0 / shift, A.T)
     if product_error is not None:
-        if product_error_side == "B":
+        if product_on_b:
             rounding_b = rounding_b + product_error
         else:
             rounding_a = rounding_a + product_error

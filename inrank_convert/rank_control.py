@@ -16,7 +16,7 @@ from torch import nn
 from .architecture import conv1d_class, replace_module
 from .errors import UsageError, flag
 from .layers import LowRankLinear
-from .spectrum import RankRule, choose_rank, inrank_scan
+from .spectrum import RankRule, choose_rank, inrank_scan, numerical_args
 from .tensors import storage_key
 
 GROWTH_INIT_SCALE = 1e-3  # std of the new rows of A, relative to 1/sqrt(in_features)
@@ -92,8 +92,7 @@ class RankController:
             else:
                 total = float((values.double() ** 2).sum())
                 # At threshold 1 the numerical rank of B @ A, at the precision of its (float32) factors.
-                numerical = {"size": max(layer.in_features, layer.out_features),
-                             "eps": torch.finfo(layer.lora_B.dtype).eps}
+                numerical = numerical_args((layer.in_features, layer.out_features), layer.lora_B.dtype)
                 chosen = min(choose_rank(values, total, rule, **numerical) if total > 0 else 0,
                              self.policy.layer_max_rank(layer))
             # Never below the current rank (an artifact may start above the cap); the cap only limits growth.

@@ -81,8 +81,8 @@ class Factorization:
     engine: str  # "exact" | "randomized" | "gram" | "gram-bfloat16" | "exact-float64" (after a convergence failure)
     notes: list[str] = field(default_factory=list)
     # The leading right singular vectors computed on the way ([k, cols], k >= rank, orthonormal
-    # rows; k >= 1 only, when ``factored`` is False): the stored-form search (forms.py) builds its
-    # small low-rank parts from them.
+    # rows; None when ``factored`` is False: ``leading_right_vectors`` makes them from ``gram``):
+    # the stored-form search (forms.py) builds its small low-rank parts from them.
     right_vectors: torch.Tensor | None = None
     # The Gram engine's exact spectrum, kept so that a second rule on the same update (forms.py's
     # effective threshold) reuses it instead of decomposing again.
@@ -90,10 +90,9 @@ class Factorization:
     # Products of the randomized engines with delta (each reads the whole update once): their unit of cost.
     passes: int = 0
     # A factor computed by a reduced-precision product (the Gram engine's bfloat16 one): the squared
-    # error of each of its components against the float32 product ([r] float64, B's columns when
-    # ``product_error_side`` is "B", A's rows when "A"), measured on a sample of rows.
+    # error of each of its components against the float32 product ([r] float64: B's columns for a
+    # tall update, A's rows for a wide one), measured on a sample of rows.
     product_error: torch.Tensor | None = None
-    product_error_side: str = "B"
 
     @property
     def factored(self) -> bool:
@@ -122,6 +121,12 @@ def numerical_tolerance(largest: float, size: int, eps: float) -> float:
     """``torch.linalg.matrix_rank``'s tolerance: singular values at or below ``s_max * max(rows,
     cols) * eps`` (``size`` = max(rows, cols), ``eps`` that of the SVD's dtype) are rounding, not rank."""
     return largest * size * eps
+
+
+def numerical_args(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> dict:
+    """``rank_for_energy``/``choose_rank``'s ``size`` and ``eps`` for an update of ``shape`` whose SVD
+    runs in ``dtype``: what the numerical rank at threshold >= 1 needs."""
+    return {"size": max(shape), "eps": torch.finfo(dtype).eps}
 
 
 def rank_for_energy(singular_values: torch.Tensor, total_energy: float, threshold: float, *,
@@ -306,6 +311,16 @@ class GramSpectrum:
     def with_vectors(self, delta: torch.Tensor) -> GramSpectrum:
         return self if self.vectors is not None else GramSpectrum.of(delta, vectors=True, gram=self.matrix)
 
+    def right_vectors(self, delta: torch.Tensor, count: int) -> torch.Tensor:
+        """The leading ``count`` right singular vectors [count, cols] (orthonormal rows): the
+        eigenvectors themselves when tall; from the one product with ``delta`` that ``factors``
+        makes when wide."""
+        if self.vectors is None:
+            raise ValueError("GramSpectrum.right_vectors needs the eigenvectors (with_vectors first)")
+        if self.wide:
+            return self.factors(delta, count).right
+        return self.vectors[:, :count].to(delta.dtype).T.contiguous()
+
     def factors(self, delta: torch.Tensor, rank: int, products: torch.dtype | None = None) -> GramFactors:
         """B [rows, r], A [r, cols] and the right vectors [r, cols] of the projection of ``delta`` on
         its leading ``rank`` singular vectors: B = delta @ V_r, A = V_r.T (tall) or B = U_r, A =
@@ -325,9 +340,8 @@ class GramSpectrum:
         error = _product_error(long, scaled, product) if product.dtype != delta.dtype else None
         if self.wide:
             A = product.T.contiguous()  # [r, cols]: S_r^(1/2) V_r^T
-            return GramFactors((basis * root).contiguous(), A, (A.to(delta.dtype) / root[:, None]).contiguous(),
-                               error, "A")
-        return GramFactors(product, (basis.T * root[:, None]).contiguous(), basis.T.contiguous(), error, "B")
+            return GramFactors((basis * root).contiguous(), A, (A.to(delta.dtype) / root[:, None]).contiguous(), error)
+        return GramFactors(product, (basis.T * root[:, None]).contiguous(), basis.T.contiguous(), error)
 
 
 class GramFactors(NamedTuple):
@@ -337,7 +351,6 @@ class GramFactors(NamedTuple):
     A: torch.Tensor  # [r, cols]
     right: torch.Tensor  # [r, cols], orthonormal rows
     product_error: torch.Tensor | None  # [r] float64, see Factorization.product_error (None: a float32 product)
-    product_error_side: str  # "B" | "A": the factor the product computed
 
 
 def _blocked_product(X: torch.Tensor, Y: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -479,11 +492,11 @@ def _adaptive(delta: torch.Tensor, total_energy: float, threshold: float, genera
                 # Ritz values are within the residual's norm of the true ones, so only values within
                 # sqrt(min(rows, cols) - r) * tol of the tolerance may be counted unlike the exact SVD.
                 Vb, S, Ubh = torch.linalg.svd(stacked.T, full_matrices=False)  # [cols, k], [k], [k, k]
-                size, eps = max(rows, cols), torch.finfo(delta.dtype).eps
-                rank = rank_for_energy(S, total_energy, threshold, size=size, eps=eps) or S.numel()
+                numerical = numerical_args(delta.shape, delta.dtype)
+                rank = rank_for_energy(S, total_energy, threshold, **numerical) or S.numel()
                 if rank < S.numel():
                     passes += 1
-                    floor = (min(rows, cols) - rank) * numerical_tolerance(float(S[0]), size, eps) ** 2
+                    floor = (min(rows, cols) - rank) * numerical_tolerance(float(S[0]), **numerical) ** 2
                     if _residual_energy(delta, basis, stacked) <= floor:
                         return _Adaptive((basis @ Ubh.T, S, Vb.T), rank, basis.shape[1], passes)
             if not lossless and captured >= target * (1.0 - 1e-9):
@@ -549,7 +562,7 @@ def factorize(
 
     ``max_rank``: the largest rank worth factors (the break-even of the stored form). When the
     Gram engine finds that the rule needs more, no factors are computed: the result has the rank,
-    the spectrum and the energy, ``factored`` False, and the leading right vector only.
+    the spectrum and the energy, ``factored`` False, and no vectors.
     ``prior``: an earlier factorization of the same update whose Gram spectrum can be reused.
     ``hints``: basis sizes the adaptive engine ended with on earlier updates, by shape (read and updated).
     ``products``: a dtype the Gram engine may compute its factor product in (bfloat16, when the
@@ -564,7 +577,7 @@ def factorize(
     total = frobenius_energy(work) if total_energy is None else total_energy
     n = min(work.shape)
     # The numerical rank's tolerance at threshold >= 1 (rank_for_energy): the SVD's dtype is work's.
-    numerical = {"size": max(work.shape), "eps": torch.finfo(work.dtype).eps}
+    numerical = numerical_args(work.shape, work.dtype)
     notes: list[str] = []
     if total == 0.0:
         empty = work.new_zeros(0)
@@ -628,15 +641,14 @@ def _gram_factorization(work: torch.Tensor, gram: GramSpectrum, rule: RankRule, 
     rows, cols = work.shape
     values = gram.values  # [n] float64
     # Never a rule at threshold 1 (gram_allowed; effective_threshold keeps a rule below 1 below it).
-    rank = choose_rank(values, total, rule, size=max(rows, cols), eps=torch.finfo(work.dtype).eps)
+    rank = choose_rank(values, total, rule, **numerical_args(work.shape, work.dtype))
     energy = min(1.0, float(values[:rank].square().sum()) / total)
     if max_rank is not None and rank > max_rank:
-        # Dense is decided: no factors; the leading right vector (the rows form's low-rank part)
-        # when the eigenvectors are there anyway (else ``leading_right_vectors`` makes it).
-        lead = gram.factors(work, 1).right.float() if gram.vectors is not None else None
+        # Dense is decided: no factors; ``leading_right_vectors`` makes the leading right vector from
+        # the spectrum if the rows form asks for it (only with a dominant component).
         return Factorization(work.new_zeros(rows, 0), work.new_zeros(0, cols), rank, energy, total, values.float(),
                              "gram", [*notes, f"the rule needs rank {rank}, past the break-even rank {max_rank}: "
-                                      "no factors computed"], lead, gram)
+                                      "no factors computed"], None, gram)
     gram = gram.with_vectors(work)
     reduced = (products is not None and products != work.dtype and 1.0 - energy >= REDUCED_PRODUCT_MIN_TAIL
                and rows * cols * rank >= REDUCED_PRODUCT_MIN_WORK)
@@ -645,8 +657,7 @@ def _gram_factorization(work: torch.Tensor, gram: GramSpectrum, rule: RankRule, 
     # A factor the bfloat16 product computed stays bfloat16: exactly what its storage keeps, and half
     # the memory (a float32 copy of a 32000 x 1733 B is 222 MB more to fault in and convert back).
     return Factorization(made.B, made.A, rank, energy, total, values.float(), engine, notes,
-                         made.right.float(), gram, product_error=made.product_error,
-                         product_error_side=made.product_error_side)
+                         made.right.float(), gram, product_error=made.product_error)
 
 
 def leading_right_vectors(delta: torch.Tensor, found: Factorization, count: int) -> torch.Tensor:
@@ -657,11 +668,11 @@ def leading_right_vectors(delta: torch.Tensor, found: Factorization, count: int)
     if found.gram is None:
         return found.A[:count]
     work = delta.float()
-    return found.gram.with_vectors(work).factors(work, count).right
+    return found.gram.with_vectors(work).right_vectors(work, count)
 
 
 def _fixed_rank_randomized(delta: torch.Tensor, rank: int, generator: torch.Generator | None,
-                           max_fraction: float = RANDOMIZED_MAX_FRACTION, total_energy: float | None = None
+                           max_fraction: float, total: float
                            ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None, int]:
     """Range finder of width rank + oversampling with up to POWER_ITERATIONS + 1 power iterations
     (fewer when the spectrum decays fast, ``_gap_allows``), for ``--rank r``: ((U, S, Vh), passes).
@@ -672,7 +683,6 @@ def _fixed_rank_randomized(delta: torch.Tensor, rank: int, generator: torch.Gene
     width = rank + oversampling(rank)
     if width >= min(rows, cols) * min(max_fraction, 1.0) or width >= min(rows, cols):
         return None, 0
-    total = frobenius_energy(delta) if total_energy is None else total_energy
     Y = delta @ torch.randn(cols, width, device=delta.device, dtype=delta.dtype, generator=generator)
     passes = 1
     for iteration in range(POWER_ITERATIONS + 2):

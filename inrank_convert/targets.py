@@ -161,7 +161,7 @@ def tensor_units(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device
         return components()
     if dominant:
         # Only the leading right vector: from the Gram's eigenvectors, not a full SVD.
-        V = exact_svd(delta, float64=True)[2][:1] if gram is None else gram.with_vectors(delta).factors(delta, 1).right
+        V = exact_svd(delta, float64=True)[2][:1] if gram is None else gram.with_vectors(delta).right_vectors(delta, 1)
         V = V.to(delta.dtype)
     else:
         V = delta.new_zeros(0, cols)

@@ -421,10 +421,10 @@ def test_the_stored_error_of_a_bfloat16_product_from_norms(shape, storage, monke
     assert (form.kind, form.rank) == (plain.kind, plain.rank) == ("lowrank", plain.rank)
     B, A, _ = round_trip(form.B, form.A, None, storage)
     measured = stored_error(delta, total, B, A, None, None)
-    estimated = forms.svd_stored_error(total, form.B, form.A, B, A, form.product_error, form.product_error_side)
+    estimated = forms.svd_stored_error(total, form.B, form.A, B, A, form.product_error)
     assert estimated == pytest.approx(measured, rel=2e-5)
     B_q, A_q, scale = encode_factors(form.B, form.A, storage)  # as compress passes them: not decoded
-    assert forms.svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error, form.product_error_side,
+    assert forms.svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error,
                                   scale) == pytest.approx(estimated, rel=1e-6)
     plain_B, plain_A, _ = round_trip(plain.B, plain.A, None, storage)
     assert measured == pytest.approx(stored_error(delta, total, plain_B, plain_A, None, None), rel=1e-4)
