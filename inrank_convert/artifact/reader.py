@@ -26,7 +26,7 @@ from .manifest import (
     factor_names,
     row_names,
 )
-from .storage import FLOAT_STORAGE, check_scale, decode_factors, decode_rows
+from .storage import FLOAT_STORAGE, decode_factors, decode_rows
 
 # Rows of the dense result built at a time by ``reconstruct`` (bounds the float32 temporaries of
 # B @ A for a tall matrix, e.g. 50,257 x 4096 embeddings, to about 64 MB).
@@ -199,19 +199,11 @@ class Artifact:
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B [rows, r], A [r, cols]) of a low-rank tensor in float32, whatever the storage (int8
-        scales applied): ``B @ A`` is the update's low-rank part. Factors that do not make the
-        tensor's shape are refused (a damaged file), as ``rows`` refuses a bad row index."""
+        scales applied): ``B @ A`` is the update's low-rank part. Their shapes and dtypes (and the
+        scale's) were checked against the manifest when the artifact was opened (``_check_stored``)."""
         b_name, a_name = factor_names(name)
         B, A = self._file.get(b_name), self._file.get(a_name)
-        rows, cols = self.tensors[name].shape[0], self.tensors[name].shape[-1]
-        if B.dim() != 2 or A.dim() != 2 or B.shape[0] != rows or A.shape[1] != cols or B.shape[1] != A.shape[0]:
-            raise ArtifactError(f"factors of {name!r} are {list(B.shape)} and {list(A.shape)}, which do not "
-                                f"make its {list(self.tensors[name].shape)}", str(self.file),
-                                "the file is damaged: re-run compress")
-        scale = None
-        if self.tensors[name].storage == "int8":
-            scale = self._file.get(name + FACTOR_SCALE)
-            check_scale(name + FACTOR_SCALE, scale, A.shape[0], str(self.file))
+        scale = self._file.get(name + FACTOR_SCALE) if self.tensors[name].storage == "int8" else None
         B, A = decode_factors(B, A, scale)
         for stored_name, tensor in ((b_name, B), (a_name, A)):
             self._check_finite(stored_name, tensor)
@@ -231,24 +223,18 @@ class Artifact:
 
     def rows(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(row_index [K] int64, rows [K, cols] float32) of a lowrank+rows tensor, validated: the
-        indices must be distinct and inside the tensor, or the artifact is refused."""
+        indices must be distinct and inside the tensor, or the artifact is refused (their shapes and
+        dtypes were checked against the manifest when the artifact was opened)."""
         entry = self.tensors[name]
         rows_name, index_name = row_names(name)
         index, rows = self._file.get(index_name), self._file.get(rows_name)
         where = str(self.file)
-        if index.dtype != torch.int64 or index.dim() != 1 or tuple(rows.shape) != (index.shape[0], entry.shape[-1]):
-            raise ArtifactError(f"rows {rows_name!r} {list(rows.shape)} and index {index_name!r} "
-                                f"{list(index.shape)} {index.dtype} do not fit {list(entry.shape)}", where,
-                                "the file is damaged: re-run compress")
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= entry.shape[0]):
             raise ArtifactError(f"row index {index_name!r} points outside the tensor's {entry.shape[0]} rows", where,
-                                "the file is damaged: re-run compress")
+                                DAMAGED)
         if torch.unique(index).numel() != index.numel():
-            raise ArtifactError(f"row index {index_name!r} repeats a row", where, "the file is damaged: re-run compress")
-        scale = None
-        if entry.storage == "int8":
-            scale = self._file.get(name + ROWS_SCALE)
-            check_scale(name + ROWS_SCALE, scale, index.shape[0], where)
+            raise ArtifactError(f"row index {index_name!r} repeats a row", where, DAMAGED)
+        scale = self._file.get(name + ROWS_SCALE) if entry.storage == "int8" else None
         rows = decode_rows(rows, scale)
         self._check_finite(rows_name, rows)
         return index, rows

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import ArtifactError
-
 FLOAT_STORAGE = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
                  "bfloat16": torch.bfloat16}
 QUANTIZE_SCHEMES = ("int8",)  # compress --quantize
@@ -83,10 +81,3 @@ def round_trip(B: torch.Tensor, A: torch.Tensor, rows: torch.Tensor | None, stor
         rows_q, row_scale = encode_rows(rows, storage)
         rows_back = decode_rows(rows_q, row_scale)
     return B_back, A_back, rows_back
-
-
-def check_scale(name: str, scale: torch.Tensor, length: int, where: str) -> None:
-    """A stored scale must be a float vector with one value per component/row."""
-    if scale.dim() != 1 or scale.shape[0] != length or not scale.dtype.is_floating_point:
-        raise ArtifactError(f"scale tensor {name!r} has shape {list(scale.shape)} and dtype {scale.dtype}, "
-                            f"expected [{length}] float", where, "the file is damaged: re-run compress")
