@@ -46,10 +46,10 @@ def decompress(artifact_path: str | Path, output: str | Path, *, force: bool = F
                              "model to write", str(artifact.path), f"drop {flag('--reference-only')} to write the dense model")
         # The folder must load with from_pretrained: config.json must be there and describe exactly
         # these tensors (checked on the meta device before anything is written).
-        check_fits_config(artifact.path, {name: entry.shape for name, entry in artifact.tensors.items()})
-        config = _config(artifact)
+        check_fits_config(artifact)
+        config = json.loads((artifact.path / "config.json").read_text())  # there: check_fits_config read it
         # Hugging Face re-ties an output embedding tied in the config; writing it again only adds bytes.
-        skip_aliases = bool(config.get("tie_word_embeddings", True)) if config else False
+        skip_aliases = bool(config.get("tie_word_embeddings", True))
         known = set(artifact.reference.infos() or {}) if reference_only else set()
         with atomic_output_dir(Path(output), force, artifact.input_paths()) as temp:
             with TensorFileWriter(temp / DENSE_WEIGHTS_FILE) as writer:
@@ -65,7 +65,7 @@ def decompress(artifact_path: str | Path, output: str | Path, *, force: bool = F
                         on_tensor(name)
                 size = writer.finish()
             copy_side_files(artifact.path, temp)
-            if reference_only and config is not None:
+            if reference_only:
                 _shrink_vocabulary(artifact, config, temp / "config.json")
         return DecompressResult(Path(output), count, size)
     finally:
@@ -86,11 +86,6 @@ def _reference_tensor(artifact: Artifact, name: str, known: set[str], device: st
     if name in known:
         return artifact.reference.get(name).to(device)
     return artifact.reconstruct(name, device)
-
-
-def _config(artifact: Artifact) -> dict | None:
-    file = artifact.path / "config.json"
-    return json.loads(file.read_text()) if file.is_file() else None
 
 
 def _shrink_vocabulary(artifact: Artifact, config: dict, file: Path) -> None:

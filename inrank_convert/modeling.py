@@ -76,12 +76,14 @@ def model_misfit(config: PretrainedConfig, shapes: Mapping[str, tuple[int, ...]]
     return None
 
 
-def check_fits_config(path: Path, shapes: Mapping[str, tuple[int, ...]], model: nn.Module | None = None) -> None:
-    """Refuse (ArtifactError) the artifact at ``path`` when its tensors ``shapes`` are not the model
-    its config.json describes, or when it has no usable config.json."""
-    config = model_config(path)
+def check_fits_config(artifact: Artifact, model: nn.Module | None = None) -> None:
+    """Refuse (ArtifactError) ``artifact`` when its tensors are not the model its config.json
+    describes, or when it has no usable config.json. ``model``: that model if already built (its
+    config is the one read)."""
+    path = artifact.path
+    config = model.config if model is not None else model_config(path)
     try:
-        problem = model_misfit(config, shapes, model)
+        problem = model_misfit(config, {name: entry.shape for name, entry in artifact.tensors.items()}, model)
     except ValueError as err:  # transformers builds no causal LM from this config
         raise ArtifactError(f"cannot build a causal LM from config.json ({str(err).splitlines()[0]})", str(path),
                             "only causal language models can be rebuilt from an artifact") from err

@@ -62,7 +62,7 @@ def adapter_model_structure(artifact: Artifact):
                          "export-peft supports Hugging Face causal LMs; use 'inrank-convert decompress' otherwise") from err
     # Every artifact tensor must have its place in that model, and the model all it needs: the plan
     # below would silently skip a tensor that has none.
-    check_fits_config(artifact.path, {name: entry.shape for name, entry in artifact.tensors.items()}, model)
+    check_fits_config(artifact, model)
     return model
 
 

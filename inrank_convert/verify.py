@@ -149,9 +149,8 @@ def _check_model(artifact: Artifact) -> tuple[bool, bool, str]:
     from a bare weights file) is not a failure here; decompress refuses it."""
     if not (artifact.path / "config.json").is_file():
         return False, True, "no config.json: tensors not checked against a model"
-    shapes = {name: entry.shape for name, entry in artifact.tensors.items()}
     try:
-        check_fits_config(artifact.path, shapes)
+        check_fits_config(artifact)
     except ArtifactError as err:
         return True, False, err.message
     return True, True, "config.json describes every tensor"
