@@ -70,7 +70,7 @@ from .peft_plan import (
     plan_adapter,
 )
 from .sources import open_artifact
-from .spectrum import exact_svd
+from .spectrum import FactorProductSVD, exact_svd
 from .vllm_plan import DroppedChange, check_target, serving_rank, vllm_plan
 
 ADAPTER_CONFIG_FILE = "adapter_config.json"
@@ -203,16 +203,13 @@ def _truncated(B: torch.Tensor, A: torch.Tensor, rank: int) -> tuple[torch.Tenso
     """The best rank-``rank`` approximation of ``B @ A`` (B [rows, k], A [k, cols], k > rank) as factors
     [rows, rank] and [rank, cols], and the fraction of ``||B @ A||_F^2`` it keeps.
 
-    Through QR factors (B = Qb Rb, A.T = Qa Ra, so B @ A = Qb (Rb Ra.T) Qa.T): only the k x k middle is
-    decomposed, and no [rows, cols] product is formed beyond what a dense update already is.
+    In float32 through ``FactorProductSVD`` (no [rows, cols] product is formed beyond what a dense
+    update already is), its k x k SVD by ``exact_svd`` (retried in float64 if it fails to converge).
     """
-    Qb, Rb = torch.linalg.qr(B.float())  # [rows, k], [k, k]
-    Qa, Ra = torch.linalg.qr(A.float().T)  # [cols, k], [k, k]
-    U, S, Vh, _ = exact_svd(Rb @ Ra.T)  # [k, k] each
-    total = float((S.double() ** 2).sum())
-    kept = float((S[:rank].double() ** 2).sum()) / total if total > 0 else 1.0
-    root = S[:rank].sqrt()
-    return (Qb @ U[:, :rank]) * root, root[:, None] * (Vh[:rank] @ Qa.T), kept
+    svd = FactorProductSVD.of(B.float(), A.float(), svd=lambda middle: exact_svd(middle)[:3])
+    total = float((svd.S.double() ** 2).sum())
+    kept = float((svd.S[:rank].double() ** 2).sum()) / total if total > 0 else 1.0
+    return (*svd.balanced(rank), kept)
 
 
 def _write_tensors(writer: TensorFileWriter, artifact: Artifact, plan: AdapterPlan) -> tuple[int, dict[str, float]]:

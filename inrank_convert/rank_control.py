@@ -16,7 +16,7 @@ from torch import nn
 from .architecture import conv1d_class, replace_module
 from .errors import UsageError, flag
 from .layers import LowRankLinear
-from .spectrum import RankRule, choose_rank, inrank_scan, numerical_args
+from .spectrum import FactorProductSVD, RankRule, choose_rank, inrank_scan, numerical_args
 from .tensors import storage_key
 
 GROWTH_INIT_SCALE = 1e-3  # std of the new rows of A, relative to 1/sqrt(in_features)
@@ -289,14 +289,10 @@ def resplit_layer(layer: LowRankLinear, optimizer: torch.optim.Optimizer | None 
     component above RESPLIT_FLOOR, so the layer's function is unchanged. The factors' optimizer
     state is dropped: the moments of the old coordinates mean nothing in the new basis.
     Returns the new width."""
-    B, A = layer.lora_B.detach().double(), layer.lora_A.detach().double()  # [out, k], [k, in]
-    Q_B, R_B = torch.linalg.qr(B)
-    Q_A, R_A = torch.linalg.qr(A.T)
-    U, S, Vh = torch.linalg.svd(R_B @ R_A.T)  # [k, k]
+    svd = FactorProductSVD.of(layer.lora_B.detach().double(), layer.lora_A.detach().double())  # [out, k] @ [k, in]
+    S = svd.S
     keep = int((S > RESPLIT_FLOOR * S[0]).sum()) if S.numel() and float(S[0]) > 0 else 0
-    root = S[:keep].sqrt()
-    new_B = (Q_B @ U[:, :keep]) * root  # [out, keep]
-    new_A = root[:, None] * (Vh[:keep] @ Q_A.T)  # [keep, in]
+    new_B, new_A = svd.balanced(keep)  # [out, keep], [keep, in]
     for attr, value in (("lora_B", new_B), ("lora_A", new_A)):
         old = getattr(layer, attr)
         new = nn.Parameter(value.to(old.dtype).contiguous(), requires_grad=old.requires_grad)

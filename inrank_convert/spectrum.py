@@ -238,6 +238,33 @@ def _balanced(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int) -> 
     return B.contiguous(), A.contiguous()
 
 
+@dataclass
+class FactorProductSVD:
+    """The SVD of B @ A (B [rows, k], A [k, cols]) without forming the product: thin QRs B = Q_B R_B
+    and A.T = Q_A R_A give B @ A = Q_B (R_B R_A^T) Q_A^T, so only the k x k middle is decomposed
+    (U S Vh). Cost O((rows + cols) k^2) instead of O(rows cols k) plus a [rows, cols] SVD."""
+
+    Q_B: torch.Tensor  # [rows, k]
+    U: torch.Tensor  # [k, k]
+    S: torch.Tensor  # [k], descending
+    Vh: torch.Tensor  # [k, k]
+    Q_A: torch.Tensor  # [cols, k]
+
+    @classmethod
+    def of(cls, B: torch.Tensor, A: torch.Tensor, svd=torch.linalg.svd) -> FactorProductSVD:
+        """In B's and A's dtype; ``svd``: (matrix) -> (U, S, Vh)."""
+        Q_B, R_B = torch.linalg.qr(B)
+        Q_A, R_A = torch.linalg.qr(A.T)
+        U, S, Vh = svd(R_B @ R_A.T)
+        return cls(Q_B, U, S, Vh, Q_A)
+
+    def balanced(self, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The leading ``count`` components as balanced factors: (Q_B U) sqrt(S) [rows, count] and
+        sqrt(S) (Vh Q_A^T) [count, cols] (as ``_balanced``)."""
+        root = self.S[:count].sqrt()
+        return (self.Q_B @ self.U[:, :count]) * root, root[:, None] * (self.Vh[:count] @ self.Q_A.T)
+
+
 def exact_svd(delta: torch.Tensor, float64: bool = False, solver=torch.linalg.svd
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
     """Thin SVD ``delta = U diag(S) Vh``; retries in float64 (and gesvd on CUDA) if it fails.
