@@ -22,6 +22,7 @@ import os
 import pstats
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -30,7 +31,6 @@ from inrank_convert import hash_cache
 from .common import BenchResult, best_of, fmt_seconds, log, planted_update, scratch_dir, warm_page_cache
 
 NAME = "compress"
-CACHE_ENV, CACHE_SWITCH = "INRANK_CONVERT_CACHE", "INRANK_CONVERT_HASH_CACHE"
 TARGET_RATIO = 4.0
 PLANTED_RANK = 32
 UPDATE_SCALE = 0.3  # update norm relative to the weight's norm
@@ -136,14 +136,13 @@ def run() -> list[BenchResult]:
         warm_seconds = warm_page_cache(trained_file, init_file)
         warm_page_cache(trained_file, init_file)
         output = root / "artifact"
-        saved = {key: os.environ.get(key) for key in (CACHE_ENV, CACHE_SWITCH)}
-        os.environ[CACHE_ENV] = str(root / "hash-cache")
 
         def run_compress(cached: bool = True):
-            os.environ[CACHE_SWITCH] = "1" if cached else "0"
+            os.environ[hash_cache.SWITCH_ENV] = "1" if cached else "0"
             return compress(trained_dir, output, init=init_dir, options=options, force=True)
 
-        try:
+        # The run's own hash cache; the environment as it was afterwards.
+        with mock.patch.dict(os.environ, {hash_cache.FOLDER_ENV: str(root / "hash-cache")}):
             # The cache remembers a file only once it is older than its racy window: wait that out,
             # then one compress records both hashes.
             newest = max(os.stat(path).st_ctime_ns for path in (trained_file, init_file))
@@ -165,12 +164,6 @@ def run() -> list[BenchResult]:
             run_compress(cached=False)  # what the first compress does
             profiler.disable()
             phases = _phase_breakdown(init_dir, trained_dir, options)
-        finally:
-            for key, value in saved.items():
-                if value is None:
-                    os.environ.pop(key, None)
-                else:
-                    os.environ[key] = value
         read_best, compress_best, repeat_best = min(read_times), min(first_times), min(repeat_times)
         ratio, repeat_ratio = compress_best / read_best, repeat_best / read_best
         log(f"plain read best {read_best:.3f} s {fmt_seconds(read_times)}, "

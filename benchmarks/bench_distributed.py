@@ -29,6 +29,9 @@ import sys
 import time
 from pathlib import Path
 
+from inrank_convert import hash_cache
+from inrank_convert.artifact import ARTIFACT_FILE
+
 from .bench_compress import build_pair
 from .common import BenchResult, Contention, fmt_seconds, log, scratch_dir, warm_page_cache
 
@@ -51,7 +54,7 @@ def skip_reason() -> str | None:
 def _environment(threads: int | None) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])}
     env.pop("OMP_NUM_THREADS", None)
-    env["INRANK_CONVERT_HASH_CACHE"] = "0"  # every run hashes its inputs, as a first compress does
+    env[hash_cache.SWITCH_ENV] = "0"  # every run hashes its inputs, as a first compress does
     if threads is not None:
         env["OMP_NUM_THREADS"] = str(threads)
     return env
@@ -76,7 +79,7 @@ def _children_cpu() -> float:
 
 def _tensor_bytes(folder: Path) -> tuple[dict, bytes]:
     """The tensor file's header without its metadata, and its data section."""
-    with open(folder / "inrank.safetensors", "rb") as handle:
+    with open(folder / ARTIFACT_FILE, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(length))
         header.pop("__metadata__")

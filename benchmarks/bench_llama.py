@@ -19,11 +19,16 @@ vocab-16000 pair instead (for development on slow machines).
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
+from inrank_convert import hash_cache
+
+from .bench_compress import plain_read as shard_read
 from .common import BenchResult, fmt_seconds, log, planted_update, scratch_dir, warm_page_cache
 
 NAME = "llama"
@@ -41,7 +46,6 @@ SCALES = {
     "small": {"hidden_size": 1024, "intermediate_size": 4096, "num_attention_heads": 8, "vocab_size": 16000},
 }
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
-HASH_CACHE_SWITCH = "INRANK_CONVERT_HASH_CACHE"
 
 
 def scale() -> str:
@@ -82,18 +86,9 @@ def build_pair(root: Path, size: str = "full") -> tuple[Path, Path, int]:
 
 
 def plain_read(trained_dir: Path, init_dir: Path) -> float:
-    """Stream both checkpoints' shards tensor by tensor; sum of ||trained - init||_F (float32)."""
-    from safetensors import safe_open
-
-    total = 0.0
-    for shard in sorted(trained_dir.glob("*.safetensors")):
-        with safe_open(str(shard), framework="pt", device="cpu") as trained, \
-                safe_open(str(init_dir / shard.name), framework="pt", device="cpu") as init:
-            for name in trained.keys():
-                weight = trained.get_tensor(name).to(torch.float32)
-                weight -= init.get_tensor(name).to(torch.float32)
-                total += float(torch.linalg.vector_norm(weight))
-    return total
+    """Stream both checkpoints' shards tensor by tensor (bench_compress's plain read, shard by
+    shard); sum of ||trained - init||_F (float32)."""
+    return sum(shard_read(shard, init_dir / shard.name) for shard in sorted(trained_dir.glob("*.safetensors")))
 
 
 def run() -> list[BenchResult]:
@@ -113,9 +108,8 @@ def run() -> list[BenchResult]:
         warm_page_cache(*shards)
         times: dict[str, list[float]] = {"read": [], "rank": [], "threshold": []}
         results = {}
-        saved = os.environ.get(HASH_CACHE_SWITCH)
-        os.environ[HASH_CACHE_SWITCH] = "0"  # both sides hash their inputs every time, as a first compress does
-        try:
+        # Both sides hash their inputs every time, as a first compress does.
+        with mock.patch.dict(os.environ, {hash_cache.SWITCH_ENV: "0"}):
             for _ in range(REPEATS):  # alternate the three so none gets a systematically quieter machine
                 started = time.perf_counter()
                 plain_read(trained_dir, init_dir)
@@ -125,12 +119,7 @@ def run() -> list[BenchResult]:
                     results[key] = compress(trained_dir, root / f"out-{key}", init=init_dir,
                                             options=PlanOptions(rule=rule), force=True)
                     times[key].append(time.perf_counter() - started)
-        finally:
-            if saved is None:
-                os.environ.pop(HASH_CACHE_SWITCH, None)
-            else:
-                os.environ[HASH_CACHE_SWITCH] = saved
-    median = {key: sorted(values)[len(values) // 2] for key, values in times.items()}
+    median = {key: statistics.median(values) for key, values in times.items()}
     for key, values in times.items():
         log(f"{key}: median {median[key]:.2f} s {fmt_seconds(values)}")
     layers = {key: [{"name": layer.name, "kind": layer.kind, "rank": layer.rank, "bytes": layer.bytes,

@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 HASH_CHUNK = 8 << 20
+SWITCH_ENV = "INRANK_CONVERT_HASH_CACHE"  # "0", "false", "no" or "off": every file is read and hashed
+FOLDER_ENV = "INRANK_CONVERT_CACHE"
 ENTRY_VERSION = 1
 # A file changed less than this before its hashing began is not remembered (the racy case above):
 # above a kernel tick (<= 10 ms) and the 1-2 s timestamps of ext3, FAT and some network file systems.
@@ -51,13 +53,13 @@ _counts_lock = threading.Lock()
 
 
 def enabled() -> bool:
-    return os.environ.get("INRANK_CONVERT_HASH_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+    return os.environ.get(SWITCH_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
 def cache_dir() -> Path:
     """$INRANK_CONVERT_CACHE/hashes, else $XDG_CACHE_HOME/inrank-convert/hashes, else
     ~/.cache/inrank-convert/hashes."""
-    configured = os.environ.get("INRANK_CONVERT_CACHE")
+    configured = os.environ.get(FOLDER_ENV)
     if configured:
         return Path(configured) / "hashes"
     base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
