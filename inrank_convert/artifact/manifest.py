@@ -19,6 +19,7 @@ from ..checkpoints import FileHash
 from ..errors import ArtifactError
 from ..tensors import SAFETENSORS_CODES, dtype_from_name, dtype_name, numel
 from ..version import __version__
+from .storage import FLOAT_STORAGE
 
 ARTIFACT_FILE = "inrank.safetensors"
 INIT_FILE = "init.safetensors"
@@ -62,6 +63,7 @@ def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
 
 # What a damaged manifest tells the user to do: the file no longer says what compress wrote.
 DAMAGED = "the file is damaged: re-run compress"
+FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})  # the safetensors codes of float tensors
 
 
 class ManifestFormatError(ValueError):
@@ -237,14 +239,39 @@ class TensorEntry:
 
     def stored_names(self, name: str) -> tuple[str, ...]:
         """Every tensor the artifact file must hold for this entry."""
+        return tuple(self.stored_layout(name))
+
+    def stored_layout(self, name: str) -> dict[str, tuple[tuple[int, ...], frozenset[str]]]:
+        """stored name -> (shape, the safetensors dtype codes it may have) of every tensor this entry needs.
+
+        A dense tensor is stored whole in its own dtype. Factors at rank r of a [rows, cols] tensor are
+        B [rows, r] and A [r, cols] at the entry's storage (version 1, no storage: any float), int8
+        ones with a float scale [r]; K stored rows are [K, cols] with a [K] int64 index (and a [K]
+        scale under int8)."""
         if self.kind == "dense":
-            return (name,)
+            return {name: (self.shape, frozenset({SAFETENSORS_CODES[self.dtype]}))}
         if not self.has_factors:
-            return ()
-        names = factor_names(name) + ((name + FACTOR_SCALE,) if self.storage == "int8" else ())
+            return {}
+        rows, cols = self.shape
+        rank = self.rank or 0
+        if self.storage is None:
+            codes = FLOAT_CODES
+        elif self.storage == "int8":
+            codes = frozenset({"I8"})
+        else:
+            codes = frozenset({SAFETENSORS_CODES[FLOAT_STORAGE[self.storage]]})
+        b_name, a_name = factor_names(name)
+        layout = {b_name: ((rows, rank), codes), a_name: ((rank, cols), codes)}
+        if self.storage == "int8":
+            layout[name + FACTOR_SCALE] = ((rank,), FLOAT_CODES)
         if self.kind == "lowrank+rows":
-            names += row_names(name) + ((name + ROWS_SCALE,) if self.storage == "int8" else ())
-        return names
+            count = self.rows or 0
+            rows_name, index_name = row_names(name)
+            layout[rows_name] = ((count, cols), codes)
+            layout[index_name] = ((count,), frozenset({"I64"}))
+            if self.storage == "int8":
+                layout[name + ROWS_SCALE] = ((count,), FLOAT_CODES)
+        return layout
 
     def to_json(self) -> dict[str, Any]:
         if self.kind == "alias":

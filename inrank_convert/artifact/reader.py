@@ -12,7 +12,7 @@ import torch
 
 from ..checkpoints import SafetensorsCheckpoint, TensorInfo, open_safetensors
 from ..errors import ArtifactError, CheckpointError, InitReferenceError
-from ..tensors import SAFETENSORS_CODES, SAFETENSORS_DTYPES, dtype_name, is_finite
+from ..tensors import SAFETENSORS_DTYPES, dtype_name, is_finite
 from .manifest import (
     ARTIFACT_FILE,
     DAMAGED,
@@ -26,7 +26,7 @@ from .manifest import (
     factor_names,
     row_names,
 )
-from .storage import FLOAT_STORAGE, decode_factors, decode_rows
+from .storage import decode_factors, decode_rows
 
 # Rows of the dense result built at a time by ``reconstruct`` (bounds the float32 temporaries of
 # B @ A for a tall matrix, e.g. 50,257 x 4096 embeddings, to about 64 MB).
@@ -63,42 +63,6 @@ def read_manifest(path: str | Path) -> Manifest:
     return manifest
 
 
-FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})
-
-
-def _stored_layout(name: str, entry: TensorEntry) -> dict[str, tuple[tuple[int, ...], frozenset[str]]]:
-    """stored name -> (shape, the safetensors dtype codes it may have) of every tensor ``entry`` needs.
-
-    A dense tensor is stored whole in its own dtype. Factors at rank r of a [rows, cols] tensor are
-    B [rows, r] and A [r, cols] at the entry's storage (version 1, no storage: any float), int8
-    ones with a float scale [r]; K stored rows are [K, cols] with a [K] int64 index (and a [K]
-    scale under int8)."""
-    if entry.kind == "dense":
-        return {name: (entry.shape, frozenset({SAFETENSORS_CODES[entry.dtype]}))}
-    if not entry.has_factors:
-        return {}
-    rows, cols = entry.shape
-    rank = entry.rank or 0
-    if entry.storage is None:
-        codes = FLOAT_CODES
-    elif entry.storage == "int8":
-        codes = frozenset({"I8"})
-    else:
-        codes = frozenset({SAFETENSORS_CODES[FLOAT_STORAGE[entry.storage]]})
-    b_name, a_name = factor_names(name)
-    layout = {b_name: ((rows, rank), codes), a_name: ((rank, cols), codes)}
-    if entry.storage == "int8":
-        layout[name + FACTOR_SCALE] = ((rank,), FLOAT_CODES)
-    if entry.kind == "lowrank+rows":
-        count = entry.rows or 0
-        rows_name, index_name = row_names(name)
-        layout[rows_name] = ((count, cols), codes)
-        layout[index_name] = ((count,), frozenset({"I64"}))
-        if entry.storage == "int8":
-            layout[name + ROWS_SCALE] = ((count,), FLOAT_CODES)
-    return layout
-
-
 def _check_stored(manifest: Manifest, file: Path, stored: dict) -> None:
     """The manifest against the file's tensors, from the header alone (no tensor data is read):
     every tensor an entry needs is there with the shape and dtype the entry implies (factors of
@@ -108,7 +72,7 @@ def _check_stored(manifest: Manifest, file: Path, stored: dict) -> None:
     where = str(file)
     expected: dict[str, tuple[tuple[int, ...], frozenset[str]]] = {}
     for name, entry in manifest.tensors.items():
-        for stored_name, (shape, codes) in _stored_layout(name, entry).items():
+        for stored_name, (shape, codes) in entry.stored_layout(name).items():
             if stored_name not in stored:
                 raise ArtifactError(f"artifact lacks tensor {stored_name!r} that its manifest lists", where, DAMAGED)
             found = stored[stored_name]
