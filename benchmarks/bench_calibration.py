@@ -32,7 +32,7 @@ def skip_reason() -> str | None:
 
 def run() -> list[BenchResult]:
     from inrank_convert import PlanOptions
-    from inrank_convert.compress import CalibrationRequest, CompressionJob, compress
+    from inrank_convert.compression.job import CalibrationRequest, CompressionJob, compress
 
     with scratch_dir("inrank-bench-calibration-") as root:
         init_dir, trained_dir, parameters = build_pair(root)

@@ -26,7 +26,7 @@ from unittest import mock
 
 import torch
 
-from inrank_convert import hash_cache
+from inrank_convert.weights import hash_cache
 
 from .common import BenchResult, best_of, fmt_seconds, log, planted_update, scratch_dir, warm_page_cache
 
@@ -84,9 +84,9 @@ def plain_read(trained_file: Path, init_file: Path) -> float:
 
 def _phase_breakdown(init_dir: Path, trained_dir: Path, options) -> dict[str, float]:
     """Time compress's steps one after the other (serially, so they do not overlap as in compress)."""
-    from inrank_convert.compress import plan_compression
-    from inrank_convert.sources import open_inputs
-    from inrank_convert.updates import load_update, planned_work
+    from inrank_convert.compression.job import plan_compression
+    from inrank_convert.compression.updates import load_update, planned_work
+    from inrank_convert.inputs.sources import open_inputs
 
     phases: dict[str, float] = {}
     started = time.perf_counter()
@@ -122,9 +122,9 @@ def _layer_breakdown(layers) -> dict[str, float]:
 
 
 def run() -> list[BenchResult]:
-    from inrank_convert.compress import compress
-    from inrank_convert.plan import PlanOptions
-    from inrank_convert.spectrum import RankRule
+    from inrank_convert.compression.job import compress
+    from inrank_convert.compression.plan import PlanOptions
+    from inrank_convert.linalg.spectrum import RankRule
 
     options = PlanOptions(rule=RankRule("energy", THRESHOLD))
     with scratch_dir("inrank-bench-compress-") as root:

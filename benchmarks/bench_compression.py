@@ -86,7 +86,7 @@ def write_config(folder: Path) -> Path:
 @contextmanager
 def version_1_rule() -> Iterator[None]:
     """The planner as it was before format version 2: no dominant component, no rows form."""
-    from inrank_convert import forms
+    from inrank_convert.linalg import forms
 
     saved = forms.DOMINANT_SHARE, forms.MAX_ROW_FRACTION
     forms.DOMINANT_SHARE, forms.MAX_ROW_FRACTION = 2.0, 0.0  # no component holds 200%; no row fraction fits
@@ -98,7 +98,7 @@ def version_1_rule() -> Iterator[None]:
 
 def compress_all(run: Path, root: Path, train_file: Path) -> dict[str, Path]:
     from inrank_convert import PlanOptions, RankRule, compress
-    from inrank_convert.compress import CalibrationRequest
+    from inrank_convert.compression.job import CalibrationRequest
 
     rule = RankRule("energy", THRESHOLD)
     settings = {"v1-default": PlanOptions(rule=rule, factor_dtype=torch.float32),
@@ -131,7 +131,7 @@ def compress_all(run: Path, root: Path, train_file: Path) -> dict[str, Path]:
 
 def run() -> list[BenchResult]:
     from inrank_convert import TrainOptions, train
-    from inrank_convert.report import report
+    from inrank_convert.measure.report import report
 
     with scratch_dir("inrank-bench-compression-") as root:
         train_file, held_out = split_text(root)

@@ -29,8 +29,8 @@ import sys
 import time
 from pathlib import Path
 
-from inrank_convert import hash_cache
 from inrank_convert.artifact import ARTIFACT_FILE
+from inrank_convert.weights import hash_cache
 
 from .bench_compress import build_pair
 from .common import BenchResult, Contention, fmt_seconds, log, scratch_dir, warm_page_cache

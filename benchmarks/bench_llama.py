@@ -26,7 +26,7 @@ from unittest import mock
 
 import torch
 
-from inrank_convert import hash_cache
+from inrank_convert.weights import hash_cache
 
 from .bench_compress import plain_read as shard_read
 from .common import BenchResult, fmt_seconds, log, planted_update, scratch_dir, warm_page_cache
@@ -92,9 +92,9 @@ def plain_read(trained_dir: Path, init_dir: Path) -> float:
 
 
 def run() -> list[BenchResult]:
-    from inrank_convert.compress import compress
-    from inrank_convert.plan import PlanOptions
-    from inrank_convert.spectrum import RankRule
+    from inrank_convert.compression.job import compress
+    from inrank_convert.compression.plan import PlanOptions
+    from inrank_convert.linalg.spectrum import RankRule
 
     size = scale()
     rules = {"rank": RankRule(fixed_rank=PLANTED_RANK), "threshold": RankRule("energy", THRESHOLD)}

@@ -42,7 +42,7 @@ def build(vocab: int, device_name: str) -> tuple[nn.Module, nn.Module]:
     """(dense, InRank-Efficient) models with the same initial weights, in training mode."""
     from transformers import AutoModelForCausalLM, GPT2Config
 
-    from inrank_convert.rank_control import RankPolicy, factorize_model
+    from inrank_convert.training.rank_control import RankPolicy, factorize_model
 
     config = GPT2Config(vocab_size=vocab, n_embd=EMBED, n_head=HEADS, n_layer=LAYERS, n_positions=CONTEXT,
                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=vocab - 1,
@@ -58,7 +58,7 @@ def build(vocab: int, device_name: str) -> tuple[nn.Module, nn.Module]:
 
 def timed_step(model: nn.Module, batch: torch.Tensor, device_name: str) -> Callable[[], float]:
     """A function that runs one optimizer step of ``model`` on ``batch`` and returns its seconds."""
-    from inrank_convert.train_loop import batch_loss
+    from inrank_convert.training.loop import batch_loss
 
     optimizer = torch.optim.AdamW(model.parameters(), lr=LEARNING_RATE)
 
@@ -102,7 +102,7 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def run() -> list[BenchResult]:
-    from inrank_convert.rank_control import low_rank_layers
+    from inrank_convert.training.rank_control import low_rank_layers
 
     device_name = device()
     on = device_name.split(":")[0]

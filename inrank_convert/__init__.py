@@ -1,16 +1,16 @@
 """inrank-convert: compact low-rank artifacts from trained checkpoints (InRank cumulative updates)."""
 
-from .artifact import Artifact, Manifest, TensorEntry, read_manifest
-from .compress import CompressResult, LayerResult, compress
-from .errors import InrankError
-from .layers import LowRankLinear
-from .modeling import load_compressed
-from .plan import PlanOptions
-from .sources import open_artifact
-from .spectrum import RankRule
-from .train_options import TrainOptions, TrainResult
-from .training import resume, train
-from .version import __version__
+from inrank_convert.artifact import Artifact, Manifest, TensorEntry, read_manifest
+from inrank_convert.compression.job import CompressResult, LayerResult, compress
+from inrank_convert.compression.plan import PlanOptions
+from inrank_convert.core.errors import InrankError
+from inrank_convert.core.version import __version__
+from inrank_convert.inputs.sources import open_artifact
+from inrank_convert.linalg.spectrum import RankRule
+from inrank_convert.model.layers import LowRankLinear
+from inrank_convert.runtime.modeling import load_compressed
+from inrank_convert.training.entrypoints import resume, train
+from inrank_convert.training.options import TrainOptions, TrainResult
 
 __all__ = ["Artifact", "CompressResult", "InrankError", "LayerResult", "LowRankLinear", "Manifest", "PlanOptions",
            "RankRule", "TensorEntry", "TrainOptions", "TrainResult", "__version__", "compress", "load_compressed",

@@ -21,15 +21,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .compare_runs import CompareResult, RunSummary, compare_runs
-from .compress import CompressResult, compress
-from .errors import OutputError, flag
-from .plan import PlanOptions
-from .plots import plot_compare_runs, plot_report
-from .report import ReportResult, report
-from .spectrum import RankRule
-from .train_options import TrainOptions, TrainResult
-from .training import resume, train
+from inrank_convert.compression.job import CompressResult, compress
+from inrank_convert.compression.plan import PlanOptions
+from inrank_convert.core.errors import OutputError, flag
+from inrank_convert.linalg.spectrum import RankRule
+from inrank_convert.measure.compare_runs import CompareResult, RunSummary, compare_runs
+from inrank_convert.measure.plots import plot_compare_runs, plot_report
+from inrank_convert.measure.report import ReportResult, report
+from inrank_convert.training.entrypoints import resume, train
+from inrank_convert.training.options import TrainOptions, TrainResult
 
 MARKER = "demo.json"  # a folder holding it was written by the demo, and may be replaced by it
 FALLBACK_VOCAB = 4096
@@ -306,7 +306,7 @@ def _plan(settings: DemoSettings) -> PlanOptions:
 def _write_config(folder: Path, data: DemoData, settings: DemoSettings) -> None:
     from transformers import GPT2Config
 
-    from .data import load_tokenizer
+    from inrank_convert.inputs.text import load_tokenizer
 
     tokenizer = load_tokenizer(None, data.tokenizer)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

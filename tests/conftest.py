@@ -198,9 +198,9 @@ def real_run(tmp_path_factory) -> RealRun:
         pytest.skip(f"shared data (Tiny Shakespeare, GPT-2 tokenizer) absent under {SHARED_DATA}")
     from transformers import GPT2Config
 
-    from inrank_convert.data import load_tokenizer, tokenize_text
-    from inrank_convert.train_options import TrainOptions
-    from inrank_convert.training import train
+    from inrank_convert.inputs.text import load_tokenizer, tokenize_text
+    from inrank_convert.training.entrypoints import train
+    from inrank_convert.training.options import TrainOptions
 
     root = tmp_path_factory.mktemp("real")
     text = REAL_TEXT.read_text()[:300_000]

@@ -25,9 +25,9 @@ from conftest import build_model, gpt2_config, llama_config, save_hf, train_stat
 from transformers import AutoModelForCausalLM
 
 from inrank_convert import read_manifest
-from inrank_convert.data import load_tokenizer, read_text_tokens
-from inrank_convert.evaluate import generate_text, perplexity
-from inrank_convert.modeling import load_compressed
+from inrank_convert.inputs.text import load_tokenizer, read_text_tokens
+from inrank_convert.runtime.evaluate import generate_text, perplexity
+from inrank_convert.runtime.modeling import load_compressed
 
 peft = pytest.importorskip("peft")
 

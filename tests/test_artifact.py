@@ -23,11 +23,11 @@ from inrank_convert.artifact import (
     TrainingRecord,
     read_manifest,
 )
-from inrank_convert.checkpoints import FileHash, open_weights
-from inrank_convert.errors import ArtifactError, OutputError
-from inrank_convert.reference import CheckpointReference, ZeroReference
-from inrank_convert.sources import open_artifact
-from inrank_convert.tensors import checksum, sha256_tensor
+from inrank_convert.core.errors import ArtifactError, OutputError
+from inrank_convert.core.tensors import checksum, sha256_tensor
+from inrank_convert.inputs.reference import CheckpointReference, ZeroReference
+from inrank_convert.inputs.sources import open_artifact
+from inrank_convert.weights.checkpoints import FileHash, open_weights
 
 ORDER = ["b.bias", "h.weight", "a.weight", "c.weight", "d.weight"]  # not the order the tensors are added in
 
@@ -336,7 +336,7 @@ def test_factors_that_do_not_make_the_tensor_are_refused_at_open(tmp_path):
 
 
 def _spooled(path, background: bool, tensors: dict[str, torch.Tensor]) -> dict[str, str]:
-    from inrank_convert.outputs import TensorFileWriter
+    from inrank_convert.weights.outputs import TensorFileWriter
 
     writer = TensorFileWriter(path, background=background)
     for name, tensor in tensors.items():
@@ -366,7 +366,7 @@ def test_a_background_writer_writes_the_same_file(tmp_path):
 def test_an_error_on_the_writer_thread_is_raised_by_the_next_call(tmp_path):
     """A spool write that fails on the writer thread (its file closed under it) is raised by the
     next add, and abort leaves nothing behind."""
-    from inrank_convert.outputs import TensorFileWriter
+    from inrank_convert.weights.outputs import TensorFileWriter
 
     writer = TensorFileWriter(tmp_path / "x.safetensors", background=True)
     writer.add("first", torch.ones(4))
@@ -382,7 +382,7 @@ def test_an_error_on_the_writer_thread_is_raised_by_the_next_call(tmp_path):
 def test_copy_rest_appends_what_the_reader_has_not_consumed(tmp_path):
     """The kernel copy starts where the buffered reader is, not where its read-ahead left the file
     descriptor (rewrite_manifest reads the old header first)."""
-    from inrank_convert.outputs import copy_rest
+    from inrank_convert.weights.outputs import copy_rest
 
     payload = bytes(range(256)) * 4096  # 1 MiB, more than one read-ahead buffer
     (tmp_path / "source").write_bytes(payload)

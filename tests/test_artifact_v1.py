@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from inrank_convert import LowRankLinear, load_compressed
 from inrank_convert.artifact import Manifest, read_manifest
-from inrank_convert.cli import app
+from inrank_convert.cli.app import app
 
 LOWRANK = {"transformer.h.0.mlp.c_fc.weight": 2, "transformer.h.0.attn.c_attn.weight": 3}  # name -> rank
 ZERO = "transformer.h.0.attn.c_proj.weight"
@@ -258,8 +258,8 @@ def test_old_artifact_resumes_training(old, tmp_path):
     from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers import models as tokenizer_models
 
-    from inrank_convert.runs import read_metrics
-    from inrank_convert.training import resume
+    from inrank_convert.training.entrypoints import resume
+    from inrank_convert.weights.run_folder import read_metrics
 
     words = [f"w{i}" for i in range(old.config.vocab_size - 1)]  # every id inside the tiny vocabulary
     tokenizer = Tokenizer(tokenizer_models.WordLevel({word: i for i, word in enumerate(["[UNK]", *words])},

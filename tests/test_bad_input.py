@@ -707,7 +707,7 @@ def damaged_artifact(source: Path, folder: Path, how: str, source_gone: bool = F
     manifest's checksums updated to the new bytes. Returns (artifact, the damaged tensor's name).
     ``source_gone``: the manifest names a source checkpoint that does not exist (verify cannot
     measure the reconstruction, so only its structure checks can catch the damage)."""
-    from inrank_convert.tensors import checksum
+    from inrank_convert.core.tensors import checksum
 
     artifact = Path(shutil.copytree(source, folder))
     file = artifact / "inrank.safetensors"
@@ -780,8 +780,8 @@ def test_damaged_rows_artifact_is_refused_by_report(rows_artifacts, tmp_path, ho
 
 @pytest.mark.parametrize("how", DAMAGES)
 def test_damaged_rows_artifact_is_refused_by_load_and_compress(rows_artifacts, tmp_path, how):
-    from inrank_convert.errors import ArtifactError
-    from inrank_convert.modeling import load_compressed
+    from inrank_convert.core.errors import ArtifactError
+    from inrank_convert.runtime.modeling import load_compressed
 
     artifact, name = _damaged(rows_artifacts, tmp_path, how)
     with pytest.raises(ArtifactError) as raised:

@@ -15,8 +15,12 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from inrank_convert.calibration import collect_statistics, whitened_factorize, whitened_singular_values
-from inrank_convert.errors import NonFiniteError, UsageError
+from inrank_convert.compression.calibration import (
+    collect_statistics,
+    whitened_factorize,
+    whitened_singular_values,
+)
+from inrank_convert.core.errors import NonFiniteError, UsageError
 from tests.conftest import SHARED_DATA, make_pair
 
 TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"
@@ -246,7 +250,7 @@ def test_a_zero_gram_gives_the_plain_svd_and_a_nan_gram_names_the_layer():
 def test_token_ids_beyond_the_vocabulary_are_refused(tmp_path):
     if not (GPT2_TOKENIZER / "vocab.json").is_file():
         pytest.skip(f"GPT-2 tokenizer absent under {SHARED_DATA}")
-    from inrank_convert.data import load_tokenizer, tokenize_text
+    from inrank_convert.inputs.text import load_tokenizer, tokenize_text
 
     _, model = trained_model(tmp_path, "gpt2")
     ids = tokenize_text(TEXT.read_text()[:20_000], load_tokenizer(None, GPT2_TOKENIZER), 4 * WINDOW)
@@ -273,8 +277,8 @@ def test_a_text_shorter_than_one_window_is_refused(tmp_path):
 def test_row_scores_weigh_the_heads_gram_and_the_token_counts():
     """A token-indexed tensor's residual rows: the head's output energy e^T G e and the embedding's
     count x ||e||^2, each relative to its total, averaged when tied, scaled to the plain energy."""
-    from inrank_convert.calibration import CalibrationStats
-    from inrank_convert.forms import split_residual
+    from inrank_convert.compression.calibration import CalibrationStats
+    from inrank_convert.linalg.forms import split_residual
 
     generator = torch.Generator().manual_seed(0)
     delta = torch.randn(50, 8, generator=generator)

@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from inrank_convert.checkpoints import (
+from inrank_convert.core.errors import CheckpointError
+from inrank_convert.inputs.sources import open_checkpoint
+from inrank_convert.weights.checkpoints import (
     SafetensorsCheckpoint,
     StateDictCheckpoint,
     is_run_folder,
     resolve_run,
 )
-from inrank_convert.errors import CheckpointError
-from inrank_convert.sources import open_checkpoint
 
 
 def assert_same_tensors(checkpoint, state, skip=()):

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 from cli_contract import expect_error, expect_ok
 
-from inrank_convert.data import load_tokenizer, read_text, tokenize_text
-from inrank_convert.evaluate import perplexity
-from inrank_convert.modeling import load_dense, model_config
-from inrank_convert.runs import read_metrics
-from inrank_convert.train_options import TrainOptions
-from inrank_convert.training import train
+from inrank_convert.inputs.text import load_tokenizer, read_text, tokenize_text
+from inrank_convert.runtime.evaluate import perplexity
+from inrank_convert.runtime.modeling import load_dense, model_config
+from inrank_convert.training.entrypoints import train
+from inrank_convert.training.options import TrainOptions
+from inrank_convert.weights.run_folder import read_metrics
 from tests.conftest import GPT2_TOKENIZER_DIR, REAL_TEXT, needs_real_data
 
 pytestmark = needs_real_data

@@ -13,8 +13,8 @@ from safetensors.torch import save_file
 
 from inrank_convert import PlanOptions, RankRule, compress, open_artifact, read_manifest
 from inrank_convert.artifact import ARTIFACT_FILE, FORMAT_VERSION, INIT_FILE, artifact_bytes
-from inrank_convert.export import decompress
-from inrank_convert.spectrum import native_bfloat16
+from inrank_convert.export.dense import decompress
+from inrank_convert.linalg.spectrum import native_bfloat16
 from tests.conftest import PLANTED_RANK, form_rank_float64, inrank_rank_float64, make_pair, snapshot
 
 
@@ -208,7 +208,7 @@ def test_no_init_factorizes_the_weights(tmp_path, llama_pair):
 
 
 def test_init_seed_that_does_not_match_the_init_is_refused(tmp_path, gpt2_pair):
-    from inrank_convert.errors import InitReferenceError
+    from inrank_convert.core.errors import InitReferenceError
 
     with pytest.raises(InitReferenceError, match="does not regenerate"):
         compress(gpt2_pair.trained_dir, tmp_path / "out", init=gpt2_pair.init_dir,
@@ -355,9 +355,9 @@ def test_the_gram_engines_product_dtype_follows_the_storage(tmp_path, dtype, mon
     """bfloat16 factors (the default) may be computed by a bfloat16 product where the CPU has it
     natively (engine "gram-bfloat16"); float32 factors (``--dtype float32``) never are. Either way
     the recorded error is what verify measures against the source, to the bfloat16 model's rounding."""
-    from inrank_convert import spectrum
-    from inrank_convert.compress import product_dtype
-    from inrank_convert.verify import verify_artifact
+    from inrank_convert.compression.job import product_dtype
+    from inrank_convert.linalg import spectrum
+    from inrank_convert.measure.verify import verify_artifact
 
     monkeypatch.setattr(spectrum, "REDUCED_PRODUCT_MIN_WORK", 0)  # the embeddings here are 320 x 64
 

@@ -26,12 +26,12 @@ from conftest import make_pair
 from safetensors.torch import load_file, save_file
 
 from inrank_convert.artifact import ARTIFACT_FILE, INIT_FILE, read_manifest
-from inrank_convert.compress import CompressionJob, HintChains, compress, plan_compression
-from inrank_convert.distributed_compress import _compute, hashing_cost, share_out, svd_cost
-from inrank_convert.plan import PlanOptions, TensorPlan
-from inrank_convert.sources import open_inputs
-from inrank_convert.spectrum import RankRule
-from inrank_convert.updates import planned_entries
+from inrank_convert.compression.job import CompressionJob, HintChains, compress, plan_compression
+from inrank_convert.compression.plan import PlanOptions, TensorPlan
+from inrank_convert.compression.torchrun import _compute, hashing_cost, share_out, svd_cost
+from inrank_convert.compression.updates import planned_entries
+from inrank_convert.inputs.sources import open_inputs
+from inrank_convert.linalg.spectrum import RankRule
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING_FIELDS = ("created",)  # the manifest's only field that depends on when it was written
@@ -167,8 +167,8 @@ def test_an_error_only_another_process_meets_before_compress_starts_is_printed_b
     launcher = tmp_path / "launch.py"
     launcher.write_text(
         "import os\n"
-        "import inrank_convert.cli as cli\n"
-        "from inrank_convert.errors import UsageError\n"
+        "import inrank_convert.cli.app as cli\n"
+        "from inrank_convert.core.errors import UsageError\n"
         "checks = cli._compress_threshold\n"
         "def rank_1_fails(*args):\n"
         "    if os.environ['RANK'] == '1':\n"

@@ -20,11 +20,11 @@ from safetensors import safe_open
 
 from inrank_convert import PlanOptions, RankRule, compress
 from inrank_convert.artifact import describe_artifact, read_manifest
-from inrank_convert.data import load_tokenizer, read_text, read_text_tokens
-from inrank_convert.errors import UsageError, cli_flags
-from inrank_convert.evaluate import generate_text, perplexity, plan_windows
-from inrank_convert.modeling import load_compressed, load_dense, model_config
-from inrank_convert.report import report
+from inrank_convert.core.errors import UsageError, cli_flags
+from inrank_convert.inputs.text import load_tokenizer, read_text, read_text_tokens
+from inrank_convert.measure.report import report
+from inrank_convert.runtime.evaluate import generate_text, perplexity, plan_windows
+from inrank_convert.runtime.modeling import load_compressed, load_dense, model_config
 
 TOKENIZER_DIR = SHARED_DATA / "gpt2-tokenizer"
 WIKI_TEST = SHARED_DATA / "wikitext-2-raw" / "wiki.test.raw"

@@ -84,7 +84,7 @@ def plant_leftovers(out: Path) -> None:
 
 def warm_token_cache() -> None:
     """Tokenize the two training texts once, into the cache the scripts' train commands read."""
-    from inrank_convert.data import cached_tokens, load_tokenizer
+    from inrank_convert.inputs.text import cached_tokens, load_tokenizer
 
     tokenizer = load_tokenizer(None, SHARED_DATA / "gpt2-tokenizer")
     for text in ("tinyshakespeare/input.txt", "wikitext-2-raw/wiki.valid.raw"):

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inrank_convert import forms, spectrum
 from inrank_convert.artifact.storage import encode_factors, round_trip
-from inrank_convert.forms import Costs, choose_form, effective_threshold, stored_error
-from inrank_convert.spectrum import RankRule
+from inrank_convert.linalg import forms, spectrum
+from inrank_convert.linalg.forms import Costs, choose_form, effective_threshold, stored_error
+from inrank_convert.linalg.spectrum import RankRule
 
 THRESHOLD = 0.9
 BF16 = 2  # bytes per stored number at the default (bfloat16) storage

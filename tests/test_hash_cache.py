@@ -15,14 +15,15 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from inrank_convert import hash_cache, read_manifest
-from inrank_convert.compress import CompressionJob, compress
-from inrank_convert.errors import InitReferenceError
-from inrank_convert.hash_cache import usable_cores
-from inrank_convert.plan import PlanOptions
-from inrank_convert.sources import open_artifact, open_checkpoint
-from inrank_convert.spectrum import RankRule
-from inrank_convert.verify import verify_artifact
+from inrank_convert import read_manifest
+from inrank_convert.compression.job import CompressionJob, compress
+from inrank_convert.compression.plan import PlanOptions
+from inrank_convert.core.errors import InitReferenceError
+from inrank_convert.inputs.sources import open_artifact, open_checkpoint
+from inrank_convert.linalg.spectrum import RankRule
+from inrank_convert.measure.verify import verify_artifact
+from inrank_convert.weights import hash_cache
+from inrank_convert.weights.hash_cache import usable_cores
 
 SETTLE_NS = 50_000_000  # the racy window in these tests (the default, 3 s, would make every test wait)
 

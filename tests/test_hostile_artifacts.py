@@ -28,7 +28,7 @@ from conftest import ModelPair, build_model, gpt2_config, make_pair
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from inrank_convert.tensors import checksum
+from inrank_convert.core.tensors import checksum
 
 FACTORIZED = "transformer.h.0.mlp.c_fc.weight"  # lowrank in the GPT-2 artifact
 DENSE = "transformer.ln_f.bias"  # stored dense

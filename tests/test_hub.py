@@ -23,9 +23,9 @@ from safetensors.torch import load_file
 from test_evaluate import TOKENIZER_DIR, WIKI_TEST, eval_models
 
 from inrank_convert.artifact import read_manifest
-from inrank_convert.errors import CheckpointError
-from inrank_convert.hub import cache_dir, is_hub_id, resolve_model
-from inrank_convert.sources import open_checkpoint
+from inrank_convert.core.errors import CheckpointError
+from inrank_convert.core.hub import cache_dir, is_hub_id, resolve_model
+from inrank_convert.inputs.sources import open_checkpoint
 
 COMMIT = "a" * 40
 OLD_COMMIT = "b" * 40

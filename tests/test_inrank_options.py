@@ -8,15 +8,15 @@ import pytest
 import torch
 from cli_contract import expect_error, expect_ok
 
-from inrank_convert.layers import LowRankLinear
-from inrank_convert.rank_control import (
+from inrank_convert.model.layers import LowRankLinear
+from inrank_convert.training.rank_control import (
     RankPolicy,
     factorize_model,
     layer_role,
     low_rank_layers,
     resplit_layer,
 )
-from inrank_convert.runs import read_metrics
+from inrank_convert.weights.run_folder import read_metrics
 from tests.conftest import SHARED_DATA, build_model, gpt2_config, llama_config
 from tests.test_train_bad_input import SMALL, TEXT, TOKENIZER, tiny_config
 
@@ -121,7 +121,7 @@ def test_inrank_option_bad_input(tmp_path):
 
 
 def test_random_growth_switches_on_kaiming_columns_that_the_next_decision_sees():
-    from inrank_convert.rank_control import RankController, factor_singular_values, grow_layer
+    from inrank_convert.training.rank_control import RankController, factor_singular_values, grow_layer
 
     model = build_model(gpt2_config(), seed=0).eval()
     policy = RankPolicy(buffer=4, growth="random")
@@ -148,7 +148,7 @@ def test_random_growth_switches_on_kaiming_columns_that_the_next_decision_sees()
 
 
 def test_the_defaults_are_the_reference_s():
-    from inrank_convert.train_options import TrainOptions
+    from inrank_convert.training.options import TrainOptions
 
     assert TrainOptions(efficient=True).policy().growth == "random"  # InRank-Efficient: live kaiming columns
     assert TrainOptions().policy().growth == "exact"  # W_init + B @ A: the function unchanged as it grows

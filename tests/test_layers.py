@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from inrank_convert.errors import NonFiniteError
-from inrank_convert.layers import LowRankLinear
+from inrank_convert.core.errors import NonFiniteError
+from inrank_convert.model.layers import LowRankLinear
 
 IN, OUT, RANK = 48, 80, 6
 

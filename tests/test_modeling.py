@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from inrank_convert import PlanOptions, RankRule, compress, load_compressed
-from inrank_convert.errors import ArtifactError
-from inrank_convert.export import decompress
-from inrank_convert.layers import LowRankLinear
+from inrank_convert.core.errors import ArtifactError
+from inrank_convert.export.dense import decompress
+from inrank_convert.model.layers import LowRankLinear
 
 TOKENS = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
 

@@ -18,10 +18,10 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from inrank_convert import PlanOptions, RankRule, compress, open_artifact, read_manifest
-from inrank_convert.cli import app
-from inrank_convert.errors import ArtifactError, OutputError, UsageError
-from inrank_convert.export import decompress
-from inrank_convert.peft_export import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, export_peft
+from inrank_convert.cli.app import app
+from inrank_convert.core.errors import ArtifactError, OutputError, UsageError
+from inrank_convert.export.dense import decompress
+from inrank_convert.export.peft_adapter import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, export_peft
 
 peft = pytest.importorskip("peft")
 

@@ -20,9 +20,9 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from inrank_convert import PlanOptions, RankRule, compress, open_artifact, read_manifest
-from inrank_convert.errors import UsageError
-from inrank_convert.export import decompress
-from inrank_convert.peft_export import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, export_peft
+from inrank_convert.core.errors import UsageError
+from inrank_convert.export.dense import decompress
+from inrank_convert.export.peft_adapter import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, export_peft
 
 peft = pytest.importorskip("peft")
 

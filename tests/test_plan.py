@@ -6,16 +6,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from inrank_convert.checkpoints import open_weights
-from inrank_convert.errors import MismatchError
-from inrank_convert.plan import (
+from inrank_convert.compression.plan import (
     PlanOptions,
     check_reference_matches,
     embedding_parameter_names,
     find_ties,
     make_plan,
 )
-from inrank_convert.reference import CheckpointReference, ZeroReference
+from inrank_convert.core.errors import MismatchError
+from inrank_convert.inputs.reference import CheckpointReference, ZeroReference
+from inrank_convert.weights.checkpoints import open_weights
 
 EMBED = "model.embed_tokens.weight"
 HEAD = "lm_head.weight"

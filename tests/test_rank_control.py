@@ -5,8 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from inrank_convert.layers import LowRankLinear
-from inrank_convert.rank_control import RankController, RankPolicy, factor_singular_values, grow_layer
+from inrank_convert.model.layers import LowRankLinear
+from inrank_convert.training.rank_control import (
+    RankController,
+    RankPolicy,
+    factor_singular_values,
+    grow_layer,
+)
 
 
 def test_qr_singular_values_equal_svdvals_of_the_product():

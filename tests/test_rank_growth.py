@@ -8,9 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from inrank_convert.layers import LowRankLinear
-from inrank_convert.rank_control import RankController, RankPolicy, factor_singular_values, grow_layer
-from inrank_convert.spectrum import explained_ratios, inrank_scan
+from inrank_convert.linalg.spectrum import explained_ratios, inrank_scan
+from inrank_convert.model.layers import LowRankLinear
+from inrank_convert.training.rank_control import (
+    RankController,
+    RankPolicy,
+    factor_singular_values,
+    grow_layer,
+)
 
 
 def reference_scan(s: torch.Tensor, full_rank: int, current: int, buffer: int, max_rank: int, threshold: float) -> int:

@@ -15,8 +15,8 @@ import torch
 
 from inrank_convert import PlanOptions, compress, load_compressed
 from inrank_convert.artifact import artifact_bytes
-from inrank_convert.evaluate import perplexity
-from inrank_convert.modeling import load_dense, model_config
+from inrank_convert.runtime.evaluate import perplexity
+from inrank_convert.runtime.modeling import load_dense, model_config
 from tests.conftest import SHARED_DATA
 
 TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"

@@ -33,11 +33,11 @@ from transformers import AutoModelForCausalLM
 from inrank_convert import PlanOptions, RankRule, compress, load_compressed, open_artifact, read_manifest
 from inrank_convert.artifact import ARTIFACT_FILE
 from inrank_convert.artifact.manifest import MANIFEST_KEY
-from inrank_convert.errors import ArtifactError
-from inrank_convert.export import decompress
-from inrank_convert.peft_export import export_peft
-from inrank_convert.tensors import checksum
-from inrank_convert.verify import verify_artifact
+from inrank_convert.core.errors import ArtifactError
+from inrank_convert.core.tensors import checksum
+from inrank_convert.export.dense import decompress
+from inrank_convert.export.peft_adapter import export_peft
+from inrank_convert.measure.verify import verify_artifact
 
 peft = pytest.importorskip("peft")
 

@@ -11,10 +11,16 @@ from safetensors.torch import load_file, save_file
 
 from inrank_convert import PlanOptions, RankRule, compress
 from inrank_convert.artifact import Artifact, read_manifest
-from inrank_convert.checkpoints import SafetensorsCheckpoint, StateDictCheckpoint, open_weights
-from inrank_convert.errors import InitReferenceError, UsageError
-from inrank_convert.reference import INIT_RECIPE_FILE, CheckpointReference, ZeroReference
-from inrank_convert.sources import ArtifactCheckpoint, is_run, open_artifact, open_checkpoint, open_inputs
+from inrank_convert.core.errors import InitReferenceError, UsageError
+from inrank_convert.inputs.reference import INIT_RECIPE_FILE, CheckpointReference, ZeroReference
+from inrank_convert.inputs.sources import (
+    ArtifactCheckpoint,
+    is_run,
+    open_artifact,
+    open_checkpoint,
+    open_inputs,
+)
+from inrank_convert.weights.checkpoints import SafetensorsCheckpoint, StateDictCheckpoint, open_weights
 
 TIE = ["transformer.wte.weight", "lm_head.weight"]
 

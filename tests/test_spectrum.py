@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from inrank_convert import spectrum
-from inrank_convert.spectrum import (
+from inrank_convert.linalg import spectrum
+from inrank_convert.linalg.spectrum import (
     POWER_ITERATIONS,
     REDUCED_PRODUCT_MIN_TAIL,
     REDUCED_PRODUCT_MIN_WORK,

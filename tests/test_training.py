@@ -18,15 +18,15 @@ import pytest
 import torch
 from conftest import SHARED_DATA
 
-from inrank_convert.compress import compress
-from inrank_convert.data import TokenBatches, cached_tokens, load_tokenizer
-from inrank_convert.distributed import World
-from inrank_convert.modeling import load_compressed
-from inrank_convert.rank_control import RankController, RankPolicy, factorize_model, low_rank_layers
-from inrank_convert.runs import METRICS_FILE, read_metrics
-from inrank_convert.train_loop import batch_loss, decide_ranks
-from inrank_convert.train_options import TrainOptions, learning_rate
-from inrank_convert.training import resume, train
+from inrank_convert.compression.job import compress
+from inrank_convert.core.distributed import World
+from inrank_convert.inputs.text import TokenBatches, cached_tokens, load_tokenizer
+from inrank_convert.runtime.modeling import load_compressed
+from inrank_convert.training.entrypoints import resume, train
+from inrank_convert.training.loop import batch_loss, decide_ranks
+from inrank_convert.training.options import TrainOptions, learning_rate
+from inrank_convert.training.rank_control import RankController, RankPolicy, factorize_model, low_rank_layers
+from inrank_convert.weights.run_folder import METRICS_FILE, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"
@@ -99,7 +99,7 @@ def test_train_writes_a_run_that_compress_reads(inrank_run):
 
 def test_checkpoints_are_artifacts_that_inspect_report_and_decompress_read(inrank_run, tmp_path):
     from inrank_convert.artifact import describe_artifact
-    from inrank_convert.export import decompress
+    from inrank_convert.export.dense import decompress
 
     run, _ = inrank_run
     described = describe_artifact(run / "step-12")
@@ -244,7 +244,7 @@ def test_freeze_dense_trains_only_the_factors(tmp_path, config_path):
     train(config_path, run, options(steps=3, freeze_dense=True))
     from safetensors.torch import load_file
 
-    from inrank_convert.sources import open_artifact
+    from inrank_convert.inputs.sources import open_artifact
 
     start = load_file(str(run / "step-0" / "model.safetensors"))
     artifact = open_artifact(run / "step-3")

@@ -13,7 +13,7 @@ every other module builds and reads the manifest through ``Manifest`` / ``Tensor
 through ``read_manifest`` / ``Artifact`` (``reader.py``).
 """
 
-from .manifest import (
+from inrank_convert.artifact.manifest import (
     ARTIFACT_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -30,7 +30,7 @@ from .manifest import (
     TrainingRecord,
     factor_names,
 )
-from .reader import (
+from inrank_convert.artifact.reader import (
     Artifact,
     ReferenceTensors,
     artifact_bytes,
@@ -39,7 +39,7 @@ from .reader import (
     is_artifact,
     read_manifest,
 )
-from .writer import (
+from inrank_convert.artifact.writer import (
     ArtifactWriter,
     RecordingWriter,
     SourceTensor,

@@ -15,11 +15,11 @@ from typing import Any, Literal, get_args
 
 import torch
 
-from ..checkpoints import FileHash
-from ..errors import ArtifactError
-from ..tensors import SAFETENSORS_CODES, dtype_from_name, dtype_name, numel
-from ..version import __version__
-from .storage import FLOAT_STORAGE
+from inrank_convert.artifact.storage import FLOAT_STORAGE
+from inrank_convert.core.errors import ArtifactError
+from inrank_convert.core.tensors import SAFETENSORS_CODES, dtype_from_name, dtype_name, numel
+from inrank_convert.core.version import __version__
+from inrank_convert.weights.checkpoints import FileHash
 
 ARTIFACT_FILE = "inrank.safetensors"
 INIT_FILE = "init.safetensors"

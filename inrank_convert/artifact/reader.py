@@ -10,10 +10,7 @@ from typing import Any, Protocol
 
 import torch
 
-from ..checkpoints import SafetensorsCheckpoint, TensorInfo, open_safetensors
-from ..errors import ArtifactError, CheckpointError, InitReferenceError
-from ..tensors import SAFETENSORS_DTYPES, dtype_name, is_finite
-from .manifest import (
+from inrank_convert.artifact.manifest import (
     ARTIFACT_FILE,
     DAMAGED,
     FACTOR_SCALE,
@@ -26,7 +23,10 @@ from .manifest import (
     factor_names,
     row_names,
 )
-from .storage import decode_factors, decode_rows
+from inrank_convert.artifact.storage import decode_factors, decode_rows
+from inrank_convert.core.errors import ArtifactError, CheckpointError, InitReferenceError
+from inrank_convert.core.tensors import SAFETENSORS_DTYPES, dtype_name, is_finite
+from inrank_convert.weights.checkpoints import SafetensorsCheckpoint, TensorInfo, open_safetensors
 
 # Rows of the dense result built at a time by ``reconstruct`` (bounds the float32 temporaries of
 # B @ A for a tall matrix, e.g. 50,257 x 4096 embeddings, to about 64 MB).

@@ -13,11 +13,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoints import TensorInfo, copy_side_files
-from ..errors import ArtifactError
-from ..outputs import TensorFileWriter, atomic_output_dir, copy_rest, link_or_copy
-from ..tensors import dtype_name, sha256_tensor
-from .manifest import (
+from inrank_convert.artifact.manifest import (
     ARTIFACT_FILE,
     FACTOR_SCALE,
     INIT_FILE,
@@ -31,8 +27,12 @@ from .manifest import (
     factor_names,
     row_names,
 )
-from .reader import artifact_bytes
-from .storage import encode_factors, encode_rows
+from inrank_convert.artifact.reader import artifact_bytes
+from inrank_convert.artifact.storage import encode_factors, encode_rows
+from inrank_convert.core.errors import ArtifactError
+from inrank_convert.core.tensors import dtype_name, sha256_tensor
+from inrank_convert.weights.checkpoints import TensorInfo, copy_side_files
+from inrank_convert.weights.outputs import TensorFileWriter, atomic_output_dir, copy_rest, link_or_copy
 
 
 class ArtifactWriter:

@@ -1,0 +1,271 @@
+"""compress to a size target (``--target-ratio``, ``--target-size``): a first pass over the updates
+that keeps only their spectra (and rows' energies), a bound on the header, and the allocation
+(budget.py's greedy) of ranks and rows to every factorized tensor, which compress then executes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from inrank_convert.artifact import Manifest, RuleRecord, TensorEntry, manifest_metadata
+from inrank_convert.compression.calibration import CalibrationStats, whitened_svd
+from inrank_convert.compression.plan import Plan, PlanOptions, TensorPlan, costs_for, storage_for
+from inrank_convert.compression.updates import load_update, planned_work
+from inrank_convert.core.errors import UsageError, flag
+from inrank_convert.core.tensors import SAFETENSORS_CODES
+from inrank_convert.inputs.sources import Inputs
+from inrank_convert.linalg.budget import Allocation, TensorUnits, allocate
+from inrank_convert.linalg.forms import (
+    DOMINANT_SHARE,
+    MAX_ROW_FRACTION,
+    effective_threshold,
+    rows_needed,
+    split_residual,
+)
+from inrank_convert.linalg.spectrum import GramSpectrum, RankRule, exact_svd, rank_for_energy, singular_values
+
+
+@dataclass(frozen=True)
+class Assigned:
+    """What the budget gave one factorized tensor: whole, or ``rank`` components and (for the
+    low rank + rows form) ``rows`` residual rows besides any forced ones (None: low rank only);
+    ``whitened``: the components are those of the update whitened by the layer's input Gram."""
+
+    dense: bool
+    rank: int = 0
+    rows: int | None = None
+    whitened: bool = False  # the rank-``rank`` optimum of the output error on the calibration text
+
+
+def budget_ratio(target: int, plan: Plan) -> float:
+    """The target as a fraction of the dense bytes, as the manifest records it (6 decimals)."""
+    return round(target / plan.original_bytes, 6) if plan.original_bytes else 0.0
+
+
+def target_bytes(options: PlanOptions, plan: Plan) -> int:
+    """The byte target of the artifact's tensor file."""
+    if options.target_size is not None:
+        return int(options.target_size)
+    return int(math.floor(float(options.target_ratio) * plan.original_bytes))
+
+
+def header_bound(plan: Plan, options: PlanOptions, finish_arguments: dict, target: int) -> int:
+    """Bytes the artifact file's header (its length field, the safetensors JSON with the manifest,
+    the alignment padding) can take at most, whatever ranks and rows the tensors get: the header of
+    a manifest in which every factorized tensor takes its longest form (kind lowrank+rows, every
+    stored tensor at full size, ten-character energy and error, the longest engine name, offsets
+    as long as the target).
+
+    It does not depend on the target below the dense bytes (the longest numbers are assumed), so
+    the least target that works is one number."""
+    entries: dict[str, TensorEntry] = {}
+    stored: dict[str, dict] = {}
+    wide = 10 ** len(str(max(target, plan.original_bytes))) - 1
+    offset = [wide, wide]
+    ratio = budget_ratio(target, plan)
+    longest_ratio = 0.123456 if ratio < 1.0 else ratio  # round(x, 6) below 1 prints in at most 8 characters
+    longest_code = max(SAFETENSORS_CODES.values(), key=len)
+    for entry in plan.entries:
+        if entry.action == "alias":
+            entries[entry.name] = TensorEntry("alias", entry.shape, entry.dtype, of=entry.alias_of)
+            continue
+        if entry.action == "dense":
+            record = TensorEntry("dense", entry.shape, entry.dtype, None, 1.0, entry.nbytes, entry.nbytes, None,
+                                 reference_rows=entry.reference_rows)
+            stored[entry.name] = {"dtype": longest_code, "shape": list(entry.shape), "data_offsets": offset}
+        else:
+            rows, cols = entry.shape
+            rank = min(rows, cols)
+            record = TensorEntry("lowrank+rows", entry.shape, entry.dtype, rank, 0.12345678, entry.nbytes,
+                                 entry.nbytes, "exact-float64", rows=rows, storage=storage_for(options, entry),
+                                 error=0.12345678, reference_rows=entry.reference_rows)
+            for name in record.stored_names(entry.name):
+                shape = [max(rows, cols), max(rows, cols)]
+                stored[name] = {"dtype": longest_code, "shape": shape, "data_offsets": offset}
+        entries[entry.name] = record
+    arguments = dict(finish_arguments)
+    arguments.pop("rule")
+    rule = RuleRecord("budget", longest_ratio, None, wide)
+    manifest = Manifest(arguments.pop("source"), arguments.pop("reference"), rule, entries,
+                        arguments.pop("original_bytes"), **arguments)
+    manifest.checksums = {name: "f" * 64 for name in stored}
+    header = {"__metadata__": manifest_metadata(manifest), **stored}
+    encoded = len(json.dumps(header, separators=(",", ":")).encode())
+    return 8 + encoded + 7
+
+
+TensorMode = Literal["lowrank", "rows"]
+
+
+def tensor_units(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: torch.device,
+                 stats: CalibrationStats | None = None) -> tuple[TensorUnits, TensorMode, TensorUnits | None]:
+    """One factorized tensor's units for budget.allocate (its spectrum, or its dominant component
+    and residual rows), the form its allocation takes (``lowrank`` or ``rows``: low rank + rows),
+    and with calibration statistics the units of its whitened spectrum (None without a Gram).
+
+    Gains are relative energy (s_i^2 / ||delta||^2, so updates of any scale compare) weighted by
+    the tensor's parameter count (rows x cols, so a fraction of a large tensor's error counts for
+    more than the same fraction of a small one's). Measured on the README's run at a 10% target:
+    relative energy alone spends the bytes on the small block matrices (energy ~0.99 each) and
+    starves the token embedding, +20.6% perplexity; weighted by size, +1.12% (the per-tensor
+    threshold's result at the same size); absolute energy s_i^2, +34%.
+    A tensor with a dominant component (holding DOMINANT_SHARE or more of its energy) is measured
+    as the default rule measures it (forms.py): the dominant component is one unit worth a whole
+    tensor, and every unit after it is relative to the energy left after it, so that a drift
+    shared by every row cannot stand for the rows' own updates; its dense gain is then twice.
+
+    With calibration statistics, the rows of a token embedding or LM head are ranked by
+    ``CalibrationStats.row_scores`` (what the outputs lose without them), and a low-rank layer
+    whose input Gram was collected (every nn.Linear and Conv1D weight) is also measured by its
+    whitened spectrum: s_i^2 is the output error energy
+    on the calibration text that component i removes, relative to the whole update's, weighted by
+    the parameter count as above (see ``allocate_target`` for how the two are used).
+
+    The rows form is taken where the default rule would take it: forced rows (a grown vocabulary),
+    or a dominant component after which the residual's rows reach the rule's threshold in fewer
+    bytes than more components (an embedding)."""
+    delta, total = load_update(inputs, entry, device)
+    rows, cols = entry.shape
+    costs = costs_for(options, entry)
+    forced_count = entry.new_rows
+    component, row = costs.lowrank(1, rows, cols), costs.row_set(1, cols)
+    fixed = costs.row_set(forced_count, cols)
+    weight = float(rows * cols)
+    if total == 0.0:
+        return TensorUnits((), 0, component, row, entry.nbytes, fixed, 0.0, dense_gain=0.0), \
+            "rows" if forced_count > 0 else "lowrank", None
+    # The whole spectrum from the small side's Gram (eigenvalues only), as the Gram engine reads it:
+    # 1.3 s where svdvals took 4.2 s on a 32000 x 2048 update (one thread), the values within 6e-6 of
+    # the largest; --float64 keeps svdvals.
+    gram = None if options.float64 else GramSpectrum.of(delta, vectors=False)
+    values = singular_values(delta, True) if gram is None else gram.values
+    energies = values.double().pow(2).cpu()  # [min(rows, cols)]
+    dominant = float(energies[0]) >= DOMINANT_SHARE * total
+    rest = max(total - float(energies[0]), 1e-300) / weight if dominant else total / weight
+    lead = [weight] if dominant else []
+    dense_gain = 2.0 * weight if dominant else weight
+
+    def components() -> tuple[TensorUnits, TensorMode, TensorUnits | None]:
+        gains = tuple(lead + (energies[len(lead):] / rest).tolist())
+        plain = TensorUnits(gains, len(gains), component, row, entry.nbytes, dense_gain=dense_gain)
+        if stats is None or entry.name not in stats.grams:
+            return plain, "lowrank", None
+        whitened = whitened_svd(delta, stats.grams[entry.name].to(device), conv1d=stats.conv1d[entry.name],
+                                name=entry.name)
+        output_energies = whitened.S.pow(2).cpu()  # [min(rows, cols)] float64: output error energy per component
+        scale = weight / max(float(output_energies.sum()), 1e-300)
+        return plain, "lowrank", TensorUnits(tuple((output_energies * scale).tolist()), output_energies.numel(),
+                                             component, row, entry.nbytes, dense_gain=weight)
+
+    if not dominant and forced_count == 0:
+        return components()
+    if dominant:
+        # Only the leading right vector: from the Gram's eigenvectors, not a full SVD.
+        V = exact_svd(delta, float64=True)[2][:1] if gram is None else gram.with_vectors(delta).right_vectors(delta, 1)
+        V = V.to(delta.dtype)
+    else:
+        V = delta.new_zeros(0, cols)
+    V, B, _, residual, forced = split_residual(delta, V, entry.forced_rows)
+    residual = residual.cpu()  # [rows] float64
+    # With calibration a token embedding's rows are worth what the outputs lose without them.
+    ranking = None if stats is None else stats.row_scores(entry.name, delta, V, B, residual)
+    free = torch.sort((residual if ranking is None else ranking)[~forced], descending=True).values
+    if forced_count == 0:
+        _, effective = effective_threshold(values, total, RankRule().threshold)
+        count = rows_needed(residual, forced, effective * total - float(energies[0]))
+        low_rank = rank_for_energy(values, total, effective) or values.numel()
+        if count > MAX_ROW_FRACTION * rows or costs.lowrank(1, rows, cols) + costs.row_set(count, cols) \
+                >= costs.lowrank(low_rank, rows, cols):
+            return components()
+    gains = tuple(lead + (free / rest).tolist())
+    return TensorUnits(gains, len(lead), component, row, entry.nbytes, fixed, float(residual[forced].sum()) / rest,
+                       dense_gain), "rows", None
+
+
+@dataclass
+class Spectra:
+    """The budget's first pass, done once: every factorized tensor's units and form, and the bytes
+    every allocation pays (the tensors kept whole, the least each factorized tensor can take).
+    Allocating any number of targets from it is cheap (no tensor is read again)."""
+
+    names: list[str]  # the factorized tensors, in plan order
+    units: list[TensorUnits]
+    modes: list[TensorMode]
+    whitened: list[TensorUnits | None]  # with calibration: the whitened spectrum's units of a layer with a Gram
+    kept: int  # bytes of the tensors kept whole by the plan
+    least: int  # bytes of the factorized tensors at their least (forced rows, or dense if smaller)
+
+    def minimum(self, header: int) -> int:
+        """The least artifact file any allocation gives, with a header of ``header`` bytes."""
+        return header + self.kept + self.least
+
+
+def measure_spectra(plan: Plan, inputs: Inputs, options: PlanOptions, stats: CalibrationStats | None = None,
+                    on_tensor: Callable[[str], None] | None = None) -> Spectra:
+    """Read every factorized update once and keep its units (plain or whitened spectrum, rows' energies)."""
+    device = torch.device(options.device)
+    factorized = [entry for entry in plan.entries if entry.action == "factorize"]
+    units: list[TensorUnits] = []
+    modes: list[TensorMode] = []
+    whitened: list[TensorUnits | None] = []
+    for _, entry in planned_work(plan, inputs, ("factorize",)):
+        found, mode, output = tensor_units(entry, inputs, options, device, stats)
+        units.append(found)
+        modes.append(mode)
+        whitened.append(output)
+        if on_tensor is not None:
+            on_tensor(entry.name)
+    kept = sum(entry.nbytes for entry in plan.entries if entry.action == "dense")
+    least = sum(min(costs_for(options, entry).row_set(entry.new_rows, entry.shape[1]), entry.nbytes)
+                for entry in factorized)
+    return Spectra([entry.name for entry in factorized], units, modes, whitened, kept, least)
+
+
+def check_target(spectra: Spectra, plan: Plan, options: PlanOptions, target: int, header: int) -> None:
+    """Refuse a target below what the tensors kept whole and the header alone need (naming that minimum)."""
+    minimum = spectra.minimum(header)
+    if target < minimum:
+        which = "--target-ratio" if options.target_ratio is not None else "--target-size"
+        ratio = minimum / plan.original_bytes if plan.original_bytes else 0.0
+        raise UsageError(f"a target of {target} bytes is below the {minimum} bytes ({ratio:.4%} of the dense "
+                         f"{plan.original_bytes}) that the tensors kept whole and the header alone need",
+                         flag(which), f"pass {flag('--target-ratio')} {math.ceil(ratio * 1e4) / 1e4:g} or more "
+                         f"(or {flag('--target-size')} {minimum} or more)")
+
+
+def allocate_target(spectra: Spectra, target: int, header: int) -> dict[str, Assigned]:
+    """name -> what each factorized tensor gets, so that the artifact file (header included) is at
+    most ``target`` bytes (``target`` at least ``spectra.minimum(header)``).
+
+    With calibration, two steps. The plain spectra split the bytes between the layers that have an
+    input Gram and the tensors that do not (embeddings); then the layers' share is allocated again
+    among them by their whitened spectra. One greedy over both kinds of gain would compare a
+    whitened relative energy (which reaches 0.99 in a few components, since a layer's inputs
+    concentrate in a few directions) with an embedding's plain one: on the README's run at a 10%
+    target that starved the blocks, +2.16% perplexity against +1.12% without calibration (+0.48%
+    in two steps); within the blocks alone the whitened allocation loses far less (+0.19% against
+    +0.68% at 10% of the blocks' bytes). The first step sees a token embedding's rows ranked by
+    ``CalibrationStats.row_scores``, whose gains keep the plain scale."""
+    allocations: list[Allocation] = allocate(spectra.units, target - header - spectra.kept)
+    whitened = [i for i, units in enumerate(spectra.whitened) if units is not None and not allocations[i].dense]
+    if whitened:
+        share = sum(allocations[i].bytes for i in whitened)
+        for i, given in zip(whitened, allocate([spectra.whitened[i] for i in whitened], share), strict=True):
+            allocations[i] = given
+    budget: dict[str, Assigned] = {}
+    for i, (name, found, mode, given) in enumerate(zip(spectra.names, spectra.units, spectra.modes, allocations,
+                                                        strict=True)):
+        if given.dense:
+            budget[name] = Assigned(True)
+        elif i in whitened:
+            budget[name] = Assigned(False, given.units, None, whitened=True)
+        else:
+            rank, extra = given.split(found.lead)
+            budget[name] = Assigned(False, rank, extra if mode == "rows" else None)
+    return budget

@@ -1,0 +1,175 @@
+"""What a training run is asked and what it reports: ``TrainOptions`` (stored in every checkpoint,
+so a resumed run reuses them), their validation, the learning-rate schedule they define, and
+``TrainResult``.
+
+Kept apart from the loop: the CLI builds and checks options before any training starts, and the
+schedule has one definition that the loop, the metrics and the tests share.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+from inrank_convert.core.distributed import check_device
+from inrank_convert.core.errors import UsageError, flag
+from inrank_convert.core.tensors import COMPUTE_DTYPES
+from inrank_convert.linalg.spectrum import CRITERIA
+from inrank_convert.model.architecture import check_seed
+from inrank_convert.training.rank_control import FACTORIZE_CHOICES, GROWTH_MODES, RankPolicy
+
+MODES = ("dense", "inrank")
+
+
+@dataclass
+class TrainOptions:
+    """Everything that decides a run. Stored in every checkpoint; a resumed run reuses it."""
+
+    data: str = ""
+    steps: int = 0  # total optimizer steps of the run
+    val_data: str | None = None
+    mode: str = "dense"
+    efficient: bool = False
+    freeze_dense: bool = False
+    lr: float = 1e-3
+    min_lr: float | None = None  # default lr / 10
+    warmup: int | None = None  # default min(100, steps // 10)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    batch_size: int = 16  # sequences per optimizer step, over all processes
+    block_size: int | None = None  # default min(256, the model's context)
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"  # autocast dtype; parameters and optimizer state stay float32
+    save_every: int | None = None  # default: only at the end
+    eval_every: int | None = None  # default: at each save and at the end (with val_data)
+    eval_blocks: int = 32
+    log_every: int = 10
+    tokenizer: str | None = None
+    criterion: str = "inrank"
+    threshold: float = 0.9
+    buffer: int = 100
+    rank_warmup: int = 200
+    rank_every: int = 25
+    max_rank: int | None = None
+    factorize: str = "mlp"  # which linear layers InRank factorizes: mlp (the reference's), attention, all
+    initial_rank: int | None = None  # default: 2, the reference's (clipped to a layer's full rank)
+    stage2_at: int | None = None  # freeze ranks and re-split the factors by SVD at this step
+    growth: str | None = None  # new factor columns: exact (function unchanged) or random (the reference's);
+    # default: random with --efficient (the reference's InRank-Efficient), exact otherwise
+
+    def policy(self) -> RankPolicy:
+        growth = self.growth or ("random" if self.efficient else "exact")
+        return RankPolicy(self.criterion, self.threshold, self.buffer, self.rank_warmup, self.rank_every, self.max_rank,
+                          self.stage2_at, growth)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict) -> TrainOptions:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    start_step: int
+    step: int
+    loss: float | None
+    val_loss: float | None
+    checkpoints: list[Path]
+    interrupted: bool
+    ranks: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    process_rank: int = 0  # under torchrun, only process 0 reports
+
+    @property
+    def total_rank(self) -> int:
+        return sum(self.ranks.values())
+
+    def to_json(self) -> dict:
+        return {"run": str(self.run), "start_step": self.start_step, "step": self.step, "loss": self.loss,
+                "val_loss": self.val_loss, "checkpoints": [str(p) for p in self.checkpoints],
+                "interrupted": self.interrupted, "total_rank": self.total_rank, "ranks": self.ranks,
+                "seconds": round(self.seconds, 3), "tokens_per_second": round(self.tokens_per_second, 1)}
+
+
+def check_options(options: TrainOptions) -> None:
+    def bad(what: str, option: str, fix: str):
+        raise UsageError(what, option, fix)
+
+    if options.steps <= 0:
+        bad(f"{flag('--steps')} must be a positive number of optimizer steps", f"{flag('--steps')} {options.steps}", f"e.g. {flag('--steps')} 1000")
+    if not options.data:
+        bad("no training text given", flag("--data"), f"pass {flag('--data')} FILE (a text file or a folder of them)")
+    if options.mode not in MODES:
+        bad(f"unknown mode {options.mode!r}", flag("--mode"), "choose dense or inrank")
+    if options.efficient and options.mode != "inrank":
+        bad(f"{flag('--efficient')} is an InRank option", f"{flag('--mode')} dense", f"pass {flag('--mode')} inrank with {flag('--efficient')}")
+    defaults = {f.name: f.default for f in fields(TrainOptions)}
+    inrank_only = [(name, f"--{name.replace('_', '-')}") for name in ("factorize", "initial_rank", "stage2_at", "growth")
+                   if getattr(options, name) != defaults[name]]
+    if inrank_only and options.mode != "inrank":
+        name, flag_name = inrank_only[0]
+        bad(f"{flag(flag_name)} is an InRank option", f"{flag('--mode')} {options.mode}",
+            f"pass {flag('--mode')} inrank with {flag(flag_name)}")
+    if options.factorize not in FACTORIZE_CHOICES:
+        bad(f"unknown {flag('--factorize')} {options.factorize!r}", flag("--factorize"),
+            f"choose one of {', '.join(FACTORIZE_CHOICES)} (the InRank reference factorizes mlp)")
+    if options.growth is not None and options.growth not in GROWTH_MODES:
+        bad(f"unknown {flag('--growth')} {options.growth!r}", flag("--growth"),
+            "choose exact (new columns leave the function unchanged) or random (the InRank reference's)")
+    if options.initial_rank is not None and options.initial_rank < 0:
+        bad(f"{flag('--initial-rank')} cannot be negative", f"{flag('--initial-rank')} {options.initial_rank}",
+            "pass 0 or more (the reference starts at 2)")
+    if options.stage2_at is not None and not 1 <= options.stage2_at <= options.steps:
+        bad(f"{flag('--stage2-at')} must be a step of the run (1 to {flag('--steps')} {options.steps})",
+            f"{flag('--stage2-at')} {options.stage2_at}", f"pass a step between 1 and {options.steps}")
+    if options.dtype not in COMPUTE_DTYPES:
+        bad(f"unknown dtype {options.dtype!r}", flag("--dtype"), f"choose one of {', '.join(COMPUTE_DTYPES)}")
+    if options.criterion not in CRITERIA:
+        bad(f"unknown criterion {options.criterion!r}", flag("--criterion"), f"choose one of {', '.join(CRITERIA)}")
+    if not 0.0 < options.threshold <= 1.0:
+        bad(f"{flag('--threshold')} must be in (0, 1]", f"{flag('--threshold')} {options.threshold}", f"e.g. {flag('--threshold')} 0.9")
+    for name in ("batch_size", "grad_accum", "log_every", "eval_blocks", "rank_every", "buffer"):
+        if getattr(options, name) < 1:
+            bad(f"--{name.replace('_', '-')} must be at least 1", f"--{name.replace('_', '-')} {getattr(options, name)}",
+                "pass a positive number")
+    for name in ("save_every", "eval_every", "max_rank", "block_size"):
+        value = getattr(options, name)
+        if value is not None and value < 1:
+            bad(f"--{name.replace('_', '-')} must be at least 1", f"--{name.replace('_', '-')} {value}", "pass a positive number")
+    if options.rank_warmup < 0 or (options.warmup is not None and options.warmup < 0):
+        bad("warmup steps cannot be negative", f"{flag('--warmup')}/{flag('--rank-warmup')}", "pass 0 or more")
+    if not (math.isfinite(options.lr) and options.lr > 0):
+        bad(f"{flag('--lr')} must be a positive number", f"{flag('--lr')} {options.lr}", f"e.g. {flag('--lr')} 1e-3")
+    if options.min_lr is not None and not (math.isfinite(options.min_lr) and options.min_lr >= 0):
+        bad(f"{flag('--min-lr')} must be 0 or more", f"{flag('--min-lr')} {options.min_lr}",
+            f"pass 0 or more; the default is {flag('--lr')} / 10")
+    for name, option in (("grad_clip", "--grad-clip"), ("weight_decay", "--weight-decay")):
+        value = getattr(options, name)
+        if not (math.isfinite(value) and value >= 0):
+            bad(f"{flag(option)} must be 0 or more", f"{flag(option)} {value}", "pass 0 or more; 0 turns it off")
+    check_seed(options.seed, "--seed")
+    if options.batch_size % options.grad_accum:
+        bad(f"{flag('--batch-size')} must be a multiple of {flag('--grad-accum')}", f"{flag('--batch-size')} {options.batch_size} {flag('--grad-accum')} "
+            f"{options.grad_accum}", f"e.g. {flag('--batch-size')} 16 {flag('--grad-accum')} 4")
+    device = options.device
+    check_device(device)
+    if options.dtype == "float16" and not device.startswith("cuda"):
+        bad("float16 autocast needs CUDA", f"{flag('--dtype')} float16", f"use {flag('--dtype')} bfloat16 or float32 on the CPU")
+
+
+def learning_rate(options: TrainOptions, step: int) -> float:
+    """The learning rate of optimizer step ``step`` (1-based): linear warmup, then cosine to min_lr."""
+    warmup = options.warmup if options.warmup is not None else min(100, options.steps // 10)
+    min_lr = options.min_lr if options.min_lr is not None else options.lr / 10
+    if warmup and step <= warmup:
+        return options.lr * step / warmup
+    progress = (step - warmup) / max(1, options.steps - warmup)
+    return min_lr + 0.5 * (options.lr - min_lr) * (1 + math.cos(math.pi * min(1.0, progress)))

@@ -1,0 +1,310 @@
+"""InRank's incremental rank control (DESIGN §5): measure each factorized layer's spectrum
+cheaply, decide its rank, and grow its factors (and their optimizer state) to keep a buffer.
+
+A layer here is a ``LowRankLinear`` whose factors have width k = r + buffer:
+``W = W_ref + B[:, :k] @ A[:k, :]``. Growing appends zero columns to B and small random rows
+to A, so the function is unchanged at the step it grows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from inrank_convert.core.errors import UsageError, flag
+from inrank_convert.core.tensors import storage_key
+from inrank_convert.linalg.spectrum import (
+    FactorProductSVD,
+    RankRule,
+    choose_rank,
+    inrank_scan,
+    numerical_args,
+)
+from inrank_convert.model.architecture import conv1d_class, replace_module
+from inrank_convert.model.layers import LowRankLinear
+
+GROWTH_INIT_SCALE = 1e-3  # std of the new rows of A, relative to 1/sqrt(in_features)
+
+
+def factor_singular_values(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """Singular values of B @ A ([out, k] @ [k, in]) without forming the product.
+
+    B = Q_B R_B and A.T = Q_A R_A (thin QRs), so B @ A = Q_B (R_B @ R_A.T) Q_A.T and its
+    singular values are those of the small k x k matrix R_B @ R_A.T. Cost O((out + in) k^2)
+    instead of O(out * in * k) plus an SVD of an out x in matrix.
+    """
+    _, R_B = torch.linalg.qr(B.detach().double())  # [k, k]
+    _, R_A = torch.linalg.qr(A.detach().double().T)  # [k, k]
+    return torch.linalg.svdvals(R_B @ R_A.T).float()
+
+
+@dataclass
+class RankPolicy:
+    """When and how ranks change. Defaults follow the InRank reference implementation."""
+
+    criterion: str = "inrank"
+    threshold: float = 0.9
+    buffer: int = 100
+    warmup: int = 200  # optimizer steps before the first decision
+    every: int = 25  # optimizer steps between decisions
+    max_rank: int | None = None  # default: min(rows, cols) // 2 per layer
+    stage2_at: int | None = None  # from this step on, no decisions (InRank-Efficient's stage 2)
+    growth: str = "exact"  # new factor columns: "exact" (B zero: the function is unchanged) or "random" (the reference's)
+
+    def due(self, step: int) -> bool:
+        if self.stage2_at is not None and step >= self.stage2_at:
+            return False
+        return step >= self.warmup and (step - self.warmup) % self.every == 0
+
+    def layer_max_rank(self, layer: LowRankLinear) -> int:
+        limit = min(layer.in_features, layer.out_features) // 2
+        return max(1, min(limit, self.max_rank) if self.max_rank is not None else limit)
+
+    def layer_buffer(self, layer: LowRankLinear) -> int:
+        """The buffer, clipped for small layers (never more than a quarter of the full rank)."""
+        return max(1, min(self.buffer, min(layer.in_features, layer.out_features) // 4))
+
+
+@dataclass
+class RankController:
+    """Holds each layer's current rank r; the factor width is r + buffer (capped)."""
+
+    policy: RankPolicy
+    ranks: dict[str, int] = field(default_factory=dict)
+
+    def width_for(self, layer: LowRankLinear, rank: int) -> int:
+        full = min(layer.in_features, layer.out_features)
+        return min(full, rank + self.policy.layer_buffer(layer))
+
+    def decide(self, model: nn.Module) -> dict[str, int]:
+        """New rank per layer from its current spectrum: never below the current rank, and never
+        grown past max_rank. Returns the layers whose width must grow: name -> new width.
+
+        ``inrank`` is the reference's scan (spectrum.inrank_scan): over the buffer only, on the
+        spectrum zero-padded to the layer's full rank, at most buffer - 1 per decision, and
+        rank + buffer within max_rank (the reference's factor width). ``energy`` takes the
+        smallest rank holding the threshold's share of B @ A's energy, capped at max_rank."""
+        rule = RankRule(self.policy.criterion, self.policy.threshold)
+        growth: dict[str, int] = {}
+        for name, layer in low_rank_layers(model):
+            values = factor_singular_values(layer.lora_B, layer.lora_A)
+            current = self.ranks.get(name, 0)
+            if self.policy.criterion == "inrank":
+                chosen = inrank_scan(values, min(layer.in_features, layer.out_features), current,
+                                     self.policy.layer_buffer(layer), self.policy.layer_max_rank(layer),
+                                     self.policy.threshold)
+            else:
+                total = float((values.double() ** 2).sum())
+                # At threshold 1 the numerical rank of B @ A, at the precision of its (float32) factors.
+                numerical = numerical_args((layer.in_features, layer.out_features), layer.lora_B.dtype)
+                chosen = min(choose_rank(values, total, rule, **numerical) if total > 0 else 0,
+                             self.policy.layer_max_rank(layer))
+            # Never below the current rank (an artifact may start above the cap); the cap only limits growth.
+            rank = max(current, chosen)
+            self.ranks[name] = rank
+            width = self.width_for(layer, rank)
+            if width > layer.rank:
+                growth[name] = width
+        return growth
+
+    @property
+    def total_rank(self) -> int:
+        return sum(self.ranks.values())
+
+    def state_dict(self) -> dict:
+        return {"policy": asdict(self.policy), "ranks": dict(self.ranks)}
+
+    @classmethod
+    def from_state_dict(cls, state: dict) -> RankController:
+        return cls(RankPolicy(**state["policy"]), dict(state["ranks"]))
+
+
+def low_rank_layers(model: nn.Module) -> list[tuple[str, LowRankLinear]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, LowRankLinear)]
+
+
+GROWTH_MODES = ("exact", "random")
+
+
+def _uniform(shape: tuple[int, int], bound: float, generator: torch.Generator | None) -> torch.Tensor:
+    return (torch.rand(shape, generator=generator, dtype=torch.float32) * 2.0 - 1.0) * bound
+
+
+@torch.no_grad()
+def grow_layer(layer: LowRankLinear, width: int, optimizer: torch.optim.Optimizer | None = None,
+               generator: torch.Generator | None = None, mode: str = "exact", max_width: int | None = None) -> None:
+    """Widen the factors to ``width``; Adam-style optimizer state gets zero entries for the new ones.
+
+    ``exact``: B gets zero columns, A small random rows, so B @ A and the layer's function are
+    unchanged. ``random`` (the InRank reference's InRank-Efficient, whose factors are allocated at
+    full width with nn.Linear's default init and switched on as the rank grows): both get
+    kaiming-uniform entries, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = in for A and the
+    largest width ``max_width`` for B, so the function changes where the layer grows and the new
+    components are visible to the next rank decision."""
+    old = layer.rank
+    if width <= old:
+        return
+    extra = width - old
+    if mode == "random":
+        new_rows = _uniform((extra, layer.in_features), layer.in_features ** -0.5, generator)
+        new_columns = _uniform((layer.out_features, extra), max(1, max_width or width) ** -0.5, generator)
+    elif mode == "exact":
+        new_rows = torch.randn(extra, layer.in_features, generator=generator, dtype=torch.float32)
+        new_rows = new_rows * (GROWTH_INIT_SCALE / layer.in_features ** 0.5)
+        new_columns = torch.zeros(layer.out_features, extra)
+    else:
+        raise ValueError(f"growth must be one of {GROWTH_MODES}, got {mode!r}")
+    new_rows = new_rows.to(device=layer.lora_A.device, dtype=layer.lora_A.dtype)
+    new_columns = new_columns.to(device=layer.lora_B.device, dtype=layer.lora_B.dtype)
+    grown_A = torch.cat([layer.lora_A.data, new_rows], dim=0)  # [width, in]
+    grown_B = torch.cat([layer.lora_B.data, new_columns], dim=1)  # [out, width]
+    _replace_parameter(layer, "lora_A", grown_A, optimizer, pad_dim=0)
+    _replace_parameter(layer, "lora_B", grown_B, optimizer, pad_dim=1)
+
+
+def _replace_parameter(layer: nn.Module, attr: str, value: torch.Tensor, optimizer, pad_dim: int) -> None:
+    old = getattr(layer, attr)
+    new = nn.Parameter(value, requires_grad=old.requires_grad)
+    setattr(layer, attr, new)
+    if optimizer is None:
+        return
+    for group in optimizer.param_groups:
+        for index, param in enumerate(group["params"]):
+            if param is old:
+                group["params"][index] = new
+    state = optimizer.state.pop(old, None)
+    if state is None:
+        return
+    grown = {}
+    for key, tensor in state.items():
+        if torch.is_tensor(tensor) and tensor.shape == old.shape:
+            padding = list(tensor.shape)
+            padding[pad_dim] = value.shape[pad_dim] - old.shape[pad_dim]
+            grown[key] = torch.cat([tensor, tensor.new_zeros(padding)], dim=pad_dim)
+        else:
+            grown[key] = tensor  # e.g. Adam's scalar step count
+    optimizer.state[new] = grown
+
+
+FACTORIZE_CHOICES = ("all", "mlp", "attention")
+_MLP_PARTS = {"mlp", "ffn", "feed_forward", "feedforward"}
+_ATTENTION_PARTS = {"attn", "self_attn", "attention", "self_attention"}
+
+
+def layer_role(name: str) -> str:
+    """``mlp``, ``attention`` or ``other`` from a module's dotted name (``transformer.h.0.mlp.c_fc``)."""
+    parts = set(name.split("."))
+    if parts & _MLP_PARTS:
+        return "mlp"
+    if parts & _ATTENTION_PARTS:
+        return "attention"
+    return "other"
+
+
+def factorized_layers(model: nn.Module, factorize: str = "all") -> list[tuple[str, nn.Module]]:
+    """The (name, module) of every untied nn.Linear / Conv1D that ``factorize`` selects."""
+    if factorize not in FACTORIZE_CHOICES:
+        raise ValueError(f"factorize must be one of {FACTORIZE_CHOICES}, got {factorize!r}")
+    conv1d = conv1d_class()
+    embeddings = model.get_input_embeddings()
+    embedding = embeddings.weight if embeddings is not None else None
+
+    def tied(weight: torch.Tensor) -> bool:
+        # The same Parameter, or (real tensors only: every meta tensor has data_ptr 0) the same storage.
+        return embedding is not None and (weight is embedding or (
+            not weight.is_meta and storage_key(weight) == storage_key(embedding)))
+
+    return [(name, module) for name, module in model.named_modules()
+            if isinstance(module, (nn.Linear, conv1d)) and not tied(module.weight)
+            and (factorize == "all" or layer_role(name) == factorize)]
+
+
+def check_initial_rank(model: nn.Module, factorize: str, initial_rank: int | None) -> None:
+    """--initial-rank must fit every factorized layer (checked on a meta model, before a run starts)."""
+    if initial_rank is None:
+        return
+    layers = factorized_layers(model, factorize)
+    if not layers:
+        raise UsageError(f"{flag('--factorize')} {factorize} selects no linear layer of this model",
+                         flag("--factorize"), "choose all, mlp or attention to match the model's module names")
+    name, module = min(layers, key=lambda item: min(item[1].weight.shape))
+    full = min(module.weight.shape)
+    if initial_rank > full:
+        raise UsageError(f"{flag('--initial-rank')} {initial_rank} is above the full rank {full} of {name}",
+                         flag("--initial-rank"), f"pass at most {full}")
+
+
+DEFAULT_FACTORIZE = "mlp"  # the InRank reference factorizes the MLP projections only
+DEFAULT_INITIAL_RANK = 2  # the reference's init_modes
+
+
+def factorize_model(model: nn.Module, policy: RankPolicy, efficient: bool, generator: torch.Generator,
+                    factorize: str = DEFAULT_FACTORIZE, initial_rank: int | None = None) -> dict[str, int]:
+    """Turn the untied linear layers ``factorize`` names (``mlp``, as the InRank reference does;
+    ``attention``; ``all``) into LowRankLinears; returns the starting rank of each (``initial_rank``,
+    default 2 as in the reference, clipped to the layer's full rank), with a buffer of columns.
+
+    With a reference (InRank): W = W_init + B @ A; exact growth starts B zero and A small random, so
+    the function is the init's. ``efficient`` (no reference): B @ A is the best rank-k
+    approximation of the init, k = rank + buffer, or with ``random`` growth two kaiming-uniform
+    factors as in the reference's InRank-Efficient.
+    """
+    check_initial_rank(model, factorize, initial_rank)
+    conv1d = conv1d_class()
+    ranks = {}
+    for name, module in factorized_layers(model, factorize):
+        transposed = isinstance(module, conv1d)
+        weight = module.weight.detach()
+        weight = weight.T if transposed else weight  # [out, in]
+        out_features, in_features = weight.shape
+        layer = LowRankLinear(weight.new_zeros(0, in_features), weight.new_zeros(out_features, 0),
+                              None if efficient else weight.clone(), module.bias)
+        layer.stored_transposed = transposed
+        buffer = policy.layer_buffer(layer)
+        full = min(in_features, out_features)
+        rank = min(full, initial_rank if initial_rank is not None else DEFAULT_INITIAL_RANK)
+        width = min(full, rank + buffer)
+        if efficient and policy.growth == "random":
+            # The reference's InRank-Efficient: W = B @ A from random factors, not from the init.
+            layer.lora_B = nn.Parameter(weight.new_zeros(out_features, 0))
+            layer.lora_A = nn.Parameter(weight.new_zeros(0, in_features))
+            grow_layer(layer, width, None, generator, "random", policy.layer_max_rank(layer))
+        elif efficient:
+            U, S, Vh = torch.linalg.svd(weight.float(), full_matrices=False)
+            root = S[:width].sqrt()
+            layer.lora_B = nn.Parameter((U[:, :width] * root).to(weight.dtype))  # [out, k]
+            layer.lora_A = nn.Parameter((root[:, None] * Vh[:width]).to(weight.dtype))  # [k, in]
+        else:
+            grow_layer(layer, width, None, generator, policy.growth, policy.layer_max_rank(layer))
+        replace_module(model, name, layer)
+        ranks[name] = rank
+    return ranks
+
+
+# Components of B @ A below this fraction of the largest singular value are dropped at stage 2:
+# they are numerically zero (a buffer column never trained), so the function does not change.
+RESPLIT_FLOOR = 1e-7
+
+
+@torch.no_grad()
+def resplit_layer(layer: LowRankLinear, optimizer: torch.optim.Optimizer | None = None) -> int:
+    """InRank-Efficient's stage 2 for one layer: B @ A re-split by its SVD into balanced factors
+    (B' = U sqrt(S), A' = sqrt(S) V^T, from thin QRs: the product is never formed), keeping every
+    component above RESPLIT_FLOOR, so the layer's function is unchanged. The factors' optimizer
+    state is dropped: the moments of the old coordinates mean nothing in the new basis.
+    Returns the new width."""
+    svd = FactorProductSVD.of(layer.lora_B.detach().double(), layer.lora_A.detach().double())  # [out, k] @ [k, in]
+    S = svd.S
+    keep = int((S > RESPLIT_FLOOR * S[0]).sum()) if S.numel() and float(S[0]) > 0 else 0
+    new_B, new_A = svd.balanced(keep)  # [out, keep], [keep, in]
+    for attr, value in (("lora_B", new_B), ("lora_A", new_A)):
+        old = getattr(layer, attr)
+        new = nn.Parameter(value.to(old.dtype).contiguous(), requires_grad=old.requires_grad)
+        setattr(layer, attr, new)
+        if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["params"] = [new if param is old else param for param in group["params"]]
+            optimizer.state.pop(old, None)
+    return keep
