@@ -124,7 +124,7 @@ def _layer_breakdown(layers) -> dict[str, float]:
 def run() -> list[BenchResult]:
     from inrank_convert.compression.job import compress
     from inrank_convert.compression.plan import PlanOptions
-    from inrank_convert.linalg.spectrum import RankRule
+    from inrank_convert.linalg.criteria import RankRule
 
     options = PlanOptions(rule=RankRule("energy", THRESHOLD))
     with scratch_dir("inrank-bench-compress-") as root:

@@ -94,7 +94,7 @@ def plain_read(trained_dir: Path, init_dir: Path) -> float:
 def run() -> list[BenchResult]:
     from inrank_convert.compression.job import compress
     from inrank_convert.compression.plan import PlanOptions
-    from inrank_convert.linalg.spectrum import RankRule
+    from inrank_convert.linalg.criteria import RankRule
 
     size = scale()
     rules = {"rank": RankRule(fixed_rank=PLANTED_RANK), "threshold": RankRule("energy", THRESHOLD)}

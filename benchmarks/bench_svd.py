@@ -33,7 +33,8 @@ def relative_error(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor) -> flo
 
 
 def run() -> BenchResult:
-    from inrank_convert.linalg.spectrum import RankRule, factorize
+    from inrank_convert.linalg.criteria import RankRule
+    from inrank_convert.linalg.factorize import factorize
 
     generator = torch.Generator().manual_seed(2)
     delta = planted_update(SIZE, SIZE, PLANTED_RANK, 1.0, NOISE_FRACTION, generator)

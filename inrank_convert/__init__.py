@@ -6,7 +6,7 @@ from inrank_convert.compression.plan import PlanOptions
 from inrank_convert.core.errors import InrankError
 from inrank_convert.core.version import __version__
 from inrank_convert.inputs.sources import open_artifact
-from inrank_convert.linalg.spectrum import RankRule
+from inrank_convert.linalg.criteria import RankRule
 from inrank_convert.model.layers import LowRankLinear
 from inrank_convert.runtime.modeling import load_compressed
 from inrank_convert.training.entrypoints import resume, train

@@ -24,7 +24,7 @@ from pathlib import Path
 from inrank_convert.compression.job import CompressResult, compress
 from inrank_convert.compression.plan import PlanOptions
 from inrank_convert.core.errors import OutputError, flag
-from inrank_convert.linalg.spectrum import RankRule
+from inrank_convert.linalg.criteria import RankRule
 from inrank_convert.measure.compare_runs import CompareResult, RunSummary, compare_runs
 from inrank_convert.measure.plots import plot_compare_runs, plot_report
 from inrank_convert.measure.report import ReportResult, report
@@ -35,6 +35,9 @@ MARKER = "demo.json"  # a folder holding it was written by the demo, and may be 
 FALLBACK_VOCAB = 4096
 FALLBACK_CHARS = 2_000_000  # of standard-library source: enough to train on for a few hundred steps
 
+
+# ../shared/data beside the repository checkout (the demo's --data-dir default).
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 @dataclass
 class DemoSettings:

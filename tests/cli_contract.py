@@ -11,7 +11,7 @@ import pytest
 from conftest import snapshot
 from typer.testing import CliRunner
 
-from inrank_convert.cli.app import app
+from inrank_convert.cli import app
 
 TMP_PREFIX = ".inrank-tmp-"
 

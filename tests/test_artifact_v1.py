@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from inrank_convert import LowRankLinear, load_compressed
 from inrank_convert.artifact import Manifest, read_manifest
-from inrank_convert.cli.app import app
+from inrank_convert.cli import app
 
 LOWRANK = {"transformer.h.0.mlp.c_fc.weight": 2, "transformer.h.0.attn.c_attn.weight": 3}  # name -> rank
 ZERO = "transformer.h.0.attn.c_proj.weight"

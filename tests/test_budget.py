@@ -16,8 +16,8 @@ from conftest import build_model, gpt2_config, make_pair, save_hf, train_state
 from inrank_convert import PlanOptions, compress, open_artifact
 from inrank_convert.artifact import ARTIFACT_FILE, RuleRecord, artifact_bytes, read_manifest
 from inrank_convert.linalg.budget import BudgetTooSmall, TensorUnits, allocate, minimum_bytes
+from inrank_convert.linalg.criteria import RankRule
 from inrank_convert.linalg.forms import Costs, choose_form
-from inrank_convert.linalg.spectrum import RankRule
 
 WTE = "transformer.wte.weight"
 

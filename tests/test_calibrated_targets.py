@@ -14,11 +14,12 @@ from cli_contract import expect_error, expect_ok
 
 from inrank_convert import PlanOptions, compress, load_compressed
 from inrank_convert.artifact import Artifact, artifact_bytes, read_manifest
-from inrank_convert.compression.calibration import WHITENED_ENGINE, collect_statistics
+from inrank_convert.compression.calibration import collect_statistics
 from inrank_convert.compression.job import CalibrationRequest
 from inrank_convert.compression.perplexity_target import compress_to_perplexity
 from inrank_convert.inputs.sources import open_artifact
 from inrank_convert.inputs.text import load_tokenizer, read_text, tokenize_text
+from inrank_convert.linalg.whitening import WHITENED_ENGINE
 from inrank_convert.runtime.evaluate import perplexity
 from inrank_convert.runtime.modeling import load_dense, model_config
 from tests.conftest import GPT2_TOKENIZER_DIR, REAL_TEXT, needs_real_data

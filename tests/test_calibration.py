@@ -15,12 +15,9 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from inrank_convert.compression.calibration import (
-    collect_statistics,
-    whitened_factorize,
-    whitened_singular_values,
-)
+from inrank_convert.compression.calibration import collect_statistics
 from inrank_convert.core.errors import NonFiniteError, UsageError
+from inrank_convert.linalg.whitening import whitened_factorize, whitened_singular_values
 from tests.conftest import SHARED_DATA, make_pair
 
 TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"

@@ -11,12 +11,8 @@ from safetensors.torch import save_file
 
 from inrank_convert.core.errors import CheckpointError
 from inrank_convert.inputs.sources import open_checkpoint
-from inrank_convert.weights.checkpoints import (
-    SafetensorsCheckpoint,
-    StateDictCheckpoint,
-    is_run_folder,
-    resolve_run,
-)
+from inrank_convert.weights.checkpoints import SafetensorsCheckpoint, StateDictCheckpoint, is_run_folder
+from inrank_convert.weights.run_folder import resolve_run
 
 
 def assert_same_tensors(checkpoint, state, skip=()):

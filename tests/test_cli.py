@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from inrank_convert import __version__
-from inrank_convert.cli.app import app
+from inrank_convert.cli import app
 
 LAYER_KEYS = {"name", "shape", "kind", "rank", "energy", "bytes"}
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from inrank_convert import PlanOptions, RankRule, compress, open_artifact, read_manifest
 from inrank_convert.artifact import ARTIFACT_FILE, FORMAT_VERSION, INIT_FILE, artifact_bytes
 from inrank_convert.export.dense import decompress
-from inrank_convert.linalg.spectrum import native_bfloat16
+from inrank_convert.linalg.gram import native_bfloat16
 from tests.conftest import PLANTED_RANK, form_rank_float64, inrank_rank_float64, make_pair, snapshot
 
 
@@ -356,10 +356,10 @@ def test_the_gram_engines_product_dtype_follows_the_storage(tmp_path, dtype, mon
     natively (engine "gram-bfloat16"); float32 factors (``--dtype float32``) never are. Either way
     the recorded error is what verify measures against the source, to the bfloat16 model's rounding."""
     from inrank_convert.compression.job import product_dtype
-    from inrank_convert.linalg import spectrum
+    from inrank_convert.linalg import gram
     from inrank_convert.measure.verify import verify_artifact
 
-    monkeypatch.setattr(spectrum, "REDUCED_PRODUCT_MIN_WORK", 0)  # the embeddings here are 320 x 64
+    monkeypatch.setattr(gram, "REDUCED_PRODUCT_MIN_WORK", 0)  # the embeddings here are 320 x 64
 
     init, trained = _noise_embedding_pair(tmp_path)
     result = compress(trained, tmp_path / "out", init=init, options=options(0.9, factor_dtype=dtype))

@@ -9,7 +9,7 @@ import pytest
 from conftest import SHARED_DATA
 from typer.testing import CliRunner
 
-from inrank_convert.cli.app import app
+from inrank_convert.cli import app
 from inrank_convert.demo import DemoSettings, run_demo
 
 TINY = ["--steps", "4", "--resume-steps", "2", "--eval-tokens", "256", "--n-embd", "32", "--n-layer", "1"]

@@ -31,7 +31,7 @@ from inrank_convert.compression.plan import PlanOptions, TensorPlan
 from inrank_convert.compression.torchrun import _compute, hashing_cost, share_out, svd_cost
 from inrank_convert.compression.updates import planned_entries
 from inrank_convert.inputs.sources import open_inputs
-from inrank_convert.linalg.spectrum import RankRule
+from inrank_convert.linalg.criteria import RankRule
 
 REPO = Path(__file__).resolve().parents[1]
 TIMING_FIELDS = ("created",)  # the manifest's only field that depends on when it was written
@@ -167,15 +167,16 @@ def test_an_error_only_another_process_meets_before_compress_starts_is_printed_b
     launcher = tmp_path / "launch.py"
     launcher.write_text(
         "import os\n"
-        "import inrank_convert.cli.app as cli\n"
+        "import inrank_convert.cli.compress as compress_cli\n"
+        "from inrank_convert.cli import main\n"
         "from inrank_convert.core.errors import UsageError\n"
-        "checks = cli._compress_threshold\n"
+        "checks = compress_cli._compress_threshold\n"
         "def rank_1_fails(*args):\n"
         "    if os.environ['RANK'] == '1':\n"
         "        raise UsageError('only rank 1 meets this', 'rank 1', 'nothing to fix')\n"
         "    return checks(*args)\n"
-        "cli._compress_threshold = rank_1_fails\n"
-        "cli.main()\n")
+        "compress_cli._compress_threshold = rank_1_fails\n"
+        "main()\n")
     pair = make_pair(tmp_path)
     output = tmp_path / "out"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

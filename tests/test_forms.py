@@ -12,9 +12,10 @@ import pytest
 import torch
 
 from inrank_convert.artifact.storage import encode_factors, round_trip
-from inrank_convert.linalg import forms, spectrum
-from inrank_convert.linalg.forms import Costs, choose_form, effective_threshold, stored_error
-from inrank_convert.linalg.spectrum import RankRule
+from inrank_convert.linalg import criteria, forms, gram
+from inrank_convert.linalg.criteria import RankRule
+from inrank_convert.linalg.forms import Costs, choose_form, effective_threshold
+from inrank_convert.linalg.stored_error import stored_error, svd_stored_error
 
 THRESHOLD = 0.9
 BF16 = 2  # bytes per stored number at the default (bfloat16) storage
@@ -96,7 +97,7 @@ def test_plain_energy_rule_keeps_only_the_drift(planted):
     """The failure the new criterion exists for: at 0.9 the plain rule is met by the drift alone,
     which throws away every token's own update."""
     _, _, total, values = planted
-    assert spectrum.choose_rank(values, total, RankRule("energy", THRESHOLD)) == 1
+    assert criteria.choose_rank(values, total, RankRule("energy", THRESHOLD)) == 1
 
 
 @pytest.mark.parametrize("engine", ["exact", "auto"])
@@ -129,7 +130,7 @@ def test_planted_update_is_stored_as_rank_one_plus_rows(planted, engine):
     form_bytes = 1 * (rows + cols) * BF16 + len(chosen) * (cols * BF16 + INDEX)
     assert form_bytes == costs.lowrank(1, rows, cols) + costs.row_set(len(chosen), cols)
     _, effective = effective_threshold(values, total, THRESHOLD)
-    lowrank_rank = spectrum.choose_rank(values, total, RankRule("energy", effective))
+    lowrank_rank = criteria.choose_rank(values, total, RankRule("energy", effective))
     assert lowrank_rank > 1
     lowrank_bytes = lowrank_rank * (rows + cols) * BF16
     assert form_bytes < lowrank_bytes
@@ -140,7 +141,7 @@ def test_plain_low_rank_at_the_rule_would_meet_it_too(planted):
     """The comparison above is fair: low rank at the effective threshold does meet the rule."""
     delta, _, total, values = planted
     _, effective = effective_threshold(values, total, THRESHOLD)
-    rank = spectrum.choose_rank(values, total, RankRule("energy", effective))
+    rank = criteria.choose_rank(values, total, RankRule("energy", effective))
     assert float((values[:rank] ** 2).sum()) >= effective * total * (1 - 1e-9)
     assert float((values[:rank - 1] ** 2).sum()) < effective * total
 
@@ -158,7 +159,7 @@ def test_low_rank_wins_when_rows_do_not_pay(planted):
     assert dominant == 1
     form = choose_form(delta, total, RankRule("energy", THRESHOLD), bf16_costs(delta), engine="exact")
     assert form.kind == "lowrank", form.notes
-    assert form.rank == spectrum.choose_rank(values, total, RankRule("energy", effective)) > 1
+    assert form.rank == criteria.choose_rank(values, total, RankRule("energy", effective)) > 1
     assert form.rows is None and form.stored_rows == 0
 
 
@@ -179,7 +180,7 @@ def test_no_dominant_component_gives_the_plain_rank(threshold):
     values = torch.linalg.svdvals(delta.double())
     dominant, effective = effective_threshold(values, total, threshold)
     assert dominant == 0 and effective == threshold
-    plain = spectrum.choose_rank(values, total, RankRule("energy", threshold))
+    plain = criteria.choose_rank(values, total, RankRule("energy", threshold))
     assert plain == (3 if threshold == 0.6 else 4)
     form = choose_form(delta, total, RankRule("energy", threshold), bf16_costs(delta), engine="exact")
     assert form.kind == "lowrank", form.notes
@@ -199,7 +200,7 @@ def test_full_rank_random_update_is_not_stored_as_rows():
     row_energy = torch.sort(delta.double().pow(2).sum(dim=1), descending=True).values
     needed = int(torch.nonzero(torch.cumsum(row_energy, 0) >= THRESHOLD * total)[0, 0]) + 1
     assert needed > forms.MAX_ROW_FRACTION * rows
-    rank = spectrum.choose_rank(values, total, RankRule("energy", THRESHOLD))
+    rank = criteria.choose_rank(values, total, RankRule("energy", THRESHOLD))
     assert costs.row_set(needed, cols) < costs.lowrank(rank, rows, cols) < costs.dense  # rows would be cheapest
     form = choose_form(delta, total, RankRule("energy", THRESHOLD), costs, engine="exact")
     assert form.kind == "lowrank", form.notes
@@ -393,15 +394,15 @@ def test_the_stored_error_of_svd_factors_from_their_norms(engine, storage):
     assert form.kind == "lowrank" and form.svd_factors
     B, A, _ = round_trip(form.B, form.A, None, storage)
     measured = stored_error(delta, total, B, A, None, None)
-    assert forms.svd_stored_error(total, form.B, form.A, B, A) == pytest.approx(measured, rel=1e-4)
+    assert svd_stored_error(total, form.B, form.A, B, A) == pytest.approx(measured, rel=1e-4)
     B_q, A_q, scale = encode_factors(form.B, form.A, storage)  # as compress passes them: not decoded
-    assert forms.svd_stored_error(total, form.B, form.A, B_q, A_q, stored_scale=scale) == pytest.approx(measured, rel=1e-4)
+    assert svd_stored_error(total, form.B, form.A, B_q, A_q, stored_scale=scale) == pytest.approx(measured, rel=1e-4)
     # Below SVD_ERROR_FLOOR of the energy it declines (the caller measures).
-    assert forms.svd_stored_error(total, form.B, form.A, B, A) is not None
+    assert svd_stored_error(total, form.B, form.A, B, A) is not None
     tight = choose_form(delta, total, RankRule("energy", 0.999), bf16_costs(delta), engine=engine,
                         generator=torch.Generator().manual_seed(0))
     if tight.kind == "lowrank":
-        assert forms.svd_stored_error(total, tight.B, tight.A, *round_trip(tight.B, tight.A, None, storage)[:2]) is None
+        assert svd_stored_error(total, tight.B, tight.A, *round_trip(tight.B, tight.A, None, storage)[:2]) is None
 
 
 @pytest.mark.parametrize("shape", [(3000, 96), (96, 3000)])
@@ -411,7 +412,7 @@ def test_the_stored_error_of_a_bfloat16_product_from_norms(shape, storage, monke
     same form, rank and bytes as the float32 product; svd_stored_error, given the product's
     measured error, agrees with the stored error measured on the [rows, cols] reconstruction (and
     without it would not: it would miss what the product added)."""
-    monkeypatch.setattr(spectrum, "REDUCED_PRODUCT_MIN_WORK", 0)  # a product this small would stay float32
+    monkeypatch.setattr(gram, "REDUCED_PRODUCT_MIN_WORK", 0)  # a product this small would stay float32
     delta = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
     total, costs = energy(delta), bf16_source_costs(delta)
     rule = RankRule("energy", THRESHOLD)
@@ -421,12 +422,12 @@ def test_the_stored_error_of_a_bfloat16_product_from_norms(shape, storage, monke
     assert (form.kind, form.rank) == (plain.kind, plain.rank) == ("lowrank", plain.rank)
     B, A, _ = round_trip(form.B, form.A, None, storage)
     measured = stored_error(delta, total, B, A, None, None)
-    estimated = forms.svd_stored_error(total, form.B, form.A, B, A, form.product_error)
+    estimated = svd_stored_error(total, form.B, form.A, B, A, form.product_error)
     assert estimated == pytest.approx(measured, rel=2e-5)
     B_q, A_q, scale = encode_factors(form.B, form.A, storage)  # as compress passes them: not decoded
-    assert forms.svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error,
+    assert svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error,
                                   scale) == pytest.approx(estimated, rel=1e-6)
     plain_B, plain_A, _ = round_trip(plain.B, plain.A, None, storage)
     assert measured == pytest.approx(stored_error(delta, total, plain_B, plain_A, None, None), rel=1e-4)
-    ignored = forms.svd_stored_error(total, form.B, form.A, B, A)  # the product's error left out
+    ignored = svd_stored_error(total, form.B, form.A, B, A)  # the product's error left out
     assert abs(ignored - measured) > 5 * abs(estimated - measured), (ignored, estimated, measured)

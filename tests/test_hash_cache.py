@@ -20,7 +20,7 @@ from inrank_convert.compression.job import CompressionJob, compress
 from inrank_convert.compression.plan import PlanOptions
 from inrank_convert.core.errors import InitReferenceError
 from inrank_convert.inputs.sources import open_artifact, open_checkpoint
-from inrank_convert.linalg.spectrum import RankRule
+from inrank_convert.linalg.criteria import RankRule
 from inrank_convert.measure.verify import verify_artifact
 from inrank_convert.weights import hash_cache
 from inrank_convert.weights.hash_cache import usable_cores

@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 from inrank_convert import PlanOptions, RankRule, compress, open_artifact, read_manifest
-from inrank_convert.cli.app import app
+from inrank_convert.cli import app
 from inrank_convert.core.errors import ArtifactError, OutputError, UsageError
 from inrank_convert.export.dense import decompress
 from inrank_convert.export.peft_adapter import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, export_peft

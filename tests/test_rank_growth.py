@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from inrank_convert.linalg.spectrum import explained_ratios, inrank_scan
+from inrank_convert.linalg.criteria import explained_ratios, inrank_scan
 from inrank_convert.model.layers import LowRankLinear
 from inrank_convert.training.rank_control import (
     RankController,

@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from test_evaluate import CONTEXT, TOKENIZER_DIR, WIKI_TEST, EvalModels, eval_models, needs_data
 from typer.testing import CliRunner
 
-from inrank_convert.cli.app import app
+from inrank_convert.cli import app
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 LAYER_KEYS = {"name", "shape", "kind", "rank", "energy"}

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from inrank_convert import PlanOptions, RankRule, compress
 from inrank_convert.artifact import Artifact, read_manifest
 from inrank_convert.core.errors import InitReferenceError, UsageError
-from inrank_convert.inputs.reference import INIT_RECIPE_FILE, CheckpointReference, ZeroReference
+from inrank_convert.inputs.reference import CheckpointReference, ZeroReference
 from inrank_convert.inputs.sources import (
     ArtifactCheckpoint,
     is_run,
@@ -21,6 +21,7 @@ from inrank_convert.inputs.sources import (
     open_inputs,
 )
 from inrank_convert.weights.checkpoints import SafetensorsCheckpoint, StateDictCheckpoint, open_weights
+from inrank_convert.weights.run_folder import INIT_RECIPE_FILE
 
 TIE = ["transformer.wte.weight", "lm_head.weight"]
 

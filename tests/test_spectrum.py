@@ -7,22 +7,19 @@ import math
 import pytest
 import torch
 
-from inrank_convert.linalg import spectrum
-from inrank_convert.linalg.spectrum import (
-    POWER_ITERATIONS,
-    REDUCED_PRODUCT_MIN_TAIL,
-    REDUCED_PRODUCT_MIN_WORK,
+from inrank_convert.linalg import gram
+from inrank_convert.linalg.criteria import (
     RankRule,
-    adaptive_randomized_svd,
     choose_rank,
-    factorize,
     frobenius_energy,
     numerical_tolerance,
-    oversampling,
     rank_for_energy,
     rank_for_inrank,
     stored_as_lowrank,
 )
+from inrank_convert.linalg.factorize import factorize
+from inrank_convert.linalg.gram import REDUCED_PRODUCT_MIN_TAIL, REDUCED_PRODUCT_MIN_WORK
+from inrank_convert.linalg.randomized import POWER_ITERATIONS, adaptive_randomized_svd, oversampling
 from tests.conftest import energy_rank_float64, inrank_rank_float64
 
 
@@ -390,7 +387,7 @@ def test_the_gram_engines_bfloat16_product_measures_the_error_it_adds(shape, mon
     """A bfloat16 factor product (``products``): the rank, energy and spectrum of the float32 one
     (the Gram stays float32), the computed factor within bfloat16 rounding of the float32 one, and
     its recorded per-component error equal to the true one (sampled rows, scaled), tall and wide."""
-    monkeypatch.setattr(spectrum, "REDUCED_PRODUCT_MIN_WORK", 0)  # a product this small would stay float32
+    monkeypatch.setattr(gram, "REDUCED_PRODUCT_MIN_WORK", 0)  # a product this small would stay float32
     delta = torch.randn(*shape, generator=torch.Generator().manual_seed(4))
     rule = RankRule("energy", 0.9)
     plain = factorize(delta, rule, "auto", generator=torch.Generator().manual_seed(0))
@@ -418,7 +415,7 @@ def test_the_bfloat16_product_is_kept_for_rules_that_drop_enough_on_large_produc
                       products=torch.bfloat16)
     assert 3000 * 160 * small.rank < REDUCED_PRODUCT_MIN_WORK
     assert small.engine == "gram" and small.product_error is None and small.B.dtype == torch.float32
-    monkeypatch.setattr(spectrum, "REDUCED_PRODUCT_MIN_WORK", 0)
+    monkeypatch.setattr(gram, "REDUCED_PRODUCT_MIN_WORK", 0)
     tight = factorize(delta, RankRule("energy", 0.995), "auto", generator=torch.Generator().manual_seed(0),
                       products=torch.bfloat16)
     assert 1.0 - tight.energy < REDUCED_PRODUCT_MIN_TAIL

@@ -28,7 +28,7 @@ from inrank_convert.artifact.storage import (
     round_trip,
     vector_overhead,
 )
-from inrank_convert.cli.app import app
+from inrank_convert.cli import app
 from inrank_convert.runtime.modeling import load_compressed
 
 BF16_UNIT_ROUNDOFF = 2.0**-8  # 8 significant bits, round to nearest

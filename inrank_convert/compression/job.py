@@ -26,12 +26,7 @@ from inrank_convert.artifact import (
 )
 from inrank_convert.artifact.storage import QUANTIZE_SCHEMES, encode_factors, round_trip
 from inrank_convert.compression.calibrate_checkpoint import calibrate_checkpoint
-from inrank_convert.compression.calibration import (
-    DEFAULT_CALIBRATION_TOKENS,
-    DEFAULT_DAMPING,
-    CalibrationStats,
-    whitened_svd,
-)
+from inrank_convert.compression.calibration import DEFAULT_CALIBRATION_TOKENS, CalibrationStats
 from inrank_convert.compression.plan import Plan, PlanOptions, TensorPlan, costs_for, make_plan, storage_for
 from inrank_convert.compression.targets import (
     Assigned,
@@ -54,8 +49,12 @@ from inrank_convert.core.distributed import check_device
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.core.tensors import dtype_name
 from inrank_convert.inputs.sources import Inputs, open_inputs
-from inrank_convert.linalg.forms import BREAKEVEN_MARK, choose_form, stored_error, svd_stored_error
-from inrank_convert.linalg.spectrum import CRITERIA, ENGINES, BasisHints, native_bfloat16
+from inrank_convert.linalg.criteria import CRITERIA
+from inrank_convert.linalg.factorize import ENGINES, BasisHints
+from inrank_convert.linalg.forms import BREAKEVEN_MARK, choose_form
+from inrank_convert.linalg.gram import native_bfloat16
+from inrank_convert.linalg.stored_error import stored_error, svd_stored_error
+from inrank_convert.linalg.whitening import DEFAULT_DAMPING, whitened_svd
 from inrank_convert.model.architecture import check_seed
 from inrank_convert.weights.hash_cache import usable_cores
 from inrank_convert.weights.outputs import check_output_free, check_output_outside

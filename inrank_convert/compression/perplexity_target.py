@@ -154,7 +154,7 @@ def compress_to_perplexity(source: str | Path, output: str | Path, *, max_increa
         try:
             def measure(target: int) -> SearchStep:
                 nonlocal best
-                folder = search_root / f"step-{len(steps)}"
+                folder = search_root / f"candidate-{len(steps)}"
                 stage(f"candidate {len(steps) + 1}: {target} bytes")
                 result = job.write(folder, target, perplexity_target=longest, on_layer=on_layer)
                 found = checkpoint_perplexity(folder, tokens, context, device)

@@ -18,8 +18,8 @@ from inrank_convert.artifact.storage import element_bytes, vector_overhead
 from inrank_convert.core.errors import MismatchError, flag
 from inrank_convert.core.tensors import dtype_name
 from inrank_convert.inputs.reference import Reference
+from inrank_convert.linalg.criteria import RankRule
 from inrank_convert.linalg.forms import Costs
-from inrank_convert.linalg.spectrum import RankRule
 from inrank_convert.model.architecture import (
     checkpoint_keys,
     config_from_dict,

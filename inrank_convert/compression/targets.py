@@ -14,13 +14,14 @@ from typing import Literal
 import torch
 
 from inrank_convert.artifact import Manifest, RuleRecord, TensorEntry, manifest_metadata
-from inrank_convert.compression.calibration import CalibrationStats, whitened_svd
+from inrank_convert.compression.calibration import CalibrationStats
 from inrank_convert.compression.plan import Plan, PlanOptions, TensorPlan, costs_for, storage_for
 from inrank_convert.compression.updates import load_update, planned_work
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.core.tensors import SAFETENSORS_CODES
 from inrank_convert.inputs.sources import Inputs
 from inrank_convert.linalg.budget import Allocation, TensorUnits, allocate
+from inrank_convert.linalg.criteria import RankRule, rank_for_energy
 from inrank_convert.linalg.forms import (
     DOMINANT_SHARE,
     MAX_ROW_FRACTION,
@@ -28,7 +29,9 @@ from inrank_convert.linalg.forms import (
     rows_needed,
     split_residual,
 )
-from inrank_convert.linalg.spectrum import GramSpectrum, RankRule, exact_svd, rank_for_energy, singular_values
+from inrank_convert.linalg.gram import GramSpectrum
+from inrank_convert.linalg.svd import exact_svd, singular_values
+from inrank_convert.linalg.whitening import whitened_svd
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from inrank_convert.compression.plan import Plan, TensorPlan
 from inrank_convert.core.errors import NonFiniteError
 from inrank_convert.core.tensors import is_finite
 from inrank_convert.inputs.sources import Inputs
-from inrank_convert.linalg.spectrum import frobenius_energy
+from inrank_convert.linalg.criteria import frobenius_energy
 
 
 def raise_non_finite(inputs: Inputs, name: str) -> None:

@@ -69,7 +69,7 @@ from inrank_convert.export.peft_plan import (
 )
 from inrank_convert.export.vllm_plan import DroppedChange, check_target, serving_rank, vllm_plan
 from inrank_convert.inputs.sources import open_artifact
-from inrank_convert.linalg.spectrum import FactorProductSVD, exact_svd
+from inrank_convert.linalg.svd import FactorProductSVD, exact_svd
 from inrank_convert.weights.checkpoints import SIDE_FILES, copy_side_files
 from inrank_convert.weights.outputs import TensorFileWriter, atomic_output_dir
 

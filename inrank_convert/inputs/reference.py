@@ -7,20 +7,16 @@ reference: file hashes for a path, per-tensor hashes for a regenerated seed or e
 
 from __future__ import annotations
 
-import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
 
 from inrank_convert.artifact import ReferenceMode, ReferenceRecord
-from inrank_convert.core.errors import CheckpointError, InitReferenceError, UsageError, flag
+from inrank_convert.core.errors import InitReferenceError, UsageError, flag
 from inrank_convert.core.tensors import aliases_of, dtype_name, sha256_tensor
 from inrank_convert.model.architecture import check_seed, config_from_dict, seeded_model
 from inrank_convert.weights.checkpoints import Checkpoint, FileHash, TensorInfo
-
-# Written by ``inrank-convert train`` into a run's step-0 folder: {"seed": N}.
-INIT_RECIPE_FILE = "inrank_init.json"
 
 
 class Reference(ABC):
@@ -196,15 +192,3 @@ def check_seed_matches(seeded: TensorsReference, init: Checkpoint, seed: int) ->
             raise InitReferenceError(
                 f"{flag('--init-seed')} {seed} does not regenerate the init: tensor {name!r} differs", str(init.path),
                 f"check the seed, or drop {flag('--init-seed')} to store the init by path")
-
-
-def read_init_recipe(folder: Path) -> int | None:
-    """The seed recorded by ``inrank-convert train`` in a run's init folder, if any."""
-    recipe = folder / INIT_RECIPE_FILE
-    if not recipe.is_file():
-        return None
-    try:
-        return int(json.loads(recipe.read_text())["seed"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError("cannot parse the init recipe (expected {\"seed\": N})", str(recipe),
-                              "fix or delete the file") from err

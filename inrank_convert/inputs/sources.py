@@ -22,7 +22,6 @@ from inrank_convert.inputs.reference import (
     TensorsReference,
     ZeroReference,
     check_seed_matches,
-    read_init_recipe,
     seed_reference,
 )
 from inrank_convert.weights.checkpoints import (
@@ -31,9 +30,8 @@ from inrank_convert.weights.checkpoints import (
     TensorInfo,
     is_run_folder,
     open_weights,
-    resolve_run,
-    run_steps,
 )
+from inrank_convert.weights.run_folder import read_init_recipe, resolve_run, run_steps
 
 
 def is_run(path: Path) -> bool:

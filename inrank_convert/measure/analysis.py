@@ -14,8 +14,9 @@ from inrank_convert.compression.updates import load_update, planned_work
 from inrank_convert.core.distributed import check_device
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.inputs.sources import open_inputs
+from inrank_convert.linalg.criteria import RankRule, choose_rank, numerical_args
 from inrank_convert.linalg.forms import effective_threshold
-from inrank_convert.linalg.spectrum import RankRule, choose_rank, numerical_args, singular_values
+from inrank_convert.linalg.svd import singular_values
 
 SPECTRUM_VALUES_KEPT = 64
 

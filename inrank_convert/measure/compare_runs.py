@@ -21,12 +21,11 @@ from inrank_convert.inputs.sources import open_checkpoint
 from inrank_convert.inputs.text import load_tokenizer, read_text, tokenize_text
 from inrank_convert.runtime.evaluate import checkpoint_perplexity, window_length
 from inrank_convert.runtime.modeling import model_config
-from inrank_convert.weights.checkpoints import run_steps
 from inrank_convert.weights.run_folder import (
-    is_training_checkpoint,
     latest_checkpoint,
     load_state,
     read_metrics,
+    training_checkpoints,
 )
 
 # Config keys that describe the training, not the architecture (two runs may differ in them).
@@ -180,8 +179,7 @@ def compare_runs(dense_run: str | Path, inrank_run: str | Path, *, data: str | P
     config = model_config(checkpoint)
     tokens = tokenize_text(text, load_tokenizer([checkpoint]), max_tokens, str(data))
     window = window_length(config)
-    steps = [{step: folder for step, folder in run_steps(Path(run.path)) if is_training_checkpoint(folder)}
-             for run in runs]
+    steps = [training_checkpoints(Path(run.path)) for run in runs]
     common = sorted(set(steps[0]) & set(steps[1]))
     for run, saved in zip(runs, steps, strict=True):
         for step in common:

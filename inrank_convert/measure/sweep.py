@@ -24,7 +24,7 @@ from inrank_convert.compression.plan import PlanOptions
 from inrank_convert.core.distributed import check_device
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.inputs.text import read_text
-from inrank_convert.linalg.spectrum import RankRule
+from inrank_convert.linalg.criteria import RankRule
 from inrank_convert.runtime.evaluate import checkpoint_perplexity, window_length
 
 DEFAULT_THRESHOLDS = (0.8, 0.9, 0.95, 0.99)

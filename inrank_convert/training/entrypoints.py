@@ -27,12 +27,7 @@ from inrank_convert.core.distributed import World, barrier, close_world, init_wo
 from inrank_convert.core.errors import CheckpointError, MismatchError, OutputError, UsageError, flag
 from inrank_convert.core.hub import resolve_model
 from inrank_convert.core.tensors import sha256_tensor
-from inrank_convert.inputs.reference import (
-    INIT_RECIPE_FILE,
-    CheckpointReference,
-    read_init_recipe,
-    seed_reference,
-)
+from inrank_convert.inputs.reference import CheckpointReference, seed_reference
 from inrank_convert.inputs.sources import is_run, open_checkpoint
 from inrank_convert.inputs.text import (
     cached_tokens,
@@ -41,9 +36,10 @@ from inrank_convert.inputs.text import (
     read_text,
     tokenizer_fingerprint,
 )
-from inrank_convert.linalg.spectrum import RankRule
+from inrank_convert.linalg.criteria import RankRule
 from inrank_convert.model.architecture import meta_model, model_context, seeded_model
 from inrank_convert.runtime.modeling import load_compressed, load_dense, model_config
+from inrank_convert.training.checkpoint import save_model_weights
 from inrank_convert.training.loop import Session, run_loop
 from inrank_convert.training.options import TrainOptions, TrainResult, check_options
 from inrank_convert.training.rank_control import (
@@ -53,18 +49,20 @@ from inrank_convert.training.rank_control import (
     grow_layer,
     low_rank_layers,
 )
-from inrank_convert.weights.checkpoints import run_steps
 from inrank_convert.weights.outputs import atomic_output_dir, check_output_free
 from inrank_convert.weights.run_folder import (
     ensure_writable_run,
-    is_training_checkpoint,
+    has_training_checkpoint,
     latest_checkpoint,
     load_state,
-    save_model_weights,
+    read_init_recipe,
+    run_cache,
+    run_steps,
     start_run,
     step_folder,
     token_cache_dir,
     trim_metrics,
+    write_init_recipe,
 )
 
 # --- building the model ----------------------------------------------------------------------
@@ -181,8 +179,7 @@ def _save_init(model: nn.Module, tokenizer, folder: Path, seed: int | None) -> N
         save_model_weights(model, temp)
         tokenizer.save_pretrained(temp)
         if seed is not None:
-            # compress reads this recipe and stores no init tensors: the init is from_config under this seed.
-            (temp / INIT_RECIPE_FILE).write_text(json.dumps({"seed": seed}) + "\n")
+            write_init_recipe(temp, seed)
 
 
 def _init_reference(init_folder: Path, seeded: bool, options: TrainOptions, model: nn.Module) -> ReferenceRecord:
@@ -214,7 +211,7 @@ def resume(source: str | Path, run: str | Path | None, overrides: dict, init: st
     given = {k: v for k, v in overrides.items() if v is not None}
     if not source.exists():
         raise UsageError("no such run folder, artifact or checkpoint", str(source), "check the path")
-    if is_run(source) or (source.is_dir() and any(is_training_checkpoint(p) for p in source.glob("step-*"))):
+    if is_run(source) or has_training_checkpoint(source):
         return _resume_run(source, Path(run) if run is not None else None, given, on_step)
     if run is None:
         raise UsageError("resuming from an artifact or a checkpoint needs a new run folder", str(source),
@@ -297,7 +294,7 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
         embedded = None
         if reference.mode == "embedded":
             # The run keeps its own copy of the init: the temporary artifact of a dense resume goes away.
-            embedded = run / "cache" / INIT_FILE
+            embedded = run_cache(run) / INIT_FILE
             if world.is_main:
                 embedded.parent.mkdir(exist_ok=True)
                 shutil.copyfile(artifact / INIT_FILE, embedded)

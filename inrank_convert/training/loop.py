@@ -27,16 +27,15 @@ from inrank_convert.core.distributed import World, any_true, barrier, broadcast_
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.core.tensors import COMPUTE_DTYPES
 from inrank_convert.inputs.text import TokenBatches, tokenizer_fingerprint, validation_blocks
-from inrank_convert.training.options import TrainOptions, TrainResult, learning_rate
-from inrank_convert.training.rank_control import RankController, grow_layer, low_rank_layers, resplit_layer
-from inrank_convert.weights.run_folder import (
-    METRICS_FILE,
+from inrank_convert.training.checkpoint import (
     RNG_PREFIX,
     load_optimizer_tensors,
     optimizer_tensors,
     save_checkpoint,
-    step_folder,
 )
+from inrank_convert.training.options import TrainOptions, TrainResult, learning_rate
+from inrank_convert.training.rank_control import RankController, grow_layer, low_rank_layers, resplit_layer
+from inrank_convert.weights.run_folder import open_metrics, step_folder
 
 # --- the session: model, optimizer, data, rank control ----------------------------------------
 
@@ -292,7 +291,7 @@ class MetricsLog:
 
     def __init__(self, session: Session, on_step: Callable[[dict], None] | None):
         self.is_main = session.world.is_main
-        self.file = (session.run / METRICS_FILE).open("a") if self.is_main else None
+        self.file = open_metrics(session.run) if self.is_main else None
         self.on_step = on_step
         self.tokens_per_step = session.options.batch_size * session.block_size
         self.started, self.steps = time.perf_counter(), 0

@@ -15,7 +15,7 @@ from pathlib import Path
 from inrank_convert.core.distributed import check_device
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.core.tensors import COMPUTE_DTYPES
-from inrank_convert.linalg.spectrum import CRITERIA
+from inrank_convert.linalg.criteria import CRITERIA
 from inrank_convert.model.architecture import check_seed
 from inrank_convert.training.rank_control import FACTORIZE_CHOICES, GROWTH_MODES, RankPolicy
 

@@ -15,13 +15,8 @@ from torch import nn
 
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.core.tensors import storage_key
-from inrank_convert.linalg.spectrum import (
-    FactorProductSVD,
-    RankRule,
-    choose_rank,
-    inrank_scan,
-    numerical_args,
-)
+from inrank_convert.linalg.criteria import RankRule, choose_rank, inrank_scan, numerical_args
+from inrank_convert.linalg.svd import FactorProductSVD
 from inrank_convert.model.architecture import conv1d_class, replace_module
 from inrank_convert.model.layers import LowRankLinear
 

@@ -24,13 +24,13 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
-from inrank_convert.core.errors import CheckpointError, flag
+from inrank_convert.core.errors import CheckpointError
 from inrank_convert.core.hub import resolve_model
 from inrank_convert.core.tensors import SAFETENSORS_DTYPES, dtype_size, numel, shared_storage_groups
 from inrank_convert.weights.hash_cache import sha256_files
+from inrank_convert.weights.run_folder import run_steps
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt")
-RUN_STEP_PATTERN = re.compile(r"^(?:step|checkpoint)-(\d+)$")
 # Files that describe a model rather than hold its weights: copied into artifacts as they are.
 SIDE_FILES = (
     "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -316,16 +316,6 @@ def strip_common_prefix(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch
     return state, ""
 
 
-def run_steps(folder: Path) -> list[tuple[int, Path]]:
-    """The ``step-N`` / ``checkpoint-N`` subfolders of a training-run folder, sorted by N."""
-    steps = []
-    for child in folder.iterdir() if folder.is_dir() else []:
-        match = RUN_STEP_PATTERN.match(child.name)
-        if match and child.is_dir():
-            steps.append((int(match.group(1)), child))
-    return sorted(steps)
-
-
 def is_run_folder(path: Path) -> bool:
     """A folder of step folders that holds no model weights of its own (see ``sources.is_run``)."""
     return path.is_dir() and not _weights_in_folder(path) and bool(run_steps(path))
@@ -395,15 +385,6 @@ def _shards_from_index(index: Path) -> list[Path]:
         raise CheckpointError(f"shard index names missing files: {', '.join(missing[:3])}", str(index),
                               "download the missing shards or re-save the model")
     return files
-
-
-def resolve_run(folder: Path) -> tuple[Path, Path]:
-    """(init, trained) folders of a training run: its earliest and latest step."""
-    steps = run_steps(folder)
-    if len(steps) < 2:
-        raise CheckpointError("a training-run folder needs at least two step folders (init and trained)",
-                              str(folder), f"pass {flag('--init')} PATH, {flag('--init-seed')} N or {flag('--no-init')} with a single checkpoint")
-    return steps[0][1], steps[-1][1]
 
 
 def copy_side_files(source_dir: Path | None, target_dir: Path, names: tuple[str, ...] = SIDE_FILES) -> list[str]:

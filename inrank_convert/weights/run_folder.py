@@ -1,8 +1,9 @@
-"""Run folders on disk: creating them, the training checkpoints in them (a model folder that every
-other command reads, plus the state that makes a resume exact) and their metrics.
+"""The run folder: the one module that knows its layout. Training writes it, resume reads it back,
+``compress RUN`` and ``compare-runs`` read it, and no other module spells its names.
 
     RUN/step-0/                 where the run starts: the init model folder (train; with its seed
-                                recipe when seeded), or a checkpoint of the artifact it resumed from
+                                recipe ``inrank_init.json`` when seeded), or a checkpoint of the
+                                artifact it resumed from
     RUN/step-N/                 written whole into a temp folder, then renamed (a SIGKILL leaves
                                 the previous checkpoints as they were, never a half-written one)
       inrank.safetensors        InRank runs: an artifact (factors at their full width r + buffer)
@@ -14,45 +15,74 @@ other command reads, plus the state that makes a resume exact) and their metrics
     RUN/metrics.jsonl           one JSON object per logged step
     RUN/cache/                  a copy of an embedded init; token caches when home is not writable
 
-One module for the layout, so that the loop (which saves) and resume (which reads back) agree on it.
+Other tools' runs count too: any folder of ``step-N`` or ``checkpoint-N`` subfolders is a run whose
+earliest step is the init and whose latest is the trained model. What a checkpoint's tensors hold
+is written by ``training.checkpoint``; where everything lives is decided here.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import time
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch import nn
 
-from inrank_convert.artifact import ArtifactWriter, ReferenceRecord, RuleRecord, SourceRecord, TrainingRecord
 from inrank_convert.core.distributed import World, barrier
-from inrank_convert.core.errors import CheckpointError, OutputError
-from inrank_convert.core.tensors import storage_key, without_aliases
-from inrank_convert.model.layers import LowRankLinear
-from inrank_convert.weights.checkpoints import run_steps
-from inrank_convert.weights.outputs import atomic_output_dir
+from inrank_convert.core.errors import CheckpointError, OutputError, flag
 
+STEP_PATTERN = re.compile(r"^(?:step|checkpoint)-(\d+)$")  # our step-N, Hugging Face Trainer's checkpoint-N
 STATE_DIR = "train_state"
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "state.safetensors"
 METRICS_FILE = "metrics.jsonl"
-OPTIMIZER_PREFIX = "optimizer."
-RNG_PREFIX = "rng."
+CACHE_DIR = "cache"
+# Written by ``inrank-convert train`` into a run's step-0 folder: {"seed": N}.
+INIT_RECIPE_FILE = "inrank_init.json"
+TOKEN_CACHE_ENV = "INRANK_CONVERT_CACHE"
 
 
-# --- run folders ------------------------------------------------------------------------------
+# --- steps ------------------------------------------------------------------------------------
 
 def step_folder(run: Path, step: int) -> Path:
     return Path(run) / f"step-{step}"
 
 
+def run_steps(folder: Path) -> list[tuple[int, Path]]:
+    """The ``step-N`` / ``checkpoint-N`` subfolders of a training-run folder, sorted by N."""
+    steps = []
+    for child in folder.iterdir() if folder.is_dir() else []:
+        match = STEP_PATTERN.match(child.name)
+        if match and child.is_dir():
+            steps.append((int(match.group(1)), child))
+    return sorted(steps)
+
+
+def resolve_run(folder: Path) -> tuple[Path, Path]:
+    """(init, trained) folders of a training run: its earliest and latest step."""
+    steps = run_steps(folder)
+    if len(steps) < 2:
+        raise CheckpointError("a training-run folder needs at least two step folders (init and trained)",
+                              str(folder), f"pass {flag('--init')} PATH, {flag('--init-seed')} N or {flag('--no-init')} with a single checkpoint")
+    return steps[0][1], steps[-1][1]
+
+
 def is_training_checkpoint(folder: Path) -> bool:
     return (Path(folder) / STATE_DIR / STATE_JSON).is_file() and (Path(folder) / STATE_DIR / STATE_TENSORS).is_file()
+
+
+def has_training_checkpoint(folder: Path) -> bool:
+    """Whether any step folder of ``folder`` holds a training state (a run ``resume`` continues)."""
+    return any(is_training_checkpoint(step) for _, step in run_steps(Path(folder)))
+
+
+def training_checkpoints(run: Path) -> dict[int, Path]:
+    """The run's complete checkpoints (step folders with their training state), by step."""
+    return {step: folder for step, folder in run_steps(Path(run)) if is_training_checkpoint(folder)}
 
 
 def latest_checkpoint(run: Path) -> Path:
@@ -63,6 +93,8 @@ def latest_checkpoint(run: Path) -> Path:
                               str(run), "resume from an artifact or a model folder with -o, or train from scratch")
     return complete[-1]
 
+
+# --- creating a run ---------------------------------------------------------------------------
 
 def ensure_writable_run(run: Path) -> None:
     """Create the run folder if needed and prove that it takes files, before any work goes into it."""
@@ -104,10 +136,18 @@ def _copy_run(source: Path, checkpoint: Path, target: Path) -> None:
     shutil.copytree(checkpoint, target / checkpoint.name)
 
 
+# --- caches and the init recipe ----------------------------------------------------------------
+
+def run_cache(run: Path) -> Path:
+    """The run's own cache folder (``RUN/cache``): a copy of an embedded init, token caches when
+    home is not writable."""
+    return Path(run) / CACHE_DIR
+
+
 def token_cache_dir(run: Path) -> Path:
     """Where token caches live: $INRANK_CONVERT_CACHE, else ~/.cache/inrank-convert/tokens (shared by
     runs, so a text is tokenized once per tokenizer), else the run folder when home is not writable."""
-    configured = os.environ.get("INRANK_CONVERT_CACHE")
+    configured = os.environ.get(TOKEN_CACHE_ENV)
     if configured:
         return Path(configured)
     home = Path.home() / ".cache" / "inrank-convert" / "tokens"
@@ -115,83 +155,35 @@ def token_cache_dir(run: Path) -> Path:
         home.mkdir(parents=True, exist_ok=True)
         return home
     except OSError:
-        return run / "cache"
+        return run_cache(run)
 
 
-# --- checkpoints ------------------------------------------------------------------------------
-
-def add_model_tensors(writer: ArtifactWriter, model: nn.Module) -> int:
-    """Store the model's tensors with ``writer``; returns the dense bytes they stand for.
-
-    Names are those of the dense model's state dict (so the artifact decompresses to a normal
-    checkpoint): a LowRankLinear ``m`` stores ``m.weight`` as factors in the source orientation,
-    at their full width (r + buffer). Tied tensors (GPT-2's lm_head and wte) are stored once and
-    listed as aliases.
-    """
-    low_rank = {name: module for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
-    seen: dict[tuple[int, int], str] = {}
-    original = 0
-    for name, tensor in model.state_dict(keep_vars=False).items():
-        owner, _, attr = name.rpartition(".")
-        if owner in low_rank and attr in ("lora_A", "lora_B", "weight_ref"):
-            if attr == "lora_A":
-                layer = low_rank[owner]
-                B, A = layer.stored_factors()
-                shape = (layer.in_features, layer.out_features) if layer.stored_transposed else \
-                    (layer.out_features, layer.in_features)
-                entry = writer.add_lowrank(f"{owner}.weight", B, A, shape=shape, dtype=A.dtype)
-                original += entry.original_bytes
-            continue
-        key = storage_key(tensor)
-        if key in seen:
-            writer.add_alias(name, seen[key], shape=tuple(tensor.shape), dtype=tensor.dtype)
-            continue
-        seen[key] = name
-        original += writer.add_dense(name, tensor.detach()).original_bytes
-    return original
+def read_init_recipe(folder: Path) -> int | None:
+    """The seed recorded by ``inrank-convert train`` in a run's init folder, if any."""
+    recipe = folder / INIT_RECIPE_FILE
+    if not recipe.is_file():
+        return None
+    try:
+        return int(json.loads(recipe.read_text())["seed"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError("cannot parse the init recipe (expected {\"seed\": N})", str(recipe),
+                              "fix or delete the file") from err
 
 
-def save_checkpoint(run: Path, step: int, model: nn.Module, tokenizer, reference: ReferenceRecord | None,
-                    rule: RuleRecord, trainer_state: dict, state_tensors: dict[str, torch.Tensor],
-                    embedded_init: Path | None = None) -> Path:
-    """Write ``RUN/step-N`` atomically: an artifact (``reference`` given: InRank) or a dense
-    Hugging Face folder, the tokenizer, and the training state."""
-    folder = step_folder(run, step)
-    if reference is None:
-        with atomic_output_dir(folder, force=True) as temp:
-            save_model_weights(model, temp)
-            _save_beside_weights(temp, model, tokenizer, trainer_state, state_tensors)
-        return folder
-    with ArtifactWriter(folder, force=True) as writer:
-        original = add_model_tensors(writer, model)
-        if embedded_init is not None:
-            writer.link_reference_file(embedded_init)
-        run_path = str(Path(run).resolve())
-        writer.finish(source=SourceRecord(run_path, "training", run_path, []), reference=reference, rule=rule,
-                      original_bytes=original, training=TrainingRecord(step, str(trainer_state.get("mode"))))
-        _save_beside_weights(writer.folder, model, tokenizer, trainer_state, state_tensors)
-    return folder
+def write_init_recipe(folder: Path, seed: int) -> None:
+    """Record that the init in ``folder`` is ``from_config`` under ``torch.manual_seed(seed)``:
+    compress reads this recipe and stores no init tensors."""
+    (Path(folder) / INIT_RECIPE_FILE).write_text(json.dumps({"seed": seed}) + "\n")
 
 
-def _save_beside_weights(folder: Path, model: nn.Module, tokenizer, trainer_state: dict,
-                         state_tensors: dict[str, torch.Tensor]) -> None:
-    """config.json, the tokenizer and the training state of a checkpoint folder."""
-    model.config.save_pretrained(folder)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(folder)
-    state_dir = folder / STATE_DIR
+# --- training state ---------------------------------------------------------------------------
+
+def write_training_state(folder: Path, trainer_state: dict, state_tensors: dict[str, torch.Tensor]) -> None:
+    """``folder/train_state``: the trainer state as JSON and the state tensors as safetensors."""
+    state_dir = Path(folder) / STATE_DIR
     state_dir.mkdir()
     save_file({k: v.detach().contiguous().cpu() for k, v in state_tensors.items()}, str(state_dir / STATE_TENSORS))
     (state_dir / STATE_JSON).write_text(json.dumps(trainer_state, indent=1, sort_keys=True) + "\n")
-
-
-def save_model_weights(model: nn.Module, folder: Path) -> None:
-    """``model.safetensors`` as save_pretrained writes it (tied tensors once), without its progress bar."""
-    state = {k: v.detach().contiguous().cpu() for k, v in without_aliases(model.state_dict()).items()}
-    save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
-    generation = getattr(model, "generation_config", None)
-    if generation is not None:
-        generation.save_pretrained(folder)
 
 
 def load_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -206,31 +198,12 @@ def load_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return trainer_state, tensors
 
 
-def optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    """Optimizer state keyed by parameter name (stable across a rebuild, unlike indices)."""
-    names = {id(param): name for name, param in model.named_parameters()}
-    tensors = {}
-    for param, state in optimizer.state.items():
-        for key, value in state.items():
-            if torch.is_tensor(value):
-                tensors[f"{OPTIMIZER_PREFIX}{names[id(param)]}.{key}"] = value
-    return tensors
-
-
-def load_optimizer_tensors(model: nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
-    for name, param in model.named_parameters():
-        prefix = f"{OPTIMIZER_PREFIX}{name}."
-        state = {key[len(prefix):]: value for key, value in tensors.items() if key.startswith(prefix)}
-        if not state:
-            continue
-        for key, value in state.items():
-            if key != "step" and tuple(value.shape) != tuple(param.shape):
-                raise CheckpointError(f"optimizer state {name}.{key} has shape {list(value.shape)}, the parameter "
-                                      f"{list(param.shape)}", None, "the checkpoint is damaged")
-        optimizer.state[param] = {key: value if key == "step" else value.to(param.device) for key, value in state.items()}
-
-
 # --- metrics ----------------------------------------------------------------------------------
+
+def open_metrics(run: Path):
+    """``RUN/metrics.jsonl`` opened for appending records (one JSON object per line)."""
+    return (Path(run) / METRICS_FILE).open("a")
+
 
 def read_metrics(run: Path) -> list[dict]:
     path = Path(run) / METRICS_FILE
