@@ -113,10 +113,10 @@ def _phase_breakdown(init_dir: Path, trained_dir: Path, options) -> dict[str, fl
 
 
 def _layer_breakdown(layers) -> dict[str, float]:
-    """Seconds inside _execute (subtract + factorize + factor copies) summed by kind and engine."""
+    """Seconds inside execute_entry (subtract + factorize + factor copies) summed by kind and engine."""
     sums: dict[str, float] = {}
     for layer in layers:
-        key = f"_execute {layer.kind}/{layer.engine or '-'}"
+        key = f"execute_entry {layer.kind}/{layer.engine or '-'}"
         sums[key] = sums.get(key, 0.0) + layer.seconds
     return sums
 
@@ -184,7 +184,7 @@ def run() -> list[BenchResult]:
     for phase, seconds in phases.items():
         print(f"    {seconds:7.3f} s  {phase}")
     slowest = sorted(result.layers, key=lambda layer: layer.seconds, reverse=True)[:5]
-    print("\n  slowest layers in _execute:")
+    print("\n  slowest layers in execute_entry:")
     for layer in slowest:
         print(f"    {layer.seconds:7.3f} s  {layer.name} {list(layer.shape)} {layer.kind} r={layer.rank}")
     print(f"\n  cProfile of one compress run (main thread only; top {PROFILE_TOP} by cumulative time):")

@@ -1,8 +1,9 @@
 """inrank-convert: compact low-rank artifacts from trained checkpoints (InRank cumulative updates)."""
 
 from inrank_convert.artifact import Artifact, Manifest, TensorEntry, read_manifest
-from inrank_convert.compression.job import CompressResult, LayerResult, compress
+from inrank_convert.compression.job import compress
 from inrank_convert.compression.plan import PlanOptions
+from inrank_convert.compression.results import CompressResult, LayerResult
 from inrank_convert.core.errors import InrankError
 from inrank_convert.core.version import __version__
 from inrank_convert.inputs.sources import open_artifact

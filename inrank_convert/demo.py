@@ -21,8 +21,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from inrank_convert.compression.job import CompressResult, compress
+from inrank_convert.compression.job import compress
 from inrank_convert.compression.plan import PlanOptions
+from inrank_convert.compression.results import CompressResult
 from inrank_convert.core.errors import OutputError, flag
 from inrank_convert.linalg.criteria import RankRule
 from inrank_convert.measure.compare_runs import CompareResult, RunSummary, compare_runs

@@ -355,7 +355,7 @@ def test_the_gram_engines_product_dtype_follows_the_storage(tmp_path, dtype, mon
     """bfloat16 factors (the default) may be computed by a bfloat16 product where the CPU has it
     natively (engine "gram-bfloat16"); float32 factors (``--dtype float32``) never are. Either way
     the recorded error is what verify measures against the source, to the bfloat16 model's rounding."""
-    from inrank_convert.compression.job import product_dtype
+    from inrank_convert.compression.execution import product_dtype
     from inrank_convert.linalg import gram
     from inrank_convert.measure.verify import verify_artifact
 

@@ -26,9 +26,11 @@ from conftest import make_pair
 from safetensors.torch import load_file, save_file
 
 from inrank_convert.artifact import ARTIFACT_FILE, INIT_FILE, read_manifest
-from inrank_convert.compression.job import CompressionJob, HintChains, compress, plan_compression
+from inrank_convert.compression.execution import HintChains
+from inrank_convert.compression.job import CompressionJob, compress, plan_compression
 from inrank_convert.compression.plan import PlanOptions, TensorPlan
-from inrank_convert.compression.torchrun import _compute, hashing_cost, share_out, svd_cost
+from inrank_convert.compression.torchrun import _compute
+from inrank_convert.compression.torchrun_schedule import hashing_cost, share_out, svd_cost
 from inrank_convert.compression.updates import planned_entries
 from inrank_convert.inputs.sources import open_inputs
 from inrank_convert.linalg.criteria import RankRule

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 
 from inrank_convert import PlanOptions, RankRule, compress, load_compressed, open_artifact, read_manifest
 from inrank_convert.artifact import ARTIFACT_FILE
-from inrank_convert.artifact.manifest import MANIFEST_KEY
+from inrank_convert.artifact.format import MANIFEST_KEY
 from inrank_convert.core.errors import ArtifactError
 from inrank_convert.core.tensors import checksum
 from inrank_convert.export.dense import decompress
@@ -238,7 +238,7 @@ def test_a_dense_grown_tensor_records_its_reference_rows(grown, tmp_path):
     assert pair.grown
     for name in pair.grown:
         assert tensors[name].reference_rows == VOCAB, (
-            f"{name} is {tensors[name].kind} without reference_rows (compress.py _execute: pass "
+            f"{name} is {tensors[name].kind} without reference_rows (compression.execution.execute_entry: pass "
             "entry.reference_rows to the dense entry too)")
 
 

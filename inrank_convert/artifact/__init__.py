@@ -13,22 +13,24 @@ every other module builds and reads the manifest through ``Manifest`` / ``Tensor
 through ``read_manifest`` / ``Artifact`` (``reader.py``).
 """
 
-from inrank_convert.artifact.manifest import (
+from inrank_convert.artifact.format import (
     ARTIFACT_FILE,
     FORMAT_NAME,
     FORMAT_VERSION,
     INIT_FILE,
     REFERENCE_MODES,
     TENSOR_KINDS,
-    Manifest,
     ReferenceMode,
+    TensorKind,
+    factor_names,
+)
+from inrank_convert.artifact.manifest import (
+    Manifest,
     ReferenceRecord,
     RuleRecord,
     SourceRecord,
     TensorEntry,
-    TensorKind,
     TrainingRecord,
-    factor_names,
 )
 from inrank_convert.artifact.reader import (
     Artifact,

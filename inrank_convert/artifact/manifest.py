@@ -1,199 +1,40 @@
 """The manifest: the JSON in the artifact file's safetensors header (key ``inrank``), typed.
 
-Every key of the on-disk format is named here and nowhere else: other modules build and read
-manifests through these dataclasses. ``Manifest.from_json`` validates (a newer format version,
+Every JSON key of the manifest is named here and nowhere else (file names and tensor-name suffixes
+are ``format``'s): other modules build and read manifests through these dataclasses. ``Manifest.from_json`` validates (a newer format version,
 or a damaged manifest, is one ArtifactError); ``to_json`` writes the version-1 layout.
 """
 
 from __future__ import annotations
 
-import json
-import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Literal, get_args
+from typing import Any
 
 import torch
 
+from inrank_convert.artifact.fields import Fields, ManifestFormatError, drop_none, file_hashes, shown
+from inrank_convert.artifact.format import (
+    DAMAGED,
+    FACTOR_SCALE,
+    FLOAT_CODES,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    REFERENCE_MODES,
+    ROWS_SCALE,
+    STORAGES,
+    TENSOR_KINDS,
+    ReferenceMode,
+    Storage,
+    TensorKind,
+    factor_names,
+    row_names,
+)
 from inrank_convert.artifact.storage import FLOAT_STORAGE
 from inrank_convert.core.errors import ArtifactError
-from inrank_convert.core.tensors import SAFETENSORS_CODES, dtype_from_name, dtype_name, numel
+from inrank_convert.core.tensors import SAFETENSORS_CODES, dtype_name, numel
 from inrank_convert.core.version import __version__
 from inrank_convert.weights.checkpoints import FileHash
-
-ARTIFACT_FILE = "inrank.safetensors"
-INIT_FILE = "init.safetensors"
-FORMAT_NAME = "inrank-convert"
-FORMAT_VERSION = 2  # what this writer writes; readers take every version up to it (1: no rows, no int8)
-MANIFEST_KEY = "inrank"
-FACTOR_B = ".lora_B"  # [rows, r]
-FACTOR_A = ".lora_A"  # [r, cols]
-FACTOR_SCALE = ".lora_scale"  # [r] float32, int8 storage: component j is scale[j] * B[:, j] A[j, :]
-ROWS = ".rows"  # [K, cols]: the update's residual on K whole rows (kind lowrank+rows)
-ROW_INDEX = ".row_index"  # [K] int64, distinct, in [0, rows)
-ROWS_SCALE = ".rows_scale"  # [K] float32, int8 storage: row k is scale[k] * rows[k]
-
-# How a tensor is stored: B @ A on top of the reference; B @ A plus K exact rows (an update
-# concentrated in rows: embeddings); whole; not at all (equal to the reference); or as a second
-# name of another tensor (tied weights).
-TensorKind = Literal["lowrank", "lowrank+rows", "dense", "zero", "alias"]
-# The precision of stored factors and rows (dense tensors keep their source dtype).
-Storage = Literal["float64", "float32", "float16", "bfloat16", "int8"]
-# What the update is measured against: a checkpoint by path and hash, a seed recipe, the init
-# stored beside the factors, or nothing.
-ReferenceMode = Literal["reference", "seed", "embedded", "zero"]
-TENSOR_KINDS: tuple[str, ...] = get_args(TensorKind)
-REFERENCE_MODES: tuple[str, ...] = get_args(ReferenceMode)
-STORAGES: tuple[str, ...] = get_args(Storage)
-
-
-def factor_names(name: str) -> tuple[str, str]:
-    """Stored names of the two factors of tensor ``name``: (B, A)."""
-    return name + FACTOR_B, name + FACTOR_A
-
-
-def row_names(name: str) -> tuple[str, str]:
-    """Stored names of the rows of tensor ``name``: (rows, row_index)."""
-    return name + ROWS, name + ROW_INDEX
-
-
-def _drop_none(values: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in values.items() if value is not None}
-
-
-# What a damaged manifest tells the user to do: the file no longer says what compress wrote.
-DAMAGED = "the file is damaged: re-run compress"
-FLOAT_CODES = frozenset({"F64", "F32", "F16", "BF16"})  # the safetensors codes of float tensors
-
-
-class ManifestFormatError(ValueError):
-    """A manifest value that is missing or of the wrong type; the message names its place
-    (``tensors['h.0.weight'].rank``) so that a user can see what was edited or damaged."""
-
-
-def _shown(value: Any) -> str:
-    """A manifest value as JSON, cut short: what a message quotes."""
-    try:
-        text = json.dumps(value)
-    except (TypeError, ValueError):
-        text = type(value).__name__
-    return text if len(text) <= 40 else text[:37] + "..."
-
-
-_JSON_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
-
-
-class _Fields:
-    """Typed reads of one JSON object of the manifest. A missing required key, or a value of the
-    wrong type (a string where a number belongs, a list where an object does), raises
-    ManifestFormatError naming the key's place; optional keys read as None when absent or null."""
-
-    def __init__(self, values: Any, place: str):
-        if not isinstance(values, dict):
-            raise ManifestFormatError(f"{place or 'the manifest'} is {_JSON_KINDS.get(type(values), 'a number')}, "
-                                      "not an object")
-        self.values = values
-        self.place = place
-
-    def at(self, key: str) -> str:
-        return f"{self.place}.{key}" if self.place else key
-
-    def _raw(self, key: str, required: bool) -> Any:
-        value = self.values.get(key)
-        if value is None and required:
-            raise ManifestFormatError(f"{self.at(key)} is missing")
-        return value
-
-    def _wrong(self, key: str, value: Any, expected: str) -> ManifestFormatError:
-        found = _JSON_KINDS[type(value)] if isinstance(value, (dict, list)) else _shown(value)
-        return ManifestFormatError(f"{self.at(key)} is {found}, not {expected}")
-
-    def string(self, key: str, required: bool = False) -> str | None:
-        value = self._raw(key, required)
-        if value is not None and not isinstance(value, str):
-            raise self._wrong(key, value, "a string")
-        return value
-
-    def integer(self, key: str, required: bool = False, minimum: int = 0) -> int | None:
-        value = self._raw(key, required)
-        if value is None:
-            return None
-        # bool is an int in Python, not in JSON; 4.0 (another writer's integer) is accepted as 4.
-        whole = isinstance(value, int) or (isinstance(value, float) and value.is_integer())
-        if isinstance(value, bool) or not whole:
-            raise self._wrong(key, value, "a whole number")
-        if value < minimum:
-            raise ManifestFormatError(f"{self.at(key)} is {_shown(value)}, below {minimum}")
-        return int(value)
-
-    def number(self, key: str, required: bool = False, low: float = -math.inf, high: float = math.inf) -> float | None:
-        value = self._raw(key, required)
-        if value is None:
-            return None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise self._wrong(key, value, "a finite number")
-        if not low <= value <= high:
-            raise ManifestFormatError(f"{self.at(key)} is {_shown(value)}, outside [{low:g}, {high:g}]")
-        return float(value)
-
-    def boolean(self, key: str) -> bool | None:
-        value = self._raw(key, False)
-        if value is not None and not isinstance(value, bool):
-            raise self._wrong(key, value, "true or false")
-        return value
-
-    def object(self, key: str, required: bool = False) -> dict[str, Any] | None:
-        value = self._raw(key, required)
-        if value is not None and not isinstance(value, dict):
-            raise self._wrong(key, value, "an object")
-        return value
-
-    def fields(self, key: str, place: str | None = None) -> _Fields:
-        """The required object ``key``, to read in turn."""
-        return _Fields(self.object(key, required=True), place or self.at(key))
-
-    def array(self, key: str, required: bool = False) -> list[Any] | None:
-        value = self._raw(key, required)
-        if value is not None and not isinstance(value, list):
-            raise self._wrong(key, value, "a list")
-        return value
-
-    def strings(self, key: str) -> list[str] | None:
-        values = self.array(key)
-        if values is not None and not all(isinstance(item, str) for item in values):
-            raise ManifestFormatError(f"{self.at(key)} holds something other than strings")
-        return values
-
-    def string_map(self, key: str, required: bool = False) -> dict[str, str] | None:
-        values = self.object(key, required)
-        if values is not None and not all(isinstance(item, str) for item in values.values()):
-            raise ManifestFormatError(f"{self.at(key)} maps a name to something other than a string")
-        return None if values is None else dict(values)
-
-    def shape(self, key: str) -> tuple[int, ...]:
-        values = self.array(key, required=True)
-        if not all(isinstance(size, int) and not isinstance(size, bool) and size >= 0 for size in values):
-            raise ManifestFormatError(f"{self.at(key)} is {_shown(values)}, not a list of sizes")
-        return tuple(values)
-
-    def dtype(self, key: str) -> torch.dtype:
-        name = self.string(key, required=True)
-        dtype = dtype_from_name(name)
-        if dtype not in SAFETENSORS_CODES:  # not a torch dtype, or none a safetensors file can hold
-            raise ArtifactError(f"unknown dtype {name!r} in manifest ({self.at(key)})", None, DAMAGED)
-        return dtype
-
-
-def _file_hashes(fields: _Fields, key: str) -> list[FileHash] | None:
-    items = fields.array(key)
-    if items is None:
-        return None
-    hashes = []
-    for index, item in enumerate(items):
-        record = _Fields(item, f"{fields.at(key)}[{index}]")
-        hashes.append(FileHash(record.string("file", required=True), record.integer("bytes") or 0,
-                               record.string("sha256", required=True)))
-    return hashes
 
 
 @dataclass
@@ -279,14 +120,14 @@ class TensorEntry:
         values = {"kind": self.kind, "shape": list(self.shape), "dtype": dtype_name(self.dtype), "rank": self.rank,
                   "energy": round(self.energy, 8), "bytes": self.bytes, "original_bytes": self.original_bytes,
                   "svd": self.svd}
-        return values | _drop_none({"rows": self.rows, "storage": self.storage,
+        return values | drop_none({"rows": self.rows, "storage": self.storage,
                                     "error": None if self.error is None else round(self.error, 8),
                                     "reference_rows": self.reference_rows})
 
     @classmethod
     def from_json(cls, values: Any, place: str = "tensor") -> TensorEntry:
         """One entry of ``tensors``; ``place`` names it in messages (``tensors['h.0.weight']``)."""
-        fields = _Fields(values, place)
+        fields = Fields(values, place)
         kind = fields.string("kind", required=True)
         if kind not in TENSOR_KINDS:
             raise ArtifactError(f"unknown tensor kind {kind!r} in {fields.at('kind')} (this reader knows "
@@ -356,9 +197,9 @@ class SourceRecord:
 
     @classmethod
     def from_json(cls, values: Any, place: str = "source") -> SourceRecord:
-        fields = _Fields(values, place)
+        fields = Fields(values, place)
         return cls(fields.string("path", required=True), fields.string("kind") or "checkpoint", fields.string("run"),
-                   _file_hashes(fields, "files") or [])
+                   file_hashes(fields, "files") or [])
 
 
 @dataclass
@@ -380,7 +221,7 @@ class ReferenceRecord:
     source: ReferenceRecord | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return _drop_none({
+        return drop_none({
             "mode": self.mode, "path": self.path,
             "files": None if self.files is None else [f.to_json() for f in self.files],
             "recipe": self.recipe, "file": self.file, "tensors": self.tensors,
@@ -389,7 +230,7 @@ class ReferenceRecord:
     @classmethod
     def from_json(cls, values: Any, place: str = "reference") -> ReferenceRecord:
         """Parse and check what each mode needs; an unknown mode is an ArtifactError (a newer writer)."""
-        fields = _Fields(values, place)
+        fields = Fields(values, place)
         mode = fields.string("mode", required=True)
         if mode not in REFERENCE_MODES:
             raise ArtifactError(f"unknown reference mode {mode!r}", None,
@@ -402,7 +243,7 @@ class ReferenceRecord:
             if recipe_fields.string("dtype") is not None:
                 recipe_fields.dtype("dtype")
         source = fields.object("source")
-        return cls(mode, fields.string("path", required=mode == "reference"), _file_hashes(fields, "files"),
+        return cls(mode, fields.string("path", required=mode == "reference"), file_hashes(fields, "files"),
                    recipe, fields.string_map("tensors"), fields.string("file", required=mode == "embedded"),
                    None if source is None else cls.from_json(source, fields.at("source")))
 
@@ -427,11 +268,11 @@ class RuleRecord:
 
     def to_json(self) -> dict[str, Any]:
         values = {"criterion": self.criterion, "threshold": self.threshold, "rank": self.rank}
-        return values | _drop_none({"target_bytes": self.target_bytes})
+        return values | drop_none({"target_bytes": self.target_bytes})
 
     @classmethod
     def from_json(cls, values: Any, place: str = "rule") -> RuleRecord:
-        fields = _Fields(values, place)
+        fields = Fields(values, place)
         return cls(fields.string("criterion", required=True), fields.number("threshold", required=True),
                    fields.integer("rank"), fields.integer("target_bytes"))
 
@@ -519,7 +360,7 @@ class Manifest:
             raise ArtifactError("not an inrank-convert manifest", where, DAMAGED)
         version = values.get("version")
         if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise ArtifactError(f"manifest has no format version (version is {_shown(version)})", where, DAMAGED)
+            raise ArtifactError(f"manifest has no format version (version is {shown(version)})", where, DAMAGED)
         if version > FORMAT_VERSION:
             raise ArtifactError(
                 f"artifact format version {version} is newer than this inrank-convert reads (version {FORMAT_VERSION})",
@@ -528,7 +369,7 @@ class Manifest:
                  "factor_dtype", "embeddings", "include", "exclude", "training", "original_bytes", "tensors",
                  "checksums", "calibration", "perplexity_target"}
         try:
-            fields = _Fields(values, "")
+            fields = Fields(values, "")
             reference = ReferenceRecord.from_json(fields.object("reference", required=True))
             source = SourceRecord.from_json(fields.object("source", required=True))
             rule = RuleRecord.from_json(fields.object("rule", required=True))

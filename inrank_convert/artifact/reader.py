@@ -10,7 +10,7 @@ from typing import Any, Protocol
 
 import torch
 
-from inrank_convert.artifact.manifest import (
+from inrank_convert.artifact.format import (
     ARTIFACT_FILE,
     DAMAGED,
     FACTOR_SCALE,
@@ -18,11 +18,10 @@ from inrank_convert.artifact.manifest import (
     INIT_FILE,
     MANIFEST_KEY,
     ROWS_SCALE,
-    Manifest,
-    TensorEntry,
     factor_names,
     row_names,
 )
+from inrank_convert.artifact.manifest import Manifest, TensorEntry
 from inrank_convert.artifact.storage import decode_factors, decode_rows
 from inrank_convert.core.errors import ArtifactError, CheckpointError, InitReferenceError
 from inrank_convert.core.tensors import SAFETENSORS_DTYPES, dtype_name, is_finite

@@ -13,20 +13,16 @@ from typing import Any
 
 import torch
 
-from inrank_convert.artifact.manifest import (
+from inrank_convert.artifact.format import (
     ARTIFACT_FILE,
     FACTOR_SCALE,
     INIT_FILE,
     MANIFEST_KEY,
     ROWS_SCALE,
-    Manifest,
-    ReferenceRecord,
-    RuleRecord,
-    SourceRecord,
-    TensorEntry,
     factor_names,
     row_names,
 )
+from inrank_convert.artifact.manifest import Manifest, ReferenceRecord, RuleRecord, SourceRecord, TensorEntry
 from inrank_convert.artifact.reader import artifact_bytes
 from inrank_convert.artifact.storage import encode_factors, encode_rows
 from inrank_convert.core.errors import ArtifactError

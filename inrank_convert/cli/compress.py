@@ -137,7 +137,7 @@ def compress_command(
     options = plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, include, exclude, float64, seed,
                             quantize, target_ratio, target_size)
     if world.enabled and not dry_run:
-        from inrank_convert.compression.torchrun import check_one_process
+        from inrank_convert.compression.torchrun_schedule import check_one_process
 
         check_one_process(options, calibration, max_increase is not None)
     source, init = model_paths(ckpt, revision, init, init_revision)

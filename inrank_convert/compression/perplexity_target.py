@@ -26,12 +26,11 @@ from inrank_convert.compression.calibrate_checkpoint import trained_config, trai
 from inrank_convert.compression.job import (
     CalibrationRequest,
     CompressionJob,
-    CompressResult,
-    LayerResult,
     check_options,
     check_target_options,
 )
 from inrank_convert.compression.plan import PlanOptions
+from inrank_convert.compression.results import CompressResult, LayerResult
 from inrank_convert.compression.targets import check_target
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.inputs.text import read_text

@@ -5,7 +5,7 @@ by rank 0, byte for byte the one a single process writes.
 
 Every process opens the inputs and makes the plan (shapes only: cheap); they check that their
 plans agree. The tensors to factorize are dealt out largest first, each to the process with the
-least estimated SVD work so far (``share_out``); the tensors kept whole are rank 0's (a copy, no
+least estimated SVD work so far (``torchrun_schedule.share_out``); the tensors kept whole are rank 0's (a copy, no
 compute). Each process factorizes its share in plan order into a ``RecordingWriter`` (what would
 be stored, not written) and sends each tensor's stored form to rank 0 as soon as it is done,
 without waiting for rank 0 to take it (``isend``). Rank 0 factorizes its own share in a thread
@@ -35,11 +35,7 @@ removes its temporary folder and no artifact appears.
 from __future__ import annotations
 
 import atexit
-import hashlib
-import json
-import math
 import pickle
-import signal
 import threading
 from collections.abc import Callable, Iterator
 from datetime import timedelta
@@ -50,25 +46,33 @@ import torch
 import torch.distributed as dist
 
 from inrank_convert.artifact import ArtifactWriter, RecordingWriter, StoredTensor
+from inrank_convert.compression.execution import HintChains, execute_entry
 from inrank_convert.compression.job import (
-    CalibrationRequest,
     CompressionJob,
-    CompressResult,
-    HintChains,
-    LayerResult,
-    _execute,
     check_options,
     check_target_options,
     plan_compression,
 )
 from inrank_convert.compression.plan import Plan, PlanOptions, TensorPlan
+from inrank_convert.compression.results import CompressResult, LayerResult
 from inrank_convert.compression.targets import Assigned
+from inrank_convert.compression.torchrun_schedule import (
+    check_one_process,
+    hashing_cost,
+    plan_digest,
+    share_out,
+)
 from inrank_convert.compression.updates import planned_entries, prefetching
-from inrank_convert.core.distributed import World, close_world, env_world, init_world, process_device
+from inrank_convert.core.distributed import (
+    SigtermGuard,
+    World,
+    close_world,
+    env_world,
+    init_world,
+    process_device,
+)
 from inrank_convert.core.errors import DistributedError, InrankError, ReportedElsewhere, UsageError, flag
-from inrank_convert.core.tensors import dtype_name
 from inrank_convert.inputs.sources import Inputs, open_inputs
-from inrank_convert.weights.hash_cache import remembered
 from inrank_convert.weights.outputs import check_output_free, check_output_outside
 
 # One receive may wait for the slowest process's next tensor, and a process that is done waits
@@ -76,71 +80,6 @@ from inrank_convert.weights.outputs import check_output_free, check_output_outsi
 RESULTS_TIMEOUT = timedelta(days=7)
 _HEADER, _PAYLOAD, _FINAL = 1, 2, 3  # message tags: a payload's length, the payload, rank 0's "done"
 _USER_ERRORS = (InrankError, OSError)  # what a process hands to rank 0 to print; anything else is a bug
-PER_TENSOR_COST = 1.5e7  # svd_cost's units (~2 ms): reading, subtracting, choosing the form, measuring the error
-HASH_COST_PER_BYTE = 10.0  # svd_cost's units per byte of sha256 (see hashing_cost)
-
-
-def check_one_process(options: PlanOptions, calibration: CalibrationRequest | None = None,
-                      searched: bool = False) -> None:
-    """Refuse, under torchrun, what compress runs in one process only: a size or perplexity
-    target and calibration choose every tensor's rank together, from all the spectra at once."""
-    world = env_world()
-    if not world.enabled:
-        return
-    which = ("--max-perplexity-increase" if searched else "--calibrate" if calibration is not None
-             else "--target-ratio" if options.target_ratio is not None
-             else "--target-size" if options.target_size is not None else None)
-    if which is not None:
-        raise UsageError(f"{flag(which)} chooses every tensor's rank together, which compress does in one process only",
-                         f"torchrun with {world.size} processes",
-                         "run it without torchrun: python -m inrank_convert compress ...")
-
-
-def svd_cost(entry: TensorPlan) -> float:
-    """The work of factorizing ``entry``, in units of about 0.14 ns of one CPU thread: for an
-    m x n update (k = min(m, n)), m n k for the Gram product or the SVD's reductions, plus k^3
-    for the small dense solve (far fewer flops per second), plus PER_TENSOR_COST for the work
-    around it. Fitted on GPT-2 small's exact SVDs (one thread): 768x768 0.13 s, 768x2304 0.27 s,
-    768x3072 0.33 s, 50257x768 3.8 s, each within 10%; tiny tensors take 2-7 ms."""
-    rows, cols = entry.shape[0], math.prod(entry.shape[1:])
-    k = min(rows, cols)
-    return float(rows) * cols * k + float(k) ** 3 + PER_TENSOR_COST
-
-
-def hashing_cost(inputs: Inputs, device: str) -> float:
-    """Rank 0 hashes the input files (for the manifest) in a thread beside its SVDs; on CPUs that
-    takes a share of its core, in svd_cost's units: sha256 ran at 1.4 ns a byte here, an SVD at
-    0.14 ns a unit, so a byte counts as HASH_COST_PER_BYTE units. On GPUs it costs the SVDs nothing,
-    and a file the hash cache remembers costs nothing anywhere."""
-    if not device.startswith("cpu"):
-        return 0.0
-    files = [file for file in inputs.hashed_files() if remembered(file) is None]
-    return HASH_COST_PER_BYTE * sum(Path(file).stat().st_size for file in files)
-
-
-def share_out(work: list[tuple[int, TensorPlan]], size: int, head_start: float = 0.0) -> dict[int, int]:
-    """Plan index -> the rank that computes it. The tensors to factorize go, a hint chain at a time
-    (``compress.HintChains``: up to HINT_CHAIN same-shape updates that hand on the adaptive engine's
-    basis size, so they must be computed together, in plan order), largest first to the least
-    loaded rank (LPT: the busiest rank ends at most one chain's work above the mean); rank 0 starts
-    with ``head_start`` (its hashing). The tensors stored whole go to rank 0, which copies them into
-    the file without computing."""
-    owners = {index: 0 for index, entry in work if entry.action != "factorize"}
-    chains = HintChains(work).chain
-    members: dict[tuple, list[int]] = {}
-    costs: dict[tuple, float] = {}
-    for index, entry in work:
-        if entry.action == "factorize":
-            members.setdefault(chains[index], []).append(index)
-            costs[chains[index]] = costs.get(chains[index], 0.0) + svd_cost(entry)
-    loads = [0.0] * size
-    loads[0] = head_start
-    for chain in sorted(members, key=lambda key: (-costs[key], members[key][0])):
-        rank = min(range(size), key=lambda candidate: (loads[candidate], candidate))
-        for index in members[chain]:
-            owners[index] = rank
-        loads[rank] += costs[chain]
-    return owners
 
 
 def compress_distributed(source: str | Path, output: str | Path, *, init: str | Path | None = None,
@@ -159,7 +98,7 @@ def compress_distributed(source: str | Path, output: str | Path, *, init: str | 
                         options=options, force=force, on_plan=on_plan, on_layer=on_layer)
     world, group = _join()
     reference = dict(init=init, init_seed=init_seed, no_init=no_init, embed_init=embed_init)
-    sigterm = _Sigterm()
+    sigterm = SigtermGuard()
     finished = False
     try:
         if world.is_main:
@@ -210,12 +149,6 @@ def _leave(world: World, finished: bool) -> None:
         # Not now: the other processes leave as soon as this one's connections close, and
         # torchrun would stop this process before the CLI has printed the error.
         atexit.register(close_world, world)
-
-
-def _plan_digest(plan: Plan) -> str:
-    """What every process must agree on: each tensor's name, action, shape and dtype."""
-    listing = [(entry.name, entry.action, list(entry.shape), dtype_name(entry.dtype)) for entry in plan.entries]
-    return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
 
 def _agree(outcome: tuple, world: World, group: dist.ProcessGroup) -> tuple[bool, float]:
@@ -269,7 +202,7 @@ class _SharedJob(CompressionJob):
     world: World
     group: dist.ProcessGroup
     device: torch.device
-    sigterm: _Sigterm
+    sigterm: SigtermGuard
     head_start: float  # its hashing's cost, as every process shares the tensors out by it
 
     def execute(self, writer: ArtifactWriter, budget: dict[str, Assigned] | None) -> Iterator[LayerResult]:
@@ -295,7 +228,7 @@ class _SharedJob(CompressionJob):
 
 
 def _run_main(world: World, group, source, output, reference: dict, options: PlanOptions, force: bool,
-              on_plan, on_layer, sigterm: _Sigterm) -> CompressResult:
+              on_plan, on_layer, sigterm: SigtermGuard) -> CompressResult:
     job = None
     try:
         try:
@@ -303,7 +236,7 @@ def _run_main(world: World, group, source, output, reference: dict, options: Pla
             job = _SharedJob(source, options=options, **reference)
             job.world, job.group, job.device, job.sigterm = world, group, device, sigterm
             job.head_start = hashing_cost(job.inputs, options.device)
-            outcome = ("ok", _plan_digest(job.plan), job.head_start)
+            outcome = ("ok", plan_digest(job.plan), job.head_start)
         except _USER_ERRORS as err:
             outcome = ("error", err)
         _agree(outcome, world, group)
@@ -366,34 +299,6 @@ class _OwnShare:
             raise self._error
 
 
-class _Sigterm:
-    """torchrun stops the other processes with SIGTERM when one fails: on rank 0 the first one
-    becomes an error, so that the temporary folder is removed and the reason said; once rank 0
-    is stopping on an error (``failing``) it is ignored, so that the error in flight is the one
-    printed and its clean-up is not cut short."""
-
-    def __init__(self):
-        self.failing = False
-        self._previous = None
-
-    def install(self) -> None:
-        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
-            self._previous = signal.signal(signal.SIGTERM, self._stop)
-
-    def uninstall(self) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
-
-    def _stop(self, signum, frame) -> None:
-        if self.failing:
-            return
-        self.failing = True
-        raise DistributedError("stopped by SIGTERM: another process of the torchrun job failed, or the job was "
-                               "cancelled", "rank 0", "nothing was written; torchrun's report says which process "
-                               "stopped first")
-
-
 def _receive_tensor(owner: int, index: int, group) -> tuple[LayerResult, list[StoredTensor]]:
     """Tensor ``index`` from the process ``owner`` (its next message: each sends in plan order)."""
     try:
@@ -420,7 +325,7 @@ def _run_worker(world: World, group, source, output, reference: dict, options: P
             device = _check_setup(source, output, reference, options, force, world)
             inputs = open_inputs(source, **reference)
             plan = plan_compression(inputs, options)
-            outcome = ("ok", _plan_digest(plan))
+            outcome = ("ok", plan_digest(plan))
         except _USER_ERRORS as err:
             error, outcome = err, ("error", err)
         stop, head_start = _agree(outcome, world, group)
@@ -467,7 +372,7 @@ def _compute(entry: TensorPlan, index: int, inputs: Inputs, options: PlanOptions
     """One tensor as compress stores it (same code, same seed, same hint chain), recorded rather
     than written."""
     recorder = RecordingWriter()
-    layer = _execute(entry, inputs, options, device, index, recorder, hints=chains.hints(index))
+    layer = execute_entry(entry, inputs, options, device, index, recorder, hints=chains.hints(index))
     return layer, recorder.take()
 
 

@@ -1,5 +1,6 @@
 """Devices and processes: the --device check every command makes, and under ``torchrun`` the
-process group setup and the few collectives training needs.
+process group setup, the few collectives training needs, and the SIGTERM guard of a process
+that writes for the whole job.
 
 Outside torchrun (no WORLD_SIZE, or 1) everything here is a no-op, so the training loop has one
 code path. NCCL on CUDA, gloo on CPU.
@@ -8,12 +9,14 @@ code path. NCCL on CUDA, gloo on CPU.
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-from inrank_convert.core.errors import UsageError, flag
+from inrank_convert.core.errors import DistributedError, UsageError, flag
 
 
 @dataclass(frozen=True)
@@ -112,3 +115,31 @@ def gather_objects(value, world: World) -> list:
 def barrier(world: World) -> None:
     if world.enabled:
         dist.barrier()
+
+
+class SigtermGuard:
+    """torchrun stops the other processes with SIGTERM when one fails: in the process that writes
+    (rank 0) the first one becomes an error, so that its temporary output is removed and the reason
+    said; once that process is stopping on an error (``failing``) it is ignored, so that the error
+    in flight is the one printed and its clean-up is not cut short."""
+
+    def __init__(self):
+        self.failing = False
+        self._previous = None
+
+    def install(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # signal handlers live in the main thread
+            self._previous = signal.signal(signal.SIGTERM, self._stop)
+
+    def uninstall(self) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
+
+    def _stop(self, signum, frame) -> None:
+        if self.failing:
+            return
+        self.failing = True
+        raise DistributedError("stopped by SIGTERM: another process of the torchrun job failed, or the job was "
+                               "cancelled", "rank 0", "nothing was written; torchrun's report says which process "
+                               "stopped first")

@@ -58,7 +58,7 @@ class FileHash:
     sha256: str
 
     def to_json(self) -> dict:
-        return {"file": self.file, "bytes": self.bytes, "sha256": self.sha256}  # read back by manifest._file_hashes
+        return {"file": self.file, "bytes": self.bytes, "sha256": self.sha256}  # read back by artifact.fields.file_hashes
 
 
 class Checkpoint(ABC):
