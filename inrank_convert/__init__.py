@@ -1,4 +1,22 @@
-"""inrank-convert: compact low-rank artifacts from trained checkpoints (InRank cumulative updates)."""
+"""inrank-convert: compact low-rank artifacts from trained checkpoints (InRank cumulative updates).
+
+The packages follow the data's path, each importing only from those below it (docs/design.md §2):
+
+    core        errors, tensors, devices and processes, hub ids, the version
+    linalg      rank criteria, SVD engines, stored forms, budgets, whitening (pure math)
+    model       transformers module trees from a config; LowRankLinear
+    weights     checkpoint files read lazily, the hash cache, atomic outputs, the run folder
+    artifact    the on-disk format: names, the typed manifest, the one writer, the reader
+    inputs      any input form + its reference (init, base, seed, zero); text -> tokens
+    runtime     a running model from an artifact; perplexity and generation
+    compression plan, updates, calibration, targets, the compress job, torchrun share-out
+    export      dense folder, PEFT adapter, vLLM plan
+    training    InRank training and resume: options, rank control, loop, checkpoints
+    measure     spectrum, report, sweep, compare-runs, verify, plots
+    cli         the Typer app, one module per command group; the only printer
+
+The public API is re-exported here.
+"""
 
 from inrank_convert.artifact import Artifact, Manifest, TensorEntry, read_manifest
 from inrank_convert.compression.job import compress

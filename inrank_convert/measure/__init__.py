@@ -1,1 +1,3 @@
-"""TODO"""
+"""Measuring what compression keeps: spectra (``analysis``, the ``spectrum`` command), size and
+perplexity (``report``, ``sweep``), two training runs (``compare_runs``), an artifact's integrity
+(``verify``), and every plot (``plots``)."""
