@@ -29,7 +29,7 @@ bench: install
 demo: install
 	$(BIN)/inrank-convert demo --out demo-out
 
-# lint-imports checks the import layers declared in pyproject.toml [tool.importlinter] (DESIGN §7).
+# lint-imports checks the import layers declared in pyproject.toml [tool.importlinter] (docs/design.md §2).
 lint: install
 	$(BIN)/ruff check inrank_convert tests benchmarks
 	$(BIN)/lint-imports --no-cache

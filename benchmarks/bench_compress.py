@@ -4,7 +4,7 @@ The pair: init = ``AutoModelForCausalLM.from_config(GPT2Config())`` under ``torc
 (124M parameters); trained = init + for every 2-D weight a planted rank-32 update (norm 0.3x
 the weight's) with Gaussian noise holding 5% of the update's energy; 1-D tensors get small noise.
 
-Baseline (DESIGN §8): one streaming pass with ``safe_open`` over both files that loads every
+Baseline (docs/design.md §11): one streaming pass with ``safe_open`` over both files that loads every
 tensor pair and computes the Frobenius norm of (trained - init) in float32: the least work any
 delta compressor must do. Both files are read once first so both sides run from the page cache.
 

@@ -5,7 +5,7 @@ shaped float32 matrices (MLP 11008x4096 and 4096x11008, attention 4096x4096); tr
 + planted rank-32 updates with 5% noise energy. The CLI runs in a fresh process; its peak RSS
 comes from ``os.wait4`` (the kernel's high-water mark for that very child), and a polling
 thread splits the resident set into anonymous memory and file-backed (mmap) pages.
-Budget (DESIGN §8 / the issue): peak RSS <= 2 x the largest tensor + 1 GiB.
+Budget (docs/design.md §11): peak RSS <= 2 x the largest tensor + 1 GiB.
 """
 
 from __future__ import annotations

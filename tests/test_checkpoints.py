@@ -1,4 +1,4 @@
-"""Every input form of DESIGN §2 reads the same tensors, one at a time."""
+"""Every input form of docs/design.md §3 reads the same tensors, one at a time."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The artifact on disk (format versions 1 and 2, DESIGN §3): the typed manifest, the one writer, the reader.
+"""The artifact on disk (format versions 1 and 2, docs/design.md §6): its names, the typed manifest,
+the one writer, the reader.
 
 Layout of an artifact folder ``OUT/``::
 
@@ -7,10 +8,11 @@ Layout of an artifact folder ``OUT/``::
     init.safetensors     the reference tensors, only with --embed-init
     config.json, generation_config.json, tokenizer files: copied from the source
 
-This package is the only place that knows file names, tensor-name suffixes and manifest keys:
-every other module builds and reads the manifest through ``Manifest`` / ``TensorEntry``
-(``manifest.py``), writes artifacts through ``ArtifactWriter`` (``writer.py``) and reads them
-through ``read_manifest`` / ``Artifact`` (``reader.py``).
+This package is the only place that knows file names and tensor-name suffixes (``format``),
+manifest keys (``manifest``, read through ``fields``' typed checks) and storage encodings
+(``storage``): every other module builds and reads the manifest through ``Manifest`` /
+``TensorEntry``, writes artifacts through ``ArtifactWriter`` (``writer``) and reads them through
+``read_manifest`` / ``Artifact`` (``reader``).
 """
 
 from inrank_convert.artifact.format import (

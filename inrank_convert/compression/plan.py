@@ -38,7 +38,7 @@ _EMBEDDING_NAME = re.compile(r"(^|\.)(embed\w*|wte|wpe|lm_head|tok_embeddings|wo
 
 @dataclass(frozen=True)
 class PlanOptions:
-    """Everything that shapes what compress stores. Defaults follow DESIGN §2."""
+    """Everything that shapes what compress stores. Defaults: docs/design.md §4."""
 
     rule: RankRule = field(default_factory=RankRule)
     engine: str = "auto"
@@ -119,7 +119,7 @@ class Plan:
         return {entry.name: entry.alias_of for entry in self.entries if entry.action == "alias"}
 
     def to_json(self, source: str, reference: str) -> dict:
-        """``compress --dry-run --json``: compress's own JSON shape (DESIGN §6) with what only the
+        """``compress --dry-run --json``: compress's own JSON shape (docs/design.md §10) with what only the
         factorization can tell left null (kind, rank, bytes, ratio) and each tensor's planned action."""
         options = self.options
         rule = (f"target ratio {options.target_ratio:g}" if options.target_ratio is not None

@@ -1,4 +1,4 @@
-"""Any input form -> a Checkpoint and its Reference (DESIGN §2).
+"""Any input form -> a Checkpoint and its Reference (docs/design.md §3).
 
 ``checkpoints`` reads raw weight files, ``artifact`` reads and writes the artifact format, and
 ``reference`` knows the kinds of reference. This module is where they meet: it opens every form

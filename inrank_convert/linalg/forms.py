@@ -1,5 +1,5 @@
 """The stored form of one update: the cheapest of zero, low rank, low rank + rows, and dense that
-meets the rank rule (DESIGN §2, "Stored forms").
+meets the rank rule (docs/design.md §4).
 
 Why rows. In a from-scratch run the token embedding's update is one common drift shared by every
 row of a token the text never shows (a rank-1 term holding >99% of the energy) plus an individual

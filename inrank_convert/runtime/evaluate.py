@@ -1,4 +1,4 @@
-"""Perplexity and generation (DESIGN §4): what ``report`` measures and what ``generate`` does.
+"""Perplexity and generation (docs/design.md §7): what ``report`` measures and what ``generate`` does.
 
 Every model, dense or compressed, goes through the same ``perplexity`` function on the same
 token ids in the same windows, so the numbers compare.

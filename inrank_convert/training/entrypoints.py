@@ -1,4 +1,4 @@
-"""Train a causal LM dense or with InRank (DESIGN §5), and resume it exactly: the entry points.
+"""Train a causal LM dense or with InRank (docs/design.md §9), and resume it exactly: the entry points.
 
 One loop (train_loop) serves every start: ``train`` (from a config.json with a seed, or from a
 model folder used as the init) and ``resume`` (from an artifact, from a dense checkpoint compressed

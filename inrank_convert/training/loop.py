@@ -1,4 +1,4 @@
-"""The training loop (DESIGN §5): the session it runs on, one optimizer step, and the actions a
+"""The training loop (docs/design.md §9): the session it runs on, one optimizer step, and the actions a
 step may be due for (a rank decision, evaluation, a metrics record, a checkpoint, a stop).
 
 Every start (train, resume from an artifact, a dense checkpoint or a run folder) ends here with a

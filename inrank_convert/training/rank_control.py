@@ -1,4 +1,4 @@
-"""InRank's incremental rank control (DESIGN §5): measure each factorized layer's spectrum
+"""InRank's incremental rank control (docs/design.md §9): measure each factorized layer's spectrum
 cheaply, decide its rank, and grow its factors (and their optimizer state) to keep a buffer.
 
 A layer here is a ``LowRankLinear`` whose factors have width k = r + buffer:

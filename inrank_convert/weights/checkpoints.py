@@ -1,6 +1,6 @@
 """Find and read checkpoints lazily, one tensor at a time.
 
-Every input form of DESIGN §2 becomes a :class:`Checkpoint`: a name -> tensor mapping whose
+Every input form of docs/design.md §3 becomes a :class:`Checkpoint`: a name -> tensor mapping whose
 tensors are read only when asked for. Safetensors files are opened with ``safe_open`` (the
 header is parsed, the data is memory-mapped); pickled files are loaded with
 ``torch.load(weights_only=True, mmap=True)``, never with full unpickling.
@@ -328,7 +328,7 @@ def _weights_in_folder(folder: Path) -> bool:
 
 
 def open_weights(path: str | Path) -> Checkpoint:
-    """Open a raw weights form of DESIGN §2: a Hugging Face folder (single or sharded safetensors,
+    """Open a raw weights form of docs/design.md §3: a Hugging Face folder (single or sharded safetensors,
     pytorch_model.bin), or one .safetensors/.bin/.pt/.ckpt file; a hub id not a local path is read
     from the Hugging Face cache. Artifacts and run folders are ``sources.open_checkpoint``'s business."""
     path = resolve_model(path)
