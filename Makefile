@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench demo lint clean
+.PHONY: install test test-fast bench demo lint docs clean
 
 install: $(STAMP)
 
@@ -34,5 +34,10 @@ lint: install
 	$(BIN)/ruff check inrank_convert tests benchmarks
 	$(BIN)/lint-imports --no-cache
 
+# The documentation site (docs/, mkdocs.yml) into site/; --strict turns every warning (a missing page,
+# a broken link between pages) into an error.
+docs: install
+	$(BIN)/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache benchmarks/out demo-out
+	rm -rf $(VENV) build *.egg-info .pytest_cache benchmarks/out demo-out site

@@ -2,7 +2,7 @@
 
 A 4x128 GPT-2 (GPT-2 tokenizer, context 64) is trained from scratch with ``inrank_convert.train``
 for 300 steps (batch 16 x 64 tokens, lr 3e-3, seed 0) on the first 90% of Tiny Shakespeare (cut at
-a line end): the README's run, which this reproduces to the last digit (CPU, float32), in about
+a line end): the reference run of docs/results.md, which this reproduces to the last digit (CPU, float32), in about
 3 minutes on 2 quiet cores (training is most of it; 200 steps took 100 s and met the targets too).
 The run is compressed at threshold 0.9 four ways:
 
@@ -68,7 +68,7 @@ def skip_reason() -> str | None:
 
 def split_text(root: Path) -> tuple[Path, Path]:
     text = TEXT.read_text(encoding="utf-8")
-    cut = text.rfind("\n", 0, int(len(text) * TRAIN_FRACTION)) + 1  # at a line end, as the README's run
+    cut = text.rfind("\n", 0, int(len(text) * TRAIN_FRACTION)) + 1  # at a line end, as the reference run
     train_file, held_out = root / "train.txt", root / "val.txt"
     train_file.write_text(text[:cut], encoding="utf-8")
     held_out.write_text(text[cut:], encoding="utf-8")

@@ -1,7 +1,7 @@
 """Artifacts in the format the first writer produced (version 1, manifest as a plain dict) keep working.
 
-The artifact here is written by hand, from the format description (README "The artifact (format
-version 1)") and the old writer (``build_manifest`` / ``LayerResult.manifest_entry`` in compress.py,
+The artifact here is written by hand, from the format description (docs/artifact-format.md, "Version
+1") and the old writer (``build_manifest`` / ``LayerResult.manifest_entry`` in compress.py,
 ``new_manifest`` in artifact.py, ``model_artifact`` / ``save_checkpoint`` in train_state.py, before
 the typed Manifest): ``safetensors.torch.save_file`` with ``metadata={"format": "pt", "inrank": json}``.
 None of inrank_convert's writing code is used, so a change in what the reader accepts shows here.

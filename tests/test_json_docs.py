@@ -1,4 +1,4 @@
-"""README's table of ``--json`` keys against what every command really prints (issue 13, item 7).
+"""The table of ``--json`` keys in docs/json.md against what every command really prints.
 
 Each command runs through the real CLI on a tiny GPT-2 pair with a real BPE tokenizer (trained on a
 short text, ids inside the model's 320-token vocabulary), so the table cannot drift from the code.
@@ -15,14 +15,15 @@ from cli_contract import expect_ok
 from conftest import make_pair
 from test_architectures import TEXT, tokenizer_file  # noqa: F401 (a fixture)
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = next(folder for folder in Path(__file__).resolve().parents if (folder / "pyproject.toml").is_file())
+JSON_DOCS = ROOT / "docs" / "json.md"
 
 
 def documented() -> dict[str, tuple[set[str], set[str]]]:
-    """command -> (keys every run prints, keys only some runs print), from the table under "JSON
-    output": the backticked words of the keys cell, leaving out nested key lists in parentheses;
+    """command -> (keys every run prints, keys only some runs print), from the table under "Top-level
+    keys per command": the backticked words of the keys cell, leaving out nested key lists in parentheses;
     those inside "(+ ...)" notes are the optional ones."""
-    section = README.read_text(encoding="utf-8").split("### JSON output (`--json`)", 1)[1].split("\n### ", 1)[0]
+    section = JSON_DOCS.read_text(encoding="utf-8").split("## Top-level keys per command", 1)[1].split("\n## ", 1)[0]
     table: dict[str, tuple[set[str], set[str]]] = {}
     for line in section.splitlines():
         cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
@@ -70,7 +71,7 @@ def printed(tmp_path_factory, tokenizer_file) -> dict[str, dict]:  # noqa: F811
 
 def test_every_command_prints_the_documented_keys(printed):
     table = documented()
-    assert set(printed) <= set(table), f"commands missing from the README table: {set(printed) - set(table)}"
+    assert set(printed) <= set(table), f"commands missing from the docs/json.md table: {set(printed) - set(table)}"
     for command, payload in printed.items():
         keys, extra = table[command]
         assert keys, command

@@ -1,7 +1,7 @@
-"""The README's perplexity bound on a real run: a GPT-2 trained from scratch on Tiny Shakespeare
+"""The documented perplexity bound on a real run: a GPT-2 trained from scratch on Tiny Shakespeare
 with the GPT-2 tokenizer, compressed with the default options (embeddings factorized, bfloat16) and
-with --quantize int8, measured on held-out text: default <= +1.5% perplexity, int8 <= +2% (README,
-"What the threshold costs: a real run"). The README's size figures (<= 12% / <= 6% of dense) are measured on a
+with --quantize int8, measured on held-out text: default <= +1.5% perplexity, int8 <= +2%
+(docs/results.md, "The reference run"). The documented size figures (<= 12% / <= 6% of dense) are measured on a
 4x128 model after 300 steps; this run is smaller and shorter so that CI can afford it, and a short
 run's embedding update is less concentrated in rows (after 60 steps about 17% / 9.4% of dense; after
 40 steps 25%), so here the size bound is looser: 20% / 11%."""
