@@ -2,7 +2,7 @@
 
 - float32 / float16 / bfloat16: the tensors cast. bfloat16 is the default for lossy artifacts:
   its 8-bit significand rounds each number by at most 2^-8 relative, far below what a truncation
-  at any threshold under 1 drops (measured in the README).
+  at any threshold under 1 drops (measured in docs/results.md).
 - int8: absmax quantization with one float32 scale per rank-1 component and one per row.
   Component j of ``B @ A`` is ``B[:, j] A[j, :]``; each of the two vectors is scaled to
   [-127, 127] by its own absmax, and their two scales multiply into the one stored

@@ -61,7 +61,7 @@ class CalibrationStats:
         as the LM head costs ``e_t^T G e_t`` (G: the head's input Gram: every token's logit at every
         position); as the token embedding, ``count_t * ||e_t||^2`` (read once per occurrence).
         Each use is taken relative to its total, and a tied tensor (both uses) averages the two.
-        Measured on the README's run (token embedding, tied; rank 1 + K rows chosen, blocks dense):
+        Measured on the reference run of docs/results.md (token embedding, tied; rank 1 + K rows chosen, blocks dense):
         plain row energies give +64.8% / +34.1% / +0.08% perplexity at K = 2,000 / 4,500 / 9,000;
         the head's part alone +21.6% / +9.3% / +0.73%; both +12.1% / +3.7% / +0.12%."""
         head_gram = self.grams.get(self.head) if self.head is not None and \
@@ -214,7 +214,7 @@ def collect_statistics(model, tokens: torch.Tensor, *, block_size: int | None = 
         return hook
 
     # The body alone runs, never the LM head: its logits ([tokens, vocab]) cost more than the rest
-    # of a small model's forward (10 of the 12 s on the README's 4x128 GPT-2 at 65,536 tokens), and
+    # of a small model's forward (10 of the 12 s on the reference run's 4x128 GPT-2 at 65,536 tokens), and
     # only the head's input Gram is needed, which is the body's output.
     body = getattr(model, "base_model", model)
     head = model.get_output_embeddings() if body is not model else None

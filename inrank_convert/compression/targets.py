@@ -114,7 +114,7 @@ def tensor_units(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device
 
     Gains are relative energy (s_i^2 / ||delta||^2, so updates of any scale compare) weighted by
     the tensor's parameter count (rows x cols, so a fraction of a large tensor's error counts for
-    more than the same fraction of a small one's). Measured on the README's run at a 10% target:
+    more than the same fraction of a small one's). Measured on the reference run of docs/results.md at a 10% target:
     relative energy alone spends the bytes on the small block matrices (energy ~0.99 each) and
     starves the token embedding, +20.6% perplexity; weighted by size, +1.12% (the per-tensor
     threshold's result at the same size); absolute energy s_i^2, +34%.
@@ -250,7 +250,7 @@ def allocate_target(spectra: Spectra, target: int, header: int) -> dict[str, Ass
     input Gram and the tensors that do not (embeddings); then the layers' share is allocated again
     among them by their whitened spectra. One greedy over both kinds of gain would compare a
     whitened relative energy (which reaches 0.99 in a few components, since a layer's inputs
-    concentrate in a few directions) with an embedding's plain one: on the README's run at a 10%
+    concentrate in a few directions) with an embedding's plain one: on the reference run of docs/results.md at a 10%
     target that starved the blocks, +2.16% perplexity against +1.12% without calibration (+0.48%
     in two steps); within the blocks alone the whitened allocation loses far less (+0.19% against
     +0.68% at 10% of the blocks' bytes). The first step sees a token embedding's rows ranked by

@@ -24,7 +24,7 @@ The criterion, so that a cheap dominant component cannot satisfy it:
 
 Why the rows' low-rank part is the dominant component and nothing more: a larger one is cheaper
 in bytes for the same energy, but it buys that energy by projecting every token's own update onto
-a few shared directions, which the model notices. Measured on the README's run (4x128 GPT-2,
+a few shared directions, which the model notices. Measured on the reference run of docs/results.md (4x128 GPT-2,
 token embedding only, t = 0.9): rank 1 + 9,263 rows, 8.8% of the dense bytes, perplexity +0.04%;
 searching ranks 1-16 for the fewest bytes chose rank 8 + 5,326 rows, 7.6%, perplexity +3.1%.
 
