@@ -1,24 +1,68 @@
-"""One update's truncated SVD with the rank a rule chooses: the choice of engine (exact,
-adaptive randomized, Gram) and the hand-overs between them.
+"""One update's truncated SVD with the rank a rule chooses: what every engine returns
+(``Factorization``), the choice of engine (exact, adaptive randomized, Gram) and the hand-overs
+between them.
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass, field
+
 import torch
 
+from inrank_convert.linalg import gram
 from inrank_convert.linalg.criteria import RankRule, choose_rank, frobenius_energy, numerical_args
-from inrank_convert.linalg.gram import GramSpectrum, gram_factorization
+from inrank_convert.linalg.gram import GramSpectrum
 from inrank_convert.linalg.randomized import (
     RANDOMIZED_MAX_FRACTION,
     adaptive_range_finder,
     fixed_rank_randomized,
 )
-from inrank_convert.linalg.svd import Factorization, balanced_factors, exact_svd
+from inrank_convert.linalg.svd import balanced_factors, exact_svd
 
 ENGINES = ("auto", "exact", "randomized")
 # The final basis size of the adaptive engine by update shape: a later update of the same shape
 # starts with a block of that size (one block instead of a block plus its missing oversampling).
 BasisHints = dict[tuple[int, ...], int]
+
+
+@dataclass
+class Factorization:
+    """``delta ~= B @ A`` with B [rows, r] and A [r, cols], balanced (each carries sqrt(s)); float32,
+    except the factor a reduced-precision product computed (``product_error``), in its dtype."""
+
+    B: torch.Tensor
+    A: torch.Tensor
+    rank: int
+    energy: float  # fraction of ||delta||_F^2 kept by the rank-r truncation
+    total_energy: float  # ||delta||_F^2 (float64 accumulation)
+    singular_values: torch.Tensor  # the ones computed (all for exact, the leading ones for randomized)
+    engine: str  # "exact" | "randomized" | "gram" | "gram-bfloat16" | "exact-float64" (after a convergence failure)
+    notes: list[str] = field(default_factory=list)
+    # The leading right singular vectors computed on the way ([k, cols], k >= rank, orthonormal
+    # rows; None when ``factored`` is False: ``leading_right_vectors`` makes them from ``gram``):
+    # the stored-form search (forms.py) builds its small low-rank parts from them.
+    right_vectors: torch.Tensor | None = None
+    # The Gram engine's exact spectrum, kept so that a second rule on the same update (forms.py's
+    # effective threshold) reuses it instead of decomposing again.
+    gram: GramSpectrum | None = None
+    # Products of the randomized engines with delta (each reads the whole update once): their unit of cost.
+    passes: int = 0
+    # A factor computed by a reduced-precision product (the Gram engine's bfloat16 one): the squared
+    # error of each of its components against the float32 product ([r] float64: B's columns for a
+    # tall update, A's rows for a wide one), measured on a sample of rows.
+    product_error: torch.Tensor | None = None
+
+    @property
+    def factored(self) -> bool:
+        """False when the rank passed factorize's ``max_rank``: B and A are empty, only the rank,
+        the spectrum and the energy are known (the update is stored dense, no factors computed)."""
+        return self.B.shape[1] == self.rank
+
+    @property
+    def relative_error(self) -> float:
+        """||delta - B @ A||_F / ||delta||_F of the truncation (from the spectrum, no dense product)."""
+        return math.sqrt(max(0.0, 1.0 - self.energy))
 
 
 def factorize(
@@ -108,6 +152,31 @@ def factorize(
     used = "exact-float64" if (float64 or svd_notes) else "exact"
     return Factorization(B.float(), A.float(), rank, min(kept, 1.0), total, S.float(), used, notes, Vh.float())
 
+
+def gram_factorization(work: torch.Tensor, spectrum: GramSpectrum, rule: RankRule, total: float, max_rank: int | None,
+                        notes: list[str], products: torch.dtype | None = None) -> Factorization:
+    """The factorization ``rule`` asks for from an exact Gram spectrum; no factors past ``max_rank``."""
+    rows, cols = work.shape
+    values = spectrum.values  # [n] float64
+    # Never a rule at threshold 1 (gram_allowed; effective_threshold keeps a rule below 1 below it).
+    rank = choose_rank(values, total, rule, **numerical_args(work.shape, work.dtype))
+    energy = min(1.0, float(values[:rank].square().sum()) / total)
+    if max_rank is not None and rank > max_rank:
+        # Dense is decided: no factors; ``leading_right_vectors`` makes the leading right vector from
+        # the spectrum if the rows form asks for it (only with a dominant component).
+        return Factorization(work.new_zeros(rows, 0), work.new_zeros(0, cols), rank, energy, total, values.float(),
+                             "gram", [*notes, f"the rule needs rank {rank}, past the break-even rank {max_rank}: "
+                                      "no factors computed"], None, spectrum)
+    spectrum = spectrum.with_vectors(work)
+    # The thresholds are read through the module: a change to them (a test's) takes effect here.
+    reduced = (products is not None and products != work.dtype and 1.0 - energy >= gram.REDUCED_PRODUCT_MIN_TAIL
+               and rows * cols * rank >= gram.REDUCED_PRODUCT_MIN_WORK)
+    made = spectrum.factors(work, rank, products if reduced else None)
+    engine = f"gram-{str(products).removeprefix('torch.')}" if reduced else "gram"
+    # A factor the bfloat16 product computed stays bfloat16: exactly what its storage keeps, and half
+    # the memory (a float32 copy of a 32000 x 1733 B is 222 MB more to fault in and convert back).
+    return Factorization(made.B, made.A, rank, energy, total, values.float(), engine, notes,
+                         made.right.float(), spectrum, product_error=made.product_error)
 
 def leading_right_vectors(delta: torch.Tensor, found: Factorization, count: int) -> torch.Tensor:
     """The leading ``count`` right singular vectors of ``delta`` [count, cols] that ``found`` (a

@@ -12,8 +12,7 @@ from typing import NamedTuple
 
 import torch
 
-from inrank_convert.linalg.criteria import RankRule, choose_rank, numerical_args
-from inrank_convert.linalg.svd import PRODUCT_BLOCK_BYTES, Factorization
+from inrank_convert.linalg.svd import PRODUCT_BLOCK_BYTES
 
 # The Gram engine forms the lower triangle of its Gram in this many row blocks (blocks narrower than
 # GRAM_MIN_BLOCK lose more to small products than the skipped upper triangle saves).
@@ -142,31 +141,6 @@ def lower_gram(X: torch.Tensor, blocks: int = GRAM_BLOCKS) -> torch.Tensor:
     for start in range(0, n, step):
         gram[start:start + step, :start + step] = X[:, start:start + step].T @ X[:, :start + step]
     return gram
-
-
-def gram_factorization(work: torch.Tensor, gram: GramSpectrum, rule: RankRule, total: float, max_rank: int | None,
-                        notes: list[str], products: torch.dtype | None = None) -> Factorization:
-    """The factorization ``rule`` asks for from an exact Gram spectrum; no factors past ``max_rank``."""
-    rows, cols = work.shape
-    values = gram.values  # [n] float64
-    # Never a rule at threshold 1 (gram_allowed; effective_threshold keeps a rule below 1 below it).
-    rank = choose_rank(values, total, rule, **numerical_args(work.shape, work.dtype))
-    energy = min(1.0, float(values[:rank].square().sum()) / total)
-    if max_rank is not None and rank > max_rank:
-        # Dense is decided: no factors; ``leading_right_vectors`` makes the leading right vector from
-        # the spectrum if the rows form asks for it (only with a dominant component).
-        return Factorization(work.new_zeros(rows, 0), work.new_zeros(0, cols), rank, energy, total, values.float(),
-                             "gram", [*notes, f"the rule needs rank {rank}, past the break-even rank {max_rank}: "
-                                      "no factors computed"], None, gram)
-    gram = gram.with_vectors(work)
-    reduced = (products is not None and products != work.dtype and 1.0 - energy >= REDUCED_PRODUCT_MIN_TAIL
-               and rows * cols * rank >= REDUCED_PRODUCT_MIN_WORK)
-    made = gram.factors(work, rank, products if reduced else None)
-    engine = f"gram-{str(products).removeprefix('torch.')}" if reduced else "gram"
-    # A factor the bfloat16 product computed stays bfloat16: exactly what its storage keeps, and half
-    # the memory (a float32 copy of a 32000 x 1733 B is 222 MB more to fault in and convert back).
-    return Factorization(made.B, made.A, rank, energy, total, values.float(), engine, notes,
-                         made.right.float(), gram, product_error=made.product_error)
 
 
 def native_bfloat16(device: torch.device) -> bool:

@@ -1,66 +1,19 @@
-"""The truncated SVD's result and the exact SVD helpers every engine shares.
-
-``Factorization`` is what every engine returns (balanced factors B @ A and what was kept);
-``exact_svd`` / ``singular_values`` are the full decompositions with their float64 retry;
-``FactorProductSVD`` decomposes a product B @ A without forming it. Every function takes 2-D
-float tensors and works on whatever device they live on.
+"""The exact SVD helpers every engine shares: ``exact_svd`` / ``singular_values`` are the full
+decompositions with their float64 retry, ``balanced_factors`` splits a truncation into B @ A with
+sqrt(s) on each side, and ``FactorProductSVD`` decomposes a product B @ A without forming it.
+Every function takes 2-D float tensors and works on whatever device they live on.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import torch
-
-if TYPE_CHECKING:
-    from inrank_convert.linalg.gram import GramSpectrum
-
 
 # The Gram engine's factor product (B = delta @ V_r) runs a block of rows at a time: a block's
 # temporaries (its float32 -> bfloat16 copy) stay under glibc's 32 MiB mmap threshold, so they are
 # reused instead of page-faulted in afresh (0.07 s of kernel time per 222 MB tensor here).
 PRODUCT_BLOCK_BYTES = 16 << 20
-
-
-@dataclass
-class Factorization:
-    """``delta ~= B @ A`` with B [rows, r] and A [r, cols], balanced (each carries sqrt(s)); float32,
-    except the factor a reduced-precision product computed (``product_error``), in its dtype."""
-
-    B: torch.Tensor
-    A: torch.Tensor
-    rank: int
-    energy: float  # fraction of ||delta||_F^2 kept by the rank-r truncation
-    total_energy: float  # ||delta||_F^2 (float64 accumulation)
-    singular_values: torch.Tensor  # the ones computed (all for exact, the leading ones for randomized)
-    engine: str  # "exact" | "randomized" | "gram" | "gram-bfloat16" | "exact-float64" (after a convergence failure)
-    notes: list[str] = field(default_factory=list)
-    # The leading right singular vectors computed on the way ([k, cols], k >= rank, orthonormal
-    # rows; None when ``factored`` is False: ``leading_right_vectors`` makes them from ``gram``):
-    # the stored-form search (forms.py) builds its small low-rank parts from them.
-    right_vectors: torch.Tensor | None = None
-    # The Gram engine's exact spectrum, kept so that a second rule on the same update (forms.py's
-    # effective threshold) reuses it instead of decomposing again.
-    gram: GramSpectrum | None = None
-    # Products of the randomized engines with delta (each reads the whole update once): their unit of cost.
-    passes: int = 0
-    # A factor computed by a reduced-precision product (the Gram engine's bfloat16 one): the squared
-    # error of each of its components against the float32 product ([r] float64: B's columns for a
-    # tall update, A's rows for a wide one), measured on a sample of rows.
-    product_error: torch.Tensor | None = None
-
-    @property
-    def factored(self) -> bool:
-        """False when the rank passed factorize's ``max_rank``: B and A are empty, only the rank,
-        the spectrum and the energy are known (the update is stored dense, no factors computed)."""
-        return self.B.shape[1] == self.rank
-
-    @property
-    def relative_error(self) -> float:
-        """||delta - B @ A||_F / ||delta||_F of the truncation (from the spectrum, no dense product)."""
-        return math.sqrt(max(0.0, 1.0 - self.energy))
 
 
 def balanced_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
