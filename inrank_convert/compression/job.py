@@ -234,7 +234,7 @@ class CompressionJob:
 
     def execute(self, writer: ArtifactWriter, budget: dict[str, Assigned] | None) -> Iterator[LayerResult]:
         """The plan's tensors stored into ``writer`` in plan order, here in this process (under
-        torchrun, distributed_compress shares them out over the processes instead)."""
+        torchrun, compression.torchrun shares them out over the processes instead)."""
         return iter_compress(self.plan, self.inputs, self.options, writer, budget, self.stats)
 
     def write(self, output: str | Path, target: int | None = None, *, force: bool = False,

@@ -1,7 +1,7 @@
 """export-peft's plan: which module of the base model gets which treatment in the adapter (a LoRA
 of the stored factors, an exact full-rank LoRA, the whole module in ``modules_to_save``, a bias,
 nothing), worked out from the artifact's manifest and the model's structure on the meta device.
-peft_export.py's docstring says why each kind of change is carried the way it is.
+peft_adapter.py's docstring says why each kind of change is carried the way it is.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Train a causal LM dense or with InRank (docs/design.md §9), and resume it exactly: the entry points.
 
-One loop (train_loop) serves every start: ``train`` (from a config.json with a seed, or from a
+One loop (training.loop) serves every start: ``train`` (from a config.json with a seed, or from a
 model folder used as the init) and ``resume`` (from an artifact, from a dense checkpoint compressed
 first, or from a run folder, continuing exactly where it stopped). In InRank mode every linear layer
 is ``W = W_ref + B @ A`` (``W = B @ A`` with ``efficient``); the rank controller grows the factors
