@@ -26,14 +26,7 @@ from inrank_convert.artifact.format import (
     TensorKind,
     factor_names,
 )
-from inrank_convert.artifact.manifest import (
-    Manifest,
-    ReferenceRecord,
-    RuleRecord,
-    SourceRecord,
-    TensorEntry,
-    TrainingRecord,
-)
+from inrank_convert.artifact.manifest import Manifest, TensorEntry
 from inrank_convert.artifact.reader import (
     Artifact,
     ReferenceTensors,
@@ -43,6 +36,7 @@ from inrank_convert.artifact.reader import (
     is_artifact,
     read_manifest,
 )
+from inrank_convert.artifact.records import ReferenceRecord, RuleRecord, SourceRecord, TrainingRecord
 from inrank_convert.artifact.writer import (
     ArtifactWriter,
     RecordingWriter,

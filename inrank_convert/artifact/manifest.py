@@ -7,34 +7,48 @@ or a damaged manifest, is one ArtifactError); ``to_json`` writes the version-1 l
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 import torch
 
-from inrank_convert.artifact.fields import Fields, ManifestFormatError, drop_none, file_hashes, shown
+from inrank_convert.artifact.fields import Fields, ManifestFormatError, drop_none, shown
 from inrank_convert.artifact.format import (
     DAMAGED,
     FACTOR_SCALE,
     FLOAT_CODES,
     FORMAT_NAME,
     FORMAT_VERSION,
-    REFERENCE_MODES,
     ROWS_SCALE,
     STORAGES,
     TENSOR_KINDS,
-    ReferenceMode,
     Storage,
     TensorKind,
     factor_names,
     row_names,
 )
+from inrank_convert.artifact.records import ReferenceRecord, RuleRecord, SourceRecord, TrainingRecord
 from inrank_convert.artifact.storage import FLOAT_STORAGE
-from inrank_convert.core.errors import ArtifactError
+from inrank_convert.core.errors import ArtifactError, UsageError
 from inrank_convert.core.tensors import SAFETENSORS_CODES, dtype_name, numel
 from inrank_convert.core.version import __version__
-from inrank_convert.weights.checkpoints import FileHash
+
+SOURCE_DATE_EPOCH = "SOURCE_DATE_EPOCH"
+
+
+def creation_time() -> str:
+    """A manifest's ``created``: now, in UTC to the second; or $SOURCE_DATE_EPOCH (seconds since 1970,
+    the reproducible-builds convention) when set, so that the same inputs and options write the
+    same bytes."""
+    epoch = os.environ.get(SOURCE_DATE_EPOCH)
+    if epoch is None:
+        return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    if not epoch.strip().isdigit():
+        raise UsageError(f"{SOURCE_DATE_EPOCH} must be a whole number of seconds since 1970, got {epoch!r}",
+                         SOURCE_DATE_EPOCH, f"unset it, or e.g. {SOURCE_DATE_EPOCH}=$(date +%s)")
+    return datetime.fromtimestamp(int(epoch), timezone.utc).isoformat(timespec="seconds")
 
 
 @dataclass
@@ -179,116 +193,6 @@ class TensorEntry:
 
 
 @dataclass
-class SourceRecord:
-    """The trained checkpoint an artifact was made from."""
-
-    path: str
-    kind: str  # the checkpoint form ("safetensors", "state-dict", "artifact") or "training"
-    run: str | None = None  # the run folder it was the latest step of
-    files: list[FileHash] = field(default_factory=list)
-
-    @property
-    def is_training(self) -> bool:
-        """A training checkpoint: its own original, there is no dense source to compare."""
-        return self.kind == "training"
-
-    def to_json(self) -> dict[str, Any]:
-        return {"path": self.path, "kind": self.kind, "run": self.run, "files": [f.to_json() for f in self.files]}
-
-    @classmethod
-    def from_json(cls, values: Any, place: str = "source") -> SourceRecord:
-        fields = Fields(values, place)
-        return cls(fields.string("path", required=True), fields.string("kind") or "checkpoint", fields.string("run"),
-                   file_hashes(fields, "files") or [])
-
-
-@dataclass
-class ReferenceRecord:
-    """How to rebuild and verify the reference: each mode uses its own fields.
-
-    - ``reference``: ``path`` of the init/base checkpoint and the ``files`` hashes;
-    - ``seed``: the ``recipe`` (library, class, seed, dtype, config, versions) and per-tensor ``tensors`` hashes;
-    - ``embedded``: ``file`` inside the artifact, per-tensor ``tensors`` hashes, and the ``source`` it was taken from;
-    - ``zero``: nothing.
-    """
-
-    mode: ReferenceMode
-    path: str | None = None
-    files: list[FileHash] | None = None
-    recipe: dict[str, Any] | None = None
-    tensors: dict[str, str] | None = None  # name -> sha256_tensor
-    file: str | None = None
-    source: ReferenceRecord | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return drop_none({
-            "mode": self.mode, "path": self.path,
-            "files": None if self.files is None else [f.to_json() for f in self.files],
-            "recipe": self.recipe, "file": self.file, "tensors": self.tensors,
-            "source": None if self.source is None else self.source.to_json()})
-
-    @classmethod
-    def from_json(cls, values: Any, place: str = "reference") -> ReferenceRecord:
-        """Parse and check what each mode needs; an unknown mode is an ArtifactError (a newer writer)."""
-        fields = Fields(values, place)
-        mode = fields.string("mode", required=True)
-        if mode not in REFERENCE_MODES:
-            raise ArtifactError(f"unknown reference mode {mode!r}", None,
-                                "this artifact may come from a newer inrank-convert: upgrade it")
-        recipe = fields.object("recipe", required=mode == "seed")
-        if mode == "seed":
-            recipe_fields = fields.fields("recipe")
-            recipe_fields.object("config", required=True)
-            recipe_fields.integer("seed", required=True)
-            if recipe_fields.string("dtype") is not None:
-                recipe_fields.dtype("dtype")
-        source = fields.object("source")
-        return cls(mode, fields.string("path", required=mode == "reference"), file_hashes(fields, "files"),
-                   recipe, fields.string_map("tensors"), fields.string("file", required=mode == "embedded"),
-                   None if source is None else cls.from_json(source, fields.at("source")))
-
-
-@dataclass
-class RuleRecord:
-    """The rank rule the factors were chosen by.
-
-    A global size budget (compress --target-ratio / --target-size) is criterion ``budget`` with
-    ``threshold`` the target as a fraction of ``original_bytes`` and ``target_bytes`` the byte
-    target; the ranks were allocated across tensors (absent before it existed: optional)."""
-
-    criterion: str
-    threshold: float
-    rank: int | None = None
-    target_bytes: int | None = None
-
-    def describe(self) -> str:
-        if self.target_bytes is not None:
-            return f"budget<={self.target_bytes} bytes ({self.threshold:.4g} of dense)"
-        return f"rank={self.rank}" if self.rank is not None else f"{self.criterion}>={self.threshold:g}"
-
-    def to_json(self) -> dict[str, Any]:
-        values = {"criterion": self.criterion, "threshold": self.threshold, "rank": self.rank}
-        return values | drop_none({"target_bytes": self.target_bytes})
-
-    @classmethod
-    def from_json(cls, values: Any, place: str = "rule") -> RuleRecord:
-        fields = Fields(values, place)
-        return cls(fields.string("criterion", required=True), fields.number("threshold", required=True),
-                   fields.integer("rank"), fields.integer("target_bytes"))
-
-
-@dataclass
-class TrainingRecord:
-    """A training checkpoint's place in its run."""
-
-    step: int
-    mode: str
-
-    def to_json(self) -> dict[str, Any]:
-        return {"step": self.step, "mode": self.mode}
-
-
-@dataclass
 class Manifest:
     """The JSON in the safetensors header (key ``inrank``): everything a reader needs to rebuild the model."""
 
@@ -300,7 +204,7 @@ class Manifest:
     checksums: dict[str, str] = field(default_factory=dict)  # stored name -> sha256 of its bytes
     version: int = FORMAT_VERSION
     tool_version: str = __version__
-    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    created: str = field(default_factory=lambda: creation_time())
     # How compress made it (absent in training checkpoints).
     svd: dict[str, Any] | None = None
     factor_dtype: str | None = None

@@ -22,8 +22,9 @@ from inrank_convert.artifact.format import (
     factor_names,
     row_names,
 )
-from inrank_convert.artifact.manifest import Manifest, ReferenceRecord, RuleRecord, SourceRecord, TensorEntry
+from inrank_convert.artifact.manifest import Manifest, TensorEntry
 from inrank_convert.artifact.reader import artifact_bytes
+from inrank_convert.artifact.records import ReferenceRecord, RuleRecord, SourceRecord
 from inrank_convert.artifact.storage import encode_factors, encode_rows
 from inrank_convert.core.errors import ArtifactError
 from inrank_convert.core.tensors import dtype_name, sha256_tensor

@@ -21,6 +21,7 @@ from inrank_convert.artifact import (
     RuleRecord,
     SourceRecord,
 )
+from inrank_convert.artifact.manifest import creation_time
 from inrank_convert.artifact.storage import QUANTIZE_SCHEMES
 from inrank_convert.compression.calibrate_checkpoint import calibrate_checkpoint
 from inrank_convert.compression.calibration import DEFAULT_CALIBRATION_TOKENS, CalibrationStats
@@ -52,6 +53,7 @@ from inrank_convert.weights.outputs import check_output_free, check_output_outsi
 
 def check_options(options: PlanOptions) -> None:
     """Reject option values that cannot work, before any input is opened."""
+    creation_time()  # a malformed $SOURCE_DATE_EPOCH fails here, not after the work
     rule = options.rule
     if rule.fixed_rank is not None and rule.fixed_rank < 1:
         # Rank 0 would store every changed tensor as "unchanged" and fail its own verify.

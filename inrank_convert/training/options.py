@@ -12,6 +12,7 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from inrank_convert.artifact.manifest import creation_time
 from inrank_convert.core.distributed import check_device
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.core.tensors import COMPUTE_DTYPES
@@ -102,6 +103,8 @@ class TrainResult:
 def check_options(options: TrainOptions) -> None:
     def bad(what: str, option: str, fix: str):
         raise UsageError(what, option, fix)
+
+    creation_time()  # checkpoints record it: a malformed $SOURCE_DATE_EPOCH fails before training
 
     if options.steps <= 0:
         bad(f"{flag('--steps')} must be a positive number of optimizer steps", f"{flag('--steps')} {options.steps}", f"e.g. {flag('--steps')} 1000")
