@@ -1,4 +1,4 @@
-"""Low-precision storage (format version 2): the encodings of ``artifact.storage`` on their own,
+"""artifact/storage.py: low-precision storage (format version 2): its encodings on their own,
 then whole artifacts on tiny real models: bfloat16 by default, float32 at threshold 1,
 ``--dtype``, ``--quantize int8`` and lowrank+rows tensors, each run from the artifact and from its
 decompressed folder, and checked by ``verify``.
@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ModelPair, build_model, gpt2_config, make_pair
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
@@ -30,6 +29,8 @@ from inrank_convert.artifact.storage import (
 )
 from inrank_convert.cli import app
 from inrank_convert.runtime.modeling import load_compressed
+from tests.conftest import ModelPair, build_model, gpt2_config, make_pair
+from tests.helpers.rows import plant_rows
 
 BF16_UNIT_ROUNDOFF = 2.0**-8  # 8 significant bits, round to nearest
 FP16_UNIT_ROUNDOFF = 2.0**-11
@@ -156,33 +157,6 @@ def run_cli(*args) -> object:
     result = CliRunner().invoke(app, [str(arg) for arg in args])
     assert result.exit_code == 0, (args, result.stdout, result.stderr, result.exception)
     return result
-
-
-def plant_rows(pair: ModelPair, name: str, rows: int = 12, seed: int = 0) -> torch.Tensor:
-    """Make tensor ``name`` of the pair's trained model its init + a drift shared by every row (a
-    rank-1 term holding ~96% of the update's energy) + own updates on ``rows`` rows; rewrites the
-    trained folder. Returns the planted row indices."""
-    init = pair.init_state[name]
-    generator = torch.Generator().manual_seed(seed)
-    count, width = init.shape
-    drift = torch.ones(count, 1) @ torch.randn(1, width, generator=generator)
-    drift *= 0.5 * float(init.norm()) / float(drift.norm())
-    index = torch.randperm(count, generator=generator)[:rows]
-    own = torch.randn(rows, width, generator=generator)
-    own *= 0.2 * float(drift.norm()) / float(own.norm())
-    update = drift
-    update[index] += own
-    trained = (init + update).contiguous()
-    file = pair.trained_dir / "model.safetensors"
-    state = load_file(file)
-    assert name in state
-    state[name] = trained
-    save_file(state, file, metadata={"format": "pt"})
-    old = pair.trained_state[name]
-    for key, value in list(pair.trained_state.items()):  # a tied name is the same tensor
-        if value is old:
-            pair.trained_state[key] = trained
-    return index
 
 
 ROWS_TENSORS = {"gpt2": ("transformer.wte.weight",), "llama": ("model.embed_tokens.weight", "lm_head.weight")}

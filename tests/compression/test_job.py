@@ -1,4 +1,4 @@
-"""compress end to end: ranks, reconstruction, every input form and every reference mode."""
+"""compression/job.py: compress end to end: ranks, reconstruction, every input form and every reference mode."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""plan.py: per-tensor decisions, tie detection, reference checks and embedding names, on real checkpoint files."""
+"""compression/plan.py: per-tensor decisions, tie detection, reference checks and embedding names,
+on real checkpoint files."""
 
 from __future__ import annotations
 

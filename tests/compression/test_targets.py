@@ -1,6 +1,7 @@
-"""A global size budget: the greedy allocation alone (``inrank_convert.budget``, synthetic spectra),
-the forms of a given size, and ``compress --target-ratio / --target-size`` end to end (real tiny
-models: the artifact file, header included, never passes the target; bad input is one line)."""
+"""compression/targets.py: a global size target, ``compress --target-ratio / --target-size`` end to
+end on real tiny models: the artifact file, header included, never passes the target; more budget
+never stores more error; rows under a budget, a grown vocabulary's included; bad input is one line.
+The allocation alone: linalg/test_budget.py."""
 
 from __future__ import annotations
 
@@ -9,141 +10,15 @@ import re
 import struct
 
 import pytest
-import torch
-from cli_contract import expect_error, expect_ok
-from conftest import build_model, gpt2_config, make_pair, save_hf, train_state
 
 from inrank_convert import PlanOptions, compress, open_artifact
-from inrank_convert.artifact import ARTIFACT_FILE, RuleRecord, artifact_bytes, read_manifest
-from inrank_convert.linalg.budget import BudgetTooSmall, TensorUnits, allocate, minimum_bytes
-from inrank_convert.linalg.criteria import RankRule
-from inrank_convert.linalg.forms import Costs, choose_form
+from inrank_convert.artifact import ARTIFACT_FILE, artifact_bytes, read_manifest
+from tests.conftest import build_model, gpt2_config, make_pair, save_hf, train_state
+from tests.helpers.cli_contract import expect_error, expect_ok
+from tests.helpers.forms import drift_plus_rows
+from tests.helpers.rows import GROWN, grown_pair
 
 WTE = "transformer.wte.weight"
-
-# --------------------------------------------------------------------------- the allocation alone
-
-
-def spectrum_units(values: list[float], rows: int, cols: int, element: int = 2, dense_element: int = 4) -> TensorUnits:
-    """A low-rank tensor's units from singular values (gains s_i^2 / sum s^2), bf16 factors of a float32 tensor."""
-    energies = [v * v for v in values]
-    total = sum(energies)
-    return TensorUnits(tuple(e / total for e in energies), len(values), (rows + cols) * element,
-                       (rows + cols) * element, rows * cols * dense_element)
-
-
-def synthetic_tensors(seed: int = 0) -> list[TensorUnits]:
-    generator = torch.Generator().manual_seed(seed)
-    tensors = []
-    for rows, cols, decay in ((64, 64, 0.9), (128, 32, 0.7), (96, 48, 0.97), (40, 200, 0.5), (16, 16, 0.99)):
-        n = min(rows, cols)
-        noise = 1.0 + 0.1 * torch.rand(n, generator=generator)
-        values = sorted((noise * decay ** torch.arange(n, dtype=torch.float64)).tolist(), reverse=True)
-        tensors.append(spectrum_units(values, rows, cols))
-    return tensors
-
-
-def next_step_cost(tensor: TensorUnits, units: int, dense: bool, gain: float) -> float:
-    """The cheapest step that would still add energy: a tensor's next unit (while cheaper than dense) or going dense."""
-    if dense:
-        return math.inf
-    costs = []
-    if units < len(tensor.gains) and tensor.gains[units] > 1e-12 and tensor.cost(units + 1) < tensor.dense:
-        costs.append(tensor.cost(units + 1) - tensor.cost(units))
-    if tensor.dense_gain > gain + 1e-12:
-        costs.append(tensor.dense - tensor.cost(units))
-    return min(costs, default=math.inf)
-
-
-def test_budget_is_honoured_to_the_byte_on_synthetic_spectra():
-    tensors = synthetic_tensors()
-    full = sum(tensor.dense for tensor in tensors)
-    budgets = sorted([0, 1, 255, 1000, 4097, 12345, full // 10, full // 3, full // 2, full - 1, full, 2 * full])
-    assert budgets
-    gains = []
-    for budget in budgets:
-        given = allocate(tensors, budget)
-        assert len(given) == len(tensors)
-        spent = sum(item.bytes for item in given)
-        assert spent <= budget
-        for tensor, item in zip(tensors, given, strict=True):
-            assert item.bytes == (tensor.dense if item.dense else tensor.cost(item.units))
-            # Nothing left over could buy one more step of any tensor: the budget is used to the byte.
-            assert budget - spent < next_step_cost(tensor, item.units, item.dense, item.gain)
-        gains.append(sum(item.gain for item in given))
-    assert gains == sorted(gains), "more budget never keeps less energy"
-    assert gains[-1] == pytest.approx(len(tensors))  # everything fits: every tensor whole
-
-
-def test_greedy_takes_the_steeper_spectrum_first():
-    steep = spectrum_units([10.0, 1.0, 1.0, 1.0], 8, 8)  # first unit: 97% of its energy
-    flat = spectrum_units([1.0, 1.0, 1.0, 1.0], 8, 8)  # each unit: 25%
-    unit = steep.lead_cost
-    one = allocate([flat, steep], unit)
-    assert [item.units for item in one] == [0, 1]
-    # The second unit goes to the flat spectrum (25% of its energy beats the steep one's 1%).
-    two = allocate([flat, steep], 2 * unit)
-    assert [item.units for item in two] == [1, 1]
-
-
-def test_dense_fallback_when_the_allocation_would_cost_the_dense_bytes():
-    # 3 units of 100 bytes, dense 250: two units (200 bytes, 70%) or dense (250 bytes, 100%), never 3 units.
-    tensor = TensorUnits((0.4, 0.3, 0.3), 3, 100, 100, 250)
-    at_dense = allocate([tensor], 250)[0]
-    assert at_dense.dense and at_dense.bytes == 250 and at_dense.gain == 1.0
-    assert allocate([tensor], 10_000)[0].dense
-    below = allocate([tensor], 249)[0]
-    assert not below.dense and below.units == 2 and below.bytes == 200
-    # A tensor whose forced part alone costs its dense bytes starts dense.
-    forced = TensorUnits((0.5,), 0, 10, 10, 100, fixed=120, fixed_gain=0.5)
-    assert minimum_bytes([forced]) == 100
-    assert allocate([forced], 100)[0].dense
-
-
-def test_rows_units_take_the_dominant_component_first_and_count_their_fixed_rows():
-    # A rows-form tensor: 1 component of 400 bytes, then rows of 70 bytes each, 2 forced rows (140 bytes).
-    tensor = TensorUnits((0.6, 0.1, 0.1, 0.05), 1, 400, 70, 10_000, fixed=140, fixed_gain=0.1)
-    assert tensor.cost(0) == 140 and tensor.cost(1) == 540 and tensor.cost(3) == 680
-    given = allocate([tensor], 700)[0]
-    assert (given.units, given.bytes) == (3, 680)
-    assert given.split(tensor.lead) == (1, 2)
-    assert given.gain == pytest.approx(0.1 + 0.6 + 0.1 + 0.1)
-
-
-def test_budget_below_the_fixed_part_is_refused():
-    tensors = [TensorUnits((1.0,), 1, 10, 10, 100, fixed=30), TensorUnits((1.0,), 1, 10, 10, 50)]
-    assert minimum_bytes(tensors) == 30
-    with pytest.raises(BudgetTooSmall) as caught:
-        allocate(tensors, 29)
-    assert caught.value.minimum == 30
-    assert [item.bytes for item in allocate(tensors, 30)] == [30, 0]
-
-
-# --------------------------------------------------------------------------- forms of a given size
-
-
-def drift_plus_rows(rows: int = 600, cols: int = 24, planted: int = 40, seed: int = 0) -> torch.Tensor:
-    """An embedding-like update: one drift shared by every row (rank 1, most of the energy) plus own rows."""
-    generator = torch.Generator().manual_seed(seed)
-    delta = torch.ones(rows, 1) @ torch.randn(1, cols, generator=generator)
-    index = torch.randperm(rows, generator=generator)[:planted]
-    delta[index] += 0.5 * torch.randn(planted, cols, generator=generator)
-    return delta
-
-
-def test_allocated_forms_have_the_sizes_asked_for():
-    delta = drift_plus_rows()
-    total = float(delta.double().pow(2).sum())
-    costs = Costs(2, 0, delta.numel() * 4)
-    lowrank = choose_form(delta, total, RankRule(), costs, "exact", allocation=(3, None))
-    assert lowrank.kind == "lowrank" and lowrank.rank == 3 and lowrank.B.shape == (600, 3)
-    rows = choose_form(delta, total, RankRule(), costs, "exact", allocation=(1, 25))
-    assert rows.kind == "lowrank+rows" and rows.rank == 1 and rows.stored_rows == 25
-    assert rows.energy > lowrank.energy  # the planted rows are what low rank cannot keep
-    rank_only = choose_form(delta, total, RankRule(), costs, "exact", allocation=(1, 0))
-    assert rank_only.kind == "lowrank" and rank_only.rank == 1
-    assert choose_form(delta, total, RankRule(), costs, "exact", allocation=(0, 0)).kind == "zero"
-    assert choose_form(delta, total, RankRule(), costs, "exact", allocation=(0, None)).kind == "zero"
 
 
 # --------------------------------------------------------------------------- compress end to end
@@ -237,14 +112,6 @@ def test_int8_budget_buys_more_rank(pair, tmp_path):
     assert rank8 > rank
 
 
-def test_rule_record_without_a_target_reads_as_before():
-    old = {"criterion": "energy", "threshold": 0.9, "rank": None}
-    record = RuleRecord.from_json(old)
-    assert record.target_bytes is None and record.to_json() == old and record.describe() == "energy>=0.9"
-    budget = RuleRecord("budget", 0.1, None, 12345)
-    assert RuleRecord.from_json(budget.to_json()) == budget and "12345" in budget.describe()
-
-
 # --------------------------------------------------------------------------- bad input
 
 
@@ -319,8 +186,6 @@ def test_an_embedding_drift_gets_rank_1_and_rows_within_the_budget(tmp_path, qua
 
 
 def test_grown_vocabulary_keeps_its_new_rows_within_the_budget(tmp_path):
-    from test_rows import GROWN, grown_pair
-
     pair = grown_pair(tmp_path, "gpt2")
     out = tmp_path / "out"
     result = compress(pair.ft_dir, out, init=pair.base_dir, options=PlanOptions(target_ratio=0.3))

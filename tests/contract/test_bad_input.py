@@ -23,14 +23,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_contract import expect_error, expect_ok, temps_beside
-from conftest import ModelPair, build_model, gpt2_config, make_pair, snapshot
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from inrank_convert.artifact import FORMAT_VERSION
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, ModelPair, build_model, gpt2_config, make_pair, snapshot
+from tests.helpers.cli_contract import expect_error, expect_ok, temps_beside
+from tests.helpers.rows import plant_rows
 
 
 class Gadget:
@@ -637,7 +636,7 @@ def test_no_reference_option(models, tmp_path):
 
 
 # --------------------------------------------------------------------------- 16. rows and quantized artifacts
-# (issue 10: --quantize, and artifacts whose lowrank+rows / int8 tensors are damaged; the damaged
+# (--quantize, and artifacts whose lowrank+rows / int8 tensors are damaged; the damaged
 # files keep their manifest and matching checksums, so only the reader's own checks can catch them)
 
 
@@ -674,7 +673,6 @@ class RowsArtifacts:
 
 @pytest.fixture(scope="module")
 def rows_artifacts(tmp_path_factory) -> RowsArtifacts:
-    from test_storage import plant_rows
     from tokenizers import Tokenizer, pre_tokenizers
     from tokenizers import models as tokenizer_models
 

@@ -1,6 +1,6 @@
-"""Hostile and odd artifacts (issue 13, item 6): a manifest edited by hand or damaged, tensors that
-disagree with it, NaN in stored data, a tensor file swapped for another model's, a config.json that
-does not describe the tensors or is missing, an init that lacks a tensor. Each is refused by the
+"""Hostile and odd artifacts: a manifest edited by hand or damaged, tensors that disagree with it,
+NaN in stored data, a tensor file swapped for another model's, a config.json that does not describe
+the tensors or is missing, an init that lacks a tensor. Each is refused by the
 real CLI under the bad-input contract (``expect_error``: one stderr line, non-zero exit, no
 traceback, nothing written, inputs unchanged), and the untouched artifacts still pass.
 
@@ -23,12 +23,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_contract import expect_error, expect_ok
-from conftest import ModelPair, build_model, gpt2_config, make_pair
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from inrank_convert.core.tensors import checksum
+from tests.conftest import ModelPair, build_model, gpt2_config, make_pair
+from tests.helpers.cli_contract import expect_error, expect_ok
 
 FACTORIZED = "transformer.h.0.mlp.c_fc.weight"  # lowrank in the GPT-2 artifact
 DENSE = "transformer.ln_f.bias"  # stored dense
@@ -293,7 +293,7 @@ def test_a_fresh_bfloat16_artifact_verifies(bf16):
         assert layer["rounding_error"] > 0
         assert layer["measured_error"] <= layer["expected_error"] + layer["rounding_error"] + 1e-6, layer
     # The rounding is why it passes: the recorded error alone is exceeded by more than verify's
-    # tolerance (1% + 1e-3) in at least one layer. Without it, this artifact failed (issue 13).
+    # tolerance (1% + 1e-3) in at least one layer: without the rounding term it would fail.
     assert any(layer["measured_error"] > layer["expected_error"] * 1.01 + 1e-3 for layer in factorized), factorized
     dense = [layer for layer in result["layers"] if layer["kind"] == "dense"]
     assert dense and all(layer["rounding_error"] == 0.0 == layer["measured_error"] for layer in dense)

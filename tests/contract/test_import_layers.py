@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO
+
 PACKAGE = REPO / "inrank_convert"
 LINT_IMPORTS = Path(sys.executable).with_name("lint-imports")
 

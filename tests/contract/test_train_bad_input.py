@@ -2,7 +2,7 @@
 one clear line on stderr and no traceback, writes nothing (no run folder, no leftover
 ``.inrank-tmp-*``) and leaves every input as it was (a run folder resumed in place included).
 
-The same contract as tests/test_bad_input.py. One tiny GPT-2 run (2 steps on a slice of Tiny
+The same contract as test_bad_input.py. One tiny GPT-2 run (2 steps on a slice of Tiny
 Shakespeare) and one artifact compressed from it are made once per module; a test that resumes
 a run, or changes one, works on its own copy.
 """
@@ -17,30 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_contract import expect_error, expect_ok
-from conftest import SHARED_DATA
 
-TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"
-TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
+from tests.helpers.cli_contract import expect_error, expect_ok
+from tests.helpers.training import SMALL, TEXT, TOKENIZER, tiny_config
 
 pytestmark = pytest.mark.skipif(not (TOKENIZER / "vocab.json").is_file() or not (TOKENIZER / "merges.txt").is_file()
                                 or not TEXT.is_file(),
                                 reason="needs ../shared/data (gpt2-tokenizer and tinyshakespeare/input.txt)")
 
-SMALL = ["--tokenizer", TOKENIZER, "--block-size", "16", "--batch-size", "4"]
-
 
 # --------------------------------------------------------------------------- inputs
-
-
-def tiny_config(folder: Path, **overrides) -> Path:
-    from transformers import GPT2Config
-
-    settings = dict(n_embd=32, n_layer=1, n_head=2, n_positions=32, vocab_size=50257, resid_pdrop=0.0,
-                    embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=50256, eos_token_id=50256)
-    settings.update(overrides)
-    GPT2Config(**settings).save_pretrained(folder)
-    return folder / "config.json"
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Hugging Face hub ids as inputs, read offline from a hub cache laid out in a fixture.
+"""core/hub.py: Hugging Face hub ids as inputs, read offline from a hub cache laid out in a fixture.
 
 The cache is the layout huggingface_hub writes (``models--owner--name/blobs/<hash>``,
 ``snapshots/<commit>/<file>`` as relative symlinks to the blobs, ``refs/<branch>`` holding the
@@ -17,15 +17,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_contract import expect_error, expect_ok
-from conftest import make_pair, save_hf
 from safetensors.torch import load_file
-from test_evaluate import TOKENIZER_DIR, WIKI_TEST, eval_models
 
 from inrank_convert.artifact import read_manifest
 from inrank_convert.core.errors import CheckpointError
 from inrank_convert.core.hub import cache_dir, is_hub_id, resolve_model
 from inrank_convert.inputs.sources import open_checkpoint
+from tests.conftest import make_pair, save_hf
+from tests.helpers.cli_contract import expect_error, expect_ok
 
 COMMIT = "a" * 40
 OLD_COMMIT = "b" * 40
@@ -249,12 +248,10 @@ def test_report_also_a_hub_id_not_in_the_cache(hub, tmp_path):
 
 
 @pytest.fixture
-def gpt2_hub(tmp_path_factory, tmp_path, monkeypatch):
-    """test_evaluate's GPT-2-vocabulary models (with a tokenizer) as ``owner/gpt2-trained`` and
+def gpt2_hub(eval_models, tmp_path, monkeypatch):
+    """conftest's GPT-2-vocabulary models (with a tokenizer) as ``owner/gpt2-trained`` and
     ``owner/gpt2-init`` in a hub cache; a short real text."""
-    if not ((TOKENIZER_DIR / "vocab.json").is_file() and WIKI_TEST.is_file()):
-        pytest.skip(f"shared data (GPT-2 tokenizer, WikiText-2) absent under {TOKENIZER_DIR.parent}")
-    models = eval_models(tmp_path_factory)
+    models = eval_models
     cache = tmp_path / "hf-cache"
     cache_repo(cache, "owner/gpt2-trained", models.trained, COMMIT)
     cache_repo(cache, "owner/gpt2-init", models.init, COMMIT)

@@ -1,5 +1,5 @@
 """Every common decoder architecture end to end through the real CLI: compress -> report -> generate ->
-decompress -> export-peft, on tiny models built from their configs (issue 13, item 5).
+decompress -> export-peft, on tiny models built from their configs.
 
 "Trained" = init + an exactly rank-4 update on every matrix (no noise) + small shifts on every vector,
 so ``compress --rank 4 --dtype float32`` is lossless: every model the commands give back must compute
@@ -20,14 +20,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_contract import expect_error, expect_ok
-from conftest import build_model, gpt2_config, llama_config, save_hf, train_state
 from transformers import AutoModelForCausalLM
 
 from inrank_convert import read_manifest
 from inrank_convert.inputs.text import load_tokenizer, read_text_tokens
 from inrank_convert.runtime.evaluate import generate_text, perplexity
 from inrank_convert.runtime.modeling import load_compressed
+from tests.conftest import RIVER_TEXT, build_model, gpt2_config, llama_config, save_hf, train_state
+from tests.helpers.cli_contract import expect_error, expect_ok
 
 peft = pytest.importorskip("peft")
 
@@ -38,12 +38,6 @@ NEW_TOKENS = 8
 TOKENS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(0))
 # float32 throughout: W_ref + B @ A (merged, or as a LoRA beside the base) against the trained W.
 CLOSE = {"rtol": 1e-4, "atol": 1e-5}
-TEXT = " ".join([
-    "the river ran past the old mill and the miller watched the water turn the wheel all day.",
-    "in the evening the lamps were lit and the children came home from the fields along the river.",
-    "a boat came down the river with apples and bread, and the miller bought a basket of each.",
-    "when the rain fell the water rose, and the wheel turned faster than the miller had ever seen.",
-] * 12)
 
 
 def mistral_config():
@@ -105,23 +99,6 @@ ARCHITECTURES = {
 UNSUPPORTED = {"mixtral": mixtral_config}  # fused on load: decompress only
 
 
-@pytest.fixture(scope="module")
-def tokenizer_file(tmp_path_factory) -> Path:
-    """A real byte-level BPE trained on TEXT, its ids below the models' 320."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[], show_progress=False)
-    tokenizer.train_from_iterator([TEXT], trainer)
-    assert tokenizer.get_vocab_size() <= VOCAB
-    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
-    tokenizer.save(str(path))
-    return path
-
-
 def tied_clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A copy of a state dict in which tensors that share storage (a tied head) still share it."""
     copies: dict[int, torch.Tensor] = {}
@@ -164,7 +141,7 @@ def test_architecture_end_to_end(arch, tmp_path, tokenizer_file):
 
     # report: the recorded original (loaded dense) and the artifact score as the trained model does.
     text = tmp_path / "text.txt"
-    text.write_text(TEXT)
+    text.write_text(RIVER_TEXT)
     report = json.loads(expect_ok(["report", artifact, "--data", text, "--context", CONTEXT, "--max-tokens", 8 * CONTEXT,
                                    "--json", "--quiet"]).stdout)
     tokens = read_text_tokens(text, load_tokenizer(artifact), max_tokens=8 * CONTEXT)
@@ -219,7 +196,6 @@ def test_architecture_end_to_end(arch, tmp_path, tokenizer_file):
         served_model = peft.PeftModel.from_pretrained(pretrained(init), served).eval()
         served_logits = logits(served_model)
     assert torch.isfinite(served_logits).all() and (served_logits - base).abs().max() > 1e-3
-
 
 
 def test_gpt_neox_head_saved_as_embed_out_is_an_embedding(tmp_path):

@@ -1,6 +1,7 @@
-"""Issue 11 on a real run (the session's ``real_run``: a 2x64 GPT-2 trained on Tiny Shakespeare
-with the GPT-2 tokenizer, perplexity on held-out text): calibrated compression, the global budget
-against uniform thresholds, the perplexity target, and ``sweep`` against ``compress`` + ``report``."""
+"""Calibration and size targets on a real run (the session's ``real_run``: a 2x64 GPT-2 trained on Tiny
+Shakespeare with the GPT-2 tokenizer, perplexity on held-out text): calibrated compression, the
+global budget against uniform thresholds, the perplexity target, and ``sweep`` against ``compress``
++ ``report``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from cli_contract import expect_error, expect_ok
 
 from inrank_convert import PlanOptions, compress, load_compressed
 from inrank_convert.artifact import Artifact, artifact_bytes, read_manifest
@@ -23,6 +23,7 @@ from inrank_convert.linalg.whitening import WHITENED_ENGINE
 from inrank_convert.runtime.evaluate import perplexity
 from inrank_convert.runtime.modeling import load_dense, model_config
 from tests.conftest import GPT2_TOKENIZER_DIR, REAL_TEXT, needs_real_data
+from tests.helpers.cli_contract import expect_error, expect_ok
 
 pytestmark = needs_real_data
 CALIB_TOKENS = 8192

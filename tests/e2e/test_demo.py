@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import SHARED_DATA
 from typer.testing import CliRunner
 
 from inrank_convert.cli import app
 from inrank_convert.demo import DemoSettings, run_demo
+from tests.conftest import SHARED_DATA
 
 TINY = ["--steps", "4", "--resume-steps", "2", "--eval-tokens", "256", "--n-embd", "32", "--n-layer", "1"]
 HAS_DATA = (SHARED_DATA / "gpt2-tokenizer" / "vocab.json").is_file() and \

@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SHARED_DATA
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.conftest import REPO, SHARED_DATA
+
 EXAMPLES = REPO / "examples"
 SCRIPTS = ("from_scratch.sh", "finetune_delta.sh", "gpu.sh", "distributed.sh")
 IC = Path(sys.executable).parent / "inrank-convert"

@@ -1,4 +1,5 @@
-"""export-peft: PeftModel.from_pretrained(reference, adapter) computes the compressed model.
+"""export/peft_adapter.py (``export-peft``): PeftModel.from_pretrained(reference, adapter) computes the
+compressed model, a grown vocabulary's and a drifted embedding's rows included.
 
 Real tiny GPT-2 (Conv1D, tied embeddings, biases, LayerNorms) and LLaMA (Linear, RMSNorm) models;
 the expected logits come from ``decompress`` + ``from_pretrained``, which is tested elsewhere.
@@ -12,16 +13,18 @@ import warnings
 
 import pytest
 import torch
-from conftest import build_model, gpt2_config, make_pair, read_json
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from inrank_convert import PlanOptions, RankRule, compress, open_artifact, read_manifest
+from inrank_convert import PlanOptions, RankRule, compress, load_compressed, open_artifact, read_manifest
 from inrank_convert.cli import app
 from inrank_convert.core.errors import ArtifactError, OutputError, UsageError
 from inrank_convert.export.dense import decompress
 from inrank_convert.export.peft_adapter import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, export_peft
+from tests.conftest import build_model, gpt2_config, make_pair, read_json
+from tests.helpers import rows
+from tests.helpers.cli_contract import run_json
 
 peft = pytest.importorskip("peft")
 
@@ -281,3 +284,59 @@ def test_bad_inputs_give_one_line(tmp_path, gpt2):
     with pytest.raises(ArtifactError, match="config.json"):
         export_peft(no_config, tmp_path / "d")
     assert not list(tmp_path.glob(".inrank-tmp-*"))
+
+
+# --------------------------------------------------------------------------- rows (helpers/rows.py)
+
+
+def test_grown_vocabulary_exports_a_peft_adapter_over_the_resized_base(grown, tmp_path):
+    pair, out = grown
+    payload = run_json(["export-peft", out, "-o", tmp_path / "adapter", "--json"])
+    carried = {item["name"]: item for item in payload["carried_in_full"]}
+    assert set(carried) == set(pair.grown)
+    for item in carried.values():
+        assert item["how"] == "modules_to_save" and "grown vocabulary" in item["why"], item
+        assert f"resize_token_embeddings({rows.VOCAB + rows.GROWN})" in item["why"]
+        assert item["bytes"] == len(item["modules"]) * (rows.VOCAB + rows.GROWN) * 64 * 4
+        assert any(item["why"] == note for note in payload["notes"])
+    assert payload["resize_token_embeddings"] == rows.VOCAB + rows.GROWN
+    saved = {"lm_head", "transformer.wte"} if pair.arch == "gpt2" else {"lm_head", "model.embed_tokens"}
+    assert saved <= set(payload["modules_to_save"])
+    assert not saved & set(payload["target_modules"])
+
+    base = AutoModelForCausalLM.from_pretrained(pair.base_dir)
+    base.resize_token_embeddings(rows.VOCAB + rows.GROWN)
+    model = rows.load_adapter(base, tmp_path / "adapter")
+    expected = rows.logits(load_compressed(out))
+    assert torch.allclose(rows.logits(model), expected, atol=ATOL)
+    # Without the trained modules the new tokens are wrong: the saved copies really are used.
+    plain = AutoModelForCausalLM.from_pretrained(pair.base_dir)
+    plain.resize_token_embeddings(rows.VOCAB + rows.GROWN)
+    assert (rows.logits(plain) - expected).abs().max() > 100 * ATOL
+
+
+def test_export_peft_carries_rows_as_an_exact_full_rank_lora(drifted, tmp_path):
+    init_dir, _, out, _ = drifted
+    payload = run_json(["export-peft", out, "-o", tmp_path / "adapter", "--json"])
+    [item] = [item for item in payload["carried_in_full"] if item["name"] == rows.WTE]
+    assert item["how"] == "full_rank_lora" and sorted(item["modules"]) == ["lm_head", "transformer.wte"]
+    assert item["bytes"] == 2 * 4 * 64 * (rows.VOCAB + 64) and "row-sparse" in item["why"]
+    assert item["why"] in payload["notes"] and payload["resize_token_embeddings"] is None
+    assert {"lm_head", "transformer.wte"} <= set(payload["full_rank"])
+    assert all(entry["name"] != rows.WTE or entry["how"] for entry in payload["carried_in_full"])
+
+    model = rows.load_adapter(AutoModelForCausalLM.from_pretrained(init_dir), tmp_path / "adapter")
+    compressed = load_compressed(out)
+    assert torch.allclose(rows.logits(model, rows.OLD_TOKENS), rows.logits(compressed, rows.OLD_TOKENS), atol=ATOL)
+    artifact = open_artifact(out)
+    try:
+        # The adapter's update is the artifact's whole update: B @ A and the rows (int8 scales applied).
+        update = artifact.reconstruct(rows.WTE).float() - artifact.reference.get(rows.WTE).float()
+        B, A = artifact.factors(rows.WTE)
+        assert B.dtype == A.dtype == torch.float32
+        assert (update - B @ A).abs().max() > 1e-3  # the rows matter: a LoRA of B @ A alone would miss them
+    finally:
+        artifact.close()
+    modules = dict(model.base_model.model.named_modules())
+    for module in ("transformer.wte", "lm_head"):
+        assert torch.allclose(modules[module].get_delta_weight("default"), update, atol=1e-6), module

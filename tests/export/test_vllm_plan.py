@@ -1,4 +1,5 @@
-"""export-peft --target vllm: LoRA on linear projections only, what it drops, and --data's perplexities.
+"""export/vllm_plan.py (``export-peft --target vllm``): LoRA on linear projections only, and what it
+drops. Its --data perplexities: test_adapter_check.py.
 
 Real tiny LLaMA (Linear, RMSNorm, untied head) and GPT-2 (Conv1D, tied embeddings, biases) models,
 loaded with real PEFT. vLLM's native GPT-2 implements no LoRA, so LLaMA is where the vLLM shape matters;
@@ -8,14 +9,10 @@ the carried part of each update added by hand (an SVD oracle in float64 where th
 
 from __future__ import annotations
 
-import json
-import random
 import warnings
 
 import pytest
 import torch
-from cli_contract import expect_error, expect_ok
-from conftest import make_pair, read_json
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -23,6 +20,8 @@ from inrank_convert import PlanOptions, RankRule, compress, open_artifact, read_
 from inrank_convert.core.errors import UsageError
 from inrank_convert.export.dense import decompress
 from inrank_convert.export.peft_adapter import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE, export_peft
+from tests.conftest import make_pair, read_json
+from tests.helpers.cli_contract import expect_error
 
 peft = pytest.importorskip("peft")
 
@@ -89,32 +88,6 @@ def vllm_shape_checks(adapter_dir, base_dir, cap: int, layout: str) -> dict:
     assert max(ranks) <= cap and config["r"] == config["lora_alpha"] == max(ranks)
     assert sorted(config["rank_pattern"].values()) == sorted(ranks) and config["alpha_pattern"] == config["rank_pattern"]
     return config
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    """A LLaMA whose every tensor changed, compressed at energy 0.9 (ranks 3-4 of the planted 4)."""
-    folder = tmp_path_factory.mktemp("llama")
-    pair = make_pair(folder, "llama")
-    return pair, compressed(folder, pair), folder
-
-
-@pytest.fixture(scope="module")
-def tokenizer_and_text(tmp_path_factory):
-    """A word-level tokenizer.json with the fixtures' 320 ids, and 600 words of text over them."""
-    from tokenizers import Tokenizer, pre_tokenizers
-    from tokenizers import models as tokenizer_models
-
-    folder = tmp_path_factory.mktemp("tokenizer")
-    words = [f"w{i}" for i in range(319)]
-    tokenizer = Tokenizer(tokenizer_models.WordLevel({word: i for i, word in enumerate(["[UNK]", *words])},
-                                                     unk_token="[UNK]"))
-    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer.save(str(folder / "tokenizer.json"))
-    generator = random.Random(0)
-    text = folder / "text.txt"
-    text.write_text(" ".join(generator.choice(words) for _ in range(600)) + "\n")
-    return folder, text
 
 
 def test_linear_only_changes_give_the_artifact_exactly(tmp_path):
@@ -227,39 +200,6 @@ def test_gpt2_keeps_the_conv1d_projections_and_drops_biases(tmp_path):
     assert torch.allclose(logits(model), carried_oracle(out, pair.init_dir, modules, 512), atol=ATOL)
 
 
-def test_cli_vllm_json_stderr_and_perplexities(llama, tokenizer_and_text, tmp_path):
-    pair, out, _ = llama
-    tokenizer, text = tokenizer_and_text
-    result = expect_ok(["export-peft", out, "-o", tmp_path / "adapter", "--target", "vllm", "--max-rank", "3",
-                        "--data", text, "--tokenizer", tokenizer, "--max-tokens", "256", "--json"])
-    payload = json.loads(result.stdout)
-    assert payload["target"] == "vllm" and payload["max_rank"] == 3 and payload["max_lora_rank"] == 8
-    assert payload["modules_to_save"] == [] and payload["biases"] == []
-    assert {d["what"] for d in payload["dropped"]} == {"embedding", "lm_head", "norm", "truncated"}
-    scores = payload["perplexity"]
-    assert scores["tokens"] == 256 and scores["context"] == 64
-    assert all(scores[key] > 1 for key in ("reference", "adapter", "artifact"))
-    assert scores["adapter"] != pytest.approx(scores["artifact"], rel=1e-3)  # the drops cost something
-    assert scores["adapter_change_percent"] == pytest.approx(100 * (scores["adapter"] / scores["artifact"] - 1))
-    # stderr: one warning line, then one indented line per kind of drop
-    lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("warning: the vllm adapter leaves out") and len(lines) == 5
-    assert [line.split()[1] for line in lines[1:]] == ["truncated", "embedding", "lm_head", "norm"]
-
-    # The exact adapter measured the same way: base + adapter is the artifact.
-    table = expect_ok(["export-peft", out, "-o", tmp_path / "exact", "--data", text, "--tokenizer", tokenizer,
-                       "--max-tokens", "256"])
-    assert "base + peft adapter" in table.stdout and "artifact" in table.stdout and "Perplexity on" in table.stdout
-    exact = json.loads(expect_ok(["export-peft", out, "-o", tmp_path / "exact2", "--data", text, "--tokenizer",
-                                  tokenizer, "--max-tokens", "256", "--json"]).stdout)["perplexity"]
-    assert exact["adapter"] == pytest.approx(exact["artifact"], rel=1e-5)
-    assert exact["artifact"] == pytest.approx(scores["artifact"], rel=1e-6)
-    assert exact["reference"] == pytest.approx(scores["reference"], rel=1e-6)
-    assert exact["reference"] != pytest.approx(exact["artifact"], rel=1e-3)
-    text_out = expect_ok(["export-peft", out, "-o", tmp_path / "plain", "--target", "vllm"]).stdout
-    assert "--max-lora-rank 8" in text_out
-
-
 def test_default_export_is_unchanged_by_the_option(llama, tmp_path):
     """--target peft (the default) writes the same files as before: norms saved whole, embeddings as LoRA."""
     pair, out, _ = llama
@@ -299,7 +239,3 @@ def test_bad_inputs(llama, tokenizer_and_text, tmp_path):
                  says=("linear projection", "--target peft"), output=output, inputs=(norms_out,))
 
 
-def test_missing_artifact_with_data(tokenizer_and_text, tmp_path):
-    tokenizer, text = tokenizer_and_text
-    expect_error(["export-peft", tmp_path / "nope", "-o", tmp_path / "a", "--target", "vllm", "--data", text,
-                  "--tokenizer", tokenizer], says=("no such artifact",), output=tmp_path / "a", inputs=(text,))

@@ -1,17 +1,19 @@
-"""The user-error contract every bad-input test checks, through the real CLI (typer's CliRunner):
-a non-zero exit, exactly one line on stderr, no traceback, nothing written, every input untouched."""
+"""The CLI through typer's CliRunner, as the tests run it: the user-error contract every bad-input
+test checks (a non-zero exit, exactly one line on stderr, no traceback, nothing written, every input
+untouched: ``expect_error``), and success (``expect_ok``)."""
 
 from __future__ import annotations
 
+import json
 import os
 import traceback
 from pathlib import Path
 
 import pytest
-from conftest import snapshot
 from typer.testing import CliRunner
 
 from inrank_convert.cli import app
+from tests.conftest import snapshot
 
 TMP_PREFIX = ".inrank-tmp-"
 
@@ -51,6 +53,11 @@ def expect_ok(args: list):
     return result
 
 
+def run_json(args: list) -> dict:
+    """Run the CLI, require success (``expect_ok``), and parse its stdout as JSON."""
+    return json.loads(expect_ok(args).stdout)
+
+
 def expect_error(args: list, says: tuple = (), *, output: Path | None = None, inputs: tuple = ()) -> str:
     """Run the CLI on a bad input and assert the whole user-error contract; return the error line.
 
@@ -84,4 +91,35 @@ def expect_error(args: list, says: tuple = (), *, output: Path | None = None, in
             assert _state(path) == before[path], f"{path} was changed\n{where}"
     if output is not None:
         assert temps_beside(output) == temps_before, f"temporary folder left beside {output}\n{where}"
+    return line
+
+
+# --------------------------------------------------------------------------- arguments as one tuple
+
+
+def invoke(*args) -> object:
+    """Run the CLI (arguments as one tuple); an uncaught exception fails the test with its traceback."""
+    result = CliRunner().invoke(app, [str(arg) for arg in args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        pytest.fail("uncaught exception:\n" + "".join(traceback.format_exception(*result.exc_info)))
+    return result
+
+
+def ok(*args) -> object:
+    result = invoke(*args)
+    assert result.exit_code == 0, (args, result.stdout, result.stderr)
+    return result
+
+
+def expect_error_line(*args, says: tuple = ()) -> str:
+    """Non-zero exit, exactly one ``error: `` line on stderr, no traceback; the line holds every word of
+    ``says``. (``expect_error`` checks more: nothing written, inputs untouched.)"""
+    result = invoke(*args)
+    where = f"{args}\nexit {result.exit_code}\nstderr: {result.stderr!r}\nstdout: {result.stdout[-500:]!r}"
+    assert result.exit_code != 0, "a bad input was accepted\n" + where
+    assert "Traceback" not in result.stderr + result.stdout, where
+    line = result.stderr.removesuffix("\n")
+    assert line.startswith("error: ") and "\n" not in line, "stderr is not exactly one error line\n" + where
+    for word in says:
+        assert word.lower() in line.lower(), f"message lacks {word!r}\n{where}"
     return line

@@ -1,4 +1,5 @@
-"""sources.py: every input form as a Checkpoint, an artifact's recorded reference, run folders, compress's inputs."""
+"""inputs/sources.py: every input form as a Checkpoint, an artifact's recorded reference, run folders,
+compress's inputs."""
 
 from __future__ import annotations
 

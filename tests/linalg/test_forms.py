@@ -1,6 +1,6 @@
-"""The planner's stored forms (``inrank_convert.forms``) on real torch tensors: zero, low rank,
-low rank + rows and dense, the rule that a dominant component cannot satisfy alone, and the
-error of what is stored.
+"""linalg/forms.py: the stored forms (zero, low rank, low rank + rows, dense) on real torch tensors,
+the rule that a dominant component cannot satisfy alone, early dense decisions without a full SVD,
+and the forms of a size a budget allocated.
 
 The central case is the one the rows form exists for: a tall update (an embedding) whose energy
 is almost all one drift shared by every row, plus individual updates on a few rows.
@@ -11,64 +11,25 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inrank_convert.artifact.storage import encode_factors, round_trip
-from inrank_convert.linalg import criteria, forms, gram
+from inrank_convert.artifact.storage import round_trip
+from inrank_convert.linalg import criteria, forms
 from inrank_convert.linalg.criteria import RankRule
 from inrank_convert.linalg.forms import Costs, choose_form, effective_threshold
-from inrank_convert.linalg.stored_error import stored_error, svd_stored_error
-
-THRESHOLD = 0.9
-BF16 = 2  # bytes per stored number at the default (bfloat16) storage
-INDEX = 8  # bytes of a stored row's int64 index
-
-
-def energy(delta: torch.Tensor) -> float:
-    return float(delta.double().pow(2).sum())
-
-
-def bf16_costs(delta: torch.Tensor) -> Costs:
-    """bfloat16 factors and rows of a float32 source tensor."""
-    return Costs(element=BF16, vector=0, dense=delta.numel() * 4)
-
-
-def scattered(rows: int, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    dense = torch.zeros(rows, values.shape[1], dtype=values.dtype)
-    dense[index] = values
-    return dense
-
-
-def stored_product(form: forms.Form, rows: int, cols: int) -> torch.Tensor:
-    """B @ A (+ the rows in their places) in float64: what the form stores, before rounding."""
-    product = form.B.double() @ form.A.double() if form.B is not None else torch.zeros(rows, cols, dtype=torch.float64)
-    if form.rows is not None:
-        product = product + scattered(rows, form.row_index, form.rows.double())
-    return product
-
-
-def planted_drift_and_rows(rows: int = 2000, cols: int = 32, planted: int = 100, drift_share: float = 0.95,
-                           seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """(delta [rows, cols] float32, the planted row indices): the same drift vector added to every row,
-    holding ``drift_share`` of the energy, plus an update of one common norm in a random direction
-    on ``planted`` rows (an embedding: every token drifts, the tokens the text shows move on their own)."""
-    generator = torch.Generator().manual_seed(seed)
-    direction = torch.randn(1, cols, generator=generator)
-    drift = torch.ones(rows, 1) @ direction  # rank 1
-    index = torch.randperm(rows, generator=generator)[:planted]
-    own = torch.randn(planted, cols, generator=generator)
-    own = own / own.norm(dim=1, keepdim=True)
-    row_energy = energy(drift) * (1 - drift_share) / drift_share / planted
-    delta = drift.clone()
-    delta[index] += own * row_energy**0.5
-    return delta, index
-
-
-@pytest.fixture(scope="module")
-def planted():
-    delta, index = planted_drift_and_rows()
-    total = energy(delta)
-    values = torch.linalg.svdvals(delta.double())  # float64 reference spectrum
-    return delta, index, total, values
-
+from inrank_convert.linalg.stored_error import stored_error
+from tests.helpers.forms import (
+    BF16,
+    INDEX,
+    THRESHOLD,
+    bf16_costs,
+    bf16_source_costs,
+    counting_svd,
+    drift_plus_rows,
+    energy,
+    form_bytes,
+    planted_drift_and_rows,
+    planted_low_rank,
+    stored_product,
+)
 
 # --------------------------------------------------------------------------- the dominant drift
 
@@ -249,34 +210,6 @@ def test_zero_update_is_zero(rule):
     assert form.B is None and form.rows is None and form.rank == 0
 
 
-@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
-def test_stored_error_is_the_relative_error_of_what_is_read_back(planted, storage):
-    delta, _, total, _ = planted
-    rows, cols = delta.shape
-    form = choose_form(delta, total, RankRule("energy", THRESHOLD), bf16_costs(delta), engine="exact")
-    assert form.kind == "lowrank+rows"
-    B, A, stored_rows = round_trip(form.B, form.A, form.rows, storage)
-    # Small blocks, so that the blockwise walk crosses many block boundaries.
-    measured = stored_error(delta, total, B, A, stored_rows, form.row_index, block=300)
-    rebuilt = B.double() @ A.double() + scattered(rows, form.row_index, stored_rows.double())
-    direct = (energy(delta.double() - rebuilt) / total) ** 0.5
-    assert measured == pytest.approx(direct, rel=1e-4, abs=1e-7)
-    # The truncation alone: the error the kept energy implies.
-    assert stored_error(delta, total, form.B, form.A, form.rows, form.row_index) == pytest.approx(
-        (1 - form.energy) ** 0.5, rel=1e-3)
-
-
-def test_stored_error_of_a_plain_low_rank_form():
-    generator = torch.Generator().manual_seed(9)
-    delta = torch.randn(64, 40, generator=generator)
-    total = energy(delta)
-    form = choose_form(delta, total, RankRule("energy", THRESHOLD), bf16_costs(delta), engine="exact")
-    assert form.kind == "lowrank"
-    direct = (energy(delta.double() - form.B.double() @ form.A.double()) / total) ** 0.5
-    assert stored_error(delta, total, form.B, form.A, None, None) == pytest.approx(direct, rel=1e-4)
-    assert stored_error(torch.zeros(4, 4), 0.0, torch.zeros(4, 0), torch.zeros(0, 4), None, None) == 0.0
-
-
 def test_dense_when_nothing_is_smaller():
     """A small square full-rank update at a high threshold: no form beats the tensor itself."""
     generator = torch.Generator().manual_seed(6)
@@ -287,26 +220,7 @@ def test_dense_when_nothing_is_smaller():
     assert form.B is None and form.rows is None
 
 
-# --------------------------------------------------------------------------- early dense (issue 14)
-
-
-def counting_svd(calls: list):
-    """torch.linalg.svd, counted: the full SVDs a decision took (factorize's ``solver``)."""
-    def solver(matrix, full_matrices=False):
-        calls.append(tuple(matrix.shape))
-        return torch.linalg.svd(matrix, full_matrices=full_matrices)
-    return solver
-
-
-def bf16_source_costs(delta: torch.Tensor) -> Costs:
-    """bfloat16 factors of a bfloat16 source (dense = 2 bytes a number): break-even near r (m + n) = m n."""
-    return Costs(element=BF16, vector=0, dense=delta.numel() * BF16)
-
-
-def form_bytes(form: forms.Form, costs: Costs, rows: int, cols: int) -> int:
-    if form.kind == "dense":
-        return costs.dense
-    return costs.lowrank(form.rank, rows, cols) + costs.row_set(form.stored_rows, cols)
+# --------------------------------------------------------------------------- early dense
 
 
 def test_a_noise_only_update_past_the_break_even_is_dense_without_a_full_svd():
@@ -347,16 +261,6 @@ def test_a_noise_only_embedding_near_the_break_even_keeps_its_low_rank_and_says_
     assert stored_error(delta, total, B, A, None, None) <= (1 - THRESHOLD) ** 0.5 * 1.001
 
 
-def planted_low_rank(rows: int = 768, cols: int = 256, rank: int = 32, noise: float = 0.05,
-                     seed: int = 3) -> tuple[torch.Tensor, float]:
-    """(delta, its energy): a rank-32 update (random factors) with ``noise`` of its energy as Gaussian noise."""
-    generator = torch.Generator().manual_seed(seed)
-    signal = torch.randn(rows, rank, generator=generator) @ torch.randn(rank, cols, generator=generator)
-    extra = torch.randn(rows, cols, generator=generator)
-    delta = signal / signal.norm() * (1 - noise) ** 0.5 + extra / extra.norm() * noise**0.5
-    return delta, energy(delta)
-
-
 PLANTED_CASES = {
     "noise-only embedding": lambda: (lambda d: (d, energy(d)))(torch.randn(3000, 96, generator=torch.Generator().manual_seed(4))),
     "rank-1 drift + rows": lambda: (lambda d: (d, energy(d)))(planted_drift_and_rows()[0]),
@@ -367,7 +271,7 @@ PLANTED_CASES = {
 @pytest.mark.parametrize("case", list(PLANTED_CASES))
 @pytest.mark.parametrize("threshold", [0.8, 0.9, 0.95])
 def test_the_auto_engine_chooses_the_exact_engines_form(case, threshold):
-    """The planted cases of issue 14: the auto engine (randomized, Gram, early dense) chooses the
+    """The planted cases: the auto engine (randomized, Gram, early dense) chooses the
     form, rank and stored rows the exact SVD leads to, at no more bytes, keeping the rule."""
     delta, total = PLANTED_CASES[case]()
     rows, cols = delta.shape
@@ -384,50 +288,19 @@ def test_the_auto_engine_chooses_the_exact_engines_form(case, threshold):
         assert kept >= effective - 1e-5
 
 
-@pytest.mark.parametrize("engine", ["exact", "randomized", "auto"])
-@pytest.mark.parametrize("storage", ["float32", "bfloat16", "int8"])
-def test_the_stored_error_of_svd_factors_from_their_norms(engine, storage):
-    """svd_stored_error (no [rows, cols] product) agrees with the measured stored error."""
-    delta, total = planted_low_rank(noise=0.3)
-    form = choose_form(delta, total, RankRule("energy", THRESHOLD), bf16_costs(delta), engine=engine,
-                       generator=torch.Generator().manual_seed(0))
-    assert form.kind == "lowrank" and form.svd_factors
-    B, A, _ = round_trip(form.B, form.A, None, storage)
-    measured = stored_error(delta, total, B, A, None, None)
-    assert svd_stored_error(total, form.B, form.A, B, A) == pytest.approx(measured, rel=1e-4)
-    B_q, A_q, scale = encode_factors(form.B, form.A, storage)  # as compress passes them: not decoded
-    assert svd_stored_error(total, form.B, form.A, B_q, A_q, stored_scale=scale) == pytest.approx(measured, rel=1e-4)
-    # Below SVD_ERROR_FLOOR of the energy it declines (the caller measures).
-    assert svd_stored_error(total, form.B, form.A, B, A) is not None
-    tight = choose_form(delta, total, RankRule("energy", 0.999), bf16_costs(delta), engine=engine,
-                        generator=torch.Generator().manual_seed(0))
-    if tight.kind == "lowrank":
-        assert svd_stored_error(total, tight.B, tight.A, *round_trip(tight.B, tight.A, None, storage)[:2]) is None
+# --------------------------------------------------------------------------- forms of a given size
 
 
-@pytest.mark.parametrize("shape", [(3000, 96), (96, 3000)])
-@pytest.mark.parametrize("storage", ["bfloat16", "int8"])
-def test_the_stored_error_of_a_bfloat16_product_from_norms(shape, storage, monkeypatch):
-    """A noise-only update past the adaptive basis, its factor computed by a bfloat16 product: the
-    same form, rank and bytes as the float32 product; svd_stored_error, given the product's
-    measured error, agrees with the stored error measured on the [rows, cols] reconstruction (and
-    without it would not: it would miss what the product added)."""
-    monkeypatch.setattr(gram, "REDUCED_PRODUCT_MIN_WORK", 0)  # a product this small would stay float32
-    delta = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
-    total, costs = energy(delta), bf16_source_costs(delta)
-    rule = RankRule("energy", THRESHOLD)
-    plain = choose_form(delta, total, rule, costs)
-    form = choose_form(delta, total, rule, costs, products=torch.bfloat16)
-    assert plain.engine == "gram" and form.engine == "gram-bfloat16" and form.product_error is not None
-    assert (form.kind, form.rank) == (plain.kind, plain.rank) == ("lowrank", plain.rank)
-    B, A, _ = round_trip(form.B, form.A, None, storage)
-    measured = stored_error(delta, total, B, A, None, None)
-    estimated = svd_stored_error(total, form.B, form.A, B, A, form.product_error)
-    assert estimated == pytest.approx(measured, rel=2e-5)
-    B_q, A_q, scale = encode_factors(form.B, form.A, storage)  # as compress passes them: not decoded
-    assert svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error,
-                                  scale) == pytest.approx(estimated, rel=1e-6)
-    plain_B, plain_A, _ = round_trip(plain.B, plain.A, None, storage)
-    assert measured == pytest.approx(stored_error(delta, total, plain_B, plain_A, None, None), rel=1e-4)
-    ignored = svd_stored_error(total, form.B, form.A, B, A)  # the product's error left out
-    assert abs(ignored - measured) > 5 * abs(estimated - measured), (ignored, estimated, measured)
+def test_allocated_forms_have_the_sizes_asked_for():
+    delta = drift_plus_rows()
+    total = float(delta.double().pow(2).sum())
+    costs = Costs(2, 0, delta.numel() * 4)
+    lowrank = choose_form(delta, total, RankRule(), costs, "exact", allocation=(3, None))
+    assert lowrank.kind == "lowrank" and lowrank.rank == 3 and lowrank.B.shape == (600, 3)
+    rows = choose_form(delta, total, RankRule(), costs, "exact", allocation=(1, 25))
+    assert rows.kind == "lowrank+rows" and rows.rank == 1 and rows.stored_rows == 25
+    assert rows.energy > lowrank.energy  # the planted rows are what low rank cannot keep
+    rank_only = choose_form(delta, total, RankRule(), costs, "exact", allocation=(1, 0))
+    assert rank_only.kind == "lowrank" and rank_only.rank == 1
+    assert choose_form(delta, total, RankRule(), costs, "exact", allocation=(0, 0)).kind == "zero"
+    assert choose_form(delta, total, RankRule(), costs, "exact", allocation=(0, None)).kind == "zero"

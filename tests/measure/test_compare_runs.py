@@ -1,5 +1,6 @@
-"""compare-runs: two real training runs (tiny GPT-2, GPT-2 tokenizer, Tiny Shakespeare) side by side;
-its JSON against the runs' own metrics.jsonl, the --data scoring against report's perplexity, bad input."""
+"""measure/compare_runs.py (``compare-runs``): two real training runs (tiny GPT-2, GPT-2 tokenizer,
+Tiny Shakespeare) side by side; its JSON against the runs' own metrics.jsonl, the --data scoring
+against report's perplexity, bad input."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-from cli_contract import expect_error, expect_ok
 
 from inrank_convert.inputs.text import load_tokenizer, read_text, tokenize_text
 from inrank_convert.runtime.evaluate import perplexity
@@ -18,6 +18,7 @@ from inrank_convert.training.entrypoints import train
 from inrank_convert.training.options import TrainOptions
 from inrank_convert.weights.run_folder import read_metrics
 from tests.conftest import GPT2_TOKENIZER_DIR, REAL_TEXT, needs_real_data
+from tests.helpers.cli_contract import expect_error, expect_ok
 
 pytestmark = needs_real_data
 STEPS = 12

@@ -1,4 +1,4 @@
-"""LowRankLinear against nn.Linear / Conv1D holding W_ref + B @ A."""
+"""model/layers.py: LowRankLinear against nn.Linear / Conv1D holding W_ref + B @ A."""
 
 from __future__ import annotations
 

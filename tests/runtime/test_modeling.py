@@ -1,4 +1,6 @@
-"""load_compressed builds a running model equal to the decompressed one."""
+"""runtime/modeling.py: load_compressed builds a running model equal to the decompressed one: its
+LowRankLinear layers compute what their dense reconstruction does, for a grown vocabulary and for a
+version-1 artifact (written by hand, helpers/old_artifact.py) too."""
 
 from __future__ import annotations
 
@@ -12,6 +14,12 @@ from inrank_convert import PlanOptions, RankRule, compress, load_compressed
 from inrank_convert.core.errors import ArtifactError
 from inrank_convert.export.dense import decompress
 from inrank_convert.model.layers import LowRankLinear
+from inrank_convert.runtime.evaluate import perplexity
+from inrank_convert.runtime.modeling import load_dense, model_config
+from tests.conftest import build_model, llama_config
+from tests.helpers import rows
+from tests.helpers.eval_models import needs_data
+from tests.helpers.old_artifact import LOWRANK
 
 TOKENS = torch.randint(0, 320, (2, 24), generator=torch.Generator().manual_seed(0))
 
@@ -109,8 +117,6 @@ def test_equal_but_untied_tensors_are_both_filled(tmp_path, factorized):
     stored dense or swapped out for a LowRankLinear."""
     from safetensors.torch import save_file
 
-    from tests.conftest import build_model, llama_config
-
     config = llama_config()  # tie_word_embeddings=False
     model = build_model(config, 3)
     state = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -137,3 +143,42 @@ def _decompressed_state(out, tmp_path) -> dict[str, torch.Tensor]:
 
     decompress(out, tmp_path / "dense")
     return load_file(tmp_path / "dense" / "model.safetensors")
+
+
+@needs_data
+def test_low_rank_layers_compute_what_their_dense_reconstruction_does(eval_models, wiki_tokens):
+    """LowRankLinear (never forming B @ A) and the dense W_ref + B @ A give the same perplexity."""
+    compressed = load_compressed(eval_models.half)
+    assert any(type(module).__name__ == "LowRankLinear" for module in compressed.modules())
+    dense = load_dense(eval_models.half, model_config(eval_models.half))  # the artifact read as a checkpoint
+    low_rank = perplexity(compressed, wiki_tokens)
+    reconstructed = perplexity(dense, wiki_tokens)
+    assert low_rank.nll == pytest.approx(reconstructed.nll, rel=1e-5)
+
+
+def test_grown_vocabulary_loads_like_its_decompressed_folder(grown, tmp_path):
+    pair, out = grown
+    model = load_compressed(out)
+    assert model.get_input_embeddings().weight.shape[0] == rows.VOCAB + rows.GROWN
+    expected = rows.decompressed_logits(out, tmp_path / "dense")
+    assert torch.allclose(rows.logits(model), expected, atol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(pair.base_dir)
+    # The compressed model is not the base model: the update is applied (old tokens, old vocabulary).
+    assert (rows.logits(base, rows.OLD_TOKENS) - rows.logits(model, rows.OLD_TOKENS)[..., :rows.VOCAB]).abs().max() > 100 * rows.ATOL
+
+
+def test_old_artifact_loads_and_runs_like_the_dense_model(old):
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_config(old.config)
+    dense.load_state_dict(old.dense_state, strict=True)
+    dense.eval()
+    compressed = load_compressed(old.path)
+    layers = {name for name, module in compressed.named_modules() if isinstance(module, LowRankLinear)}
+    assert layers == {name.removesuffix(".weight") for name in LOWRANK}
+    ids = torch.randint(0, old.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = dense(ids).logits
+        got = compressed(ids).logits
+    assert expected.abs().max() > 0.1
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)

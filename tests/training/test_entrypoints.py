@@ -1,82 +1,35 @@
-"""train and resume on real text with tiny GPT-2 models: exact resume, rank growth, artifacts, torchrun."""
+"""training/entrypoints.py: train and resume on real text with tiny GPT-2 models: a run compress reads,
+exact resume (InRank, dense with accumulation), resume from an artifact, a dense checkpoint and a
+version-1 artifact, rank growth on real text, frozen dense weights, bfloat16 autocast, torchrun."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
+import random
 import shutil
-import signal
 import subprocess
 import sys
-import time
-from dataclasses import replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import SHARED_DATA
 
+from inrank_convert.artifact import read_manifest
 from inrank_convert.compression.job import compress
-from inrank_convert.core.distributed import World
 from inrank_convert.inputs.text import TokenBatches, cached_tokens, load_tokenizer
 from inrank_convert.runtime.modeling import load_compressed
 from inrank_convert.training.entrypoints import resume, train
-from inrank_convert.training.loop import batch_loss, decide_ranks
-from inrank_convert.training.options import TrainOptions, learning_rate
-from inrank_convert.training.rank_control import RankController, RankPolicy, factorize_model, low_rank_layers
+from inrank_convert.training.loop import batch_loss
+from inrank_convert.training.options import learning_rate
+from inrank_convert.training.rank_control import low_rank_layers
 from inrank_convert.weights.run_folder import METRICS_FILE, read_metrics
+from tests.conftest import REPO
+from tests.helpers.old_artifact import LOWRANK, ZERO
+from tests.helpers.training import HAS_DATA, TEXT, TOKENIZER, losses, options
 
-REPO = Path(__file__).resolve().parents[1]
-TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"
-VALID = SHARED_DATA / "wikitext-2-raw" / "wiki.valid.raw"
-TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
-
-pytestmark = pytest.mark.skipif(not (TOKENIZER / "vocab.json").is_file() or not TEXT.is_file(),
-                                reason="needs ../shared/data (GPT-2 tokenizer and Tiny Shakespeare)")
-
-
-def tiny_config(folder: Path, dropout: float = 0.0, **overrides) -> Path:
-    from transformers import GPT2Config
-
-    settings = dict(n_embd=32, n_layer=2, n_head=2, n_positions=32, vocab_size=50257, resid_pdrop=dropout,
-                    embd_pdrop=dropout, attn_pdrop=dropout, bos_token_id=50256, eos_token_id=50256)
-    settings.update(overrides)
-    GPT2Config(**settings).save_pretrained(folder)
-    return folder / "config.json"
-
-
-def options(**overrides) -> TrainOptions:
-    settings = dict(data=str(TEXT), steps=12, mode="inrank", batch_size=4, block_size=16, lr=3e-3, log_every=1,
-                    tokenizer=str(TOKENIZER), buffer=2, rank_warmup=3, rank_every=3, seed=3)
-    settings.update(overrides)
-    if settings["mode"] == "inrank":
-        settings.setdefault("factorize", "all")  # these tests exercise every kind of layer
-    return TrainOptions(**settings)
-
-
-def losses(run: Path) -> dict[int, float]:
-    return {record["step"]: record["loss"] for record in read_metrics(run)}
-
-
-@pytest.fixture(scope="module")
-def config_path(tmp_path_factory) -> Path:
-    return tiny_config(tmp_path_factory.mktemp("config"))
-
-
-@pytest.fixture(scope="module")
-def dropout_config(tmp_path_factory) -> Path:
-    return tiny_config(tmp_path_factory.mktemp("config-dropout"), dropout=0.1)
-
-
-@pytest.fixture(scope="module")
-def inrank_run(tmp_path_factory, dropout_config) -> tuple[Path, TrainOptions]:
-    """12 InRank steps with a checkpoint at 6 (ranks are decided at 3, 6, 9, 12; dropout on)."""
-    run = tmp_path_factory.mktemp("runs") / "inrank"
-    opts = options(save_every=6, val_data=str(VALID) if VALID.is_file() else None)
-    train(dropout_config, run, opts)
-    return run, opts
+pytestmark = pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data (GPT-2 tokenizer and Tiny Shakespeare)")
 
 
 def test_train_writes_a_run_that_compress_reads(inrank_run):
@@ -95,23 +48,6 @@ def test_train_writes_a_run_that_compress_reads(inrank_run):
         assert {r["step"] for r in records if "val_loss" in r} == {6, 12}
     assert records[-1]["loss"] < records[0]["loss"]  # it learns
     assert [r["lr"] for r in records] == [learning_rate(opts, s) for s in range(1, 13)]
-
-
-def test_checkpoints_are_artifacts_that_inspect_report_and_decompress_read(inrank_run, tmp_path):
-    from inrank_convert.artifact import describe_artifact
-    from inrank_convert.export.dense import decompress
-
-    run, _ = inrank_run
-    described = describe_artifact(run / "step-12")
-    assert described["reference"] == "seed"
-    kinds = {layer["name"]: layer["kind"] for layer in described["layers"]}
-    assert kinds["transformer.h.0.attn.c_attn.weight"] == "lowrank"
-    assert described["tied"] == {"lm_head.weight": "transformer.wte.weight"}
-    decompress(run / "step-12", tmp_path / "dense")
-    model = load_compressed(run / "step-12")
-    dense = load_compressed(run / "step-12", merge=True)
-    ids = torch.arange(16)[None]
-    assert torch.allclose(model(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-5)
 
 
 def test_compress_of_a_train_run_stores_the_seed_recipe_and_no_init(tmp_path, config_path):
@@ -145,31 +81,6 @@ def test_interrupted_and_resumed_dense_run_with_accumulation_reproduces_the_loss
     resume(tmp_path / "cut", tmp_path / "elsewhere", {})  # continue into another folder: the source is kept
     assert losses(tmp_path / "elsewhere") == losses(tmp_path / "full")
     assert not (tmp_path / "cut" / "step-6").exists()
-
-
-def test_sigint_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path, config_path):
-    args = ["--data", TEXT, "--tokenizer", TOKENIZER, "--steps", "400", "--mode", "inrank", "--batch-size", "4",
-            "--block-size", "16", "--log-every", "1", "--buffer", "2", "--rank-warmup", "3", "--rank-every", "3",
-            "--seed", "3", "--lr", "3e-3", "--warmup", "0", "--min-lr", "3e-3", "--factorize", "all"]
-    run = tmp_path / "run"
-    command = [sys.executable, "-m", "inrank_convert", "train", str(config_path), "-o", str(run), *map(str, args)]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(read_metrics(run)) < 3:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 130, stderr
-    last_line = stderr.strip().splitlines()[-1]
-    assert last_line.startswith("error: interrupted at step") and "Traceback" not in stderr
-    stopped = int(last_line.split("interrupted at step ")[1].split(";")[0])
-    assert 3 <= stopped < 400 and (run / f"step-{stopped}" / "train_state").is_dir()
-    # Resume up to a few steps past the interruption and compare with an uninterrupted run that long.
-    total = stopped + 3
-    resume(run, None, {"steps": total})
-    reference = tmp_path / "reference"
-    train(config_path, reference, options(steps=total, warmup=0, min_lr=3e-3))  # a constant LR: same schedule
-    assert losses(run) == losses(reference)
 
 
 @pytest.fixture(scope="module")
@@ -211,32 +122,6 @@ def test_ranks_grow_on_real_text_under_the_inrank_criterion_and_never_pass_max_r
     model = load_compressed(run / "step-40")
     widths = [layer.rank for _, layer in low_rank_layers(model)]
     assert widths and all(width <= 5 for width in widths)  # the reference's width cap
-
-
-def test_growing_the_factors_leaves_the_function_unchanged(config_path):
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(config_path.parent)).eval()
-    policy = RankPolicy(threshold=0.99, buffer=2, warmup=0, every=1)
-    ranks = factorize_model(model, policy, efficient=False, generator=torch.Generator().manual_seed(0))
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for _, layer in low_rank_layers(model):  # a full-rank update, so that the controller grows every layer
-            layer.lora_B.normal_(0, 0.02, generator=generator)
-    optimizer = torch.optim.AdamW(model.parameters())
-    ids = torch.randint(0, 50257, (2, 16), generator=generator)
-    before = model(input_ids=ids).logits
-
-    session = SimpleNamespace(controller=RankController(policy, ranks), model=model, optimizer=optimizer,
-                              world=World(), options=options(), step=1, wrap=lambda: None)
-    widths = [layer.rank for _, layer in low_rank_layers(model)]
-    decide_ranks(session)
-    grown = [layer.rank for _, layer in low_rank_layers(model)]
-    assert all(g > w for g, w in zip(grown, widths, strict=True))
-    assert torch.allclose(model(input_ids=ids).logits, before, atol=1e-6)
-    param_ids = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    assert all(id(layer.lora_A) in param_ids for _, layer in low_rank_layers(model))
 
 
 def test_freeze_dense_trains_only_the_factors(tmp_path, config_path):
@@ -283,16 +168,6 @@ def test_resume_from_a_dense_checkpoint_compresses_it_first(tmp_path, config_pat
     assert not any(p.name.startswith(".inrank-resume") for p in tmp_path.iterdir())  # the temp artifact is gone
 
 
-def test_learning_rate_warms_up_then_decays_to_the_minimum():
-    opts = TrainOptions(steps=100, lr=1.0, warmup=10)
-    assert learning_rate(opts, 5) == pytest.approx(0.5)
-    assert learning_rate(opts, 10) == pytest.approx(1.0)
-    assert learning_rate(opts, 100) == pytest.approx(0.1)
-    values = [learning_rate(opts, s) for s in range(10, 101)]
-    assert values == sorted(values, reverse=True)
-    assert learning_rate(replace(opts, min_lr=0.0), 100) == pytest.approx(0.0)
-
-
 def test_torchrun_with_two_gloo_processes_matches_one_process(tmp_path, config_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.is_file():
@@ -331,3 +206,33 @@ def test_inrank_training_on_cuda_with_bfloat16_resumes(tmp_path, config_path):
     assert full.keys() == resumed.keys()
     for step in full:  # cuBLAS may pick other kernels: close, not bit-exact
         assert resumed[step] == pytest.approx(full[step], rel=1e-2)
+
+
+def test_old_artifact_resumes_training(old, tmp_path):
+    """resume starts InRank training from a version-1 artifact's factors: step 0 is its model."""
+    from tokenizers import Tokenizer, pre_tokenizers
+    from tokenizers import models as tokenizer_models
+
+    from inrank_convert.training.entrypoints import resume
+    from inrank_convert.weights.run_folder import read_metrics
+
+    words = [f"w{i}" for i in range(old.config.vocab_size - 1)]  # every id inside the tiny vocabulary
+    tokenizer = Tokenizer(tokenizer_models.WordLevel({word: i for i, word in enumerate(["[UNK]", *words])},
+                                                     unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+    (tmp_path / "tokenizer").mkdir()
+    tokenizer.save(str(tmp_path / "tokenizer" / "tokenizer.json"))
+    text = tmp_path / "text.txt"
+    generator = random.Random(0)
+    text.write_text(" ".join(generator.choice(words) for _ in range(600)) + "\n")
+
+    result = resume(old.path, tmp_path / "run", {"data": str(text), "steps": 3, "batch_size": 2, "block_size": 8,
+                                                 "tokenizer": str(tmp_path / "tokenizer"), "buffer": 1,
+                                                 "rank_warmup": 1, "rank_every": 1, "log_every": 1, "lr": 1e-3})
+    assert result.step == 3 and not result.interrupted
+    assert set(result.ranks) == {name.removesuffix(".weight") for name in LOWRANK} | {ZERO.removesuffix(".weight")}
+    assert all(result.ranks[name.removesuffix(".weight")] >= rank for name, rank in LOWRANK.items())
+    records = read_metrics(tmp_path / "run")
+    assert [record["step"] for record in records] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(record["loss"])) for record in records)
+    assert read_manifest(tmp_path / "run" / "step-3").version == 2  # its checkpoints are written in version 2

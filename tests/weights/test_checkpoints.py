@@ -1,4 +1,5 @@
-"""Every input form of docs/design.md §3 reads the same tensors, one at a time."""
+"""weights/checkpoints.py: every input form of docs/design.md §3 (a Hugging Face folder, sharded or
+not, pytorch_model.bin, single files, a Lightning .ckpt) reads the same tensors, one at a time."""
 
 from __future__ import annotations
 
@@ -9,10 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from inrank_convert.core.errors import CheckpointError
 from inrank_convert.inputs.sources import open_checkpoint
-from inrank_convert.weights.checkpoints import SafetensorsCheckpoint, StateDictCheckpoint, is_run_folder
-from inrank_convert.weights.run_folder import resolve_run
+from inrank_convert.weights.checkpoints import SafetensorsCheckpoint, StateDictCheckpoint
 
 
 def assert_same_tensors(checkpoint, state, skip=()):
@@ -77,26 +76,6 @@ def test_lightning_ckpt_strips_the_module_prefix(tmp_path, llama_pair):
     with open_checkpoint(file) as checkpoint:
         assert checkpoint.prefix_stripped == "model."
         assert_same_tensors(checkpoint, llama_pair.trained_state)
-
-
-def test_run_folder_earliest_is_init_latest_is_trained(tmp_path, gpt2_pair):
-    run = tmp_path / "run"
-    run.mkdir()
-    shutil.copytree(gpt2_pair.init_dir, run / "step-0")
-    shutil.copytree(gpt2_pair.init_dir, run / "step-50")
-    shutil.copytree(gpt2_pair.trained_dir, run / "step-200")
-    assert is_run_folder(run)
-    init, trained = resolve_run(run)
-    assert (init.name, trained.name) == ("step-0", "step-200")
-    with pytest.raises(CheckpointError, match="training-run folder"):
-        open_checkpoint(run)
-
-
-def test_checkpoint_n_folders_sort_numerically(tmp_path, gpt2_pair):
-    run = tmp_path / "run"
-    for step in (900, 1000, 50):
-        shutil.copytree(gpt2_pair.init_dir, run / f"checkpoint-{step}")
-    assert [p.name for p in resolve_run(run)] == ["checkpoint-50", "checkpoint-1000"]
 
 
 def test_first_row_and_single_tensor_reads(tmp_path):

@@ -1,5 +1,5 @@
-"""The stat-keyed sha256 cache (hash_cache): a file unchanged since it was hashed is not read again,
-any change is hashed again, a broken cache only costs a re-hash, and verify never trusts it."""
+"""weights/hash_cache.py: the stat-keyed sha256 cache: a file unchanged since it was hashed is not
+read again, any change is hashed again, a broken cache only costs a re-hash, and verify never trusts it."""
 
 from __future__ import annotations
 
