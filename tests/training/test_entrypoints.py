@@ -29,9 +29,10 @@ from tests.conftest import REPO
 from tests.helpers.old_artifact import LOWRANK, ZERO
 from tests.helpers.training import HAS_DATA, TEXT, TOKENIZER, losses, options
 
-pytestmark = pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data (GPT-2 tokenizer and Tiny Shakespeare)")
+needs_data = pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data (GPT-2 tokenizer and Tiny Shakespeare)")
 
 
+@needs_data
 def test_train_writes_a_run_that_compress_reads(inrank_run):
     run, opts = inrank_run
     assert (run / "step-0" / "inrank_init.json").is_file() and (run / "step-0" / "model.safetensors").is_file()
@@ -50,6 +51,7 @@ def test_train_writes_a_run_that_compress_reads(inrank_run):
     assert [r["lr"] for r in records] == [learning_rate(opts, s) for s in range(1, 13)]
 
 
+@needs_data
 def test_compress_of_a_train_run_stores_the_seed_recipe_and_no_init(tmp_path, config_path):
     run = tmp_path / "dense-run"
     train(config_path, run, options(mode="dense", steps=8, lr=1e-2))
@@ -62,6 +64,7 @@ def test_compress_of_a_train_run_stores_the_seed_recipe_and_no_init(tmp_path, co
     assert result.compressed_bytes < 0.5 * dense_bytes, (result.compressed_bytes, dense_bytes)
 
 
+@needs_data
 def test_interrupted_and_resumed_inrank_run_reproduces_the_losses_exactly(inrank_run, tmp_path):
     run, _ = inrank_run
     copy = tmp_path / "copy"
@@ -73,6 +76,7 @@ def test_interrupted_and_resumed_inrank_run_reproduces_the_losses_exactly(inrank
     assert [r.get("ranks") for r in read_metrics(copy)] == [r.get("ranks") for r in read_metrics(run)]
 
 
+@needs_data
 def test_interrupted_and_resumed_dense_run_with_accumulation_reproduces_the_losses(tmp_path, dropout_config):
     opts = options(mode="dense", steps=6, save_every=3, grad_accum=2)
     train(dropout_config, tmp_path / "full", opts)
@@ -92,6 +96,7 @@ def dropout_free_artifact(tmp_path_factory, config_path) -> Path:
     return base / "artifact"
 
 
+@needs_data
 @pytest.mark.parametrize("efficient", [False, True])
 def test_first_step_loss_equals_the_artifact_loss(dropout_free_artifact, tmp_path, efficient):
     artifact = dropout_free_artifact
@@ -107,6 +112,7 @@ def test_first_step_loss_equals_the_artifact_loss(dropout_free_artifact, tmp_pat
     assert read_metrics(tmp_path / "resumed")[0]["loss"] == pytest.approx(expected, rel=1e-6, abs=1e-6)
 
 
+@needs_data
 def test_ranks_grow_on_real_text_under_the_inrank_criterion_and_never_pass_max_rank(tmp_path, config_path):
     run = tmp_path / "run"
     # The reference's scan: at most buffer - 1 = 1 per decision, and rank + buffer within max_rank.
@@ -124,6 +130,7 @@ def test_ranks_grow_on_real_text_under_the_inrank_criterion_and_never_pass_max_r
     assert widths and all(width <= 5 for width in widths)  # the reference's width cap
 
 
+@needs_data
 def test_freeze_dense_trains_only_the_factors(tmp_path, config_path):
     run = tmp_path / "run"
     train(config_path, run, options(steps=3, freeze_dense=True))
@@ -142,6 +149,7 @@ def test_freeze_dense_trains_only_the_factors(tmp_path, config_path):
         artifact.close()
 
 
+@needs_data
 def test_bfloat16_autocast_and_the_token_cache(tmp_path, config_path):
     run = tmp_path / "run"
     result = train(config_path, run, options(steps=2, dtype="bfloat16"))
@@ -155,6 +163,7 @@ def test_bfloat16_autocast_and_the_token_cache(tmp_path, config_path):
     assert torch.equal(fresh, cached_tokens(TEXT, tokenizer, None))
 
 
+@needs_data
 def test_resume_from_a_dense_checkpoint_compresses_it_first(tmp_path, config_path):
     run = tmp_path / "dense"
     train(config_path, run, options(mode="dense", steps=6, lr=1e-2))
@@ -168,6 +177,7 @@ def test_resume_from_a_dense_checkpoint_compresses_it_first(tmp_path, config_pat
     assert not any(p.name.startswith(".inrank-resume") for p in tmp_path.iterdir())  # the temp artifact is gone
 
 
+@needs_data
 def test_torchrun_with_two_gloo_processes_matches_one_process(tmp_path, config_path):
     torchrun = Path(sys.executable).with_name("torchrun")
     if not torchrun.is_file():
@@ -194,6 +204,7 @@ def test_torchrun_with_two_gloo_processes_matches_one_process(tmp_path, config_p
     assert controller_state["world_size"] == 2
 
 
+@needs_data
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_inrank_training_on_cuda_with_bfloat16_resumes(tmp_path, config_path):
