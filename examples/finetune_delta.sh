@@ -68,8 +68,8 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging
 
 from inrank_convert import load_compressed
-from inrank_convert.data import load_tokenizer, read_text_tokens
-from inrank_convert.evaluate import perplexity
+from inrank_convert.inputs.text import load_tokenizer, read_text_tokens
+from inrank_convert.runtime.evaluate import perplexity
 
 logging.disable_progress_bar()
 warnings.filterwarnings("ignore", module="peft")  # the tied-embedding note: export-peft said it already
