@@ -1,4 +1,6 @@
-"""Tiny real models built in fixtures: "trained" = init + planted rank-k updates + small noise."""
+"""Fixtures every test folder shares: tiny real models ("trained" = init + planted rank-k updates +
+small noise), the shared data's paths, a real training run, and the models and artifacts that tests
+of several packages read. Helpers that are not fixtures live in tests/helpers/."""
 
 from __future__ import annotations
 
@@ -7,16 +9,22 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+if TYPE_CHECKING:
+    from tests.helpers.eval_models import EvalModels
+    from tests.helpers.old_artifact import OldArtifact
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 # Token caches of train/resume: one per test session (subprocesses inherit it), never the user's home.
 os.environ.setdefault("INRANK_CONVERT_CACHE", tempfile.mkdtemp(prefix="inrank-token-cache-"))
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]  # the repository root (this file is tests/conftest.py)
+SHARED_DATA = REPO.parent / "shared" / "data"
 PLANTED_RANK = 4
 NOISE = 0.02  # noise norm relative to the planted update's norm (about 0.04% of its energy)
 
@@ -214,3 +222,98 @@ def real_run(tmp_path_factory) -> RealRun:
                        tokenizer=str(GPT2_TOKENIZER_DIR), log_every=1000))
     tokens = tokenize_text(text[cut:], load_tokenizer(None, GPT2_TOKENIZER_DIR), REAL_EVAL_TOKENS)
     return RealRun(root / "run" / f"step-{REAL_STEPS}", root / "run", root / "train.txt", root / "val.txt", tokens)
+
+
+# --------------------------------------------------------------------------- shared by several folders
+
+# A short real text and a byte-level BPE trained on it (``tokenizer_file``) whose ids fit the tiny
+# models' 320-token vocabulary: what the end-to-end CLI tests tokenize.
+RIVER_TEXT = " ".join([
+    "the river ran past the old mill and the miller watched the water turn the wheel all day.",
+    "in the evening the lamps were lit and the children came home from the fields along the river.",
+    "a boat came down the river with apples and bread, and the miller bought a basket of each.",
+    "when the rain fell the water rose, and the wheel turned faster than the miller had ever seen.",
+] * 12)
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory) -> Path:
+    """A real byte-level BPE trained on RIVER_TEXT, its ids below the models' 320."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[], show_progress=False)
+    tokenizer.train_from_iterator([RIVER_TEXT], trainer)
+    assert tokenizer.get_vocab_size() <= 320
+    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
+    tokenizer.save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def eval_models(tmp_path_factory) -> EvalModels:
+    """GPT-2-vocabulary models with the GPT-2 tokenizer and two artifacts of them (helpers/eval_models.py),
+    built once per session."""
+    from tests.helpers.eval_models import HAS_DATA, build_eval_models
+
+    if not HAS_DATA:
+        pytest.skip(f"shared data (GPT-2 tokenizer, WikiText-2) absent under {SHARED_DATA}")
+    return build_eval_models(tmp_path_factory.mktemp("eval-models"))
+
+
+@pytest.fixture(params=["zero", "reference"])
+def old(request, tmp_path) -> OldArtifact:
+    """A version-1 artifact written by hand (helpers/old_artifact.py), with a zero or a path reference."""
+    from tests.helpers.old_artifact import write_old_artifact
+
+    return write_old_artifact(tmp_path, request.param)
+
+
+@pytest.fixture(scope="module", params=["llama", "gpt2"])
+def grown(request, tmp_path_factory):
+    """A grown-vocabulary pair (helpers/rows.py) and its artifact at the default threshold (library compress)."""
+    from inrank_convert import compress
+    from tests.helpers.rows import grown_pair
+
+    folder = tmp_path_factory.mktemp(f"grown-{request.param}")
+    pair = grown_pair(folder, request.param)
+    out = folder / "out"
+    compress(pair.ft_dir, out, init=pair.base_dir)
+    return pair, out
+
+
+@pytest.fixture(scope="module", params=[None, "int8"])
+def drifted(request, tmp_path_factory):
+    """A GPT-2 pair whose token embedding drifted (helpers/rows.py), compressed with and without int8:
+    (init, trained, artifact, quantize)."""
+    from inrank_convert import PlanOptions, compress
+    from tests.helpers.rows import drifted_gpt2
+
+    folder = tmp_path_factory.mktemp(f"drift-{request.param}")
+    init_dir, trained_dir, trained = drifted_gpt2(folder)
+    out = folder / "out"
+    compress(trained_dir, out, init=init_dir, options=PlanOptions(quantize=request.param))
+    return init_dir, trained_dir, out, request.param
+
+
+@pytest.fixture(scope="session")
+def shakespeare_ids() -> torch.Tensor:
+    """Token ids of the first 200 KB of Tiny Shakespeare under a 320-id byte-level BPE trained on it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    from tests.helpers.calibration import TEXT, VOCAB, WINDOW
+
+    if not TEXT.is_file():
+        pytest.skip(f"Tiny Shakespeare absent under {SHARED_DATA}")
+    text = TEXT.read_text()[:200_000]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=[], show_progress=False)
+    tokenizer.train_from_iterator([text], trainer)
+    ids = torch.tensor(tokenizer.encode(text).ids, dtype=torch.long)
+    assert ids.numel() > 50 * WINDOW and int(ids.max()) < VOCAB and int(ids.min()) >= 0
+    return ids

@@ -2,7 +2,7 @@
 
 ``PeftModel.from_pretrained(reference_model, DIR)`` then computes what the artifact holds,
 ``W_ref + B @ A`` for every tensor, and not just for the factorized ones. How each kind of change is
-carried (checked against peft 0.21's loader, and tested end to end in tests/export/):
+carried (checked against peft 0.21's loader, and tested end to end in tests/export/test_peft_adapter.py):
 
 - a low-rank update: a LoRA module with its own rank (``rank_pattern``) and ``lora_alpha = r``
   (``alpha_pattern``), so PEFT's scaling ``alpha / r`` is exactly 1. The factors keep their values;

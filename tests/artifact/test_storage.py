@@ -1,0 +1,415 @@
+"""artifact/storage.py: low-precision storage (format version 2): its encodings on their own,
+then whole artifacts on tiny real models: bfloat16 by default, float32 at threshold 1,
+``--dtype``, ``--quantize int8`` and lowrank+rows tensors, each run from the artifact and from its
+decompressed folder, and checked by ``verify``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from typer.testing import CliRunner
+
+from inrank_convert.artifact import read_manifest
+from inrank_convert.artifact.storage import (
+    INT8_LEVELS,
+    QUANTIZE_SCHEMES,
+    decode_factors,
+    decode_rows,
+    element_bytes,
+    encode_factors,
+    encode_rows,
+    round_trip,
+    vector_overhead,
+)
+from inrank_convert.cli import app
+from inrank_convert.runtime.modeling import load_compressed
+from tests.conftest import ModelPair, build_model, gpt2_config, make_pair
+from tests.helpers.rows import plant_rows
+
+BF16_UNIT_ROUNDOFF = 2.0**-8  # 8 significant bits, round to nearest
+FP16_UNIT_ROUNDOFF = 2.0**-11
+SAFETENSORS_DTYPE = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "int8": "I8"}
+
+
+def gaussian(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return float((approx.double() - exact.double()).norm() / exact.double().norm())
+
+
+# --------------------------------------------------------------------------- encodings
+
+
+def test_storage_sizes():
+    assert QUANTIZE_SCHEMES == ("int8",)
+    assert [element_bytes(s) for s in ("float64", "float32", "float16", "bfloat16", "int8")] == [8, 4, 2, 2, 1]
+    assert vector_overhead("int8") == 4  # a float32 scale per component / row
+    assert all(vector_overhead(s) == 0 for s in ("float32", "float16", "bfloat16"))
+
+
+@pytest.mark.parametrize("storage, roundoff", [("bfloat16", BF16_UNIT_ROUNDOFF), ("float16", FP16_UNIT_ROUNDOFF),
+                                               ("float32", 0.0)])
+def test_float_round_trip_is_within_unit_roundoff(storage, roundoff):
+    B, A, rows = gaussian(300, 6, seed=1), gaussian(6, 50, seed=2), gaussian(20, 50, seed=3)
+    B_s, A_s, scale = encode_factors(B, A, storage)
+    assert scale is None
+    assert B_s.dtype == A_s.dtype == getattr(torch, storage)
+    rows_s, row_scale = encode_rows(rows, storage)
+    assert row_scale is None and rows_s.dtype == getattr(torch, storage)
+    B_back, A_back = decode_factors(B_s, A_s, scale)
+    rows_back = decode_rows(rows_s, row_scale)
+    assert B_back.dtype == A_back.dtype == rows_back.dtype == torch.float32
+    for back, exact in ((B_back, B), (A_back, A), (rows_back, rows)):
+        # Every number rounds by at most the unit roundoff, relative to itself (no subnormals here).
+        assert bool(((back - exact).abs() <= roundoff * exact.abs()).all())
+    if storage == "bfloat16":  # and the rounding is real: not a float32 copy
+        assert float((B_back - B).abs().max()) > 0
+    product_error = relative_error(B_back @ A_back, B @ A)
+    assert product_error <= 3 * roundoff + 1e-7
+    assert [t.tolist() for t in round_trip(B, A, rows, storage)] == [B_back.tolist(), A_back.tolist(),
+                                                                      rows_back.tolist()]
+
+
+def test_int8_factors_have_one_float32_scale_per_component():
+    rows, rank, cols = 400, 5, 64
+    # Components of very different sizes: each needs its own scale.
+    B = gaussian(rows, rank, seed=4) * torch.tensor([100.0, 1.0, 0.01, 3.0, 0.5])
+    A = gaussian(rank, cols, seed=5) * torch.tensor([0.1, 10.0, 1.0, 2.0, 0.3])[:, None]
+    q_B, q_A, scale = encode_factors(B, A, "int8")
+    assert q_B.dtype == q_A.dtype == torch.int8 and q_B.shape == B.shape and q_A.shape == A.shape
+    assert scale.dtype == torch.float32 and scale.shape == (rank,)
+    assert bool((scale > 0).all()) and bool(torch.isfinite(scale).all())
+    # absmax quantization: every B column and every A row reaches +-127 exactly.
+    assert q_B.abs().amax(dim=0).tolist() == [INT8_LEVELS] * rank
+    assert q_A.abs().amax(dim=1).tolist() == [INT8_LEVELS] * rank
+    assert int(q_B.abs().max()) <= INT8_LEVELS and int(q_A.abs().max()) <= INT8_LEVELS
+    B_back, A_back = decode_factors(q_B, q_A, scale)
+    assert B_back.dtype == A_back.dtype == torch.float32
+
+    # Per component j, with e_B, e_A each element at most half a step (absmax / 254) off:
+    # ||B_j A_j - B'_j A'_j|| <= ||B_j|| ||e_A|| + ||e_B|| ||A_j|| + ||e_B|| ||e_A||.
+    bound = 0.0
+    for j in range(rank):
+        b, a = B[:, j].double(), A[j].double()
+        e_b = rows**0.5 * float(b.abs().max()) / (2 * INT8_LEVELS)
+        e_a = cols**0.5 * float(a.abs().max()) / (2 * INT8_LEVELS)
+        bound += float(b.norm()) * e_a + e_b * float(a.norm()) + e_b * e_a
+        component = torch.outer(B_back[:, j], A_back[j]).double()
+        assert float((component - torch.outer(b, a)).norm()) <= (float(b.norm()) * e_a + e_b * float(a.norm())
+                                                                 + e_b * e_a) * (1 + 1e-5)
+    exact = (B.double() @ A.double())
+    assert float((B_back.double() @ A_back.double() - exact).norm()) <= bound * (1 + 1e-5)
+    # Stated bound for Gaussian factors: the product within 3% (measured about 1%).
+    assert relative_error(B_back @ A_back, exact) < 0.03
+
+
+def test_int8_rows_have_one_float32_scale_per_row():
+    rows = gaussian(30, 64, seed=6) * torch.logspace(-3, 3, 30)[:, None]
+    q, scale = encode_rows(rows, "int8")
+    assert q.dtype == torch.int8 and q.shape == rows.shape
+    assert scale.dtype == torch.float32 and scale.shape == (30,)
+    assert q.abs().amax(dim=1).tolist() == [INT8_LEVELS] * 30
+    back = decode_rows(q, scale)
+    assert back.dtype == torch.float32
+    step = rows.abs().amax(dim=1, keepdim=True) / INT8_LEVELS
+    assert bool(((back - rows).abs() <= step / 2 * (1 + 1e-5)).all())  # half a step, row by row
+    for k in range(30):  # so even the smallest row keeps its own relative precision
+        assert relative_error(back[k], rows[k]) < 0.03
+
+
+def test_int8_all_zero_column_row_and_stored_row_give_no_nan():
+    B, A, rows = gaussian(40, 3, seed=7), gaussian(3, 16, seed=8), gaussian(5, 16, seed=9)
+    B[:, 1] = 0.0  # a component whose B column is all zero
+    A[2] = 0.0  # and one whose A row is
+    rows[3] = 0.0  # a stored row that is all zero
+    q_B, q_A, scale = encode_factors(B, A, "int8")
+    q_rows, row_scale = encode_rows(rows, "int8")
+    for tensor in (scale, row_scale):
+        assert bool(torch.isfinite(tensor).all())
+    B_back, A_back, rows_back = round_trip(B, A, rows, "int8")
+    for tensor in (B_back, A_back, rows_back, B_back @ A_back):
+        assert bool(torch.isfinite(tensor).all())
+    assert int(q_B[:, 1].abs().max()) == 0 and int(q_A[2].abs().max()) == 0 and int(q_rows[3].abs().max()) == 0
+    assert float(B_back[:, 1].abs().max()) == 0.0 and float((B_back[:, 2:3] @ A_back[2:3]).abs().max()) == 0.0
+    assert float(rows_back[3].abs().max()) == 0.0
+    assert relative_error(B_back @ A_back, B @ A) < 0.03
+
+
+def test_int8_of_an_all_zero_factor_pair():
+    q_B, q_A, scale = encode_factors(torch.zeros(8, 2), torch.zeros(2, 5), "int8")
+    B_back, A_back = decode_factors(q_B, q_A, scale)
+    assert bool(torch.isfinite(scale).all())
+    assert float((B_back @ A_back).abs().max()) == 0.0
+
+
+# --------------------------------------------------------------------------- models and artifacts
+
+
+def run_cli(*args) -> object:
+    result = CliRunner().invoke(app, [str(arg) for arg in args])
+    assert result.exit_code == 0, (args, result.stdout, result.stderr, result.exception)
+    return result
+
+
+ROWS_TENSORS = {"gpt2": ("transformer.wte.weight",), "llama": ("model.embed_tokens.weight", "lm_head.weight")}
+
+
+class Workshop:
+    """Pairs and artifacts made once per module, on first use."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        self.pairs: dict[str, ModelPair] = {}
+        self.artifacts: dict[str, Path] = {}
+
+    def pair(self, label: str) -> ModelPair:
+        """``gpt2`` / ``llama``: conftest's pairs; ``gpt2-rows`` / ``llama-rows``: the same with
+        rows planted in the embedding (and LLaMA's untied head)."""
+        if label not in self.pairs:
+            arch, _, rows = label.partition("-")
+            folder = self.root / label
+            folder.mkdir()
+            pair = make_pair(folder, arch)
+            if rows:
+                for seed, name in enumerate(ROWS_TENSORS[arch]):
+                    plant_rows(pair, name, seed=seed)
+            self.pairs[label] = pair
+        return self.pairs[label]
+
+    def artifact(self, label: str, *options: str) -> Path:
+        key = f"{label}{''.join(options)}"
+        if key not in self.artifacts:
+            pair = self.pair(label)
+            out = self.root / f"artifact-{len(self.artifacts)}"
+            run_cli("compress", pair.trained_dir, "--init", pair.init_dir, "-o", out, "--quiet", *options)
+            self.artifacts[key] = out
+        return self.artifacts[key]
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory) -> Workshop:
+    return Workshop(tmp_path_factory.mktemp("storage"))
+
+
+def header_dtypes(artifact: Path) -> dict[str, tuple[str, list[int]]]:
+    with safe_open(str(artifact / "inrank.safetensors"), framework="pt") as handle:
+        return {name: (handle.get_slice(name).get_dtype(), list(handle.get_slice(name).get_shape()))
+                for name in handle.keys()}
+
+
+def factorized(artifact: Path) -> dict:
+    entries = {name: entry for name, entry in read_manifest(artifact).tensors.items() if entry.has_factors}
+    assert entries, f"{artifact} has no factorized tensor"
+    return entries
+
+
+def stored_bytes(header: dict, names) -> int:
+    size = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "I64": 8}
+    total = 0
+    for name in names:
+        dtype, shape = header[name]
+        total += size[dtype] * int(torch.tensor(shape).prod())
+    return total
+
+
+CASES = {  # label, compress options
+    "gpt2-bf16": ("gpt2", ()),
+    "gpt2-int8": ("gpt2", ("--quantize", "int8")),
+    "llama-bf16": ("llama", ()),
+    "llama-int8": ("llama", ("--quantize", "int8")),
+    "gpt2-rows": ("gpt2-rows", ()),
+    "gpt2-rows-int8": ("gpt2-rows", ("--quantize", "int8")),
+    "llama-rows": ("llama-rows", ()),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_artifact_runs_like_its_decompressed_folder(shop, tmp_path, case):
+    from transformers import AutoModelForCausalLM
+
+    label, options = CASES[case]
+    artifact = shop.artifact(label, *options)
+    entries = factorized(artifact)
+    if label.endswith("-rows"):
+        assert {entries[name].kind for name in ROWS_TENSORS[label.split("-")[0]]} == {"lowrank+rows"}
+    dense = tmp_path / "dense"
+    run_cli("decompress", artifact, "-o", dense, "--quiet")
+    pair = shop.pair(label)
+    ids = torch.randint(0, pair.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    compressed = load_compressed(artifact)
+    reloaded = AutoModelForCausalLM.from_pretrained(dense).eval()
+    with torch.no_grad():
+        expected = reloaded(ids).logits
+        got = compressed(ids).logits
+    scale = float(expected.abs().max())
+    assert scale > 0
+    assert torch.allclose(got, expected, rtol=0, atol=1e-5 * scale), float((got - expected).abs().max()) / scale
+    # And it is the compressed model, not the original: factorized layers changed something.
+    with torch.no_grad():
+        original = AutoModelForCausalLM.from_pretrained(pair.trained_dir).eval()(ids).logits
+    assert not torch.allclose(original, expected, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_verify_measures_errors_within_the_recorded_ones(shop, case):
+    label, options = CASES[case]
+    artifact = shop.artifact(label, *options)
+    entries = factorized(artifact)
+    verified = json.loads(run_cli("verify", artifact, "--json").stdout)
+    assert verified["ok"] and verified["checksums_ok"] and verified["reference_ok"] and verified["source_checked"]
+    layers = {layer["name"]: layer for layer in verified["layers"]}
+    assert set(entries) <= set(layers)
+    for name, entry in entries.items():
+        layer = layers[name]
+        assert entry.error is not None and 0 < entry.error < 1
+        assert layer["expected_error"] == pytest.approx(entry.error)
+        # The recorded error is the stored one, rounding included: measured equals it (within float
+        # noise and the 8 digits the manifest keeps), and never exceeds it.
+        assert layer["measured_error"] <= entry.error * (1 + 1e-4) + 1e-7, name
+        assert layer["measured_error"] == pytest.approx(entry.error, rel=1e-3), name
+        # ... and it is at least the truncation's error.
+        assert entry.error >= (1 - entry.energy) ** 0.5 * (1 - 1e-3) - 1e-7, name
+    for layer in verified["layers"]:
+        if layer["name"] not in entries and layer["kind"] == "dense":
+            assert layer["measured_error"] == 0.0, layer
+
+
+def test_default_compress_stores_bfloat16(shop):
+    artifact = shop.artifact("gpt2-rows")
+    header = header_dtypes(artifact)
+    manifest = read_manifest(artifact)
+    assert manifest.version == 2
+    entries = factorized(artifact)
+    assert "lowrank+rows" in {entry.kind for entry in entries.values()}
+    for name, entry in entries.items():
+        assert entry.storage == "bfloat16", name
+        names = entry.stored_names(name)
+        assert all(header[stored][0] == "BF16" for stored in names if not stored.endswith(".row_index")), name
+        if entry.kind == "lowrank+rows":
+            assert header[name + ".row_index"] == ("I64", [entry.rows])
+            assert header[name + ".rows"] == ("BF16", [entry.rows, entry.shape[1]])
+        assert not any(stored.endswith("_scale") for stored in names)
+        assert entry.bytes == stored_bytes(header, names), name
+    # Dense tensors keep their source dtype.
+    dense = [name for name, entry in manifest.tensors.items() if entry.kind == "dense"]
+    assert dense and all(header[name][0] == "F32" for name in dense)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_dtype_option_forces_the_storage(shop, dtype):
+    artifact = shop.artifact("gpt2-rows", "--dtype", dtype)
+    header = header_dtypes(artifact)
+    for name, entry in factorized(artifact).items():
+        assert entry.storage == dtype, name
+        stored = [n for n in entry.stored_names(name) if not n.endswith(".row_index")]
+        assert {header[n][0] for n in stored} == {SAFETENSORS_DTYPE[dtype]}, name
+
+
+def test_quantize_int8_stores_int8_with_scales(shop):
+    artifact = shop.artifact("gpt2-rows", "--quantize", "int8")
+    header = header_dtypes(artifact)
+    entries = factorized(artifact)
+    assert "lowrank+rows" in {entry.kind for entry in entries.values()}
+    for name, entry in entries.items():
+        assert entry.storage == "int8", name
+        assert header[name + ".lora_B"] == ("I8", [entry.shape[0], entry.rank])
+        assert header[name + ".lora_A"] == ("I8", [entry.rank, entry.shape[1]])
+        assert header[name + ".lora_scale"] == ("F32", [entry.rank])
+        if entry.kind == "lowrank+rows":
+            assert header[name + ".rows"] == ("I8", [entry.rows, entry.shape[1]])
+            assert header[name + ".rows_scale"] == ("F32", [entry.rows])
+            assert header[name + ".row_index"] == ("I64", [entry.rows])
+        assert entry.bytes == stored_bytes(header, entry.stored_names(name)), name
+
+
+@pytest.mark.parametrize("label", ["gpt2", "gpt2-rows"])
+def test_int8_factor_bytes_are_well_under_bfloat16(shop, label):
+    bf16 = factorized(shop.artifact(label))
+    int8 = factorized(shop.artifact(label, "--quantize", "int8"))
+    assert set(bf16) == set(int8)
+    assert [(bf16[n].kind, bf16[n].rank, bf16[n].rows) for n in bf16] == [(int8[n].kind, int8[n].rank, int8[n].rows)
+                                                                          for n in bf16]
+    bf16_bytes = sum(entry.bytes for entry in bf16.values())
+    int8_bytes = sum(entry.bytes for entry in int8.values())
+    assert int8_bytes < 0.6 * bf16_bytes, (int8_bytes, bf16_bytes)
+
+
+def test_threshold_one_stores_the_source_dtype(shop):
+    """Lossless: factors in float32 (the source dtype here), never bfloat16."""
+    artifact = shop.artifact("gpt2-rows", "--threshold", "1.0")
+    header = header_dtypes(artifact)
+    entries = factorized(artifact)  # the planted embedding update has rank 13: low rank pays at 1.0
+    for name, entry in entries.items():
+        assert entry.storage == "float32", name
+        assert {header[n][0] for n in entry.stored_names(name) if not n.endswith(".row_index")} == {"F32"}
+        assert entry.error < 1e-5
+
+
+def _float16_pair(root: Path) -> tuple[Path, Path, str]:
+    """A float16 GPT-2 (init, trained) whose embedding update is an exact rank-2 matrix in float16
+    (every value on a 2^-8 grid well inside float16's precision), so that low rank pays even at
+    threshold 1; nothing else changes."""
+    config = gpt2_config()
+    model = build_model(config, seed=3)
+    state = {k: v.detach().clone() for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    name = "transformer.wte.weight"
+    generator = torch.Generator().manual_seed(0)
+    grid = 2.0**-8
+    state[name] = torch.round(state[name] / grid) * grid
+    init = {k: v.half().contiguous() for k, v in state.items()}
+    left = torch.randint(-4, 5, (state[name].shape[0], 2), generator=generator).float() / 16
+    right = torch.randint(-4, 5, (2, state[name].shape[1]), generator=generator).float() / 16
+    trained = dict(init)
+    trained[name] = (state[name] + left @ right).half()
+    assert torch.equal(trained[name].float() - init[name].float(), left @ right)  # exact in float16
+    folders = []
+    for label, tensors in (("fp16-init", init), ("fp16-trained", trained)):
+        folder = root / label
+        folder.mkdir()
+        config.save_pretrained(folder)
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        folders.append(folder)
+    return folders[0], folders[1], name
+
+
+def test_threshold_one_stores_a_float16_source_in_float32(tmp_path):
+    """Lossless means exact: factors of a float16 update are not rounded to float16."""
+    init, trained, name = _float16_pair(tmp_path)
+    out = tmp_path / "out"
+    run_cli("compress", trained, "--init", init, "-o", out, "--threshold", "1.0", "--quiet")
+    entry = read_manifest(out).tensors[name]
+    assert entry.has_factors and entry.storage == "float32"
+    header = header_dtypes(out)
+    assert header[name + ".lora_B"][0] == header[name + ".lora_A"][0] == "F32"
+    default = tmp_path / "default"
+    run_cli("compress", trained, "--init", init, "-o", default, "--quiet")
+    assert read_manifest(default).tensors[name].storage == "bfloat16"
+
+
+def test_rows_artifact_reconstructs_the_planted_rows(shop, tmp_path):
+    """The decompressed embedding holds the planted rows' own updates, which plain low rank at the
+    old rule (rank 1) would have lost."""
+    pair = shop.pair("gpt2-rows")
+    artifact = shop.artifact("gpt2-rows")
+    dense = tmp_path / "dense"
+    run_cli("decompress", artifact, "-o", dense, "--quiet")
+    name = "transformer.wte.weight"
+    rebuilt = load_file(dense / "model.safetensors")[name]
+    update = pair.trained_state[name] - pair.init_state[name]
+    error = relative_error(rebuilt - pair.init_state[name], update)
+    entry = read_manifest(artifact).tensors[name]
+    assert entry.kind == "lowrank+rows" and entry.rank == 1
+    assert error == pytest.approx(entry.error, rel=1e-3)
+    # Rank 1 alone (the drift) would leave the rows' own updates out: about 20% error.
+    U, S, Vh = torch.linalg.svd(update.double(), full_matrices=False)
+    rank_one = relative_error(S[0] * torch.outer(U[:, 0], Vh[0]), update)
+    assert rank_one > 0.1 and error < 0.5 * rank_one
+

@@ -1,0 +1,42 @@
+"""Tiny GPT-2 training runs on real text (Tiny Shakespeare, the GPT-2 tokenizer): their config,
+options and losses, for the training tests and the train / resume contract."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from inrank_convert.training.options import TrainOptions
+from inrank_convert.weights.run_folder import read_metrics
+from tests.conftest import SHARED_DATA
+
+TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"
+TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
+VALID = SHARED_DATA / "wikitext-2-raw" / "wiki.valid.raw"
+HAS_DATA = (TOKENIZER / "vocab.json").is_file() and TEXT.is_file()
+# The CLI flags of a tiny run.
+SMALL = ["--tokenizer", TOKENIZER, "--block-size", "16", "--batch-size", "4"]
+
+
+def tiny_config(folder: Path, **overrides) -> Path:
+    """A 1x32 GPT-2 config.json with GPT-2's vocabulary and no dropout (``overrides`` change it)."""
+    from transformers import GPT2Config
+
+    settings = dict(n_embd=32, n_layer=1, n_head=2, n_positions=32, vocab_size=50257, resid_pdrop=0.0,
+                    embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=50256, eos_token_id=50256)
+    settings.update(overrides)
+    GPT2Config(**settings).save_pretrained(folder)
+    return folder / "config.json"
+
+
+def options(**overrides) -> TrainOptions:
+    """TrainOptions of a short InRank run (12 steps, ranks decided from step 3) on Tiny Shakespeare."""
+    settings = dict(data=str(TEXT), steps=12, mode="inrank", batch_size=4, block_size=16, lr=3e-3, log_every=1,
+                    tokenizer=str(TOKENIZER), buffer=2, rank_warmup=3, rank_every=3, seed=3)
+    settings.update(overrides)
+    if settings["mode"] == "inrank":
+        settings.setdefault("factorize", "all")  # these tests exercise every kind of layer
+    return TrainOptions(**settings)
+
+
+def losses(run: Path) -> dict[int, float]:
+    return {record["step"]: record["loss"] for record in read_metrics(run)}
