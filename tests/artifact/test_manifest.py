@@ -1,10 +1,11 @@
 """artifact/manifest.py: the typed manifest to JSON and back, every optional record included; a newer
 format version and every kind of damage are one ArtifactError; version-1 manifests (of compress
-and of training checkpoints) keep every key; a rule record without a size target reads as before."""
+and of training checkpoints) keep every key; the creation time, and $SOURCE_DATE_EPOCH."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime, timezone
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ from inrank_convert.artifact import (
     TrainingRecord,
     read_manifest,
 )
-from inrank_convert.core.errors import ArtifactError
+from inrank_convert.artifact.manifest import SOURCE_DATE_EPOCH, creation_time
+from inrank_convert.core.errors import ArtifactError, UsageError
 from tests.helpers.artifact_samples import rewrite_manifest, sample_tensors, write_sample
 from tests.helpers.old_artifact import key_paths
 
@@ -147,9 +149,23 @@ def test_old_training_checkpoint_manifest_round_trips(reference):
     assert again == raw
 
 
-def test_rule_record_without_a_target_reads_as_before():
-    old = {"criterion": "energy", "threshold": 0.9, "rank": None}
-    record = RuleRecord.from_json(old)
-    assert record.target_bytes is None and record.to_json() == old and record.describe() == "energy>=0.9"
-    budget = RuleRecord("budget", 0.1, None, 12345)
-    assert RuleRecord.from_json(budget.to_json()) == budget and "12345" in budget.describe()
+
+def test_created_is_now_in_utc_to_the_second(monkeypatch):
+    monkeypatch.delenv(SOURCE_DATE_EPOCH, raising=False)
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    created = datetime.fromisoformat(creation_time())
+    assert created.tzinfo is not None and created.utcoffset().total_seconds() == 0
+    assert before <= created <= datetime.now(timezone.utc)
+
+
+def test_created_follows_source_date_epoch(monkeypatch):
+    monkeypatch.setenv(SOURCE_DATE_EPOCH, "1796515200")
+    assert creation_time() == "2026-12-06T00:00:00+00:00"
+    assert _manifest_of_every_record().created == "2026-12-06T00:00:00+00:00"
+
+
+@pytest.mark.parametrize("value", ["yesterday", "-5", "1.5", ""])
+def test_a_malformed_source_date_epoch_is_one_usage_error(monkeypatch, value):
+    monkeypatch.setenv(SOURCE_DATE_EPOCH, value)
+    with pytest.raises(UsageError, match="SOURCE_DATE_EPOCH must be a whole number of seconds"):
+        creation_time()

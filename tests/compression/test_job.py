@@ -394,3 +394,14 @@ def test_a_rank_near_the_break_even_is_said_in_the_report(tmp_path):
     for layer in past.layers:
         if layer.name in embeddings:
             assert layer.kind == "dense" and layer.rank > 53 and layer.engine == "gram", (layer.name, layer.kind)
+
+
+def test_the_same_inputs_write_the_same_bytes_with_source_date_epoch(tmp_path, gpt2_pair, monkeypatch):
+    """The manifest's ``created`` is the only thing that differs between two runs; with
+    $SOURCE_DATE_EPOCH it is fixed, and the artifact files are byte for byte the same."""
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1796515200")
+    for name in ("first", "second"):
+        compress(gpt2_pair.trained_dir, tmp_path / name, init=gpt2_pair.init_dir, options=options(0.9))
+    first, second = ((tmp_path / name / ARTIFACT_FILE).read_bytes() for name in ("first", "second"))
+    assert first == second
+    assert read_manifest(tmp_path / "first").created == "2026-12-06T00:00:00+00:00"

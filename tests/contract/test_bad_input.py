@@ -800,3 +800,17 @@ def test_undamaged_rows_artifacts_pass_the_same_commands(rows_artifacts, tmp_pat
         expect_ok(["decompress", copy, "-o", tmp_path / f"{artifact.name}-dense", "--quiet"])
         expect_ok(["report", copy, "--data", rows_artifacts.text, "--tokenizer", rows_artifacts.tokenizer,
                    "--context", "16", "--max-tokens", "128", "--quiet"])
+
+
+@pytest.mark.parametrize("command", ["compress", "train"])
+def test_a_malformed_source_date_epoch_is_refused_before_any_work(models, tmp_path, monkeypatch, command):
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "last tuesday")
+    out = tmp_path / "out"
+    if command == "compress":
+        args = ["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out]
+    else:
+        text = tmp_path / "text.txt"
+        text.write_text("the river runs to the sea\n" * 50)
+        args = ["train", models.gpt2.init_dir / "config.json", "-o", out, "--data", text, "--steps", "2"]
+    expect_error(args, says=("SOURCE_DATE_EPOCH", "whole number of seconds"), output=out,
+                 inputs=(models.gpt2.trained_dir, models.gpt2.init_dir))
