@@ -33,7 +33,7 @@ from pathlib import Path
 
 HASH_CHUNK = 8 << 20
 SWITCH_ENV = "INRANK_CONVERT_HASH_CACHE"  # "0", "false", "no" or "off": every file is read and hashed
-FOLDER_ENV = "INRANK_CONVERT_CACHE"
+FOLDER_ENV = "INRANK_CONVERT_CACHE"  # the tool's cache folder: hashes here, token caches (run_folder) too
 ENTRY_VERSION = 1
 # A file changed less than this before its hashing began is not remembered (the racy case above):
 # above a kernel tick (<= 10 ms) and the 1-2 s timestamps of ext3, FAT and some network file systems.

@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from inrank_convert.core.distributed import World, barrier
 from inrank_convert.core.errors import CheckpointError, OutputError, flag
+from inrank_convert.weights.hash_cache import FOLDER_ENV
 
 STEP_PATTERN = re.compile(r"^(?:step|checkpoint)-(\d+)$")  # our step-N, Hugging Face Trainer's checkpoint-N
 STATE_DIR = "train_state"
@@ -43,7 +44,6 @@ METRICS_FILE = "metrics.jsonl"
 CACHE_DIR = "cache"
 # Written by ``inrank-convert train`` into a run's step-0 folder: {"seed": N}.
 INIT_RECIPE_FILE = "inrank_init.json"
-TOKEN_CACHE_ENV = "INRANK_CONVERT_CACHE"
 
 
 # --- steps ------------------------------------------------------------------------------------
@@ -75,19 +75,19 @@ def is_training_checkpoint(folder: Path) -> bool:
     return (Path(folder) / STATE_DIR / STATE_JSON).is_file() and (Path(folder) / STATE_DIR / STATE_TENSORS).is_file()
 
 
+def training_checkpoints(run: Path) -> dict[int, Path]:
+    """The run's complete checkpoints (step folders with their training state), by step, in order."""
+    return {step: folder for step, folder in run_steps(Path(run)) if is_training_checkpoint(folder)}
+
+
 def has_training_checkpoint(folder: Path) -> bool:
     """Whether any step folder of ``folder`` holds a training state (a run ``resume`` continues)."""
-    return any(is_training_checkpoint(step) for _, step in run_steps(Path(folder)))
-
-
-def training_checkpoints(run: Path) -> dict[int, Path]:
-    """The run's complete checkpoints (step folders with their training state), by step."""
-    return {step: folder for step, folder in run_steps(Path(run)) if is_training_checkpoint(folder)}
+    return bool(training_checkpoints(folder))
 
 
 def latest_checkpoint(run: Path) -> Path:
     """The run's last complete checkpoint (a step folder with its training state)."""
-    complete = [folder for _, folder in run_steps(Path(run)) if is_training_checkpoint(folder)]
+    complete = list(training_checkpoints(run).values())
     if not complete:
         raise CheckpointError("the run folder holds no complete training checkpoint (no step-N/train_state)",
                               str(run), "resume from an artifact or a model folder with -o, or train from scratch")
@@ -147,7 +147,7 @@ def run_cache(run: Path) -> Path:
 def token_cache_dir(run: Path) -> Path:
     """Where token caches live: $INRANK_CONVERT_CACHE, else ~/.cache/inrank-convert/tokens (shared by
     runs, so a text is tokenized once per tokenizer), else the run folder when home is not writable."""
-    configured = os.environ.get(TOKEN_CACHE_ENV)
+    configured = os.environ.get(FOLDER_ENV)
     if configured:
         return Path(configured)
     home = Path.home() / ".cache" / "inrank-convert" / "tokens"
