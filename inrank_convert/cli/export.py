@@ -11,6 +11,7 @@ import typer
 from inrank_convert.cli import console
 from inrank_convert.cli.boundary import user_errors
 from inrank_convert.cli.options import (
+    ArtifactArg,
     EvalDeviceOpt,
     EvalDtypeOpt,
     JsonOpt,
@@ -24,7 +25,7 @@ from inrank_convert.core.errors import UsageError
 
 @user_errors
 def decompress_command(
-    artifact: Annotated[Path, typer.Argument(help="Artifact folder written by compress.")],
+    artifact: ArtifactArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="Dense Hugging Face folder to write.")],
     init: Annotated[Path | None, typer.Option("--init", help="Use this init instead of the recorded one.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
@@ -53,7 +54,7 @@ def decompress_command(
 
 @user_errors
 def export_peft_command(
-    artifact: Annotated[Path, typer.Argument(help="Artifact folder written by compress.")],
+    artifact: ArtifactArg,
     output: Annotated[Path, typer.Option("-o", "--output", help="Adapter folder to write.")],
     init: Annotated[Path | None, typer.Option("--init", help="Use this init instead of the recorded one.")] = None,
     target: Annotated[str, typer.Option(
@@ -109,7 +110,7 @@ def export_peft_command(
 
 @user_errors
 def generate_command(
-    artifact: Annotated[Path, typer.Argument(help="Artifact folder written by compress.")],
+    artifact: ArtifactArg,
     prompt: Annotated[str, typer.Option("--prompt", help="Text to continue.")],
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate.")] = 50,
     temperature: Annotated[float, typer.Option("--temperature", help="Sampling temperature; 0 = greedy.")] = 0.8,

@@ -12,6 +12,7 @@ import typer
 from inrank_convert.cli import console
 from inrank_convert.cli.boundary import user_errors
 from inrank_convert.cli.options import (
+    ArtifactArg,
     CriterionOpt,
     DeviceOpt,
     EmbeddingsOpt,
@@ -34,7 +35,7 @@ from inrank_convert.core.errors import UsageError
 
 @user_errors
 def inspect_command(
-    artifact: Annotated[Path, typer.Argument(help="Artifact folder written by compress.")],
+    artifact: ArtifactArg,
     json_output: JsonOpt = False,
 ):
     """Per-layer table (shape, kind, rank, energy kept, bytes) and totals, from the header alone.
@@ -90,7 +91,7 @@ def spectrum_command(
 
 @user_errors
 def verify_command(
-    artifact: Annotated[Path, typer.Argument(help="Artifact folder written by compress.")],
+    artifact: ArtifactArg,
     init: Annotated[Path | None, typer.Option("--init", help="Use this init instead of the recorded one.")] = None,
     source: Annotated[Path | None, typer.Option("--source", help="Trained checkpoint to measure reconstruction against.")] = None,
     json_output: JsonOpt = False,

@@ -12,6 +12,7 @@ import typer
 from inrank_convert.cli import console
 from inrank_convert.cli.boundary import user_errors
 from inrank_convert.cli.options import (
+    ArtifactArg,
     DeviceOpt,
     EmbeddingsOpt,
     EvalDeviceOpt,
@@ -54,7 +55,7 @@ class _WindowProgress:
 
 @user_errors
 def report_command(
-    artifact: Annotated[Path, typer.Argument(help="Artifact folder written by compress.")],
+    artifact: ArtifactArg,
     data: Annotated[Path, typer.Option("--data", help="UTF-8 text file (or folder of text files) to measure perplexity on.")],
     original: Annotated[Path | None, typer.Option(
         "--original", help="The dense checkpoint to compare with (any CKPT form; default: the recorded source).")] = None,

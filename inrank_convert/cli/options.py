@@ -15,6 +15,7 @@ from inrank_convert.cli import console
 from inrank_convert.core.errors import UsageError
 from inrank_convert.core.tensors import COMPUTE_DTYPES
 
+ArtifactArg = Annotated[Path, typer.Argument(help="Artifact folder written by compress.")]
 InitOpt = Annotated[Path | None, typer.Option("--init", help="Init or base checkpoint (any CKPT form): update = W - W_init.")]
 InitSeedOpt = Annotated[int | None, typer.Option("--init-seed", help="Init = from_config(config.json) under torch.manual_seed(N); stores only the recipe.")]
 NoInitOpt = Annotated[bool, typer.Option("--no-init", help="Reference is zero: factorize the weights themselves.")]
