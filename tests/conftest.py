@@ -236,17 +236,31 @@ RIVER_TEXT = " ".join([
 ] * 12)
 
 
-@pytest.fixture(scope="session")
-def tokenizer_file(tmp_path_factory) -> Path:
-    """A real byte-level BPE trained on RIVER_TEXT, its ids below the models' 320."""
+def byte_level_bpe(text: str, vocab_size: int = 320):
+    """A real byte-level BPE (tokenizers' ``Tokenizer``) trained on ``text``: ``vocab_size`` ids at most,
+    so its ids fit the fixture models' 320-token vocabulary (and GPT-2's)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
                                   special_tokens=[], show_progress=False)
-    tokenizer.train_from_iterator([RIVER_TEXT], trainer)
+    tokenizer.train_from_iterator([text], trainer)
+    return tokenizer
+
+
+def saved_byte_level_bpe(text: str, folder: Path) -> Path:
+    """``byte_level_bpe(text)`` saved as ``folder/tokenizer.json``; returns that file."""
+    path = folder / "tokenizer.json"
+    byte_level_bpe(text).save(str(path))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tokenizer_file(tmp_path_factory) -> Path:
+    """A real byte-level BPE trained on RIVER_TEXT, its ids below the models' 320."""
+    tokenizer = byte_level_bpe(RIVER_TEXT)
     assert tokenizer.get_vocab_size() <= 320
     path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
     tokenizer.save(str(path))
@@ -302,18 +316,11 @@ def drifted(request, tmp_path_factory):
 @pytest.fixture(scope="session")
 def shakespeare_ids() -> torch.Tensor:
     """Token ids of the first 200 KB of Tiny Shakespeare under a 320-id byte-level BPE trained on it."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
     from tests.helpers.calibration import TEXT, VOCAB, WINDOW
 
     if not TEXT.is_file():
         pytest.skip(f"Tiny Shakespeare absent under {SHARED_DATA}")
     text = TEXT.read_text()[:200_000]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[], show_progress=False)
-    tokenizer.train_from_iterator([text], trainer)
-    ids = torch.tensor(tokenizer.encode(text).ids, dtype=torch.long)
+    ids = torch.tensor(byte_level_bpe(text, VOCAB).encode(text).ids, dtype=torch.long)
     assert ids.numel() > 50 * WINDOW and int(ids.max()) < VOCAB and int(ids.min()) >= 0
     return ids

@@ -22,7 +22,7 @@ from inrank_convert.inputs.text import load_tokenizer, read_text, tokenize_text
 from inrank_convert.linalg.whitening import WHITENED_ENGINE
 from inrank_convert.runtime.evaluate import perplexity
 from inrank_convert.runtime.modeling import load_dense, model_config
-from tests.conftest import GPT2_TOKENIZER_DIR, REAL_TEXT, needs_real_data
+from tests.conftest import GPT2_TOKENIZER_DIR, REAL_TEXT, needs_real_data, saved_byte_level_bpe
 from tests.helpers.cli_contract import expect_error, expect_ok
 
 pytestmark = needs_real_data
@@ -177,18 +177,7 @@ def test_sweep_rows_equal_compress_plus_report(real_run, tmp_path):
 @pytest.fixture(scope="module")
 def small_vocab_tokenizer(tmp_path_factory) -> Path:
     """A real byte-level BPE with the fixture models' 320 ids, trained on Tiny Shakespeare (tokenizer.json)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    text = REAL_TEXT.read_text()[:100_000]
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[], show_progress=False)
-    tokenizer.train_from_iterator([text], trainer)
-    path = tmp_path_factory.mktemp("tokenizer") / "tokenizer.json"
-    tokenizer.save(str(path))
-    return path
+    return saved_byte_level_bpe(REAL_TEXT.read_text()[:100_000], tmp_path_factory.mktemp("tokenizer"))
 
 
 def test_llama_calibrated_compress_whitens_every_projection_and_the_untied_head(llama_pair, real_run, tmp_path,

@@ -17,7 +17,7 @@ from inrank_convert.runtime.modeling import load_dense, model_config
 from inrank_convert.training.entrypoints import train
 from inrank_convert.training.options import TrainOptions
 from inrank_convert.weights.run_folder import read_metrics
-from tests.conftest import GPT2_TOKENIZER_DIR, REAL_TEXT, needs_real_data
+from tests.conftest import GPT2_TOKENIZER_DIR, REAL_TEXT, needs_real_data, saved_byte_level_bpe
 from tests.helpers.cli_contract import expect_error, expect_ok
 
 pytestmark = needs_real_data
@@ -105,14 +105,4 @@ def test_compare_runs_bad_input(runs, tmp_path, small_tokenizer):
 @pytest.fixture(scope="module")
 def small_tokenizer(tmp_path_factory) -> Path:
     """Another real tokenizer (a 320-id byte-level BPE trained on the text): ids fit the 50257 vocabulary."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  special_tokens=[], show_progress=False)
-    tokenizer.train_from_iterator([REAL_TEXT.read_text()[:50_000]], trainer)
-    path = tmp_path_factory.mktemp("bpe") / "tokenizer.json"
-    tokenizer.save(str(path))
-    return path
+    return saved_byte_level_bpe(REAL_TEXT.read_text()[:50_000], tmp_path_factory.mktemp("bpe"))
