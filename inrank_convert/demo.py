@@ -25,6 +25,7 @@ from inrank_convert.compression.job import compress
 from inrank_convert.compression.plan import PlanOptions
 from inrank_convert.compression.results import CompressResult
 from inrank_convert.core.errors import OutputError, flag
+from inrank_convert.inputs.text import load_tokenizer
 from inrank_convert.linalg.criteria import RankRule
 from inrank_convert.measure.compare_runs import CompareResult, RunSummary, compare_runs
 from inrank_convert.measure.plots import plot_compare_runs, plot_report
@@ -309,8 +310,6 @@ def _plan(settings: DemoSettings) -> PlanOptions:
 
 def _write_config(folder: Path, data: DemoData, settings: DemoSettings) -> None:
     from transformers import GPT2Config
-
-    from inrank_convert.inputs.text import load_tokenizer
 
     tokenizer = load_tokenizer(None, data.tokenizer)
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

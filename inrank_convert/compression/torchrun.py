@@ -51,6 +51,7 @@ from inrank_convert.compression.job import (
     CompressionJob,
     check_options,
     check_target_options,
+    compress,
     plan_compression,
 )
 from inrank_convert.compression.plan import Plan, PlanOptions, TensorPlan
@@ -92,8 +93,6 @@ def compress_distributed(source: str | Path, output: str | Path, *, init: str | 
     options = options or PlanOptions()
     world = env_world()
     if not world.enabled:
-        from inrank_convert.compression.job import compress
-
         return compress(source, output, init=init, init_seed=init_seed, no_init=no_init, embed_init=embed_init,
                         options=options, force=force, on_plan=on_plan, on_layer=on_layer)
     world, group = _join()

@@ -128,6 +128,19 @@ def _load_data(session_run: Path, options: TrainOptions, tokenizer, block_size: 
     return tokens, val
 
 
+def _checked_start(run: Path, options: TrainOptions, tokenizer, config, where: str
+                   ) -> tuple[int, torch.Tensor, torch.Tensor | None]:
+    """What a new run checks before its folder is created: the tokenizer against the model, the block
+    size, the text (tokenized: bad text fails here) and, for InRank, the initial rank. Returns
+    (block size, training tokens, validation tokens or None)."""
+    _check_tokenizer(tokenizer, config, where)
+    block_size = _block_size(options, config)
+    tokens, val = _load_data(run, options, tokenizer, block_size)
+    if options.mode == "inrank":
+        check_initial_rank(meta_model(config), options.factorize, options.initial_rank)
+    return block_size, tokens, val
+
+
 def _check_world(options: TrainOptions, world: World) -> None:
     if options.batch_size % (world.size * options.grad_accum):
         raise UsageError(f"{flag('--batch-size')} {options.batch_size} does not split over {world.size} processes x "
@@ -147,11 +160,7 @@ def train(source: str | Path, run: str | Path, options: TrainOptions,
         config, weights = _resolve_init(Path(source))
         tokenizer = load_tokenizer(weights or (Path(source) if Path(source).is_dir() else Path(source).parent),
                                    options.tokenizer)
-        _check_tokenizer(tokenizer, config, options.tokenizer or str(source))
-        block_size = _block_size(options, config)
-        tokens, val = _load_data(run, options, tokenizer, block_size)  # bad text fails before anything is written
-        if options.mode == "inrank":
-            check_initial_rank(meta_model(config), options.factorize, options.initial_rank)
+        block_size, tokens, val = _checked_start(run, options, tokenizer, config, options.tokenizer or str(source))
         start_run(run, world)
         model = load_dense(weights, config) if weights is not None else seeded_model(config, options.seed)
         init_folder = step_folder(run, 0)
@@ -277,11 +286,7 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
         config = model_config(artifact)
         folders = [artifact] + ([source_hint] if source_hint is not None and source_hint.is_dir() else [])
         tokenizer = load_tokenizer(folders, options.tokenizer)
-        _check_tokenizer(tokenizer, config, options.tokenizer or str(artifact))
-        block_size = _block_size(options, config)
-        tokens, val = _load_data(run, options, tokenizer, block_size)  # bad text fails before anything is written
-        if options.mode == "inrank":
-            check_initial_rank(meta_model(config), options.factorize, options.initial_rank)
+        block_size, tokens, val = _checked_start(run, options, tokenizer, config, options.tokenizer or str(artifact))
         start_run(run, world)
         model = load_compressed(artifact, zero_as_lowrank=True)
         ranks = {name: layer.rank for name, layer in low_rank_layers(model)}
