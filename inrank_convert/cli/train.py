@@ -13,6 +13,18 @@ from inrank_convert.cli.boundary import user_errors
 from inrank_convert.cli.options import InitOpt, InitSeedOpt, JsonOpt, NoInitOpt, QuietOpt
 
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Total optimizer steps of the run (not steps to add).")]
+GrowthOpt = Annotated[str | None, typer.Option(
+    "--growth", help="New factor columns: exact (B zero, A tiny: function unchanged), lora (B zero, A kaiming: "
+                     "unchanged, and the columns learn) or random (kaiming, the reference's; with --efficient the "
+                     "factors start random too). Default: random with --efficient, else exact.")]
+OnGrowthOpt = Annotated[str | None, typer.Option(
+    "--on-growth", help="At a growth: pad (moments padded with zeros, the default) or resplit (B @ A re-split into "
+                        "balanced SVD factors, fresh moments).")]
+FactorDecayOpt = Annotated[str | None, typer.Option(
+    "--factor-decay", help="How --weight-decay reaches the factors: factors (AdamW on A and B, the default) or "
+                           "frobenius (decay of B @ A).")]
+FactorLrOpt = Annotated[float | None, typer.Option(
+    "--factor-lr-scale", help="The factors' learning rate as a multiple of --lr (default 1).")]
 TrainDataOpt = Annotated[Path | None, typer.Option("--data", help="Training text: a file or a folder of text files.")]
 
 
@@ -72,10 +84,15 @@ def train_command(
         "--initial-rank", help="Starting rank per layer (default 2, the reference's).")] = None,
     stage2_at: Annotated[int | None, typer.Option(
         "--stage2-at", help="At this step freeze the ranks and re-split the factors by SVD (InRank-Efficient's stage 2).")] = None,
-    growth: Annotated[str | None, typer.Option(
-        "--growth", help="New factor columns: exact (B zero, function unchanged) or random (kaiming, the reference's; "
-                         "with --efficient the factors start random too). Default: random with --efficient, "
-                         "else exact.")] = None,
+    growth: GrowthOpt = None,
+    on_growth: OnGrowthOpt = None,
+    factor_decay: FactorDecayOpt = None,
+    factor_lr_scale: FactorLrOpt = None,
+    orthogonal_init: Annotated[bool, typer.Option(
+        "--orthogonal-init", help="Start the factorized layers from an orthogonal W_0 of the init's norm.")] = False,
+    dense_warmup: Annotated[int | None, typer.Option(
+        "--dense-warmup", help="Train dense this many steps, then factorize the update (--criterion, --threshold) "
+                               "and go on in low rank.")] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -86,13 +103,15 @@ def train_command(
     from inrank_convert.training.entrypoints import train
     from inrank_convert.training.options import TrainOptions, check_options
 
-    options = TrainOptions(**_training_overrides(
+    options = TrainOptions(**{key: value for key, value in _training_overrides(
         data=data, steps=steps, val_data=val_data, mode=mode, efficient=efficient, freeze_dense=freeze_dense, lr=lr,
         min_lr=min_lr, warmup=warmup, weight_decay=weight_decay, grad_clip=grad_clip, grad_accum=grad_accum, batch_size=batch_size,
         block_size=block_size, seed=seed, device=device, dtype=dtype, save_every=save_every, eval_every=eval_every,
         log_every=log_every, tokenizer=tokenizer, criterion=criterion, threshold=threshold, buffer=buffer,
         rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank, factorize=factorize,
-        initial_rank=initial_rank, stage2_at=stage2_at, growth=growth))
+        initial_rank=initial_rank, stage2_at=stage2_at, growth=growth, on_growth=on_growth, factor_decay=factor_decay,
+        factor_lr_scale=factor_lr_scale, orthogonal_init=orthogonal_init or None, dense_warmup=dense_warmup).items()
+        if value is not None})
     check_options(options)
     with console.training_progress(steps, 0, quiet or json_output) as update:
         result = train(source, output, options, on_step=update)
@@ -130,6 +149,11 @@ def resume_command(
     rank_warmup: Annotated[int | None, typer.Option("--rank-warmup", help="Steps before the first rank decision.")] = None,
     rank_every: Annotated[int | None, typer.Option("--rank-every", help="Steps between rank decisions.")] = None,
     max_rank: Annotated[int | None, typer.Option("--max-rank", help="Rank cap.")] = None,
+    weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay of matrices.")] = None,
+    growth: GrowthOpt = None,
+    on_growth: OnGrowthOpt = None,
+    factor_decay: FactorDecayOpt = None,
+    factor_lr_scale: FactorLrOpt = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -144,7 +168,9 @@ def resume_command(
         warmup=warmup,
         grad_accum=grad_accum, batch_size=batch_size, block_size=block_size, seed=seed, device=device, dtype=dtype,
         save_every=save_every, eval_every=eval_every, log_every=log_every, tokenizer=tokenizer, criterion=criterion,
-        threshold=threshold, buffer=buffer, rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank)
+        threshold=threshold, buffer=buffer, rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank,
+        weight_decay=weight_decay, growth=growth, on_growth=on_growth, factor_decay=factor_decay,
+        factor_lr_scale=factor_lr_scale)
     with console.training_progress(steps or 0, 0, quiet or json_output) as update:
         result = resume(source, output, overrides, init=init, init_seed=init_seed, no_init=no_init, on_step=update)
     _finish_training(result, json_output)

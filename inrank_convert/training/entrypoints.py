@@ -26,8 +26,6 @@ from inrank_convert.compression.plan import PlanOptions
 from inrank_convert.core.distributed import World, barrier, close_world, init_world, process_device
 from inrank_convert.core.errors import CheckpointError, MismatchError, OutputError, UsageError, flag
 from inrank_convert.core.hub import resolve_model
-from inrank_convert.core.tensors import sha256_tensor
-from inrank_convert.inputs.reference import CheckpointReference, seed_reference
 from inrank_convert.inputs.sources import is_run, open_checkpoint
 from inrank_convert.inputs.text import (
     cached_tokens,
@@ -48,7 +46,9 @@ from inrank_convert.training.rank_control import (
     factorize_model,
     grow_layer,
     low_rank_layers,
+    orthogonalize_init,
 )
+from inrank_convert.training.warm_start import init_reference
 from inrank_convert.weights.outputs import atomic_output_dir, check_output_free
 from inrank_convert.weights.run_folder import (
     ensure_writable_run,
@@ -163,13 +163,17 @@ def train(source: str | Path, run: str | Path, options: TrainOptions,
         block_size, tokens, val = _checked_start(run, options, tokenizer, config, options.tokenizer or str(source))
         start_run(run, world)
         model = load_dense(weights, config) if weights is not None else seeded_model(config, options.seed)
+        recipe = None if weights is not None else options.seed
+        if options.orthogonal_init:
+            orthogonalize_init(model, options.factorize, torch.Generator().manual_seed(options.seed * 1_000_003 + 7))
+            recipe = None  # the seed no longer regenerates this init: step-0 holds it
         init_folder = step_folder(run, 0)
         if world.is_main:
-            _save_init(model, tokenizer, init_folder, None if weights is not None else options.seed)
+            _save_init(model, tokenizer, init_folder, recipe)
         barrier(world)
         reference = controller = None
-        if options.mode == "inrank":
-            reference = _init_reference(init_folder, weights is None, options, model)
+        if options.mode == "inrank" and options.dense_warmup is None:
+            reference = init_reference(init_folder, options.efficient, recipe, model.state_dict())
             generator = torch.Generator().manual_seed(options.seed * 1_000_003)
             ranks = factorize_model(model, options.policy(), options.efficient, generator, options.factorize,
                                     options.initial_rank)
@@ -189,23 +193,6 @@ def _save_init(model: nn.Module, tokenizer, folder: Path, seed: int | None) -> N
         tokenizer.save_pretrained(temp)
         if seed is not None:
             write_init_recipe(temp, seed)
-
-
-def _init_reference(init_folder: Path, seeded: bool, options: TrainOptions, model: nn.Module) -> ReferenceRecord:
-    if options.efficient:
-        return ReferenceRecord("zero")
-    if seeded:
-        config = json.loads((init_folder / "config.json").read_text())
-        reference = seed_reference(config, options.seed)
-        hashes = reference.hashes()
-        # The recipe must regenerate exactly the init we train from; if not, refer to step-0 by path.
-        if all(hashes.get(name) == sha256_tensor(tensor) for name, tensor in model.state_dict().items()):
-            return reference.record()
-    checkpoint = open_checkpoint(init_folder)
-    try:
-        return CheckpointReference(checkpoint).record()
-    finally:
-        checkpoint.close()
 
 
 def resume(source: str | Path, run: str | Path | None, overrides: dict, init: str | Path | None = None,
@@ -292,10 +279,11 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
         ranks = {name: layer.rank for name, layer in low_rank_layers(model)}
         controller = RankController(options.policy(), ranks)
         generator = torch.Generator().manual_seed(options.seed * 1_000_003)
+        # Buffer columns that leave the function at step 0 the artifact's: --growth's when it keeps the
+        # function (exact, lora), else exact; later growth follows --growth.
+        first_growth = options.policy().growth if options.policy().growth in ("exact", "lora") else "exact"
         for name, layer in low_rank_layers(model):
-            # Buffer columns: B zero, A random, so the function at step 0 is the artifact's (later
-            # growth follows --growth).
-            grow_layer(layer, controller.width_for(layer, ranks[name]), None, generator, "exact")
+            grow_layer(layer, controller.width_for(layer, ranks[name]), None, generator, first_growth)
         embedded = None
         if reference.mode == "embedded":
             # The run keeps its own copy of the init: the temporary artifact of a dense resume goes away.

@@ -27,14 +27,24 @@ from inrank_convert.core.distributed import World, any_true, barrier, broadcast_
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.core.tensors import COMPUTE_DTYPES
 from inrank_convert.inputs.text import TokenBatches, tokenizer_fingerprint, validation_blocks
+from inrank_convert.linalg.criteria import RankRule
 from inrank_convert.training.checkpoint import (
     RNG_PREFIX,
     load_optimizer_tensors,
     optimizer_tensors,
     save_checkpoint,
 )
+from inrank_convert.training.optimizer import (
+    adopt_state,
+    apply_frobenius_decay,
+    build_optimizer,
+    factor_learning_rate,
+    is_factor,
+    set_learning_rate,
+)
 from inrank_convert.training.options import TrainOptions, TrainResult, learning_rate
 from inrank_convert.training.rank_control import RankController, grow_layer, low_rank_layers, resplit_layer
+from inrank_convert.training.warm_start import run_init_reference, switch_to_low_rank
 from inrank_convert.weights.run_folder import open_metrics, step_folder
 
 # --- the session: model, optimizer, data, rank control ----------------------------------------
@@ -65,18 +75,19 @@ class Session:
         opts = self.options
         self.model.to(self.device)
         self.model.train()
-        if opts.freeze_dense:
-            for name, param in self.model.named_parameters():
-                param.requires_grad_(name.endswith((".lora_A", ".lora_B")))
-        decay, no_decay = [], []
-        for _, param in self.model.named_parameters():
-            if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)
-        groups = [{"params": decay, "weight_decay": opts.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=opts.lr, betas=(0.9, 0.95))
+        self.optimizer = self.new_optimizer()
         self.batches = TokenBatches(self.tokens, self.block_size, opts.batch_size, opts.seed)
         torch.manual_seed(opts.seed * 7919 + 1 + self.world.rank)  # dropout: different in each process
         self.wrap()
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over what trains: everything, or with --freeze-dense only the factors (a dense
+        warm-up trains everything until its switch)."""
+        opts = self.options
+        if opts.freeze_dense and self.controller is not None:
+            for name, param in self.model.named_parameters():
+                param.requires_grad_(is_factor(name))
+        return build_optimizer(self.model, opts.lr, opts.weight_decay, opts.factor_decay, opts.factor_lr_scale)
 
     def wrap(self) -> None:
         """(Re-)wrap for DistributedDataParallel; needed again whenever the factors grow."""
@@ -112,7 +123,9 @@ class Session:
         self.step = int(trainer_state["step"])
 
     def trainer_state(self) -> dict:
-        return {"step": self.step, "mode": self.options.mode, "efficient": self.options.efficient,
+        # "mode" is how this checkpoint's model is stored: dense until a --dense-warmup switches.
+        mode = "dense" if self.controller is None else self.options.mode
+        return {"step": self.step, "mode": mode, "efficient": self.options.efficient,
                 "options": self.options.to_json(), "world_size": self.world.size,
                 "tokenizer": tokenizer_fingerprint(self.tokenizer),
                 "config": self.model.config.to_dict(), "reference": None if self.reference is None else self.reference.to_json(),
@@ -195,8 +208,30 @@ def decide_ranks(session: Session) -> None:
     layers = dict(low_rank_layers(session.model))
     policy = session.controller.policy
     for name in sorted(growth):
+        if policy.on_growth == "resplit":
+            # Balanced factors of the same product, and no state: the moments of the old basis
+            # mean nothing in the new one, and new columns start from zero moments like the rest.
+            resplit_layer(layers[name], session.optimizer)
         grow_layer(layers[name], growth[name], session.optimizer, generator, policy.growth,
                    policy.layer_max_rank(layers[name]))
+    session.wrap()
+
+
+def enter_low_rank(session: Session) -> None:
+    """The end of a --dense-warmup: the factorized layers' updates cut to their ranks (as compress
+    would), a rank controller from there, the reference of the run's init, and a rebuilt optimizer
+    (the dense parameters keep their moments, the factors start fresh). Deterministic, so every
+    process does it alike."""
+    opts = session.options
+    init_folder = step_folder(session.run, 0)
+    generator = torch.Generator().manual_seed(opts.seed * 1_000_003 + session.step)
+    session.controller = switch_to_low_rank(session.model, None if opts.efficient else init_folder, opts.policy(),
+                                            RankRule(opts.criterion, opts.threshold), opts.factorize, generator)
+    session.reference = run_init_reference(init_folder, opts.efficient)
+    session.model.to(session.device)
+    previous = session.optimizer
+    session.optimizer = session.new_optimizer()
+    adopt_state(session.optimizer, previous)
     session.wrap()
 
 
@@ -218,9 +253,7 @@ def optimizer_step(session: Session, scaler: torch.amp.GradScaler | None) -> flo
     opts = session.options
     total = _accumulate_gradients(session, scaler)
     session.step += 1
-    lr = learning_rate(opts, session.step)
-    for group in session.optimizer.param_groups:
-        group["lr"] = lr
+    set_learning_rate(session.optimizer, learning_rate(opts, session.step))
     if scaler:
         scaler.unscale_(session.optimizer)
     if opts.grad_clip > 0:
@@ -231,6 +264,8 @@ def optimizer_step(session: Session, scaler: torch.amp.GradScaler | None) -> flo
         scaler.update()
     else:
         session.optimizer.step()
+    if opts.factor_decay == "frobenius":
+        apply_frobenius_decay(session.model, factor_learning_rate(session.optimizer), opts.weight_decay)
     loss = float(mean(total / opts.grad_accum, session.world))
     if not math.isfinite(loss):
         raise UsageError(f"the loss became {loss} at step {session.step}", f"{flag('--lr')} {opts.lr}",
@@ -340,7 +375,10 @@ def run_loop(session: Session, on_step: Callable[[dict], None] | None = None) ->
         with _stop_requests() as stop:
             while session.step < opts.steps:
                 loss = optimizer_step(session, scaler)
-                if session.controller is not None and session.controller.policy.due(session.step):
+                switched = opts.mode == "inrank" and session.controller is None and opts.dense_warmup == session.step
+                if switched:
+                    enter_low_rank(session)
+                if session.controller is not None and not switched and session.controller.policy.due(session.step):
                     decide_ranks(session)
                 if session.controller is not None and session.controller.policy.stage2_at == session.step:
                     enter_stage_two(session)

@@ -18,7 +18,8 @@ from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.core.tensors import COMPUTE_DTYPES
 from inrank_convert.linalg.criteria import CRITERIA
 from inrank_convert.model.architecture import check_seed
-from inrank_convert.training.rank_control import FACTORIZE_CHOICES, GROWTH_MODES, RankPolicy
+from inrank_convert.training.optimizer import FACTOR_DECAYS
+from inrank_convert.training.rank_control import FACTORIZE_CHOICES, GROWTH_MODES, ON_GROWTH, RankPolicy
 
 MODES = ("dense", "inrank")
 
@@ -60,11 +61,16 @@ class TrainOptions:
     stage2_at: int | None = None  # freeze ranks and re-split the factors by SVD at this step
     growth: str | None = None  # new factor columns: exact (function unchanged) or random (the reference's);
     # default: random with --efficient (the reference's InRank-Efficient), exact otherwise
+    on_growth: str = "pad"  # at a growth: pad (moments padded with zeros) or resplit (balanced SVD re-split, fresh moments)
+    factor_decay: str = "factors"  # --weight-decay on factors: per factor (AdamW's) or frobenius (on B @ A)
+    factor_lr_scale: float = 1.0  # the factors' learning rate is lr * this
+    orthogonal_init: bool = False  # the factorized layers' init W_0 replaced by an orthogonal one of the same norm
+    dense_warmup: int | None = None  # train dense this many steps, then factorize (compress) and go on low rank
 
     def policy(self) -> RankPolicy:
         growth = self.growth or ("random" if self.efficient else "exact")
         return RankPolicy(self.criterion, self.threshold, self.buffer, self.rank_warmup, self.rank_every, self.max_rank,
-                          self.stage2_at, growth)
+                          self.stage2_at, growth, self.on_growth)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -115,7 +121,8 @@ def check_options(options: TrainOptions) -> None:
     if options.efficient and options.mode != "inrank":
         bad(f"{flag('--efficient')} is an InRank option", f"{flag('--mode')} dense", f"pass {flag('--mode')} inrank with {flag('--efficient')}")
     defaults = {f.name: f.default for f in fields(TrainOptions)}
-    inrank_only = [(name, f"--{name.replace('_', '-')}") for name in ("factorize", "initial_rank", "stage2_at", "growth")
+    inrank_only = [(name, f"--{name.replace('_', '-')}") for name in ("factorize", "initial_rank", "stage2_at", "growth", "on_growth", "factor_decay",
+                                                                      "factor_lr_scale", "orthogonal_init", "dense_warmup")
                    if getattr(options, name) != defaults[name]]
     if inrank_only and options.mode != "inrank":
         name, flag_name = inrank_only[0]
@@ -127,6 +134,24 @@ def check_options(options: TrainOptions) -> None:
     if options.growth is not None and options.growth not in GROWTH_MODES:
         bad(f"unknown {flag('--growth')} {options.growth!r}", flag("--growth"),
             "choose exact (new columns leave the function unchanged) or random (the InRank reference's)")
+    if options.on_growth not in ON_GROWTH:
+        bad(f"unknown {flag('--on-growth')} {options.on_growth!r}", flag("--on-growth"),
+            "choose pad (moments padded with zeros) or resplit (balanced SVD re-split, fresh moments)")
+    if options.factor_decay not in FACTOR_DECAYS:
+        bad(f"unknown {flag('--factor-decay')} {options.factor_decay!r}", flag("--factor-decay"),
+            "choose factors (AdamW decays A and B) or frobenius (decay of B @ A)")
+    if options.factor_decay == "frobenius" and options.weight_decay == 0:
+        bad(f"{flag('--factor-decay')} frobenius decays B @ A by {flag('--weight-decay')}, which is 0",
+            f"{flag('--factor-decay')} frobenius", f"pass {flag('--weight-decay')} (e.g. 0.1) as well")
+    if not (math.isfinite(options.factor_lr_scale) and options.factor_lr_scale > 0):
+        bad(f"{flag('--factor-lr-scale')} must be a positive number", f"{flag('--factor-lr-scale')} {options.factor_lr_scale}",
+            "e.g. 0.5 (the factors learn at half --lr)")
+    if options.dense_warmup is not None and not 1 <= options.dense_warmup < options.steps:
+        bad(f"{flag('--dense-warmup')} must end before the run does (1 to {flag('--steps')} - 1 = {options.steps - 1})",
+            f"{flag('--dense-warmup')} {options.dense_warmup}", f"pass fewer steps than {flag('--steps')} {options.steps}")
+    if options.dense_warmup is not None and options.stage2_at is not None and options.stage2_at <= options.dense_warmup:
+        bad(f"{flag('--stage2-at')} comes before the switch to low rank", f"{flag('--stage2-at')} {options.stage2_at}",
+            f"pass a step after {flag('--dense-warmup')} {options.dense_warmup}")
     if options.initial_rank is not None and options.initial_rank < 0:
         bad(f"{flag('--initial-rank')} cannot be negative", f"{flag('--initial-rank')} {options.initial_rank}",
             "pass 0 or more (the reference starts at 2)")

@@ -47,6 +47,7 @@ class RankPolicy:
     max_rank: int | None = None  # default: min(rows, cols) // 2 per layer
     stage2_at: int | None = None  # from this step on, no decisions (InRank-Efficient's stage 2)
     growth: str = "exact"  # new factor columns: "exact" (B zero: the function is unchanged) or "random" (the reference's)
+    on_growth: str = "pad"  # "pad": old columns and moments kept; "resplit": balanced SVD re-split, fresh moments
 
     def due(self, step: int) -> bool:
         if self.stage2_at is not None and step >= self.stage2_at:
@@ -120,7 +121,8 @@ def low_rank_layers(model: nn.Module) -> list[tuple[str, LowRankLinear]]:
     return [(name, module) for name, module in model.named_modules() if isinstance(module, LowRankLinear)]
 
 
-GROWTH_MODES = ("exact", "random")
+GROWTH_MODES = ("exact", "lora", "random")
+ON_GROWTH = ("pad", "resplit")
 
 
 def _uniform(shape: tuple[int, int], bound: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -133,7 +135,9 @@ def grow_layer(layer: LowRankLinear, width: int, optimizer: torch.optim.Optimize
     """Widen the factors to ``width``; Adam-style optimizer state gets zero entries for the new ones.
 
     ``exact``: B gets zero columns, A small random rows, so B @ A and the layer's function are
-    unchanged. ``random`` (the InRank reference's InRank-Efficient, whose factors are allocated at
+    unchanged. ``lora``: B zero columns, A kaiming-uniform rows U(-1/sqrt(in), 1/sqrt(in)) as LoRA
+    starts its adapters: the function is unchanged too, but B's new columns get gradients of the
+    size the old ones get, so the buffer learns. ``random`` (the InRank reference's InRank-Efficient, whose factors are allocated at
     full width with nn.Linear's default init and switched on as the rank grows): both get
     kaiming-uniform entries, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) with fan_in = in for A and the
     largest width ``max_width`` for B, so the function changes where the layer grows and the new
@@ -145,6 +149,9 @@ def grow_layer(layer: LowRankLinear, width: int, optimizer: torch.optim.Optimize
     if mode == "random":
         new_rows = _uniform((extra, layer.in_features), layer.in_features ** -0.5, generator)
         new_columns = _uniform((layer.out_features, extra), max(1, max_width or width) ** -0.5, generator)
+    elif mode == "lora":
+        new_rows = _uniform((extra, layer.in_features), layer.in_features ** -0.5, generator)
+        new_columns = torch.zeros(layer.out_features, extra)
     elif mode == "exact":
         new_rows = torch.randn(extra, layer.in_features, generator=generator, dtype=torch.float32)
         new_rows = new_rows * (GROWTH_INIT_SCALE / layer.in_features ** 0.5)
@@ -290,6 +297,8 @@ def resplit_layer(layer: LowRankLinear, optimizer: torch.optim.Optimizer | None 
     component above RESPLIT_FLOOR, so the layer's function is unchanged. The factors' optimizer
     state is dropped: the moments of the old coordinates mean nothing in the new basis.
     Returns the new width."""
+    if layer.rank == 0:
+        return 0
     svd = FactorProductSVD.of(layer.lora_B.detach().double(), layer.lora_A.detach().double())  # [out, k] @ [k, in]
     S = svd.S
     keep = int((S > RESPLIT_FLOOR * S[0]).sum()) if S.numel() and float(S[0]) > 0 else 0
@@ -303,3 +312,22 @@ def resplit_layer(layer: LowRankLinear, optimizer: torch.optim.Optimizer | None 
                 group["params"] = [new if param is old else param for param in group["params"]]
             optimizer.state.pop(old, None)
     return keep
+
+
+@torch.no_grad()
+def orthogonalize_init(model: nn.Module, factorize: str, generator: torch.Generator) -> list[str]:
+    """Replace the init of every layer ``factorize`` selects by a random (semi-)orthogonal matrix of
+    the same Frobenius norm, the W_0 that InRank's analysis of incremental learning assumes.
+    Returns the names of the layers changed (their weights keep their storage orientation)."""
+    names = []
+    for name, module in factorized_layers(model, factorize):
+        weight = module.weight  # [out, in] (Linear) or [in, out] (Conv1D): orthogonal either way
+        rows, cols = weight.shape
+        gaussian = torch.randn(max(rows, cols), min(rows, cols), generator=generator, dtype=torch.float64)
+        Q, R = torch.linalg.qr(gaussian)  # [max, min], orthonormal columns
+        Q = Q * torch.sign(torch.diagonal(R))  # Haar-distributed
+        Q = Q if rows >= cols else Q.T  # [rows, cols]
+        norm = torch.linalg.matrix_norm(weight.double())
+        weight.copy_((Q * (norm / min(rows, cols) ** 0.5)).to(weight.dtype))
+        names.append(name)
+    return names

@@ -35,6 +35,16 @@ def test_inrank_option_bad_input(tmp_path):
         (["--factorize", "all"], ("--factorize", "InRank option")),
         (["--mode", "inrank", "--growth", "kaiming"], ("--growth", "random")),
         (["--growth", "random"], ("--growth", "InRank option")),
+        (["--mode", "inrank", "--dense-warmup", "4"], ("--dense-warmup", "before the run does")),
+        (["--mode", "inrank", "--dense-warmup", "0"], ("--dense-warmup", "1 to --steps - 1")),
+        (["--dense-warmup", "2"], ("--dense-warmup", "InRank option")),
+        (["--mode", "inrank", "--dense-warmup", "3", "--stage2-at", "2"], ("--stage2-at", "before the switch")),
+        (["--weight-decay", "0.1", "--factor-decay", "frobenius"], ("--factor-decay", "InRank option")),
+        (["--mode", "inrank", "--factor-decay", "frobenius"], ("--factor-decay", "--weight-decay")),
+        (["--mode", "inrank", "--factor-decay", "nuclear"], ("--factor-decay", "frobenius")),
+        (["--mode", "inrank", "--factor-lr-scale", "0"], ("--factor-lr-scale", "positive")),
+        (["--mode", "inrank", "--on-growth", "reset"], ("--on-growth", "resplit")),
+        (["--orthogonal-init"], ("--orthogonal-init", "InRank option")),
     ]
     for extra, says in cases:
         expect_error([*base, *extra], says, output=out, inputs=(config, data))

@@ -15,9 +15,11 @@ from inrank_convert.training.rank_control import (
     RankPolicy,
     factor_singular_values,
     factorize_model,
+    factorized_layers,
     grow_layer,
     layer_role,
     low_rank_layers,
+    orthogonalize_init,
     resplit_layer,
 )
 from tests.conftest import build_model, gpt2_config, llama_config
@@ -246,3 +248,48 @@ def test_random_growth_switches_on_kaiming_columns_that_the_next_decision_sees()
     values = factor_singular_values(layer.lora_B, layer.lora_A)
     assert int((values > 1e-3 * values[0]).sum()) == 10
     assert controller.total_rank == 2 * len(ranks)
+
+
+def test_spectral_init_at_full_rank_is_the_dense_init():
+    model = build_model(gpt2_config(), seed=0)
+    init = {name: module.weight.detach().clone() for name, module in factorized_layers(model, "mlp")}
+    assert init
+    policy = RankPolicy(buffer=4, growth="exact")  # with --efficient: B @ A the init's best rank-k part
+    smallest = min(min(w.shape) for w in init.values())
+    factorize_model(model, policy, True, torch.Generator().manual_seed(0), "mlp", initial_rank=smallest)
+    layers = dict(low_rank_layers(model))
+    for name, weight in init.items():
+        layer = layers[name]
+        product = layer.delta_weight()
+        dense = weight.T if layer.stored_transposed else weight
+        if layer.rank == min(dense.shape):  # the layers whose full rank the initial rank reaches
+            assert (product - dense).abs().max() < 1e-6, name
+    assert any(layer.rank == min(layer.in_features, layer.out_features) for layer in layers.values())
+
+
+def test_lora_growth_keeps_the_function_and_starts_a_at_kaiming_scale():
+    generator = torch.Generator().manual_seed(0)
+    layer = LowRankLinear(torch.randn(2, 64, generator=generator), torch.randn(48, 2, generator=generator),
+                          torch.randn(48, 64, generator=generator))
+    x = torch.randn(3, 64, generator=generator)
+    before = layer(x).detach()
+    grow_layer(layer, 40, None, torch.Generator().manual_seed(1), "lora")
+    new_rows, new_columns = layer.lora_A[2:], layer.lora_B[:, 2:]
+    assert torch.allclose(layer(x), before, atol=1e-5) and new_columns.eq(0).all()
+    bound = 64 ** -0.5
+    assert new_rows.abs().max() <= bound and new_rows.abs().max() > 0.9 * bound  # U(-1/sqrt(in), 1/sqrt(in))
+    assert float(new_rows.std()) == pytest.approx(bound / 3 ** 0.5, rel=0.05)
+
+
+def test_orthogonal_init_keeps_each_layers_norm():
+    model = build_model(gpt2_config(), seed=0)
+    norms = {name: float(torch.linalg.matrix_norm(module.weight)) for name, module in factorized_layers(model, "mlp")}
+    changed = orthogonalize_init(model, "mlp", torch.Generator().manual_seed(0))
+    assert sorted(changed) == sorted(norms)
+    for name, module in factorized_layers(model, "mlp"):
+        weight = module.weight.detach().double()
+        rows, cols = weight.shape
+        gram = weight.T @ weight if rows >= cols else weight @ weight.T  # [min, min]
+        scale = norms[name] ** 2 / min(rows, cols)
+        assert torch.allclose(gram, scale * torch.eye(min(rows, cols), dtype=torch.float64), atol=1e-5 * scale), name
+        assert float(torch.linalg.matrix_norm(weight)) == pytest.approx(norms[name], rel=1e-5)

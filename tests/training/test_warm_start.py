@@ -1,0 +1,109 @@
+"""Dense first, then low rank (--dense-warmup): the switch is compress-and-resume in one run, its
+checkpoints are dense before it and artifacts after, and a run interrupted on either side of it
+resumes exactly; the recipes' resumed and continued runs are deterministic for a seed."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from inrank_convert.artifact import is_artifact
+from inrank_convert.compression.job import compress
+from inrank_convert.linalg.criteria import RankRule, choose_rank
+from inrank_convert.model.layers import LowRankLinear
+from inrank_convert.training.entrypoints import resume, train
+from inrank_convert.training.rank_control import RankPolicy, factorized_layers, low_rank_layers
+from inrank_convert.training.warm_start import factorize_trained
+from inrank_convert.weights.run_folder import read_metrics
+from tests.conftest import build_model, gpt2_config
+from tests.helpers.training import HAS_DATA, TEXT, losses, options
+
+needs_data = pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data (GPT-2 tokenizer and Tiny Shakespeare)")
+
+
+@pytest.mark.parametrize("efficient", [False, True])
+def test_the_switch_keeps_the_rules_rank_of_each_update(efficient):
+    init = build_model(gpt2_config(), seed=0)
+    model = build_model(gpt2_config(), seed=0)
+    generator = torch.Generator().manual_seed(3)
+    layers = factorized_layers(model, "mlp")
+    assert layers
+    with torch.no_grad():  # a planted update of rank 3 on every MLP weight
+        for _, module in layers:
+            rows, cols = module.weight.shape
+            module.weight += 0.05 * torch.randn(rows, 3, generator=generator) @ torch.randn(3, cols, generator=generator)
+    trained = {name: module.weight.detach().clone() for name, module in layers}
+    init_weights = None if efficient else {f"{name}.weight": module.weight.detach().clone()
+                                           for name, module in factorized_layers(init, "mlp")}
+    rule = RankRule("energy", 0.99)
+    policy = RankPolicy(buffer=2, growth="lora")
+    ranks = factorize_trained(model, init_weights, policy, rule, "mlp", torch.Generator().manual_seed(0))
+    factored = dict(low_rank_layers(model))
+    assert sorted(ranks) == sorted(trained)
+    for name, weight in trained.items():
+        layer: LowRankLinear = factored[name]
+        dense = weight.T if layer.stored_transposed else weight  # [out, in]
+        update = dense if efficient else dense - (layer.weight_ref if layer.weight_ref is not None else 0)
+        S = torch.linalg.svdvals(update.double())
+        expected = min(choose_rank(S, float(S.square().sum()), rule), policy.layer_max_rank(layer))
+        assert ranks[name] == expected and (efficient or expected == 3)
+        assert layer.rank == min(min(dense.shape), expected + policy.layer_buffer(layer))
+        assert (layer.weight_ref is None) == efficient
+        kept = float(S[:expected].square().sum() / S.square().sum())
+        error = torch.linalg.matrix_norm((layer.weight.detach() - dense).double()) ** 2 / S.square().sum()
+        assert float(error) == pytest.approx(1 - kept, abs=1e-5)  # only the dropped components are lost
+
+
+@pytest.fixture(scope="module")
+def warm_run(tmp_path_factory, dropout_config):
+    """12 steps: dense to step 6, then W_init + B @ A (lora buffer columns); checkpoints every 3."""
+    run = tmp_path_factory.mktemp("warm") / "run"
+    opts = options(steps=12, save_every=3, dense_warmup=6, growth="lora", factorize="mlp", rank_warmup=3,
+                   rank_every=3, threshold=0.5)
+    train(dropout_config, run, opts)
+    return run
+
+
+@needs_data
+def test_dense_warmup_checkpoints_are_dense_before_the_switch_and_artifacts_after(warm_run):
+    for step, dense in ((3, True), (6, False), (9, False), (12, False)):
+        folder = warm_run / f"step-{step}"
+        assert is_artifact(folder) != dense, folder
+        state = json.loads((folder / "train_state" / "trainer_state.json").read_text())
+        assert state["mode"] == ("dense" if dense else "inrank")
+    records = read_metrics(warm_run)
+    assert all("ranks" not in r for r in records if r["step"] < 6)
+    assert all(r["ranks"] and r["total_rank"] > 0 for r in records if r["step"] >= 6)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
+
+
+@needs_data
+@pytest.mark.parametrize("cut", [3, 6, 9])
+def test_a_dense_warmup_run_resumes_exactly_on_either_side_of_the_switch(warm_run, tmp_path, cut):
+    copy = tmp_path / "copy"
+    shutil.copytree(warm_run, copy)
+    for step in (6, 9, 12):
+        if step > cut:
+            shutil.rmtree(copy / f"step-{step}")
+    result = resume(copy, None, {})
+    assert result.start_step == cut and result.step == 12
+    assert losses(copy) == losses(warm_run)  # bit for bit: float32 on the CPU, dropout on
+    assert [r.get("ranks") for r in read_metrics(copy)] == [r.get("ranks") for r in read_metrics(warm_run)]
+
+
+@needs_data
+def test_resumed_and_continued_runs_are_deterministic_for_a_seed(tmp_path, config_path):
+    train(config_path, tmp_path / "dense", options(mode="dense", steps=6, lr=1e-2))
+    compress(tmp_path / "dense", tmp_path / "artifact")
+    again = dict(data=str(TEXT), steps=5, batch_size=4, block_size=16, seed=5, buffer=3, growth="lora", log_every=1,
+                 on_growth="resplit", rank_warmup=2, rank_every=1, threshold=0.5)
+    for name in ("a", "b"):
+        resume(tmp_path / "artifact", tmp_path / f"resumed-{name}", again)
+        train(tmp_path / "dense" / "step-6", tmp_path / f"continued-{name}",
+              options(mode="dense", steps=5, seed=5))
+    assert losses(tmp_path / "resumed-a") == losses(tmp_path / "resumed-b")
+    assert losses(tmp_path / "continued-a") == losses(tmp_path / "continued-b")
+    assert len(losses(tmp_path / "resumed-a")) == 5
