@@ -370,6 +370,7 @@ def render_compare_runs(result: dict) -> None:
              ("total rank / full rank: mean", [_optional(run["mean_rank_fraction"], ".1%") for run in runs]),
              ("checkpoint bytes", [human_bytes(run["bytes"]) for run in runs]),
              ("parameters stored", [f"{run['parameters']:,}" for run in runs]),
+             ("parameters trained", [_optional(run.get("trainable_parameters"), ",") for run in runs]),
              ("tokens/s (mean)", [_optional(run["tokens_per_second"], ".0f") for run in runs])]
     for label, values in rows:
         table.add_row(label, *values)

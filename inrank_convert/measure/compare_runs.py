@@ -50,6 +50,7 @@ class RunSummary:
     rank_curve: list[tuple[int, int]] = field(default_factory=list)  # (step, total_rank), InRank only
     full_rank: int | None = None  # sum of min(rows, cols) over the layers the controller holds
     data_curve: list[tuple[int, float]] = field(default_factory=list)  # (step, perplexity on --data)
+    trainable_parameters: int | None = None  # what the optimizer trained at the last checkpoint
 
     @property
     def final_val_loss(self) -> float | None:
@@ -70,7 +71,8 @@ class RunSummary:
         final_val = self.final_val_loss
         return {"label": self.label, "path": self.path, "mode": self.mode, "efficient": self.efficient,
                 "final_step": self.final_step, "checkpoint": self.checkpoint, "bytes": self.bytes,
-                "parameters": self.parameters, "tokens_per_second": self.tokens_per_second, "val_data": self.val_data,
+                "parameters": self.parameters, "trainable_parameters": self.trainable_parameters,
+                "tokens_per_second": self.tokens_per_second, "val_data": self.val_data,
                 "final_val_loss": final_val, "final_val_perplexity": None if final_val is None else math.exp(final_val),
                 "full_rank": self.full_rank, "final_rank_fraction": self.final_rank_fraction,
                 "mean_rank_fraction": self.mean_rank_fraction,
@@ -123,7 +125,10 @@ def _summarize(run: Path, label: str) -> tuple[RunSummary, dict, dict[str, tuple
         str(checkpoint), _weight_bytes(checkpoint), parameters, sum(speeds) / len(speeds) if speeds else None,
         options.get("val_data"),
         [(int(r["step"]), float(r["val_loss"])) for r in records if r.get("val_loss") is not None],
-        [(int(r["step"]), int(r["total_rank"])) for r in records if r.get("total_rank") is not None], full_rank)
+        # A dense warm-up's steps hold every rank: they count as the full rank.
+        [(int(r["step"]), int(r["total_rank"]) if r.get("total_rank") is not None else full_rank) for r in records
+         if r.get("total_rank") is not None or (r.get("dense_warmup") and full_rank)], full_rank,
+        trainable_parameters=state.get("trainable_parameters"))
     return summary, state, shapes
 
 

@@ -129,7 +129,12 @@ class Session:
                 "options": self.options.to_json(), "world_size": self.world.size,
                 "tokenizer": tokenizer_fingerprint(self.tokenizer),
                 "config": self.model.config.to_dict(), "reference": None if self.reference is None else self.reference.to_json(),
-                "rank_controller": self.controller.state_dict() if self.controller else None}
+                "rank_controller": self.controller.state_dict() if self.controller else None,
+                "trainable_parameters": self.trainable_parameters()}
+
+    def trainable_parameters(self) -> int:
+        """The numbers the optimizer trains now (tied tensors once)."""
+        return sum(param.numel() for param in self.model.parameters() if param.requires_grad)
 
     def save(self) -> Path:
         tensors = self.state_tensors()  # a collective: every process takes part
@@ -357,6 +362,8 @@ def metrics_record(session: Session, loss: float, val_loss: float | None, tokens
     if session.controller is not None:
         record["ranks"] = dict(session.controller.ranks)
         record["total_rank"] = session.controller.total_rank
+    elif session.options.mode == "inrank":
+        record["dense_warmup"] = True  # full rank until the switch: compare-runs counts it so
     return record
 
 
@@ -400,4 +407,5 @@ def run_loop(session: Session, on_step: Callable[[dict], None] | None = None) ->
     done = session.step - start_step
     return TrainResult(session.run, start_step, session.step, loss, val_loss, checkpoints, interrupted,
                        dict(session.controller.ranks) if session.controller else {}, seconds,
-                       log.tokens_per_step * done / seconds if seconds > 0 else 0.0, session.world.rank)
+                       log.tokens_per_step * done / seconds if seconds > 0 else 0.0, session.world.rank,
+                       session.trainable_parameters())

@@ -94,6 +94,7 @@ class TrainResult:
     seconds: float = 0.0
     tokens_per_second: float = 0.0
     process_rank: int = 0  # under torchrun, only process 0 reports
+    trainable_parameters: int = 0  # what the optimizer trained at the end
 
     @property
     def total_rank(self) -> int:
@@ -103,7 +104,8 @@ class TrainResult:
         return {"run": str(self.run), "start_step": self.start_step, "step": self.step, "loss": self.loss,
                 "val_loss": self.val_loss, "checkpoints": [str(p) for p in self.checkpoints],
                 "interrupted": self.interrupted, "total_rank": self.total_rank, "ranks": self.ranks,
-                "seconds": round(self.seconds, 3), "tokens_per_second": round(self.tokens_per_second, 1)}
+                "seconds": round(self.seconds, 3), "tokens_per_second": round(self.tokens_per_second, 1),
+                "trainable_parameters": self.trainable_parameters}
 
 
 def check_options(options: TrainOptions) -> None:

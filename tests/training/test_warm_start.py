@@ -107,3 +107,20 @@ def test_resumed_and_continued_runs_are_deterministic_for_a_seed(tmp_path, confi
     assert losses(tmp_path / "resumed-a") == losses(tmp_path / "resumed-b")
     assert losses(tmp_path / "continued-a") == losses(tmp_path / "continued-b")
     assert len(losses(tmp_path / "resumed-a")) == 5
+
+
+@needs_data
+def test_compare_runs_counts_the_warmup_at_full_rank_and_reports_trained_parameters(warm_run):
+    from inrank_convert.measure.compare_runs import compare_runs
+
+    summary = compare_runs(warm_run, warm_run).runs[1]
+    records = read_metrics(warm_run)
+    full = summary.full_rank
+    assert full and summary.rank_curve[0] == (1, full)
+    fractions = [(r.get("total_rank") or full) / full for r in records]
+    assert summary.mean_rank_fraction == pytest.approx(sum(fractions) / len(fractions))
+    assert summary.mean_rank_fraction > summary.final_rank_fraction  # the dense steps raise the mean
+    state = json.loads((warm_run / "step-12" / "train_state" / "trainer_state.json").read_text())
+    dense_state = json.loads((warm_run / "step-3" / "train_state" / "trainer_state.json").read_text())
+    assert summary.trainable_parameters == state["trainable_parameters"]
+    assert 0 < state["trainable_parameters"] and dense_state["trainable_parameters"] > 0
