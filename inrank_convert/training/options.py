@@ -24,6 +24,11 @@ from inrank_convert.training.rank_control import FACTORIZE_CHOICES, GROWTH_MODES
 MODES = ("dense", "inrank")
 
 
+# What a run recorded before the recipe options existed behaved like this.
+BEFORE_RECIPE_OPTIONS = {"growth": None, "on_growth": "pad", "factor_decay": "factors", "factor_lr_scale": 1.0,
+                         "orthogonal_init": False, "dense_warmup": None}
+
+
 @dataclass
 class TrainOptions:
     """Everything that decides a run. Stored in every checkpoint; a resumed run reuses it."""
@@ -77,8 +82,11 @@ class TrainOptions:
 
     @classmethod
     def from_json(cls, values: dict) -> TrainOptions:
+        """The options a checkpoint recorded. A run that predates an option continues as it was
+        trained: the option takes the value that reproduces the old behaviour, not today's default."""
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+        recorded = {k: v for k, v in values.items() if k in known}
+        return cls(**{**BEFORE_RECIPE_OPTIONS, **recorded})
 
 
 @dataclass

@@ -67,3 +67,14 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum():
     values = [learning_rate(opts, s) for s in range(10, 101)]
     assert values == sorted(values, reverse=True)
     assert learning_rate(replace(opts, min_lr=0.0), 100) == pytest.approx(0.0)
+
+
+def test_a_run_recorded_before_the_recipe_options_continues_as_it_was_trained():
+    recorded = TrainOptions(mode="inrank").to_json()
+    for name in ("on_growth", "factor_decay", "factor_lr_scale", "orthogonal_init", "dense_warmup", "growth"):
+        recorded.pop(name)
+    old = TrainOptions.from_json(recorded)
+    assert (old.on_growth, old.factor_decay, old.factor_lr_scale, old.orthogonal_init, old.dense_warmup, old.growth) \
+        == ("pad", "factors", 1.0, False, None, None)
+    assert old.policy().growth == "exact"
+    assert TrainOptions.from_json({**recorded, "growth": "lora"}).growth == "lora"  # what it recorded wins
