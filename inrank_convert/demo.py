@@ -2,7 +2,8 @@
 
 Train a small GPT-2 twice from one seed's init on the same text for the same steps, dense and with
 InRank (the reference's recipe: the MLP factorized, ranks growing from 2); compress both runs;
-resume InRank from the dense run's artifact; measure sizes and perplexities on held-out text and
+resume InRank from the dense run's artifact, and continue the dense run dense on the same tokens for
+the same steps (what the resumed run has to keep up with); measure sizes and perplexities on held-out text and
 put the runs side by side (validation curves, the rank InRank used, bytes, time). With
 ../shared/data it uses the GPT-2 tokenizer and WikiText-2 (valid to train, test to evaluate);
 without it, it trains a byte-level BPE tokenizer on the Python standard library's own sources and
@@ -92,6 +93,7 @@ class DemoResult:
     dense_artifact: CompressResult
     inrank_artifact: CompressResult
     resumed: TrainResult
+    continued: TrainResult
     measured: ReportResult
     comparison: CompareResult
     plots: list[Path]
@@ -107,9 +109,13 @@ class DemoResult:
         for run, summary, artifact in ((self.dense, self.comparison.runs[0], self.dense_artifact),
                                        (self.inrank, self.comparison.runs[1], self.inrank_artifact)):
             rows.append(_story_row(summary.label, run, summary, artifact, perplexity))
-        rows.append({"run": "resumed InRank", "steps": self.resumed.step, "seconds": round(self.resumed.seconds, 1),
-                     "start_total_rank": self.resumed_start_rank, "total_rank": self.resumed.total_rank,
-                     "checkpoint_perplexity": perplexity.get(str(self.resumed.checkpoints[-1]))})
+        for label, run in (("resumed InRank", self.resumed), ("dense continued", self.continued)):
+            rows.append({"run": label, "steps": run.step, "seconds": round(run.seconds, 1),
+                         "val_perplexity": None if run.val_loss is None else math.exp(run.val_loss),
+                         "trainable_parameters": run.trainable_parameters,
+                         "start_total_rank": self.resumed_start_rank if run is self.resumed else None,
+                         "total_rank": run.total_rank if run.ranks else None,
+                         "checkpoint_perplexity": perplexity.get(str(run.checkpoints[-1]))})
         return rows
 
     @property
@@ -152,7 +158,7 @@ class DemoResult:
             "story": self.story(),
             "dense": self.dense.to_json(), "inrank": self.inrank.to_json(),
             "dense_artifact": artifact(self.dense_artifact), "inrank_artifact": artifact(self.inrank_artifact),
-            "resumed": self.resumed.to_json(), "measured": self.measured.to_json(),
+            "resumed": self.resumed.to_json(), "continued": self.continued.to_json(), "measured": self.measured.to_json(),
             "comparison": self.comparison.to_json(),
             "ranks": self.rank_table(), "plots": [str(p) for p in self.plots], "seconds": round(self.seconds, 1),
         }
@@ -268,37 +274,42 @@ def run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None = No
                   val_data=str(data.eval_text), eval_every=max(1, settings.steps // 5), eval_blocks=settings.eval_blocks)
     model = f"{settings.n_layer}x{settings.n_embd} GPT-2"
 
-    say(f"1/6 training a {model} dense from scratch for {settings.steps} steps on {data.train_text.name}")
+    say(f"1/7 training a {model} dense from scratch for {settings.steps} steps on {data.train_text.name}")
     dense = train(config_dir, out / "dense", TrainOptions(steps=settings.steps, mode="dense", lr=settings.lr, **common),
                   on_step=on_step)
-    say(f"2/6 training it with InRank{'-Efficient' if settings.efficient else ''} from the same init, text and steps "
+    say(f"2/7 training it with InRank{'-Efficient' if settings.efficient else ''} from the same init, text and steps "
         f"({flag('--factorize')} {settings.factorize}, ranks from {settings.initial_rank})")
     inrank = train(config_dir, out / "inrank", TrainOptions(
         steps=settings.steps, mode="inrank", lr=settings.lr, efficient=settings.efficient, factorize=settings.factorize,
         growth=settings.growth, initial_rank=settings.initial_rank, buffer=settings.buffer,
         rank_warmup=settings.rank_warmup, rank_every=settings.rank_every, **common), on_step=on_step)
 
-    say(f"3/6 compressing both runs at threshold {settings.threshold}")
+    say(f"3/7 compressing both runs at threshold {settings.threshold}")
     dense_artifact = compress(out / "dense", out / "dense-artifact", options=_plan(settings))
     inrank_artifact = compress(out / "inrank", out / "inrank-artifact", options=_plan(settings))
 
-    say(f"4/6 resuming InRank from {dense_artifact.output.name} for {settings.resume_steps} steps")
+    say(f"4/7 resuming InRank from {dense_artifact.output.name} for {settings.resume_steps} steps")
     resume_warmup = max(1, settings.resume_steps // 5)
     # A third of the peak learning rate: the run continues without the spike of a second full
     # warm-up. Ranks grow only where the buffers learn more than the artifact's 10% left out.
     resumed = resume(dense_artifact.output, out / "resumed", dict(
         steps=settings.resume_steps, lr=settings.lr / 3, buffer=settings.buffer, rank_warmup=resume_warmup,
         rank_every=resume_warmup, **common), on_step=on_step)
+    say(f"5/7 continuing the dense run dense for {settings.resume_steps} steps on the same tokens")
+    continued = train(dense.checkpoints[-1], out / "continued", TrainOptions(
+        steps=settings.resume_steps, mode="dense", lr=settings.lr / 3, **common), on_step=on_step)
 
-    say(f"5/6 measuring size and perplexity on {data.eval_text.name} ({settings.eval_tokens} tokens)")
+    say(f"6/7 measuring size and perplexity on {data.eval_text.name} ({settings.eval_tokens} tokens)")
     measured = report(dense_artifact.output, data.eval_text, original=dense.checkpoints[-1],
-                      also=(inrank.checkpoints[-1], inrank_artifact.output, resumed.checkpoints[-1]),
+                      also=(inrank.checkpoints[-1], inrank_artifact.output, resumed.checkpoints[-1],
+                            continued.checkpoints[-1]),
                       max_tokens=settings.eval_tokens)
 
-    say("6/6 putting the dense and InRank runs side by side")
+    say("7/7 putting the dense and InRank runs side by side")
     comparison = compare_runs(out / "dense", out / "inrank")
     plots = [plot_compare_runs(comparison, out / "runs.png"), plot_report(measured, out / "report.png")]
-    result = DemoResult(settings, data, dense, inrank, dense_artifact, inrank_artifact, resumed, measured, comparison,
+    result = DemoResult(settings, data, dense, inrank, dense_artifact, inrank_artifact, resumed, continued, measured,
+                        comparison,
                         plots, time.perf_counter() - started)
     (out / MARKER).write_text(json.dumps(result.to_json(), indent=1) + "\n")
     return result

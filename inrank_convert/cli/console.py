@@ -319,7 +319,8 @@ def render_demo(result: dict) -> None:
         models.add_column(column, justify="right", no_wrap=True)
     labels = {result["dense"]["checkpoints"][-1]: "dense (trained)", result["dense_artifact"]["output"]: "dense, compressed",
               result["inrank"]["checkpoints"][-1]: "InRank (trained)", result["inrank_artifact"]["output"]: "InRank, compressed",
-              result["resumed"]["checkpoints"][-1]: "resumed InRank"}
+              result["resumed"]["checkpoints"][-1]: "resumed InRank",
+              result["continued"]["checkpoints"][-1]: "dense continued"}
     for row in measured["models"]:
         change = row["change_percent"]
         models.add_row(labels.get(row["path"], row["label"]), row["path"], human_bytes(row["bytes"]),
@@ -333,9 +334,13 @@ def render_demo(result: dict) -> None:
     for row in result["ranks"]:
         ranks.add_row(row["type"], *("" if row.get(c) is None else f"{row[c]:.1f}".removesuffix(".0") for c in columns))
     stdout.print(ranks)
-    resumed = story[2]
+    resumed, continued = story[2], story[3]
     stdout.print(f"InRank resumed from the dense artifact: {resumed['steps']} steps, total rank {resumed['start_total_rank']} "
-                 f"-> {resumed['total_rank']}; plots: {', '.join(result['plots'])}; {result['seconds']:.0f} s in all")
+                 f"-> {resumed['total_rank']}, validation perplexity {_optional(resumed['val_perplexity'], '.2f')} "
+                 f"training {_optional(resumed['trainable_parameters'], ',')} parameters; the dense run continued on the "
+                 f"same tokens: {_optional(continued['val_perplexity'], '.2f')} training "
+                 f"{_optional(continued['trainable_parameters'], ',')}; plots: {', '.join(result['plots'])}; "
+                 f"{result['seconds']:.0f} s in all")
 
 
 def render_sweep(result: dict) -> None:

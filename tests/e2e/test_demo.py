@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -22,15 +23,15 @@ def run_cli(args: list) -> object:
 
 
 def check_outputs(out: Path, summary: dict) -> None:
-    for name in ("dense/step-4", "inrank/step-4", "dense-artifact", "inrank-artifact", "resumed/step-2"):
+    for name in ("dense/step-4", "inrank/step-4", "dense-artifact", "inrank-artifact", "resumed/step-2", "continued/step-2"):
         assert (out / name).is_dir(), name
     assert (out / "runs.png").stat().st_size > 0 and (out / "report.png").stat().st_size > 0
     models = summary["measured"]["models"]
-    assert len(models) == 5  # dense, its artifact, InRank, its artifact, the resumed model
+    assert len(models) == 6  # dense, its artifact, InRank, its artifact, the resumed and the continued model
     for row in models:
         assert row["perplexity"] > 1 and row["bytes"] > 0
-    dense, inrank, resumed = summary["story"]
-    assert dense["steps"] == inrank["steps"] == 4 and resumed["steps"] == 2
+    dense, inrank, resumed, continued = summary["story"]
+    assert dense["steps"] == inrank["steps"] == 4 and resumed["steps"] == continued["steps"] == 2
     # The story's numbers are the runs' own: validation from metrics.jsonl, perplexity from the report.
     runs = summary["comparison"]["runs"]
     assert dense["val_perplexity"] == pytest.approx(runs[0]["final_val_perplexity"])
@@ -44,6 +45,10 @@ def check_outputs(out: Path, summary: dict) -> None:
     types = {row["type"] for row in summary["ranks"]}
     assert {"attn.c_attn", "mlp.c_fc"} <= types
     assert resumed["total_rank"] >= resumed["start_total_rank"]
+    # The continuation is the dense run's last checkpoint trained on: every parameter, on the resumed run's tokens.
+    assert continued["val_perplexity"] == pytest.approx(math.exp(summary["continued"]["val_loss"]))
+    assert continued["trainable_parameters"] == summary["dense"]["trainable_parameters"] > 0 < resumed["trainable_parameters"]
+    assert continued["checkpoint_perplexity"] == by_path[summary["continued"]["checkpoints"][-1]]
 
 
 @pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data (GPT-2 tokenizer, Tiny Shakespeare, WikiText-2)")
