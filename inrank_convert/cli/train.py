@@ -154,6 +154,9 @@ def resume_command(
     on_growth: OnGrowthOpt = None,
     factor_decay: FactorDecayOpt = None,
     factor_lr_scale: FactorLrOpt = None,
+    embedding_training: Annotated[str | None, typer.Option(
+        "--embedding-training", help="A lowrank+rows embedding of the artifact trains dense (every row; the default) "
+                                     "or as rows (its stored rows and its low-rank part).")] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -170,7 +173,7 @@ def resume_command(
         save_every=save_every, eval_every=eval_every, log_every=log_every, tokenizer=tokenizer, criterion=criterion,
         threshold=threshold, buffer=buffer, rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank,
         weight_decay=weight_decay, growth=growth, on_growth=on_growth, factor_decay=factor_decay,
-        factor_lr_scale=factor_lr_scale)
+        factor_lr_scale=factor_lr_scale, embedding_training=embedding_training)
     with console.training_progress(steps or 0, 0, quiet or json_output) as update:
         result = resume(source, output, overrides, init=init, init_seed=init_seed, no_init=no_init, on_step=update)
     _finish_training(result, json_output)

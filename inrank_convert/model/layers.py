@@ -120,3 +120,62 @@ class LowRankLinear(nn.Module):
         reference = "none" if self.weight_ref is None else "frozen"
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"reference={reference}, bias={self.bias is not None}, merged={self.merged}")
+
+
+class RowsLowRankEmbedding(nn.Module):
+    """A token embedding stored as ``lowrank+rows``, trained in that form: ``W_ref + B @ A`` plus
+    the stored rows' own updates (as the artifact reconstructs it).
+
+        weight = W_ref + B @ A;  weight[row_index] += rows      W_ref [V, d], B [V, k], A [k, d], rows [K, d]
+
+    The rows (tokens the training text uses) train one by one; every other row follows the shared
+    low-rank part (the drift the softmax gives the rows of unseen tokens). So training it costs
+    K * d + k * (V + d) parameters instead of V * d. The weight is formed for each forward: an
+    [V, d] sum, small next to the [tokens, V] logits it feeds when the head is tied (``TiedHead``).
+    """
+
+    def __init__(self, lora_A: torch.Tensor, lora_B: torch.Tensor, rows: torch.Tensor, row_index: torch.Tensor,
+                 weight_ref: torch.Tensor | None = None, padding_idx: int | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = lora_B.shape[0], lora_A.shape[1]
+        self.lora_A = nn.Parameter(lora_A)  # [k, d]
+        self.lora_B = nn.Parameter(lora_B)  # [V, k]
+        self.rows = nn.Parameter(rows)  # [K, d]
+        self.register_buffer("row_index", row_index.to(torch.int64))  # [K]
+        self.register_buffer("weight_ref", weight_ref)  # [V, d] or None
+        self.padding_idx = padding_idx
+
+    @property
+    def weight(self) -> torch.Tensor:
+        base = self.lora_B @ self.lora_A  # [V, d]
+        if self.weight_ref is not None:
+            base = base + self.weight_ref
+        return base.index_add(0, self.row_index, self.rows.to(base.dtype))
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(input_ids, self.weight, self.padding_idx)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, rank={self.lora_A.shape[0]}, "
+                f"rows={self.rows.shape[0]}, reference={'none' if self.weight_ref is None else 'frozen'}")
+
+
+class TiedHead(nn.Module):
+    """An LM head tied to a ``RowsLowRankEmbedding``: logits = x @ embedding.weight.T (+ bias). The
+    embedding is held outside the module tree so its parameters are listed once."""
+
+    def __init__(self, embedding: RowsLowRankEmbedding, bias: torch.Tensor | None = None):
+        super().__init__()
+        self._embedding = (embedding,)  # a tuple: not registered as a submodule
+        self.bias = None if bias is None else nn.Parameter(bias)
+
+    @property
+    def embedding(self) -> RowsLowRankEmbedding:
+        return self._embedding[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.embedding.weight
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.embedding.weight, self.bias)

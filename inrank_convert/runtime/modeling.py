@@ -25,7 +25,7 @@ from inrank_convert.model.architecture import (
     meta_model,
     replace_module,
 )
-from inrank_convert.model.layers import LowRankLinear
+from inrank_convert.model.layers import LowRankLinear, RowsLowRankEmbedding, TiedHead
 from inrank_convert.weights.checkpoints import Checkpoint
 
 if TYPE_CHECKING:
@@ -106,21 +106,23 @@ def unfilled_tensors(state: dict[str, torch.Tensor], filled: set[str]) -> list[s
 
 def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     merge: bool = False, init: str | Path | None = None,
-                    zero_as_lowrank: bool = False) -> PreTrainedModel:
+                    zero_as_lowrank: bool = False, rows_as_factors: bool = False) -> PreTrainedModel:
     """A Hugging Face causal LM running from the artifact at ``path``.
 
     The reference is rebuilt and verified (path hashes, seed regeneration, embedded hashes);
     ``init`` overrides its location. ``merge=True`` folds every LowRankLinear into a dense weight
     (dense speed, dense memory). The model is returned in eval mode on ``device``.
     ``zero_as_lowrank=True`` (for training) makes zero-update linear weights rank-0 LowRankLinears
-    too, so that they can grow.
+    too, so that they can grow; ``rows_as_factors=True`` (for training) makes a ``lowrank+rows``
+    embedding a RowsLowRankEmbedding (its factors and rows train, not every row), and a head tied
+    to it a TiedHead.
     """
     path = Path(path)
     artifact = open_artifact(path, init)
     try:
         config = model_config(path)
         model = empty_model(config, dtype)
-        _fill(model, artifact, dtype, zero_as_lowrank)
+        _fill(model, artifact, dtype, zero_as_lowrank, rows_as_factors)
     finally:
         artifact.close()
     model.to(device)
@@ -131,7 +133,8 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
     return model.eval()
 
 
-def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowrank: bool = False) -> None:
+def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowrank: bool = False,
+          rows_as_factors: bool = False) -> None:
     conv1d = conv1d_class()
     modules = dict(model.named_modules())
     state = model.state_dict(keep_vars=True)
@@ -162,6 +165,9 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowr
             layer = LowRankLinear.from_stored(B.to(dtype), A.to(dtype), None if reference is None else reference.to(dtype),
                                               conv1d=isinstance(owner, conv1d), bias=owner.bias)
             replace_module(model, owner_name, layer)
+        elif rows_as_factors and entry.kind == "lowrank+rows" and entry.reference_rows is None and attr == "weight" \
+                and isinstance(owner, nn.Embedding):
+            _rows_embedding(model, owner_name, owner, artifact, name, dtype)
         else:
             with torch.no_grad():
                 target.copy_(artifact.reconstruct(name))
@@ -183,6 +189,23 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowr
     if missing:
         raise ArtifactError(f"artifact lacks {len(missing)} tensor(s) the model needs: {', '.join(missing[:3])}",
                             str(artifact.path), "the artifact's config.json does not match its tensors")
+
+
+def _rows_embedding(model: nn.Module, owner_name: str, owner: nn.Embedding, artifact: Artifact, name: str,
+                    dtype: torch.dtype) -> None:
+    """Replace the embedding ``owner_name`` by the trainable form of its lowrank+rows entry, and any
+    module whose weight is the same Parameter (a tied LM head) by a TiedHead on it."""
+    B, A = artifact.factors(name)  # [V, k], [k, d]
+    index, rows = artifact.rows(name)  # [K], [K, d]
+    reference = artifact.reference.get(name)
+    layer = RowsLowRankEmbedding(A.to(dtype), B.to(dtype), rows.to(dtype), index,
+                                 None if reference is None else reference.to(dtype), owner.padding_idx)
+    tied = [module_name for module_name, module in model.named_modules()
+            if module is not owner and getattr(module, "weight", None) is owner.weight]
+    replace_module(model, owner_name, layer)
+    for module_name in tied:
+        head = model.get_submodule(module_name)
+        replace_module(model, module_name, TiedHead(layer, getattr(head, "bias", None)))
 
 
 def _place(model: nn.Module, state: dict, places: dict[str, str | None], name: str, where: Path | str,

@@ -22,7 +22,7 @@ from inrank_convert.artifact import (
 )
 from inrank_convert.core.errors import CheckpointError
 from inrank_convert.core.tensors import storage_key, without_aliases
-from inrank_convert.model.layers import LowRankLinear
+from inrank_convert.model.layers import LowRankLinear, RowsLowRankEmbedding, TiedHead
 from inrank_convert.weights.outputs import atomic_output_dir
 from inrank_convert.weights.run_folder import step_folder, write_training_state
 
@@ -39,10 +39,19 @@ def add_model_tensors(writer: ArtifactWriter, model: nn.Module) -> int:
     listed as aliases.
     """
     low_rank = {name: module for name, module in model.named_modules() if isinstance(module, LowRankLinear)}
+    rows_form = {name: module for name, module in model.named_modules() if isinstance(module, RowsLowRankEmbedding)}
     seen: dict[tuple[int, int], str] = {}
     original = 0
     for name, tensor in model.state_dict(keep_vars=False).items():
         owner, _, attr = name.rpartition(".")
+        if owner in rows_form and attr in ("lora_A", "lora_B", "rows", "row_index", "weight_ref"):
+            if attr == "lora_A":  # an embedding trained as lowrank+rows is stored as one
+                layer = rows_form[owner]
+                entry = writer.add_lowrank(f"{owner}.weight", layer.lora_B.detach(), layer.lora_A.detach(),
+                                           shape=(layer.num_embeddings, layer.embedding_dim), dtype=layer.lora_A.dtype,
+                                           rows=layer.rows.detach(), row_index=layer.row_index)
+                original += entry.original_bytes
+            continue
         if owner in low_rank and attr in ("lora_A", "lora_B", "weight_ref"):
             if attr == "lora_A":
                 layer = low_rank[owner]
@@ -58,6 +67,12 @@ def add_model_tensors(writer: ArtifactWriter, model: nn.Module) -> int:
             continue
         seen[key] = name
         original += writer.add_dense(name, tensor.detach()).original_bytes
+    names = {id(module): name for name, module in rows_form.items()}
+    for name, module in model.named_modules():
+        if isinstance(module, TiedHead):  # the head is the embedding's weight: an alias
+            embedding = module.embedding
+            writer.add_alias(f"{name}.weight", f"{names[id(embedding)]}.weight",
+                             shape=(embedding.num_embeddings, embedding.embedding_dim), dtype=embedding.lora_A.dtype)
     return original
 
 

@@ -275,7 +275,7 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
         tokenizer = load_tokenizer(folders, options.tokenizer)
         block_size, tokens, val = _checked_start(run, options, tokenizer, config, options.tokenizer or str(artifact))
         start_run(run, world)
-        model = load_compressed(artifact, zero_as_lowrank=True)
+        model = load_compressed(artifact, zero_as_lowrank=True, rows_as_factors=options.embedding_training == "rows")
         ranks = {name: layer.rank for name, layer in low_rank_layers(model)}
         controller = RankController(options.policy(), ranks)
         generator = torch.Generator().manual_seed(options.seed * 1_000_003)
@@ -339,7 +339,8 @@ def _resume_run(source: Path, run: Path | None, given: dict, on_step) -> TrainRe
             ensure_writable_run(target)
         barrier(world)
         if trainer_state["mode"] == "inrank":
-            model = load_compressed(checkpoint, zero_as_lowrank=True)
+            # A checkpoint stores an embedding in the form it trained in: rows and factors, or dense.
+            model = load_compressed(checkpoint, zero_as_lowrank=True, rows_as_factors=True)
             controller = RankController.from_state_dict(trainer_state["rank_controller"])
             controller.policy = options.policy()
         else:

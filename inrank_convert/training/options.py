@@ -22,11 +22,12 @@ from inrank_convert.training.optimizer import FACTOR_DECAYS
 from inrank_convert.training.rank_control import FACTORIZE_CHOICES, GROWTH_MODES, ON_GROWTH, RankPolicy
 
 MODES = ("dense", "inrank")
+EMBEDDING_TRAINING = ("dense", "rows")
 
 
 # What a run recorded before the recipe options existed behaved like this.
 BEFORE_RECIPE_OPTIONS = {"growth": None, "on_growth": "pad", "factor_decay": "factors", "factor_lr_scale": 1.0,
-                         "orthogonal_init": False, "dense_warmup": None}
+                         "orthogonal_init": False, "dense_warmup": None, "embedding_training": "dense"}
 
 
 @dataclass
@@ -71,6 +72,7 @@ class TrainOptions:
     factor_lr_scale: float = 1.0  # the factors' learning rate is lr * this
     orthogonal_init: bool = False  # the factorized layers' init W_0 replaced by an orthogonal one of the same norm
     dense_warmup: int | None = None  # train dense this many steps, then factorize (compress) and go on low rank
+    embedding_training: str = "dense"  # resume: a lowrank+rows embedding trains dense, or as its rows and factors
 
     def policy(self) -> RankPolicy:
         growth = self.growth or ("random" if self.efficient else "exact")
@@ -147,6 +149,9 @@ def check_options(options: TrainOptions) -> None:
     if options.on_growth not in ON_GROWTH:
         bad(f"unknown {flag('--on-growth')} {options.on_growth!r}", flag("--on-growth"),
             "choose pad (moments padded with zeros) or resplit (balanced SVD re-split, fresh moments)")
+    if options.embedding_training not in EMBEDDING_TRAINING:
+        bad(f"unknown {flag('--embedding-training')} {options.embedding_training!r}", flag("--embedding-training"),
+            "choose dense (every row trains) or rows (the stored rows and the low-rank part train)")
     if options.factor_decay not in FACTOR_DECAYS:
         bad(f"unknown {flag('--factor-decay')} {options.factor_decay!r}", flag("--factor-decay"),
             "choose factors (AdamW decays A and B) or frobenius (decay of B @ A)")

@@ -1,0 +1,72 @@
+"""A lowrank+rows embedding resumed as its rows and factors (--embedding-training rows): step 0 is
+the artifact's model, the head stays tied, only the stored rows and the factors train, checkpoints
+store it as lowrank+rows, and a run folder resumes it exactly."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from inrank_convert.artifact import read_manifest
+from inrank_convert.compression.job import compress
+from inrank_convert.model.layers import RowsLowRankEmbedding, TiedHead
+from inrank_convert.runtime.modeling import load_compressed
+from inrank_convert.training.entrypoints import resume
+from inrank_convert.weights.run_folder import read_metrics
+from tests.helpers.training import HAS_DATA, TEXT, losses
+
+needs_data = pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data (GPT-2 tokenizer and Tiny Shakespeare)")
+
+
+@pytest.fixture(scope="module")
+def rows_artifact(tmp_path_factory, real_run):
+    """The session's real run (2x64 GPT-2, 60 steps of Tiny Shakespeare) compressed by default."""
+    base = tmp_path_factory.mktemp("rows")
+    compress(real_run.run, base / "artifact")
+    entry = read_manifest(base / "artifact").tensors["transformer.wte.weight"]
+    assert entry.kind == "lowrank+rows" and entry.rows and entry.rank
+    return base / "artifact"
+
+
+def test_the_rows_form_is_the_stored_weight_and_ties_the_head(rows_artifact):
+    dense = load_compressed(rows_artifact)
+    model = load_compressed(rows_artifact, zero_as_lowrank=True, rows_as_factors=True)
+    embedding, head = model.get_input_embeddings(), model.lm_head
+    assert isinstance(embedding, RowsLowRankEmbedding) and isinstance(head, TiedHead) and head.embedding is embedding
+    assert torch.allclose(embedding.weight, dense.get_input_embeddings().weight, atol=1e-6)
+    ids = torch.randint(0, 50257, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, dense(input_ids=ids).logits, atol=1e-4)
+    trained = {name for name, p in model.named_parameters() if p.requires_grad and "wte" in name}
+    assert trained == {"transformer.wte.lora_A", "transformer.wte.lora_B", "transformer.wte.rows"}
+    rows = embedding.rows.shape[0]
+    assert rows < embedding.num_embeddings  # only the stored rows train one by one
+
+
+@needs_data
+def test_resumed_rows_start_at_the_artifact_and_train_fewer_parameters(rows_artifact, tmp_path):
+    settings = dict(data=str(TEXT), steps=1, batch_size=4, block_size=16, seed=5, buffer=3)
+    rows = resume(rows_artifact, tmp_path / "rows", {**settings, "embedding_training": "rows"})
+    dense = resume(rows_artifact, tmp_path / "dense", settings)
+    # The same first batch and dropout masks as the dense-embedding resume, whose step 0 is the artifact's model.
+    assert read_metrics(tmp_path / "rows")[0]["loss"] == pytest.approx(read_metrics(tmp_path / "dense")[0]["loss"],
+                                                                        rel=1e-5, abs=1e-5)
+    embedding = load_compressed(rows_artifact).get_input_embeddings().weight
+    saved_rows = read_manifest(rows_artifact).tensors["transformer.wte.weight"].rows
+    assert dense.trainable_parameters - rows.trainable_parameters > (embedding.shape[0] - saved_rows - 3 * 50257) * 64
+    stored = read_manifest(tmp_path / "rows" / "step-1").tensors
+    assert stored["transformer.wte.weight"].kind == "lowrank+rows" and stored["lm_head.weight"].of == "transformer.wte.weight"
+
+
+@needs_data
+def test_a_rows_run_resumes_exactly(rows_artifact, tmp_path):
+    run = tmp_path / "run"
+    resume(rows_artifact, run, dict(data=str(TEXT), steps=6, batch_size=4, block_size=16, seed=5, buffer=3,
+                                    save_every=3, log_every=1, embedding_training="rows"))
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "step-6")
+    result = resume(copy, None, {})
+    assert result.start_step == 3 and losses(copy) == losses(run)
