@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench demo lint docs clean
+.PHONY: install test test-fast bench ablation demo lint docs clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ test: install
 
 bench: install
 	$(BIN)/python -m benchmarks
+
+# The low-rank training ablation (docs/training.md#recipes): every row is a 1,000-step run, hours on
+# 2 CPU cores; ROWS="dense warm100" runs some. Rows already in benchmarks/out/train-ablation are kept.
+ablation: install
+	$(BIN)/python -m benchmarks.train_ablation $(ROWS)
 
 # Train a small GPT-2 dense and with InRank from one init on real text (../shared/data, or a
 # fallback corpus), compress both, resume InRank, report and compare: about 6 minutes on 2 CPU cores.

@@ -1,0 +1,197 @@
+"""The low-rank training ablation: one command per row, on the README's setting, and its table.
+
+A 4x128 GPT-2 (GPT-2 tokenizer) from seed 0, 1,000 steps on Tiny Shakespeare up to the first line
+end at or after 90% of it (batch 16 x 64, lr 3e-3, cosine to 3e-4, 100 warm-up steps), validation
+on the rest every 100 steps (32 windows of 64 tokens). InRank rows add ``--buffer 16 --rank-warmup
+50 --rank-every 10`` (sized for a 128-wide model, as the README's runs). The resume rows start from
+the dense row's step 500: the t = 0.9 default artifact of it resumed for 500 steps (lr 1e-3, seed
+1), against the same checkpoint trained dense for the same 500 steps on the same tokens.
+
+    python -m benchmarks.train_ablation --out ablation              # every row (hours on 2 CPU cores)
+    python -m benchmarks.train_ablation --out ablation dense warm100  # some rows; the table of all done
+    python -m benchmarks.train_ablation --list                      # the rows and their commands
+
+Each row is its own run folder under ``--out``; a row already there is not run again. The table
+(markdown, also ``table.json``) comes from ``compare-runs`` of each row against its baseline row:
+final validation perplexity, its change against the baseline, the total rank of the factorized
+layers as a share of their full rank (final, and mean over the logged steps, a dense warm-up's
+steps counting as full rank), the parameters the optimizer trained at the end, tokens/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+INRANK = ["--mode", "inrank", "--buffer", "16", "--rank-warmup", "50", "--rank-every", "10"]
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    what: str
+    args: tuple[str, ...] = ()
+    kind: str = "train"  # train (from the seed) | resume (the dense row's step-500 artifact) | continue (dense)
+    baseline: str = "dense"
+
+
+ROWS = [
+    Row("dense", "dense", ("--save-every", "500")),
+    Row("inrank", "`--mode inrank` as the reference has it (W_init + B A, exact growth)", (*INRANK,)),
+    Row("inrank-lora-orth", "`--mode inrank`, buffer columns that learn (`--growth lora`), orthogonal W_0",
+        (*INRANK, "--growth", "lora", "--orthogonal-init")),
+    Row("efficient", "InRank-Efficient as the reference has it (kaiming factors, random growth)",
+        (*INRANK, "--efficient")),
+    Row("full-kaiming", "control: full-rank B A, kaiming factors", (*INRANK, "--efficient", "--initial-rank", "128")),
+    Row("full-spectral", "full-rank B A, spectral init (B A = the dense init)",
+        (*INRANK, "--efficient", "--growth", "exact", "--initial-rank", "128")),
+    Row("dense-wd", "dense, weight decay 0.1", ("--weight-decay", "0.1")),
+    Row("full-spectral-wd", "full-rank spectral B A, weight decay 0.1 on A and B",
+        (*INRANK, "--efficient", "--growth", "exact", "--initial-rank", "128", "--weight-decay", "0.1")),
+    Row("full-spectral-frob", "full-rank spectral B A, Frobenius decay 0.1 on B A",
+        (*INRANK, "--efficient", "--growth", "exact", "--initial-rank", "128", "--weight-decay", "0.1",
+         "--factor-decay", "frobenius")),
+    Row("inrank-resplit", "`--mode inrank --growth lora`, balanced re-split and fresh moments at every growth",
+        (*INRANK, "--growth", "lora", "--on-growth", "resplit")),
+    Row("warm100", "dense 100 steps, then compress (inrank criterion, t = 0.9) and go on low rank, lora growth",
+        (*INRANK, "--dense-warmup", "100", "--growth", "lora")),
+    Row("warm200", "the same, dense 200 steps", (*INRANK, "--dense-warmup", "200", "--growth", "lora")),
+    Row("warm300", "the same, dense 300 steps", (*INRANK, "--dense-warmup", "300", "--growth", "lora")),
+    Row("warm100-energy", "dense 100 steps, then compress at energy 0.9, lora growth",
+        (*INRANK, "--dense-warmup", "100", "--growth", "lora", "--criterion", "energy", "--threshold", "0.9")),
+    Row("warm100-lr0.5", "warm100, factors at 0.5x lr", (*INRANK, "--dense-warmup", "100", "--growth", "lora",
+                                                           "--factor-lr-scale", "0.5")),
+    Row("warm100-lr0.25", "warm100, factors at 0.25x lr", (*INRANK, "--dense-warmup", "100", "--growth", "lora",
+                                                            "--factor-lr-scale", "0.25")),
+    Row("continued", "the dense row's step 500 trained dense 500 more steps", (), "continue", "continued"),
+    Row("resumed", "its t = 0.9 artifact resumed (exact growth, embedding trained dense)", (), "resume", "continued"),
+    Row("resumed-lora", "the same, `--growth lora`", ("--growth", "lora"), "resume", "continued"),
+    Row("resumed-rows", "the same, `--growth lora --embedding-training rows`",
+        ("--growth", "lora", "--embedding-training", "rows"), "resume", "continued"),
+]
+STEPS, RESUME_STEPS = 1000, 500
+COMMON = ["--batch-size", "16", "--block-size", "64", "--eval-every", "100", "--json", "--quiet"]
+
+
+def split_text(out: Path) -> tuple[Path, Path]:
+    """Tiny Shakespeare up to the first line end at or after 90% (train) and the rest (validation)."""
+    text = (DATA / "tinyshakespeare" / "input.txt").read_text()
+    cut = text.find("\n", int(len(text) * 0.9)) + 1
+    train, val = out / "train.txt", out / "val.txt"
+    if not train.is_file():
+        train.write_text(text[:cut])
+        val.write_text(text[cut:])
+    return train, val
+
+
+def config(out: Path) -> Path:
+    from transformers import GPT2Config
+
+    folder = out / "config"
+    if not (folder / "config.json").is_file():
+        GPT2Config(n_embd=128, n_layer=4, n_head=4, n_positions=128, vocab_size=50257, bos_token_id=50256,
+                   eos_token_id=50256).save_pretrained(folder)
+    return folder
+
+
+def command(row: Row, out: Path) -> list[str]:
+    train, val = out / "train.txt", out / "val.txt"
+    data = ["--data", str(train), "--val-data", str(val)]
+    cli = [sys.executable, "-m", "inrank_convert"]
+    if row.kind == "train":
+        return [*cli, "train", str(out / "config"), "-o", str(out / row.name), *data, "--tokenizer",
+                str(DATA / "gpt2-tokenizer"), "--steps", str(STEPS), "--lr", "3e-3", "--seed", "0", *COMMON, *row.args]
+    source = out / "dense" / "step-500" if row.kind == "continue" else out / "dense-step500-t09"
+    verb = "train" if row.kind == "continue" else "resume"
+    return [*cli, verb, str(source), "-o", str(out / row.name), *data, "--steps", str(RESUME_STEPS), "--lr", "1e-3",
+            "--seed", "1", *COMMON, *row.args]
+
+
+def run_row(row: Row, out: Path) -> None:
+    if (out / row.name / "metrics.jsonl").is_file() and (out / f"{row.name}.json").is_file():
+        return
+    if row.kind != "train":
+        run_row(ROWS[0], out)
+        artifact = out / "dense-step500-t09"
+        if row.kind == "resume" and not artifact.is_dir():
+            subprocess.run([sys.executable, "-m", "inrank_convert", "compress", str(out / "dense" / "step-500"),
+                            "--init-seed", "0", "-o", str(artifact), "--quiet"], check=True)
+    print(f"== {row.name}: {' '.join(command(row, out)[2:])}", flush=True)
+    result = subprocess.run(command(row, out), check=True, capture_output=True, text=True)
+    (out / f"{row.name}.json").write_text(result.stdout)
+
+
+def table(out: Path) -> list[dict]:
+    from inrank_convert.measure.compare_runs import compare_runs
+
+    rows = []
+    for row in ROWS:
+        if not (out / f"{row.name}.json").is_file() or not (out / row.baseline).is_dir():
+            continue
+        result = json.loads((out / f"{row.name}.json").read_text())
+        pair = compare_runs(out / row.baseline, out / row.name)
+        base, this = pair.runs
+        change = None
+        if base.final_val_loss is not None and this.final_val_loss is not None:
+            change = 100 * (math.exp(this.final_val_loss - base.final_val_loss) - 1)
+        rows.append({"row": row.name, "what": row.what, "val_perplexity": math.exp(this.final_val_loss),
+                     "vs": row.baseline, "change_percent": change, "rank_final": this.final_rank_fraction,
+                     "rank_mean": this.mean_rank_fraction, "trainable_parameters": result.get("trainable_parameters"),
+                     "tokens_per_second": this.tokens_per_second, "bytes": this.bytes})
+    return rows
+
+
+def markdown(rows: list[dict]) -> str:
+    def pct(value):
+        return "" if value is None else f"{100 * value:.1f}%"
+
+    lines = ["| row | what | val. perplexity | vs baseline | rank final / mean | parameters trained | tokens/s |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        change = "" if r["row"] == r["vs"] else f"{r['change_percent']:+.1f}% ({r['vs']})"
+        params = "" if r["trainable_parameters"] is None else f"{r['trainable_parameters']:,}"
+        ranks = "" if r["rank_final"] is None else f"{pct(r['rank_final'])} / {pct(r['rank_mean'])}"
+        lines.append(f"| {r['row']} | {r['what']} | {r['val_perplexity']:.2f} | {change} | {ranks} | {params} | "
+                     f"{r['tokens_per_second']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("rows", nargs="*", help="rows to run (default: all)")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "out" / "train-ablation")
+    parser.add_argument("--list", action="store_true", help="print the rows and their commands")
+    args = parser.parse_args(argv)
+    names = {row.name: row for row in ROWS}
+    unknown = [name for name in args.rows if name not in names]
+    if unknown:
+        print(f"error: unknown row {unknown[0]!r}; rows: {', '.join(names)}", file=sys.stderr)
+        return 2
+    out = args.out.absolute()
+    if args.list:
+        for row in ROWS:
+            print(f"{row.name}: {' '.join(command(row, out)[2:])}")
+        return 0
+    if not (DATA / "tinyshakespeare" / "input.txt").is_file():
+        print(f"error: Tiny Shakespeare not found under {DATA}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    split_text(out)
+    config(out)
+    for name in args.rows or list(names):
+        run_row(names[name], out)
+    rows = table(out)
+    (out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(markdown(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
