@@ -238,6 +238,22 @@ def check_initial_rank(model: nn.Module, factorize: str, initial_rank: int | Non
                          flag("--initial-rank"), f"pass at most {full}")
 
 
+def oriented_weight(module: nn.Module) -> torch.Tensor:
+    """A Linear's or Conv1D's weight as [out, in] (Conv1D stores [in, out]), detached."""
+    weight = module.weight.detach()
+    return weight.T if isinstance(module, conv1d_class()) else weight
+
+
+def empty_low_rank(module: nn.Module, reference: torch.Tensor | None) -> LowRankLinear:
+    """A rank-0 LowRankLinear standing in for ``module`` (its bias, its storage orientation) over
+    ``reference`` [out, in] (None: pure B @ A); the caller gives it factors."""
+    out_features, in_features = oriented_weight(module).shape
+    layer = LowRankLinear(module.weight.new_zeros(0, in_features), module.weight.new_zeros(out_features, 0),
+                          reference, module.bias)
+    layer.stored_transposed = isinstance(module, conv1d_class())
+    return layer
+
+
 DEFAULT_FACTORIZE = "mlp"  # the InRank reference factorizes the MLP projections only
 DEFAULT_INITIAL_RANK = 2  # the reference's init_modes
 
@@ -254,16 +270,11 @@ def factorize_model(model: nn.Module, policy: RankPolicy, efficient: bool, gener
     factors as in the reference's InRank-Efficient.
     """
     check_initial_rank(model, factorize, initial_rank)
-    conv1d = conv1d_class()
     ranks = {}
     for name, module in factorized_layers(model, factorize):
-        transposed = isinstance(module, conv1d)
-        weight = module.weight.detach()
-        weight = weight.T if transposed else weight  # [out, in]
+        weight = oriented_weight(module)  # [out, in]
         out_features, in_features = weight.shape
-        layer = LowRankLinear(weight.new_zeros(0, in_features), weight.new_zeros(out_features, 0),
-                              None if efficient else weight.clone(), module.bias)
-        layer.stored_transposed = transposed
+        layer = empty_low_rank(module, None if efficient else weight.clone())
         buffer = policy.layer_buffer(layer)
         full = min(in_features, out_features)
         rank = min(full, initial_rank if initial_rank is not None else DEFAULT_INITIAL_RANK)

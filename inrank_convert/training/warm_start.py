@@ -26,8 +26,14 @@ from inrank_convert.inputs.sources import open_checkpoint
 from inrank_convert.linalg.criteria import RankRule, choose_rank
 from inrank_convert.linalg.svd import balanced_factors
 from inrank_convert.model.architecture import conv1d_class, replace_module
-from inrank_convert.model.layers import LowRankLinear
-from inrank_convert.training.rank_control import RankController, RankPolicy, factorized_layers, grow_layer
+from inrank_convert.training.rank_control import (
+    RankController,
+    RankPolicy,
+    empty_low_rank,
+    factorized_layers,
+    grow_layer,
+    oriented_weight,
+)
 from inrank_convert.weights.run_folder import read_init_recipe
 
 
@@ -72,21 +78,16 @@ def factorize_trained(model: nn.Module, init_weights: dict[str, torch.Tensor] | 
     ``init_weights`` is None): B @ A the best rank-r approximation of W - W_init, r from ``rule``
     (capped at the policy's max rank), plus the policy's buffer of columns grown its way.
     Returns each layer's rank."""
-    conv1d = conv1d_class()
     ranks = {}
     for name, module in factorized_layers(model, factorize):
-        transposed = isinstance(module, conv1d)
-        weight = module.weight.detach()
-        weight = weight.T if transposed else weight  # [out, in]
+        weight = oriented_weight(module)  # [out, in]
         reference = None
         if init_weights is not None:
             stored = init_weights[f"{name}.weight"].to(device=weight.device, dtype=weight.dtype)
-            reference = (stored.T if transposed else stored).contiguous()  # [out, in]
+            reference = (stored.T if isinstance(module, conv1d_class()) else stored).contiguous()  # [out, in]
         update = weight - reference if reference is not None else weight
         U, S, Vh = torch.linalg.svd(update.double(), full_matrices=False)
-        layer = LowRankLinear(weight.new_zeros(0, weight.shape[1]), weight.new_zeros(weight.shape[0], 0), reference,
-                              module.bias)
-        layer.stored_transposed = transposed
+        layer = empty_low_rank(module, reference)
         energy = float(S.square().sum())
         rank = min(choose_rank(S, energy, rule) if energy > 0 else 0, policy.layer_max_rank(layer))
         B, A = balanced_factors(U, S, Vh, rank)  # [out, r], [r, in]
