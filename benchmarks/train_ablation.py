@@ -66,6 +66,11 @@ ROWS = [
     Row("warm300", "the same, dense 300 steps", (*INRANK, "--dense-warmup", "300", "--growth", "lora")),
     Row("warm100-energy", "dense 100 steps, then compress at energy 0.9, lora growth",
         (*INRANK, "--dense-warmup", "100", "--growth", "lora", "--criterion", "energy", "--threshold", "0.9")),
+    Row("warm100-e99", "dense 100 steps, then compress at energy 0.99, lora growth (decisions at energy 0.99)",
+        (*INRANK, "--dense-warmup", "100", "--growth", "lora", "--criterion", "energy", "--threshold", "0.99")),
+    Row("warm100-e99-eff", "the same with --efficient (W = B A, no init), ranks capped at 32",
+        (*INRANK, "--efficient", "--dense-warmup", "100", "--growth", "lora", "--criterion", "energy", "--threshold",
+         "0.99", "--max-rank", "32")),
     Row("warm100-lr0.5", "warm100, factors at 0.5x lr", (*INRANK, "--dense-warmup", "100", "--growth", "lora",
                                                            "--factor-lr-scale", "0.5")),
     Row("warm100-lr0.25", "warm100, factors at 0.25x lr", (*INRANK, "--dense-warmup", "100", "--growth", "lora",
@@ -135,7 +140,10 @@ def table(out: Path) -> list[dict]:
     for row in ROWS:
         if not (out / f"{row.name}.json").is_file() or not (out / row.baseline).is_dir():
             continue
-        result = json.loads((out / f"{row.name}.json").read_text())
+        try:
+            result = json.loads((out / f"{row.name}.json").read_text())
+        except ValueError:  # still running (or failed): no result yet
+            continue
         pair = compare_runs(out / row.baseline, out / row.name)
         base, this = pair.runs
         change = None
