@@ -155,6 +155,21 @@ class RowsLowRankEmbedding(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.weight, self.padding_idx)
 
+    @torch.no_grad()
+    def add_rows(self, indices: torch.Tensor) -> int:
+        """Give the rows ``indices`` [n] that have none a trainable row of their own, starting at zero
+        (the weight is unchanged). Returns how many were added; ``row_index`` stays sorted."""
+        new = indices.to(self.row_index.device, torch.int64).unique()
+        new = new[~torch.isin(new, self.row_index)]
+        if not new.numel():
+            return 0
+        index = torch.cat([self.row_index, new])
+        order = torch.argsort(index)
+        rows = torch.cat([self.rows.detach(), self.rows.new_zeros(new.numel(), self.embedding_dim)])
+        self.row_index = index[order]
+        self.rows = nn.Parameter(rows[order].contiguous(), requires_grad=self.rows.requires_grad)
+        return int(new.numel())
+
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, rank={self.lora_A.shape[0]}, "
                 f"rows={self.rows.shape[0]}, reference={'none' if self.weight_ref is None else 'frozen'}")

@@ -36,6 +36,7 @@ from inrank_convert.inputs.text import (
 )
 from inrank_convert.linalg.criteria import RankRule
 from inrank_convert.model.architecture import meta_model, model_context, seeded_model
+from inrank_convert.model.layers import RowsLowRankEmbedding
 from inrank_convert.runtime.modeling import load_compressed, load_dense, model_config
 from inrank_convert.training.checkpoint import save_model_weights
 from inrank_convert.training.loop import Session, run_loop
@@ -276,6 +277,11 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
         block_size, tokens, val = _checked_start(run, options, tokenizer, config, options.tokenizer or str(artifact))
         start_run(run, world)
         model = load_compressed(artifact, zero_as_lowrank=True, rows_as_factors=options.embedding_training == "rows")
+        embedding = model.get_input_embeddings()
+        if isinstance(embedding, RowsLowRankEmbedding):
+            # Every token the training text uses gets a row of its own (zero: the model is unchanged);
+            # the artifact stored rows only where the update was large.
+            embedding.add_rows(tokens[tokens < embedding.num_embeddings])
         ranks = {name: layer.rank for name, layer in low_rank_layers(model)}
         controller = RankController(options.policy(), ranks)
         generator = torch.Generator().manual_seed(options.seed * 1_000_003)

@@ -11,6 +11,7 @@ import torch
 
 from inrank_convert.artifact import read_manifest
 from inrank_convert.compression.job import compress
+from inrank_convert.inputs.text import cached_tokens, load_tokenizer
 from inrank_convert.model.layers import RowsLowRankEmbedding, TiedHead
 from inrank_convert.runtime.modeling import load_compressed
 from inrank_convert.training.entrypoints import resume
@@ -58,6 +59,11 @@ def test_resumed_rows_start_at_the_artifact_and_train_fewer_parameters(rows_arti
     assert dense.trainable_parameters - rows.trainable_parameters > (embedding.shape[0] - saved_rows - 3 * 50257) * 64
     stored = read_manifest(tmp_path / "rows" / "step-1").tensors
     assert stored["transformer.wte.weight"].kind == "lowrank+rows" and stored["lm_head.weight"].of == "transformer.wte.weight"
+    # Every token of the training text has a row of its own, beside the rows the artifact stored.
+    text_tokens = cached_tokens(TEXT, load_tokenizer(rows_artifact), None).unique()
+    trained_rows = load_compressed(tmp_path / "rows" / "step-1", zero_as_lowrank=True,
+                                   rows_as_factors=True).get_input_embeddings().row_index
+    assert bool(torch.isin(text_tokens, trained_rows).all()) and stored["transformer.wte.weight"].rows > saved_rows
 
 
 @needs_data
@@ -70,3 +76,16 @@ def test_a_rows_run_resumes_exactly(rows_artifact, tmp_path):
     shutil.rmtree(copy / "step-6")
     result = resume(copy, None, {})
     assert result.start_step == 3 and losses(copy) == losses(run)
+
+
+def test_added_rows_start_at_zero_and_keep_the_index_sorted():
+    generator = torch.Generator().manual_seed(0)
+    layer = RowsLowRankEmbedding(torch.randn(1, 4, generator=generator), torch.randn(10, 1, generator=generator),
+                                 torch.randn(3, 4, generator=generator), torch.tensor([1, 5, 8]),
+                                 torch.randn(10, 4, generator=generator))
+    before, stored = layer.weight.detach().clone(), layer.rows.detach().clone()
+    assert layer.add_rows(torch.tensor([5, 2, 9, 2])) == 2
+    assert layer.row_index.tolist() == [1, 2, 5, 8, 9]
+    assert torch.equal(layer.weight.detach(), before)
+    assert torch.equal(layer.rows[[0, 2, 3]].detach(), stored) and layer.rows[[1, 4]].eq(0).all()
+    assert layer.add_rows(torch.tensor([1, 9])) == 0
