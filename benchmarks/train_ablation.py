@@ -31,6 +31,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 INRANK = ["--mode", "inrank", "--buffer", "16", "--rank-warmup", "50", "--rank-every", "10"]
+REFERENCE = [*INRANK, "--recipe", "reference"]  # the InRank reference's mechanics for what a row leaves unset
 
 
 @dataclass(frozen=True)
@@ -44,42 +45,43 @@ class Row:
 
 ROWS = [
     Row("dense", "dense", ("--save-every", "500")),
-    Row("inrank", "`--mode inrank` as the reference has it (W_init + B A, exact growth)", (*INRANK,)),
+    Row("inrank", "`--mode inrank` as the reference has it (W_init + B A, exact growth)", (*REFERENCE,)),
     Row("inrank-lora-orth", "`--mode inrank`, buffer columns that learn (`--growth lora`), orthogonal W_0",
-        (*INRANK, "--growth", "lora", "--orthogonal-init")),
+        (*REFERENCE, "--growth", "lora", "--orthogonal-init")),
     Row("efficient", "InRank-Efficient as the reference has it (kaiming factors, random growth)",
-        (*INRANK, "--efficient")),
-    Row("full-kaiming", "control: full-rank B A, kaiming factors", (*INRANK, "--efficient", "--initial-rank", "128")),
+        (*REFERENCE, "--efficient")),
+    Row("full-kaiming", "control: full-rank B A, kaiming factors", (*REFERENCE, "--efficient", "--initial-rank", "128")),
     Row("full-spectral", "full-rank B A, spectral init (B A = the dense init)",
-        (*INRANK, "--efficient", "--growth", "exact", "--initial-rank", "128")),
+        (*REFERENCE, "--efficient", "--growth", "exact", "--initial-rank", "128")),
     Row("dense-wd", "dense, weight decay 0.1", ("--weight-decay", "0.1")),
     Row("full-spectral-wd", "full-rank spectral B A, weight decay 0.1 on A and B",
-        (*INRANK, "--efficient", "--growth", "exact", "--initial-rank", "128", "--weight-decay", "0.1")),
+        (*REFERENCE, "--efficient", "--growth", "exact", "--initial-rank", "128", "--weight-decay", "0.1")),
     Row("full-spectral-frob", "full-rank spectral B A, Frobenius decay 0.1 on B A",
-        (*INRANK, "--efficient", "--growth", "exact", "--initial-rank", "128", "--weight-decay", "0.1",
+        (*REFERENCE, "--efficient", "--growth", "exact", "--initial-rank", "128", "--weight-decay", "0.1",
          "--factor-decay", "frobenius")),
     Row("inrank-resplit", "`--mode inrank --growth lora`, balanced re-split and fresh moments at every growth",
-        (*INRANK, "--growth", "lora", "--on-growth", "resplit")),
+        (*REFERENCE, "--growth", "lora", "--on-growth", "resplit")),
     Row("warm100", "dense 100 steps, then compress (inrank criterion, t = 0.9) and go on low rank, lora growth",
-        (*INRANK, "--dense-warmup", "100", "--growth", "lora")),
-    Row("warm200", "the same, dense 200 steps", (*INRANK, "--dense-warmup", "200", "--growth", "lora")),
-    Row("warm300", "the same, dense 300 steps", (*INRANK, "--dense-warmup", "300", "--growth", "lora")),
-    Row("warm100-energy", "dense 100 steps, then compress at energy 0.9, lora growth",
-        (*INRANK, "--dense-warmup", "100", "--growth", "lora", "--criterion", "energy", "--threshold", "0.9")),
-    Row("warm100-e99", "dense 100 steps, then compress at energy 0.99, lora growth (decisions at energy 0.99)",
-        (*INRANK, "--dense-warmup", "100", "--growth", "lora", "--criterion", "energy", "--threshold", "0.99")),
-    Row("warm100-e99-eff", "the same with --efficient (W = B A, no init), ranks capped at 32",
-        (*INRANK, "--efficient", "--dense-warmup", "100", "--growth", "lora", "--criterion", "energy", "--threshold",
-         "0.99", "--max-rank", "32")),
-    Row("warm100-lr0.5", "warm100, factors at 0.5x lr", (*INRANK, "--dense-warmup", "100", "--growth", "lora",
+        (*REFERENCE, "--dense-warmup", "100", "--growth", "lora")),
+    Row("warm200", "the same, dense 200 steps", (*REFERENCE, "--dense-warmup", "200", "--growth", "lora")),
+    Row("warm300", "the same, dense 300 steps", (*REFERENCE, "--dense-warmup", "300", "--growth", "lora")),
+    Row("warm-start", "the default recipe (warm-start): dense 100 steps, then compress at energy 0.9, lora growth",
+        (*INRANK,)),
+    Row("warm-start-t0.99", "warm-start at energy 0.99 (the switch and the decisions)", (*INRANK, "--threshold", "0.99")),
+    Row("warm-start-t0.99-efficient", "the same with --efficient (W = B A, no init), ranks capped at 32",
+        (*INRANK, "--efficient", "--threshold", "0.99", "--max-rank", "32")),
+    Row("warm100-lr0.5", "warm100, factors at 0.5x lr", (*REFERENCE, "--dense-warmup", "100", "--growth", "lora",
                                                            "--factor-lr-scale", "0.5")),
-    Row("warm100-lr0.25", "warm100, factors at 0.25x lr", (*INRANK, "--dense-warmup", "100", "--growth", "lora",
+    Row("warm100-lr0.25", "warm100, factors at 0.25x lr", (*REFERENCE, "--dense-warmup", "100", "--growth", "lora",
                                                             "--factor-lr-scale", "0.25")),
     Row("continued", "the dense row's step 500 trained dense 500 more steps", (), "continue", "continued"),
-    Row("resumed", "its t = 0.9 artifact resumed (exact growth, embedding trained dense)", (), "resume", "continued"),
-    Row("resumed-lora", "the same, `--growth lora`", ("--growth", "lora"), "resume", "continued"),
+    Row("resumed-reference", "its t = 0.9 artifact resumed, `--recipe reference` (exact growth, embedding trained "
+        "dense)", ("--recipe", "reference"), "resume", "continued"),
+    Row("resumed-lora", "the same, `--growth lora`", ("--recipe", "reference", "--growth", "lora"), "resume", "continued"),
     Row("resumed-rows", "the same, `--growth lora --embedding-training rows`",
-        ("--growth", "lora", "--embedding-training", "rows"), "resume", "continued"),
+        ("--recipe", "reference", "--growth", "lora", "--embedding-training", "rows"), "resume", "continued"),
+    Row("resumed", "its t = 0.9 artifact resumed with the default recipe (warm-start: lora growth, the embedding "
+        "as rows, energy 0.9 decisions)", (), "resume", "continued"),
 ]
 STEPS, RESUME_STEPS = 1000, 500
 COMMON = ["--batch-size", "16", "--block-size", "64", "--eval-every", "100", "--json", "--quiet"]

@@ -25,6 +25,10 @@ FactorDecayOpt = Annotated[str | None, typer.Option(
                            "frobenius (decay of B @ A).")]
 FactorLrOpt = Annotated[float | None, typer.Option(
     "--factor-lr-scale", help="The factors' learning rate as a multiple of --lr (default 1).")]
+RecipeOpt = Annotated[str, typer.Option(
+    "--recipe", help="What InRank options left unset become: warm-start (dense warm-up, then energy-rule factors "
+                     "with learning buffer columns; resume: the embedding as rows) or reference (the InRank "
+                     "reference's mechanics).")]
 TrainDataOpt = Annotated[Path | None, typer.Option("--data", help="Training text: a file or a folder of text files.")]
 
 
@@ -72,8 +76,10 @@ def train_command(
     eval_every: Annotated[int | None, typer.Option("--eval-every", help="Validation loss every N steps (default: at saves).")] = None,
     log_every: Annotated[int, typer.Option("--log-every", help="A metrics.jsonl record every N steps.")] = 10,
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer folder (default: beside the config).")] = None,
-    criterion: Annotated[str, typer.Option("--criterion", help="Rank criterion: inrank (explained variance) or energy.")] = "inrank",
-    threshold: Annotated[float, typer.Option("--threshold", help="Rank criterion threshold.")] = 0.9,
+    criterion: Annotated[str | None, typer.Option(
+        "--criterion", help="Rank criterion: inrank (explained variance) or energy (default: the recipe's).")] = None,
+    threshold: Annotated[float | None, typer.Option("--threshold", help="Rank criterion threshold (default: the "
+                                                                         "recipe's).")] = None,
     buffer: Annotated[int, typer.Option("--buffer", help="Spare factor columns per layer (clipped to a quarter of full rank).")] = 100,
     rank_warmup: Annotated[int, typer.Option("--rank-warmup", help="Optimizer steps before the first rank decision.")] = 200,
     rank_every: Annotated[int, typer.Option("--rank-every", help="Optimizer steps between rank decisions.")] = 25,
@@ -92,7 +98,8 @@ def train_command(
         "--orthogonal-init", help="Start the factorized layers from an orthogonal W_0 of the init's norm.")] = False,
     dense_warmup: Annotated[int | None, typer.Option(
         "--dense-warmup", help="Train dense this many steps, then factorize the update (--criterion, --threshold) "
-                               "and go on in low rank.")] = None,
+                               "and go on in low rank; 0 = none (default: the recipe's).")] = None,
+    recipe: RecipeOpt = "warm-start",
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -110,7 +117,8 @@ def train_command(
         log_every=log_every, tokenizer=tokenizer, criterion=criterion, threshold=threshold, buffer=buffer,
         rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank, factorize=factorize,
         initial_rank=initial_rank, stage2_at=stage2_at, growth=growth, on_growth=on_growth, factor_decay=factor_decay,
-        factor_lr_scale=factor_lr_scale, orthogonal_init=orthogonal_init or None, dense_warmup=dense_warmup).items()
+        factor_lr_scale=factor_lr_scale, orthogonal_init=orthogonal_init or None, dense_warmup=dense_warmup,
+        recipe=recipe).items()
         if value is not None})
     check_options(options)
     with console.training_progress(steps, 0, quiet or json_output) as update:
@@ -155,8 +163,10 @@ def resume_command(
     factor_decay: FactorDecayOpt = None,
     factor_lr_scale: FactorLrOpt = None,
     embedding_training: Annotated[str | None, typer.Option(
-        "--embedding-training", help="A lowrank+rows embedding of the artifact trains dense (every row; the default) "
-                                     "or as rows (its stored rows and its low-rank part).")] = None,
+        "--embedding-training", help="A lowrank+rows embedding of the artifact trains dense (every row) or as rows "
+                                     "(its stored rows, a row per token of the text, and its low-rank part; "
+                                     "default: the recipe's).")] = None,
+    recipe: Annotated[str | None, RecipeOpt.__metadata__[0]] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,
 ):
@@ -173,7 +183,7 @@ def resume_command(
         save_every=save_every, eval_every=eval_every, log_every=log_every, tokenizer=tokenizer, criterion=criterion,
         threshold=threshold, buffer=buffer, rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank,
         weight_decay=weight_decay, growth=growth, on_growth=on_growth, factor_decay=factor_decay,
-        factor_lr_scale=factor_lr_scale, embedding_training=embedding_training)
+        factor_lr_scale=factor_lr_scale, embedding_training=embedding_training, recipe=recipe)
     with console.training_progress(steps or 0, 0, quiet or json_output) as update:
         result = resume(source, output, overrides, init=init, init_seed=init_seed, no_init=no_init, on_step=update)
     _finish_training(result, json_output)

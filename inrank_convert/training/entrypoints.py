@@ -153,6 +153,7 @@ def train(source: str | Path, run: str | Path, options: TrainOptions,
           on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Train from ``source`` (a config.json, or a model folder used as the init) into ``run``."""
     check_options(options)
+    options = options.resolved(from_scratch=True)
     source = resolve_model(source)  # a hub id: its snapshot folder in the Hugging Face cache
     run = Path(run)
     world = init_world(options.device)
@@ -215,6 +216,7 @@ def resume(source: str | Path, run: str | Path | None, overrides: dict, init: st
                          "pass -o RUN")
     options = replace(TrainOptions(mode="inrank"), **given)
     check_options(options)
+    options = options.resolved(from_scratch=False)
     if options.mode != "inrank":
         raise UsageError("resume trains with InRank from an artifact or checkpoint", f"{flag('--mode')} dense",
                          "use 'train' with the model folder as the init for dense training")
@@ -313,7 +315,7 @@ def _resume_run(source: Path, run: Path | None, given: dict, on_step) -> TrainRe
     checkpoint = latest_checkpoint(source)
     trainer_state, tensors = load_state(checkpoint)
     recorded = TrainOptions.from_json(trainer_state["options"])
-    options = replace(recorded, **given)
+    options = replace(recorded, **given).resolved(from_scratch=False)
     if options.efficient != recorded.efficient:
         trained = "InRank-Efficient" if recorded.efficient else f"{recorded.mode} without {flag('--efficient')}"
         raise MismatchError(f"the run was trained {trained}", str(checkpoint),

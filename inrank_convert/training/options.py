@@ -9,7 +9,7 @@ schedule has one definition that the loop, the metrics and the tests share.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from inrank_convert.artifact.manifest import creation_time
@@ -22,12 +22,23 @@ from inrank_convert.training.optimizer import FACTOR_DECAYS
 from inrank_convert.training.rank_control import FACTORIZE_CHOICES, GROWTH_MODES, ON_GROWTH, RankPolicy
 
 MODES = ("dense", "inrank")
+WARM_START_THRESHOLD = 0.9
 EMBEDDING_TRAINING = ("dense", "rows")
 
 
+# A recipe fills in the InRank options a run leaves unset (None); what it sets is measured in
+# docs/results.md#inrank-training-against-dense. "reference" is the InRank reference's mechanics.
+RECIPES = {
+    "warm-start": {"criterion": "energy", "threshold": WARM_START_THRESHOLD, "growth": "lora",
+                   "embedding_training": "rows"},
+    "reference": {"criterion": "inrank", "threshold": 0.9, "growth": None, "embedding_training": "dense"},
+}
+WARM_START_STEPS = 100  # the warm-start recipe's dense steps, at most a tenth of the run
+
 # What a run recorded before the recipe options existed behaved like this.
 BEFORE_RECIPE_OPTIONS = {"growth": None, "on_growth": "pad", "factor_decay": "factors", "factor_lr_scale": 1.0,
-                         "orthogonal_init": False, "dense_warmup": None, "embedding_training": "dense"}
+                         "orthogonal_init": False, "dense_warmup": None, "embedding_training": "dense",
+                         "recipe": "reference"}
 
 
 @dataclass
@@ -56,8 +67,8 @@ class TrainOptions:
     eval_blocks: int = 32
     log_every: int = 10
     tokenizer: str | None = None
-    criterion: str = "inrank"
-    threshold: float = 0.9
+    criterion: str | None = None  # default: the recipe's
+    threshold: float | None = None  # default: the recipe's
     buffer: int = 100
     rank_warmup: int = 200
     rank_every: int = 25
@@ -72,7 +83,22 @@ class TrainOptions:
     factor_lr_scale: float = 1.0  # the factors' learning rate is lr * this
     orthogonal_init: bool = False  # the factorized layers' init W_0 replaced by an orthogonal one of the same norm
     dense_warmup: int | None = None  # train dense this many steps, then factorize (compress) and go on low rank
-    embedding_training: str = "dense"  # resume: a lowrank+rows embedding trains dense, or as its rows and factors
+    embedding_training: str | None = None  # resume: a lowrank+rows embedding trains dense or as rows and factors
+    recipe: str = "warm-start"  # fills in what is left unset: warm-start or reference (RECIPES)
+
+    def resolved(self, from_scratch: bool) -> TrainOptions:
+        """The options with what is unset filled in by the recipe (the reference's for dense runs).
+        ``from_scratch`` (``train``): the warm-start recipe's dense warm-up applies, min(100, steps // 10)
+        steps; a run that starts from an artifact is low rank already. ``dense_warmup`` 0 means none."""
+        if self.mode != "inrank":  # a dense run records a rule only (its checkpoints name it)
+            return replace(self, criterion=self.criterion or "inrank", threshold=self.threshold or 0.9)
+        recipe = self.recipe if self.recipe in RECIPES else "reference"
+        changes = {name: value for name, value in RECIPES[recipe].items() if getattr(self, name) is None}
+        if self.dense_warmup is None and recipe == "warm-start" and from_scratch:
+            changes["dense_warmup"] = min(WARM_START_STEPS, self.steps // 10)
+        if (changes.get("dense_warmup", self.dense_warmup) or 0) == 0:
+            changes["dense_warmup"] = None
+        return replace(self, **changes)
 
     def policy(self) -> RankPolicy:
         growth = self.growth or ("random" if self.efficient else "exact")
@@ -88,7 +114,8 @@ class TrainOptions:
         trained: the option takes the value that reproduces the old behaviour, not today's default."""
         known = {f.name for f in fields(cls)}
         recorded = {k: v for k, v in values.items() if k in known}
-        return cls(**{**BEFORE_RECIPE_OPTIONS, **recorded})
+        before = BEFORE_RECIPE_OPTIONS if recorded.get("mode") == "inrank" else {}
+        return cls(**{**before, **recorded})
 
 
 @dataclass
@@ -122,6 +149,12 @@ def check_options(options: TrainOptions) -> None:
     def bad(what: str, option: str, fix: str):
         raise UsageError(what, option, fix)
 
+    if options.recipe not in RECIPES:
+        bad(f"unknown {flag('--recipe')} {options.recipe!r}", flag("--recipe"),
+            f"choose {' or '.join(RECIPES)}")
+    given = options
+    options = options.resolved(from_scratch=False)  # criterion and threshold as the run will use them
+
     creation_time()  # checkpoints record it: a malformed $SOURCE_DATE_EPOCH fails before training
 
     if options.steps <= 0:
@@ -133,9 +166,10 @@ def check_options(options: TrainOptions) -> None:
     if options.efficient and options.mode != "inrank":
         bad(f"{flag('--efficient')} is an InRank option", f"{flag('--mode')} dense", f"pass {flag('--mode')} inrank with {flag('--efficient')}")
     defaults = {f.name: f.default for f in fields(TrainOptions)}
-    inrank_only = [(name, f"--{name.replace('_', '-')}") for name in ("factorize", "initial_rank", "stage2_at", "growth", "on_growth", "factor_decay",
-                                                                      "factor_lr_scale", "orthogonal_init", "dense_warmup")
-                   if getattr(options, name) != defaults[name]]
+    inrank_names = ("recipe", "factorize", "initial_rank", "stage2_at", "growth", "on_growth", "factor_decay",
+                    "factor_lr_scale", "orthogonal_init", "dense_warmup", "embedding_training")
+    inrank_only = [(name, f"--{name.replace('_', '-')}") for name in inrank_names
+                   if getattr(given, name) != defaults[name]]
     if inrank_only and options.mode != "inrank":
         name, flag_name = inrank_only[0]
         bad(f"{flag(flag_name)} is an InRank option", f"{flag('--mode')} {options.mode}",
@@ -149,7 +183,7 @@ def check_options(options: TrainOptions) -> None:
     if options.on_growth not in ON_GROWTH:
         bad(f"unknown {flag('--on-growth')} {options.on_growth!r}", flag("--on-growth"),
             "choose pad (moments padded with zeros) or resplit (balanced SVD re-split, fresh moments)")
-    if options.embedding_training not in EMBEDDING_TRAINING:
+    if options.embedding_training is not None and options.embedding_training not in EMBEDDING_TRAINING:
         bad(f"unknown {flag('--embedding-training')} {options.embedding_training!r}", flag("--embedding-training"),
             "choose dense (every row trains) or rows (the stored rows and the low-rank part train)")
     if options.factor_decay not in FACTOR_DECAYS:
@@ -161,8 +195,8 @@ def check_options(options: TrainOptions) -> None:
     if not (math.isfinite(options.factor_lr_scale) and options.factor_lr_scale > 0):
         bad(f"{flag('--factor-lr-scale')} must be a positive number", f"{flag('--factor-lr-scale')} {options.factor_lr_scale}",
             "e.g. 0.5 (the factors learn at half --lr)")
-    if options.dense_warmup is not None and not 1 <= options.dense_warmup < options.steps:
-        bad(f"{flag('--dense-warmup')} must end before the run does (1 to {flag('--steps')} - 1 = {options.steps - 1})",
+    if options.dense_warmup is not None and not 0 <= options.dense_warmup < options.steps:
+        bad(f"{flag('--dense-warmup')} must end before the run does (0 to {flag('--steps')} - 1 = {options.steps - 1})",
             f"{flag('--dense-warmup')} {options.dense_warmup}", f"pass fewer steps than {flag('--steps')} {options.steps}")
     if options.dense_warmup is not None and options.stage2_at is not None and options.stage2_at <= options.dense_warmup:
         bad(f"{flag('--stage2-at')} comes before the switch to low rank", f"{flag('--stage2-at')} {options.stage2_at}",

@@ -38,7 +38,15 @@ def test_inrank_rows_pass_the_options_check(row, tmp_path):
     while args:
         flag = args.pop(0).removeprefix("--").replace("-", "_")
         value = True if (not args or args[0].startswith("--")) else args.pop(0)
-        field = TrainOptions.__dataclass_fields__[flag]
-        values[flag] = value if value is True else type(field.default)(value) if field.default is not None else (
-            int(value) if value.isdigit() else value)
+        assert flag in TrainOptions.__dataclass_fields__, flag
+        values[flag] = value if value is True else _number(value)
     check_options(TrainOptions(**values))
+
+
+def _number(text: str):
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text

@@ -29,12 +29,14 @@ def tiny_config(folder: Path, **overrides) -> Path:
 
 
 def options(**overrides) -> TrainOptions:
-    """TrainOptions of a short InRank run (12 steps, ranks decided from step 3) on Tiny Shakespeare."""
+    """TrainOptions of a short InRank run (12 steps, ranks decided from step 3) on Tiny Shakespeare, with
+    the reference recipe (no dense warm-up, exact growth, the inrank criterion) unless overridden."""
     settings = dict(data=str(TEXT), steps=12, mode="inrank", batch_size=4, block_size=16, lr=3e-3, log_every=1,
                     tokenizer=str(TOKENIZER), buffer=2, rank_warmup=3, rank_every=3, seed=3)
     settings.update(overrides)
     if settings["mode"] == "inrank":
         settings.setdefault("factorize", "all")  # these tests exercise every kind of layer
+        settings.setdefault("recipe", "reference")  # the InRank reference's mechanics, unless a test names another
     return TrainOptions(**settings)
 
 

@@ -183,7 +183,7 @@ def test_torchrun_with_two_gloo_processes_matches_one_process(tmp_path, config_p
     if not torchrun.is_file():
         pytest.skip("torchrun is not installed beside this python")
     args = [str(config_path), "--data", str(TEXT), "--tokenizer", str(TOKENIZER), "--steps", "6", "--mode", "inrank",
-            "--batch-size", "4", "--block-size", "16", "--log-every", "1", "--buffer", "2", "--rank-warmup", "2",
+            "--recipe", "reference", "--batch-size", "4", "--block-size", "16", "--log-every", "1", "--buffer", "2", "--rank-warmup", "2",
             "--rank-every", "2", "--save-every", "3", "--seed", "3", "--lr", "3e-3", "--quiet", "--factorize", "all"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "inrank_convert", "train",

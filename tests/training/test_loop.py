@@ -26,7 +26,8 @@ needs_data = pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data (GPT-
 
 @needs_data
 def test_sigint_saves_a_checkpoint_and_the_resumed_run_matches(tmp_path, config_path):
-    args = ["--data", TEXT, "--tokenizer", TOKENIZER, "--steps", "400", "--mode", "inrank", "--batch-size", "4",
+    args = ["--data", TEXT, "--tokenizer", TOKENIZER, "--steps", "400", "--mode", "inrank", "--recipe", "reference",
+            "--batch-size", "4",
             "--block-size", "16", "--log-every", "1", "--buffer", "2", "--rank-warmup", "3", "--rank-every", "3",
             "--seed", "3", "--lr", "3e-3", "--warmup", "0", "--min-lr", "3e-3", "--factorize", "all"]
     run = tmp_path / "run"
@@ -82,7 +83,8 @@ def test_stage_two_freezes_the_ranks(tmp_path):
     data = tmp_path / "text.txt"
     data.write_text(TEXT.read_text()[:20_000])
     run = tmp_path / "run"
-    expect_ok(["train", config, "-o", run, "--data", data, "--steps", "16", *SMALL, "--mode", "inrank", "--efficient",
+    expect_ok(["train", config, "-o", run, "--data", data, "--steps", "16", *SMALL, "--mode", "inrank",
+               "--recipe", "reference", "--efficient",
                "--factorize", "mlp", "--initial-rank", "2", "--buffer", "2", "--rank-warmup", "2", "--rank-every", "2",
                "--stage2-at", "8", "--log-every", "1", "--quiet"])
     records = read_metrics(run)
