@@ -1,7 +1,8 @@
 """The end-to-end story on real text, as one library call (``inrank-convert demo``, ``make demo``).
 
 Train a small GPT-2 twice from one seed's init on the same text for the same steps, dense and with
-InRank (the reference's recipe: the MLP factorized, ranks growing from 2); compress both runs;
+InRank (the default recipe, warm-start: the MLP dense for a tenth of the steps, then factorized
+at the rank its update needs, with buffer columns that learn); compress both runs;
 resume InRank from the dense run's artifact, and continue the dense run dense on the same tokens for
 the same steps (what the resumed run has to keep up with); measure sizes and perplexities on held-out text and
 put the runs side by side (validation curves, the rank InRank used, bytes, time). With
@@ -62,14 +63,15 @@ class DemoSettings:
     eval_blocks: int = 16  # validation windows during training (block_size tokens each)
     seed: int = 0
     fallback_chars: int = FALLBACK_CHARS
-    # The InRank run: the reference's InRank-Efficient (MLP factorized, W = B @ A from kaiming
-    # factors, ranks growing from 2 by switching on random columns); a buffer and schedule sized
-    # for a 128-wide model and a few hundred steps (the reference's 100 / 200 / 25 are for GPT-2
-    # small over thousands).
+    # The InRank run: the default recipe (warm-start) on the MLP, W = W_init + B @ A; a buffer and
+    # schedule sized for a 128-wide model and a few hundred steps (the reference's 100 / 200 / 25
+    # are for GPT-2 small over thousands). recipe "reference" with efficient=True is the InRank
+    # reference's InRank-Efficient.
     factorize: str = "mlp"
-    efficient: bool = True
-    growth: str | None = None  # the default: random with efficient
-    initial_rank: int = 2
+    efficient: bool = False
+    recipe: str = "warm-start"
+    growth: str | None = None  # the recipe's
+    initial_rank: int | None = None  # the recipe's (the reference starts at 2)
     buffer: int = 16
     rank_warmup: int = 25
     rank_every: int = 10
@@ -278,10 +280,10 @@ def run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None = No
     dense = train(config_dir, out / "dense", TrainOptions(steps=settings.steps, mode="dense", lr=settings.lr, **common),
                   on_step=on_step)
     say(f"2/7 training it with InRank{'-Efficient' if settings.efficient else ''} from the same init, text and steps "
-        f"({flag('--factorize')} {settings.factorize}, ranks from {settings.initial_rank})")
+        f"({flag('--factorize')} {settings.factorize}, {flag('--recipe')} {settings.recipe})")
     inrank = train(config_dir, out / "inrank", TrainOptions(
         steps=settings.steps, mode="inrank", lr=settings.lr, efficient=settings.efficient, factorize=settings.factorize,
-        growth=settings.growth, initial_rank=settings.initial_rank, buffer=settings.buffer,
+        recipe=settings.recipe, growth=settings.growth, initial_rank=settings.initial_rank, buffer=settings.buffer,
         rank_warmup=settings.rank_warmup, rank_every=settings.rank_every, **common), on_step=on_step)
 
     say(f"3/7 compressing both runs at threshold {settings.threshold}")
@@ -294,7 +296,7 @@ def run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None = No
     # warm-up. Ranks grow only where the buffers learn more than the artifact's 10% left out.
     resumed = resume(dense_artifact.output, out / "resumed", dict(
         steps=settings.resume_steps, lr=settings.lr / 3, buffer=settings.buffer, rank_warmup=resume_warmup,
-        rank_every=resume_warmup, **common), on_step=on_step)
+        rank_every=resume_warmup, recipe=settings.recipe, **common), on_step=on_step)
     say(f"5/7 continuing the dense run dense for {settings.resume_steps} steps on the same tokens")
     continued = train(dense.checkpoints[-1], out / "continued", TrainOptions(
         steps=settings.resume_steps, mode="dense", lr=settings.lr / 3, **common), on_step=on_step)
