@@ -80,8 +80,8 @@ ROWS = [
     Row("resumed-lora", "the same, `--growth lora`", ("--recipe", "reference", "--growth", "lora"), "resume", "continued"),
     Row("resumed-rows", "the same, `--growth lora --embedding-training rows`",
         ("--recipe", "reference", "--growth", "lora", "--embedding-training", "rows"), "resume", "continued"),
-    Row("resumed", "its t = 0.9 artifact resumed with the default recipe (warm-start: lora growth, the embedding "
-        "as rows, energy 0.9 decisions)", (), "resume", "continued"),
+    Row("resumed", "its t = 0.9 artifact resumed with the default recipe (warm-start: lora growth, energy 0.9 "
+        "decisions, the embedding trained dense)", (), "resume", "continued"),
 ]
 STEPS, RESUME_STEPS = 1000, 500
 COMMON = ["--batch-size", "16", "--block-size", "64", "--eval-every", "100", "--json", "--quiet"]

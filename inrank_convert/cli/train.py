@@ -26,9 +26,8 @@ FactorDecayOpt = Annotated[str | None, typer.Option(
 FactorLrOpt = Annotated[float | None, typer.Option(
     "--factor-lr-scale", help="The factors' learning rate as a multiple of --lr (default 1).")]
 RecipeOpt = Annotated[str, typer.Option(
-    "--recipe", help="What InRank options left unset become: warm-start (dense warm-up, then energy-rule factors "
-                     "with learning buffer columns; resume: the embedding as rows) or reference (the InRank "
-                     "reference's mechanics).")]
+    "--recipe", help="What InRank options left unset become: warm-start (a dense warm-up, then energy-rule factors "
+                     "with buffer columns that learn) or reference (the InRank reference's mechanics).")]
 TrainDataOpt = Annotated[Path | None, typer.Option("--data", help="Training text: a file or a folder of text files.")]
 
 

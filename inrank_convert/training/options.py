@@ -30,7 +30,7 @@ EMBEDDING_TRAINING = ("dense", "rows")
 # docs/results.md#inrank-training-against-dense. "reference" is the InRank reference's mechanics.
 RECIPES = {
     "warm-start": {"criterion": "energy", "threshold": WARM_START_THRESHOLD, "growth": "lora",
-                   "embedding_training": "rows"},
+                   "embedding_training": "dense"},
     "reference": {"criterion": "inrank", "threshold": 0.9, "growth": None, "embedding_training": "dense"},
 }
 WARM_START_STEPS = 100  # the warm-start recipe's dense steps, at most a tenth of the run
