@@ -30,7 +30,7 @@ ablation: install
 	$(BIN)/python -m benchmarks.train_ablation $(ROWS)
 
 # Train a small GPT-2 dense and with InRank from one init on real text (../shared/data, or a
-# fallback corpus), compress both, resume InRank, report and compare: about 6 minutes on 2 CPU cores.
+# fallback corpus), compress both, resume InRank, continue dense, report and compare: about 7 minutes on 2 CPU cores.
 demo: install
 	$(BIN)/inrank-convert demo --out demo-out
 
