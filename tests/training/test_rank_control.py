@@ -274,7 +274,7 @@ def test_lora_growth_keeps_the_function_and_starts_a_at_kaiming_scale():
     x = torch.randn(3, 64, generator=generator)
     before = layer(x).detach()
     grow_layer(layer, 40, None, torch.Generator().manual_seed(1), "lora")
-    new_rows, new_columns = layer.lora_A[2:], layer.lora_B[:, 2:]
+    new_rows, new_columns = layer.lora_A[2:].detach(), layer.lora_B[:, 2:].detach()
     assert torch.allclose(layer(x), before, atol=1e-5) and new_columns.eq(0).all()
     bound = 64 ** -0.5
     assert new_rows.abs().max() <= bound and new_rows.abs().max() > 0.9 * bound  # U(-1/sqrt(in), 1/sqrt(in))
