@@ -174,21 +174,20 @@ def check_options(options: TrainOptions) -> None:
         name, flag_name = inrank_only[0]
         bad(f"{flag(flag_name)} is an InRank option", f"{flag('--mode')} {options.mode}",
             f"pass {flag('--mode')} inrank with {flag(flag_name)}")
-    if options.factorize not in FACTORIZE_CHOICES:
-        bad(f"unknown {flag('--factorize')} {options.factorize!r}", flag("--factorize"),
-            f"choose one of {', '.join(FACTORIZE_CHOICES)} (the InRank reference factorizes mlp)")
-    if options.growth is not None and options.growth not in GROWTH_MODES:
-        bad(f"unknown {flag('--growth')} {options.growth!r}", flag("--growth"),
-            "choose exact (new columns leave the function unchanged) or random (the InRank reference's)")
-    if options.on_growth not in ON_GROWTH:
-        bad(f"unknown {flag('--on-growth')} {options.on_growth!r}", flag("--on-growth"),
-            "choose pad (moments padded with zeros) or resplit (balanced SVD re-split, fresh moments)")
-    if options.embedding_training is not None and options.embedding_training not in EMBEDDING_TRAINING:
-        bad(f"unknown {flag('--embedding-training')} {options.embedding_training!r}", flag("--embedding-training"),
-            "choose dense (every row trains) or rows (the stored rows and the low-rank part train)")
-    if options.factor_decay not in FACTOR_DECAYS:
-        bad(f"unknown {flag('--factor-decay')} {options.factor_decay!r}", flag("--factor-decay"),
-            "choose factors (AdamW decays A and B) or frobenius (decay of B @ A)")
+    # Options that take one of a few names: (value, its flag, the names, what each means).
+    choices = [
+        (options.factorize, "--factorize", FACTORIZE_CHOICES, "the InRank reference factorizes mlp"),
+        (options.growth, "--growth", GROWTH_MODES,
+         "exact and lora leave the function unchanged; random is the InRank reference's"),
+        (options.on_growth, "--on-growth", ON_GROWTH,
+         "pad keeps the moments; resplit re-splits the factors and starts their moments afresh"),
+        (options.embedding_training, "--embedding-training", EMBEDDING_TRAINING,
+         "dense trains every row; rows trains the stored rows and the low-rank part"),
+        (options.factor_decay, "--factor-decay", FACTOR_DECAYS, "factors: AdamW decays A and B; frobenius: B @ A"),
+    ]
+    for value, option, names, meaning in choices:
+        if value is not None and value not in names:
+            bad(f"unknown {flag(option)} {value!r}", flag(option), f"choose one of {', '.join(names)} ({meaning})")
     if options.factor_decay == "frobenius" and options.weight_decay == 0:
         bad(f"{flag('--factor-decay')} frobenius decays B @ A by {flag('--weight-decay')}, which is 0",
             f"{flag('--factor-decay')} frobenius", f"pass {flag('--weight-decay')} (e.g. 0.1) as well")
