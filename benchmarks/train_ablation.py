@@ -131,8 +131,14 @@ def run_row(row: Row, out: Path) -> None:
             subprocess.run([sys.executable, "-m", "inrank_convert", "compress", str(out / "dense" / "step-500"),
                             "--init-seed", "0", "-o", str(artifact), "--quiet"], check=True)
     print(f"== {row.name}: {' '.join(command(row, out)[2:])}", flush=True)
-    result = subprocess.run(command(row, out), check=True, capture_output=True, text=True)
+    result = subprocess.run(command(row, out), capture_output=True, text=True)
+    if result.returncode != 0:  # the CLI's own one-line error says what and how to fix
+        raise RowFailed(f"row {row.name} failed (exit {result.returncode}): {result.stderr.strip()[-500:]}")
     (out / f"{row.name}.json").write_text(result.stdout)
+
+
+class RowFailed(Exception):
+    pass
 
 
 def table(out: Path) -> list[dict]:
@@ -195,8 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     split_text(out)
     config(out)
-    for name in args.rows or list(names):
-        run_row(names[name], out)
+    try:
+        for name in args.rows or list(names):
+            run_row(names[name], out)
+    except RowFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     rows = table(out)
     (out / "table.json").write_text(json.dumps(rows, indent=1) + "\n")
     print(markdown(rows))

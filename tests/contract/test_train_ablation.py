@@ -50,3 +50,14 @@ def _number(text: str):
         except ValueError:
             pass
     return text
+
+
+@pytest.mark.skipif(not (train_ablation.DATA / "tinyshakespeare" / "input.txt").is_file(),
+                    reason="needs ../shared/data (Tiny Shakespeare)")
+def test_a_failing_row_is_one_line_and_exit_1(tmp_path, capsys):
+    (tmp_path / "dense").mkdir()
+    (tmp_path / "dense" / "notes.txt").write_text("not a run")  # the row's run folder is taken
+    assert train_ablation.main(["dense", "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: row dense failed (exit 2)") and "Traceback" not in err[0]
+    assert (tmp_path / "dense" / "notes.txt").read_text() == "not a run"
