@@ -9,7 +9,6 @@ metrics records must come in the same order in every process and in a resumed ru
 
 from __future__ import annotations
 
-import json
 import math
 import signal
 import time
@@ -34,6 +33,7 @@ from inrank_convert.training.checkpoint import (
     optimizer_tensors,
     save_checkpoint,
 )
+from inrank_convert.training.metrics import MetricsLog, metrics_record
 from inrank_convert.training.optimizer import (
     adopt_state,
     apply_frobenius_decay,
@@ -44,8 +44,8 @@ from inrank_convert.training.optimizer import (
 )
 from inrank_convert.training.options import TrainOptions, TrainResult, learning_rate
 from inrank_convert.training.rank_control import RankController, grow_layer, low_rank_layers, resplit_layer
-from inrank_convert.training.warm_start import run_init_reference, switch_to_low_rank
-from inrank_convert.weights.run_folder import open_metrics, step_folder
+from inrank_convert.training.warm_start import switch_to_low_rank
+from inrank_convert.weights.run_folder import step_folder
 
 # --- the session: model, optimizer, data, rank control ----------------------------------------
 
@@ -230,9 +230,9 @@ def enter_low_rank(session: Session) -> None:
     opts = session.options
     init_folder = step_folder(session.run, 0)
     generator = torch.Generator().manual_seed(opts.seed * 1_000_003 + session.step)
-    session.controller = switch_to_low_rank(session.model, None if opts.efficient else init_folder, opts.policy(),
-                                            RankRule(opts.criterion, opts.threshold), opts.factorize, generator)
-    session.reference = run_init_reference(init_folder, opts.efficient)
+    session.controller, session.reference = switch_to_low_rank(
+        session.model, init_folder, opts.efficient, opts.policy(), RankRule(opts.criterion, opts.threshold),
+        opts.factorize, generator)
     session.model.to(session.device)
     previous = session.optimizer
     session.optimizer = session.new_optimizer()
@@ -323,48 +323,6 @@ def due_actions(session: Session, stop_requested: bool) -> Due:
     stop = any_true(stop_requested, session.world, session.device)  # a collective: all processes stop together
     log = step % opts.log_every == 0 or step == 1 or final or evaluate or stop
     return Due(final, save, evaluate, stop, log)
-
-
-class MetricsLog:
-    """metrics.jsonl (written by process 0) and the on_step callback; tracks the throughput since
-    the last record."""
-
-    def __init__(self, session: Session, on_step: Callable[[dict], None] | None):
-        self.is_main = session.world.is_main
-        self.file = open_metrics(session.run) if self.is_main else None
-        self.on_step = on_step
-        self.tokens_per_step = session.options.batch_size * session.block_size
-        self.started, self.steps = time.perf_counter(), 0
-
-    def tokens_per_second(self) -> float:
-        elapsed = time.perf_counter() - self.started
-        return round(self.tokens_per_step * self.steps / max(elapsed, 1e-9), 1)
-
-    def write(self, record: dict) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
-        if self.on_step is not None and self.is_main:
-            self.on_step(record)
-        self.started, self.steps = time.perf_counter(), 0
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()
-
-
-def metrics_record(session: Session, loss: float, val_loss: float | None, tokens_per_second: float) -> dict:
-    """One metrics record; ``val_loss`` only on steps that evaluated."""
-    record = {"step": session.step, "loss": loss, "lr": learning_rate(session.options, session.step),
-              "tokens_per_second": tokens_per_second}
-    if val_loss is not None:
-        record["val_loss"] = val_loss
-    if session.controller is not None:
-        record["ranks"] = dict(session.controller.ranks)
-        record["total_rank"] = session.controller.total_rank
-    elif session.options.mode == "inrank":
-        record["dense_warmup"] = True  # full rank until the switch: compare-runs counts it so
-    return record
 
 
 # --- the loop --------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -57,20 +56,6 @@ def init_reference(init_folder: Path, efficient: bool, seed: int | None,
         checkpoint.close()
 
 
-def run_init_reference(init_folder: Path, efficient: bool) -> ReferenceRecord:
-    """``init_reference`` of a run's ``step-0`` as ``train`` wrote it (its weights and seed recipe)."""
-    if efficient:
-        return ReferenceRecord("zero")
-    state = load_file(str(Path(init_folder) / "model.safetensors"))
-    return init_reference(init_folder, efficient, read_init_recipe(init_folder), state)
-
-
-def read_init_weights(init_folder: Path, names: list[str]) -> dict[str, torch.Tensor]:
-    """The tensors ``names`` of the run's init (``step-0/model.safetensors``, written by ``train``)."""
-    with safe_open(str(Path(init_folder) / "model.safetensors"), framework="pt") as handle:
-        return {name: handle.get_tensor(name) for name in names}
-
-
 @torch.no_grad()
 def factorize_trained(model: nn.Module, init_weights: dict[str, torch.Tensor] | None, policy: RankPolicy,
                       rule: RankRule, factorize: str, generator: torch.Generator) -> dict[str, int]:
@@ -100,12 +85,15 @@ def factorize_trained(model: nn.Module, init_weights: dict[str, torch.Tensor] | 
     return ranks
 
 
-def switch_to_low_rank(model: nn.Module, init_folder: Path | None, policy: RankPolicy, rule: RankRule,
-                       factorize: str, generator: torch.Generator) -> RankController:
-    """The switch of a dense warm-up: factorize the trained layers against the init in
-    ``init_folder`` (None: InRank-Efficient, no reference) and return the rank controller."""
-    init_weights = None
-    if init_folder is not None:
-        names = [f"{name}.weight" for name, _ in factorized_layers(model, factorize)]
-        init_weights = read_init_weights(init_folder, names)
-    return RankController(policy, factorize_trained(model, init_weights, policy, rule, factorize, generator))
+def switch_to_low_rank(model: nn.Module, init_folder: Path, efficient: bool, policy: RankPolicy, rule: RankRule,
+                       factorize: str, generator: torch.Generator) -> tuple[RankController, ReferenceRecord]:
+    """The switch of a dense warm-up: factorize the trained layers against the run's init in
+    ``init_folder`` (``RUN/step-0``, read once; with ``efficient`` no reference) and return the rank
+    controller and the reference the run's checkpoints record from then on."""
+    if efficient:
+        ranks = factorize_trained(model, None, policy, rule, factorize, generator)
+        return RankController(policy, ranks), ReferenceRecord("zero")
+    init_state = load_file(str(Path(init_folder) / "model.safetensors"))
+    ranks = factorize_trained(model, init_state, policy, rule, factorize, generator)
+    reference = init_reference(init_folder, False, read_init_recipe(init_folder), init_state)
+    return RankController(policy, ranks), reference
