@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench ablation demo lint docs clean
+.PHONY: install test test-fast bench bench-scale ablation demo lint docs clean
 
 install: $(STAMP)
 
@@ -23,6 +23,11 @@ test: install
 
 bench: install
 	$(BIN)/python -m benchmarks
+
+# A LLaMA-7B-shaped bfloat16 pair written and compressed (docs/benchmarks.md#a-7b-shaped-pair):
+# ~30 GB of free disk and ~15 minutes on 2 cores; not part of bench or CI.
+bench-scale: install
+	$(BIN)/python -m benchmarks scale
 
 # The low-rank training ablation (docs/training.md#recipes): every row is a 1,000-step run, hours on
 # 2 CPU cores; ROWS="dense warm100" runs some. Rows already in benchmarks/out/train-ablation are kept.

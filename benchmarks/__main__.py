@@ -1,7 +1,9 @@
 """Run every benchmark (or those named on the command line), print one ratio table, write results.json.
 
 Usage: python -m benchmarks [compress] [svd] [memory] [runtime] [train] [compression] [calibration] [llama]
-       [distributed]
+       [distributed] [scale]
+
+``scale`` (a 7B-shaped pair) runs only when named.
 
 A benchmark module may define ``skip_reason()``: when it returns a reason the benchmark is skipped
 (said on stdout and recorded in results.json). A row whose ``passed`` is None has no target (it is
@@ -27,6 +29,7 @@ from . import (
     bench_llama,
     bench_memory,
     bench_runtime,
+    bench_scale,
     bench_svd,
     bench_train,
 )
@@ -36,7 +39,9 @@ BUSY_WARNING = 0.05  # other processes' share of the CPUs above which timings ar
 
 BENCHMARKS = {module.NAME: module
               for module in (bench_compress, bench_svd, bench_memory, bench_runtime, bench_train, bench_compression,
-                              bench_calibration, bench_llama, bench_distributed)}
+                              bench_calibration, bench_llama, bench_distributed, bench_scale)}
+# Run only when named (``python -m benchmarks scale``, ``make bench-scale``): 30 GB of disk, ~15 min.
+ON_REQUEST = {bench_scale.NAME}
 RESULTS_FILE = Path(__file__).resolve().parent / "results.json"
 COLUMNS = ("benchmark", "measured", "baseline", "ratio", "target", "result")
 
@@ -72,7 +77,7 @@ def main(argv: list[str]) -> int:
     if unknown:
         print(f"unknown benchmark(s): {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}", file=sys.stderr)
         return 2
-    selected = argv or list(BENCHMARKS)
+    selected = argv or [name for name in BENCHMARKS if name not in ON_REQUEST]
     started = time.perf_counter()
     results: list[BenchResult] = []
     owners: list[str] = []  # the benchmark each row came from

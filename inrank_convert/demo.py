@@ -34,6 +34,8 @@ from inrank_convert.measure.plots import plot_compare_runs, plot_report
 from inrank_convert.measure.report import ReportResult, report
 from inrank_convert.training.entrypoints import resume, train
 from inrank_convert.training.options import TrainOptions, TrainResult
+from inrank_convert.weights.output_lock import output_lock
+from inrank_convert.weights.outputs import check_output_outside
 
 MARKER = "demo.json"  # a folder holding it was written by the demo, and may be replaced by it
 FALLBACK_VOCAB = 4096
@@ -259,7 +261,15 @@ def _prepare_out(out: Path) -> None:
 
 def run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None = None,
              on_step: Callable[[dict], None] | None = None) -> DemoResult:
-    """Run the whole story into ``settings.out``; ``on_stage(text)`` announces each stage."""
+    """Run the whole story into ``settings.out``; ``on_stage(text)`` announces each stage. The
+    folder is checked (not the current folder, not in the data) and locked for the whole demo."""
+    check_output_outside(Path(settings.out), (settings.data_dir,))
+    with output_lock(Path(settings.out)):
+        return _run_demo(settings, on_stage, on_step)
+
+
+def _run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None,
+              on_step: Callable[[dict], None] | None) -> DemoResult:
     started = time.perf_counter()
     out = Path(settings.out)
     say = on_stage or (lambda text: None)

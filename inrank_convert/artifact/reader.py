@@ -4,6 +4,7 @@ reference they are an update to (``Artifact``)."""
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
@@ -91,6 +92,11 @@ def _check_stored(manifest: Manifest, file: Path, stored: dict) -> None:
     unknown = [stored_name for stored_name in manifest.checksums if stored_name not in stored]
     if unknown:
         raise ArtifactError(f"manifest has a checksum for {unknown[0]!r}, which the file lacks", where, DAMAGED)
+    # Every writer of every version recorded a checksum per stored tensor: one missing means the
+    # manifest was edited, and a tensor without one could be changed unseen.
+    unchecked = [stored_name for stored_name in stored if stored_name not in manifest.checksums]
+    if unchecked:
+        raise ArtifactError(f"manifest lacks the checksum of stored tensor {unchecked[0]!r}", where, DAMAGED)
 
 
 def check_reference(manifest: Manifest, infos: dict[str, TensorInfo] | None, where: str, fix: str) -> None:
@@ -202,6 +208,27 @@ class Artifact:
         self._check_finite(rows_name, rows)
         return index, rows
 
+    def check_overflow(self, name: str) -> None:
+        """Refuse finite factors whose product W_ref + B @ A overflows the tensor's dtype (a file
+        written wrong, or by hand), for readers that use the factors without rebuilding the weight
+        (the runtime's LowRankLinear, export-peft). |W_ij| <= max|W_ref| + sum_k max|B[:, k]| max|A[k, :]|
+        (+ max|rows|) bounds every element cheaply; only a tensor whose bound exceeds its dtype's
+        range is rebuilt to see whether it really overflows."""
+        entry = self.tensors[name]
+        if not entry.has_factors or not entry.dtype.is_floating_point:
+            return
+        B, A = self.factors(name)  # [rows, r], [r, cols] float32
+        bound = float((B.abs().amax(dim=0) * A.abs().amax(dim=1)).sum()) if B.numel() and A.numel() else 0.0
+        reference = self.reference.get(name) if entry.uses_reference else None
+        if reference is not None and reference.numel():
+            bound += float(reference.abs().max())
+        if entry.kind == "lowrank+rows":
+            _, rows = self.rows(name)
+            bound += float(rows.abs().max()) if rows.numel() else 0.0
+        if math.isfinite(bound) and bound <= torch.finfo(entry.dtype).max:
+            return
+        self.reconstruct(name)  # raises if the rebuilt weight holds Inf
+
     def input_paths(self) -> tuple[Path, ...]:
         """Every path this artifact reads: outputs must never replace one of them."""
         paths = [self.path, *self._extra_inputs]
@@ -239,7 +266,13 @@ class Artifact:
         if entry.kind == "lowrank+rows":
             index, rows = self.rows(name)
             weight.index_add_(0, index.to(device), rows.to(device))
-        return weight.to(dtype or entry.dtype)
+        weight = weight.to(dtype or entry.dtype)
+        if not is_finite(weight):
+            # Finite factors whose product overflows (float32 or the 16-bit source dtype): never
+            # hand on a weight that is Inf.
+            raise ArtifactError(f"tensor {name!r} rebuilt from its stored factors overflows {dtype_name(weight.dtype)}"
+                                " (holds Inf)", str(self.file), DAMAGED)
+        return weight
 
     def close(self) -> None:
         self._file.close()

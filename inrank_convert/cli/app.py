@@ -6,9 +6,16 @@ Each command parses its options, calls one library function and renders its resu
 
 from __future__ import annotations
 
+import sys
 from typing import Annotated
 
 import typer
+import typer.core
+
+try:  # typer vendors click since 0.2x; before, it used click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
 
 from inrank_convert.cli.compress import compress_command
 from inrank_convert.cli.demo import demo_command
@@ -18,7 +25,40 @@ from inrank_convert.cli.measure import compare_runs_command, report_command, swe
 from inrank_convert.cli.train import resume_command, train_command
 from inrank_convert.core.version import __version__
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+# click 8.2+: a bare command with no_args_is_help raises this usage error, which shows the help.
+_NO_ARGS_IS_HELP = getattr(click_errors, "NoArgsIsHelpError", ())
+
+
+class OneLineUsageErrors(typer.core.TyperGroup):
+    """A usage error (an unknown option or command, a missing argument, a value of the wrong type) is
+    one line on stderr, like every other user error, naming where to read more; exit code 2 as
+    Click's. Click's own four-line block (usage, hint, blank line, error) is the only exception to
+    the one-line rule otherwise."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _NO_ARGS_IS_HELP as err:  # bare ``inrank-convert``: the help, as before
+            sys.stdout.write(err.ctx.get_help() + "\n")
+            code = 0
+        except click_errors.UsageError as err:
+            # The program's own name, however it was started (python -m, a test runner's "root").
+            where = " ".join(["inrank-convert", *(err.ctx.command_path.split()[1:] if err.ctx is not None else [])])
+            message = " ".join(err.format_message().split()).rstrip(".")
+            sys.stderr.write(f"error: {message} (see '{where} --help')\n")
+            code = err.exit_code
+        except click_errors.ClickException as err:
+            sys.stderr.write(f"error: {' '.join(err.format_message().split())}\n")
+            code = err.exit_code
+        except typer.Abort:
+            sys.stderr.write("error: interrupted; nothing was written\n")
+            code = 130
+        if not standalone_mode:
+            return code
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+app = typer.Typer(cls=OneLineUsageErrors, add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Compact low-rank artifacts from trained checkpoints: factorize W - W_init, keep what matters.")
 
 COMMANDS = {

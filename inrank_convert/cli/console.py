@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,8 +35,20 @@ def status(message: str) -> None:
 
 
 def emit_json(payload: dict) -> None:
-    sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+    """Strict JSON: a number that is not finite (an overflowed error in verify) is written as the
+    string "inf", "-inf" or "nan", which every JSON parser reads (bare Infinity is not JSON)."""
+    sys.stdout.write(json.dumps(_strict(payload), indent=2, default=str, allow_nan=False) + "\n")
     sys.stdout.flush()
+
+
+def _strict(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {key: _strict(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(item) for item in value]
+    return value
 
 
 def human_bytes(count: int | float) -> str:

@@ -39,16 +39,18 @@ from inrank_convert.compression.targets import (
     target_bytes,
 )
 from inrank_convert.core.distributed import check_device
-from inrank_convert.core.errors import UsageError, flag
+from inrank_convert.core.errors import CheckpointError, UsageError, flag
 from inrank_convert.core.tensors import dtype_name
 from inrank_convert.inputs.sources import Inputs, open_inputs
 from inrank_convert.linalg.criteria import CRITERIA
 from inrank_convert.linalg.factorize import ENGINES
 from inrank_convert.linalg.forms import BREAKEVEN_MARK
 from inrank_convert.linalg.whitening import DEFAULT_DAMPING
-from inrank_convert.model.architecture import check_seed
+from inrank_convert.model.architecture import check_seed, config_from_dict
+from inrank_convert.runtime.modeling import model_misfit
+from inrank_convert.weights.checkpoints import Checkpoint
 from inrank_convert.weights.hash_cache import usable_cores
-from inrank_convert.weights.outputs import check_output_free, check_output_outside
+from inrank_convert.weights.outputs import claimed_output
 
 
 def check_options(options: PlanOptions) -> None:
@@ -94,6 +96,28 @@ def check_options(options: PlanOptions) -> None:
         raise UsageError(f"{flag(which)} allocates the ranks, but {flag('--rank')} fixes them", flag("--rank"),
                          "pass only one of them")
     check_device(options.device)
+
+
+def check_config_fits(trained: Checkpoint) -> None:
+    """The config.json beside the trained weights is copied into the artifact, and every reader
+    builds the model from it: refuse one that is not JSON, or whose model the weights do not fit
+    (a wrong size, another architecture), now rather than in the first verify. A config of a model
+    type transformers does not know is copied as it is (no model to check against)."""
+    config = trained.config()  # unparsable JSON: CheckpointError naming the file
+    if config is None:
+        return
+    where = str(trained.config_dir / "config.json")
+    fix = "fix config.json beside the trained weights (it must describe this very model), or remove it"
+    try:
+        model_config = config_from_dict(config)
+        if model_config is None:
+            return
+        problem = model_misfit(model_config, {name: info.shape for name, info in trained.infos().items()})
+    except (ValueError, TypeError, KeyError, AttributeError) as err:  # transformers refuses the values
+        raise CheckpointError(f"config.json describes no model transformers can build ({str(err).splitlines()[0]})",
+                              where, fix) from err
+    if problem is not None:
+        raise CheckpointError(f"config.json does not describe the trained weights: {problem}", where, fix)
 
 
 def plan_compression(inputs: Inputs, options: PlanOptions) -> Plan:
@@ -148,6 +172,7 @@ class CompressionJob:
         # shards on more): a full read of each file the hash cache does not remember.
         self._hasher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inrank-hash")
         try:
+            check_config_fits(self.inputs.trained)
             self.plan = plan_compression(self.inputs, self.options)
             if on_plan is not None:
                 on_plan(self.plan)
@@ -292,8 +317,8 @@ def compress(source: str | Path, output: str | Path, *, init: str | Path | None 
     options = options or PlanOptions()
     check_options(options)
     check_target_options(options, embed_init, calibration)
-    check_output_outside(Path(output), (source, init))  # fail before any expensive input work
-    check_output_free(Path(output), force)
-    with CompressionJob(source, init=init, init_seed=init_seed, no_init=no_init, embed_init=embed_init,
-                        options=options, calibration=calibration, on_plan=on_plan, on_stage=on_stage) as job:
-        return job.write(output, job.default_target(), force=force, on_layer=on_layer)
+    # Where the output goes is checked, and it is locked, before any expensive input work.
+    with claimed_output(Path(output), force, (source, init)):
+        with CompressionJob(source, init=init, init_seed=init_seed, no_init=no_init, embed_init=embed_init,
+                            options=options, calibration=calibration, on_plan=on_plan, on_stage=on_stage) as job:
+            return job.write(output, job.default_target(), force=force, on_layer=on_layer)

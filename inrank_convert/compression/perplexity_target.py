@@ -35,7 +35,7 @@ from inrank_convert.compression.targets import check_target
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.inputs.text import read_text
 from inrank_convert.runtime.evaluate import checkpoint_perplexity, window_length
-from inrank_convert.weights.outputs import atomic_output_dir, check_output_free
+from inrank_convert.weights.outputs import atomic_output_dir, claimed_output
 
 RELATIVE_TOLERANCE = 0.02  # stop when the passing and failing targets are within 2% of each other
 MAX_STEPS = 12
@@ -124,7 +124,6 @@ def compress_to_perplexity(source: str | Path, output: str | Path, *, max_increa
     check_search_options(max_increase, options)
     check_target_options(options, embed_init, calibration, searched=True)
     output = Path(output)
-    check_output_free(output, force)
     text = read_text(eval_text)  # missing, empty or binary text fails before any model is read
     text_sha256 = hashlib.sha256(text.encode()).hexdigest()
     device = options.device
@@ -133,76 +132,77 @@ def compress_to_perplexity(source: str | Path, output: str | Path, *, max_increa
         if on_stage is not None:
             on_stage(label)
 
-    with CompressionJob(source, init=init, init_seed=init_seed, no_init=no_init, embed_init=embed_init,
-                        options=options, calibration=calibration, on_stage=on_stage) as job:
-        config = trained_config(job.inputs, "the perplexity target", f"pass {flag('--target-ratio')}")
-        tokens = trained_tokens(job.inputs, text, tokenizer, eval_tokens, f"{flag('--eval-text')} {eval_text}")
-        context = window_length(config)
-        stage("measuring the dense model")
-        dense = checkpoint_perplexity(job.inputs.trained.path, tokens, context, device, config)
-        limit = dense * (1.0 + max_increase / 100.0)
-        longest = _longest_record(max_increase, tokens.numel(), job.plan.original_bytes)
-        # --target-ratio / --target-size beside the perplexity target is the largest size accepted.
-        ceiling = job.default_target()
-        high = ceiling if ceiling is not None else job.plan.original_bytes
-        low = job.minimum_bytes(longest)
-        check_target(job.spectra(), job.plan, options, high, job.header(high, longest))
-        steps: list[SearchStep] = []
-        best: tuple[SearchStep, Path, CompressResult] | None = None
-        search_root = Path(tempfile.mkdtemp(prefix=".inrank-search-", dir=output.absolute().parent))
-        try:
-            def measure(target: int) -> SearchStep:
-                nonlocal best
-                folder = search_root / f"candidate-{len(steps)}"
-                stage(f"candidate {len(steps) + 1}: {target} bytes")
-                result = job.write(folder, target, perplexity_target=longest, on_layer=on_layer)
-                found = checkpoint_perplexity(folder, tokens, context, device)
-                step = SearchStep(target, result.compressed_bytes, found, 100.0 * (found / dense - 1.0), found <= limit)
-                steps.append(step)
-                if on_step is not None:
-                    on_step(step)
-                if step.within and (best is None or step.bytes < best[0].bytes):
-                    if best is not None:
-                        shutil.rmtree(best[1], ignore_errors=True)
-                    best = (step, folder, result)
-                else:
-                    shutil.rmtree(folder, ignore_errors=True)
-                return step
+    with claimed_output(output, force, (source, init)):  # checked and locked before any work
+        with CompressionJob(source, init=init, init_seed=init_seed, no_init=no_init, embed_init=embed_init,
+                            options=options, calibration=calibration, on_stage=on_stage) as job:
+            config = trained_config(job.inputs, "the perplexity target", f"pass {flag('--target-ratio')}")
+            tokens = trained_tokens(job.inputs, text, tokenizer, eval_tokens, f"{flag('--eval-text')} {eval_text}")
+            context = window_length(config)
+            stage("measuring the dense model")
+            dense = checkpoint_perplexity(job.inputs.trained.path, tokens, context, device, config)
+            limit = dense * (1.0 + max_increase / 100.0)
+            longest = _longest_record(max_increase, tokens.numel(), job.plan.original_bytes)
+            # --target-ratio / --target-size beside the perplexity target is the largest size accepted.
+            ceiling = job.default_target()
+            high = ceiling if ceiling is not None else job.plan.original_bytes
+            low = job.minimum_bytes(longest)
+            check_target(job.spectra(), job.plan, options, high, job.header(high, longest))
+            steps: list[SearchStep] = []
+            best: tuple[SearchStep, Path, CompressResult] | None = None
+            search_root = Path(tempfile.mkdtemp(prefix=".inrank-search-", dir=output.absolute().parent))
+            try:
+                def measure(target: int) -> SearchStep:
+                    nonlocal best
+                    folder = search_root / f"candidate-{len(steps)}"
+                    stage(f"candidate {len(steps) + 1}: {target} bytes")
+                    result = job.write(folder, target, perplexity_target=longest, on_layer=on_layer)
+                    found = checkpoint_perplexity(folder, tokens, context, device)
+                    step = SearchStep(target, result.compressed_bytes, found, 100.0 * (found / dense - 1.0), found <= limit)
+                    steps.append(step)
+                    if on_step is not None:
+                        on_step(step)
+                    if step.within and (best is None or step.bytes < best[0].bytes):
+                        if best is not None:
+                            shutil.rmtree(best[1], ignore_errors=True)
+                        best = (step, folder, result)
+                    else:
+                        shutil.rmtree(folder, ignore_errors=True)
+                    return step
 
-            passing = None
-            while len(steps) < MAX_STEPS and (passing is None or passing / low > 1.0 + RELATIVE_TOLERANCE):
-                upper = passing if passing is not None else high
-                target = max(low, min(upper, int(math.sqrt(low * upper))))
-                if target in {step.target_bytes for step in steps}:
-                    break
-                if measure(target).within:
-                    passing = target
-                else:
-                    low = target
-            if best is None:
-                if high not in {step.target_bytes for step in steps}:
-                    measure(high)
+                passing = None
+                while len(steps) < MAX_STEPS and (passing is None or passing / low > 1.0 + RELATIVE_TOLERANCE):
+                    upper = passing if passing is not None else high
+                    target = max(low, min(upper, int(math.sqrt(low * upper))))
+                    if target in {step.target_bytes for step in steps}:
+                        break
+                    if measure(target).within:
+                        passing = target
+                    else:
+                        low = target
                 if best is None:
-                    closest = min(steps, key=lambda step: step.perplexity)
-                    which = "--target-ratio" if options.target_ratio is not None else "--target-size"
-                    limit_note = f" within {flag(which)}'s {high} bytes" if ceiling is not None else ""
-                    raise UsageError(f"no size{limit_note} keeps the perplexity within +{max_increase:g}%: the best "
-                                     f"found is {closest.bytes} bytes at {closest.increase_percent:+.3f}% "
-                                     f"({closest.perplexity:.4g} against the dense {dense:.4g})",
-                                     f"{flag('--max-perplexity-increase')} {max_increase:g}",
-                                     f"allow at least {math.ceil(closest.increase_percent * 100) / 100:g}%"
-                                     + (f", or raise {flag(which)}" if ceiling is not None else ""))
-            step, folder, result = best
-            record = search_record(max_increase, text_sha256, tokens.numel(), dense, step.perplexity,
-                                   step.target_bytes, len(steps))
-            manifest = read_manifest(folder)
-            manifest.perplexity_target = record
-            rewrite_manifest(folder, manifest)
-            with atomic_output_dir(output, force, job.inputs.paths) as temp:
-                for item in folder.iterdir():
-                    os.replace(item, temp / item.name)
-        finally:
-            shutil.rmtree(search_root, ignore_errors=True)
+                    if high not in {step.target_bytes for step in steps}:
+                        measure(high)
+                    if best is None:
+                        closest = min(steps, key=lambda step: step.perplexity)
+                        which = "--target-ratio" if options.target_ratio is not None else "--target-size"
+                        limit_note = f" within {flag(which)}'s {high} bytes" if ceiling is not None else ""
+                        raise UsageError(f"no size{limit_note} keeps the perplexity within +{max_increase:g}%: the best "
+                                         f"found is {closest.bytes} bytes at {closest.increase_percent:+.3f}% "
+                                         f"({closest.perplexity:.4g} against the dense {dense:.4g})",
+                                         f"{flag('--max-perplexity-increase')} {max_increase:g}",
+                                         f"allow at least {math.ceil(closest.increase_percent * 100) / 100:g}%"
+                                         + (f", or raise {flag(which)}" if ceiling is not None else ""))
+                step, folder, result = best
+                record = search_record(max_increase, text_sha256, tokens.numel(), dense, step.perplexity,
+                                       step.target_bytes, len(steps))
+                manifest = read_manifest(folder)
+                manifest.perplexity_target = record
+                rewrite_manifest(folder, manifest)
+                with atomic_output_dir(output, force, job.inputs.paths) as temp:
+                    for item in folder.iterdir():
+                        os.replace(item, temp / item.name)
+            finally:
+                shutil.rmtree(search_root, ignore_errors=True)
     result.output = output
     result.manifest = read_manifest(output)
     result.compressed_bytes = artifact_bytes(output)

@@ -15,7 +15,7 @@ from typing import Literal
 import torch
 
 from inrank_convert.artifact.storage import element_bytes, vector_overhead
-from inrank_convert.core.errors import MismatchError, flag
+from inrank_convert.core.errors import CheckpointError, MismatchError, UsageError, flag
 from inrank_convert.core.tensors import dtype_name
 from inrank_convert.inputs.reference import Reference
 from inrank_convert.linalg.criteria import RankRule
@@ -226,6 +226,24 @@ def check_reference_matches(trained: dict[str, TensorInfo], ties: dict[str, str]
     return grown
 
 
+# The float dtypes an update is computed in and an artifact stores; float8 (and any newer format)
+# has no arithmetic on CPU and no place in the format: refused in one line, never half-handled.
+FACTORIZABLE_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_patterns(options: PlanOptions, names: list[str]) -> None:
+    """Every --include / --exclude pattern must match a tensor: a pattern that matches nothing (a
+    typo, a malformed bracket) would otherwise store the whole model dense, or factorize what the
+    user meant to keep, in silence."""
+    for option, patterns in (("--include", options.include), ("--exclude", options.exclude)):
+        for pattern in patterns:
+            if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+                example = names[0] if names else "model.layers.*.mlp.*"
+                raise UsageError(f"{flag(option)} {pattern!r} matches no tensor of the checkpoint", flag(option),
+                                 f"patterns are shell-style and match whole names, e.g. {flag(option)} "
+                                 f"'{example.rsplit('.', 1)[0]}.*'; 'inrank-convert spectrum CKPT' lists the names")
+
+
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
 
@@ -238,8 +256,14 @@ def make_plan(trained: Checkpoint, reference: Reference, options: PlanOptions,
     # Only --no-embeddings needs to know which tensors are embeddings (and building the module
     # tree costs a transformers import), so it is worked out only then.
     embeddings = set() if options.embeddings else embedding_parameter_names(trained.config(), list(infos))
+    check_patterns(options, list(infos))
     entries = []
     for name, info in infos.items():
+        if info.dtype.is_floating_point and info.dtype not in FACTORIZABLE_DTYPES:
+            raise CheckpointError(f"tensor {name!r} is {dtype_name(info.dtype)}, which inrank-convert cannot factorize "
+                                  "or store", str(trained.path),
+                                  "convert the checkpoint to bfloat16, float16 or float32 first (e.g. "
+                                  "model.to(torch.bfloat16).save_pretrained(...))")
         entry = TensorPlan(name, info.shape, info.dtype, "factorize", reference_rows=grown.get(name))
         if name in ties:
             entry.action, entry.alias_of, entry.reason = "alias", ties[name], f"tied to {ties[name]}"

@@ -35,6 +35,7 @@ removes its temporary folder and no artifact appears.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import pickle
 import threading
 from collections.abc import Callable, Iterator
@@ -74,7 +75,7 @@ from inrank_convert.core.distributed import (
 )
 from inrank_convert.core.errors import DistributedError, InrankError, ReportedElsewhere, UsageError, flag
 from inrank_convert.inputs.sources import Inputs, open_inputs
-from inrank_convert.weights.outputs import check_output_free, check_output_outside
+from inrank_convert.weights.outputs import check_output_free, check_output_outside, claimed_output
 
 # One receive may wait for the slowest process's next tensor, and a process that is done waits
 # for rank 0 to finish writing: a large SVD on a CPU takes far longer than torch's default 30 min.
@@ -229,8 +230,10 @@ class _SharedJob(CompressionJob):
 def _run_main(world: World, group, source, output, reference: dict, options: PlanOptions, force: bool,
               on_plan, on_layer, sigterm: SigtermGuard) -> CompressResult:
     job = None
+    held = contextlib.ExitStack()  # rank 0 writes: it holds the output's lock for the whole job
     try:
         try:
+            held.enter_context(claimed_output(Path(output), force, (source, reference["init"])))
             device = _check_setup(source, output, reference, options, force, world)
             job = _SharedJob(source, options=options, **reference)
             job.world, job.group, job.device, job.sigterm = world, group, device, sigterm
@@ -245,6 +248,7 @@ def _run_main(world: World, group, source, output, reference: dict, options: Pla
     finally:
         if job is not None:
             job.close()
+        held.close()
     for rank in range(1, world.size):
         try:
             dist.send(torch.ones(1, dtype=torch.int64), rank, group=group, tag=_FINAL)

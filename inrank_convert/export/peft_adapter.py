@@ -188,6 +188,7 @@ def _factors(artifact: Artifact, target: LoraTarget) -> tuple[torch.Tensor, torc
         rows, cols = target.shape
         return torch.zeros(rows, 1), torch.zeros(1, cols)
     if not target.full_rank:
+        artifact.check_overflow(target.source)  # the adapter's weights are finite, the model they make must be
         return artifact.factors(target.source)
     # delta = W - W_ref of a dense-stored or lowrank+rows matrix (the artifact's own W, rebuilt:
     # reference + B @ A + rows), written as delta @ I (or I @ delta when wide): r = min(rows, cols);

@@ -95,20 +95,22 @@ class TensorsReference(Reference):
     """Tensors held in memory with their hashes: a regenerated seed init or an embedded init file."""
 
     def __init__(self, tensors: dict[str, torch.Tensor] | Checkpoint, hashes: dict[str, str],
-                 description: ReferenceRecord, where: str):
+                 description: ReferenceRecord, where: str, given: bool = False):
         self.mode = description.mode
         self._tensors = tensors
         self._hashes = hashes
         self._description = description
         self._where = where
+        self._given = given  # the user named these tensors (--init) in place of the recorded reference
 
     def get(self, name: str) -> torch.Tensor:
         tensors = self._tensors
         tensor = tensors.get(name)
         expected = self._hashes.get(name)
         if expected is not None and sha256_tensor(tensor) != expected:
-            raise InitReferenceError(f"init tensor {name!r} does not match its recorded hash", self._where,
-                                     _mismatch_fix(self.mode))
+            fix = (f"pass with {flag('--init')} the init this artifact was compressed against" if self._given
+                   else _mismatch_fix(self.mode))
+            raise InitReferenceError(f"init tensor {name!r} does not match its recorded hash", self._where, fix)
         return tensor
 
     def infos(self) -> dict[str, TensorInfo]:

@@ -8,6 +8,7 @@ resolves compress's CKPT + reference options into the pair of checkpoints an upd
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,9 +59,12 @@ def open_artifact(path: str | Path, init: str | Path | None = None, verify: bool
     init_path = Path(init) if init is not None else None
 
     def load(manifest: Manifest, folder: Path) -> Reference:
-        reference = reference_from_record(manifest.reference, folder, init_path, verify, fresh)
+        def check_shapes(infos: dict[str, TensorInfo] | None) -> None:
+            check_reference(manifest, infos, *_reference_place(manifest.reference, folder, init_path))
+
+        reference = reference_from_record(manifest.reference, folder, init_path, verify, fresh, check_shapes)
         try:
-            check_reference(manifest, reference.infos(), *_reference_place(manifest.reference, folder, init_path))
+            check_shapes(reference.infos())
         except BaseException:
             reference.close()
             raise
@@ -109,13 +113,15 @@ class ArtifactCheckpoint(Checkpoint):
 
 
 def reference_from_record(record: ReferenceRecord, artifact_dir: Path, init: Path | None = None,
-                          verify: bool = True, fresh: bool = False) -> Reference:
+                          verify: bool = True, fresh: bool = False,
+                          check_shapes: Callable[[dict[str, TensorInfo] | None], None] | None = None) -> Reference:
     """Rebuild the reference an artifact was made against, verifying that it is unchanged (a path
     reference's files by their sha256: remembered by the hash cache for files whose stat is
-    unchanged, read again when ``fresh``)."""
+    unchanged, read again when ``fresh``). ``check_shapes``: run on a given ``init``'s tensors before
+    its hashes, so that an init lacking a tensor is told so rather than only that it differs."""
     mode = record.mode
     if init is not None and mode in ("reference", "seed"):
-        return CheckpointReference(open_checkpoint(init))
+        return _given_reference(record, init, verify, fresh, check_shapes)
     if mode == "zero":
         return ZeroReference()
     if mode == "reference":
@@ -148,6 +154,39 @@ def reference_from_record(record: ReferenceRecord, artifact_dir: Path, init: Pat
         return TensorsReference(checkpoint, (record.tensors or {}) if verify else {}, record, str(file))
     raise InitReferenceError(f"unknown reference mode {mode!r}", str(artifact_dir),
                              "this artifact may come from a newer inrank-convert: upgrade it")
+
+
+def _given_reference(record: ReferenceRecord, init: Path, verify: bool, fresh: bool,
+                     check_shapes: Callable[[dict[str, TensorInfo] | None], None] | None) -> Reference:
+    """``--init PATH`` in place of the recorded reference (moved, or on another machine): it must be
+    the same reference. A path reference is compared by the sha256 of its weight files (their names
+    may differ: a copy renamed is the same init; the hash cache makes a repeat free); a seed
+    reference by its recorded per-tensor hashes, each checked when the tensor is read."""
+    checkpoint = _open_reference_checkpoint(init)
+    if check_shapes is not None:
+        try:
+            check_shapes(checkpoint.infos())
+        except BaseException:
+            checkpoint.close()
+            raise
+    if not verify:
+        return CheckpointReference(checkpoint)
+    if record.mode == "seed":
+        recipe = record.recipe or {}
+        return TensorsReference(checkpoint, record.tensors or {}, record, f"{init} (given for the init of seed "
+                                f"{recipe.get('seed')})", given=True)
+    try:
+        current = checkpoint.file_hashes(fresh)
+        recorded = sorted(entry.sha256 for entry in record.files or [])
+        if not recorded or sorted(entry.sha256 for entry in current) != recorded:
+            raise InitReferenceError(
+                f"the init given is not the one this artifact was compressed against (recorded: {record.path}, "
+                f"{len(recorded)} file(s) by sha256)", str(init),
+                f"pass with {flag('--init')} the init the artifact was made against")
+    except BaseException:
+        checkpoint.close()
+        raise
+    return CheckpointReference(checkpoint, current)
 
 
 def _open_reference_checkpoint(path: Path) -> Checkpoint:

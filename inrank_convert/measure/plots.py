@@ -14,6 +14,7 @@ import torch
 
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.runtime.evaluate import finite_or_none
+from inrank_convert.weights.output_lock import output_lock
 
 if TYPE_CHECKING:
     from inrank_convert.measure.analysis import SpectrumResult
@@ -55,8 +56,9 @@ def save_figure(figure, path: str | Path) -> Path:
     path = Path(path)
     temp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        figure.savefig(temp, dpi=120, format=path.suffix.lstrip(".") or "png")
-        os.replace(temp, path)
+        with output_lock(path):  # one writer of the file at a time, as for every output
+            figure.savefig(temp, dpi=120, format=path.suffix.lstrip(".") or "png")
+            os.replace(temp, path)
     except OSError as err:
         temp.unlink(missing_ok=True)
         raise UsageError(f"cannot write the plot ({err.strerror})", str(path), "choose a writable path") from err

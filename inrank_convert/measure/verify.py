@@ -8,6 +8,7 @@ tensors there, at the shapes and dtypes it implies; ``artifact.reader``)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +38,12 @@ class LayerCheck:
     def within_expected(self) -> bool:
         """measured <= expected + rounding holds for an intact artifact by the triangle inequality:
         W - bf16(W_hat32) = (W - W_hat32) + (W_hat32 - bf16(W_hat32)); the first is at most the
-        recorded error, the second is the rounding, measured."""
+        recorded error, the second is the rounding, measured. An error that is not finite (factors
+        whose product overflows the dtype) never holds, whatever the bound."""
+        measured = [value for value in (self.measured_error, self.expected_error, self.rounding_error)
+                    if value is not None]
+        if not all(math.isfinite(value) for value in measured):
+            return False
         return (self.measured_error is None or self.expected_error is None
                 or self.measured_error <= (self.expected_error + self.rounding_error) * 1.01 + 1e-3)
 
@@ -114,6 +120,8 @@ def verify_artifact(path: str | Path, init: str | Path | None = None,
             reference_ok, reference_message = True, f"{artifact.manifest.reference.mode}: hashes match"
         except InrankError as err:
             reference_ok, reference_message = False, err.message
+        if reference_ok and not bad and not damaged:
+            damaged = _check_overflow(artifact)
         result = VerifyResult(Path(path), not bad, bad, reference_ok, reference_message, False, "", damaged=damaged,
                               model_checked=model_checked, model_ok=model_ok, model_message=model_message,
                               source_given=source is not None)
@@ -138,6 +146,17 @@ def _check_structure(artifact: Artifact) -> list[str]:
                 artifact.rows(name)
             if entry.kind == "dense":
                 artifact.dense(name)
+        except ArtifactError as err:
+            problems.append(err.message)
+    return problems
+
+
+def _check_overflow(artifact: Artifact) -> list[str]:
+    """Finite factors whose product overflows the tensor's dtype, found without the source."""
+    problems = []
+    for name in artifact.manifest.stored_entries():
+        try:
+            artifact.check_overflow(name)
         except ArtifactError as err:
             problems.append(err.message)
     return problems

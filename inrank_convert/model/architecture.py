@@ -60,7 +60,7 @@ def check_seed(seed: int, option: str) -> None:
     """A seed torch accepts, checked before anything is read or written."""
     if not 0 <= seed < SEED_LIMIT:
         raise UsageError(f"{flag(option)} must be between 0 and {SEED_LIMIT - 1}", f"{flag(option)} {seed}",
-                         f"pass a smaller seed, e.g. {flag(option)} 0")
+                         f"pass a seed in that range, e.g. {flag(option)} 0")
 
 
 def seeded_model(config: PretrainedConfig, seed: int) -> PreTrainedModel:

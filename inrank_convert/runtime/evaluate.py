@@ -20,7 +20,7 @@ from inrank_convert.artifact import Manifest, read_manifest
 from inrank_convert.core.distributed import check_device
 from inrank_convert.core.errors import NonFiniteError, UsageError, flag
 from inrank_convert.inputs.text import load_tokenizer
-from inrank_convert.model.architecture import model_context
+from inrank_convert.model.architecture import check_seed, model_context
 from inrank_convert.runtime.modeling import load_compressed, load_dense
 
 _ROWS_PER_CHUNK = 1024  # log-softmax rows cast to float32 at a time (1024 x 128k vocab = 512 MB)
@@ -238,7 +238,8 @@ class GenerationResult:
                 "temperature": self.temperature, "top_k": self.top_k}
 
 
-def check_generation_options(max_new_tokens: int, temperature: float, top_k: int) -> None:
+def check_generation_options(max_new_tokens: int, temperature: float, top_k: int, seed: int = 0) -> None:
+    check_seed(seed, "--seed")  # the one seed check every command makes
     if max_new_tokens < 1:
         raise UsageError(f"{flag('--max-new-tokens')} must be at least 1", f"{flag('--max-new-tokens')} {max_new_tokens}", "e.g. 50")
     if not (temperature >= 0 and math.isfinite(temperature)):
@@ -256,7 +257,7 @@ def generate_text(model, tokenizer, prompt: str, max_new_tokens: int = 50, tempe
     The same seed gives the same text: sampling runs under ``torch.manual_seed(seed)`` inside a
     forked RNG, so the caller's random state is left as it was.
     """
-    check_generation_options(max_new_tokens, temperature, top_k)
+    check_generation_options(max_new_tokens, temperature, top_k, seed)
     device = torch.device(device) if device is not None else _device_of(model)
     if not prompt:
         raise UsageError("the prompt is empty", flag("--prompt"), f"pass some text to continue, e.g. {flag('--prompt')} 'The'")
@@ -298,7 +299,7 @@ def generate(artifact: str | Path, prompt: str, max_new_tokens: int = 50, temper
              merge: bool = False) -> GenerationResult:
     """Text generation from the compressed form (the artifact's tokenizer, or ``tokenizer``)."""
     check_device(device)
-    check_generation_options(max_new_tokens, temperature, top_k)
+    check_generation_options(max_new_tokens, temperature, top_k, seed)
     if not prompt:
         raise UsageError("the prompt is empty", flag("--prompt"), f"pass some text to continue, e.g. {flag('--prompt')} 'The'")
     manifest = read_manifest(artifact)

@@ -160,6 +160,7 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowr
         factorized = entry.kind == "lowrank" or (zero_as_lowrank and entry.kind == "zero")
         if factorized and entry.reference_rows is None and attr == "weight" and isinstance(owner, (nn.Linear, conv1d)):
             rows, cols = entry.shape
+            artifact.check_overflow(name)  # the weight is never formed here: its bound is checked instead
             B, A = artifact.factors(name) if entry.kind == "lowrank" else (torch.zeros(rows, 0), torch.zeros(0, cols))
             reference = artifact.reference.get(name)
             layer = LowRankLinear.from_stored(B.to(dtype), A.to(dtype), None if reference is None else reference.to(dtype),
@@ -195,6 +196,7 @@ def _rows_embedding(model: nn.Module, owner_name: str, owner: nn.Embedding, arti
                     dtype: torch.dtype) -> None:
     """Replace the embedding ``owner_name`` by the trainable form of its lowrank+rows entry, and any
     module whose weight is the same Parameter (a tied LM head) by a TiedHead on it."""
+    artifact.check_overflow(name)
     B, A = artifact.factors(name)  # [V, k], [k, d]
     index, rows = artifact.rows(name)  # [K], [K, d]
     reference = artifact.reference.get(name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from inrank_convert.artifact import (
@@ -23,7 +22,7 @@ from inrank_convert.artifact import (
 from inrank_convert.core.errors import CheckpointError
 from inrank_convert.core.tensors import storage_key, without_aliases
 from inrank_convert.model.layers import LowRankLinear, RowsLowRankEmbedding, TiedHead
-from inrank_convert.weights.outputs import atomic_output_dir
+from inrank_convert.weights.outputs import atomic_output_dir, save_tensors
 from inrank_convert.weights.run_folder import step_folder, write_training_state
 
 OPTIMIZER_PREFIX = "optimizer."
@@ -110,7 +109,7 @@ def _save_beside_weights(folder: Path, model: nn.Module, tokenizer, trainer_stat
 def save_model_weights(model: nn.Module, folder: Path) -> None:
     """``model.safetensors`` as save_pretrained writes it (tied tensors once), without its progress bar."""
     state = {k: v.detach().contiguous().cpu() for k, v in without_aliases(model.state_dict()).items()}
-    save_file(state, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
+    save_tensors(state, Path(folder) / "model.safetensors", metadata={"format": "pt"})
     generation = getattr(model, "generation_config", None)
     if generation is not None:
         generation.save_pretrained(folder)

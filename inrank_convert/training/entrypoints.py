@@ -56,6 +56,7 @@ from inrank_convert.weights.run_folder import (
     has_training_checkpoint,
     latest_checkpoint,
     load_state,
+    owned_run,
     read_init_recipe,
     run_cache,
     run_steps,
@@ -158,32 +159,33 @@ def train(source: str | Path, run: str | Path, options: TrainOptions,
     run = Path(run)
     world = init_world(options.device)
     try:
-        _check_world(options, world)
-        config, weights = _resolve_init(Path(source))
-        tokenizer = load_tokenizer(weights or (Path(source) if Path(source).is_dir() else Path(source).parent),
-                                   options.tokenizer)
-        block_size, tokens, val = _checked_start(run, options, tokenizer, config, options.tokenizer or str(source))
-        start_run(run, world)
-        model = load_dense(weights, config) if weights is not None else seeded_model(config, options.seed)
-        recipe = None if weights is not None else options.seed
-        if options.orthogonal_init:
-            orthogonalize_init(model, options.factorize, torch.Generator().manual_seed(options.seed * 1_000_003 + 7))
-            recipe = None  # the seed no longer regenerates this init: step-0 holds it
-        init_folder = step_folder(run, 0)
-        if world.is_main:
-            _save_init(model, tokenizer, init_folder, recipe)
-        barrier(world)
-        reference = controller = None
-        if options.mode == "inrank" and options.dense_warmup is None:
-            reference = init_reference(init_folder, options.efficient, recipe, model.state_dict())
-            generator = torch.Generator().manual_seed(options.seed * 1_000_003)
-            ranks = factorize_model(model, options.policy(), options.efficient, generator, options.factorize,
-                                    options.initial_rank)
-            controller = RankController(options.policy(), ranks)
-        session = Session(run, options, world, process_device(options.device, world), model, tokenizer, tokens,
-                          block_size, reference, controller=controller, val_tokens=val)
-        session.setup()
-        return run_loop(session, on_step)
+        with owned_run(run, world, (source, options.data, options.val_data, options.tokenizer)):
+            _check_world(options, world)
+            config, weights = _resolve_init(Path(source))
+            tokenizer = load_tokenizer(weights or (Path(source) if Path(source).is_dir() else Path(source).parent),
+                                       options.tokenizer)
+            block_size, tokens, val = _checked_start(run, options, tokenizer, config, options.tokenizer or str(source))
+            start_run(run, world)
+            model = load_dense(weights, config) if weights is not None else seeded_model(config, options.seed)
+            recipe = None if weights is not None else options.seed
+            if options.orthogonal_init:
+                orthogonalize_init(model, options.factorize, torch.Generator().manual_seed(options.seed * 1_000_003 + 7))
+                recipe = None  # the seed no longer regenerates this init: step-0 holds it
+            init_folder = step_folder(run, 0)
+            if world.is_main:
+                _save_init(model, tokenizer, init_folder, recipe)
+            barrier(world)
+            reference = controller = None
+            if options.mode == "inrank" and options.dense_warmup is None:
+                reference = init_reference(init_folder, options.efficient, recipe, model.state_dict())
+                generator = torch.Generator().manual_seed(options.seed * 1_000_003)
+                ranks = factorize_model(model, options.policy(), options.efficient, generator, options.factorize,
+                                        options.initial_rank)
+                controller = RankController(options.policy(), ranks)
+            session = Session(run, options, world, process_device(options.device, world), model, tokenizer, tokens,
+                              block_size, reference, controller=controller, val_tokens=val)
+            session.setup()
+            return run_loop(session, on_step)
     finally:
         close_world(world)
 
@@ -242,7 +244,9 @@ def _resume_dense(source: Path, run: Path, options: TrainOptions, init, init_see
             init, init_seed = first, read_init_recipe(first)
     world = init_world(options.device)
     try:
-        with tempfile.TemporaryDirectory(prefix=".inrank-resume-", dir=_parent_for_temp(run)) as temp:
+        # The run is locked from here: the compression takes minutes, and no other writer may start it.
+        with owned_run(run, world, (source, init, options.data, options.val_data, options.tokenizer)), \
+                tempfile.TemporaryDirectory(prefix=".inrank-resume-", dir=_parent_for_temp(run)) as temp:
             artifact = Path(temp) / "artifact"
             if world.is_main:
                 compress(source, artifact, init=init, init_seed=init_seed, no_init=no_init, embed_init=False,
@@ -267,44 +271,45 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
     own_world = world is None
     world = world or init_world(options.device)
     try:
-        _check_world(options, world)
-        reference = read_manifest(artifact).reference
-        if options.efficient and reference.mode != "zero":
-            raise UsageError(f"{flag('--efficient')} drops the reference, but this artifact's factors are an update to a "
-                             f"{reference.mode} reference (dropping it would change the model)", str(artifact),
-                             f"resume without {flag('--efficient')}, or compress with {flag('--no-init')} for InRank-Efficient")
-        config = model_config(artifact)
-        folders = [artifact] + ([source_hint] if source_hint is not None and source_hint.is_dir() else [])
-        tokenizer = load_tokenizer(folders, options.tokenizer)
-        block_size, tokens, val = _checked_start(run, options, tokenizer, config, options.tokenizer or str(artifact))
-        start_run(run, world)
-        model = load_compressed(artifact, zero_as_lowrank=True, rows_as_factors=options.embedding_training == "rows")
-        embedding = model.get_input_embeddings()
-        if isinstance(embedding, RowsLowRankEmbedding):
-            # Every token the training text uses gets a row of its own (zero: the model is unchanged);
-            # the artifact stored rows only where the update was large.
-            embedding.add_rows(tokens[tokens < embedding.num_embeddings])
-        ranks = {name: layer.rank for name, layer in low_rank_layers(model)}
-        controller = RankController(options.policy(), ranks)
-        generator = torch.Generator().manual_seed(options.seed * 1_000_003)
-        # Buffer columns that leave the function at step 0 the artifact's: --growth's when it keeps the
-        # function (exact, lora), else exact; later growth follows --growth.
-        first_growth = options.policy().growth if options.policy().growth in ("exact", "lora") else "exact"
-        for name, layer in low_rank_layers(model):
-            grow_layer(layer, controller.width_for(layer, ranks[name]), None, generator, first_growth)
-        embedded = None
-        if reference.mode == "embedded":
-            # The run keeps its own copy of the init: the temporary artifact of a dense resume goes away.
-            embedded = run_cache(run) / INIT_FILE
-            if world.is_main:
-                embedded.parent.mkdir(exist_ok=True)
-                shutil.copyfile(artifact / INIT_FILE, embedded)
-            barrier(world)
-        session = Session(run, options, world, process_device(options.device, world), model, tokenizer, tokens,
-                          block_size, reference, embedded_init=embedded, controller=controller, val_tokens=val)
-        session.setup()
-        session.save()  # step-0: where this run starts (compress RUN measures the resumed training from it)
-        return run_loop(session, on_step)
+        with owned_run(run, world, (artifact, source_hint, options.data, options.val_data, options.tokenizer)):
+            _check_world(options, world)
+            reference = read_manifest(artifact).reference
+            if options.efficient and reference.mode != "zero":
+                raise UsageError(f"{flag('--efficient')} drops the reference, but this artifact's factors are an update to a "
+                                 f"{reference.mode} reference (dropping it would change the model)", str(artifact),
+                                 f"resume without {flag('--efficient')}, or compress with {flag('--no-init')} for InRank-Efficient")
+            config = model_config(artifact)
+            folders = [artifact] + ([source_hint] if source_hint is not None and source_hint.is_dir() else [])
+            tokenizer = load_tokenizer(folders, options.tokenizer)
+            block_size, tokens, val = _checked_start(run, options, tokenizer, config, options.tokenizer or str(artifact))
+            start_run(run, world)
+            model = load_compressed(artifact, zero_as_lowrank=True, rows_as_factors=options.embedding_training == "rows")
+            embedding = model.get_input_embeddings()
+            if isinstance(embedding, RowsLowRankEmbedding):
+                # Every token the training text uses gets a row of its own (zero: the model is unchanged);
+                # the artifact stored rows only where the update was large.
+                embedding.add_rows(tokens[tokens < embedding.num_embeddings])
+            ranks = {name: layer.rank for name, layer in low_rank_layers(model)}
+            controller = RankController(options.policy(), ranks)
+            generator = torch.Generator().manual_seed(options.seed * 1_000_003)
+            # Buffer columns that leave the function at step 0 the artifact's: --growth's when it keeps the
+            # function (exact, lora), else exact; later growth follows --growth.
+            first_growth = options.policy().growth if options.policy().growth in ("exact", "lora") else "exact"
+            for name, layer in low_rank_layers(model):
+                grow_layer(layer, controller.width_for(layer, ranks[name]), None, generator, first_growth)
+            embedded = None
+            if reference.mode == "embedded":
+                # The run keeps its own copy of the init: the temporary artifact of a dense resume goes away.
+                embedded = run_cache(run) / INIT_FILE
+                if world.is_main:
+                    embedded.parent.mkdir(exist_ok=True)
+                    shutil.copyfile(artifact / INIT_FILE, embedded)
+                barrier(world)
+            session = Session(run, options, world, process_device(options.device, world), model, tokenizer, tokens,
+                              block_size, reference, embedded_init=embedded, controller=controller, val_tokens=val)
+            session.setup()
+            session.save()  # step-0: where this run starts (compress RUN measures the resumed training from it)
+            return run_loop(session, on_step)
     finally:
         if own_world:
             close_world(world)
@@ -327,43 +332,46 @@ def _resume_run(source: Path, run: Path | None, given: dict, on_step) -> TrainRe
                          str(checkpoint), f"pass {flag('--steps')} larger than {step}")
     world = init_world(options.device)
     try:
-        _check_world(options, world)
-        config = model_config(checkpoint)
-        recorded_config = trainer_state.get("config")
-        if recorded_config is not None and _architecture(config.to_dict()) != _architecture(recorded_config):
-            raise MismatchError("the checkpoint's config.json does not match the run's recorded config", str(checkpoint),
-                                "restore the config.json the run was trained with")
-        tokenizer = load_tokenizer(checkpoint, options.tokenizer)
-        if tokenizer_fingerprint(tokenizer) != trainer_state.get("tokenizer"):
-            raise MismatchError("this tokenizer is not the one the run was trained with",
-                                options.tokenizer or str(checkpoint), f"drop {flag('--tokenizer')}, or pass the run's own")
-        block_size = _block_size(options, config)
-        target = source
-        tokens, val = _load_data(source, options, tokenizer, block_size)  # bad text fails before anything is written
-        if run is not None and Path(run).absolute() != source.absolute():
-            target = Path(run)
-            start_run(target, world, copy_from=(source, checkpoint))
-        elif world.is_main:
-            ensure_writable_run(target)
-        barrier(world)
-        if trainer_state["mode"] == "inrank":
-            # A checkpoint stores an embedding in the form it trained in: rows and factors, or dense.
-            model = load_compressed(checkpoint, zero_as_lowrank=True, rows_as_factors=True)
-            controller = RankController.from_state_dict(trainer_state["rank_controller"])
-            controller.policy = options.policy()
-        else:
-            model, controller = load_dense(checkpoint, config), None
-        recorded_reference = trainer_state.get("reference")
-        reference = None if recorded_reference is None else ReferenceRecord.from_json(recorded_reference)
-        embedded = checkpoint / INIT_FILE if (checkpoint / INIT_FILE).is_file() else None
-        if world.is_main:
-            trim_metrics(target, step, source)
-        barrier(world)
-        session = Session(target, options, world, process_device(options.device, world), model, tokenizer, tokens,
-                          block_size, reference, embedded_init=embedded, controller=controller, val_tokens=val)
-        session.setup()
-        session.restore(trainer_state, tensors)
-        return run_loop(session, on_step)
+        in_place = run is None or Path(run).absolute() == source.absolute()
+        texts = (options.data, options.val_data, options.tokenizer)
+        with owned_run(source if in_place else Path(run), world, texts if in_place else (source, *texts)):
+            _check_world(options, world)
+            config = model_config(checkpoint)
+            recorded_config = trainer_state.get("config")
+            if recorded_config is not None and _architecture(config.to_dict()) != _architecture(recorded_config):
+                raise MismatchError("the checkpoint's config.json does not match the run's recorded config", str(checkpoint),
+                                    "restore the config.json the run was trained with")
+            tokenizer = load_tokenizer(checkpoint, options.tokenizer)
+            if tokenizer_fingerprint(tokenizer) != trainer_state.get("tokenizer"):
+                raise MismatchError("this tokenizer is not the one the run was trained with",
+                                    options.tokenizer or str(checkpoint), f"drop {flag('--tokenizer')}, or pass the run's own")
+            block_size = _block_size(options, config)
+            target = source
+            tokens, val = _load_data(source, options, tokenizer, block_size)  # bad text fails before anything is written
+            if run is not None and Path(run).absolute() != source.absolute():
+                target = Path(run)
+                start_run(target, world, copy_from=(source, checkpoint))
+            elif world.is_main:
+                ensure_writable_run(target)
+            barrier(world)
+            if trainer_state["mode"] == "inrank":
+                # A checkpoint stores an embedding in the form it trained in: rows and factors, or dense.
+                model = load_compressed(checkpoint, zero_as_lowrank=True, rows_as_factors=True)
+                controller = RankController.from_state_dict(trainer_state["rank_controller"])
+                controller.policy = options.policy()
+            else:
+                model, controller = load_dense(checkpoint, config), None
+            recorded_reference = trainer_state.get("reference")
+            reference = None if recorded_reference is None else ReferenceRecord.from_json(recorded_reference)
+            embedded = checkpoint / INIT_FILE if (checkpoint / INIT_FILE).is_file() else None
+            if world.is_main:
+                trim_metrics(target, step, source)
+            barrier(world)
+            session = Session(target, options, world, process_device(options.device, world), model, tokenizer, tokens,
+                              block_size, reference, embedded_init=embedded, controller=controller, val_tokens=val)
+            session.setup()
+            session.restore(trainer_state, tensors)
+            return run_loop(session, on_step)
     finally:
         close_world(world)
 

@@ -45,7 +45,7 @@ from inrank_convert.training.optimizer import (
 from inrank_convert.training.options import TrainOptions, TrainResult, learning_rate
 from inrank_convert.training.rank_control import RankController, grow_layer, low_rank_layers, resplit_layer
 from inrank_convert.training.warm_start import switch_to_low_rank
-from inrank_convert.weights.run_folder import step_folder
+from inrank_convert.weights.run_folder import step_folder, training_checkpoints
 
 # --- the session: model, optimizer, data, rank control ----------------------------------------
 
@@ -273,8 +273,12 @@ def optimizer_step(session: Session, scaler: torch.amp.GradScaler | None) -> flo
         apply_frobenius_decay(session.model, factor_learning_rate(session.optimizer), opts.weight_decay)
     loss = float(mean(total / opts.grad_accum, session.world))
     if not math.isfinite(loss):
-        raise UsageError(f"the loss became {loss} at step {session.step}", f"{flag('--lr')} {opts.lr}",
-                         f"lower {flag('--lr')}, or use {flag('--dtype')} float32")
+        saved = training_checkpoints(session.run)
+        fix = f"lower {flag('--lr')}, or use {flag('--dtype')} float32"
+        if saved:  # the run keeps what it saved: say how to go on from there
+            fix += (f"; the run keeps step-{max(saved)}: continue it with 'inrank-convert resume {session.run} "
+                    f"--lr {opts.lr / 10:g}'")
+        raise UsageError(f"the loss became {loss} at step {session.step}", f"{flag('--lr')} {opts.lr}", fix)
     return loss
 
 

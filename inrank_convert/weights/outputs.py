@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -16,9 +17,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import save_file
 
-from inrank_convert.core.errors import ArtifactError, OutputError, flag
-from inrank_convert.core.tensors import SAFETENSORS_CODES, checksum
+from inrank_convert.core.errors import ArtifactError, NonFiniteError, OutputError, flag
+from inrank_convert.core.tensors import SAFETENSORS_CODES, checksum, is_finite
+from inrank_convert.weights.output_lock import output_lock
 
 TMP_PREFIX = ".inrank-tmp-"
 
@@ -75,8 +79,15 @@ class TensorFileWriter:
         return size
 
     def _spool_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        if not is_finite(tensor):  # every writer's last check: no command writes a NaN or Inf weight
+            raise NonFiniteError(f"tensor {name!r} holds NaN or Inf: nothing was written", str(self.path),
+                                 "its inputs give a weight its dtype cannot hold; check them with verify")
         data = tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b""
-        self._spool.write(data)
+        try:
+            self._spool.write(data)
+        except OSError as err:  # a full disk: a write names no file, so name the one being written
+            err.filename = err.filename or str(self.path)
+            raise
         self._checksums[name] = checksum(tensor)
 
     def _drain(self) -> None:
@@ -113,10 +124,29 @@ class TensorFileWriter:
             self._worker.shutdown(wait=True, cancel_futures=True)
 
     def abort(self) -> None:
-        self._stop()
+        try:
+            self._stop()
+        except OSError:  # the writer thread's error is the one in flight already
+            pass
         self._pending = None
-        self._spool.close()
+        try:
+            self._spool.close()  # flushing what is buffered fails again on a full disk: it is discarded
+        except OSError:
+            pass
         self._spool_path.unlink(missing_ok=True)
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, its I/O failures as the OSError they are (safetensors reports
+    a full disk as a SafetensorError naming no file: "I/O error: No space left on device (os error 28)")."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        found = re.search(r"os error (\d+)", str(err))
+        if found is None:
+            raise
+        code = int(found.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from err
 
 
 def copy_rest(source, out) -> None:
@@ -141,78 +171,127 @@ def _is_within(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
+def _forms(path: Path) -> set[Path]:
+    """A path as written (absolute) and as it resolves through symlinks: an output is compared with
+    the inputs in both forms, so that a link into an input folder is seen for what it is."""
+    absolute = Path(os.path.abspath(path))
+    try:
+        return {absolute, absolute.resolve()}
+    except (OSError, RuntimeError):  # a symlink loop: the path as written is all there is
+        return {absolute}
+
+
 def check_output_outside(output: Path, inputs: tuple[Path | str | None, ...]) -> None:
-    """The output neither is nor holds an input (replacing it would change one), nor lies inside
-    an input folder (which would gain files)."""
-    output = Path(output).absolute()
+    """The output is a folder of its own: not the current folder or one holding it (``-o ''``,
+    ``-o .``, ``-o ..``: replacing it would move the user's files away), neither is nor holds an
+    input (replacing it would change one), nor lies inside an input folder (which would gain files),
+    through symlinks too."""
+    outputs = _forms(Path(output))
+    here = _forms(Path.cwd())
+    if any(_is_within(cwd, place) for cwd in here for place in outputs):
+        raise OutputError("the output is the current folder or a folder holding it ('', '.' and '..' name those)",
+                          str(output) or "''", "name a new folder with -o, e.g. -o out")
     for source in inputs:
         if source is None:
             continue
-        source = Path(source).absolute()
-        if _is_within(source, output):  # replacing output would delete or change this input
+        sources = _forms(Path(source))
+        if any(_is_within(inner, place) for inner in sources for place in outputs):
+            # replacing the output would delete or change this input
             raise OutputError("the output would overwrite an input", str(output), "choose another -o folder")
-        if source.is_dir() and _is_within(output, source):
+        if any(Path(source).is_dir() and _is_within(place, folder) for folder in sources for place in outputs):
             raise OutputError(f"the output is inside the input folder {source}", str(output),
                               "choose an -o outside it: inputs are never changed")
 
 
 def check_output_free(output: Path, force: bool) -> None:
     """Refuse an existing output unless --force (and never a file where a folder goes)."""
-    if output.exists() and not force:
+    if os.path.lexists(output) and not force:
         raise OutputError("output exists already", str(output), f"pass {flag('--force')} to replace it, or choose another -o")
-    if output.exists() and not output.is_dir():
+    if os.path.lexists(output) and not output.is_dir():
         raise OutputError("output exists and is not a folder", str(output), "choose another -o")
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole or nothing: a temporary folder renamed into place
+
+
+def _temp_name(name: str) -> str:
+    """``.inrank-tmp-NAME.HEX``: the output it belongs to is read back exactly (``_owner``)."""
+    return f"{TMP_PREFIX}{name}.{uuid.uuid4().hex}"
+
+
+def _owner(temp_name: str) -> str | None:
+    """The output name of a temporary folder, or None for names this tool did not make."""
+    if not temp_name.startswith(TMP_PREFIX):
+        return None
+    name, _, tail = temp_name[len(TMP_PREFIX):].rpartition(".")
+    if len(tail) != 32 or any(char not in "0123456789abcdef" for char in tail) or not name:
+        return None
+    return name
+
+
+@contextmanager
+def claimed_output(output: Path, force: bool = False, inputs: tuple[Path | str | None, ...] = ()) -> Iterator[Path]:
+    """What every writing command does first, before any work: check where ``output`` is (not the
+    current folder, not in or over an input, through symlinks), take its lock for the whole block,
+    and check that it is free (or ``force``). ``atomic_output_dir`` inside the block finds the lock
+    held."""
+    output = Path(os.path.abspath(output))
+    check_output_outside(output, inputs)
+    with output_lock(output):
+        check_output_free(output, force)
+        yield output
 
 
 @contextmanager
 def atomic_output_dir(output: Path, force: bool = False, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
     """Yield a temporary folder beside ``output``; rename it into place only if the block succeeds.
 
-    A crash or SIGKILL leaves at most a hidden ``.inrank-tmp-*`` folder, never a half-written
-    ``output``. ``force`` replaces an existing output, but never one that is or holds an input.
+    The output's lock (``output_lock``) is held throughout. A crash or SIGKILL leaves at most a
+    hidden ``.inrank-tmp-NAME.*`` folder, never a half-written ``output``; the next writer of
+    ``output`` removes it (it holds the lock, so no live writer owns one). ``force`` replaces an
+    existing output, but never one that is or holds an input; without it, an output that appeared
+    while the block ran is not replaced.
     """
-    output = Path(output).absolute()
-    check_output_outside(output, inputs)
-    check_output_free(output, force)
-    parent = output.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temps(parent, output.name)
-        temp = parent / f"{TMP_PREFIX}{output.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        temp.mkdir()
-    except OSError as err:
-        raise OutputError(f"cannot write the output folder ({err.strerror})", str(parent),
-                          "choose a writable -o location") from err
-    try:
-        yield temp
-        if output.exists():
-            trash = parent / f"{TMP_PREFIX}{output.name}-old-{uuid.uuid4().hex[:8]}"
-            output.rename(trash)
-            temp.rename(output)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            temp.rename(output)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
+    with claimed_output(output, force, inputs) as output:
+        parent = output.parent
+        try:
+            _remove_dead_temps(parent, output.name)
+            temp = parent / _temp_name(output.name)
+            temp.mkdir()
+        except OSError as err:
+            raise OutputError(f"cannot write the output folder ({err.strerror})", str(parent),
+                              "choose a writable -o location") from err
+        try:
+            yield temp
+            if os.path.lexists(output):
+                if not force:
+                    raise OutputError("the output appeared while this command ran; it was not replaced", str(output),
+                                      f"pass {flag('--force')} to replace it, or choose another -o")
+                check_output_free(output, force)  # still a folder
+                trash = parent / _temp_name(output.name)
+                output.rename(trash)
+                temp.rename(output)
+                shutil.rmtree(trash, ignore_errors=True)
+            else:
+                temp.rename(output)
+        except OSError as err:
+            shutil.rmtree(temp, ignore_errors=True)
+            if not err.filename or str(err.filename).startswith(str(temp)):
+                err.filename = str(output)  # the output, not a temporary file that is gone now
+            raise
+        except BaseException:
+            shutil.rmtree(temp, ignore_errors=True)
+            raise
 
 
-def _remove_stale_temps(parent: Path, name: str) -> None:
-    """Temp folders of earlier runs for the same output whose process is gone (killed midway)."""
-    for stale in parent.glob(f"{TMP_PREFIX}{name}-*"):
-        pid_part = stale.name[len(TMP_PREFIX) + len(name) + 1:].split("-", 1)[0]
-        if pid_part.isdigit() and not _process_alive(int(pid_part)):
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+def _remove_dead_temps(parent: Path, name: str) -> None:
+    """Temporary folders of earlier writers of this output (killed midway): the caller holds the
+    output's lock, so none of them has a live writer. Other outputs' temporary folders are left to
+    their own next writer."""
+    for temp in parent.glob(f"{TMP_PREFIX}*"):
+        if _owner(temp.name) == name:
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def link_or_copy(source: Path, target: Path) -> None:

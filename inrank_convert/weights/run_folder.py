@@ -27,14 +27,19 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 from inrank_convert.core.distributed import World, barrier
 from inrank_convert.core.errors import CheckpointError, OutputError, flag
 from inrank_convert.weights.hash_cache import FOLDER_ENV
+from inrank_convert.weights.output_lock import output_lock
+from inrank_convert.weights.outputs import check_output_outside, save_tensors
 
 STEP_PATTERN = re.compile(r"^(?:step|checkpoint)-(\d+)$")  # our step-N, Hugging Face Trainer's checkpoint-N
 STATE_DIR = "train_state"
@@ -117,6 +122,43 @@ def _check_new_run(run: Path) -> None:
                           f"continue it with 'inrank-convert resume {run} ...', or choose another -o")
 
 
+@contextmanager
+def owned_run(run: Path, world: World, inputs: tuple[Path | str | None, ...] = ()) -> Iterator[None]:
+    """The run folder a command writes, for the whole command: checked (not the current folder, not
+    in or over an input, through symlinks) and locked by the process that writes it (rank 0), so a
+    second train or resume into it is refused at once. A run that had no checkpoint when the command
+    began and still has no training checkpoint when it fails (a full disk, a nan loss at the first
+    steps, a signal during setup) is removed: nothing in it could be resumed, and a new ``train -o``
+    to the same folder then works."""
+    run = Path(run)
+    if not world.is_main:
+        yield
+        return
+    check_output_outside(run, inputs)
+    with output_lock(run):
+        existed = run.exists()
+        new = not existed or (run.is_dir() and not any(run.iterdir()))
+        try:
+            yield
+        except BaseException as err:
+            if new and run.is_dir() and not has_training_checkpoint(run):
+                _empty_new_run(run, existed)
+            if isinstance(err, OSError) and not err.filename:  # a full disk names no file: name the run
+                err.filename = str(run)
+            raise
+
+
+def _empty_new_run(run: Path, existed: bool) -> None:
+    if not existed:
+        shutil.rmtree(run, ignore_errors=True)
+        return
+    for item in run.iterdir():  # an empty folder the user made: emptied again, kept
+        if item.is_dir() and not item.is_symlink():
+            shutil.rmtree(item, ignore_errors=True)
+        else:
+            item.unlink(missing_ok=True)
+
+
 def start_run(run: Path, world: World, copy_from: tuple[Path, Path] | None = None) -> None:
     """Create the new run folder (on rank 0), optionally as a copy of (source run, checkpoint)."""
     _check_new_run(run)
@@ -182,20 +224,46 @@ def write_training_state(folder: Path, trainer_state: dict, state_tensors: dict[
     """``folder/train_state``: the trainer state as JSON and the state tensors as safetensors."""
     state_dir = Path(folder) / STATE_DIR
     state_dir.mkdir()
-    save_file({k: v.detach().contiguous().cpu() for k, v in state_tensors.items()}, str(state_dir / STATE_TENSORS))
+    save_tensors({k: v.detach().contiguous().cpu() for k, v in state_tensors.items()}, state_dir / STATE_TENSORS)
     (state_dir / STATE_JSON).write_text(json.dumps(trainer_state, indent=1, sort_keys=True) + "\n")
 
 
 def load_state(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(trainer_state.json, state tensors) of a checkpoint folder."""
+    """(trainer_state.json, state tensors) of a checkpoint folder, the JSON's shape checked (the keys
+    resume reads, of their types) and the tensors readable: a truncated or edited state is one
+    line naming the checkpoint, never a traceback at the first key it lacks."""
     state_dir = Path(folder) / STATE_DIR
+    fix = f"the checkpoint is damaged: move {Path(folder).name} out of the run folder to resume from the checkpoint before it"
     try:
         trainer_state = json.loads((state_dir / STATE_JSON).read_text())
         tensors = load_file(str(state_dir / STATE_TENSORS))
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"cannot read the training state ({err})", str(state_dir),
-                              "the checkpoint is damaged: resume from an earlier step folder") from err
+    except (OSError, ValueError, SafetensorError) as err:
+        raise CheckpointError(f"cannot read the training state ({err})", str(state_dir), fix) from err
+    problem = _state_problem(trainer_state)
+    if problem:
+        raise CheckpointError(f"malformed training state: {problem}", str(state_dir / STATE_JSON), fix)
     return trainer_state, tensors
+
+
+# The keys of trainer_state.json that resume reads, and their types.
+_STATE_KEYS = {"step": int, "mode": str, "options": dict}
+_OPTIONAL_STATE_KEYS = {"rank_controller": dict, "reference": dict, "config": dict, "tokenizer": str}
+
+
+def _state_problem(state) -> str:
+    if not isinstance(state, dict):
+        return f"a JSON {type(state).__name__}, not an object"
+    for key, kind in _STATE_KEYS.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            return f"{key!r} is {json.dumps(state.get(key))[:40]}, not a JSON {'number' if kind is int else kind.__name__}"
+    if state["step"] < 0 or state["mode"] not in ("dense", "inrank"):
+        return f"step {state['step']} in mode {state['mode']!r}"
+    for key, kind in _OPTIONAL_STATE_KEYS.items():
+        if state.get(key) is not None and not isinstance(state[key], kind):
+            return f"{key!r} is {json.dumps(state[key])[:40]}"
+    if state["mode"] == "inrank" and not isinstance(state.get("rank_controller"), dict):
+        return "an InRank checkpoint without its 'rank_controller'"
+    return ""
 
 
 # --- metrics ----------------------------------------------------------------------------------

@@ -295,6 +295,38 @@ def test_resume_run_with_a_damaged_trainer_state(inputs, tmp_path):
     expect_error(["resume", run, "--steps", "4"], says=("train_state",), inputs=(run, inputs.root))
 
 
+def test_resume_run_with_a_truncated_state_file(inputs, tmp_path):
+    run = run_copy(inputs, tmp_path)
+    tensors = run / "step-2" / "train_state" / "state.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[:-100])
+    expect_error(["resume", run, "--steps", "4"], says=("cannot read the training state", "step-2", "move step-2 out"),
+                 inputs=(run, inputs.root))
+
+
+@pytest.mark.parametrize("state", [[1, 2], {"step": "2", "mode": "dense", "options": {}},
+                                   {"step": 2, "mode": "dense", "options": []},
+                                   {"step": 2, "mode": "sideways", "options": {}}],
+                         ids=["a-list", "step-a-string", "options-a-list", "unknown-mode"])
+def test_resume_run_with_a_trainer_state_of_the_wrong_shape(inputs, tmp_path, state):
+    run = run_copy(inputs, tmp_path)
+    (run / "step-2" / "train_state" / "trainer_state.json").write_text(json.dumps(state))
+    expect_error(["resume", run, "--steps", "4"], says=("malformed training state", "trainer_state.json"),
+                 inputs=(run, inputs.root))
+
+
+def test_train_stopped_by_a_nan_loss_leaves_no_run_it_cannot_resume(inputs, tmp_path):
+    """A nan at the first steps: no checkpoint to resume from, so no run folder is left (a new train
+    -o works at once); with checkpoints, the one line says how to continue from the last."""
+    out = tmp_path / "out"
+    expect_error(train_args(inputs, out, "--lr", "1e30", "--quiet", steps="4"), says=("loss became nan", "lower --lr"),
+                 output=out)
+    run = run_copy(inputs, tmp_path)
+    line = expect_error(["resume", run, "--steps", "6", "--lr", "1e30", "--quiet"], says=("loss became nan",),
+                        inputs=(inputs.root,))
+    assert f"the run keeps step-2: continue it with 'inrank-convert resume {run} --lr" in line
+    assert (run / "step-2" / "train_state").is_dir()
+
+
 # --------------------------------------------------------------------------- 6. the tokenizer
 
 
