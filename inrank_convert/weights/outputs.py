@@ -137,8 +137,12 @@ class TensorFileWriter:
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
-    """``safetensors.torch.save_file``, its I/O failures as the OSError they are (safetensors reports
+    """``safetensors.torch.save_file`` of finite tensors, its I/O failures as the OSError they are (safetensors reports
     a full disk as a SafetensorError naming no file: "I/O error: No space left on device (os error 28)")."""
+    for name, tensor in tensors.items():  # as TensorFileWriter: no command writes a NaN or Inf
+        if not is_finite(tensor):
+            raise NonFiniteError(f"tensor {name!r} holds NaN or Inf: nothing was written", str(path),
+                                 "its inputs give a weight its dtype cannot hold")
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as err:

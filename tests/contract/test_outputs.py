@@ -77,6 +77,30 @@ def test_a_second_writer_of_the_same_output_is_refused(pair, tmp_path):
     assert (out / "inrank.safetensors").is_file() and not lock_path(out).exists()
 
 
+def test_two_compresses_to_one_output_at_once(tmp_path):
+    """Two real compresses started together: the one that takes the lock writes the output, the
+    other stops at once in one line naming it (before, both exited 0 and one replaced the other)."""
+    init, trained = _big_pair(tmp_path, count=12)  # exact SVDs of 12 1024 x 1024 updates: the first is still
+    out = tmp_path / "out"                          # working when the second has started up
+    command = [sys.executable, "-m", "inrank_convert", "compress", str(trained), "--init", str(init), "-o", str(out),
+               "--svd", "exact", "--quiet"]
+    first = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not lock_path(out).exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        second = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120)
+        _, first_err = first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    assert first.returncode == 0, first_err
+    assert second.returncode == 2, second.stderr
+    assert second.stderr.count("\n") == 1 and f"being written by process {first.pid}" in second.stderr
+    assert (out / "inrank.safetensors").is_file() and temps_beside(out) == []
+
+
 def test_a_live_writers_temporary_folder_is_spared(pair, tmp_path):
     """A writer of ``out`` holds its lock: a second writer neither starts nor touches its temporary
     folder. Another output's temporary folder, however alike its name, is never removed; a dead
