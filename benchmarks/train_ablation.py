@@ -67,6 +67,8 @@ ROWS = [
     Row("warm300", "the same, dense 300 steps", (*REFERENCE, "--dense-warmup", "300", "--growth", "lora")),
     Row("warm-start", "the default recipe (warm-start): dense 100 steps, then compress at energy 0.9, lora growth",
         (*INRANK,)),
+    Row("warm-start-200", "warm-start with 200 dense steps", (*INRANK, "--dense-warmup", "200")),
+    Row("warm-start-t0.95", "warm-start at energy 0.95 (the switch and the decisions)", (*INRANK, "--threshold", "0.95")),
     Row("warm-start-t0.99", "warm-start at energy 0.99 (the switch and the decisions)", (*INRANK, "--threshold", "0.99")),
     Row("warm-start-t0.99-efficient", "the same with --efficient (W = B A, no init), ranks capped at 32",
         (*INRANK, "--efficient", "--threshold", "0.99", "--max-rank", "32")),
