@@ -10,6 +10,7 @@ from pathlib import Path
 from inrank_convert.artifact import Artifact
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.inputs.sources import open_artifact
+from inrank_convert.model.architecture import with_architectures
 from inrank_convert.runtime.modeling import check_fits_config
 from inrank_convert.weights.checkpoints import copy_side_files
 from inrank_convert.weights.outputs import TensorFileWriter, atomic_output_dir
@@ -65,8 +66,11 @@ def decompress(artifact_path: str | Path, output: str | Path, *, force: bool = F
                         on_tensor(name)
                 size = writer.finish()
             copy_side_files(artifact.path, temp)
+            written = with_architectures(config)  # runs started from a bare config.json lack it
             if reference_only:
-                _shrink_vocabulary(artifact, config, temp / "config.json")
+                written = _shrunk_vocabulary(artifact, written)
+            if written != config:
+                (temp / "config.json").write_text(json.dumps(written, indent=2, sort_keys=True) + "\n")
         return DecompressResult(Path(output), count, size)
     finally:
         artifact.close()
@@ -88,11 +92,10 @@ def _reference_tensor(artifact: Artifact, name: str, known: set[str], device: st
     return artifact.reconstruct(name, device)
 
 
-def _shrink_vocabulary(artifact: Artifact, config: dict, file: Path) -> None:
+def _shrunk_vocabulary(artifact: Artifact, config: dict) -> dict:
     """A fine-tune that grew the vocabulary: its reference (the base) has fewer embedding rows, so
     the base's config.json must say so, or from_pretrained refuses the smaller embedding."""
     vocab = config.get("vocab_size")
     grown = {entry.reference_rows for entry in artifact.tensors.values()
              if entry.reference_rows is not None and entry.shape and entry.shape[0] == vocab}
-    if len(grown) == 1:
-        file.write_text(json.dumps({**config, "vocab_size": grown.pop()}, indent=2, sort_keys=True) + "\n")
+    return {**config, "vocab_size": grown.pop()} if len(grown) == 1 else config

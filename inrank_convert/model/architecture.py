@@ -31,6 +31,19 @@ def conv1d_class() -> type[torch.nn.Module]:
     return Conv1D
 
 
+def with_architectures(config: dict) -> dict:
+    """``config`` with its ``architectures`` filled in when it has none (a config a run was started
+    from by hand): the causal-LM class transformers builds for its ``model_type``. transformers'
+    Auto classes cope without it, but vLLM, llama.cpp's HF-to-GGUF converter and mergekit choose
+    the model class from that field. Returned unchanged when it is there or the type is unknown."""
+    if config.get("architectures"):
+        return config
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.get("model_type"))
+    return {**config, "architectures": [name]} if isinstance(name, str) else config
+
+
 def model_context(config: PretrainedConfig) -> int | None:
     """The context length a config declares (GPT-2 ``n_positions``, LLaMA ``max_position_embeddings``)."""
     for attribute in CONTEXT_ATTRIBUTES:

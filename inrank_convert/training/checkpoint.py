@@ -100,10 +100,18 @@ def save_checkpoint(run: Path, step: int, model: nn.Module, tokenizer, reference
 def _save_beside_weights(folder: Path, model: nn.Module, tokenizer, trainer_state: dict,
                          state_tensors: dict[str, torch.Tensor]) -> None:
     """config.json, the tokenizer and the training state of a checkpoint folder."""
-    model.config.save_pretrained(folder)
+    save_config(model, folder)
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     write_training_state(folder, trainer_state, state_tensors)
+
+
+def save_config(model: nn.Module, folder: Path) -> None:
+    """config.json, naming the model's class in ``architectures`` (a model built from a bare config
+    has none, and vLLM and llama.cpp's converter need it)."""
+    if not getattr(model.config, "architectures", None):
+        model.config.architectures = [type(model).__name__]
+    model.config.save_pretrained(folder)
 
 
 def save_model_weights(model: nn.Module, folder: Path) -> None:

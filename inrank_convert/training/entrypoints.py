@@ -38,7 +38,7 @@ from inrank_convert.linalg.criteria import RankRule
 from inrank_convert.model.architecture import meta_model, model_context, seeded_model
 from inrank_convert.model.layers import RowsLowRankEmbedding
 from inrank_convert.runtime.modeling import load_compressed, load_dense, model_config
-from inrank_convert.training.checkpoint import save_model_weights
+from inrank_convert.training.checkpoint import save_config, save_model_weights
 from inrank_convert.training.loop import Session, run_loop
 from inrank_convert.training.options import TrainOptions, TrainResult, check_options
 from inrank_convert.training.rank_control import (
@@ -192,7 +192,7 @@ def train(source: str | Path, run: str | Path, options: TrainOptions,
 
 def _save_init(model: nn.Module, tokenizer, folder: Path, seed: int | None) -> None:
     with atomic_output_dir(folder) as temp:
-        model.config.save_pretrained(temp)
+        save_config(model, temp)
         save_model_weights(model, temp)
         tokenizer.save_pretrained(temp)
         if seed is not None:

@@ -247,3 +247,27 @@ def test_old_artifact_resumes_training(old, tmp_path):
     assert [record["step"] for record in records] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(record["loss"])) for record in records)
     assert read_manifest(tmp_path / "run" / "step-3").version == 2  # its checkpoints are written in version 2
+
+
+def test_checkpoints_of_a_run_from_a_bare_config_name_their_architecture(inrank_run, tmp_path):
+    """A run started from a bare config.json (no ``architectures``): every step folder's config.json
+    names the model class (vLLM, llama.cpp's converter and mergekit choose the class from it), and so
+    does what decompress writes from an artifact made before that (its config.json lacks it)."""
+    import json
+
+    from inrank_convert import compress
+    from inrank_convert.export.dense import decompress
+
+    run, _ = inrank_run
+    steps = sorted(run.glob("step-*"))
+    assert len(steps) >= 2
+    for step in steps:
+        assert json.loads((step / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"], step
+    artifact = tmp_path / "artifact"
+    compress(run, artifact)
+    config = json.loads((artifact / "config.json").read_text())
+    del config["architectures"]
+    (artifact / "config.json").write_text(json.dumps(config))
+    decompress(artifact, tmp_path / "dense")
+    written = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert written == {**config, "architectures": ["GPT2LMHeadModel"]}
