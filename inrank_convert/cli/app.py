@@ -19,7 +19,12 @@ except ImportError:  # pragma: no cover
 
 from inrank_convert.cli.compress import compress_command
 from inrank_convert.cli.demo import demo_command
-from inrank_convert.cli.export import decompress_command, export_peft_command, generate_command
+from inrank_convert.cli.export import (
+    decompress_command,
+    export_gguf_command,
+    export_peft_command,
+    generate_command,
+)
 from inrank_convert.cli.inspect import inspect_command, spectrum_command, verify_command
 from inrank_convert.cli.measure import compare_runs_command, report_command, sweep_command
 from inrank_convert.cli.train import resume_command, train_command
@@ -67,6 +72,7 @@ COMMANDS = {
     "spectrum": spectrum_command,
     "decompress": decompress_command,
     "export-peft": export_peft_command,
+    "export-gguf": export_gguf_command,
     "verify": verify_command,
     "report": report_command,
     "sweep": sweep_command,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 
 from inrank_convert.cli import console
@@ -106,6 +107,42 @@ def export_peft_command(
         console.emit_json(result.to_json())
     else:
         console.render_export_peft(result.to_json())
+
+
+@user_errors
+def export_gguf_command(
+    artifact: ArtifactArg,
+    output: Annotated[Path, typer.Option("-o", "--output", help="GGUF adapter file to write (e.g. adapter.gguf).")],
+    init: Annotated[Path | None, typer.Option("--init", help="Use this init instead of the recorded one.")] = None,
+    dtype: Annotated[str, typer.Option("--dtype", help="float32 or float16: the dtype of the LoRA tensors.")] = "float32",
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
+    json_output: JsonOpt = False,
+):
+    """Write a llama.cpp LoRA adapter (GGUF) that turns the reference (init / base) model into the compressed one.
+
+    Convert the base with llama.cpp's convert_hf_to_gguf.py, then run it with --lora OUTPUT. LLaMA,
+    Mistral and Qwen2; what llama.cpp adapters cannot hold (norms, biases, the token embedding's
+    change) is listed as left out.
+
+    Example: inrank-convert export-gguf llama-inrank -o llama-lora.gguf
+    """
+    from inrank_convert.export.gguf_adapter import LLAMA_CPP, export_gguf
+    from inrank_convert.export.vllm_plan import dropped_summary
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16}
+    if dtype not in dtypes:
+        raise UsageError(f"unknown GGUF adapter dtype {dtype!r}", f"--dtype {dtype}", "choose float32 or float16")
+    result = export_gguf(artifact, output, force=force, init=init, dtype=dtypes[dtype])
+    lines = dropped_summary(result.dropped, rules=LLAMA_CPP)
+    if lines:
+        console.warn(f"the llama.cpp adapter leaves out {len(result.dropped)} changed tensors (--json lists each):")
+        for line in lines:
+            console.status(f"  {line}")
+    if json_output:
+        console.emit_json(result.to_json())
+    else:
+        console.stdout.print(f"wrote a llama.cpp LoRA adapter on {len(result.ranks)} tensors "
+                             f"({console.human_bytes(result.bytes)}, {result.architecture}) to {result.output}")
 
 
 @user_errors

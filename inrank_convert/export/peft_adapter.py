@@ -183,7 +183,7 @@ def _lora_tensors(target: LoraTarget, B: torch.Tensor, A: torch.Tensor) -> dict[
     return {f"{prefix}.lora_embedding_A": B.T, f"{prefix}.lora_embedding_B": A.T}
 
 
-def _factors(artifact: Artifact, target: LoraTarget) -> tuple[torch.Tensor, torch.Tensor]:
+def lora_factors(artifact: Artifact, target: LoraTarget) -> tuple[torch.Tensor, torch.Tensor]:
     if target.placeholder:
         rows, cols = target.shape
         return torch.zeros(rows, 1), torch.zeros(1, cols)
@@ -218,7 +218,7 @@ def _write_tensors(writer: TensorFileWriter, artifact: Artifact, plan: AdapterPl
     count = 0
     energies: dict[str, float] = {}
     for target in plan.targets:
-        B, A = _factors(artifact, target)
+        B, A = lora_factors(artifact, target)
         if target.truncated_from is not None:
             B, A, energies[target.module] = _truncated(B, A, target.rank)
         for key, tensor in _lora_tensors(target, B, A).items():

@@ -40,7 +40,21 @@ _WHY = {
     "bias": "vLLM serves no adapter biases (LoRA bias support removed, vllm-project/vllm#25807)",
     "norm": "vLLM refuses modules_to_save (vllm-project/vllm#9280), and a norm has no LoRA form",
     "module": "vLLM refuses modules_to_save (vllm-project/vllm#9280)",
+    "vocabulary": "vLLM refuses modules_to_save and serves the base's vocabulary",
 }
+
+
+@dataclass(frozen=True)
+class ServingRules:
+    """What a server's adapter format takes: LoRA on linear projections, with or without the LM
+    head, and why each other kind of change is left out (by ``DroppedChange.what``)."""
+
+    server: str
+    why: dict[str, str]
+    lora_on_head: bool = False
+
+
+VLLM = ServingRules("vLLM", _WHY)
 
 
 @dataclass
@@ -95,8 +109,15 @@ def serving_rank(rank: int) -> int:
 
 
 def vllm_plan(plan: AdapterPlan, artifact: Artifact, model, max_rank: int) -> tuple[AdapterPlan, list[DroppedChange]]:
-    """``plan`` (the exact adapter) restricted to LoRA on linear projections of rank <= ``max_rank``,
-    and what that leaves out, in the artifact's tensor order."""
+    """``plan`` (the exact adapter) restricted to what vLLM serves (``linear_plan``)."""
+    return linear_plan(plan, artifact, model, max_rank, VLLM)
+
+
+def linear_plan(plan: AdapterPlan, artifact: Artifact, model, max_rank: int,
+                rules: ServingRules) -> tuple[AdapterPlan, list[DroppedChange]]:
+    """``plan`` (the exact adapter) restricted to LoRA on linear projections of rank <= ``max_rank``
+    (the LM head too where ``rules`` take it), and what that leaves out, in the artifact's tensor order."""
+    why = rules.why
     tensors = artifact.tensors
     modules = dict(model.named_modules())
     output = model.get_output_embeddings()
@@ -109,7 +130,7 @@ def vllm_plan(plan: AdapterPlan, artifact: Artifact, model, max_rank: int) -> tu
         if item is None:
             count = math.prod(entry.shape)
             dropped[name] = DroppedChange(name, [module], what, count, count * entry.dtype.itemsize,
-                                          reason or _WHY[what])
+                                          reason or why[what])
         elif module not in item.modules:
             item.modules.append(module)
 
@@ -119,7 +140,7 @@ def vllm_plan(plan: AdapterPlan, artifact: Artifact, model, max_rank: int) -> tu
             continue
         if target.layout == "embedding":
             drop(target.source, target.module, "embedding")
-        elif target.module in heads:
+        elif target.module in heads and not rules.lora_on_head:
             drop(target.source, target.module, "lm_head")
         elif target.rank > max_rank:
             rows, cols = target.shape
@@ -136,37 +157,37 @@ def vllm_plan(plan: AdapterPlan, artifact: Artifact, model, max_rank: int) -> tu
             if entry.reference_rows is not None:
                 what = "lm_head" if module_name in heads else "embedding"
                 reason = (f"a grown vocabulary ({entry.shape[0]} rows, the base {entry.reference_rows}): "
-                          f"vLLM refuses modules_to_save and serves the base's vocabulary")
+                          f"{why['vocabulary']}")
             elif isinstance(module, torch.nn.Embedding) or module_name in heads:
                 what = "lm_head" if module_name in heads else "embedding"
-                reason = f"{_WHY[what]}; stored {entry.kind} with an unknown reference, so it has no LoRA form"
+                reason = f"{why[what]}; stored {entry.kind} with an unknown reference, so it has no LoRA form"
             elif "norm" in type(module).__name__.lower():
                 what, reason = "norm", None
             else:
                 what = "module"
                 reason = (f"stored {entry.kind} and its reference is not known (an embedded init), so it has no "
-                          f"LoRA form; {_WHY['module']}")
+                          f"LoRA form; {why['module']}")
             drop(name, module_name, what, reason)
     for name in plan.biases.values():
         drop(name, name.rpartition(".")[0], "bias")
 
     if not kept:
-        raise UsageError("none of the artifact's changes is on a linear projection, so a vLLM adapter would carry "
-                         "nothing", str(artifact.path),
+        raise UsageError(f"none of the artifact's changes is on a linear projection, so a {rules.server} adapter "
+                         "would carry nothing", str(artifact.path),
                          f"use the exact adapter ({flag('--target')} peft) or 'inrank-convert decompress' for the "
                          "dense model")
     targets = {target.module for target in kept}
     carried = [item for item in plan.carried_in_full if all(module in targets for module in item.modules)
                and item.name not in dropped]
     notes = [item.why for item in carried]
-    if model.config.model_type == "gpt2":
+    if model.config.model_type == "gpt2" and rules is VLLM:
         notes.append("vLLM's GPT-2 (GPT2LMHeadModel) implements no LoRA, so vLLM does not serve this adapter on "
                      "GPT-2; PEFT loads it")
     restricted = AdapterPlan(kept, [], {}, {}, plan.unchanged, notes, carried, None)
     return restricted, [dropped[name] for name in tensors if name in dropped]
 
 
-def dropped_summary(dropped: list[DroppedChange], shown: int = 3) -> list[str]:
+def dropped_summary(dropped: list[DroppedChange], shown: int = 3, rules: ServingRules = VLLM) -> list[str]:
     """The dropped changes as a few lines, one per kind (what --json lists tensor by tensor)."""
     if not dropped:
         return []
@@ -185,7 +206,7 @@ def dropped_summary(dropped: list[DroppedChange], shown: int = 3) -> list[str]:
         else:
             names = [item.name for item in items[:shown]]
             head = f"{len(items)} {what} tensor{'s' if len(items) > 1 else ''} ({count:,} parameters) left out"
-            why = _WHY[what]
+            why = rules.why[what]
         more = f", and {len(items) - shown} more" if len(items) > shown else ""
         lines.append(f"{head}: {', '.join(names)}{more}; {why}")
     return lines

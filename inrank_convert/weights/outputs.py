@@ -207,12 +207,14 @@ def check_output_outside(output: Path, inputs: tuple[Path | str | None, ...]) ->
                               "choose an -o outside it: inputs are never changed")
 
 
-def check_output_free(output: Path, force: bool) -> None:
-    """Refuse an existing output unless --force (and never a file where a folder goes)."""
+def check_output_free(output: Path, force: bool, folder: bool = True) -> None:
+    """Refuse an existing output unless --force (and never a file where a folder goes, or a folder
+    where a file goes)."""
     if os.path.lexists(output) and not force:
         raise OutputError("output exists already", str(output), f"pass {flag('--force')} to replace it, or choose another -o")
-    if os.path.lexists(output) and not output.is_dir():
-        raise OutputError("output exists and is not a folder", str(output), "choose another -o")
+    if os.path.lexists(output) and output.is_dir() != folder:
+        raise OutputError(f"output exists and is not a {'folder' if folder else 'file'}", str(output),
+                          "choose another -o")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -235,7 +237,8 @@ def _owner(temp_name: str) -> str | None:
 
 
 @contextmanager
-def claimed_output(output: Path, force: bool = False, inputs: tuple[Path | str | None, ...] = ()) -> Iterator[Path]:
+def claimed_output(output: Path, force: bool = False, inputs: tuple[Path | str | None, ...] = (),
+                   folder: bool = True) -> Iterator[Path]:
     """What every writing command does first, before any work: check where ``output`` is (not the
     current folder, not in or over an input, through symlinks), take its lock for the whole block,
     and check that it is free (or ``force``). ``atomic_output_dir`` inside the block finds the lock
@@ -243,8 +246,30 @@ def claimed_output(output: Path, force: bool = False, inputs: tuple[Path | str |
     output = Path(os.path.abspath(output))
     check_output_outside(output, inputs)
     with output_lock(output):
-        check_output_free(output, force)
+        check_output_free(output, force, folder)
         yield output
+
+
+@contextmanager
+def atomic_output_file(output: Path, force: bool = False, inputs: tuple[Path | str | None, ...] = ()
+                       ) -> Iterator[Path]:
+    """``atomic_output_dir`` for an output that is one file (a GGUF adapter): a hidden temporary file
+    beside it, renamed into place only if the block succeeds, the output's lock held throughout."""
+    with claimed_output(output, force, inputs, folder=False) as output:
+        _remove_dead_temps(output.parent, output.name)
+        temp = output.parent / _temp_name(output.name)
+        try:
+            yield temp
+            if os.path.lexists(output) and not force:
+                raise OutputError("the output appeared while this command ran; it was not replaced", str(output),
+                                  f"pass {flag('--force')} to replace it, or choose another -o")
+            os.replace(temp, output)
+        except OSError as err:
+            if not err.filename or str(err.filename) == str(temp):
+                err.filename = str(output)  # the output, not a temporary file that is gone now
+            raise
+        finally:
+            temp.unlink(missing_ok=True)
 
 
 @contextmanager
@@ -295,7 +320,10 @@ def _remove_dead_temps(parent: Path, name: str) -> None:
     their own next writer."""
     for temp in parent.glob(f"{TMP_PREFIX}*"):
         if _owner(temp.name) == name:
-            shutil.rmtree(temp, ignore_errors=True)
+            if temp.is_dir() and not temp.is_symlink():
+                shutil.rmtree(temp, ignore_errors=True)
+            else:
+                temp.unlink(missing_ok=True)
 
 
 def link_or_copy(source: Path, target: Path) -> None:
