@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast bench bench-scale ablation demo lint docs clean
+.PHONY: install test test-fast test-serving bench bench-scale ablation demo lint docs clean
 
 install: $(STAMP)
 
@@ -24,8 +24,27 @@ test: install
 bench: install
 	$(BIN)/python -m benchmarks
 
-# A LLaMA-7B-shaped bfloat16 pair written and compressed (docs/benchmarks.md#a-7b-shaped-pair):
-# ~30 GB of free disk and ~15 minutes on 2 cores; not part of bench or CI.
+# llama.cpp itself loads base + an export-gguf adapter (tests/serving): llama-cpp-python built from
+# source (its wheel needs a compiler: ~10 minutes on 2 cores, once) and sentencepiece go into
+# build/serving/site, outside the package's dependencies; llama.cpp's own convert_hf_to_gguf.py comes
+# from the same release's source archive. Not part of CI (the build alone is half of CI's budget).
+LLAMA_CPP_PYTHON := 0.3.36
+SERVING := build/serving
+$(SERVING)/.installed: constraints.txt | install
+	mkdir -p $(SERVING)
+	CMAKE_BUILD_PARALLEL_LEVEL=2 $(BIN)/python -m pip install -q --no-deps --target $(SERVING)/site \
+		llama-cpp-python==$(LLAMA_CPP_PYTHON) diskcache==5.6.3 sentencepiece==0.2.3
+	$(BIN)/python -m pip download -q --no-binary :all: --no-deps -d $(SERVING) llama-cpp-python==$(LLAMA_CPP_PYTHON)
+	tar -xzf $(SERVING)/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz -C $(SERVING) --strip-components 2 \
+		--wildcards 'llama_cpp_python-*/vendor/llama.cpp/convert_hf_to_gguf.py' \
+		'llama_cpp_python-*/vendor/llama.cpp/conversion/*' 'llama_cpp_python-*/vendor/llama.cpp/gguf-py/*'
+	touch $(SERVING)/.installed
+
+test-serving: $(SERVING)/.installed
+	PYTHONPATH=$(SERVING)/site INRANK_LLAMA_CPP=$(SERVING)/llama.cpp $(BIN)/python -m pytest -q tests/serving
+
+# A LLaMA-7B-shaped bfloat16 pair written and compressed (docs/benchmarks.md#scale-a-7b-shaped-pair):
+# ~30 GB of free disk and ~7 minutes on 2 cores; not part of bench or CI.
 bench-scale: install
 	$(BIN)/python -m benchmarks scale
 
