@@ -72,9 +72,11 @@ def test_compare_runs_json_equals_the_metrics_and_scores_every_common_step(runs,
         assert shown["tokens_per_second"] == pytest.approx(sum(speeds) / len(speeds))
         assert shown["final_val_perplexity"] == pytest.approx(math.exp(shown["final_val_loss"]))
         assert [p["step"] for p in shown["data_curve"]] == [6, 12]
-    ranks = [(r["step"], r["total_rank"]) for r in read_metrics(inrank) if "total_rank" in r]
+    # The default recipe's dense warm-up steps (2 of 12) hold every rank: they count as the full rank, 128.
+    ranks = [(r["step"], r["total_rank"] if "total_rank" in r else 128) for r in read_metrics(inrank)
+             if "total_rank" in r or r.get("dense_warmup")]
     shown = by_label["inrank"]
-    assert ranks and [(p["step"], p["total_rank"]) for p in shown["rank_curve"]] == ranks
+    assert ranks and ranks[0] == (1, 128) and [(p["step"], p["total_rank"]) for p in shown["rank_curve"]] == ranks
     # Full rank: the 4 factorized MLP matrices (the default) of a 2x32 GPT-2, min(rows, cols) = 32 each.
     assert shown["full_rank"] == 4 * 32
     assert shown["final_rank_fraction"] == pytest.approx(ranks[-1][1] / 128)

@@ -127,19 +127,20 @@ def test_compare_runs_counts_the_warmup_at_full_rank_and_reports_trained_paramet
 
 
 @needs_data
-def test_the_default_recipe_warms_up_a_tenth_of_the_run_and_records_what_it_chose(tmp_path, config_path):
+def test_the_default_recipe_warms_up_a_fifth_of_the_run_and_records_what_it_chose(tmp_path, config_path):
     from inrank_convert.training.options import TrainOptions
 
     opts = TrainOptions(**{**options(steps=20, save_every=20, log_every=1).to_json(), "recipe": "warm-start"})
-    assert opts.resolved(from_scratch=True).dense_warmup == 2
+    assert opts.resolved(from_scratch=True).dense_warmup == 4
     assert opts.resolved(from_scratch=False).dense_warmup is None  # a resume starts low rank already
     train(config_path, tmp_path / "run", opts)
     state = json.loads((tmp_path / "run" / "step-20" / "train_state" / "trainer_state.json").read_text())
     recorded = state["options"]
     assert (recorded["dense_warmup"], recorded["criterion"], recorded["threshold"], recorded["growth"]) == \
-        (2, "energy", 0.9, "lora")
+        (4, "energy", 0.9, "lora")
     records = read_metrics(tmp_path / "run")
-    assert records[0].get("dense_warmup") and "ranks" in records[1]
+    steps = {record["step"]: record for record in records}
+    assert steps[3].get("dense_warmup") and "ranks" not in steps[3] and "ranks" in steps[5]
     explicit = TrainOptions(**{**opts.to_json(), "dense_warmup": 0, "criterion": "inrank"})
     assert explicit.resolved(from_scratch=True).dense_warmup is None  # 0: no warm-up, as named
     assert explicit.resolved(from_scratch=True).criterion == "inrank"  # a named rule is kept
