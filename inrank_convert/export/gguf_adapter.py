@@ -21,7 +21,6 @@ vocabulary. Supported: LLaMA, Mistral, Qwen2 (``SUPPORTED``).
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 from inrank_convert.core.errors import ArtifactError, UsageError
 from inrank_convert.export.peft_adapter import lora_factors
 from inrank_convert.export.peft_plan import LoraTarget, adapter_model_structure, plan_adapter
-from inrank_convert.export.vllm_plan import DroppedChange, ServingRules, linear_plan
+from inrank_convert.export.vllm_plan import DroppedChange, ServingRules, dropped_whole, linear_plan
 from inrank_convert.inputs.sources import open_artifact
 from inrank_convert.weights.outputs import atomic_output_file, check_output_outside
 
@@ -113,7 +112,8 @@ def export_gguf(artifact_path: str | Path, output: str | Path, *, force: bool = 
             for target in plan.targets:
                 name = _gguf_name(names, target)
                 if name == "token_embd.weight":  # a head tied to the embedding: llama.cpp's output is token_embd
-                    dropped.append(_dropped_embedding(artifact, target))
+                    dropped.append(dropped_whole(target.source, artifact.tensors[target.source], target.module,
+                                                 "embedding", LLAMA_CPP.why["embedding"]))
                     continue
                 B, A = _lora_pair(artifact, target, permuted, heads, kv_heads)
                 writer.add_tensor(f"{name}.lora_a", A.to(dtype).contiguous().numpy())
@@ -137,13 +137,6 @@ def _config(folder: Path) -> dict:
     except (OSError, ValueError) as err:
         raise ArtifactError("the artifact has no readable config.json", str(folder),
                             "put the model's config.json in the artifact folder") from err
-
-
-def _dropped_embedding(artifact, target: LoraTarget) -> DroppedChange:
-    entry = artifact.tensors[target.source]
-    count = math.prod(entry.shape)
-    return DroppedChange(target.source, [target.module], "embedding", count, count * entry.dtype.itemsize,
-                         LLAMA_CPP.why["embedding"])
 
 
 def _gguf_name(names, target: LoraTarget) -> str:

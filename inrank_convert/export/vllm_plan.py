@@ -86,6 +86,12 @@ class DroppedChange:
         return values
 
 
+def dropped_whole(name: str, entry, module: str, what: str, reason: str) -> DroppedChange:
+    """The artifact tensor ``name`` (its manifest ``entry``) left out whole: all its values, at its dtype."""
+    count = math.prod(entry.shape)
+    return DroppedChange(name, [module], what, count, count * entry.dtype.itemsize, reason)
+
+
 def check_target(target: str, max_rank: int | None) -> int | None:
     """The rank cap of ``target`` (None: no cap); refuses an unknown target and a cap it cannot use."""
     if target not in TARGETS:
@@ -128,9 +134,7 @@ def linear_plan(plan: AdapterPlan, artifact: Artifact, model, max_rank: int,
         entry = tensors[name]
         item = dropped.get(name)
         if item is None:
-            count = math.prod(entry.shape)
-            dropped[name] = DroppedChange(name, [module], what, count, count * entry.dtype.itemsize,
-                                          reason or why[what])
+            dropped[name] = dropped_whole(name, entry, module, what, reason or why[what])
         elif module not in item.modules:
             item.modules.append(module)
 

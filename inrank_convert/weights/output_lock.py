@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover (Windows)
     fcntl = None
 
 LOCK_PREFIX = ".inrank-lock-"
-_held: dict[Path, list] = {}  # output -> [lock fd, depth, parent folders this process created]
+_held: set[Path] = set()  # the outputs this process holds the lock of (the outermost holder releases it)
 
 
 def lock_path(output: Path) -> Path:
@@ -43,13 +43,8 @@ def output_lock(output: Path) -> Iterator[None]:
     killed writer never blocks the next one. Parent folders created for the lock are removed again
     if the output was not written."""
     output = Path(os.path.abspath(output))
-    held = _held.get(output)
-    if held is not None:
-        held[1] += 1
-        try:
-            yield
-        finally:
-            held[1] -= 1
+    if output in _held:
+        yield
         return
     created = _make_parents(output.parent)
     try:
@@ -57,18 +52,14 @@ def output_lock(output: Path) -> Iterator[None]:
     except BaseException:
         _remove_empty(created)
         raise
-    _held[output] = [fd, 1, created]
+    _held.add(output)
     try:
         yield
     finally:
-        del _held[output]
+        _held.discard(output)
         _release(output, fd)
         if not os.path.lexists(output):
             _remove_empty(created)
-
-
-def holds_lock(output: Path) -> bool:
-    return Path(os.path.abspath(output)) in _held
 
 
 def _make_parents(folder: Path) -> list[Path]:

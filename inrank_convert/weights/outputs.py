@@ -27,6 +27,13 @@ from inrank_convert.weights.output_lock import output_lock
 TMP_PREFIX = ".inrank-tmp-"
 
 
+def check_finite_to_write(name: str, tensor: torch.Tensor, path: Path) -> None:
+    """Every writer's last check (TensorFileWriter, ``save_tensors``): no command writes a NaN or Inf."""
+    if not is_finite(tensor):
+        raise NonFiniteError(f"tensor {name!r} holds NaN or Inf: nothing was written", str(path),
+                             "its inputs give a weight its dtype cannot hold; check them with verify")
+
+
 class TensorFileWriter:
     """Writes a safetensors file one tensor at a time, never holding more than one in memory.
 
@@ -79,9 +86,7 @@ class TensorFileWriter:
         return size
 
     def _spool_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        if not is_finite(tensor):  # every writer's last check: no command writes a NaN or Inf weight
-            raise NonFiniteError(f"tensor {name!r} holds NaN or Inf: nothing was written", str(self.path),
-                                 "its inputs give a weight its dtype cannot hold; check them with verify")
+        check_finite_to_write(name, tensor, self.path)
         data = tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b""
         try:
             self._spool.write(data)
@@ -139,10 +144,8 @@ class TensorFileWriter:
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file`` of finite tensors, its I/O failures as the OSError they are (safetensors reports
     a full disk as a SafetensorError naming no file: "I/O error: No space left on device (os error 28)")."""
-    for name, tensor in tensors.items():  # as TensorFileWriter: no command writes a NaN or Inf
-        if not is_finite(tensor):
-            raise NonFiniteError(f"tensor {name!r} holds NaN or Inf: nothing was written", str(path),
-                                 "its inputs give a weight its dtype cannot hold")
+    for name, tensor in tensors.items():
+        check_finite_to_write(name, tensor, path)
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as err:
@@ -260,9 +263,7 @@ def atomic_output_file(output: Path, force: bool = False, inputs: tuple[Path | s
         temp = output.parent / _temp_name(output.name)
         try:
             yield temp
-            if os.path.lexists(output) and not force:
-                raise OutputError("the output appeared while this command ran; it was not replaced", str(output),
-                                  f"pass {flag('--force')} to replace it, or choose another -o")
+            _refuse_if_appeared(output, force)
             os.replace(temp, output)
         except OSError as err:
             if not err.filename or str(err.filename) == str(temp):
@@ -294,9 +295,7 @@ def atomic_output_dir(output: Path, force: bool = False, inputs: tuple[Path, ...
         try:
             yield temp
             if os.path.lexists(output):
-                if not force:
-                    raise OutputError("the output appeared while this command ran; it was not replaced", str(output),
-                                      f"pass {flag('--force')} to replace it, or choose another -o")
+                _refuse_if_appeared(output, force)
                 check_output_free(output, force)  # still a folder
                 trash = parent / _temp_name(output.name)
                 output.rename(trash)
@@ -312,6 +311,14 @@ def atomic_output_dir(output: Path, force: bool = False, inputs: tuple[Path, ...
         except BaseException:
             shutil.rmtree(temp, ignore_errors=True)
             raise
+
+
+def _refuse_if_appeared(output: Path, force: bool) -> None:
+    """The lock keeps other inrank-convert writers out, not other programs: an output that appeared
+    while the command ran is replaced only with --force."""
+    if os.path.lexists(output) and not force:
+        raise OutputError("the output appeared while this command ran; it was not replaced", str(output),
+                          f"pass {flag('--force')} to replace it, or choose another -o")
 
 
 def _remove_dead_temps(parent: Path, name: str) -> None:

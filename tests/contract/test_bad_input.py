@@ -15,9 +15,6 @@ import random
 import shutil
 import signal
 import struct
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,8 +24,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from inrank_convert.artifact import FORMAT_VERSION
-from tests.conftest import REPO, ModelPair, build_model, gpt2_config, make_pair, snapshot
-from tests.helpers.cli_contract import expect_error, expect_ok, temps_beside
+from tests.conftest import ModelPair, build_model, gpt2_config, make_pair, snapshot
+from tests.helpers.cli_contract import expect_error, expect_ok, signalled_cli, temps_beside
 from tests.helpers.rows import plant_rows
 
 
@@ -539,23 +536,9 @@ def test_killed_compress_leaves_no_artifact(tmp_path):
     init, trained = _big_pair(tmp_path)
     out = tmp_path / "out"
     before = {init: snapshot(init), trained: snapshot(trained)}
-    command = [sys.executable, "-m", "inrank_convert", "compress", str(trained), "--init", str(init), "-o", str(out),
-               "--svd", "exact", "--quiet"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 60
-        while not temps_beside(out) and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert temps_beside(out), f"no temporary folder appeared (exit {process.poll()})"
-        time.sleep(0.3)  # let it write a little
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL, "compress finished before it could be killed: use bigger tensors"
+    args = ["compress", trained, "--init", init, "-o", out, "--svd", "exact", "--quiet"]
+    code, _ = signalled_cli(args, lambda: bool(temps_beside(out)), signal.SIGKILL, settle=0.3)  # let it write a little
+    assert code == -signal.SIGKILL, "compress finished before it could be killed: use bigger tensors"
     assert not os.path.lexists(out), "a killed compress left an output folder"
     assert temps_beside(out), "the killed run's temporary folder should still be there (hidden)"
     assert {init: snapshot(init), trained: snapshot(trained)} == before

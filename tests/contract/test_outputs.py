@@ -22,7 +22,7 @@ from inrank_convert.weights.output_lock import lock_path
 from inrank_convert.weights.outputs import TMP_PREFIX, atomic_output_dir
 from tests.conftest import REPO, make_pair, snapshot
 from tests.contract.test_bad_input import _big_pair
-from tests.helpers.cli_contract import expect_error, expect_ok, temps_beside
+from tests.helpers.cli_contract import expect_error, expect_ok, signalled_cli, temps_beside
 from tests.helpers.training import HAS_DATA, TEXT, TOKENIZER
 from tests.training.conftest import run_config
 
@@ -164,22 +164,9 @@ def test_sigterm_mid_compress_is_one_line_and_leaves_nothing(tmp_path):
     init, trained = _big_pair(tmp_path)
     out = tmp_path / "out"
     before = {init: snapshot(init), trained: snapshot(trained)}
-    command = [sys.executable, "-m", "inrank_convert", "compress", str(trained), "--init", str(init), "-o", str(out),
-               "--svd", "exact", "--quiet"]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 60
-        while not temps_beside(out) and process.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert temps_beside(out), f"no temporary folder appeared (exit {process.poll()})"
-        time.sleep(0.3)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode == 143, stderr
+    args = ["compress", trained, "--init", init, "-o", out, "--svd", "exact", "--quiet"]
+    code, stderr = signalled_cli(args, lambda: bool(temps_beside(out)), signal.SIGTERM, settle=0.3)
+    assert code == 143, stderr
     assert stderr == "error: terminated (SIGTERM); nothing was written\n", stderr
     assert not os.path.lexists(out) and temps_beside(out) == [] and not lock_path(out).exists()
     assert {init: snapshot(init), trained: snapshot(trained)} == before
@@ -188,22 +175,10 @@ def test_sigterm_mid_compress_is_one_line_and_leaves_nothing(tmp_path):
 @pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data (GPT-2 tokenizer and Tiny Shakespeare)")
 def test_sigterm_mid_train_saves_a_checkpoint_the_run_resumes_from(tmp_path, config_path):
     run = tmp_path / "run"
-    args = ["train", str(config_path), "-o", str(run), "--data", TEXT, "--tokenizer", TOKENIZER, "--steps", "400",
+    args = ["train", config_path, "-o", run, "--data", TEXT, "--tokenizer", TOKENIZER, "--steps", "400",
             "--batch-size", "4", "--block-size", "16", "--log-every", "1", "--seed", "3"]
-    process = subprocess.Popen([sys.executable, "-m", "inrank_convert", *map(str, args)], cwd=REPO,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and not (run / "metrics.jsonl").is_file():
-            time.sleep(0.05)
-        time.sleep(0.5)
-        process.send_signal(signal.SIGTERM)
-        _, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    assert process.returncode in (130, 143), stderr
+    code, stderr = signalled_cli(args, (run / "metrics.jsonl").is_file, signal.SIGTERM, settle=0.5, timeout=120)
+    assert code in (130, 143), stderr
     line = stderr.strip().splitlines()[-1]
     assert line.startswith("error: interrupted at step") and "Traceback" not in stderr, stderr
     stopped = int(line.split("interrupted at step ")[1].split(";")[0])

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from inrank_convert.cli import app
-from tests.conftest import snapshot
+from tests.conftest import REPO, snapshot
 
 TMP_PREFIX = ".inrank-tmp-"
 
@@ -123,3 +127,27 @@ def expect_error_line(*args, says: tuple = ()) -> str:
     for word in says:
         assert word.lower() in line.lower(), f"message lacks {word!r}\n{where}"
     return line
+
+
+# --------------------------------------------------------------------------- a signal mid-command
+
+
+def signalled_cli(args: list, ready: Callable[[], bool], sig: int, settle: float, timeout: float = 60
+                  ) -> tuple[int, str]:
+    """Run the CLI in a fresh process, send it ``sig`` once ``ready()`` holds (and ``settle`` seconds
+    more), and return (exit code, stderr). The process is killed whatever happens."""
+    command = [sys.executable, "-m", "inrank_convert", *map(str, args)]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert ready(), f"the command never got to the point of the signal (exit {process.poll()})"
+        time.sleep(settle)
+        process.send_signal(sig)
+        _, stderr = process.communicate(timeout=timeout)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    return process.returncode, stderr
