@@ -249,6 +249,7 @@ def test_old_artifact_resumes_training(old, tmp_path):
     assert read_manifest(tmp_path / "run" / "step-3").version == 2  # its checkpoints are written in version 2
 
 
+@needs_data
 def test_checkpoints_of_a_run_from_a_bare_config_name_their_architecture(inrank_run, tmp_path):
     """A run started from a bare config.json (no ``architectures``): every step folder's config.json
     names the model class (vLLM, llama.cpp's converter and mergekit choose the class from it), and so
