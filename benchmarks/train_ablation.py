@@ -41,6 +41,7 @@ class Row:
     args: tuple[str, ...] = ()
     kind: str = "train"  # train (from the seed) | resume (the dense row's step-500 artifact) | continue (dense)
     baseline: str = "dense"
+    steps: int = 1000  # a train row's steps; the 3x rows see whether the gap shrinks with steps
 
 
 ROWS = [
@@ -82,6 +83,11 @@ ROWS = [
                                                            "--factor-lr-scale", "0.5")),
     Row("warm100-lr0.25", "warm100, factors at 0.25x lr", (*REFERENCE, "--dense-warmup", "100", "--growth", "lora",
                                                             "--factor-lr-scale", "0.25")),
+    Row("dense-3x", "dense, 3,000 steps", steps=3000),
+    Row("warm-start-200-3x", "the default recipe, 3,000 steps (200 dense steps)", (*INRANK, "--dense-warmup", "200"),
+        baseline="dense-3x", steps=3000),
+    Row("warm-start-t0.95-3x", "warm-start at energy 0.95, 3,000 steps (200 dense steps)",
+        (*INRANK, "--dense-warmup", "200", "--threshold", "0.95"), baseline="dense-3x", steps=3000),
     Row("continued", "the dense row's step 500 trained dense 500 more steps", (), "continue", "continued"),
     Row("resumed-reference", "its t = 0.9 artifact resumed, `--recipe reference` (exact growth, embedding trained "
         "dense)", ("--recipe", "reference"), "resume", "continued"),
@@ -91,7 +97,7 @@ ROWS = [
     Row("resumed", "its t = 0.9 artifact resumed with the default recipe (warm-start: lora growth, energy 0.9 "
         "decisions, the embedding trained dense)", (), "resume", "continued"),
 ]
-STEPS, RESUME_STEPS = 1000, 500
+RESUME_STEPS = 500
 COMMON = ["--batch-size", "16", "--block-size", "64", "--eval-every", "100", "--json", "--quiet"]
 
 
@@ -122,7 +128,7 @@ def command(row: Row, out: Path) -> list[str]:
     cli = [sys.executable, "-m", "inrank_convert"]
     if row.kind == "train":
         return [*cli, "train", str(out / "config"), "-o", str(out / row.name), *data, "--tokenizer",
-                str(DATA / "gpt2-tokenizer"), "--steps", str(STEPS), "--lr", "3e-3", "--seed", "0", *COMMON, *row.args]
+                str(DATA / "gpt2-tokenizer"), "--steps", str(row.steps), "--lr", "3e-3", "--seed", "0", *COMMON, *row.args]
     source = out / "dense" / "step-500" if row.kind == "continue" else out / "dense-step500-t09"
     verb = "train" if row.kind == "continue" else "resume"
     return [*cli, verb, str(source), "-o", str(out / row.name), *data, "--steps", str(RESUME_STEPS), "--lr", "1e-3",

@@ -13,9 +13,15 @@ The LLaMA family's converter permutes the rows of q_proj and k_proj (the rotary 
 ``LlamaModel.permute``); a LoRA's rows live in B, so B is permuted the same way. Qwen2 is not
 permuted.
 
+The token embedding's change goes in as llama.cpp reads it (``llm_build_inp_embd``: the rows of
+``token_embd.weight.lora_a`` looked up by token, times ``lora_b``): lora_a = B [vocab, r], lora_b =
+A.T [dim, r] for ``delta = B @ A`` ([vocab, dim]); a ``lowrank+rows`` embedding as its whole update
+(delta @ I, rank = the width: exact). Where the head is tied to the embedding, llama.cpp's output
+is token_embd itself, and that adapter would be applied to the logits in the embedding's own
+orientation: the embedding's change (and so the head's) is left out there.
+
 What llama.cpp's adapters cannot hold is left out and listed (stderr and ``--json``): norms, biases,
-a changed token embedding (its rows, or a low-rank change: not written by this version), a grown
-vocabulary. Supported: LLaMA, Mistral, Qwen2 (``SUPPORTED``).
+a grown vocabulary, the embedding of a tied head. Supported: LLaMA, Mistral, Qwen2 (``SUPPORTED``).
 """
 
 from __future__ import annotations
@@ -38,15 +44,16 @@ SUPPORTED = {"llama": ("llama", True), "mistral": ("llama", True), "qwen2": ("qw
 ALPHA = 1.0
 NO_RANK_CAP = 1 << 30
 
+TOKEN_EMBD = "token_embd.weight"
 LLAMA_CPP = ServingRules("llama.cpp", {
-    "embedding": "this export writes no token-embedding LoRA (llama.cpp reads one in its own orientation): the "
-                 "embedding's change is left out",
-    "lm_head": "",  # the head is served (output.weight.lora_a/b)
+    "embedding": "the head is tied to the token embedding, and llama.cpp would apply a token_embd LoRA to the "
+                 "logits in the embedding's orientation: the embedding's change is left out",
+    "lm_head": "",  # the head is served (output.weight.lora_a/b), as is the embedding
     "bias": "llama.cpp adapters hold LoRA pairs only: no biases",
     "norm": "llama.cpp adapters hold LoRA pairs only: a norm has no LoRA form",
     "module": "llama.cpp adapters hold LoRA pairs only",
     "vocabulary": "a llama.cpp adapter cannot change the vocabulary: it serves the base's",
-}, lora_on_head=True)
+}, embedding_lora=None)
 
 
 @dataclass
@@ -109,11 +116,14 @@ def export_gguf(artifact_path: str | Path, output: str | Path, *, force: bool = 
             writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
             writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, ALPHA)
             ranks = {}
-            for target in plan.targets:
-                name = _gguf_name(names, target)
-                if name == "token_embd.weight":  # a head tied to the embedding: llama.cpp's output is token_embd
-                    dropped.append(dropped_whole(target.source, artifact.tensors[target.source], target.module,
-                                                 "embedding", LLAMA_CPP.why["embedding"]))
+            named = [(target, _gguf_name(names, target)) for target in plan.targets]
+            # A head tied to the embedding is named token_embd too (llama.cpp's output is that tensor).
+            tied = sum(name == TOKEN_EMBD for _, name in named) > 1
+            for target, name in named:
+                if tied and name == TOKEN_EMBD:
+                    if target.layout == "embedding":
+                        dropped.append(dropped_whole(target.source, artifact.tensors[target.source],
+                                                     target.module, "embedding", LLAMA_CPP.why["embedding"]))
                     continue
                 B, A = _lora_pair(artifact, target, permuted, heads, kv_heads)
                 writer.add_tensor(f"{name}.lora_a", A.to(dtype).contiguous().numpy())
@@ -150,8 +160,12 @@ def _gguf_name(names, target: LoraTarget) -> str:
 
 def _lora_pair(artifact, target: LoraTarget, permuted: bool, heads: int, kv_heads: int
                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B [out, r] scaled by r / alpha and row-permuted where llama.cpp permutes the weight, A [r, in])."""
-    B, A = lora_factors(artifact, target)  # linear layout: the weight [out, in] gets B @ A
+    """The pair written as (lora_b, lora_a). A projection: (B [out, r] scaled by r / alpha and
+    row-permuted where llama.cpp permutes the weight, A [r, in]). The token embedding, delta = B @ A
+    [vocab, dim]: (A.T [dim, r] scaled by r / alpha, B [vocab, r]), the orientation llama.cpp reads."""
+    B, A = lora_factors(artifact, target)  # the weight as stored ([out, in]; [vocab, dim]) gets B @ A
+    if target.layout == "embedding":
+        return A.float().T * (target.rank / ALPHA), B.float()
     B = B.float() * (target.rank / ALPHA)  # llama.cpp multiplies B @ A by alpha / r
     if permuted and target.source.endswith("self_attn.q_proj.weight"):
         B = permute_rows(B, heads)

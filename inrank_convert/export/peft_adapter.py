@@ -9,8 +9,13 @@ carried (checked against peft 0.21's loader, and tested end to end in tests/expo
   only their orientation changes (see ``_lora_tensors``);
 - a dense-stored matrix (low rank was not smaller): an exact full-rank LoRA, the update times an
   identity (``delta = delta @ I``; no SVD, nothing lost beyond float32 rounding);
-- a ``lowrank+rows`` matrix (``B @ A`` plus K stored rows): PEFT has no row-sparse LoRA, so its whole
-  update ``W - W_ref`` (rebuilt from the artifact) goes in as that same exact full-rank LoRA;
+- a ``lowrank+rows`` input embedding (``B @ A`` plus K stored rows): PEFT's trainable tokens
+  (``trainable_token_indices``), the rows whose rebuilt value differs from the base's saved with
+  their values; a head tied to the embedding reads the same rows (PEFT ties it). PEFT wraps an
+  embedding in LoRA or in trainable tokens, not both, so a row the low-rank part moves is one of
+  the saved rows: exact, and never larger than the full-rank LoRA below;
+- any other ``lowrank+rows`` matrix: PEFT has no row-sparse LoRA, so its whole update ``W - W_ref``
+  (rebuilt from the artifact) goes in as that same exact full-rank LoRA;
 - a matrix with more rows than its reference (a grown vocabulary: embeddings and the LM head of a
   fine-tune that added tokens), or a rows matrix whose reference is not known: the whole trained
   module goes to ``modules_to_save``. The base model must then be resized to the new vocabulary
@@ -42,9 +47,10 @@ this config, so the adapter also loads with transformers' ``load_adapter`` and s
 Which module is a Conv1D, a Linear or an Embedding comes from the model built on the meta device
 from the artifact's ``config.json`` (no weights are allocated).
 
-``target="vllm"`` is the one lossy export: the same plan cut down by ``vllm_plan.vllm_plan`` to LoRA
-on linear projections of rank at most the cap (a higher-rank update written as its truncated SVD,
-``_truncated``), ``r = lora_alpha`` = the largest rank; what it leaves out is in ``dropped``.
+``target="vllm"`` is the one lossy export: the same plan (the embedding as a LoRA, since vLLM reads
+no trainable tokens) cut down by ``vllm_plan.vllm_plan`` to LoRA on the modules vLLM adapts, of rank
+at most the cap (a higher-rank update written as its truncated SVD, ``_truncated``), ``r =
+lora_alpha`` = the largest rank; what it leaves out is in ``dropped``.
 """
 
 from __future__ import annotations
@@ -64,6 +70,7 @@ from inrank_convert.export.peft_plan import (
     AdapterPlan,
     CarriedInFull,
     LoraTarget,
+    TokenRows,
     adapter_model_structure,
     plan_adapter,
 )
@@ -94,6 +101,7 @@ class PeftExportResult:
     target: str = "peft"  # peft: exact; vllm: LoRA on linear projections only (see vllm_plan.py)
     max_rank: int | None = None  # vllm: the rank cap
     dropped: list[DroppedChange] = field(default_factory=list)  # vllm: what the adapter leaves out or truncates
+    trainable_tokens: list[TokenRows] = field(default_factory=list)  # peft: embedding rows saved whole
     perplexity: dict | None = None  # filled by adapter_check.export_and_score when text is given
 
     @property
@@ -114,6 +122,8 @@ class PeftExportResult:
             "carried_in_full": [item.to_json() for item in self.carried_in_full],
             "resize_token_embeddings": self.resize_token_embeddings,
             "dropped": [item.to_json() for item in self.dropped],
+            "trainable_tokens": {item.module: {"name": item.source, "rows": len(item.indices), "bytes": item.bytes}
+                                 for item in self.trainable_tokens},
             **({} if self.perplexity is None else {"perplexity": self.perplexity}),
         }
 
@@ -139,7 +149,7 @@ def export_peft(artifact_path: str | Path, output: str | Path, *, force: bool = 
                              "(compressed with --no-init)", str(artifact.path),
                              "use 'inrank-convert decompress' for the dense model instead")
         model = adapter_model_structure(artifact)
-        plan = plan_adapter(artifact, model)
+        plan = plan_adapter(artifact, model, tokens=cap is None)
         dropped: list[DroppedChange] = []
         if cap is not None:
             plan, dropped = vllm_plan(plan, artifact, model, cap)
@@ -157,7 +167,8 @@ def export_peft(artifact_path: str | Path, output: str | Path, *, force: bool = 
                 item.energy_kept = energies[item.modules[0]]
         return PeftExportResult(Path(output), _base_hint(artifact, init), plan.targets,
                                 plan.modules_to_save, sorted(plan.biases), plan.unchanged, count, size,
-                                plan.notes, plan.carried_in_full, plan.resize_token_embeddings, target, cap, dropped)
+                                plan.notes, plan.carried_in_full, plan.resize_token_embeddings, target, cap, dropped,
+                                plan.trainable_tokens)
     finally:
         artifact.close()
 
@@ -229,6 +240,11 @@ def _write_tensors(writer: TensorFileWriter, artifact: Artifact, plan: AdapterPl
         for attribute, name in plan.module_keys[module_name].items():
             writer.add(f"{PEFT_PREFIX}{module_name}.{attribute}", artifact.reconstruct(name))
             count += 1
+    for item in plan.trainable_tokens:
+        # PEFT saves the rows' values (not their change): it writes them over the base's rows.
+        rows = artifact.reconstruct(item.source)[item.indices]  # [K, dim], the tensor's dtype
+        writer.add(f"{PEFT_PREFIX}{item.module}.token_adapter.trainable_tokens_delta", rows)
+        count += 1
     for key, name in sorted(plan.biases.items()):
         writer.add(key, artifact.reconstruct(name))
         count += 1
@@ -256,6 +272,7 @@ def _adapter_config(plan: AdapterPlan, base_path: str | None, target: str = "pef
         "alpha_pattern": dict(pattern),
         "target_modules": [target.module for target in plan.targets],
         "modules_to_save": plan.modules_to_save or None,
+        "trainable_token_indices": {item.module: item.indices for item in plan.trainable_tokens} or None,
         "bias": "all" if plan.biases else "none",
         # Conv1D stores its weight [in, out]; PEFT decides per module, this is only the starting value.
         "fan_in_fan_out": any(target.layout == "conv1d" for target in plan.targets),

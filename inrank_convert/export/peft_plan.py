@@ -1,6 +1,6 @@
 """export-peft's plan: which module of the base model gets which treatment in the adapter (a LoRA
-of the stored factors, an exact full-rank LoRA, the whole module in ``modules_to_save``, a bias,
-nothing), worked out from the artifact's manifest and the model's structure on the meta device.
+of the stored factors, an exact full-rank LoRA, trainable tokens, the whole module in
+``modules_to_save``, a bias, nothing), worked out from the artifact's manifest and the model's structure on the meta device.
 peft_adapter.py's docstring says why each kind of change is carried the way it is.
 """
 
@@ -31,6 +31,21 @@ class LoraTarget:
     full_rank: bool = False  # a dense-stored update written as delta @ I
     placeholder: bool = False  # a zero update: PEFT refuses an adapter without any LoRA module
     truncated_from: int | None = None  # export-peft --target vllm: the update's rank, cut to ``rank`` by an SVD
+
+
+@dataclass
+class TokenRows:
+    """The rows of an input embedding that differ from the base, carried as PEFT trainable tokens
+    (``trainable_token_indices``: PEFT replaces those rows with the values saved; a tied head follows)."""
+
+    module: str
+    source: str  # the artifact tensor (lowrank+rows)
+    indices: list[int]  # every row whose value differs from the reference's, ascending
+    row_bytes: int  # one row's values at the tensor's dtype
+
+    @property
+    def bytes(self) -> int:
+        return len(self.indices) * self.row_bytes
 
 
 @dataclass
@@ -95,9 +110,14 @@ class AdapterPlan:
     notes: list[str]
     carried_in_full: list[CarriedInFull] = field(default_factory=list)
     resize_token_embeddings: int | None = None
+    trainable_tokens: list[TokenRows] = field(default_factory=list)
 
 
-def plan_adapter(artifact: Artifact, model) -> AdapterPlan:
+def plan_adapter(artifact: Artifact, model, tokens: bool = False) -> AdapterPlan:
+    """The exact adapter. ``tokens``: a lowrank+rows input embedding goes in as PEFT's trainable
+    tokens (the rows that differ from the base, a tied head following them) rather than as a
+    full-rank LoRA: exact too, and smaller (``rows_as_tokens``). Servers that read no trainable
+    tokens (vLLM, llama.cpp) take the LoRA form."""
     tensors = artifact.tensors
     reference = artifact.reference
     known = set(reference.infos() or {})  # an embedded init holds only factorized and zero tensors
@@ -169,6 +189,8 @@ def plan_adapter(artifact: Artifact, model) -> AdapterPlan:
             raise UsageError(f"tensor {name!r} changed but {what}, so a PEFT adapter cannot carry it",
                              str(artifact.path), "use 'inrank-convert decompress' for the dense model")
 
+    token_rows = _rows_as_tokens(artifact, model, targets) if tokens else []
+
     module_keys: dict[str, dict[str, str]] = {}
     for module_name in sorted(to_save):
         module = modules[module_name]
@@ -186,7 +208,8 @@ def plan_adapter(artifact: Artifact, model) -> AdapterPlan:
         module_keys[module_name] = keys
         targets.pop(module_name, None)  # the whole copy carries the weight too
 
-    notes = []
+    notes = [f"{item.source} is lowrank+rows: {item.module} carries the {len(item.indices)} rows that differ from "
+             f"the base as PEFT trainable tokens (trainable_token_indices, {_size(item.bytes)})" for item in token_rows]
     if not targets:
         # PEFT refuses an adapter that puts LoRA on no module; a rank-1 zero update changes nothing.
         host = next((name for name, module in modules.items() if _layout(module) in ("linear", "conv1d")
@@ -212,7 +235,7 @@ def plan_adapter(artifact: Artifact, model) -> AdapterPlan:
         inner = f"{module_name}.base_layer" if module_name in targets else module_name
         bias_keys[f"{PEFT_PREFIX}{inner}.{attribute}"] = name
 
-    if all(target.placeholder for target in targets.values()) and not module_keys and not bias_keys:
+    if all(target.placeholder for target in targets.values()) and not module_keys and not bias_keys and not token_rows:
         raise UsageError("the artifact holds no change over its reference, so there is no adapter to write",
                          str(artifact.path), "the reference model itself is the compressed model")
     ordered = [targets[name] for name in modules if name in targets]
@@ -222,7 +245,35 @@ def plan_adapter(artifact: Artifact, model) -> AdapterPlan:
     # resize_token_embeddings resizes the input embedding and an untied output head together.
     grown = [tensors[item.name].shape[0] for item in carried if tensors[item.name].reference_rows is not None]
     resize = max(grown) if grown else None
-    return AdapterPlan(ordered, sorted(module_keys), module_keys, bias_keys, unchanged, notes, carried, resize)
+    return AdapterPlan(ordered, sorted(module_keys), module_keys, bias_keys, unchanged, notes, carried, resize,
+                       token_rows)
+
+
+def _rows_as_tokens(artifact: Artifact, model, targets: dict[str, LoraTarget]) -> list[TokenRows]:
+    """Take a lowrank+rows input embedding out of ``targets`` as trainable tokens: every row whose
+    rebuilt value differs from the reference's, so the rows left alone are exactly the base's.
+
+    PEFT (0.21) wraps an embedding either in LoRA or in trainable tokens, not both, and replaces
+    whole rows; so the rows are saved with their values (W_ref + B @ A + rows), and a row the
+    low-rank part moves is one of them. Only the input embedding, and with a head that shares its
+    tensor only where the config ties them (PEFT then makes the head read the same rows)."""
+    embedding = model.get_input_embeddings()
+    name = next((module for module, target in targets.items() if target.layout == "embedding"
+                 and model.get_submodule(module) is embedding), None)
+    if name is None or not targets[name].full_rank or artifact.tensors[targets[name].source].kind != "lowrank+rows":
+        return []
+    source = targets[name].source
+    sharing = [module for module, target in targets.items() if target.source == source and module != name]
+    output = model.get_output_embeddings()
+    tied = getattr(model.config.get_text_config(), "tie_word_embeddings", False)
+    if sharing and not (tied and len(sharing) == 1 and model.get_submodule(sharing[0]) is output):
+        return []
+    weight = artifact.reconstruct(source)
+    differs = (weight != artifact.reference.get(source).to(weight.dtype)).any(dim=1)  # [rows]
+    for module in (name, *sharing):
+        del targets[module]
+    indices = torch.nonzero(differs).flatten().tolist()
+    return [TokenRows(name, source, indices, weight.shape[1] * weight.dtype.itemsize)] if indices else []
 
 
 def _carried_in_full(tensors: dict, targets: list[LoraTarget], module_keys: dict[str, dict[str, str]]

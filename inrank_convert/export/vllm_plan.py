@@ -1,22 +1,28 @@
 """export-peft --target vllm: the exact adapter plan cut down to what vLLM serves.
 
-vLLM loads a PEFT LoRA adapter only if it is LoRA on linear projections and nothing else:
+vLLM (0.34, read from its source: vllm/lora/peft_helper.py, lora_model.py, utils.py, and each model
+class's ``embedding_modules``) loads a PEFT LoRA adapter only if it is LoRA and nothing else:
 
-- ``modules_to_save`` is refused ("vLLM only supports modules_to_save being None", vllm/lora/peft_helper.py;
-  vllm-project/vllm#9280), so changed norms, saved-whole modules and a grown vocabulary cannot go in;
-- LoRA on the input embedding or the LM head is "unsupported LoRA weight" for most architectures
-  (vllm-project/vllm#9280, #32599);
+- ``modules_to_save`` is refused except for a classifier head ("vLLM only supports modules_to_save
+  being either None or [classifier, score]"), so changed norms, saved-whole modules and a grown
+  vocabulary cannot go in; PEFT's trainable tokens (``trainable_token_indices``) are not read at all
+  (their tensors are an "unsupported LoRA weight");
+- LoRA on the input embedding (``lora_embedding_A`` [r, vocab] / ``lora_embedding_B`` [dim, r]) and on
+  the LM head is served only by the model classes that declare them in ``embedding_modules``
+  (LLaMA, Qwen3, Mixtral, Granite, ...: ``EMBEDDING_LORA``); vLLM's Mistral and Qwen2 classes declare
+  none and its GPT-2 class serves no LoRA at all;
 - LoRA bias was removed from vLLM in 2025 (vllm-project/vllm#25807), and PEFT's ``bias="all"`` (the
   trained biases written into the base layers) was never read by it;
 - every LoRA's rank must fit the server's ``--max-lora-rank`` (one of 1, 8, 16, 32, 64, 128, 256, 320,
-  512 in vLLM 0.14); vLLM checks only the config's ``r`` and scales every module by
-  ``lora_alpha / r`` (it ignores ``rank_pattern`` / ``alpha_pattern``).
+  512); vLLM checks the config's ``r`` (and ``rank_pattern``) against it.
 
-So this plan keeps the LoRA targets on Linear / Conv1D projections other than the LM head; a target
-whose rank exceeds ``max_rank`` is kept as the best rank-``max_rank`` approximation of its update
-(a truncated SVD: approximate, listed). Everything else that changed is listed as dropped: name,
-modules, what, the parameters and bytes it leaves out, and why. The plan itself (which module gets
-which treatment, exactly) comes from ``peft_plan.plan_adapter``, unchanged.
+So this plan keeps the LoRA targets on Linear / Conv1D projections, and on the token embedding and
+the LM head where the architecture serves them; a target whose rank exceeds ``max_rank`` is kept as
+the best rank-``max_rank`` approximation of its update (a truncated SVD: approximate, listed). A
+``lowrank+rows`` embedding's whole update (its rows included) goes in as an embedding LoRA of rank
+at most the model width: exact whenever the width fits the cap. Everything else that changed is
+listed as dropped: name, modules, what, the parameters and bytes it leaves out, and why. The plan
+itself (which module gets which treatment, exactly) comes from ``peft_plan.plan_adapter``, unchanged.
 """
 
 from __future__ import annotations
@@ -30,13 +36,24 @@ from inrank_convert.artifact import Artifact
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.export.peft_plan import AdapterPlan, LoraTarget
 
-VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (v0.14)
+VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm.config.lora.MaxLoRARanks (v0.14 to 0.34)
 DEFAULT_MAX_RANK = VLLM_MAX_LORA_RANKS[-1]  # the largest a vLLM server takes: only what it cannot serve is cut
 TARGETS = ("peft", "vllm")
 
+# The transformers classes whose vLLM model class declares LoRA on embed_tokens and lm_head
+# (``embedding_modules`` in vllm/model_executor/models/*.py, vLLM 0.34).
+EMBEDDING_LORA = frozenset({
+    "ApertusForCausalLM", "Exaone4ForCausalLM", "FalconH1ForCausalLM", "GraniteForCausalLM", "GraniteMoeForCausalLM",
+    "GraniteMoeHybridForCausalLM", "GraniteMoeSharedForCausalLM", "JambaForCausalLM", "Lfm2ForCausalLM",
+    "Lfm2MoeForCausalLM", "LlamaForCausalLM", "MiniCPMForCausalLM", "MixtralForCausalLM", "NemotronForCausalLM",
+    "NemotronHForCausalLM", "PhimoeForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM",
+})
+
 _WHY = {
-    "embedding": "vLLM serves no LoRA on embeddings for most architectures (vllm-project/vllm#9280)",
-    "lm_head": "vLLM serves no LoRA on the LM head for most architectures (vllm-project/vllm#32599)",
+    "embedding": "vLLM serves LoRA on the token embedding only for the model classes that declare it (LLaMA, "
+                 "Qwen3, Mixtral, Granite, ...; not Mistral, Qwen2 or GPT-2)",
+    "lm_head": "vLLM serves LoRA on the LM head only for the model classes that declare it (LLaMA, Qwen3, "
+               "Mixtral, Granite, ...; not Mistral, Qwen2 or GPT-2)",
     "bias": "vLLM serves no adapter biases (LoRA bias support removed, vllm-project/vllm#25807)",
     "norm": "vLLM refuses modules_to_save (vllm-project/vllm#9280), and a norm has no LoRA form",
     "module": "vLLM refuses modules_to_save (vllm-project/vllm#9280)",
@@ -46,15 +63,19 @@ _WHY = {
 
 @dataclass(frozen=True)
 class ServingRules:
-    """What a server's adapter format takes: LoRA on linear projections, with or without the LM
-    head, and why each other kind of change is left out (by ``DroppedChange.what``)."""
+    """What a server's adapter format takes: LoRA on linear projections; on the token embedding and
+    the LM head for the model classes ``embedding_lora`` names (None: every class); and why each
+    other kind of change is left out (by ``DroppedChange.what``)."""
 
     server: str
     why: dict[str, str]
-    lora_on_head: bool = False
+    embedding_lora: frozenset[str] | None = frozenset()
+
+    def takes_embedding_lora(self, model) -> bool:
+        return self.embedding_lora is None or type(model).__name__ in self.embedding_lora
 
 
-VLLM = ServingRules("vLLM", _WHY)
+VLLM = ServingRules("vLLM", _WHY, EMBEDDING_LORA)
 
 
 @dataclass
@@ -121,13 +142,15 @@ def vllm_plan(plan: AdapterPlan, artifact: Artifact, model, max_rank: int) -> tu
 
 def linear_plan(plan: AdapterPlan, artifact: Artifact, model, max_rank: int,
                 rules: ServingRules) -> tuple[AdapterPlan, list[DroppedChange]]:
-    """``plan`` (the exact adapter) restricted to LoRA on linear projections of rank <= ``max_rank``
-    (the LM head too where ``rules`` take it), and what that leaves out, in the artifact's tensor order."""
+    """``plan`` (the exact adapter) restricted to LoRA of rank <= ``max_rank`` on linear projections
+    (and on the token embedding and LM head where ``rules`` take them), and what that leaves out, in
+    the artifact's tensor order."""
     why = rules.why
     tensors = artifact.tensors
     modules = dict(model.named_modules())
     output = model.get_output_embeddings()
     heads = {name for name, module in modules.items() if output is not None and module is output}
+    embeddings = rules.takes_embedding_lora(model)
     dropped: dict[str, DroppedChange] = {}
 
     def drop(name: str, module: str, what: str, reason: str | None = None) -> None:
@@ -142,9 +165,9 @@ def linear_plan(plan: AdapterPlan, artifact: Artifact, model, max_rank: int,
     for target in plan.targets:
         if target.placeholder:
             continue
-        if target.layout == "embedding":
+        if target.layout == "embedding" and not embeddings:
             drop(target.source, target.module, "embedding")
-        elif target.module in heads and not rules.lora_on_head:
+        elif target.module in heads and not embeddings:
             drop(target.source, target.module, "lm_head")
         elif target.rank > max_rank:
             rows, cols = target.shape
@@ -176,7 +199,7 @@ def linear_plan(plan: AdapterPlan, artifact: Artifact, model, max_rank: int,
         drop(name, name.rpartition(".")[0], "bias")
 
     if not kept:
-        raise UsageError(f"none of the artifact's changes is on a linear projection, so a {rules.server} adapter "
+        raise UsageError(f"none of the artifact's changes is on a module {rules.server} adapts, so its adapter "
                          "would carry nothing", str(artifact.path),
                          f"use the exact adapter ({flag('--target')} peft) or 'inrank-convert decompress' for the "
                          "dense model")

@@ -183,13 +183,15 @@ def test_architecture_end_to_end(arch, tmp_path, tokenizer_file):
         carried = {item["name"]: item for item in result["carried_in_full"]}
         assert carried[f"{positions}.weight"]["modules"] == [positions]
 
-    # export-peft --target vllm: projections only (no modules_to_save, no embeddings, no biases); it loads
-    # and runs, and what it leaves out (every vector and embedding changed here) is listed.
+    # export-peft --target vllm: LoRA only (no modules_to_save, no biases; embeddings and the head only
+    # where vLLM's model class takes them: LLaMA, not the others); it loads and runs, and what it leaves
+    # out (every vector changed here, and the other architectures' embeddings) is listed.
     served = tmp_path / "vllm"
     vllm = json.loads(expect_ok(["export-peft", artifact, "-o", served, "--target", "vllm", "--json"]).stdout)
     config = json.loads((served / "adapter_config.json").read_text())
     assert not config.get("modules_to_save") and config["bias"] == "none" and config["target_modules"]
-    assert not any("embed" in module or module.endswith("lm_head") for module in config["target_modules"])
+    embeddings = [module for module in config["target_modules"] if "embed" in module or module.endswith("lm_head")]
+    assert bool(embeddings) == (arch == "llama"), embeddings
     assert vllm["dropped"]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

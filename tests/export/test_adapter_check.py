@@ -21,16 +21,18 @@ def test_cli_vllm_json_stderr_and_perplexities(llama, tokenizer_and_text, tmp_pa
     payload = json.loads(result.stdout)
     assert payload["target"] == "vllm" and payload["max_rank"] == 3 and payload["max_lora_rank"] == 8
     assert payload["modules_to_save"] == [] and payload["biases"] == []
-    assert {d["what"] for d in payload["dropped"]} == {"embedding", "lm_head", "norm", "truncated"}
+    # LLaMA: vLLM serves the embedding and head LoRAs, under the same cap as the projections.
+    assert {d["what"] for d in payload["dropped"]} == {"norm", "truncated"}
+    assert {"model.embed_tokens", "lm_head"} <= set(payload["target_modules"])
     scores = payload["perplexity"]
     assert scores["tokens"] == 256 and scores["context"] == 64
     assert all(scores[key] > 1 for key in ("reference", "adapter", "artifact"))
-    assert scores["adapter"] != pytest.approx(scores["artifact"], rel=1e-3)  # the drops cost something
+    assert scores["adapter"] != pytest.approx(scores["artifact"], rel=1e-4)  # the norms and the rank cap cost something
     assert scores["adapter_change_percent"] == pytest.approx(100 * (scores["adapter"] / scores["artifact"] - 1))
     # stderr: one warning line, then one indented line per kind of drop
     lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("warning: the vllm adapter leaves out") and len(lines) == 5
-    assert [line.split()[1] for line in lines[1:]] == ["truncated", "embedding", "lm_head", "norm"]
+    assert lines[0].startswith("warning: the vllm adapter leaves out") and len(lines) == 3
+    assert [line.split()[1] for line in lines[1:]] == ["truncated", "norm"]
 
     # The exact adapter measured the same way: base + adapter is the artifact.
     table = expect_ok(["export-peft", out, "-o", tmp_path / "exact", "--data", text, "--tokenizer", tokenizer,

@@ -64,13 +64,18 @@ def test_the_adapter_adds_the_artifacts_update_under_llama_cpps_rules(llama, tmp
     checked = 0
     with open_artifact(artifact) as opened:
         for name, entry in opened.tensors.items():
-            if entry.kind != "lowrank" or "embed_tokens" in name:
+            if entry.kind != "lowrank":
                 continue
             base = names.get_name(name, try_suffixes=(".weight",))
-            lora_a, lora_b = tensors[f"{base}.lora_a"], tensors[f"{base}.lora_b"]
-            rank = lora_a.shape[0]
-            assert lora_a.shape == (rank, entry.shape[1]) and lora_b.shape == (entry.shape[0], rank)
-            added = (1.0 / rank) * torch.from_numpy(lora_b) @ torch.from_numpy(lora_a)  # llama.cpp: alpha / r
+            lora_a, lora_b = torch.from_numpy(tensors[f"{base}.lora_a"]), torch.from_numpy(tensors[f"{base}.lora_b"])
+            rank = lora_b.shape[1]  # llama.cpp's rank: lora_b's ne[0]
+            if base == "token_embd.weight":
+                # looked up by token in lora_a [vocab, r], then times lora_b [dim, r] (llm_build_inp_embd)
+                assert lora_a.shape == (entry.shape[0], rank) and lora_b.shape == (entry.shape[1], rank)
+                added = (1.0 / rank) * lora_a @ lora_b.T
+            else:
+                assert lora_a.shape == (rank, entry.shape[1]) and lora_b.shape == (entry.shape[0], rank)
+                added = (1.0 / rank) * lora_b @ lora_a  # llama.cpp: alpha / r
             B, A = opened.factors(name)
             expected = B @ A
             if name.endswith("q_proj.weight"):
@@ -79,10 +84,10 @@ def test_the_adapter_adds_the_artifacts_update_under_llama_cpps_rules(llama, tmp
                 expected = expected[_llama_cpp_rows(entry.shape[0], kv_heads)]
             torch.testing.assert_close(added, expected, rtol=1e-5, atol=1e-6)
             checked += 1
-    assert checked == len(result["ranks"]) >= 2 * 7 + 1  # every block projection and the head
+    assert checked == len(result["ranks"]) >= 2 * 7 + 2  # every block projection, the head and the embedding
+    assert "token_embd.weight" in result["ranks"] and "output.weight" in result["ranks"]
     dropped = {item["name"]: item["what"] for item in result["dropped"]}
-    assert dropped["model.embed_tokens.weight"] == "embedding"
-    assert dropped["model.norm.weight"] == "norm"
+    assert set(dropped.values()) == {"norm"} and dropped["model.norm.weight"] == "norm"
 
 
 def test_unsupported_architectures_and_bad_outputs_are_one_line(llama, tmp_path):

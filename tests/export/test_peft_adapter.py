@@ -315,28 +315,71 @@ def test_grown_vocabulary_exports_a_peft_adapter_over_the_resized_base(grown, tm
     assert (rows.logits(plain) - expected).abs().max() > 100 * ATOL
 
 
-def test_export_peft_carries_rows_as_an_exact_full_rank_lora(drifted, tmp_path):
+def test_export_peft_carries_drifted_rows_as_trainable_tokens(drifted, tmp_path):
+    """A tied GPT-2 embedding whose rank-1 drift moves every row: every row is a trainable token
+    (exact, smaller than a full-rank LoRA on the embedding and on the head), the head follows."""
     init_dir, _, out, _ = drifted
     payload = run_json(["export-peft", out, "-o", tmp_path / "adapter", "--json"])
-    [item] = [item for item in payload["carried_in_full"] if item["name"] == rows.WTE]
-    assert item["how"] == "full_rank_lora" and sorted(item["modules"]) == ["lm_head", "transformer.wte"]
-    assert item["bytes"] == 2 * 4 * 64 * (rows.VOCAB + 64) and "row-sparse" in item["why"]
-    assert item["why"] in payload["notes"] and payload["resize_token_embeddings"] is None
-    assert {"lm_head", "transformer.wte"} <= set(payload["full_rank"])
-    assert all(entry["name"] != rows.WTE or entry["how"] for entry in payload["carried_in_full"])
+    assert payload["trainable_tokens"] == {"transformer.wte": {"name": rows.WTE, "rows": rows.VOCAB,
+                                                               "bytes": rows.VOCAB * 64 * 4}}
+    assert not [item for item in payload["carried_in_full"] if item["name"] == rows.WTE]
+    assert not {"lm_head", "transformer.wte"} & set(payload["target_modules"])
+    assert any("trainable tokens" in note for note in payload["notes"])
+    config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG_FILE).read_text())
+    assert config["trainable_token_indices"] == {"transformer.wte": list(range(rows.VOCAB))}
 
     model = rows.load_adapter(AutoModelForCausalLM.from_pretrained(init_dir), tmp_path / "adapter")
-    compressed = load_compressed(out)
-    assert torch.allclose(rows.logits(model, rows.OLD_TOKENS), rows.logits(compressed, rows.OLD_TOKENS), atol=ATOL)
+    expected = rows.logits(load_compressed(out), rows.OLD_TOKENS)
+    assert torch.allclose(rows.logits(model, rows.OLD_TOKENS), expected, atol=ATOL)
+    # The rows are the artifact's own values (B @ A and the rows, int8 scales applied), bit for bit,
+    # and merging writes them once into the tied tensor (a LoRA on both would add the update twice).
     artifact = open_artifact(out)
     try:
-        # The adapter's update is the artifact's whole update: B @ A and the rows (int8 scales applied).
-        update = artifact.reconstruct(rows.WTE).float() - artifact.reference.get(rows.WTE).float()
+        weight = artifact.reconstruct(rows.WTE)
         B, A = artifact.factors(rows.WTE)
-        assert B.dtype == A.dtype == torch.float32
+        update = weight.float() - artifact.reference.get(rows.WTE).float()
         assert (update - B @ A).abs().max() > 1e-3  # the rows matter: a LoRA of B @ A alone would miss them
     finally:
         artifact.close()
-    modules = dict(model.base_model.model.named_modules())
-    for module in ("transformer.wte", "lm_head"):
-        assert torch.allclose(modules[module].get_delta_weight("default"), update, atol=1e-6), module
+    with safe_open(tmp_path / "adapter" / ADAPTER_WEIGHTS_FILE, "pt") as saved:
+        assert torch.equal(saved.get_tensor("base_model.model.transformer.wte.token_adapter.trainable_tokens_delta"),
+                           weight)
+    merged = model.merge_and_unload()
+    assert torch.equal(merged.get_input_embeddings().weight, weight)
+    assert merged.lm_head.weight is merged.get_input_embeddings().weight
+    assert torch.allclose(rows.logits(merged, rows.OLD_TOKENS), expected, atol=ATOL)
+
+
+def test_export_peft_carries_seen_rows_as_trainable_tokens(tmp_path):
+    """An untied LLaMA embedding moved on the rows a fine-tune saw: those rows only, the others
+    exactly the base's; the vllm target carries the same change as an embedding LoRA instead."""
+    init_dir, trained_dir, seen = rows.seen_rows_llama(tmp_path)
+    out = tmp_path / "out"
+    compress(trained_dir, out, init=init_dir)
+    artifact = open_artifact(out)
+    try:
+        assert artifact.tensors[rows.EMBED].kind == "lowrank+rows"
+        weight = artifact.reconstruct(rows.EMBED)
+    finally:
+        artifact.close()
+    payload = run_json(["export-peft", out, "-o", tmp_path / "adapter", "--json"])
+    assert payload["trainable_tokens"]["model.embed_tokens"]["rows"] == len(seen)
+    config = json.loads((tmp_path / "adapter" / ADAPTER_CONFIG_FILE).read_text())
+    assert config["trainable_token_indices"] == {"model.embed_tokens": seen.tolist()}
+    base = AutoModelForCausalLM.from_pretrained(init_dir)
+    untouched = base.get_input_embeddings().weight.detach().clone()
+    model = rows.load_adapter(base, tmp_path / "adapter")
+    expected = rows.logits(load_compressed(out), rows.OLD_TOKENS)
+    assert torch.allclose(rows.logits(model, rows.OLD_TOKENS), expected, atol=ATOL)
+    merged = model.merge_and_unload().get_input_embeddings().weight
+    assert torch.equal(merged, weight)
+    others = torch.ones(rows.VOCAB, dtype=torch.bool)
+    others[seen] = False
+    assert torch.equal(merged[others], untouched[others]) and not torch.equal(merged[seen], untouched[seen])
+
+    # vLLM reads no trainable tokens; its LLaMA takes an embedding LoRA, here of full rank (64 <= 512): exact.
+    vllm = run_json(["export-peft", out, "-o", tmp_path / "vllm", "--target", "vllm", "--json"])
+    assert "model.embed_tokens" in vllm["target_modules"] and not vllm["trainable_tokens"]
+    assert vllm["ranks"]["model.embed_tokens"] == 64 and not vllm["dropped"]
+    served = rows.load_adapter(AutoModelForCausalLM.from_pretrained(init_dir), tmp_path / "vllm")
+    assert torch.allclose(rows.logits(served, rows.OLD_TOKENS), expected, atol=ATOL)

@@ -1,9 +1,10 @@
-"""export/vllm_plan.py (``export-peft --target vllm``): LoRA on linear projections only, and what it
-drops. Its --data perplexities: test_adapter_check.py.
+"""export/vllm_plan.py (``export-peft --target vllm``): LoRA on the modules vLLM adapts (projections;
+the token embedding and the head for LLaMA), and what it drops. Its --data perplexities:
+test_adapter_check.py; vLLM's own loader on these files: tests/serving/test_vllm_loader.py.
 
 Real tiny LLaMA (Linear, RMSNorm, untied head) and GPT-2 (Conv1D, tied embeddings, biases) models,
 loaded with real PEFT. vLLM's native GPT-2 implements no LoRA, so LLaMA is where the vLLM shape matters;
-GPT-2 checks the Conv1D orientation and the biases. The expected logits come from the base model with
+GPT-2 checks the Conv1D orientation, the biases and embeddings left out. The expected logits come from the base model with
 the carried part of each update added by hand (an SVD oracle in float64 where the rank is cut).
 """
 
@@ -74,17 +75,19 @@ def carried_oracle(artifact_dir, base_dir, modules: list[str], cap: int) -> torc
 
 
 def vllm_shape_checks(adapter_dir, base_dir, cap: int, layout: str) -> dict:
-    """What vLLM needs of the files: LoRA A/B only, on ``layout`` modules, ranks <= cap, r = alpha = max."""
+    """What vLLM needs of the files: LoRA A/B only, on ``layout`` modules (LLaMA: and its token
+    embedding), ranks <= cap, r = alpha = max."""
     config = read_json(adapter_dir / ADAPTER_CONFIG_FILE)
     assert config["modules_to_save"] is None and config["bias"] == "none" and config["use_dora"] is False
-    assert config["target_modules"]
+    assert config["target_modules"] and config["trainable_token_indices"] is None
     keys = adapter_keys(adapter_dir)
-    assert keys and all(key.endswith((".lora_A.weight", ".lora_B.weight")) for key in keys)
-    assert not any("embed" in key or "wte" in key or "wpe" in key or "lm_head" in key for key in keys)
+    assert keys and all(key.endswith((".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora_embedding_B"))
+                        for key in keys)
+    assert not any("wte" in key or "wpe" in key for key in keys)  # GPT-2's embeddings: vLLM's GPT-2 takes no LoRA
     modules = dict(AutoModelForCausalLM.from_pretrained(base_dir).named_modules())
-    assert all(type(modules[name]).__name__ == layout for name in config["target_modules"])
+    assert all(type(modules[name]).__name__ in (layout, "Embedding") for name in config["target_modules"])
     with safe_open(adapter_dir / ADAPTER_WEIGHTS_FILE, "pt") as handle:
-        ranks = [handle.get_tensor(key).shape[0] for key in keys if key.endswith("lora_A.weight")]
+        ranks = [handle.get_tensor(key).shape[0] for key in keys if key.endswith(("lora_A.weight", "lora_embedding_A"))]
     assert max(ranks) <= cap and config["r"] == config["lora_alpha"] == max(ranks)
     assert sorted(config["rank_pattern"].values()) == sorted(ranks) and config["alpha_pattern"] == config["rank_pattern"]
     return config
@@ -113,21 +116,21 @@ def test_linear_only_changes_give_the_artifact_exactly(tmp_path):
         assert all(torch.equal(a.get_tensor(key), b.get_tensor(key)) for key in a.keys())
 
 
-def test_llama_drops_exactly_the_changes_outside_the_projections(llama, tmp_path):
+def test_llama_drops_exactly_the_norms(llama, tmp_path):
+    """vLLM's LLaMA takes LoRA on the projections, the token embedding and the head: only norms go."""
     pair, out, _ = llama
     result = export_peft(out, tmp_path / "adapter", target="vllm")
     dropped = {item.name: item for item in result.dropped}
     changed = {name for name in pair.trained_state if not torch.equal(pair.trained_state[name], pair.init_state[name])}
-    projections = {name for name in changed if name.endswith("_proj.weight")}
-    assert projections and dropped.keys() == changed - projections
-    assert {dropped[name].what for name in dropped} == {"embedding", "lm_head", "norm"}
-    assert dropped["lm_head.weight"].what == "lm_head" and dropped["model.embed_tokens.weight"].modules == ["model.embed_tokens"]
+    matrices = {name for name in changed if pair.trained_state[name].ndim == 2}
+    assert {"model.embed_tokens.weight", "lm_head.weight"} < matrices and dropped.keys() == changed - matrices
+    assert {dropped[name].what for name in dropped} == {"norm"}
     for name, item in dropped.items():
         numel = pair.trained_state[name].numel()
         assert item.parameters == numel and item.bytes == 4 * numel and "vllm-project/vllm#" in item.why
     config = vllm_shape_checks(tmp_path / "adapter", pair.init_dir, 512, "Linear")
     modules = sorted(config["target_modules"])
-    assert modules == sorted(name.removesuffix(".weight") for name in projections)
+    assert modules == sorted(name.removesuffix(".weight") for name in matrices)
     model = load_adapter(pair.init_dir, tmp_path / "adapter")
     assert torch.allclose(logits(model), carried_oracle(out, pair.init_dir, modules, 512), atol=ATOL)
     payload = result.to_json()
@@ -201,7 +204,7 @@ def test_gpt2_keeps_the_conv1d_projections_and_drops_biases(tmp_path):
 
 
 def test_default_export_is_unchanged_by_the_option(llama, tmp_path):
-    """--target peft (the default) writes the same files as before: norms saved whole, embeddings as LoRA."""
+    """--target peft (the default): norms saved whole, low-rank embeddings as LoRA."""
     pair, out, _ = llama
     result = export_peft(out, tmp_path / "adapter", target="peft")
     assert result.dropped == [] and result.to_json()["target"] == "peft"
@@ -236,6 +239,6 @@ def test_bad_inputs(llama, tokenizer_and_text, tmp_path):
     norms_only = make_pair(tmp_path, "llama", unchanged=names)
     norms_out = compressed(tmp_path, norms_only)
     expect_error(["export-peft", norms_out, "-o", output, "--target", "vllm"],
-                 says=("linear projection", "--target peft"), output=output, inputs=(norms_out,))
+                 says=("module vLLM adapts", "--target peft"), output=output, inputs=(norms_out,))
 
 

@@ -157,3 +157,25 @@ def plant_rows(pair: ModelPair, name: str, rows: int = 12, seed: int = 0) -> tor
         if value is old:
             pair.trained_state[key] = trained
     return index
+
+
+EMBED = "model.embed_tokens.weight"
+
+
+def seen_rows_llama(folder: Path, seen: int = 24) -> tuple[Path, Path, torch.Tensor]:
+    """init and fine-tuned LLaMA (untied): planted updates on every matrix (norms unchanged) but the
+    token embedding, whose update is a shared direction + an own update on ``seen`` rows only (the
+    tokens a fine-tune's text holds: an untied input embedding gets no gradient on the others).
+    Returns (init, trained, the seen rows)."""
+    model = build_model(llama_config(), seed=11)
+    init = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    trained = train_state(init, seed=5, unchanged=tuple(name for name, tensor in init.items() if tensor.ndim == 1))
+    generator = torch.Generator().manual_seed(6)
+    index = torch.randperm(VOCAB, generator=generator)[:seen].sort().values
+    update = torch.zeros(VOCAB, 64)
+    update[index] = torch.randn(1, 64, generator=generator) + 0.5 * torch.randn(seen, 64, generator=generator)
+    update *= 0.5 * float(init[EMBED].norm()) / float(update.norm())
+    trained[EMBED] = init[EMBED] + update
+    save_hf(model, init, folder / "init")
+    save_hf(model, trained, folder / "trained")
+    return folder / "init", folder / "trained", index
