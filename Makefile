@@ -40,8 +40,21 @@ $(SERVING)/.installed: constraints.txt | install
 		'llama_cpp_python-*/vendor/llama.cpp/conversion/*' 'llama_cpp_python-*/vendor/llama.cpp/gguf-py/*'
 	touch $(SERVING)/.installed
 
-test-serving: $(SERVING)/.installed
-	PYTHONPATH=$(SERVING)/site INRANK_LLAMA_CPP=$(SERVING)/llama.cpp $(BIN)/python -m pytest -q tests/serving
+# vLLM's own adapter loader (tests/serving/test_vllm_loader.py): its wheel without its dependencies
+# (CUDA torch and the rest; the loader runs on this CPU torch) plus the pure-Python and small packages
+# its import asks for, into build/serving/vllm (~600 MB, a 240 MB download, once).
+VLLM := 0.34.0
+VLLM_IMPORTS := aiohappyeyeballs==2.7.1 aiohttp==3.14.5 aiosignal==1.4.0 apache-tvm-ffi==0.1.15.post2 attrs==26.1.0 \
+	cachetools==8.0.3 cbor2==6.3.0 cloudpickle==3.1.3 einops==0.8.2 frozenlist==1.8.0 llguidance==1.9.1 \
+	msgspec==0.23.0 multidict==7.2.1 prometheus_client==0.26.0 propcache==0.5.4 py-cpuinfo==9.0.0 pybase64==1.5.1 \
+	pyzmq==27.3.0 uvloop==0.23.0 xgrammar==0.2.9 yarl==1.25.1
+$(SERVING)/.vllm: | install
+	mkdir -p $(SERVING)
+	$(BIN)/python -m pip install -q --no-deps --target $(SERVING)/vllm vllm==$(VLLM) $(VLLM_IMPORTS)
+	touch $(SERVING)/.vllm
+
+test-serving: $(SERVING)/.installed $(SERVING)/.vllm
+	PYTHONPATH=$(SERVING)/site:$(SERVING)/vllm INRANK_LLAMA_CPP=$(SERVING)/llama.cpp $(BIN)/python -m pytest -q tests/serving
 
 # A LLaMA-7B-shaped bfloat16 pair written and compressed (docs/benchmarks.md#scale-a-7b-shaped-pair):
 # ~30 GB of free disk and ~7 minutes on 2 cores; not part of bench or CI.

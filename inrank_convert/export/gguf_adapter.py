@@ -17,8 +17,8 @@ The token embedding's change goes in as llama.cpp reads it (``llm_build_inp_embd
 ``token_embd.weight.lora_a`` looked up by token, times ``lora_b``): lora_a = B [vocab, r], lora_b =
 A.T [dim, r] for ``delta = B @ A`` ([vocab, dim]); a ``lowrank+rows`` embedding as its whole update
 (delta @ I, rank = the width: exact). Where the head is tied to the embedding, llama.cpp's output
-is token_embd itself, and that adapter would be applied to the logits in the embedding's own
-orientation: the embedding's change (and so the head's) is left out there.
+is token_embd itself, used as a lookup and as a matrix product; an adapter on it is not checked
+against llama.cpp, so the embedding's change (and so the head's) is left out there.
 
 What llama.cpp's adapters cannot hold is left out and listed (stderr and ``--json``): norms, biases,
 a grown vocabulary, the embedding of a tied head. Supported: LLaMA, Mistral, Qwen2 (``SUPPORTED``).
@@ -46,8 +46,8 @@ NO_RANK_CAP = 1 << 30
 
 TOKEN_EMBD = "token_embd.weight"
 LLAMA_CPP = ServingRules("llama.cpp", {
-    "embedding": "the head is tied to the token embedding, and llama.cpp would apply a token_embd LoRA to the "
-                 "logits in the embedding's orientation: the embedding's change is left out",
+    "embedding": "the head is tied to the token embedding (llama.cpp's output is token_embd itself), and an "
+                 "adapter on that shared tensor is not written: the embedding's change is left out",
     "lm_head": "",  # the head is served (output.weight.lora_a/b), as is the embedding
     "bias": "llama.cpp adapters hold LoRA pairs only: no biases",
     "norm": "llama.cpp adapters hold LoRA pairs only: a norm has no LoRA form",

@@ -13,7 +13,7 @@ import torch
 
 from inrank_convert.export.gguf_adapter import permute_rows
 from inrank_convert.inputs.sources import open_artifact
-from tests.conftest import make_pair
+from tests.conftest import build_model, llama_config, make_pair, save_hf, train_state
 from tests.helpers.cli_contract import expect_error, expect_ok, run_json
 
 gguf = pytest.importorskip("gguf")
@@ -109,3 +109,19 @@ def test_unsupported_architectures_and_bad_outputs_are_one_line(llama, tmp_path)
     expect_error(["export-gguf", artifact, "-o", artifact / "adapter.gguf"], says=("inside the input folder",),
                  inputs=(artifact,))
     assert json.loads((artifact / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_a_head_tied_to_the_embedding_leaves_the_embedding_out(tmp_path):
+    """llama.cpp's output is token_embd itself when tied: no LoRA is written on it, and that is listed."""
+    model = build_model(llama_config(tie_word_embeddings=True), seed=3)
+    init = {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+    init["lm_head.weight"] = init["model.embed_tokens.weight"]
+    save_hf(model, init, tmp_path / "init")
+    save_hf(model, train_state(init, seed=4), tmp_path / "trained")
+    artifact = tmp_path / "artifact"
+    expect_ok(["compress", tmp_path / "trained", "--init", tmp_path / "init", "-o", artifact, "--quiet"])
+    result = run_json(["export-gguf", artifact, "-o", tmp_path / "adapter.gguf", "--json"])
+    assert "token_embd.weight" not in result["ranks"] and "output.weight" not in result["ranks"]
+    assert len(result["ranks"]) == 2 * 7  # every block projection
+    [embedding] = [item for item in result["dropped"] if item["what"] == "embedding"]
+    assert embedding["name"] == "model.embed_tokens.weight" and "tied" in embedding["why"]

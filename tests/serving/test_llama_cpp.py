@@ -31,8 +31,10 @@ TOKENS = [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13, 383, 1110, 2
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A 2-layer LLaMA (4 heads, 2 KV heads: q and k are permuted differently) with GPT-2's tokenizer
-    (one llama.cpp's converter knows), a trained copy with low-rank updates, its lossless and its
-    default artifact, their GGUF adapters, and the base converted to float32 GGUF."""
+    (one llama.cpp's converter knows), a trained copy with low-rank updates on the projections and the
+    head and, on the token embedding, updates of the rows the tokens below use (a fine-tune's: the
+    default artifact stores them lowrank+rows), its lossless and its default artifact, their GGUF
+    adapters, and the base converted to float32 GGUF."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from inrank_convert.inputs.text import load_tokenizer
@@ -50,8 +52,11 @@ def models(tmp_path_factory):
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for name, weight in model.named_parameters():
-            if weight.ndim == 2 and "embed" not in name:  # the embedding's change would not go into the adapter
-                rows, cols = weight.shape
+            rows, cols = weight.shape if weight.ndim == 2 else (0, 0)
+            if "embed_tokens" in name:
+                seen = torch.tensor(sorted(set(TOKENS)))
+                weight[seen] += torch.randn(len(seen), cols, generator=generator) / 8
+            elif weight.ndim == 2:
                 weight += (torch.randn(rows, 4, generator=generator) @ torch.randn(4, cols, generator=generator)) / (
                     8 * cols ** 0.5)
     model.save_pretrained(root / "trained")
