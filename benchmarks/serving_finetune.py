@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         cli("compress", finetune, "--init", base, "-o", artifact, "--threshold", threshold, "--force", "--quiet")
         peft_info = json.loads(cli("export-peft", artifact, "-o", peft_dir, "--force", "--json"))
         vllm_info = json.loads(cli("export-peft", artifact, "-o", vllm_dir, "--target", "vllm", "--force", "--json"))
-        cli("export-gguf", artifact, "-o", gguf, "--force", "--quiet")
+        cli("export-gguf", artifact, "-o", gguf, "--force")
         stored = json.loads(cli("inspect", artifact, "--json"))
         found = [
             {"row": f"artifact t={threshold}", "bytes": stored["compressed_bytes"],

@@ -70,6 +70,8 @@ ROWS = [
         "lora growth", (*INRANK, "--dense-warmup", "100")),
     Row("warm-start-200", "the default recipe (warm-start): 200 dense steps, a fifth of the run",
         (*INRANK, "--dense-warmup", "200")),
+    Row("warm-start-200-efficient", "the default recipe with --efficient (W = B A from the switch, no W_init)",
+        (*INRANK, "--dense-warmup", "200", "--efficient")),
     Row("dense-seed1", "dense, another seed (init and data order)", ("--seed", "1")),
     Row("warm-start-200-seed1", "warm-start-200 on that seed", (*INRANK, "--dense-warmup", "200", "--seed", "1"),
         baseline="dense-seed1"),

@@ -59,7 +59,7 @@ def export_peft_command(
     output: Annotated[Path, typer.Option("-o", "--output", help="Adapter folder to write.")],
     init: Annotated[Path | None, typer.Option("--init", help="Use this init instead of the recorded one.")] = None,
     target: Annotated[str, typer.Option(
-        "--target", help="peft: exact (LoRA, biases, modules_to_save); vllm: LoRA on linear projections only, "
+        "--target", help="peft: exact (LoRA, trainable tokens, biases, modules_to_save); vllm: LoRA only, on "
                          "what vLLM serves (the rest is listed as dropped).")] = "peft",
     max_rank: Annotated[int | None, typer.Option(
         "--max-rank", help="--target vllm: the largest LoRA rank, at most 512 (default 512); a larger update "
