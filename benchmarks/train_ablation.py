@@ -85,7 +85,7 @@ ROWS = [
                                                            "--factor-lr-scale", "0.5")),
     Row("warm100-lr0.25", "warm100, factors at 0.25x lr", (*REFERENCE, "--dense-warmup", "100", "--growth", "lora",
                                                             "--factor-lr-scale", "0.25")),
-    Row("dense-3x", "dense, 3,000 steps", steps=3000),
+    Row("dense-3x", "dense, 3,000 steps", baseline="dense-3x", steps=3000),
     Row("warm-start-200-3x", "the default recipe, 3,000 steps (200 dense steps)", (*INRANK, "--dense-warmup", "200"),
         baseline="dense-3x", steps=3000),
     Row("warm-start-t0.95-3x", "warm-start at energy 0.95, 3,000 steps (200 dense steps)",

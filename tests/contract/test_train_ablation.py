@@ -33,7 +33,7 @@ def test_list_and_an_unknown_row(tmp_path, capsys):
 def test_inrank_rows_pass_the_options_check(row, tmp_path):
     from inrank_convert.training.options import TrainOptions, check_options
 
-    values = {"data": "x", "steps": train_ablation.STEPS}
+    values = {"data": "x", "steps": row.steps}
     args = list(row.args)
     while args:
         flag = args.pop(0).removeprefix("--").replace("-", "_")
