@@ -151,6 +151,7 @@ def linear_plan(plan: AdapterPlan, artifact: Artifact, model, max_rank: int,
     output = model.get_output_embeddings()
     heads = {name for name, module in modules.items() if output is not None and module is output}
     embeddings = rules.takes_embedding_lora(model)
+    token_embedding = model.get_input_embeddings()  # the one embedding a server adapts (no learned positions)
     dropped: dict[str, DroppedChange] = {}
 
     def drop(name: str, module: str, what: str, reason: str | None = None) -> None:
@@ -165,7 +166,7 @@ def linear_plan(plan: AdapterPlan, artifact: Artifact, model, max_rank: int,
     for target in plan.targets:
         if target.placeholder:
             continue
-        if target.layout == "embedding" and not embeddings:
+        if target.layout == "embedding" and not (embeddings and modules[target.module] is token_embedding):
             drop(target.source, target.module, "embedding")
         elif target.module in heads and not embeddings:
             drop(target.source, target.module, "lm_head")
