@@ -121,8 +121,8 @@ def export_gguf_command(
     """Write a llama.cpp LoRA adapter (GGUF) that turns the reference (init / base) model into the compressed one.
 
     Convert the base with llama.cpp's convert_hf_to_gguf.py, then run it with --lora OUTPUT. LLaMA,
-    Mistral and Qwen2; what llama.cpp adapters cannot hold (norms, biases, the token embedding's
-    change) is listed as left out.
+    Mistral and Qwen2; what llama.cpp adapters cannot hold (norms, biases, a grown vocabulary, the
+    embedding of a tied head) is listed as left out.
 
     Example: inrank-convert export-gguf llama-inrank -o llama-lora.gguf
     """

@@ -35,7 +35,7 @@ import torch
 from inrank_convert.core.errors import ArtifactError, UsageError
 from inrank_convert.export.peft_adapter import lora_factors
 from inrank_convert.export.peft_plan import LoraTarget, adapter_model_structure, plan_adapter
-from inrank_convert.export.vllm_plan import DroppedChange, ServingRules, dropped_whole, linear_plan
+from inrank_convert.export.vllm_plan import DroppedChange, ServingRules, dropped_whole, serving_plan
 from inrank_convert.inputs.sources import open_artifact
 from inrank_convert.weights.outputs import atomic_output_file, check_output_outside
 
@@ -106,7 +106,7 @@ def export_gguf(artifact_path: str | Path, output: str | Path, *, force: bool = 
                              "use 'inrank-convert decompress' and llama.cpp's convert_hf_to_gguf.py for the dense model")
         arch, permuted = SUPPORTED[model_type]
         model = adapter_model_structure(artifact)
-        plan, dropped = linear_plan(plan_adapter(artifact, model), artifact, model, NO_RANK_CAP, LLAMA_CPP)
+        plan, dropped = serving_plan(plan_adapter(artifact, model), artifact, model, NO_RANK_CAP, LLAMA_CPP)
         names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], int(config["num_hidden_layers"]))
         heads = int(config["num_attention_heads"])
         kv_heads = int(config.get("num_key_value_heads") or heads)

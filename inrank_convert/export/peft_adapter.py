@@ -242,8 +242,7 @@ def _write_tensors(writer: TensorFileWriter, artifact: Artifact, plan: AdapterPl
             count += 1
     for item in plan.trainable_tokens:
         # PEFT saves the rows' values (not their change): it writes them over the base's rows.
-        rows = artifact.reconstruct(item.source)[item.indices]  # [K, dim], the tensor's dtype
-        writer.add(f"{PEFT_PREFIX}{item.module}.token_adapter.trainable_tokens_delta", rows)
+        writer.add(f"{PEFT_PREFIX}{item.module}.token_adapter.trainable_tokens_delta", item.values)
         count += 1
     for key, name in sorted(plan.biases.items()):
         writer.add(key, artifact.reconstruct(name))

@@ -1,6 +1,7 @@
 """export-peft's plan: which module of the base model gets which treatment in the adapter (a LoRA
 of the stored factors, an exact full-rank LoRA, trainable tokens, the whole module in
-``modules_to_save``, a bias, nothing), worked out from the artifact's manifest and the model's structure on the meta device.
+``modules_to_save``, a bias, nothing), worked out from the artifact's manifest and the model's
+structure on the meta device.
 peft_adapter.py's docstring says why each kind of change is carried the way it is.
 """
 
@@ -41,11 +42,11 @@ class TokenRows:
     module: str
     source: str  # the artifact tensor (lowrank+rows)
     indices: list[int]  # every row whose value differs from the reference's, ascending
-    row_bytes: int  # one row's values at the tensor's dtype
+    values: torch.Tensor  # [len(indices), dim] those rows as rebuilt, the tensor's dtype: what PEFT saves
 
     @property
     def bytes(self) -> int:
-        return len(self.indices) * self.row_bytes
+        return self.values.numel() * self.values.element_size()
 
 
 @dataclass
@@ -116,7 +117,7 @@ class AdapterPlan:
 def plan_adapter(artifact: Artifact, model, tokens: bool = False) -> AdapterPlan:
     """The exact adapter. ``tokens``: a lowrank+rows input embedding goes in as PEFT's trainable
     tokens (the rows that differ from the base, a tied head following them) rather than as a
-    full-rank LoRA: exact too, and smaller (``rows_as_tokens``). Servers that read no trainable
+    full-rank LoRA: exact too, and smaller (``_rows_as_tokens``). Servers that read no trainable
     tokens (vLLM, llama.cpp) take the LoRA form."""
     tensors = artifact.tensors
     reference = artifact.reference
@@ -260,7 +261,7 @@ def _rows_as_tokens(artifact: Artifact, model, targets: dict[str, LoraTarget]) -
     embedding = model.get_input_embeddings()
     name = next((module for module, target in targets.items() if target.layout == "embedding"
                  and model.get_submodule(module) is embedding), None)
-    if name is None or not targets[name].full_rank or artifact.tensors[targets[name].source].kind != "lowrank+rows":
+    if name is None or artifact.tensors[targets[name].source].kind != "lowrank+rows":
         return []
     source = targets[name].source
     sharing = [module for module, target in targets.items() if target.source == source and module != name]
@@ -272,8 +273,8 @@ def _rows_as_tokens(artifact: Artifact, model, targets: dict[str, LoraTarget]) -
     differs = (weight != artifact.reference.get(source).to(weight.dtype)).any(dim=1)  # [rows]
     for module in (name, *sharing):
         del targets[module]
-    indices = torch.nonzero(differs).flatten().tolist()
-    return [TokenRows(name, source, indices, weight.shape[1] * weight.dtype.itemsize)] if indices else []
+    indices = torch.nonzero(differs).flatten()
+    return [TokenRows(name, source, indices.tolist(), weight[indices])] if len(indices) else []
 
 
 def _carried_in_full(tensors: dict, targets: list[LoraTarget], module_keys: dict[str, dict[str, str]]

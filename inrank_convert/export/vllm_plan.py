@@ -136,12 +136,12 @@ def serving_rank(rank: int) -> int:
 
 
 def vllm_plan(plan: AdapterPlan, artifact: Artifact, model, max_rank: int) -> tuple[AdapterPlan, list[DroppedChange]]:
-    """``plan`` (the exact adapter) restricted to what vLLM serves (``linear_plan``)."""
-    return linear_plan(plan, artifact, model, max_rank, VLLM)
+    """``plan`` (the exact adapter) restricted to what vLLM serves (``serving_plan``)."""
+    return serving_plan(plan, artifact, model, max_rank, VLLM)
 
 
-def linear_plan(plan: AdapterPlan, artifact: Artifact, model, max_rank: int,
-                rules: ServingRules) -> tuple[AdapterPlan, list[DroppedChange]]:
+def serving_plan(plan: AdapterPlan, artifact: Artifact, model, max_rank: int,
+                 rules: ServingRules) -> tuple[AdapterPlan, list[DroppedChange]]:
     """``plan`` (the exact adapter) restricted to LoRA of rank <= ``max_rank`` on linear projections
     (and on the token embedding and LM head where ``rules`` take them), and what that leaves out, in
     the artifact's tensor order."""
