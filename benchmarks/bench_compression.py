@@ -4,11 +4,12 @@ A 4x128 GPT-2 (GPT-2 tokenizer, context 64) is trained from scratch with ``inran
 for 300 steps (batch 16 x 64 tokens, lr 3e-3, seed 0) on the first 90% of Tiny Shakespeare (cut at
 a line end): the reference run of docs/results.md, which this reproduces to the last digit (CPU, float32), in about
 3 minutes on 2 quiet cores (training is most of it; 200 steps took 100 s and met the targets too).
-The run is compressed at threshold 0.9 four ways:
+The run is compressed at threshold 0.9 five ways:
 
-- the version-1 default, emulated (``forms.DOMINANT_SHARE`` and ``forms.MAX_ROW_FRACTION`` set so
-  that the plain energy rule applies to every tensor and the rows form never competes; factors in
-  float32): what ``compress`` did before format version 2;
+- the version-1 default, emulated (``--criterion energy``, the plain energy rule on every tensor,
+  with ``forms.MAX_ROW_FRACTION`` set so that the rows form never competes; factors in float32):
+  what ``compress`` did before format version 2;
+- ``--criterion energy``: the plain energy rule as it is today (bfloat16, the rows form may compete);
 - ``--no-embeddings``: the token embedding stored dense (the version-1 demo setting);
 - the new default (no options): low rank + rows where cheaper, factors and rows in bfloat16;
 - ``--quantize int8``.
@@ -45,13 +46,14 @@ STEPS, BATCH, BLOCK, LR, SEED = 300, 16, 64, 3e-3, 0
 EVAL_TOKENS = 16384
 THRESHOLD = 0.9
 # setting -> (bytes of dense, perplexity change in %) targets; None: no target (for comparison)
-TARGETS: dict[str, tuple[float, float] | None] = {"v1-default": None, "no-embeddings": None,
+TARGETS: dict[str, tuple[float, float] | None] = {"v1-default": None, "energy": None, "no-embeddings": None,
                                                     "default": (0.12, 1.5), "int8": (0.06, 2.0)}
 # (plain, calibrated) settings compared at the same budget: (ratio, quantize)
 CALIBRATED_PAIRS = {"budget-0.1": (0.1, None), "budget-0.05-int8": (0.05, "int8")}
 CALIBRATION_TOKENS = 65_536
 MAX_INCREASE_RATIO = 0.6  # calibrated increase / plain increase (at least 40% less)
 LABELS = {"v1-default": "version-1 default (energy rule on everything, float32), emulated",
+          "energy": "--criterion energy (the plain energy rule on every tensor, rows may compete, bfloat16)",
           "no-embeddings": "--no-embeddings (embedding dense, blocks bfloat16)",
           "default": "new default (low rank + rows, bfloat16)",
           "int8": "--quantize int8"}
@@ -85,23 +87,24 @@ def write_config(folder: Path) -> Path:
 
 @contextmanager
 def version_1_rule() -> Iterator[None]:
-    """The planner as it was before format version 2: no dominant component, no rows form."""
+    """The planner as it was before format version 2 (with ``--criterion energy``): no rows form."""
     from inrank_convert.linalg import forms
 
-    saved = forms.DOMINANT_SHARE, forms.MAX_ROW_FRACTION
-    forms.DOMINANT_SHARE, forms.MAX_ROW_FRACTION = 2.0, 0.0  # no component holds 200%; no row fraction fits
+    saved = forms.MAX_ROW_FRACTION
+    forms.MAX_ROW_FRACTION = 0.0  # no row fraction fits
     try:
         yield
     finally:
-        forms.DOMINANT_SHARE, forms.MAX_ROW_FRACTION = saved
+        forms.MAX_ROW_FRACTION = saved
 
 
 def compress_all(run: Path, root: Path, train_file: Path) -> dict[str, Path]:
     from inrank_convert import PlanOptions, RankRule, compress
     from inrank_convert.compression.job import CalibrationRequest
 
-    rule = RankRule("energy", THRESHOLD)
-    settings = {"v1-default": PlanOptions(rule=rule, factor_dtype=torch.float32),
+    rule = RankRule(threshold=THRESHOLD)
+    settings = {"v1-default": PlanOptions(rule=RankRule("energy", THRESHOLD), factor_dtype=torch.float32),
+                "energy": PlanOptions(rule=RankRule("energy", THRESHOLD)),
                 "no-embeddings": PlanOptions(rule=rule, embeddings=False),
                 "default": PlanOptions(rule=rule),
                 "int8": PlanOptions(rule=rule, quantize="int8")}

@@ -97,7 +97,7 @@ def run() -> list[BenchResult]:
     from inrank_convert.linalg.criteria import RankRule
 
     size = scale()
-    rules = {"rank": RankRule(fixed_rank=PLANTED_RANK), "threshold": RankRule("energy", THRESHOLD)}
+    rules = {"rank": RankRule(fixed_rank=PLANTED_RANK), "threshold": RankRule(threshold=THRESHOLD)}
     with scratch_dir("inrank-bench-llama-") as root:
         started = time.perf_counter()
         init_dir, trained_dir, parameters = build_pair(root, size)

@@ -328,7 +328,7 @@ def _run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None,
 
 
 def _plan(settings: DemoSettings) -> PlanOptions:
-    return PlanOptions(rule=RankRule("energy", settings.threshold), embeddings=settings.embeddings, seed=settings.seed)
+    return PlanOptions(rule=RankRule(threshold=settings.threshold), embeddings=settings.embeddings, seed=settings.seed)
 
 
 def _write_config(folder: Path, data: DemoData, settings: DemoSettings) -> None:

@@ -68,9 +68,25 @@ def planted_update(shape, rank: int, scale: float, generator: torch.Generator, n
     return update + extra * (noise * scale / extra.norm())
 
 
+def dominant_update(shape, rank: int, scale: float, generator: torch.Generator, share: float) -> torch.Tensor:
+    """A rank-1 component holding about ``share`` of the energy (orthogonal to the rest) plus a
+    rank-``rank`` update with slowly decaying values: the spectrum on which the plain energy rule and
+    ``energy-rest`` part ways."""
+    rows, cols = shape
+    left, _ = torch.linalg.qr(torch.randn(rows, rank + 1, generator=generator))
+    right, _ = torch.linalg.qr(torch.randn(cols, rank + 1, generator=generator))
+    rest = torch.linspace(1.0, 0.5, rank)
+    rest = rest * ((1 - share) / float(rest.pow(2).sum())) ** 0.5
+    values = torch.cat([torch.tensor([share ** 0.5]), rest])  # sum of squares 1
+    return scale * (left * values) @ right.T
+
+
 def train_state(init_state: dict[str, torch.Tensor], seed: int = 1, rank: int = PLANTED_RANK,
-                unchanged: tuple[str, ...] = (), noise: float = NOISE) -> dict[str, torch.Tensor]:
-    """init + planted rank-k update (+ noise, relative to its norm) on every 2-D tensor; small shifts on 1-D ones."""
+                unchanged: tuple[str, ...] = (), noise: float = NOISE,
+                dominant_share: float | None = None) -> dict[str, torch.Tensor]:
+    """init + planted rank-k update (+ noise, relative to its norm) on every 2-D tensor; small shifts
+    on 1-D ones. ``dominant_share``: each 2-D update is a dominant component holding that share of
+    its energy plus a rank-k rest (``dominant_update``, no noise)."""
     generator = torch.Generator().manual_seed(seed)
     trained = {}
     seen: dict[int, str] = {}
@@ -84,7 +100,9 @@ def train_state(init_state: dict[str, torch.Tensor], seed: int = 1, rank: int = 
             trained[name] = tensor.clone()
         elif tensor.ndim == 2:
             scale = 0.3 * float(tensor.norm())
-            trained[name] = tensor + planted_update(tensor.shape, rank, scale, generator, noise)
+            planted = planted_update(tensor.shape, rank, scale, generator, noise) if dominant_share is None \
+                else dominant_update(tensor.shape, rank, scale, generator, dominant_share)
+            trained[name] = tensor + planted
         else:
             trained[name] = tensor + 0.01 * torch.randn(tensor.shape, generator=generator)
     return trained
@@ -99,8 +117,9 @@ def energy_rank_float64(delta: torch.Tensor, threshold: float) -> int:
 
 
 def form_rank_float64(delta: torch.Tensor, threshold: float) -> int:
-    """Oracle of compress's energy rule (forms.py): when the leading component alone holds at least
-    half of the energy, keep it and ``threshold`` of the energy left after it; else the plain rule."""
+    """Oracle of the energy-rest criterion (compress's default): when the leading component alone
+    holds at least half of the energy, keep it and ``threshold`` of the energy left after it; else
+    the plain rule."""
     s = torch.linalg.svdvals(delta.double())
     total = float((delta.double() ** 2).sum())
     dominant = float(s[0] ** 2) if float(s[0] ** 2) >= 0.5 * total else 0.0
@@ -144,13 +163,13 @@ def save_hf(model, state: dict[str, torch.Tensor], folder: Path) -> Path:
 
 
 def make_pair(tmp_path: Path, arch: str = "gpt2", seed: int = 7, unchanged: tuple[str, ...] = (),
-              noise: float = NOISE) -> ModelPair:
+              noise: float = NOISE, dominant_share: float | None = None) -> ModelPair:
     config = gpt2_config() if arch == "gpt2" else llama_config()
     model = build_model(config, seed)
     init_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if arch == "gpt2":  # keep the tie of the model's own state dict
         init_state["lm_head.weight"] = init_state["transformer.wte.weight"]
-    trained_state = train_state(init_state, unchanged=unchanged, noise=noise)
+    trained_state = train_state(init_state, unchanged=unchanged, noise=noise, dominant_share=dominant_share)
     init_dir = save_hf(model, init_state, tmp_path / f"{arch}-init")
     trained_dir = save_hf(model, trained_state, tmp_path / f"{arch}-trained")
     return ModelPair(arch, config, init_dir, trained_dir, init_state, trained_state, seed)

@@ -78,7 +78,7 @@ def compress_command(
     embed_init: Annotated[bool, typer.Option("--embed-init", help="Store the init tensors in the artifact so it stands alone.")] = False,
     threshold: Annotated[float | None, typer.Option(
         "--threshold", "-t", help="Fraction of each update kept, in (0, 1] (default 0.9).")] = None,
-    criterion: CriterionOpt = "energy",
+    criterion: CriterionOpt = None,
     rank: Annotated[int | None, typer.Option("--rank", help="Fixed rank for every factorized tensor (clipped).")] = None,
     target_ratio: Annotated[float | None, typer.Option(
         "--target-ratio", help="Artifact file at most this fraction of the dense bytes, in (0, 1]: ranks and rows "

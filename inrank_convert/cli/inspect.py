@@ -57,7 +57,7 @@ def spectrum_command(
     revision: RevisionOpt = None,
     init_revision: InitRevisionOpt = None,
     thresholds: Annotated[str, typer.Option("--thresholds", help="Comma-separated thresholds in (0, 1].")] = "0.5,0.8,0.9,0.99",
-    criterion: CriterionOpt = "energy",
+    criterion: CriterionOpt = None,
     device: DeviceOpt = "cpu",
     embeddings: EmbeddingsOpt = True,
     include: IncludeOpt = None,
@@ -71,11 +71,13 @@ def spectrum_command(
 
     Example: inrank-convert spectrum runs/gpt2/ --thresholds 0.5,0.9,0.99 --plot spectra.png
     """
+    from inrank_convert.linalg.criteria import CRITERIA, DEFAULT_CRITERION
     from inrank_convert.measure.analysis import parse_thresholds, spectrum_report
     from inrank_convert.measure.plots import plot_spectrum
 
-    if criterion not in ("energy", "inrank"):
-        raise UsageError(f"unknown criterion {criterion!r}", "--criterion", "choose energy or inrank")
+    criterion = criterion or DEFAULT_CRITERION
+    if criterion not in CRITERIA:
+        raise UsageError(f"unknown criterion {criterion!r}", "--criterion", f"choose one of {', '.join(CRITERIA)}")
     values = parse_thresholds(thresholds)
     check_plot(plot)
     options = plan_options(0.9, None, criterion, "exact", device, None, embeddings, include, exclude, float64, 0)

@@ -26,7 +26,10 @@ InitRevisionOpt = Annotated[str | None, typer.Option(
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="cpu or cuda[:N]: where the SVDs run.")]
-CriterionOpt = Annotated[str, typer.Option("--criterion", help="energy: sum(s[:r]^2) >= t ||delta||^2; inrank: InRank's explained variance.")]
+CriterionOpt = Annotated[str | None, typer.Option("--criterion", help=(
+    "energy-rest (default): t of the energy left after a dominant leading component (one holding half or more), "
+    "the plain rule when there is none; energy: the smallest r with sum(s[:r]^2) >= t ||delta||^2, exactly; "
+    "inrank: InRank's explained variance."))]
 EmbeddingsOpt = Annotated[bool, typer.Option("--embeddings/--no-embeddings", help="Factorize embeddings and an untied LM head.")]
 IncludeOpt = Annotated[list[str] | None, typer.Option("--include", help="Glob over parameter names; only matches are factorized (repeatable).")]
 ExcludeOpt = Annotated[list[str] | None, typer.Option("--exclude", help="Glob over parameter names kept dense (repeatable).")]
@@ -65,9 +68,9 @@ class PlanProgress:
 def plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, include, exclude, float64, seed,
                   quantize=None, target_ratio=None, target_size=None):
     from inrank_convert.compression.plan import PlanOptions
-    from inrank_convert.linalg.criteria import RankRule
+    from inrank_convert.linalg.criteria import DEFAULT_CRITERION, RankRule
 
-    return PlanOptions(rule=RankRule(criterion, threshold, rank), engine=svd, device=device,
+    return PlanOptions(rule=RankRule(criterion or DEFAULT_CRITERION, threshold, rank), engine=svd, device=device,
                        factor_dtype=parse_dtype(dtype), embeddings=embeddings, include=tuple(include or ()),
                        exclude=tuple(exclude or ()), float64=float64, seed=seed, quantize=quantize,
                        target_ratio=target_ratio, target_size=target_size)

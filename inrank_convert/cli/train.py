@@ -76,7 +76,7 @@ def train_command(
     log_every: Annotated[int, typer.Option("--log-every", help="A metrics.jsonl record every N steps.")] = 10,
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer folder (default: beside the config).")] = None,
     criterion: Annotated[str | None, typer.Option(
-        "--criterion", help="Rank criterion: inrank (explained variance) or energy (default: the recipe's).")] = None,
+        "--criterion", help="Rank criterion: inrank (explained variance), energy or energy-rest (default: the recipe's).")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", help="Rank criterion threshold (default: the "
                                                                          "recipe's).")] = None,
     buffer: Annotated[int, typer.Option("--buffer", help="Spare factor columns per layer (clipped to a quarter of full rank).")] = 100,
@@ -150,7 +150,8 @@ def resume_command(
     eval_every: Annotated[int | None, typer.Option("--eval-every", help="Validation loss every N steps.")] = None,
     log_every: Annotated[int | None, typer.Option("--log-every", help="A metrics record every N steps.")] = None,
     tokenizer: Annotated[Path | None, typer.Option("--tokenizer", help="Tokenizer folder (default: the checkpoint's).")] = None,
-    criterion: Annotated[str | None, typer.Option("--criterion", help="inrank or energy (also compresses a dense SOURCE).")] = None,
+    criterion: Annotated[str | None, typer.Option("--criterion", help="inrank, energy or energy-rest (default: the recipe's; "
+        "a dense SOURCE is compressed at it when named, else at compress's default energy-rest).")] = None,
     threshold: Annotated[float | None, typer.Option("--threshold", help="Criterion threshold (also compresses a dense SOURCE).")] = None,
     buffer: Annotated[int | None, typer.Option("--buffer", help="Spare factor columns per layer.")] = None,
     rank_warmup: Annotated[int | None, typer.Option("--rank-warmup", help="Steps before the first rank decision.")] = None,

@@ -21,11 +21,9 @@ from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.core.tensors import SAFETENSORS_CODES
 from inrank_convert.inputs.sources import Inputs
 from inrank_convert.linalg.budget import Allocation, TensorUnits, allocate
-from inrank_convert.linalg.criteria import RankRule, rank_for_energy
+from inrank_convert.linalg.criteria import DOMINANT_SHARE, RankRule, effective_threshold, rank_for_energy
 from inrank_convert.linalg.forms import (
-    DOMINANT_SHARE,
     MAX_ROW_FRACTION,
-    effective_threshold,
     rows_needed,
     split_residual,
 )
@@ -119,7 +117,7 @@ def tensor_units(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device
     starves the token embedding, +20.6% perplexity; weighted by size, +1.12% (the per-tensor
     threshold's result at the same size); absolute energy s_i^2, +34%.
     A tensor with a dominant component (holding DOMINANT_SHARE or more of its energy) is measured
-    as the default rule measures it (forms.py): the dominant component is one unit worth a whole
+    as the default rule (``energy-rest``, forms.py) measures it: the dominant component is one unit worth a whole
     tensor, and every unit after it is relative to the energy left after it, so that a drift
     shared by every row cannot stand for the rows' own updates; its dense gain is then twice.
 

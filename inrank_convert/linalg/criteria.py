@@ -1,24 +1,33 @@
 """Rank criteria: how many singular components of an update a rule keeps.
 
-Pure functions of a spectrum (and the update's exact energy): the energy rule, InRank's explained
-variance (and the reference's buffered scan used in training), a fixed rank, and the numerical rank
-a lossless rule means. Nothing here reads files or prints.
+Pure functions of a spectrum (and the update's exact energy): the energy rule, the energy rule
+past a dominant component (``energy-rest``), InRank's explained variance (and the reference's
+buffered scan used in training), a fixed rank, and the numerical rank a lossless rule means.
+Nothing here reads files or prints.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-CRITERIA = ("energy", "inrank")
+# energy: the smallest rank holding t of the energy, exactly (the explained-variance rule a user names).
+# energy-rest: the same on the energy left after a dominant leading component (``effective_threshold``),
+# compress's default: on a token embedding's update the plain rule is met by the drift alone.
+CRITERIA = ("energy-rest", "energy", "inrank")
+DEFAULT_CRITERION = "energy-rest"
+ENERGY_CRITERIA = ("energy", "energy-rest")
+# A leading component holding this share of the energy or more is dominant (at most one can be).
+DOMINANT_SHARE = 0.5
 
 
 @dataclass(frozen=True)
 class RankRule:
     """How to choose a rank from a spectrum: a criterion with a threshold, or a fixed rank."""
 
-    criterion: str = "energy"
+    criterion: str = DEFAULT_CRITERION
     threshold: float = 0.90
     fixed_rank: int | None = None
 
@@ -26,6 +35,32 @@ class RankRule:
         if self.fixed_rank is not None:
             return f"rank={self.fixed_rank}"
         return f"{self.criterion}>={self.threshold:g}"
+
+
+def effective_threshold(singular_values: torch.Tensor, total: float, threshold: float) -> tuple[int, float]:
+    """(dominant rank 0 or 1, the energy fraction ``energy-rest`` keeps): ``threshold`` of the energy
+    left after the leading component when that component alone holds DOMINANT_SHARE or more,
+    kept >= E_d + t (E - E_d); ``threshold`` itself when it does not (``singular_values``: the leading
+    values at least, descending; ``total``: the exact ||delta||_F^2).
+
+    Threshold 1 stays exactly 1 and a threshold below 1 stays below it: the energy rule at 1 is the
+    numerical rank (``rank_for_energy``), which a rounding of the fraction must not switch on or off."""
+    if total <= 0.0 or singular_values.numel() == 0:
+        return 0, threshold
+    leading = float(singular_values[0].double() ** 2)
+    if leading < DOMINANT_SHARE * total:
+        return 0, threshold
+    if threshold >= 1.0:
+        return 1, threshold
+    return 1, min(math.nextafter(1.0, 0.0), (leading + threshold * (total - leading)) / total)
+
+
+def energy_fraction(rule: RankRule, singular_values: torch.Tensor, total: float) -> float:
+    """The share of ``total`` an energy criterion keeps: the threshold itself for ``energy``, the
+    effective threshold for ``energy-rest``."""
+    if rule.criterion == "energy-rest":
+        return effective_threshold(singular_values, total, rule.threshold)[1]
+    return rule.threshold
 
 
 def frobenius_energy(delta: torch.Tensor) -> float:
@@ -142,14 +177,16 @@ def inrank_scan(singular_values: torch.Tensor, full_rank: int, current: int, buf
 def choose_rank(singular_values: torch.Tensor, total_energy: float, rule: RankRule, *,
                 size: int | None = None, eps: float | None = None) -> int:
     """The rank a rule gives for a full spectrum (``size``, ``eps``: see ``rank_for_energy``,
-    needed by the energy rule at threshold >= 1)."""
+    needed by the energy rules at threshold >= 1). ``energy-rest`` is the low-rank form's rank that
+    compress keeps (a rows form may store less)."""
     n = singular_values.numel()
     if rule.fixed_rank is not None:
         nonzero = int(torch.count_nonzero(singular_values > 0))
         return min(rule.fixed_rank, n, nonzero)
     if rule.criterion == "inrank":
         return rank_for_inrank(singular_values, rule.threshold)
-    rank = rank_for_energy(singular_values, total_energy, rule.threshold, size=size, eps=eps)
+    rank = rank_for_energy(singular_values, total_energy, energy_fraction(rule, singular_values, total_energy),
+                           size=size, eps=eps)
     return n if rank is None else rank
 
 

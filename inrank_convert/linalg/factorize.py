@@ -11,7 +11,13 @@ from dataclasses import dataclass, field
 import torch
 
 from inrank_convert.linalg import gram
-from inrank_convert.linalg.criteria import RankRule, choose_rank, frobenius_energy, numerical_args
+from inrank_convert.linalg.criteria import (
+    ENERGY_CRITERIA,
+    RankRule,
+    choose_rank,
+    frobenius_energy,
+    numerical_args,
+)
 from inrank_convert.linalg.gram import GramSpectrum
 from inrank_convert.linalg.randomized import (
     RANDOMIZED_MAX_FRACTION,
@@ -102,7 +108,10 @@ def factorize(
         return Factorization(work.new_zeros(work.shape[0], 0), work.new_zeros(0, work.shape[1]),
                              0, 1.0, 0.0, empty, "none")
 
-    use_randomized = engine == "randomized" or (engine == "auto" and rule.criterion == "energy")
+    if rule.criterion == "energy-rest" and rule.fixed_rank is None:
+        # Its fraction depends on the spectrum: forms.choose_form factorizes at the plain rule, then at that fraction.
+        raise ValueError("factorize takes the energy rule at a fraction; resolve energy-rest first (choose_form)")
+    use_randomized = engine == "randomized" or (engine == "auto" and rule.criterion in ENERGY_CRITERIA)
     if rule.criterion == "inrank" and rule.fixed_rank is None:
         use_randomized = False  # InRank's ratio needs every singular value
     # The Gram engine serves the energy rule's overflow below threshold 1: not a fixed rank, whose

@@ -35,16 +35,14 @@ choose low rank as before (rows only for forced rows).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from inrank_convert.linalg.criteria import RankRule
+from inrank_convert.linalg.criteria import ENERGY_CRITERIA, RankRule, effective_threshold
 from inrank_convert.linalg.factorize import BasisHints, factorize, leading_right_vectors
 
-DOMINANT_SHARE = 0.5
 # Rows are for updates concentrated in rows: a form that needs more than this fraction of the
 # rows is not one (a full-rank update, e.g. a weight factorized with --no-init, would otherwise
 # "compress" by dropping whole output channels, which low rank does far more gently).
@@ -127,19 +125,21 @@ def choose_form(delta: torch.Tensor, total: float, rule: RankRule, costs: Costs,
                                row_scores)
     if total == 0.0 and forced_rows is None:
         return Form("zero", energy=1.0, engine="none")
-    if rule.fixed_rank is not None or rule.criterion != "energy":
+    if rule.fixed_rank is not None or rule.criterion not in ENERGY_CRITERIA:
         return _lowrank_by_rule(delta, total, rule, costs, engine, float64, generator, forced_rows)
 
     # The plain energy rule first (the same factorization as a low-rank-only search would make):
     # its spectrum tells whether a dominant component is there, its vectors give the small ranks.
     # Past the break-even no low-rank form can win, so no factors are made there (max_rank).
     breakeven = costs.breakeven_rank(rows, cols) if forced_rows is None else 0
-    low = factorize(delta, rule, engine, float64, generator, solver, total_energy=total, max_rank=breakeven,
-                    hints=hints, products=products)
+    low = factorize(delta, RankRule("energy", rule.threshold), engine, float64, generator, solver, total_energy=total,
+                    max_rank=breakeven, hints=hints, products=products)
     dominant, effective = effective_threshold(low.singular_values, total, rule.threshold)
+    if rule.criterion == "energy":
+        effective = rule.threshold  # the rule the user named, exactly; a dominant part still leads a rows form
     target = effective * total
     notes = list(low.notes)
-    if dominant:
+    if dominant and rule.criterion == "energy-rest":
         share = float(low.singular_values[0].double() ** 2) / total
         notes.append(f"the leading component holds {share:.1%} of the energy: the rule keeps "
                      f"{rule.threshold:g} of the rest (energy {effective:.6g})")
@@ -181,22 +181,6 @@ def _breakeven_note(rank: int, rows: int, cols: int, costs: Costs, forced_rows: 
         return []
     return [f"{BREAKEVEN_MARK}: the rule needs rank {rank} of {min(rows, cols)}, whose factors take "
             f"{nbytes / costs.dense:.0%} of the dense bytes (break-even rank {costs.breakeven_rank(rows, cols)})"]
-
-
-def effective_threshold(singular_values: torch.Tensor, total: float, threshold: float) -> tuple[int, float]:
-    """(dominant rank 0 or 1, the energy fraction a form must keep): ``threshold`` of the energy
-    left after the leading component when that component alone holds DOMINANT_SHARE or more.
-
-    Threshold 1 stays exactly 1 and a threshold below 1 stays below it: the energy rule at 1 is the
-    numerical rank (``rank_for_energy``), which a rounding of the fraction must not switch on or off."""
-    if total <= 0.0 or singular_values.numel() == 0:
-        return 0, threshold
-    leading = float(singular_values[0].double() ** 2)
-    if leading < DOMINANT_SHARE * total:
-        return 0, threshold
-    if threshold >= 1.0:
-        return 1, threshold
-    return 1, min(math.nextafter(1.0, 0.0), (leading + threshold * (total - leading)) / total)
 
 
 def _rows_form(delta: torch.Tensor, total: float, target: float, V: torch.Tensor, costs: Costs,

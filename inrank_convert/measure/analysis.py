@@ -14,8 +14,7 @@ from inrank_convert.compression.updates import load_update, planned_work
 from inrank_convert.core.distributed import check_device
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.inputs.sources import open_inputs
-from inrank_convert.linalg.criteria import RankRule, choose_rank, numerical_args
-from inrank_convert.linalg.forms import effective_threshold
+from inrank_convert.linalg.criteria import DEFAULT_CRITERION, RankRule, choose_rank, numerical_args
 from inrank_convert.linalg.svd import singular_values
 
 SPECTRUM_VALUES_KEPT = 64
@@ -59,7 +58,7 @@ def parse_thresholds(text: str) -> list[float]:
     return values
 
 
-def spectrum_report(source: str | Path, thresholds: list[float], criterion: str = "energy", *,
+def spectrum_report(source: str | Path, thresholds: list[float], criterion: str = DEFAULT_CRITERION, *,
                     init: str | Path | None = None, init_seed: int | None = None, no_init: bool = False,
                     options: PlanOptions | None = None, on_plan: Callable[[Plan], None] | None = None,
                     on_layer: Callable[[str], None] | None = None) -> SpectrumResult:
@@ -76,13 +75,10 @@ def spectrum_report(source: str | Path, thresholds: list[float], criterion: str 
         for _, entry in planned_work(plan, inputs, actions=("factorize",)):
             delta, total = load_update(inputs, entry, device)  # [rows, cols]
             values = singular_values(delta, options.float64).float().cpu()
-            # The rank compress keeps for a low-rank form (forms.py: a dominant component raises the rule).
+            # The rank compress keeps for a low-rank form (energy-rest: a dominant component raises the rule).
             # At t = 1 the numerical rank, with the eps of the SVD compress runs (float64 with --float64).
             numerical = numerical_args(delta.shape, torch.float64 if options.float64 else torch.float32)
-            ranks = {t: choose_rank(values, total, RankRule(criterion, t if criterion != "energy"
-                                                           else effective_threshold(values, total, t)[1]),
-                                    **numerical)
-                     for t in thresholds}
+            ranks = {t: choose_rank(values, total, RankRule(criterion, t), **numerical) for t in thresholds}
             layers.append(LayerSpectrum(entry.name, entry.shape, total, values[:SPECTRUM_VALUES_KEPT].tolist(), ranks))
             if on_layer is not None:
                 on_layer(entry.name)

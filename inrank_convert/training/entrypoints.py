@@ -34,7 +34,7 @@ from inrank_convert.inputs.text import (
     read_text,
     tokenizer_fingerprint,
 )
-from inrank_convert.linalg.criteria import RankRule
+from inrank_convert.linalg.criteria import DEFAULT_CRITERION, RankRule
 from inrank_convert.model.architecture import meta_model, model_context, seeded_model
 from inrank_convert.model.layers import RowsLowRankEmbedding
 from inrank_convert.runtime.modeling import load_compressed, load_dense, model_config
@@ -227,12 +227,15 @@ def resume(source: str | Path, run: str | Path | None, overrides: dict, init: st
             raise UsageError(f"{flag('--init')}/{flag('--init-seed')}/{flag('--no-init')} apply to dense checkpoints; an artifact has its reference",
                              str(source), "drop the option")
         return _resume_artifact(source, Path(run), options, on_step)
-    return _resume_dense(source, Path(run), options, init, init_seed, no_init, on_step)
+    # The dense checkpoint is compressed as compress would: its default criterion unless one is named.
+    rule = RankRule(given.get("criterion", DEFAULT_CRITERION), options.threshold)
+    return _resume_dense(source, Path(run), options, rule, init, init_seed, no_init, on_step)
 
 
-def _resume_dense(source: Path, run: Path, options: TrainOptions, init, init_seed, no_init, on_step) -> TrainResult:
-    """Compress the dense checkpoint (at --criterion/--threshold, into a temporary artifact), then
-    resume from that artifact."""
+def _resume_dense(source: Path, run: Path, options: TrainOptions, rule: RankRule, init, init_seed, no_init,
+                  on_step) -> TrainResult:
+    """Compress the dense checkpoint (at ``rule``, into a temporary artifact), then resume from that
+    artifact."""
     check_output_free(run, force=False)
     for text in (options.data, options.val_data):
         if text:
@@ -250,7 +253,7 @@ def _resume_dense(source: Path, run: Path, options: TrainOptions, init, init_see
             artifact = Path(temp) / "artifact"
             if world.is_main:
                 compress(source, artifact, init=init, init_seed=init_seed, no_init=no_init, embed_init=False,
-                         options=PlanOptions(rule=RankRule(options.criterion, options.threshold), seed=options.seed))
+                         options=PlanOptions(rule=rule, seed=options.seed))
             barrier(world)
             return _resume_artifact(artifact, run, options, on_step, world, source_hint=source)
     finally:

@@ -51,3 +51,24 @@ def test_inspect_shows_rows_and_storage(drifted):
     assert cells[:5] == [WTE, f"{VOCAB}x64", "lowrank+rows", "1", str(entry.rows)] and cells[-1] == storage
     totals = next(line for line in lines if "reference:" in line)
     assert "1 lowrank+rows" in totals
+
+
+@pytest.mark.parametrize("named", [None, "energy", "energy-rest"])
+def test_the_criterion_applied_is_the_one_inspect_shows(drifted, tmp_path, named):
+    """The drifted embedding (a rank-1 drift holding >90% of its update): `--criterion energy` keeps the
+    plain rule's rank 1 and nothing else; the default (energy-rest) keeps the drift and the rows.
+    `compress --json`, `inspect`, `inspect --json` and the manifest all name the rule."""
+    init_dir, trained_dir, _, _ = drifted
+    out = tmp_path / "out"
+    made = run_json(["compress", trained_dir, "--init", init_dir, "-o", out, "--json",
+                     *(["--criterion", named] if named else [])])
+    applied = named or "energy-rest"
+    assert made["rule"] == f"{applied}>=0.9" and read_manifest(out).rule.criterion == applied
+    payload = run_json(["inspect", out, "--json"])
+    assert payload["rule"] == f"{applied}>=0.9"
+    assert f"rule: {applied}>=0.9" in expect_ok(["inspect", out]).stdout
+    wte = {layer["name"]: layer for layer in payload["layers"]}[WTE]
+    if applied == "energy":
+        assert (wte["kind"], wte["rank"], wte["rows"]) == ("lowrank", 1, None)
+    else:
+        assert wte["kind"] == "lowrank+rows" and wte["rank"] == 1 and wte["rows"] > 0

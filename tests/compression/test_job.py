@@ -15,7 +15,14 @@ from inrank_convert import PlanOptions, RankRule, compress, open_artifact, read_
 from inrank_convert.artifact import ARTIFACT_FILE, FORMAT_VERSION, INIT_FILE, artifact_bytes
 from inrank_convert.export.dense import decompress
 from inrank_convert.linalg.gram import native_bfloat16
-from tests.conftest import PLANTED_RANK, form_rank_float64, inrank_rank_float64, make_pair, snapshot
+from tests.conftest import (
+    PLANTED_RANK,
+    energy_rank_float64,
+    form_rank_float64,
+    inrank_rank_float64,
+    make_pair,
+    snapshot,
+)
 
 
 def stored_names(artifact: Path) -> list[str]:
@@ -24,7 +31,7 @@ def stored_names(artifact: Path) -> list[str]:
         return list(handle.keys())
 
 
-def options(threshold=0.9, criterion="energy", **kwargs) -> PlanOptions:
+def options(threshold=0.9, criterion="energy-rest", **kwargs) -> PlanOptions:
     return PlanOptions(rule=RankRule(criterion, threshold), **kwargs)
 
 
@@ -33,11 +40,12 @@ def update(pair, name):
 
 
 def exact_rank(delta: torch.Tensor, threshold: float, criterion: str) -> int:
-    oracle = form_rank_float64 if criterion == "energy" else inrank_rank_float64
-    return oracle(delta, threshold)
+    oracles = {"energy": energy_rank_float64, "energy-rest": form_rank_float64, "inrank": inrank_rank_float64}
+    return oracles[criterion](delta, threshold)
 
 
-@pytest.mark.parametrize("criterion,threshold", [("energy", 0.9), ("energy", 0.5), ("inrank", 0.9), ("inrank", 0.6)])
+@pytest.mark.parametrize("criterion,threshold", [("energy-rest", 0.9), ("energy-rest", 0.5), ("energy", 0.9),
+                                                 ("inrank", 0.9), ("inrank", 0.6)])
 def test_ranks_equal_exact_float64_svd(tmp_path, any_pair, criterion, threshold):
     result = compress(any_pair.trained_dir, tmp_path / "out", init=any_pair.init_dir,
                       options=options(threshold, criterion))
@@ -47,6 +55,27 @@ def test_ranks_equal_exact_float64_svd(tmp_path, any_pair, criterion, threshold)
             assert layer.rank == exact_rank(update(any_pair, layer.name), threshold, criterion), layer.name
             checked += 1
     assert checked >= 10
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("threshold", [0.9, 0.8])
+def test_the_energy_criterion_keeps_the_smallest_rank_holding_the_threshold_on_dominant_updates(
+        tmp_path, arch, threshold):
+    """Every update has a dominant first component (65% of its energy) and a rank-4 rest: `--criterion
+    energy` stores each at the smallest rank holding ``threshold`` of its energy, exactly (a float64
+    oracle's), where energy-rest keeps more; the manifest says which rule made the artifact."""
+    pair = make_pair(tmp_path, arch, dominant_share=0.65)
+    names = pair.factorized_names()
+    plain = {name: energy_rank_float64(update(pair, name), threshold) for name in names}
+    rest = {name: form_rank_float64(update(pair, name), threshold) for name in names}
+    assert len(names) >= 10 and all(rest[name] > plain[name] for name in names)  # the two rules differ on every one
+    for criterion, oracle in (("energy", plain), ("energy-rest", rest)):
+        out = tmp_path / criterion
+        result = compress(pair.trained_dir, out, init=pair.init_dir, options=options(threshold, criterion))
+        ranks = {layer.name: layer.rank for layer in result.layers if layer.kind == "lowrank"}
+        assert set(ranks) == set(names), {layer.name: layer.kind for layer in result.layers}
+        assert ranks == {name: oracle[name] for name in names}, criterion
+        assert read_manifest(out).rule.criterion == criterion
 
 
 def test_threshold_one_reproduces_trained_weights(tmp_path, any_pair):

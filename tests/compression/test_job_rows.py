@@ -84,7 +84,7 @@ def test_a_dense_grown_tensor_records_its_reference_rows(grown, tmp_path):
     pair, _ = grown
     out = tmp_path / "exact"
     compress(pair.ft_dir, out, init=pair.base_dir,
-             options=PlanOptions(rule=RankRule("energy", 1.0), factor_dtype=torch.float32))
+             options=PlanOptions(rule=RankRule("energy-rest", 1.0), factor_dtype=torch.float32))
     tensors = read_manifest(out).tensors
     assert pair.grown
     for name in pair.grown:

@@ -16,7 +16,7 @@ def llama(tmp_path_factory):
     folder = tmp_path_factory.mktemp("llama")
     pair = make_pair(folder, "llama")
     out = folder / "out"
-    compress(pair.trained_dir, out, init=pair.init_dir, options=PlanOptions(rule=RankRule("energy", 0.9)))
+    compress(pair.trained_dir, out, init=pair.init_dir, options=PlanOptions(rule=RankRule("energy-rest", 0.9)))
     return pair, out, folder
 
 

@@ -39,7 +39,7 @@ def logits(model) -> torch.Tensor:
 
 def compressed(folder, pair, threshold=0.9, **kwargs):
     out = folder / "out"
-    kwargs = {"init": pair.init_dir, "options": PlanOptions(rule=RankRule("energy", threshold))} | kwargs
+    kwargs = {"init": pair.init_dir, "options": PlanOptions(rule=RankRule("energy-rest", threshold))} | kwargs
     compress(pair.trained_dir, out, **kwargs)
     return out
 
@@ -222,7 +222,7 @@ def test_embedded_init_with_a_dense_tied_embedding(tmp_path):
     """An embedded init lacks the init of dense-stored tensors: the adapter carries those whole."""
     pair = make_pair(tmp_path, "gpt2")
     out = compressed(tmp_path, pair, embed_init=True, options=PlanOptions(
-        rule=RankRule("energy", 0.9), exclude=("transformer.wte.weight", "transformer.h.0.attn.c_proj.weight")))
+        rule=RankRule("energy-rest", 0.9), exclude=("transformer.wte.weight", "transformer.h.0.attn.c_proj.weight")))
     tensors = read_manifest(out).tensors
     assert tensors["transformer.wte.weight"].kind == "dense"
     result = export_peft(out, tmp_path / "adapter")

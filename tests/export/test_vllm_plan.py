@@ -40,7 +40,7 @@ def logits(model) -> torch.Tensor:
 
 def compressed(folder, pair, threshold=0.9):
     out = folder / "out"
-    compress(pair.trained_dir, out, init=pair.init_dir, options=PlanOptions(rule=RankRule("energy", threshold)))
+    compress(pair.trained_dir, out, init=pair.init_dir, options=PlanOptions(rule=RankRule("energy-rest", threshold)))
     return out
 
 

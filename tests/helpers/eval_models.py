@@ -57,6 +57,6 @@ def build_eval_models(root: Path) -> EvalModels:
     for folder in (init, trained):  # compress copies tokenizer.json into the artifact
         tokenizer.save_pretrained(folder)
     full, half = root / "full", root / "half"
-    compress(trained, full, init=init, options=PlanOptions(rule=RankRule("energy", 1.0)))
-    compress(trained, half, init=init, options=PlanOptions(rule=RankRule("energy", 0.5)))
+    compress(trained, full, init=init, options=PlanOptions(rule=RankRule("energy-rest", 1.0)))
+    compress(trained, half, init=init, options=PlanOptions(rule=RankRule("energy-rest", 0.5)))
     return EvalModels(root, init, trained, full, half)

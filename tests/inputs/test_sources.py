@@ -66,7 +66,7 @@ def compress_bin(tmp_path, pair, threshold=0.9, **kwargs):
     """An artifact of the pair's trained model, from a .bin so that the tie becomes an alias."""
     torch.save(pair.trained_state, tmp_path / "trained.bin")
     out = tmp_path / "artifact"
-    compress(tmp_path / "trained.bin", out, options=PlanOptions(rule=RankRule("energy", threshold)), **kwargs)
+    compress(tmp_path / "trained.bin", out, options=PlanOptions(rule=RankRule("energy-rest", threshold)), **kwargs)
     return out
 
 
@@ -117,7 +117,7 @@ def test_open_artifact_refuses_a_changed_init(tmp_path, gpt2_pair):
     init_copy = tmp_path / "init-copy"
     shutil.copytree(gpt2_pair.init_dir, init_copy)
     out = tmp_path / "out"
-    compress(gpt2_pair.trained_dir, out, init=init_copy, options=PlanOptions(rule=RankRule("energy", 0.9)))
+    compress(gpt2_pair.trained_dir, out, init=init_copy, options=PlanOptions(rule=RankRule("energy-rest", 0.9)))
     name = "transformer.h.0.mlp.c_fc.weight"
     with open_artifact(out) as artifact:
         before = artifact.reconstruct(name)

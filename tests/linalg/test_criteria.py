@@ -18,8 +18,35 @@ from inrank_convert.linalg.criteria import (
 )
 from inrank_convert.linalg.factorize import factorize
 from inrank_convert.training.rank_control import factor_singular_values
-from tests.conftest import inrank_rank_float64
+from tests.conftest import dominant_update, energy_rank_float64, form_rank_float64, inrank_rank_float64
 from tests.helpers.spectra import EPS32, low_rank_plus_noise
+
+
+@pytest.mark.parametrize("share", [None, 0.55, 0.8, 0.97])
+@pytest.mark.parametrize("threshold", [0.5, 0.8, 0.9, 0.99])
+def test_the_energy_rules_equal_their_float64_oracles_with_and_without_a_dominant_component(share, threshold):
+    """energy: the smallest rank holding t of the energy, whatever the spectrum; energy-rest: the same
+    past a dominant leading component, and exactly the energy rule without one."""
+    generator = torch.Generator().manual_seed(int(100 * threshold) + int(100 * (share or 0)))
+    delta = low_rank_plus_noise(120, 80, rank=12, noise=0.2, seed=5) if share is None \
+        else dominant_update((120, 80), 12, 1.0, generator, share)
+    values = torch.linalg.svdvals(delta.double())
+    total = float(delta.double().square().sum())
+    plain, rest = energy_rank_float64(delta, threshold), form_rank_float64(delta, threshold)
+    assert choose_rank(values, total, RankRule("energy", threshold)) == plain
+    assert choose_rank(values, total, RankRule("energy-rest", threshold)) == rest
+    assert factorize(delta, RankRule("energy", threshold), "exact").rank == plain
+    if share is None:
+        assert rest == plain
+    elif threshold < 0.99:
+        assert rest > plain  # the planted spectra where the rules part ways
+
+
+def test_factorize_takes_energy_rest_only_at_a_fixed_rank():
+    delta = low_rank_plus_noise(40, 30, rank=4, noise=0.1, seed=1)
+    with pytest.raises(ValueError, match="energy-rest"):
+        factorize(delta, RankRule("energy-rest", 0.9), "exact")
+    assert factorize(delta, RankRule("energy-rest", 0.9, fixed_rank=3), "auto").rank == 3
 
 
 @pytest.mark.parametrize("threshold", [0.3, 0.6, 0.9, 0.99])

@@ -13,8 +13,8 @@ import torch
 
 from inrank_convert.artifact.storage import round_trip
 from inrank_convert.linalg import criteria, forms
-from inrank_convert.linalg.criteria import RankRule
-from inrank_convert.linalg.forms import Costs, choose_form, effective_threshold
+from inrank_convert.linalg.criteria import RankRule, effective_threshold
+from inrank_convert.linalg.forms import Costs, choose_form
 from inrank_convert.linalg.stored_error import stored_error
 from tests.helpers.forms import (
     BF16,
@@ -66,7 +66,7 @@ def test_planted_update_is_stored_as_rank_one_plus_rows(planted, engine):
     delta, index, total, values = planted
     rows, cols = delta.shape
     costs = bf16_costs(delta)
-    form = choose_form(delta, total, RankRule("energy", THRESHOLD), costs, engine=engine,
+    form = choose_form(delta, total, RankRule("energy-rest", THRESHOLD), costs, engine=engine,
                        generator=torch.Generator().manual_seed(3))
     assert form.kind == "lowrank+rows", form.notes
     assert form.rank == 1 and form.B.shape == (rows, 1) and form.A.shape == (1, cols)
@@ -118,7 +118,7 @@ def test_low_rank_wins_when_rows_do_not_pay(planted):
     values = torch.linalg.svdvals(delta.double())
     dominant, effective = effective_threshold(values, total, THRESHOLD)
     assert dominant == 1
-    form = choose_form(delta, total, RankRule("energy", THRESHOLD), bf16_costs(delta), engine="exact")
+    form = choose_form(delta, total, RankRule("energy-rest", THRESHOLD), bf16_costs(delta), engine="exact")
     assert form.kind == "lowrank", form.notes
     assert form.rank == criteria.choose_rank(values, total, RankRule("energy", effective)) > 1
     assert form.rows is None and form.stored_rows == 0
@@ -143,7 +143,7 @@ def test_no_dominant_component_gives_the_plain_rank(threshold):
     assert dominant == 0 and effective == threshold
     plain = criteria.choose_rank(values, total, RankRule("energy", threshold))
     assert plain == (3 if threshold == 0.6 else 4)
-    form = choose_form(delta, total, RankRule("energy", threshold), bf16_costs(delta), engine="exact")
+    form = choose_form(delta, total, RankRule("energy-rest", threshold), bf16_costs(delta), engine="exact")
     assert form.kind == "lowrank", form.notes
     assert form.rank == plain
     assert form.energy == pytest.approx(float((values[:plain] ** 2).sum()) / total, abs=1e-5)
@@ -163,7 +163,7 @@ def test_full_rank_random_update_is_not_stored_as_rows():
     assert needed > forms.MAX_ROW_FRACTION * rows
     rank = criteria.choose_rank(values, total, RankRule("energy", THRESHOLD))
     assert costs.row_set(needed, cols) < costs.lowrank(rank, rows, cols) < costs.dense  # rows would be cheapest
-    form = choose_form(delta, total, RankRule("energy", THRESHOLD), costs, engine="exact")
+    form = choose_form(delta, total, RankRule("energy-rest", THRESHOLD), costs, engine="exact")
     assert form.kind == "lowrank", form.notes
     assert form.rank == rank
     assert form.rows is None and form.row_index is None
@@ -172,7 +172,7 @@ def test_full_rank_random_update_is_not_stored_as_rows():
 # --------------------------------------------------------------------------- forced rows, zero, errors
 
 
-@pytest.mark.parametrize("rule", [RankRule("energy", THRESHOLD), RankRule("energy", THRESHOLD, fixed_rank=2),
+@pytest.mark.parametrize("rule", [RankRule("energy-rest", THRESHOLD), RankRule("energy-rest", THRESHOLD, fixed_rank=2),
                                   RankRule("inrank", THRESHOLD)])
 def test_forced_rows_are_always_stored(planted, rule):
     delta, index, total, _ = planted
@@ -195,14 +195,14 @@ def test_forced_rows_of_a_low_rank_update(planted):
     generator = torch.Generator().manual_seed(4)
     delta = (torch.randn(120, 3, generator=generator) @ torch.randn(3, 48, generator=generator)).float()
     forced = torch.arange(110, 120)
-    form = choose_form(delta, energy(delta), RankRule("energy", THRESHOLD), bf16_costs(delta), engine="exact",
+    form = choose_form(delta, energy(delta), RankRule("energy-rest", THRESHOLD), bf16_costs(delta), engine="exact",
                        forced_rows=forced)
     assert form.kind == "lowrank+rows", form.notes
     assert set(forced.tolist()) <= set(form.row_index.tolist())
 
 
-@pytest.mark.parametrize("rule", [RankRule("energy", THRESHOLD), RankRule("energy", 1.0), RankRule("inrank", 0.9),
-                                  RankRule("energy", THRESHOLD, fixed_rank=3)])
+@pytest.mark.parametrize("rule", [RankRule("energy-rest", THRESHOLD), RankRule("energy-rest", 1.0), RankRule("inrank", 0.9),
+                                  RankRule("energy-rest", THRESHOLD, fixed_rank=3)])
 def test_zero_update_is_zero(rule):
     delta = torch.zeros(50, 20)
     form = choose_form(delta, 0.0, rule, bf16_costs(delta), engine="exact")
@@ -215,7 +215,7 @@ def test_dense_when_nothing_is_smaller():
     generator = torch.Generator().manual_seed(6)
     delta = torch.randn(16, 16, generator=generator)
     costs = Costs(element=4, vector=0, dense=delta.numel() * 4)  # float32 factors of a float32 tensor
-    form = choose_form(delta, energy(delta), RankRule("energy", 0.999), costs, engine="exact")
+    form = choose_form(delta, energy(delta), RankRule("energy-rest", 0.999), costs, engine="exact")
     assert form.kind == "dense", form.notes
     assert form.B is None and form.rows is None
 
@@ -229,13 +229,13 @@ def test_a_noise_only_update_past_the_break_even_is_dense_without_a_full_svd():
     delta = torch.randn(512, 512, generator=torch.Generator().manual_seed(1))
     total, costs = energy(delta), bf16_source_costs(delta)
     calls: list = []
-    form = choose_form(delta, total, RankRule("energy", THRESHOLD), costs, engine="auto", solver=counting_svd(calls))
+    form = choose_form(delta, total, RankRule("energy-rest", THRESHOLD), costs, engine="auto", solver=counting_svd(calls))
     assert calls == []
     assert form.kind == "dense" and form.engine == "gram", form.notes
     assert form.rank > costs.breakeven_rank(512, 512)
     assert any("no factors computed" in note for note in form.notes)
     reference_calls: list = []
-    exact = choose_form(delta, total, RankRule("energy", THRESHOLD), costs, engine="exact",
+    exact = choose_form(delta, total, RankRule("energy-rest", THRESHOLD), costs, engine="exact",
                         solver=counting_svd(reference_calls))
     assert reference_calls == [(512, 512)]  # the full SVD the same decision costs without the Gram engine
     assert (exact.kind, exact.rank) == (form.kind, form.rank)
@@ -248,8 +248,8 @@ def test_a_noise_only_embedding_near_the_break_even_keeps_its_low_rank_and_says_
     delta = torch.randn(3000, 96, generator=torch.Generator().manual_seed(2))
     total, costs = energy(delta), bf16_source_costs(delta)
     calls: list = []
-    form = choose_form(delta, total, RankRule("energy", THRESHOLD), costs, engine="auto", solver=counting_svd(calls))
-    exact = choose_form(delta, total, RankRule("energy", THRESHOLD), costs, engine="exact")
+    form = choose_form(delta, total, RankRule("energy-rest", THRESHOLD), costs, engine="auto", solver=counting_svd(calls))
+    exact = choose_form(delta, total, RankRule("energy-rest", THRESHOLD), costs, engine="exact")
     assert calls == []
     assert form.kind == exact.kind == "lowrank" and form.engine == "gram"
     assert form.rank == exact.rank < costs.breakeven_rank(3000, 96)
@@ -276,7 +276,7 @@ def test_the_auto_engine_chooses_the_exact_engines_form(case, threshold):
     delta, total = PLANTED_CASES[case]()
     rows, cols = delta.shape
     costs = bf16_source_costs(delta)
-    rule = RankRule("energy", threshold)
+    rule = RankRule("energy-rest", threshold)
     fast = choose_form(delta, total, rule, costs, engine="auto", generator=torch.Generator().manual_seed(0))
     exact = choose_form(delta, total, rule, costs, engine="exact")
     assert (fast.kind, fast.rank, fast.stored_rows) == (exact.kind, exact.rank, exact.stored_rows), (fast.notes, exact.notes)

@@ -18,7 +18,7 @@ from tests.helpers.forms import THRESHOLD, bf16_costs, bf16_source_costs, energy
 def test_stored_error_is_the_relative_error_of_what_is_read_back(planted, storage):
     delta, _, total, _ = planted
     rows, cols = delta.shape
-    form = choose_form(delta, total, RankRule("energy", THRESHOLD), bf16_costs(delta), engine="exact")
+    form = choose_form(delta, total, RankRule("energy-rest", THRESHOLD), bf16_costs(delta), engine="exact")
     assert form.kind == "lowrank+rows"
     B, A, stored_rows = round_trip(form.B, form.A, form.rows, storage)
     # Small blocks, so that the blockwise walk crosses many block boundaries.
@@ -35,7 +35,7 @@ def test_stored_error_of_a_plain_low_rank_form():
     generator = torch.Generator().manual_seed(9)
     delta = torch.randn(64, 40, generator=generator)
     total = energy(delta)
-    form = choose_form(delta, total, RankRule("energy", THRESHOLD), bf16_costs(delta), engine="exact")
+    form = choose_form(delta, total, RankRule("energy-rest", THRESHOLD), bf16_costs(delta), engine="exact")
     assert form.kind == "lowrank"
     direct = (energy(delta.double() - form.B.double() @ form.A.double()) / total) ** 0.5
     assert stored_error(delta, total, form.B, form.A, None, None) == pytest.approx(direct, rel=1e-4)
@@ -47,7 +47,7 @@ def test_stored_error_of_a_plain_low_rank_form():
 def test_the_stored_error_of_svd_factors_from_their_norms(engine, storage):
     """svd_stored_error (no [rows, cols] product) agrees with the measured stored error."""
     delta, total = planted_low_rank(noise=0.3)
-    form = choose_form(delta, total, RankRule("energy", THRESHOLD), bf16_costs(delta), engine=engine,
+    form = choose_form(delta, total, RankRule("energy-rest", THRESHOLD), bf16_costs(delta), engine=engine,
                        generator=torch.Generator().manual_seed(0))
     assert form.kind == "lowrank" and form.svd_factors
     B, A, _ = round_trip(form.B, form.A, None, storage)
@@ -57,7 +57,7 @@ def test_the_stored_error_of_svd_factors_from_their_norms(engine, storage):
     assert svd_stored_error(total, form.B, form.A, B_q, A_q, stored_scale=scale) == pytest.approx(measured, rel=1e-4)
     # Below SVD_ERROR_FLOOR of the energy it declines (the caller measures).
     assert svd_stored_error(total, form.B, form.A, B, A) is not None
-    tight = choose_form(delta, total, RankRule("energy", 0.999), bf16_costs(delta), engine=engine,
+    tight = choose_form(delta, total, RankRule("energy-rest", 0.999), bf16_costs(delta), engine=engine,
                         generator=torch.Generator().manual_seed(0))
     if tight.kind == "lowrank":
         assert svd_stored_error(total, tight.B, tight.A, *round_trip(tight.B, tight.A, None, storage)[:2]) is None
@@ -73,7 +73,7 @@ def test_the_stored_error_of_a_bfloat16_product_from_norms(shape, storage, monke
     monkeypatch.setattr(gram, "REDUCED_PRODUCT_MIN_WORK", 0)  # a product this small would stay float32
     delta = torch.randn(*shape, generator=torch.Generator().manual_seed(2))
     total, costs = energy(delta), bf16_source_costs(delta)
-    rule = RankRule("energy", THRESHOLD)
+    rule = RankRule("energy-rest", THRESHOLD)
     plain = choose_form(delta, total, rule, costs)
     form = choose_form(delta, total, rule, costs, products=torch.bfloat16)
     assert plain.engine == "gram" and form.engine == "gram-bfloat16" and form.product_error is not None

@@ -9,7 +9,7 @@ import torch
 
 from inrank_convert.core.errors import UsageError
 from inrank_convert.measure.analysis import SPECTRUM_VALUES_KEPT, parse_thresholds, spectrum_report
-from tests.conftest import form_rank_float64, inrank_rank_float64
+from tests.conftest import energy_rank_float64, form_rank_float64, inrank_rank_float64
 
 
 def test_thresholds_are_parsed_and_must_lie_in_0_1():
@@ -21,7 +21,8 @@ def test_thresholds_are_parsed_and_must_lie_in_0_1():
             parse_thresholds(text)
 
 
-@pytest.mark.parametrize("criterion, oracle", [("energy", form_rank_float64), ("inrank", inrank_rank_float64)])
+@pytest.mark.parametrize("criterion, oracle", [("energy-rest", form_rank_float64), ("energy", energy_rank_float64),
+                                               ("inrank", inrank_rank_float64)])
 def test_the_spectrum_and_ranks_of_every_update_against_float64(llama_pair, criterion, oracle):
     thresholds = [0.5, 0.9]
     result = spectrum_report(llama_pair.trained_dir, thresholds, criterion, init=llama_pair.init_dir)

@@ -31,7 +31,7 @@ def logits(model) -> torch.Tensor:
 
 def compressed(tmp_path, pair, threshold=0.9, **kwargs):
     out = tmp_path / "out"
-    compress(pair.trained_dir, out, options=PlanOptions(rule=RankRule("energy", threshold)),
+    compress(pair.trained_dir, out, options=PlanOptions(rule=RankRule("energy-rest", threshold)),
              **({"init": pair.init_dir} | kwargs))
     return out
 
@@ -125,7 +125,7 @@ def test_equal_but_untied_tensors_are_both_filled(tmp_path, factorized):
     model.config.save_pretrained(folder)
     save_file(state, str(folder / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "out"
-    rule = RankRule("energy", 1.0, fixed_rank=4) if factorized else RankRule("energy", 1.0)
+    rule = RankRule("energy-rest", 1.0, fixed_rank=4) if factorized else RankRule("energy-rest", 1.0)
     result = compress(folder, out, no_init=True, options=PlanOptions(rule=rule))
     assert len(result.tied) == 1  # the value tie was found
     canonical = next(iter(result.tied.values()))

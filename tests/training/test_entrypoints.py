@@ -164,6 +164,28 @@ def test_bfloat16_autocast_and_the_token_cache(tmp_path, config_path):
 
 
 @needs_data
+@pytest.mark.parametrize("named,applied", [(None, "energy-rest"), ("energy", "energy"), ("inrank", "inrank")])
+def test_a_dense_source_is_compressed_at_the_named_criterion_else_at_compress_default(
+        tmp_path, config_path, monkeypatch, named, applied):
+    """The warm-start recipe trains at plain energy, but a dense SOURCE is compressed as compress would
+    (energy-rest) unless --criterion is named: then at exactly that rule."""
+    from inrank_convert.training import entrypoints
+
+    run = tmp_path / "dense"
+    train(config_path, run, options(mode="dense", steps=4, lr=1e-2))
+    rules = []
+
+    def recording_compress(*args, options, **kwargs):
+        rules.append(options.rule)
+        return compress(*args, options=options, **kwargs)
+
+    monkeypatch.setattr(entrypoints, "compress", recording_compress)
+    overrides = dict(data=str(TEXT), steps=1, batch_size=4, block_size=16, threshold=0.8, criterion=named)
+    resume(run / "step-4", tmp_path / "resumed", overrides)
+    assert [(rule.criterion, rule.threshold) for rule in rules] == [(applied, 0.8)]
+
+
+@needs_data
 def test_resume_from_a_dense_checkpoint_compresses_it_first(tmp_path, config_path):
     run = tmp_path / "dense"
     train(config_path, run, options(mode="dense", steps=6, lr=1e-2))

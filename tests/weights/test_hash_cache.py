@@ -157,7 +157,7 @@ def test_an_unwritable_cache_still_hashes(tmp_path, monkeypatch, cache, gpt2_pai
         assert hashing(lambda: hash_cache.sha256_file(file)) == (sha256_of(file), 1, 0)
     # A whole compress with it: the hashes recorded are the files'.
     out = tmp_path / "out"
-    compress(gpt2_pair.trained_dir, out, init=gpt2_pair.init_dir, options=PlanOptions(rule=RankRule("energy", 0.9)))
+    compress(gpt2_pair.trained_dir, out, init=gpt2_pair.init_dir, options=PlanOptions(rule=RankRule("energy-rest", 0.9)))
     with open_artifact(out) as artifact:
         recorded = artifact.manifest.source.files
     assert [entry.sha256 for entry in recorded] == [sha256_of(gpt2_pair.trained_dir / "model.safetensors")]
@@ -203,7 +203,7 @@ def test_verify_hashes_the_files_again(tmp_path, cache, gpt2_pair):
     shutil.copytree(gpt2_pair.init_dir, init)
     settle()
     out = tmp_path / "out"
-    compress(trained, out, init=init, options=PlanOptions(rule=RankRule("energy", 0.9)))
+    compress(trained, out, init=init, options=PlanOptions(rule=RankRule("energy-rest", 0.9)))
     with open_artifact(out) as artifact:
         source_hash = artifact.manifest.source.files[0].sha256
         init_hash = artifact.manifest.reference.files[0].sha256
@@ -272,7 +272,7 @@ def test_compress_hashes_first_where_torch_uses_every_core(tmp_path, monkeypatch
         torch.set_num_threads(usable_cores())
         seen: list[tuple[int, bool]] = []
         with CompressionJob(gpt2_pair.trained_dir, init=gpt2_pair.init_dir,
-                            options=PlanOptions(rule=RankRule("energy", 0.9))) as job:
+                            options=PlanOptions(rule=RankRule("energy-rest", 0.9))) as job:
             result = job.write(tmp_path / "out", on_layer=lambda layer: seen.append(
                 (torch.get_num_threads(), job._source_hashes.done() and job._reference_record.done())))
         assert seen and all(entry == (usable_cores(), True) for entry in seen), seen
@@ -284,7 +284,7 @@ def test_compress_hashes_first_where_torch_uses_every_core(tmp_path, monkeypatch
     settle()
     torch.set_num_threads(usable_cores())
     try:
-        compress(gpt2_pair.trained_dir, other, init=gpt2_pair.init_dir, options=PlanOptions(rule=RankRule("energy", 0.9)))
+        compress(gpt2_pair.trained_dir, other, init=gpt2_pair.init_dir, options=PlanOptions(rule=RankRule("energy-rest", 0.9)))
     finally:
         torch.set_num_threads(found)
     assert read_manifest(other).checksums == read_manifest(tmp_path / "out").checksums
