@@ -2,8 +2,8 @@
 
 A 4x128 GPT-2 (GPT-2 tokenizer, context 64) is trained from scratch with ``inrank_convert.train``
 for 300 steps (batch 16 x 64 tokens, lr 3e-3, seed 0) on the first 90% of Tiny Shakespeare (cut at
-a line end): the reference run of docs/results.md, which this reproduces to the last digit (CPU, float32), in about
-3 minutes on 2 quiet cores (training is most of it; 200 steps took 100 s and met the targets too).
+a line end): the reference run of docs/results.md, which this reproduces (CPU, float32, torch's default
+threads: dense 224.11; one thread trains another run), in about 3 minutes on 2 quiet cores (training is most of it; 200 steps took 100 s and met the targets too).
 The run is compressed at threshold 0.9 five ways:
 
 - the version-1 default, emulated (``--criterion energy``, the plain energy rule on every tensor,
