@@ -7,10 +7,11 @@ update per token the text does show. An energy rule over the whole matrix is met
 alone and drops the information; and for a tall matrix (vocab x width) low rank buys little,
 since a rank-r pair costs r * (rows + cols) numbers while one stored row costs cols (+ its index).
 
-The criterion, so that a cheap dominant component cannot satisfy it:
+The ``energy-rest`` criterion (the default; ``energy`` is the plain rule: every form keeps t of the
+whole energy), so that a cheap dominant component cannot satisfy it:
 
 - the *dominant* part of an update is its leading singular component when that component alone
-  holds at least half of the energy (``DOMINANT_SHARE``; at most one component can); most block
+  holds at least half of the energy (``criteria.DOMINANT_SHARE``; at most one component can); most block
   updates have none, and for them everything below is exactly the plain energy rule;
 - a form must keep the dominant part, and ``threshold`` of the energy *left after it*:
   kept >= E_d + t * (E - E_d). On the embedding above (E_d = 99% of E, t = 0.9) that is 99.9% of
