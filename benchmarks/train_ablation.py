@@ -74,6 +74,9 @@ ROWS = [
         (*INRANK, "--dense-warmup", "200", "--efficient")),
     Row("warm-start-200-efficient-r16", "the same, ranks capped at 16 of 128 (a mean rank within a third)",
         (*INRANK, "--dense-warmup", "200", "--efficient", "--max-rank", "16")),
+    Row("warm-start-200-efficient-r16-frob", "the same with Frobenius decay 0.1 on B A (and weight decay 0.1 on the "
+        "dense matrices)", (*INRANK, "--dense-warmup", "200", "--efficient", "--max-rank", "16", "--weight-decay", "0.1",
+                            "--factor-decay", "frobenius")),
     Row("warm-start-efficient-r32", "--efficient after 100 dense steps, ranks capped at 32 of 128",
         (*INRANK, "--dense-warmup", "100", "--efficient", "--max-rank", "32")),
     Row("dense-seed1", "dense, another seed (init and data order)", ("--seed", "1")),
