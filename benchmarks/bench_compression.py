@@ -2,8 +2,9 @@
 
 A 4x128 GPT-2 (GPT-2 tokenizer, context 64) is trained from scratch with ``inrank_convert.train``
 for 300 steps (batch 16 x 64 tokens, lr 3e-3, seed 0) on the first 90% of Tiny Shakespeare (cut at
-a line end): the reference run of docs/results.md, which this reproduces (CPU, float32, torch's default
-threads: dense 224.11; one thread trains another run), in about 3 minutes on 2 quiet cores (training is most of it; 200 steps took 100 s and met the targets too).
+a line end): the reference run of docs/results.md, which this reproduces (CPU, float32, torch's
+default threads: dense 224.11; one thread trains another run), in about 3 minutes on 2 quiet cores
+(training is most of it; 200 steps took 100 s and met the targets too).
 The run is compressed at threshold 0.9 five ways:
 
 - the version-1 default, emulated (``--criterion energy``, the plain energy rule on every tensor,
@@ -102,9 +103,9 @@ def compress_all(run: Path, root: Path, train_file: Path) -> dict[str, Path]:
     from inrank_convert import PlanOptions, RankRule, compress
     from inrank_convert.compression.job import CalibrationRequest
 
-    rule = RankRule(threshold=THRESHOLD)
-    settings = {"v1-default": PlanOptions(rule=RankRule("energy", THRESHOLD), factor_dtype=torch.float32),
-                "energy": PlanOptions(rule=RankRule("energy", THRESHOLD)),
+    rule, plain = RankRule(threshold=THRESHOLD), RankRule("energy", THRESHOLD)
+    settings = {"v1-default": PlanOptions(rule=plain, factor_dtype=torch.float32),
+                "energy": PlanOptions(rule=plain),
                 "no-embeddings": PlanOptions(rule=rule, embeddings=False),
                 "default": PlanOptions(rule=rule),
                 "int8": PlanOptions(rule=rule, quantize="int8")}

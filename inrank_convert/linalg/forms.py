@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from inrank_convert.linalg.criteria import ENERGY_CRITERIA, RankRule, effective_threshold
+from inrank_convert.linalg.criteria import ENERGY_CRITERIA, RankRule, effective_threshold, energy_fraction
 from inrank_convert.linalg.factorize import BasisHints, factorize, leading_right_vectors
 
 # Rows are for updates concentrated in rows: a form that needs more than this fraction of the
@@ -135,9 +135,9 @@ def choose_form(delta: torch.Tensor, total: float, rule: RankRule, costs: Costs,
     breakeven = costs.breakeven_rank(rows, cols) if forced_rows is None else 0
     low = factorize(delta, RankRule("energy", rule.threshold), engine, float64, generator, solver, total_energy=total,
                     max_rank=breakeven, hints=hints, products=products)
-    dominant, effective = effective_threshold(low.singular_values, total, rule.threshold)
-    if rule.criterion == "energy":
-        effective = rule.threshold  # the rule the user named, exactly; a dominant part still leads a rows form
+    # Under either rule a dominant part leads a rows form; only energy-rest raises the share kept.
+    dominant, _ = effective_threshold(low.singular_values, total, rule.threshold)
+    effective = energy_fraction(rule, low.singular_values, total)
     target = effective * total
     notes = list(low.notes)
     if dominant and rule.criterion == "energy-rest":
