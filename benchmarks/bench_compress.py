@@ -126,7 +126,7 @@ def run() -> list[BenchResult]:
     from inrank_convert.compression.plan import PlanOptions
     from inrank_convert.linalg.criteria import RankRule
 
-    options = PlanOptions(rule=RankRule(threshold=THRESHOLD))
+    options = PlanOptions(rule=RankRule(threshold=THRESHOLD), quantize="none")  # the documented figures: bfloat16
     with scratch_dir("inrank-bench-compress-") as root:
         started = time.perf_counter()
         init_dir, trained_dir, parameters = build_pair(root)

@@ -117,7 +117,7 @@ def run() -> list[BenchResult]:
                 for key, rule in rules.items():
                     started = time.perf_counter()
                     results[key] = compress(trained_dir, root / f"out-{key}", init=init_dir,
-                                            options=PlanOptions(rule=rule), force=True)
+                                            options=PlanOptions(rule=rule, quantize="none"), force=True)
                     times[key].append(time.perf_counter() - started)
     median = {key: statistics.median(values) for key, values in times.items()}
     for key, values in times.items():

@@ -137,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     for threshold in THRESHOLDS:
         artifact, peft_dir, vllm_dir, gguf = (out / f"delta-{threshold}", out / f"peft-{threshold}",
                                               out / f"vllm-{threshold}", out / f"delta-{threshold}.gguf")
-        cli("compress", finetune, "--init", base, "-o", artifact, "--threshold", threshold, "--force", "--quiet")
+        cli("compress", finetune, "--init", base, "-o", artifact, "--threshold", threshold, "--quantize", "none",
+            "--force", "--quiet")
         peft_info = json.loads(cli("export-peft", artifact, "-o", peft_dir, "--force", "--json"))
         vllm_info = json.loads(cli("export-peft", artifact, "-o", vllm_dir, "--target", "vllm", "--force", "--json"))
         cli("export-gguf", artifact, "-o", gguf, "--force")

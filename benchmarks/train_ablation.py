@@ -152,7 +152,8 @@ def run_row(row: Row, out: Path) -> None:
         artifact = out / "dense-step500-t09"
         if row.kind == "resume" and not artifact.is_dir():
             subprocess.run([sys.executable, "-m", "inrank_convert", "compress", str(out / "dense" / "step-500"),
-                            "--init-seed", "0", "-o", str(artifact), "--quiet"], check=True)
+                            "--init-seed", "0", "-t", "0.9", "--quantize", "none", "-o", str(artifact), "--quiet"],
+                           check=True)
     print(f"== {row.name}: {' '.join(command(row, out)[2:])}", flush=True)
     result = subprocess.run(command(row, out), capture_output=True, text=True)
     if result.returncode != 0:  # the CLI's own one-line error says what and how to fix

@@ -28,7 +28,7 @@ from inrank_convert.compression.plan import PlanOptions
 from inrank_convert.compression.results import CompressResult
 from inrank_convert.core.errors import OutputError, flag
 from inrank_convert.inputs.text import load_tokenizer
-from inrank_convert.linalg.criteria import RankRule
+from inrank_convert.linalg.criteria import DEFAULT_THRESHOLD, RankRule
 from inrank_convert.measure.compare_runs import CompareResult, RunSummary, compare_runs
 from inrank_convert.measure.plots import plot_compare_runs, plot_report
 from inrank_convert.measure.report import ReportResult, report
@@ -51,7 +51,7 @@ class DemoSettings:
     data_dir: Path | None = None
     steps: int = 200
     resume_steps: int = 60
-    threshold: float = 0.9
+    threshold: float = DEFAULT_THRESHOLD
     # Embeddings are factorized too: their update (a rank-1 drift shared by the rows of tokens the
     # text never uses, plus the rows of the tokens it does use) is stored as low rank + rows.
     embeddings: bool = True

@@ -318,10 +318,10 @@ def grown(request, tmp_path_factory):
     return pair, out
 
 
-@pytest.fixture(scope="module", params=[None, "int8"])
+@pytest.fixture(scope="module", params=["none", "int8"])
 def drifted(request, tmp_path_factory):
-    """A GPT-2 pair whose token embedding drifted (helpers/rows.py), compressed with and without int8:
-    (init, trained, artifact, quantize)."""
+    """A GPT-2 pair whose token embedding drifted (helpers/rows.py), compressed in bfloat16
+    (``--quantize none``) and in int8 (the default): (init, trained, artifact, quantize)."""
     from inrank_convert import PlanOptions, compress
     from tests.helpers.rows import drifted_gpt2
 

@@ -172,11 +172,17 @@ class Artifact:
         scale's) were checked against the manifest when the artifact was opened (``_check_stored``)."""
         b_name, a_name = factor_names(name)
         B, A = self._file.get(b_name), self._file.get(a_name)
-        scale = self._file.get(name + FACTOR_SCALE) if self.tensors[name].storage == "int8" else None
+        scale = self._scale(name + FACTOR_SCALE) if self.tensors[name].storage == "int8" else None
         B, A = decode_factors(B, A, scale)
         for stored_name, tensor in ((b_name, B), (a_name, A)):
             self._check_finite(stored_name, tensor)
         return B, A
+
+    def _scale(self, stored_name: str) -> torch.Tensor:
+        """An int8 tensor's float32 scales, refused (by their own name) if one is NaN or Inf."""
+        scale = self._file.get(stored_name)
+        self._check_finite(stored_name, scale)
+        return scale
 
     def _check_finite(self, stored_name: str, tensor: torch.Tensor) -> None:
         """Stored data holding NaN or Inf (compress refuses such weights, so the file was damaged
@@ -203,7 +209,7 @@ class Artifact:
                                 DAMAGED)
         if torch.unique(index).numel() != index.numel():
             raise ArtifactError(f"row index {index_name!r} repeats a row", where, DAMAGED)
-        scale = self._file.get(name + ROWS_SCALE) if entry.storage == "int8" else None
+        scale = self._scale(name + ROWS_SCALE) if entry.storage == "int8" else None
         rows = decode_rows(rows, scale)
         self._check_finite(rows_name, rows)
         return index, rows

@@ -1,9 +1,9 @@
 """How factors and rows are stored at each precision (format version 2), and read back.
 
-- float32 / float16 / bfloat16: the tensors cast. bfloat16 is the default for lossy artifacts:
-  its 8-bit significand rounds each number by at most 2^-8 relative, far below what a truncation
-  at any threshold under 1 drops (measured in docs/results.md).
-- int8: absmax quantization with one float32 scale per rank-1 component and one per row.
+- float32 / float16 / bfloat16: the tensors cast. bfloat16 is the float storage of lossy artifacts
+  (``--quantize none``): its 8-bit significand rounds each number by at most 2^-8 relative, far
+  below what a truncation at any threshold under 1 drops (measured in docs/results.md).
+- int8 (the default of lossy artifacts): absmax quantization with one float32 scale per rank-1 component and one per row.
   Component j of ``B @ A`` is ``B[:, j] A[j, :]``; each of the two vectors is scaled to
   [-127, 127] by its own absmax, and their two scales multiply into the one stored
   ``scale[j]``, so ``B @ A ~= (q_B * scale) @ q_A``. A row k of the rows is ``scale[k] * q[k]``.
@@ -17,7 +17,8 @@ import torch
 
 FLOAT_STORAGE = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
                  "bfloat16": torch.bfloat16}
-QUANTIZE_SCHEMES = ("int8",)  # compress --quantize
+QUANTIZE_SCHEMES = ("int8",)  # the integer storages compress --quantize names
+NO_QUANTIZATION = "none"  # compress --quantize none: float factors (--dtype, else bfloat16)
 INT8_LEVELS = 127
 
 

@@ -30,8 +30,7 @@ from inrank_convert.cli.options import (
     plan_options,
 )
 from inrank_convert.core.errors import UsageError
-
-DEFAULT_THRESHOLD = 0.90
+from inrank_convert.linalg.criteria import DEFAULT_THRESHOLD
 
 
 def _compress_threshold(threshold: float | None, target_ratio: float | None, target_size: int | None,
@@ -77,7 +76,7 @@ def compress_command(
     init_revision: InitRevisionOpt = None,
     embed_init: Annotated[bool, typer.Option("--embed-init", help="Store the init tensors in the artifact so it stands alone.")] = False,
     threshold: Annotated[float | None, typer.Option(
-        "--threshold", "-t", help="Fraction of each update kept, in (0, 1] (default 0.9).")] = None,
+        "--threshold", "-t", help=f"Fraction of each update kept, in (0, 1] (default {DEFAULT_THRESHOLD:g}).")] = None,
     criterion: CriterionOpt = None,
     rank: Annotated[int | None, typer.Option("--rank", help="Fixed rank for every factorized tensor (clipped).")] = None,
     target_ratio: Annotated[float | None, typer.Option(
@@ -103,10 +102,11 @@ def compress_command(
     svd: Annotated[str, typer.Option("--svd", help="auto | exact | randomized.")] = "auto",
     device: DeviceOpt = "cpu",
     dtype: Annotated[str | None, typer.Option(
-        "--dtype", help="Store factors and rows as float32, float16 or bfloat16 (default: bfloat16 below threshold 1, "
-                        "the source dtype at 1).")] = None,
+        "--dtype", help="Store factors and rows as float32, float16 or bfloat16 instead of int8 (at threshold 1: "
+                        "the source dtype unless given).")] = None,
     quantize: Annotated[str | None, typer.Option(
-        "--quantize", help="int8: factors and rows as int8, one float scale per rank-1 component and per row.")] = None,
+        "--quantize", help="int8 (the default below threshold 1): factors and rows as int8, one float scale per "
+                           "rank-1 component and per row; none: floats (--dtype, else bfloat16).")] = None,
     embeddings: EmbeddingsOpt = True,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
@@ -119,7 +119,7 @@ def compress_command(
 ):
     """Factorize each weight's update relative to its init into a compact low-rank artifact.
 
-    Example: inrank-convert compress runs/gpt2/ -o gpt2-inrank --threshold 0.9
+    Example: inrank-convert compress runs/gpt2/ -o gpt2-inrank --threshold 0.95
 
     Under torchrun (torchrun --nproc_per_node N -m inrank_convert compress ...) the tensors are
     shared out over the processes and rank 0 writes the artifact.

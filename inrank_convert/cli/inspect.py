@@ -31,6 +31,7 @@ from inrank_convert.cli.options import (
     plan_options,
 )
 from inrank_convert.core.errors import UsageError
+from inrank_convert.linalg.criteria import DEFAULT_THRESHOLD
 
 
 @user_errors
@@ -56,7 +57,7 @@ def spectrum_command(
     no_init: NoInitOpt = False,
     revision: RevisionOpt = None,
     init_revision: InitRevisionOpt = None,
-    thresholds: Annotated[str, typer.Option("--thresholds", help="Comma-separated thresholds in (0, 1].")] = "0.5,0.8,0.9,0.99",
+    thresholds: Annotated[str, typer.Option("--thresholds", help="Comma-separated thresholds in (0, 1].")] = "0.5,0.8,0.9,0.95,0.99",
     criterion: CriterionOpt = None,
     device: DeviceOpt = "cpu",
     embeddings: EmbeddingsOpt = True,
@@ -80,7 +81,7 @@ def spectrum_command(
         raise UsageError(f"unknown criterion {criterion!r}", "--criterion", f"choose one of {', '.join(CRITERIA)}")
     values = parse_thresholds(thresholds)
     check_plot(plot)
-    options = plan_options(0.9, None, criterion, "exact", device, None, embeddings, include, exclude, float64, 0)
+    options = plan_options(DEFAULT_THRESHOLD, None, criterion, "exact", device, None, embeddings, include, exclude, float64, 0)
     source, init = model_paths(ckpt, revision, init, init_revision)
     with contextlib.ExitStack() as stack:
         bar = PlanProgress(stack, "spectra", quiet or json_output)

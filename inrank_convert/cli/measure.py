@@ -116,7 +116,7 @@ def sweep_command(
         "--thresholds", help="Per-tensor thresholds, comma-separated (default 0.8,0.9,0.95,0.99; '' for none).")] = None,
     ratios: Annotated[str | None, typer.Option(
         "--ratios", help="Size budgets as fractions of the dense bytes (default 0.03,0.05,0.1,0.2; '' for none).")] = None,
-    int8: Annotated[bool, typer.Option("--int8/--no-int8", help="Every setting also with --quantize int8.")] = True,
+    int8: Annotated[bool, typer.Option("--int8/--no-int8", help="Every setting in int8 (compress's default storage) as well as in bfloat16 (--quantize none).")] = True,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Use only the first N tokens of --data.")] = None,
     tokenizer: Annotated[Path | None, typer.Option(
         "--tokenizer", help="Tokenizer folder for --data and --calibrate (default: the checkpoint's).")] = None,
@@ -135,16 +135,17 @@ def sweep_command(
 
     Example: inrank-convert sweep runs/gpt2/ --data wiki.valid.raw --calibrate train.txt --plot sweep.png
     """
+    from inrank_convert.artifact.storage import NO_QUANTIZATION
     from inrank_convert.compression.plan import PlanOptions
     from inrank_convert.measure.plots import plot_sweep
-    from inrank_convert.measure.sweep import DEFAULT_RATIOS, DEFAULT_THRESHOLDS, sweep
+    from inrank_convert.measure.sweep import DEFAULT_RATIOS, DEFAULT_THRESHOLDS, STORAGES, sweep
 
     calibration = calibration_request(calibrate, calib_tokens, tokenizer)
     check_plot(plot)
     silent = quiet or json_output
     source, init = model_paths(ckpt, revision, init, init_revision)
     result = sweep(source, data, thresholds=_numbers(thresholds, "--thresholds", DEFAULT_THRESHOLDS),
-                   ratios=_numbers(ratios, "--ratios", DEFAULT_RATIOS), storages=(None, "int8") if int8 else (None,),
+                   ratios=_numbers(ratios, "--ratios", DEFAULT_RATIOS), storages=STORAGES if int8 else (NO_QUANTIZATION,),
                    calibration=calibration, max_tokens=max_tokens, tokenizer=tokenizer, init=init, init_seed=init_seed,
                    no_init=no_init, options=PlanOptions(device=device, embeddings=embeddings),
                    on_row=None if silent else lambda row: console.status(

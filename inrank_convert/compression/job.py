@@ -22,7 +22,7 @@ from inrank_convert.artifact import (
     SourceRecord,
 )
 from inrank_convert.artifact.manifest import creation_time
-from inrank_convert.artifact.storage import QUANTIZE_SCHEMES
+from inrank_convert.artifact.storage import NO_QUANTIZATION, QUANTIZE_SCHEMES
 from inrank_convert.compression.calibrate_checkpoint import calibrate_checkpoint
 from inrank_convert.compression.calibration import DEFAULT_CALIBRATION_TOKENS, CalibrationStats
 from inrank_convert.compression.execution import iter_compress
@@ -72,14 +72,14 @@ def check_options(options: PlanOptions) -> None:
     if options.engine == "randomized" and rule.criterion == "inrank" and rule.fixed_rank is None:
         raise UsageError("the inrank criterion needs the full spectrum, which the randomized SVD does not compute",
                          f"{flag('--svd')} randomized {flag('--criterion')} inrank", f"use {flag('--svd')} exact or auto, or {flag('--criterion')} energy")
-    if options.quantize is not None and options.quantize not in QUANTIZE_SCHEMES:
+    if options.quantize is not None and options.quantize not in (*QUANTIZE_SCHEMES, NO_QUANTIZATION):
         raise UsageError(f"unknown quantization scheme {options.quantize!r}", flag("--quantize"),
-                         f"choose one of {', '.join(QUANTIZE_SCHEMES)}")
-    if options.quantize is not None and options.lossless:
+                         f"choose one of {', '.join((*QUANTIZE_SCHEMES, NO_QUANTIZATION))}")
+    if options.quantize in QUANTIZE_SCHEMES and options.lossless:
         raise UsageError(f"{flag('--quantize')} {options.quantize} rounds the factors, but {flag('--threshold')} 1.0 asks "
                          "for an exact artifact", flag("--quantize"),
                          f"drop {flag('--quantize')}, or lower {flag('--threshold')} (e.g. 0.99)")
-    if options.quantize is not None and options.factor_dtype is not None:
+    if options.quantize in QUANTIZE_SCHEMES and options.factor_dtype is not None:
         raise UsageError(f"{flag('--quantize')} and {flag('--dtype')} both set how factors are stored", flag("--dtype"),
                          "pass only one of them")
     if options.target_ratio is not None and options.target_size is not None:

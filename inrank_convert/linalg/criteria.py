@@ -19,6 +19,9 @@ import torch
 CRITERIA = ("energy-rest", "energy", "inrank")
 DEFAULT_CRITERION = "energy-rest"
 ENERGY_CRITERIA = ("energy", "energy-rest")
+# compress's default threshold: with int8 storage it holds on text the run never trained on
+# (docs/rank-selection.md "The default threshold"); training's rank decisions have their own.
+DEFAULT_THRESHOLD = 0.95
 # A leading component holding this share of the energy or more is dominant (at most one can be).
 DOMINANT_SHARE = 0.5
 
@@ -28,7 +31,7 @@ class RankRule:
     """How to choose a rank from a spectrum: a criterion with a threshold, or a fixed rank."""
 
     criterion: str = DEFAULT_CRITERION
-    threshold: float = 0.90
+    threshold: float = DEFAULT_THRESHOLD
     fixed_rank: int | None = None
 
     def describe(self) -> str:

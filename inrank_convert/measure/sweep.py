@@ -2,7 +2,7 @@
 
 Every setting is compressed into a temporary artifact, loaded and measured on the same tokens and
 windows as the dense model, then deleted: per-tensor thresholds (``-t``), global size budgets
-(``--target-ratio``), each in bfloat16 and with ``--quantize int8``, and the budgets again
+(``--target-ratio``), each in bfloat16 (``--quantize none``) and in int8 (compress's default storage), and the budgets again
 calibrated (``--calibrate``) when a calibration text is given. The calibration runs once; each
 size budget's spectra are read once per storage and reused for every ratio. A row's numbers are
 those ``compress`` with the same flags followed by ``report --data`` give.
@@ -18,9 +18,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from inrank_convert.artifact import artifact_bytes, read_manifest
+from inrank_convert.artifact.storage import NO_QUANTIZATION
 from inrank_convert.compression.calibrate_checkpoint import trained_config, trained_tokens
 from inrank_convert.compression.job import CalibrationRequest, CompressionJob, check_options
-from inrank_convert.compression.plan import PlanOptions
+from inrank_convert.compression.plan import LOSSY_FLOAT_STORAGE, PlanOptions
 from inrank_convert.core.distributed import check_device
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.inputs.text import read_text
@@ -29,7 +30,7 @@ from inrank_convert.runtime.evaluate import checkpoint_perplexity, window_length
 
 DEFAULT_THRESHOLDS = (0.8, 0.9, 0.95, 0.99)
 DEFAULT_RATIOS = (0.03, 0.05, 0.1, 0.2)
-STORAGES = (None, "int8")  # bfloat16 factors, then int8
+STORAGES = (NO_QUANTIZATION, "int8")  # bfloat16 factors (--quantize none), then int8 (compress's default)
 
 
 @dataclass(frozen=True)
@@ -38,20 +39,20 @@ class SweepSetting:
 
     kind: str  # "threshold" | "budget"
     value: float  # the threshold, or the target ratio
-    quantize: str | None = None
+    quantize: str = NO_QUANTIZATION  # compress --quantize: none (bfloat16) or int8
     calibrated: bool = False
 
     @property
     def label(self) -> str:
         base = f"-t {self.value:g}" if self.kind == "threshold" else f"--target-ratio {self.value:g}"
-        return base + (" --quantize int8" if self.quantize else "") + (" --calibrate" if self.calibrated else "")
+        return base + f" --quantize {self.quantize}" + (" --calibrate" if self.calibrated else "")
 
     @property
     def series(self) -> str:
         """The curve this setting belongs to in the plot."""
         base = "per-tensor threshold" if self.kind == "threshold" else \
             "budget, calibrated" if self.calibrated else "budget"
-        return f"{base}, {self.quantize or 'bfloat16'}"
+        return f"{base}, {LOSSY_FLOAT_STORAGE if self.quantize == NO_QUANTIZATION else self.quantize}"
 
 
 @dataclass
@@ -87,7 +88,7 @@ class SweepResult:
 
 
 def sweep_settings(thresholds: Sequence[float], ratios: Sequence[float], calibrated: bool,
-                   storages: Sequence[str | None] = STORAGES) -> list[SweepSetting]:
+                   storages: Sequence[str] = STORAGES) -> list[SweepSetting]:
     settings = [SweepSetting("threshold", t, q) for q in storages for t in thresholds]
     settings += [SweepSetting("budget", r, q) for q in storages for r in ratios]
     if calibrated:
@@ -103,7 +104,7 @@ def _check_values(values: Sequence[float], name: str) -> None:
 
 
 def sweep(source: str | Path, data: str | Path, *, thresholds: Sequence[float] = DEFAULT_THRESHOLDS,
-          ratios: Sequence[float] = DEFAULT_RATIOS, storages: Sequence[str | None] = STORAGES,
+          ratios: Sequence[float] = DEFAULT_RATIOS, storages: Sequence[str] = STORAGES,
           calibration: CalibrationRequest | None = None, max_tokens: int | None = None,
           tokenizer: str | Path | None = None, init: str | Path | None = None, init_seed: int | None = None,
           no_init: bool = False, options: PlanOptions | None = None,

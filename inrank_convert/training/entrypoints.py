@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from inrank_convert.artifact import INIT_FILE, ReferenceRecord, is_artifact, read_manifest
+from inrank_convert.artifact.storage import NO_QUANTIZATION
 from inrank_convert.compression.job import compress
 from inrank_convert.compression.plan import PlanOptions
 from inrank_convert.core.distributed import World, barrier, close_world, init_world, process_device
@@ -252,8 +253,9 @@ def _resume_dense(source: Path, run: Path, options: TrainOptions, rule: RankRule
                 tempfile.TemporaryDirectory(prefix=".inrank-resume-", dir=_parent_for_temp(run)) as temp:
             artifact = Path(temp) / "artifact"
             if world.is_main:
+                # Float factors: the run starts from them, and int8 rounding would only add noise.
                 compress(source, artifact, init=init, init_seed=init_seed, no_init=no_init, embed_init=False,
-                         options=PlanOptions(rule=rule, seed=options.seed))
+                         options=PlanOptions(rule=rule, seed=options.seed, quantize=NO_QUANTIZATION))
             barrier(world)
             return _resume_artifact(artifact, run, options, on_step, world, source_hint=source)
     finally:

@@ -18,18 +18,18 @@ def test_inspect_shows_grown_rows(grown):
     for name in pair.grown:
         layer = layers[name]
         assert layer["kind"] == "lowrank+rows" and layer["rows"] >= GROWN and layer["reference_rows"] == VOCAB
-        assert layer["storage"] == "bfloat16" and 0.0 < layer["error"] < 1.0
+        assert layer["storage"] == "int8" and 0.0 < layer["error"] < 1.0  # the default storage
     table = expect_ok(["inspect", out]).stdout
     [line] = [line for line in table.splitlines() if pair.grown[0] in line]
     assert "lowrank+rows" in line and f"{layers[pair.grown[0]]['rows']} ({GROWN} new)" in line
-    assert "bfloat16" in line
+    assert "int8" in line
     totals = next(row for row in table.splitlines() if "reference:" in row)
     assert f"{len(pair.grown)} lowrank+rows" in totals
 
 
 def test_inspect_shows_rows_and_storage(drifted):
     _, _, out, quantize = drifted
-    storage = quantize or "bfloat16"
+    storage = "bfloat16" if quantize == "none" else quantize
     payload = run_json(["inspect", out, "--json"])
     layers = {layer["name"]: layer for layer in payload["layers"]}
     assert layers and all({"name", "shape", "kind", "rank", "energy", "bytes", "dtype", "rows", "storage", "error"}
@@ -55,18 +55,19 @@ def test_inspect_shows_rows_and_storage(drifted):
 
 @pytest.mark.parametrize("named", [None, "energy", "energy-rest"])
 def test_the_criterion_applied_is_the_one_inspect_shows(drifted, tmp_path, named):
-    """The drifted embedding (a rank-1 drift holding >90% of its update): `--criterion energy` keeps the
-    plain rule's rank 1 and nothing else; the default (energy-rest) keeps the drift and the rows.
+    """The drifted embedding (a rank-1 drift holding >90% of its update), at -t 0.9: `--criterion energy`
+    keeps the plain rule's rank 1 and nothing else; the default (energy-rest) keeps the drift and the rows.
     `compress --json`, `inspect`, `inspect --json` and the manifest all name the rule."""
     init_dir, trained_dir, _, _ = drifted
     out = tmp_path / "out"
-    made = run_json(["compress", trained_dir, "--init", init_dir, "-o", out, "--json",
+    made = run_json(["compress", trained_dir, "--init", init_dir, "-o", out, "--json", "-t", "0.9",
                      *(["--criterion", named] if named else [])])
     applied = named or "energy-rest"
-    assert made["rule"] == f"{applied}>=0.9" and read_manifest(out).rule.criterion == applied
+    rule = f"{applied}>=0.9"
+    assert made["rule"] == rule and read_manifest(out).rule.criterion == applied
     payload = run_json(["inspect", out, "--json"])
-    assert payload["rule"] == f"{applied}>=0.9"
-    assert f"rule: {applied}>=0.9" in expect_ok(["inspect", out]).stdout
+    assert payload["rule"] == rule
+    assert f"rule: {rule}" in expect_ok(["inspect", out]).stdout
     wte = {layer["name"]: layer for layer in payload["layers"]}[WTE]
     if applied == "energy":
         assert (wte["kind"], wte["rank"], wte["rows"]) == ("lowrank", 1, None)

@@ -32,6 +32,9 @@ def stored_names(artifact: Path) -> list[str]:
 
 
 def options(threshold=0.9, criterion="energy-rest", **kwargs) -> PlanOptions:
+    """A rank rule, factors in bfloat16 unless a storage is named (the rank and error checks here are
+    about the truncation; int8's own are in tests/artifact/test_storage.py)."""
+    kwargs.setdefault("quantize", None if "factor_dtype" in kwargs else "none")
     return PlanOptions(rule=RankRule(criterion, threshold), **kwargs)
 
 

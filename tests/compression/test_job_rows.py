@@ -145,4 +145,4 @@ def test_drifted_embedding_is_stored_as_rank_one_plus_rows(drifted):
     _, _, out, quantize = drifted
     entry = read_manifest(out).tensors[WTE]
     assert entry.kind == "lowrank+rows" and entry.rank == 1 and 0 < entry.rows <= VOCAB // 20, entry
-    assert entry.storage == (quantize or "bfloat16")
+    assert entry.storage == ("bfloat16" if quantize == "none" else quantize)

@@ -23,7 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from inrank_convert.artifact import FORMAT_VERSION
+from inrank_convert.artifact import FORMAT_VERSION, read_manifest
+from inrank_convert.linalg.criteria import DEFAULT_THRESHOLD
 from tests.conftest import ModelPair, build_model, gpt2_config, make_pair, snapshot
 from tests.helpers.cli_contract import expect_error, expect_ok, signalled_cli, temps_beside
 from tests.helpers.rows import plant_rows
@@ -323,7 +324,7 @@ def test_existing_output_needs_force(models, tmp_path):
     expect_ok(base + ["--quiet"])
     # The existing output is watched as an input: it must stay exactly as it was.
     expect_error(base + ["--threshold", "0.5"], says=(str(out), "--force"), output=out, inputs=(models.root,))
-    assert _manifest(out)["rule"]["threshold"] == 0.9
+    assert _manifest(out)["rule"]["threshold"] == DEFAULT_THRESHOLD
 
     expect_ok(base + ["--threshold", "0.5", "--force", "--quiet"])
     assert _manifest(out)["rule"]["threshold"] == 0.5
@@ -626,7 +627,7 @@ def test_no_reference_option(models, tmp_path):
 def test_unknown_quantize_scheme(models, tmp_path):
     out = tmp_path / "out"
     expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out, "--quantize", "int4"],
-                 says=("--quantize", "int4", "int8"), output=out, inputs=(models.root,))
+                 says=("--quantize", "int4", "int8", "none"), output=out, inputs=(models.root,))
 
 
 def test_quantize_with_a_lossless_threshold(models, tmp_path):
@@ -639,6 +640,17 @@ def test_quantize_with_dtype(models, tmp_path):
     out = tmp_path / "out"
     expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out, "--quantize", "int8",
                   "--dtype", "bfloat16"], says=("--quantize", "--dtype"), output=out, inputs=(models.root,))
+
+
+def test_quantize_none_takes_a_dtype_and_a_lossless_threshold(models, tmp_path):
+    """--quantize none names float storage: it goes with --dtype, and with threshold 1 (exact floats)."""
+    base = ["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "--quantize", "none", "--quiet"]
+    expect_ok([*base, "-o", tmp_path / "half", "--dtype", "float16"])
+    stored = {entry.storage for entry in read_manifest(tmp_path / "half").tensors.values() if entry.has_factors}
+    assert stored == {"float16"}
+    expect_ok([*base, "-o", tmp_path / "exact", "--threshold", "1.0"])
+    assert read_manifest(tmp_path / "exact").rule.threshold == 1.0
+    assert "int8" not in {entry.storage for entry in read_manifest(tmp_path / "exact").tensors.values()}
 
 
 ROWS_TENSOR = "transformer.wte.weight"

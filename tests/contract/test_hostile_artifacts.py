@@ -48,8 +48,10 @@ def made(tmp_path_factory) -> Artifacts:
     root = tmp_path_factory.mktemp("hostile")
     gpt2, llama = make_pair(root, "gpt2"), make_pair(root, "llama")
     artifact, llama_artifact = root / "gpt2-artifact", root / "llama-artifact"
-    expect_ok(["compress", gpt2.trained_dir, "--init", gpt2.init_dir, "-o", artifact, "--quiet"])
-    expect_ok(["compress", llama.trained_dir, "--init", llama.init_dir, "-o", llama_artifact, "--quiet"])
+    # Float factors (--quantize none): the edits below plant NaN, Inf and scaled values in them.
+    expect_ok(["compress", gpt2.trained_dir, "--init", gpt2.init_dir, "-o", artifact, "--quiet", "--quantize", "none"])
+    expect_ok(["compress", llama.trained_dir, "--init", llama.init_dir, "-o", llama_artifact, "--quiet",
+               "--quantize", "none"])
     manifest = read_manifest_json(artifact)
     assert manifest["tensors"][FACTORIZED]["kind"] == "lowrank"
     assert manifest["tensors"][DENSE]["kind"] == manifest["tensors"][NORM]["kind"] == "dense"
@@ -329,7 +331,7 @@ def test_a_budget_artifact_with_dropped_layers_verifies(made, tmp_path):
     so such a fresh artifact failed verify."""
     artifact = tmp_path / "budget"
     expect_ok(["compress", made.gpt2.trained_dir, "--init", made.gpt2.init_dir, "-o", artifact,
-               "--target-ratio", "0.056", "--quiet"])
+               "--target-ratio", "0.056", "--quantize", "none", "--quiet"])
     dropped = [name for name, values in read_manifest_json(artifact)["tensors"].items()
                if values["kind"] == "zero" and values["energy"] == 0.0]
     assert dropped

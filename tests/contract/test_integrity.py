@@ -90,7 +90,7 @@ def test_an_artifact_without_its_checksums_is_refused(made, tmp_path, how):
 
     def change(tensors, manifest):
         key = f"{FACTORIZED}.lora_B"
-        tensors[key] = tensors[key] * 1.5
+        tensors[key] = -tensors[key]  # int8 (the default storage) stays int8
 
     damaged = edited(artifact, tmp_path / "damaged", manifest_change=drop, tensors_change=change)
     says = ("lacks the checksum of stored tensor", "inrank.safetensors")
@@ -112,7 +112,8 @@ def bf16_artifact(made, tmp_path_factory):
         save_file(state, target / "model.safetensors", metadata={"format": "pt"})
         folders[label] = target
     artifact = folder / "artifact"
-    expect_ok(["compress", folders["trained"], "--init", folders["init"], "-o", artifact, "--quiet"])
+    expect_ok(["compress", folders["trained"], "--init", folders["init"], "-o", artifact, "--quiet",
+               "--quantize", "none"])
     return artifact, folders
 
 
@@ -143,3 +144,23 @@ def test_finite_factors_whose_product_overflows_are_refused(bf16_artifact, tmp_p
     expect_error(["export-peft", poisoned, "-o", adapter], says=says, output=adapter, inputs=inputs)
     with pytest.raises(InrankError, match="overflows"):
         load_compressed(poisoned)  # its LowRankLinear never forms the weight: the bound is checked
+
+
+def test_a_non_finite_int8_scale_is_refused(made, tmp_path):
+    """The default artifact stores int8 factors with float32 scales: a NaN scale (checksum updated,
+    so only the value is wrong) is found, by its own name, where verify and decompress read it."""
+    _, _, artifact, _ = made
+    names = [name for name in load_file(artifact / "inrank.safetensors") if name.endswith(".lora_scale")]
+    assert names, "the default artifact has no int8 factor scale: is int8 still the default storage?"
+
+    def poison(tensors, manifest):
+        tensor = tensors[names[0]].clone()
+        tensor[0] = float("nan")
+        tensors[names[0]] = tensor
+        manifest["checksums"][names[0]] = checksum(tensor)
+
+    poisoned = edited(artifact, tmp_path / "poisoned", tensors_change=poison)
+    expect_error(["verify", poisoned], says=(f"'{names[0]}'", "NaN or Inf"), inputs=(poisoned,))
+    out = tmp_path / "dense"
+    expect_error(["decompress", poisoned, "-o", out], says=(f"'{names[0]}'", "NaN or Inf"), output=out,
+                 inputs=(poisoned,))

@@ -14,6 +14,7 @@ import torch
 
 from inrank_convert import PlanOptions, compress, load_compressed
 from inrank_convert.artifact import Artifact, artifact_bytes, read_manifest
+from inrank_convert.artifact.storage import round_trip
 from inrank_convert.compression.calibration import collect_statistics
 from inrank_convert.compression.job import CalibrationRequest
 from inrank_convert.compression.perplexity_target import compress_to_perplexity
@@ -81,9 +82,8 @@ def test_whitened_factors_beat_plain_truncation_on_the_layer_outputs(real_run, c
             U, S, Vh = torch.linalg.svd(D, full_matrices=False)
             root = S[:entry.rank].sqrt()
             # The plain factors as compress stores them (balanced, in the artifact's storage precision).
-            plain_B, plain_A = (U[:, :entry.rank] * root).to(B.dtype), (root[:, None] * Vh[:entry.rank]).to(A.dtype)
-            if entry.storage is not None and entry.storage.startswith("bfloat16"):
-                plain_B, plain_A = plain_B.bfloat16(), plain_A.bfloat16()
+            plain_B, plain_A, _ = round_trip((U[:, :entry.rank] * root).float(),
+                                             (root[:, None] * Vh[:entry.rank]).float(), None, entry.storage)
             plain = plain_B.double() @ plain_A.double()
             gram = stats.grams[name]
             whitened_error = float(torch.einsum("oi,ij,oj->", D - approx, gram, D - approx))
@@ -96,7 +96,7 @@ def test_whitened_factors_beat_plain_truncation_on_the_layer_outputs(real_run, c
 
 
 def test_greedy_budget_is_at_least_as_good_as_uniform_thresholds_at_equal_bytes(real_run, tmp_path, dense_perplexity):
-    for quantize in (None, "int8"):
+    for quantize in ("none", "int8"):
         uniform = tmp_path / f"uniform-{quantize}"
         compress(real_run.run, uniform, options=PlanOptions(quantize=quantize))
         size = artifact_bytes(uniform)
@@ -155,11 +155,14 @@ def test_sweep_rows_equal_compress_plus_report(real_run, tmp_path):
                         "--calib-tokens", str(CALIB_TOKENS), "--plot", tmp_path / "sweep.png", "--json"])
     swept = json.loads(result.stdout)
     rows = {row["setting"]: row for row in swept["rows"]}
-    assert set(rows) == {"-t 0.9", "--target-ratio 0.15", "--target-ratio 0.15 --calibrate"}
+    assert set(rows) == {"-t 0.9 --quantize none", "--target-ratio 0.15 --quantize none",
+                         "--target-ratio 0.15 --quantize none --calibrate"}
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
-    for setting, flags in [("-t 0.9", ["-t", "0.9"]),
-                           ("--target-ratio 0.15 --calibrate", ["--target-ratio", "0.15", "--calibrate",
-                                                                real_run.train_text, "--calib-tokens", str(CALIB_TOKENS)])]:
+    # A row's label is the compress command that reproduces it (--calibrate's text follows it).
+    for setting, text in [("-t 0.9 --quantize none", []),
+                          ("--target-ratio 0.15 --quantize none --calibrate",
+                           [real_run.train_text, "--calib-tokens", str(CALIB_TOKENS)])]:
+        flags = [*setting.split(), *text]
         out = tmp_path / setting.replace(" ", "_")
         expect_ok(["compress", real_run.run, "-o", out, *flags, "--quiet"])
         report = json.loads(expect_ok(["report", out, "--data", real_run.eval_text, "--max-tokens", "2048",
