@@ -92,7 +92,8 @@ def run() -> BenchResult:
         init_dir, trained_dir, parameters = build_pair(root)
         log(f"built GPT-2 small pair ({parameters / 1e6:.1f}M parameters) in {time.perf_counter() - started:.1f} s")
         warm_page_cache(trained_dir / "model.safetensors", init_dir / "model.safetensors")
-        args = ["compress", str(trained_dir), "--init", str(init_dir), "--svd", "exact", "--quiet", "--force"]
+        args = ["compress", str(trained_dir), "--init", str(init_dir), "--svd", "exact", "--threshold", "0.9",
+                "--quantize", "none", "--quiet", "--force"]  # the documented setting
         python = [sys.executable, "-m", "inrank_convert"]
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(PROCESSES),
                     "-m", "inrank_convert"]

@@ -137,7 +137,7 @@ def run() -> BenchResult:
         log(f"built a {len(shapes)}-tensor pair of {human_bytes(file_bytes)} per file "
             f"in {time.perf_counter() - started:.1f} s")
         args = [cli_path(), "compress", str(trained_dir), "--init", str(init_dir), "-o", str(root / "artifact"),
-                "--threshold", str(THRESHOLD), "--json"]
+                "--threshold", str(THRESHOLD), "--quantize", "none", "--json"]  # the documented figures: bfloat16
         outcome = run_cli(args, root)
     if outcome["returncode"] != 0:
         raise RuntimeError(f"inrank-convert compress failed ({outcome['returncode']}): {outcome['stderr'][-2000:]}")
