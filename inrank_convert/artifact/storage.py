@@ -52,10 +52,22 @@ def encode_factors(B: torch.Tensor, A: torch.Tensor, storage: str) -> tuple[torc
 
 
 def decode_factors(B: torch.Tensor, A: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 (B, A) with B @ A the stored update's low-rank part."""
+    """float32 (B, A) with B @ A the stored update's low-rank part, balanced as compress made them.
+
+    int8: component j's one scale is split between B's column and A's row so that the two have
+    equal norms (b_j a_j = scale[j], ||b_j B[:, j]|| = ||a_j A[j, :]||). All of it on one side would
+    leave A's entries at up to 127 and B's near 1e-5: the same product, but a start that AdamW
+    cannot train from (a resumed run's factors) and that float16 LoRA weights cannot hold."""
     if scale is None:
         return B.float(), A.float()
-    return B.float() * scale.float()[None, :], A.float()
+    B, A, scale = B.float(), A.float(), scale.float()
+    norm_B, norm_A = B.norm(dim=0), A.norm(dim=1)  # [r], [r]
+    both = (norm_B > 0) & (norm_A > 0)
+    # A zero vector makes the component zero whatever the split: its scale goes to B.
+    ratio = torch.where(both, norm_A / torch.where(both, norm_B, 1.0), 1.0)
+    side_B = torch.where(both, (scale.abs() * ratio).sqrt() * scale.sign(), scale)  # [r]
+    side_A = torch.where(both, (scale.abs() / ratio).sqrt(), torch.ones_like(scale))  # [r]
+    return B * side_B[None, :], A * side_A[:, None]
 
 
 def encode_rows(rows: torch.Tensor, storage: str) -> tuple[torch.Tensor, torch.Tensor | None]:

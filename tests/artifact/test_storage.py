@@ -111,6 +111,20 @@ def test_int8_factors_have_one_float32_scale_per_component():
     assert relative_error(B_back @ A_back, exact) < 0.03
 
 
+def test_int8_factors_decode_balanced():
+    """Each decoded component's B column and A row have equal norms, as compress's balanced factors
+    had, with the same product as the scale on one side: a resumed run trains from them."""
+    B = gaussian(300, 4, seed=6) * torch.tensor([0.01, 1.0, 5.0, 0.2])
+    A = gaussian(4, 90, seed=7) * torch.tensor([3.0, 0.5, 1.0, 40.0])[:, None]
+    q_B, q_A, scale = encode_factors(B, A, "int8")
+    B_back, A_back = decode_factors(q_B, q_A, scale)
+    assert torch.allclose(B_back.norm(dim=0), A_back.norm(dim=1), rtol=1e-5)
+    one_sided = (q_B.double() * scale.double()[None, :]) @ q_A.double()
+    assert relative_error(B_back.double() @ A_back.double(), one_sided) < 1e-6
+    # The stored integers' scale on one side would leave A at up to 127 and B near 0.
+    assert float(q_A.abs().max()) == INT8_LEVELS and float(A_back.abs().max()) < 20
+
+
 def test_int8_rows_have_one_float32_scale_per_row():
     rows = gaussian(30, 64, seed=6) * torch.logspace(-3, 3, 30)[:, None]
     q, scale = encode_rows(rows, "int8")
