@@ -4,8 +4,8 @@ A 4x128 GPT-2 (GPT-2 tokenizer) from seed 0, 1,000 steps on Tiny Shakespeare up 
 end at or after 90% of it (batch 16 x 64, lr 3e-3, cosine to 3e-4, 100 warm-up steps), validation
 on the rest every 100 steps (32 windows of 64 tokens). InRank rows add ``--buffer 16 --rank-warmup
 50 --rank-every 10`` (sized for a 128-wide model, as the README's runs). The resume rows start from
-the dense row's step 500: the t = 0.9 default artifact of it resumed for 500 steps (lr 1e-3, seed
-1), against the same checkpoint trained dense for the same 500 steps on the same tokens.
+the dense row's step 500: its t = 0.9 bfloat16 artifact (or compress's default one, the rows named
+``resumed-default``) resumed for 500 steps (lr 1e-3, seed 1), against the same checkpoint trained dense for the same 500 steps on the same tokens.
 
     python -m benchmarks.train_ablation --out ablation              # every row (hours on 2 CPU cores)
     python -m benchmarks.train_ablation --out ablation dense warm100  # some rows; the table of all done
@@ -42,6 +42,7 @@ class Row:
     kind: str = "train"  # train (from the seed) | resume (the dense row's step-500 artifact) | continue (dense)
     baseline: str = "dense"
     steps: int = 1000  # a train row's steps; the 3x rows see whether the gap shrinks with steps
+    artifact: str = "t09"  # a resume row's artifact of the dense step 500 (ARTIFACTS)
 
 
 ROWS = [
@@ -105,8 +106,16 @@ ROWS = [
         ("--recipe", "reference", "--growth", "lora", "--embedding-training", "rows"), "resume", "continued"),
     Row("resumed", "its t = 0.9 artifact resumed with the default recipe (warm-start: lora growth, energy 0.9 "
         "decisions, the embedding trained dense)", (), "resume", "continued"),
+    Row("resumed-default", "its default artifact (energy-rest 0.95, int8) resumed with the default recipe", (), "resume",
+        "continued", artifact="default"),
+    Row("resumed-default-rows", "the same, `--recipe reference --growth lora --embedding-training rows`",
+        ("--recipe", "reference", "--growth", "lora", "--embedding-training", "rows"), "resume", "continued",
+        artifact="default"),
 ]
 RESUME_STEPS = 500
+# The artifacts a resume row starts from: compress flags (beside --init-seed 0) of dense/step-500.
+ARTIFACTS = {"t09": ("-t", "0.9", "--quantize", "none"),  # t = 0.9 in bfloat16 (the default until int8 was)
+             "default": ()}  # compress's default: energy-rest 0.95, int8
 COMMON = ["--batch-size", "16", "--block-size", "64", "--eval-every", "100", "--json", "--quiet"]
 
 
@@ -138,7 +147,7 @@ def command(row: Row, out: Path) -> list[str]:
     if row.kind == "train":
         return [*cli, "train", str(out / "config"), "-o", str(out / row.name), *data, "--tokenizer",
                 str(DATA / "gpt2-tokenizer"), "--steps", str(row.steps), "--lr", "3e-3", "--seed", "0", *COMMON, *row.args]
-    source = out / "dense" / "step-500" if row.kind == "continue" else out / "dense-step500-t09"
+    source = out / "dense" / "step-500" if row.kind == "continue" else out / f"dense-step500-{row.artifact}"
     verb = "train" if row.kind == "continue" else "resume"
     return [*cli, verb, str(source), "-o", str(out / row.name), *data, "--steps", str(RESUME_STEPS), "--lr", "1e-3",
             "--seed", "1", *COMMON, *row.args]
@@ -149,11 +158,10 @@ def run_row(row: Row, out: Path) -> None:
         return
     if row.kind != "train":
         run_row(ROWS[0], out)
-        artifact = out / "dense-step500-t09"
+        artifact = out / f"dense-step500-{row.artifact}"
         if row.kind == "resume" and not artifact.is_dir():
             subprocess.run([sys.executable, "-m", "inrank_convert", "compress", str(out / "dense" / "step-500"),
-                            "--init-seed", "0", "-t", "0.9", "--quantize", "none", "-o", str(artifact), "--quiet"],
-                           check=True)
+                            "--init-seed", "0", *ARTIFACTS[row.artifact], "-o", str(artifact), "--quiet"], check=True)
     print(f"== {row.name}: {' '.join(command(row, out)[2:])}", flush=True)
     result = subprocess.run(command(row, out), capture_output=True, text=True)
     if result.returncode != 0:  # the CLI's own one-line error says what and how to fix
