@@ -10,7 +10,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from inrank_convert import PlanOptions, RankRule, compress, load_compressed
+from inrank_convert import PlanOptions, RankRule, compress, load_compressed, read_manifest
 from inrank_convert.core.errors import ArtifactError
 from inrank_convert.export.dense import decompress
 from inrank_convert.model.layers import LowRankLinear
@@ -59,6 +59,19 @@ def test_every_factorized_linear_becomes_low_rank(tmp_path, llama_pair):
     assert low_rank == expected
     # The embedding (rows gathered, not multiplied) is rebuilt dense.
     assert isinstance(model.model.embed_tokens, torch.nn.Embedding)
+
+
+def test_the_default_int8_artifact_loads_balanced_factors(tmp_path, llama_pair):
+    """What a resumed run trains from: each LowRankLinear's B column and A row have equal norms
+    (compress stores int8 by default; the whole scale on one side trained badly)."""
+    out = tmp_path / "out"
+    compress(llama_pair.trained_dir, out, init=llama_pair.init_dir)
+    layers = [m for m in load_compressed(out).modules() if isinstance(m, LowRankLinear)]
+    assert layers and all(entry.storage == "int8" for entry in read_manifest(out).tensors.values()
+                          if entry.kind == "lowrank")
+    for layer in layers:
+        B, A = layer.lora_B.detach(), layer.lora_A.detach()  # [out, r], [r, in]
+        assert torch.allclose(B.norm(dim=0), A.norm(dim=1), rtol=1e-4), layer
 
 
 def test_gpt2_conv1d_and_tied_head(tmp_path, gpt2_pair):
