@@ -10,7 +10,7 @@ The run is compressed these ways:
 - the default (no options: ``energy-rest`` at threshold 0.95, low rank + rows where cheaper,
   factors and rows in int8);
 - ``--quantize none``: the same ranks in bfloat16;
-- ``-t 0.9 --quantize none``: the default until format version 2's int8 became the default;
+- ``-t 0.9 --quantize none``: the default before int8 storage and threshold 0.95 were;
 - ``-t 0.9`` (int8);
 - at threshold 0.9, for comparison: the version-1 default, emulated (``--criterion energy``, the
   plain energy rule on every tensor, with ``forms.MAX_ROW_FRACTION`` set so that the rows form never

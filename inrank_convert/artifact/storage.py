@@ -19,6 +19,7 @@ FLOAT_STORAGE = {"float64": torch.float64, "float32": torch.float32, "float16": 
                  "bfloat16": torch.bfloat16}
 QUANTIZE_SCHEMES = ("int8",)  # the integer storages compress --quantize names
 NO_QUANTIZATION = "none"  # compress --quantize none: float factors (--dtype, else bfloat16)
+QUANTIZE_CHOICES = (*QUANTIZE_SCHEMES, NO_QUANTIZATION)  # every value --quantize takes
 INT8_LEVELS = 127
 
 

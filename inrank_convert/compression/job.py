@@ -22,7 +22,7 @@ from inrank_convert.artifact import (
     SourceRecord,
 )
 from inrank_convert.artifact.manifest import creation_time
-from inrank_convert.artifact.storage import NO_QUANTIZATION, QUANTIZE_SCHEMES
+from inrank_convert.artifact.storage import QUANTIZE_CHOICES, QUANTIZE_SCHEMES
 from inrank_convert.compression.calibrate_checkpoint import calibrate_checkpoint
 from inrank_convert.compression.calibration import DEFAULT_CALIBRATION_TOKENS, CalibrationStats
 from inrank_convert.compression.execution import iter_compress
@@ -72,9 +72,9 @@ def check_options(options: PlanOptions) -> None:
     if options.engine == "randomized" and rule.criterion == "inrank" and rule.fixed_rank is None:
         raise UsageError("the inrank criterion needs the full spectrum, which the randomized SVD does not compute",
                          f"{flag('--svd')} randomized {flag('--criterion')} inrank", f"use {flag('--svd')} exact or auto, or {flag('--criterion')} energy")
-    if options.quantize is not None and options.quantize not in (*QUANTIZE_SCHEMES, NO_QUANTIZATION):
+    if options.quantize is not None and options.quantize not in QUANTIZE_CHOICES:
         raise UsageError(f"unknown quantization scheme {options.quantize!r}", flag("--quantize"),
-                         f"choose one of {', '.join((*QUANTIZE_SCHEMES, NO_QUANTIZATION))}")
+                         f"choose one of {', '.join(QUANTIZE_CHOICES)}")
     if options.quantize in QUANTIZE_SCHEMES and options.lossless:
         raise UsageError(f"{flag('--quantize')} {options.quantize} rounds the factors, but {flag('--threshold')} 1.0 asks "
                          "for an exact artifact", flag("--quantize"),
