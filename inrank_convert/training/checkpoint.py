@@ -43,12 +43,14 @@ def add_model_tensors(writer: ArtifactWriter, model: nn.Module) -> int:
     original = 0
     for name, tensor in model.state_dict(keep_vars=False).items():
         owner, _, attr = name.rpartition(".")
-        if owner in rows_form and attr in ("lora_A", "lora_B", "rows", "row_index", "weight_ref"):
+        if owner in rows_form and attr in ("lora_A", "lora_B", "rows", "row_index", "weight_ref", "fixed_rows",
+                                           "fixed_index"):
             if attr == "lora_A":  # an embedding trained as lowrank+rows is stored as one
                 layer = rows_form[owner]
+                row_index, rows = layer.all_rows()
                 entry = writer.add_lowrank(f"{owner}.weight", layer.lora_B.detach(), layer.lora_A.detach(),
                                            shape=(layer.num_embeddings, layer.embedding_dim), dtype=layer.lora_A.dtype,
-                                           rows=layer.rows.detach(), row_index=layer.row_index)
+                                           rows=rows, row_index=row_index)
                 original += entry.original_bytes
             continue
         if owner in low_rank and attr in ("lora_A", "lora_B", "weight_ref"):

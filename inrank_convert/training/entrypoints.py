@@ -291,9 +291,10 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
             model = load_compressed(artifact, zero_as_lowrank=True, rows_as_factors=options.embedding_training == "rows")
             embedding = model.get_input_embeddings()
             if isinstance(embedding, RowsLowRankEmbedding):
-                # Every token the training text uses gets a row of its own (zero: the model is unchanged);
-                # the artifact stored rows only where the update was large.
-                embedding.add_rows(tokens[tokens < embedding.num_embeddings])
+                # Every token the training text uses gets a trainable row of its own (zero where the
+                # artifact stored none: the model is unchanged); the artifact's other rows stay fixed.
+                embedding.train_rows_of(tokens[tokens < embedding.num_embeddings])
+                embedding.split_for_adam()  # its shared part moves at the dense rate (see there)
             ranks = {name: layer.rank for name, layer in low_rank_layers(model)}
             controller = RankController(options.policy(), ranks)
             generator = torch.Generator().manual_seed(options.seed * 1_000_003)
@@ -362,6 +363,9 @@ def _resume_run(source: Path, run: Path | None, given: dict, on_step) -> TrainRe
             if trainer_state["mode"] == "inrank":
                 # A checkpoint stores an embedding in the form it trained in: rows and factors, or dense.
                 model = load_compressed(checkpoint, zero_as_lowrank=True, rows_as_factors=True)
+                embedding = model.get_input_embeddings()
+                if isinstance(embedding, RowsLowRankEmbedding) and trainer_state.get("rows_trained") == "text":
+                    embedding.train_rows_of(tokens[tokens < embedding.num_embeddings])  # as the run trained them
                 controller = RankController.from_state_dict(trainer_state["rank_controller"])
                 controller.policy = options.policy()
             else:

@@ -130,7 +130,9 @@ class Session:
                 "tokenizer": tokenizer_fingerprint(self.tokenizer),
                 "config": self.model.config.to_dict(), "reference": None if self.reference is None else self.reference.to_json(),
                 "rank_controller": self.controller.state_dict() if self.controller else None,
-                "trainable_parameters": self.trainable_parameters()}
+                "trainable_parameters": self.trainable_parameters(),
+                # Which rows of a lowrank+rows embedding train, so that a resume trains the same ones.
+                "rows_trained": getattr(self.model.get_input_embeddings(), "rows_trained", None)}
 
     def trainable_parameters(self) -> int:
         """The numbers the optimizer trains now (tied tensors once)."""

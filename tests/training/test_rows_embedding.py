@@ -4,6 +4,7 @@ store it as lowrank+rows, and a run folder resumes it exactly."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -92,3 +93,65 @@ def test_added_rows_start_at_zero_and_keep_the_index_sorted():
     assert torch.equal(layer.weight.detach(), before)
     assert torch.equal(layer.rows[[0, 2, 3]].detach(), stored) and layer.rows[[1, 4]].eq(0).all()
     assert layer.add_rows(torch.tensor([1, 9])) == 0
+
+
+def test_the_adam_split_keeps_the_weight_and_gives_a_rows_the_dense_rate():
+    generator = torch.Generator().manual_seed(1)
+    B, A = torch.randn(50, 2, generator=generator) * 5, torch.randn(2, 8, generator=generator) * 30
+    A[1] = 0  # a zero component stays as it is
+    layer = RowsLowRankEmbedding(A.clone(), B.clone(), torch.randn(3, 8, generator=generator), torch.tensor([1, 5, 8]),
+                                 torch.randn(50, 8, generator=generator))
+    before = layer.weight.detach().clone()
+    layer.split_for_adam()
+    assert torch.allclose(layer.weight.detach(), before, atol=1e-4)
+    assert layer.lora_A[0].norm().item() == pytest.approx((8 / 2) ** 0.5, rel=1e-5)
+    assert torch.equal(layer.lora_A[1], torch.zeros(8)) and torch.equal(layer.lora_B[:, 1], B[:, 1])
+    # One Adam step of lr on B moves a row with no row of its own by lr * |A's row| per component whose
+    # gradient is not zero: here one of k = 2, so lr * sqrt(d / k) (both: lr * sqrt(d), dense Adam's rate).
+    layer.zero_grad()
+    optimizer = torch.optim.Adam([layer.lora_B], lr=1e-3)
+    layer.weight[20].sum().backward()
+    optimizer.step()
+    moved = (layer.weight[20] - before[20]).norm().item()
+    assert moved == pytest.approx(1e-3 * 8 ** 0.5 * (1 / 2) ** 0.5, rel=0.05)
+
+
+@needs_data
+def test_a_resumed_rows_embedding_starts_adam_split(rows_artifact, tmp_path):
+    resume(rows_artifact, tmp_path / "rows", dict(data=str(TEXT), steps=1, batch_size=4, block_size=16, seed=5,
+                                                  embedding_training="rows"))
+    start = load_compressed(tmp_path / "rows" / "step-0", zero_as_lowrank=True, rows_as_factors=True)
+    embedding = start.get_input_embeddings()
+    rank, dim = embedding.lora_A.shape
+    assert rank >= 1
+    assert torch.allclose(embedding.lora_A.norm(dim=1), torch.full((rank,), (dim / rank) ** 0.5), rtol=1e-4)
+    dense = load_compressed(rows_artifact).get_input_embeddings().weight
+    assert torch.allclose(embedding.weight, dense, atol=1e-5)
+
+
+@needs_data
+def test_stored_rows_of_tokens_the_text_never_uses_stay_fixed_and_resume_exactly(rows_artifact, tmp_path):
+    text = tmp_path / "other.txt"  # few of the artifact's stored rows are tokens of this text
+    text.write_text("Quantum chemistry of zeolite catalysts, measured twice in Zurich laboratories. " * 30)
+    run = tmp_path / "run"
+    resume(rows_artifact, run, dict(data=str(text), steps=4, batch_size=2, block_size=16, seed=5, save_every=2,
+                                    log_every=1, embedding_training="rows"))
+    tokens = cached_tokens(text, load_tokenizer(rows_artifact), None).unique()
+    start = load_compressed(rows_artifact, zero_as_lowrank=True, rows_as_factors=True).get_input_embeddings()
+    outside = start.row_index[~torch.isin(start.row_index, tokens)]
+    assert outside.numel() > 100
+    state = json.loads((run / "step-4" / "train_state" / "trainer_state.json").read_text())
+    assert state["rows_trained"] == "text"
+    embedding, dim = start, start.embedding_dim
+    # Trained: one row per token of the text and the low-rank part (beside the factors of the linear layers).
+    ended = load_compressed(run / "step-4", zero_as_lowrank=True, rows_as_factors=True).get_input_embeddings()
+    assert bool(torch.isin(outside, ended.row_index).all())  # the fixed rows are stored with the others
+    before = dict(zip(embedding.row_index.tolist(), embedding.rows.detach()))
+    after = dict(zip(ended.row_index.tolist(), ended.rows.detach()))
+    assert all(torch.equal(after[i], before[i]) for i in outside.tolist())
+    assert any(not torch.equal(after[i], before.get(i, torch.zeros(dim))) for i in tokens.tolist())
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "step-4")
+    result = resume(copy, None, {})
+    assert result.start_step == 2 and losses(copy) == losses(run)
