@@ -146,8 +146,8 @@ def test_stored_rows_of_tokens_the_text_never_uses_stay_fixed_and_resume_exactly
     # Trained: one row per token of the text and the low-rank part (beside the factors of the linear layers).
     ended = load_compressed(run / "step-4", zero_as_lowrank=True, rows_as_factors=True).get_input_embeddings()
     assert bool(torch.isin(outside, ended.row_index).all())  # the fixed rows are stored with the others
-    before = dict(zip(embedding.row_index.tolist(), embedding.rows.detach()))
-    after = dict(zip(ended.row_index.tolist(), ended.rows.detach()))
+    before = dict(zip(embedding.row_index.tolist(), embedding.rows.detach(), strict=True))
+    after = dict(zip(ended.row_index.tolist(), ended.rows.detach(), strict=True))
     assert all(torch.equal(after[i], before[i]) for i in outside.tolist())
     assert any(not torch.equal(after[i], before.get(i, torch.zeros(dim))) for i in tokens.tolist())
     copy = tmp_path / "copy"
