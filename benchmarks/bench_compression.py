@@ -12,6 +12,8 @@ The run is compressed these ways:
 - ``--quantize none``: the same ranks in bfloat16;
 - ``-t 0.9 --quantize none``: the default before int8 storage and threshold 0.95 were;
 - ``-t 0.9`` (int8);
+- ``--quantize int4``: the default's rule with group-wise 4-bit factors and rows (the two leading
+  components at 8 bits);
 - at threshold 0.9, for comparison: the version-1 default, emulated (``--criterion energy``, the
   plain energy rule on every tensor, with ``forms.MAX_ROW_FRACTION`` set so that the rows form never
   competes; factors in float32); ``--criterion energy --quantize none`` (the plain rule, the rows
@@ -19,8 +21,9 @@ The run is compressed these ways:
 
 Then calibration (issue 11): the same run compressed to a global budget without and with
 ``--calibrate`` on its training text (65,536 tokens), at ``--target-ratio 0.1 --quantize none`` (bfloat16) and at
-``--target-ratio 0.05 --quantize int8``. Target: calibrated loses at least 40% less perplexity than
-plain at the same budget (a ratio of increases <= 0.6).
+``--target-ratio 0.05 --quantize int8`` and at ``--target-ratio 0.03 --quantize int4``. Targets: calibrated
+loses at least 40% less perplexity than plain at the same budget (a ratio of increases <= 0.6), and
+the calibrated int4 budget keeps the run within 3% of the dense bytes at <= +1% perplexity.
 
 One ``report`` scores the dense model (the baseline, measured in this run) and every artifact on
 the same 16,384 tokens of the held-out last 10%. Targets: the default <= 12% of the dense bytes
@@ -52,9 +55,11 @@ THRESHOLD = 0.9  # of the comparison settings (the default's is DEFAULT_THRESHOL
 # setting -> (bytes of dense, perplexity change in %) targets; None: no target (for comparison)
 TARGETS: dict[str, tuple[float, float] | None] = {"v1-default": None, "energy": None, "no-embeddings": None,
                                                     "bfloat16-0.9": None, "int8-0.9": (0.06, 2.0), "bfloat16": None,
-                                                    "default": (0.12, 1.5)}
+                                                    "default": (0.12, 1.5), "int4": None,
+                                                    "budget-0.03-int4-calibrated": (0.03, 1.0)}
 # (plain, calibrated) settings compared at the same budget: (ratio, quantize)
-CALIBRATED_PAIRS = {"budget-0.1": (0.1, "none"), "budget-0.05-int8": (0.05, "int8")}
+CALIBRATED_PAIRS = {"budget-0.1": (0.1, "none"), "budget-0.05-int8": (0.05, "int8"),
+                    "budget-0.03-int4": (0.03, "int4")}
 CALIBRATION_TOKENS = 65_536
 MAX_INCREASE_RATIO = 0.6  # calibrated increase / plain increase (at least 40% less)
 LABELS = {"v1-default": "version-1 default (energy rule on everything, float32), emulated, t = 0.9",
@@ -63,7 +68,9 @@ LABELS = {"v1-default": "version-1 default (energy rule on everything, float32),
           "bfloat16-0.9": "-t 0.9 --quantize none (low rank + rows, bfloat16)",
           "int8-0.9": "-t 0.9 (low rank + rows, int8)",
           "bfloat16": "--quantize none (t = 0.95, bfloat16)",
-          "default": "default (t = 0.95, low rank + rows, int8)"}
+          "default": "default (t = 0.95, low rank + rows, int8)",
+          "int4": "--quantize int4 (t = 0.95, group-wise 4-bit, two leading components at 8 bits)",
+          "budget-0.03-int4-calibrated": "--target-ratio 0.03 --quantize int4 --calibrate (train text)"}
 
 
 def skip_reason() -> str | None:
@@ -116,7 +123,8 @@ def compress_all(run: Path, root: Path, train_file: Path) -> dict[str, Path]:
                 "bfloat16-0.9": PlanOptions(rule=rule, quantize="none"),
                 "int8-0.9": PlanOptions(rule=rule),
                 "bfloat16": PlanOptions(quantize="none"),
-                "default": PlanOptions()}
+                "default": PlanOptions(),
+                "int4": PlanOptions(quantize="int4")}
     outputs = {}
     for name, options in settings.items():
         started = time.perf_counter()

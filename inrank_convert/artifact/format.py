@@ -3,7 +3,7 @@ tensor names, the tensor kinds, storage precisions and reference modes. Every ot
 these through here.
 
     OUT/inrank.safetensors   factors (``name.lora_B`` [rows, r], ``name.lora_A`` [r, cols]), rows
-                             (``name.rows`` [K, cols], ``name.row_index`` [K]), int8 scales, and
+                             (``name.rows`` [K, cols], ``name.row_index`` [K]), int8 and int4 scales, and
                              dense-stored tensors; header metadata key ``inrank`` = the JSON manifest
     OUT/init.safetensors     the reference tensors, only with --embed-init
 """
@@ -15,20 +15,27 @@ from typing import Literal, get_args
 ARTIFACT_FILE = "inrank.safetensors"
 INIT_FILE = "init.safetensors"
 FORMAT_NAME = "inrank-convert"
-FORMAT_VERSION = 2  # what this writer writes; readers take every version up to it (1: no rows, no int8)
+FORMAT_VERSION = 3  # what this writer writes; readers take every version up to it (1: no rows, no int8; 2: no int4)
 MANIFEST_KEY = "inrank"
 FACTOR_B = ".lora_B"  # [rows, r]
 FACTOR_A = ".lora_A"  # [r, cols]
 FACTOR_SCALE = ".lora_scale"  # [r] float32, int8 storage: component j is scale[j] * B[:, j] A[j, :]
 ROWS = ".rows"  # [K, cols]: the update's residual on K whole rows (kind lowrank+rows)
 ROW_INDEX = ".row_index"  # [K] int64, distinct, in [0, rows)
-ROWS_SCALE = ".rows_scale"  # [K] float32, int8 storage: row k is scale[k] * rows[k]
+ROWS_SCALE = ".rows_scale"  # [K] float32, int8 storage: row k is scale[k] * rows[k]; int4: [K, groups]
+# int4 storage (artifact/storage.py has the layout): the leading components' 8-bit codes stay in
+# .lora_B / .lora_A, the others' 4-bit codes are packed two to a byte here, and every group of
+# GROUP_SIZE numbers of a factor vector or row has its own bfloat16 scale.
+FACTOR_B4 = ".lora_B_int4"  # [ceil(rows / 2), r - lead] uint8
+FACTOR_A4 = ".lora_A_int4"  # [r - lead, ceil(cols / 2)] uint8
+FACTOR_B_SCALE = ".lora_B_scale"  # [ceil(rows / GROUP_SIZE), r] bfloat16
+FACTOR_A_SCALE = ".lora_A_scale"  # [r, ceil(cols / GROUP_SIZE)] bfloat16
 # How a tensor is stored: B @ A on top of the reference; B @ A plus K exact rows (an update
 # concentrated in rows: embeddings); whole; not at all (equal to the reference); or as a second
 # name of another tensor (tied weights).
 TensorKind = Literal["lowrank", "lowrank+rows", "dense", "zero", "alias"]
 # The precision of stored factors and rows (dense tensors keep their source dtype).
-Storage = Literal["float64", "float32", "float16", "bfloat16", "int8"]
+Storage = Literal["float64", "float32", "float16", "bfloat16", "int8", "int4"]
 # What the update is measured against: a checkpoint by path and hash, a seed recipe, the init
 # stored beside the factors, or nothing.
 ReferenceMode = Literal["reference", "seed", "embedded", "zero"]

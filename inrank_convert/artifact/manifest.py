@@ -17,20 +17,16 @@ import torch
 from inrank_convert.artifact.fields import Fields, ManifestFormatError, drop_none, shown
 from inrank_convert.artifact.format import (
     DAMAGED,
-    FACTOR_SCALE,
-    FLOAT_CODES,
     FORMAT_NAME,
     FORMAT_VERSION,
-    ROWS_SCALE,
     STORAGES,
     TENSOR_KINDS,
     Storage,
     TensorKind,
-    factor_names,
     row_names,
 )
 from inrank_convert.artifact.records import ReferenceRecord, RuleRecord, SourceRecord, TrainingRecord
-from inrank_convert.artifact.storage import FLOAT_STORAGE
+from inrank_convert.artifact.storage import QUANTIZE_SCHEMES, factors_layout, rows_layout
 from inrank_convert.core.errors import ArtifactError, UsageError
 from inrank_convert.core.tensors import SAFETENSORS_CODES, dtype_name, numel
 from inrank_convert.core.version import __version__
@@ -101,31 +97,19 @@ class TensorEntry:
 
         A dense tensor is stored whole in its own dtype. Factors at rank r of a [rows, cols] tensor are
         B [rows, r] and A [r, cols] at the entry's storage (version 1, no storage: any float), int8
-        ones with a float scale [r]; K stored rows are [K, cols] with a [K] int64 index (and a [K]
-        scale under int8)."""
+        ones with a float scale [r], int4 ones as ``storage.factors_layout`` says; K stored rows are
+        [K, cols] with a [K] int64 index (and a [K] scale under int8; int4: ``storage.rows_layout``)."""
         if self.kind == "dense":
             return {name: (self.shape, frozenset({SAFETENSORS_CODES[self.dtype]}))}
         if not self.has_factors:
             return {}
         rows, cols = self.shape
         rank = self.rank or 0
-        if self.storage is None:
-            codes = FLOAT_CODES
-        elif self.storage == "int8":
-            codes = frozenset({"I8"})
-        else:
-            codes = frozenset({SAFETENSORS_CODES[FLOAT_STORAGE[self.storage]]})
-        b_name, a_name = factor_names(name)
-        layout = {b_name: ((rows, rank), codes), a_name: ((rank, cols), codes)}
-        if self.storage == "int8":
-            layout[name + FACTOR_SCALE] = ((rank,), FLOAT_CODES)
+        layout = {name + suffix: spec for suffix, spec in factors_layout(self.storage, rows, cols, rank).items()}
         if self.kind == "lowrank+rows":
             count = self.rows or 0
-            rows_name, index_name = row_names(name)
-            layout[rows_name] = ((count, cols), codes)
-            layout[index_name] = ((count,), frozenset({"I64"}))
-            if self.storage == "int8":
-                layout[name + ROWS_SCALE] = ((count,), FLOAT_CODES)
+            layout |= {name + suffix: spec for suffix, spec in rows_layout(self.storage, count, cols).items()}
+            layout[row_names(name)[1]] = ((count,), frozenset({"I64"}))
         return layout
 
     def to_json(self) -> dict[str, Any]:
@@ -185,8 +169,8 @@ class TensorEntry:
         if self.rows is not None and (self.kind != "lowrank+rows" or self.rows > self.shape[0]):
             raise ManifestFormatError(f"{place}.rows is {self.rows}, but the tensor is {self.kind} "
                                       f"{list(self.shape)}")
-        if self.storage == "int8" and not self.has_factors:
-            raise ManifestFormatError(f"{place}.storage is int8, but a {self.kind} tensor has no factors")
+        if self.storage in QUANTIZE_SCHEMES and not self.has_factors:
+            raise ManifestFormatError(f"{place}.storage is {self.storage}, but a {self.kind} tensor has no factors")
         if self.reference_rows is not None and (not self.shape or self.reference_rows > self.shape[0]):
             raise ManifestFormatError(f"{place}.reference_rows is {self.reference_rows}, more than the tensor's "
                                       f"{list(self.shape)}")

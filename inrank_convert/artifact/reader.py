@@ -14,16 +14,17 @@ import torch
 from inrank_convert.artifact.format import (
     ARTIFACT_FILE,
     DAMAGED,
-    FACTOR_SCALE,
+    FACTOR_A,
+    FACTOR_B,
     FORMAT_NAME,
     INIT_FILE,
     MANIFEST_KEY,
-    ROWS_SCALE,
+    ROWS,
     factor_names,
     row_names,
 )
 from inrank_convert.artifact.manifest import Manifest, TensorEntry
-from inrank_convert.artifact.storage import decode_factors, decode_rows
+from inrank_convert.artifact.storage import factors_layout, read_factors, read_rows, rows_layout
 from inrank_convert.core.errors import ArtifactError, CheckpointError, InitReferenceError
 from inrank_convert.core.tensors import SAFETENSORS_DTYPES, dtype_name, is_finite
 from inrank_convert.weights.checkpoints import SafetensorsCheckpoint, TensorInfo, open_safetensors
@@ -170,19 +171,25 @@ class Artifact:
         """(B [rows, r], A [r, cols]) of a low-rank tensor in float32, whatever the storage (int8
         scales applied): ``B @ A`` is the update's low-rank part. Their shapes and dtypes (and the
         scale's) were checked against the manifest when the artifact was opened (``_check_stored``)."""
+        entry = self.tensors[name]
+        rows, cols = entry.shape
+        B, A = read_factors(self._stored(name, factors_layout(entry.storage, rows, cols, entry.rank or 0)),
+                            entry.storage)
         b_name, a_name = factor_names(name)
-        B, A = self._file.get(b_name), self._file.get(a_name)
-        scale = self._scale(name + FACTOR_SCALE) if self.tensors[name].storage == "int8" else None
-        B, A = decode_factors(B, A, scale)
         for stored_name, tensor in ((b_name, B), (a_name, A)):
             self._check_finite(stored_name, tensor)
         return B, A
 
-    def _scale(self, stored_name: str) -> torch.Tensor:
-        """An int8 tensor's float32 scales, refused (by their own name) if one is NaN or Inf."""
-        scale = self._file.get(stored_name)
-        self._check_finite(stored_name, scale)
-        return scale
+    def _stored(self, name: str, layout: dict) -> dict[str, torch.Tensor]:
+        """The stored tensors of ``layout`` (suffix -> ...) of tensor ``name``, by suffix; a scale
+        holding NaN or Inf is refused by its own name (the factors and rows once decoded)."""
+        stored = {}
+        for suffix in layout:
+            tensor = self._file.get(name + suffix)
+            if suffix not in (FACTOR_B, FACTOR_A, ROWS) and tensor.is_floating_point():
+                self._check_finite(name + suffix, tensor)
+            stored[suffix] = tensor
+        return stored
 
     def _check_finite(self, stored_name: str, tensor: torch.Tensor) -> None:
         """Stored data holding NaN or Inf (compress refuses such weights, so the file was damaged
@@ -202,15 +209,15 @@ class Artifact:
         dtypes were checked against the manifest when the artifact was opened)."""
         entry = self.tensors[name]
         rows_name, index_name = row_names(name)
-        index, rows = self._file.get(index_name), self._file.get(rows_name)
+        index = self._file.get(index_name)
         where = str(self.file)
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= entry.shape[0]):
             raise ArtifactError(f"row index {index_name!r} points outside the tensor's {entry.shape[0]} rows", where,
                                 DAMAGED)
         if torch.unique(index).numel() != index.numel():
             raise ArtifactError(f"row index {index_name!r} repeats a row", where, DAMAGED)
-        scale = self._scale(name + ROWS_SCALE) if entry.storage == "int8" else None
-        rows = decode_rows(rows, scale)
+        stored = self._stored(name, rows_layout(entry.storage, entry.rows or 0, entry.shape[1]))
+        rows = read_rows(stored, entry.storage, entry.shape[1])
         self._check_finite(rows_name, rows)
         return index, rows
 

@@ -1,4 +1,4 @@
-"""How factors and rows are stored at each precision (format version 2), and read back.
+"""How factors and rows are stored at each precision (format versions 2 and 3), and read back.
 
 - float32 / float16 / bfloat16: the tensors cast. bfloat16 is the float storage of lossy artifacts
   (``--quantize none``): its 8-bit significand rounds each number by at most 2^-8 relative, far
@@ -7,30 +7,74 @@
   Component j of ``B @ A`` is ``B[:, j] A[j, :]``; each of the two vectors is scaled to
   [-127, 127] by its own absmax, and their two scales multiply into the one stored
   ``scale[j]``, so ``B @ A ~= (q_B * scale) @ q_A``. A row k of the rows is ``scale[k] * q[k]``.
+- int4 (version 3): group-wise absmax quantization. Each factor vector (a column of B, a row of A)
+  and each stored row is cut into groups of ``GROUP_SIZE`` consecutive numbers, each group with its
+  own bfloat16 scale (rounded up, so no code clips). The ``INT4_LEAD`` leading components (the
+  largest singular values; a token embedding's shared drift) keep 8-bit codes in [-127, 127], in
+  ``.lora_B`` [rows, lead] / ``.lora_A`` [lead, cols] int8; every other component and every row
+  has 4-bit codes in [-7, 7], stored as ``code + 8`` two to a byte, the lower index in the low
+  nibble: ``.lora_B_int4`` [ceil(rows / 2), r - lead] (along B's rows), ``.lora_A_int4``
+  [r - lead, ceil(cols / 2)], ``.rows`` [K, ceil(cols / 2)]. Scales: ``.lora_B_scale``
+  [ceil(rows / G), r], ``.lora_A_scale`` [r, ceil(cols / G)], ``.rows_scale`` [K, ceil(cols / G)].
+  A number is ``code * scale`` of its group. Measured on the README run: 4-bit codes on every
+  component cost +2.4% perplexity where bfloat16 factors cost +1.7%; with the two leading
+  components at 8 bits, +1.75% (docs/stored-forms.md).
 
 Only this module and the writer/reader beside it know these encodings.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
+
 import torch
+
+from inrank_convert.artifact.format import (
+    FACTOR_A,
+    FACTOR_A4,
+    FACTOR_A_SCALE,
+    FACTOR_B,
+    FACTOR_B4,
+    FACTOR_B_SCALE,
+    FACTOR_SCALE,
+    FLOAT_CODES,
+    ROWS,
+    ROWS_SCALE,
+)
+from inrank_convert.core.tensors import SAFETENSORS_CODES
 
 FLOAT_STORAGE = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
                  "bfloat16": torch.bfloat16}
-QUANTIZE_SCHEMES = ("int8",)  # the integer storages compress --quantize names
+QUANTIZE_SCHEMES = ("int8", "int4")  # the integer storages compress --quantize names
 NO_QUANTIZATION = "none"  # compress --quantize none: float factors (--dtype, else bfloat16)
 QUANTIZE_CHOICES = (*QUANTIZE_SCHEMES, NO_QUANTIZATION)  # every value --quantize takes
 INT8_LEVELS = 127
+INT4_LEVELS = 7
+GROUP_SIZE = 64  # numbers per int4 scale
+INT4_LEAD = 2  # leading components an int4 tensor keeps at 8 bits
+SCALE_BYTES = 2  # an int4 group's bfloat16 scale
+# Where a storage's tensors go, by suffix (layouts below): (shape, safetensors dtype codes).
+Layout = dict[str, tuple[tuple[int, ...], frozenset[str]]]
 
 
 def element_bytes(storage: str) -> int:
-    """Bytes per stored number (int8 scales are counted per vector, see ``vector_overhead``)."""
-    return 1 if storage == "int8" else torch.empty((), dtype=FLOAT_STORAGE[storage]).element_size()
+    """Bytes per stored number (int8 scales are counted per vector, see ``vector_overhead``; int4
+    is counted by ``storage_costs``)."""
+    return 1 if storage in QUANTIZE_SCHEMES else torch.empty((), dtype=FLOAT_STORAGE[storage]).element_size()
 
 
 def vector_overhead(storage: str) -> int:
-    """Extra bytes per rank-1 component or per stored row: its float32 scale under int8."""
-    return 4 if storage == "int8" else 0
+    """Extra bytes per rank-1 component or per stored row: its float32 scale under int8 (under int4:
+    per group of every vector, ``SCALE_BYTES``)."""
+    return 4 if storage == "int8" else SCALE_BYTES if storage == "int4" else 0
+
+
+def storage_costs(storage: str) -> dict[str, int]:
+    """What ``linalg.forms.Costs`` needs to count a tensor's bytes at ``storage`` (beside the dense bytes)."""
+    if storage != "int4":
+        return {"element": element_bytes(storage), "vector": vector_overhead(storage)}
+    return {"element": 0, "vector": SCALE_BYTES, "bits": 4, "group": GROUP_SIZE, "lead": INT4_LEAD, "lead_bits": 8}
 
 
 def _absmax_int8(vectors: torch.Tensor, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,10 +132,140 @@ def decode_rows(rows: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
 def round_trip(B: torch.Tensor, A: torch.Tensor, rows: torch.Tensor | None, storage: str
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """What a reader will get back after storing at ``storage``: to measure the rounding's error."""
-    B_q, A_q, scale = encode_factors(B, A, storage)
-    B_back, A_back = decode_factors(B_q, A_q, scale)
-    rows_back = None
-    if rows is not None:
-        rows_q, row_scale = encode_rows(rows, storage)
-        rows_back = decode_rows(rows_q, row_scale)
+    B_back, A_back = read_factors(stored_factors(B, A, storage), storage)
+    rows_back = None if rows is None else read_rows(stored_rows(rows, storage), storage)
     return B_back, A_back, rows_back
+
+
+# --- every storage by stored-name suffix: what the writer adds, the reader reads, the manifest checks
+
+
+def stored_factors(B: torch.Tensor, A: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
+    """The tensors that store B [rows, r] and A [r, cols] at ``storage``, by name suffix."""
+    if storage == "int4":
+        return _int4_factors(B, A)
+    B_s, A_s, scale = encode_factors(B, A, storage)
+    return {FACTOR_B: B_s, FACTOR_A: A_s} | ({} if scale is None else {FACTOR_SCALE: scale})
+
+
+def read_factors(stored: Mapping[str, torch.Tensor], storage: str | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (B, A) back from ``stored_factors``'s tensors (``storage`` None: version 1 floats)."""
+    if storage == "int4":
+        return _int4_read_factors(stored)
+    return decode_factors(stored[FACTOR_B], stored[FACTOR_A], stored.get(FACTOR_SCALE) if storage == "int8" else None)
+
+
+def stored_rows(rows: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
+    """The tensors that store rows [K, cols] at ``storage``, by name suffix (the index is the writer's)."""
+    if storage == "int4":
+        codes, scale = _group_quantize(rows.float(), INT4_LEVELS)  # [K, cols], [K, groups]
+        return {ROWS: _pack_nibbles(codes), ROWS_SCALE: scale}
+    rows_s, scale = encode_rows(rows, storage)
+    return {ROWS: rows_s} | ({} if scale is None else {ROWS_SCALE: scale})
+
+
+def read_rows(stored: Mapping[str, torch.Tensor], storage: str | None, cols: int | None = None) -> torch.Tensor:
+    """float32 rows [K, cols] back from ``stored_rows``'s tensors."""
+    if storage == "int4":
+        scale = stored[ROWS_SCALE]  # [K, groups]
+        cols = cols if cols is not None else stored[ROWS].shape[1] * 2
+        return _group_dequantize(_unpack_nibbles(stored[ROWS], cols), scale)
+    return decode_rows(stored[ROWS], stored.get(ROWS_SCALE) if storage == "int8" else None)
+
+
+def factors_layout(storage: str | None, rows: int, cols: int, rank: int) -> Layout:
+    """Suffix -> (shape, dtype codes) of every tensor that stores rank-``rank`` factors of a [rows, cols] tensor."""
+    if storage == "int4":
+        lead, groups_b, groups_a = min(INT4_LEAD, rank), _groups(rows), _groups(cols)
+        return {FACTOR_B: ((rows, lead), frozenset({"I8"})), FACTOR_A: ((lead, cols), frozenset({"I8"})),
+                FACTOR_B4: ((-(-rows // 2), rank - lead), frozenset({"U8"})),
+                FACTOR_A4: ((rank - lead, -(-cols // 2)), frozenset({"U8"})),
+                FACTOR_B_SCALE: ((groups_b, rank), frozenset({"BF16"})),
+                FACTOR_A_SCALE: ((rank, groups_a), frozenset({"BF16"}))}
+    codes = _codes(storage)
+    layout = {FACTOR_B: ((rows, rank), codes), FACTOR_A: ((rank, cols), codes)}
+    if storage == "int8":
+        layout[FACTOR_SCALE] = ((rank,), FLOAT_CODES)
+    return layout
+
+
+def rows_layout(storage: str | None, count: int, cols: int) -> Layout:
+    """Suffix -> (shape, dtype codes) of every tensor that stores ``count`` rows of ``cols`` numbers (not the index)."""
+    if storage == "int4":
+        return {ROWS: ((count, -(-cols // 2)), frozenset({"U8"})), ROWS_SCALE: ((count, _groups(cols)), frozenset({"BF16"}))}
+    layout = {ROWS: ((count, cols), _codes(storage))}
+    if storage == "int8":
+        layout[ROWS_SCALE] = ((count,), FLOAT_CODES)
+    return layout
+
+
+def _codes(storage: str | None) -> frozenset[str]:
+    if storage is None:
+        return FLOAT_CODES
+    return frozenset({"I8"}) if storage == "int8" else frozenset({SAFETENSORS_CODES[FLOAT_STORAGE[storage]]})
+
+
+# --- int4: group-wise codes, packed
+
+
+def _groups(length: int) -> int:
+    return -(-length // GROUP_SIZE)
+
+
+def _group_quantize(vectors: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes int8 [m, n] in [-levels, levels] and bfloat16 scales [m, ceil(n / G)] of float vectors
+    [m, n], one scale per group of G numbers of a vector, so that vectors ~= codes * scale."""
+    m, n = vectors.shape
+    groups = _groups(n)
+    padded = torch.nn.functional.pad(vectors.float(), (0, groups * GROUP_SIZE - n)).reshape(m, groups, GROUP_SIZE)
+    wanted = padded.abs().amax(dim=2) / levels  # [m, groups]
+    scale = wanted.to(torch.bfloat16)
+    # Rounded up, so that no number's code passes the levels (a clipped code would be an error the
+    # rounding cannot bound); a zero group gets scale 1 (its codes are 0 whatever it is).
+    low = scale.float() < wanted
+    scale = torch.where(low, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
+    scale = torch.where(wanted > 0, scale, torch.ones_like(scale))
+    codes = torch.round(padded / scale.float()[:, :, None]).clamp_(-levels, levels).to(torch.int8)
+    return codes.reshape(m, groups * GROUP_SIZE)[:, :n], scale
+
+
+def _group_dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """float32 [m, n] from codes [m, n] and their group scales [m, ceil(n / G)]."""
+    n = codes.shape[1]
+    return codes.float() * scale.float().repeat_interleave(GROUP_SIZE, dim=1)[:, :n]
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 [m, ceil(n / 2)] of 4-bit codes [m, n] in [-7, 7]: code + 8, index 2i low, 2i + 1 high."""
+    m, n = codes.shape
+    offset = torch.nn.functional.pad(codes.to(torch.int16) + 8, (0, n % 2)).reshape(m, (n + 1) // 2, 2)
+    return (offset[:, :, 0] | (offset[:, :, 1] << 4)).to(torch.uint8)
+
+
+def _unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
+    """int8 codes [m, n] from ``_pack_nibbles``'s bytes."""
+    wide = packed.to(torch.int16)
+    pairs = torch.stack([wide & 0xF, wide >> 4], dim=2).reshape(packed.shape[0], 2 * packed.shape[1])[:, :n]
+    return (pairs - 8).to(torch.int8)
+
+
+def _int4_factors(B: torch.Tensor, A: torch.Tensor) -> dict[str, torch.Tensor]:
+    rank = A.shape[0]
+    lead = min(INT4_LEAD, rank)
+    columns = B.T.float()  # [r, rows]: each of B's columns as a vector
+    code_b8, scale_b8 = _group_quantize(columns[:lead], INT8_LEVELS)
+    code_b4, scale_b4 = _group_quantize(columns[lead:], INT4_LEVELS)
+    code_a8, scale_a8 = _group_quantize(A[:lead].float(), INT8_LEVELS)
+    code_a4, scale_a4 = _group_quantize(A[lead:].float(), INT4_LEVELS)
+    return {FACTOR_B: code_b8.T.contiguous(), FACTOR_A: code_a8.contiguous(),
+            FACTOR_B4: _pack_nibbles(code_b4).T.contiguous(), FACTOR_A4: _pack_nibbles(code_a4),
+            FACTOR_B_SCALE: torch.cat([scale_b8, scale_b4]).T.contiguous(),
+            FACTOR_A_SCALE: torch.cat([scale_a8, scale_a4]).contiguous()}
+
+
+def _int4_read_factors(stored: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = stored[FACTOR_B].shape[0], stored[FACTOR_A].shape[1]
+    scale_b, scale_a = stored[FACTOR_B_SCALE].T, stored[FACTOR_A_SCALE]  # [r, groups] each
+    codes_b = torch.cat([stored[FACTOR_B].T.to(torch.int8), _unpack_nibbles(stored[FACTOR_B4].T, rows)])  # [r, rows]
+    codes_a = torch.cat([stored[FACTOR_A].to(torch.int8), _unpack_nibbles(stored[FACTOR_A4], cols)])  # [r, cols]
+    return _group_dequantize(codes_b, scale_b).T.contiguous(), _group_dequantize(codes_a, scale_a)

@@ -15,17 +15,15 @@ import torch
 
 from inrank_convert.artifact.format import (
     ARTIFACT_FILE,
-    FACTOR_SCALE,
     INIT_FILE,
     MANIFEST_KEY,
-    ROWS_SCALE,
-    factor_names,
+    ROWS,
     row_names,
 )
 from inrank_convert.artifact.manifest import Manifest, TensorEntry
 from inrank_convert.artifact.reader import artifact_bytes
 from inrank_convert.artifact.records import ReferenceRecord, RuleRecord, SourceRecord
-from inrank_convert.artifact.storage import encode_factors, encode_rows
+from inrank_convert.artifact.storage import stored_factors, stored_rows
 from inrank_convert.core.errors import ArtifactError
 from inrank_convert.core.tensors import dtype_name, sha256_tensor
 from inrank_convert.weights.checkpoints import TensorInfo, copy_side_files
@@ -108,27 +106,23 @@ class ArtifactWriter:
         """``W ~= W_ref + B @ A`` (+ ``rows`` scattered to ``row_index``): B [rows, r], A [r, cols],
         rows [K, cols], row_index [K] in the stored orientation.
 
-        ``storage`` (float32 / float16 / bfloat16 / int8) encodes the factors and rows; None stores
+        ``storage`` (float32 / float16 / bfloat16 / int8 / int4) encodes the factors and rows; None stores
         them as given (training checkpoints keep their parameters' exact values). ``error``: the
         relative error of what is stored, measured by the caller; ``reference_rows``: the
         reference has only that many rows (a grown vocabulary).
         """
-        b_name, a_name = factor_names(name)
         stored_storage = storage or dtype_name(A.dtype)
-        B_s, A_s, scale = encode_factors(B, A, stored_storage)
-        stored = self._tensors.add(b_name, B_s) + self._tensors.add(a_name, A_s)
-        if scale is not None:
-            stored += self._tensors.add(name + FACTOR_SCALE, scale)
+        stored = sum(self._tensors.add(name + suffix, tensor)
+                     for suffix, tensor in stored_factors(B, A, stored_storage).items())
         kind = "lowrank"
         if rows is not None:
             if row_index is None or row_index.dim() != 1 or row_index.shape[0] != rows.shape[0]:
                 raise ValueError(f"rows of {name!r} need a [K] row_index")
             kind = "lowrank+rows"
             rows_name, index_name = row_names(name)
-            rows_s, row_scale = encode_rows(rows, stored_storage)
-            stored += self._tensors.add(rows_name, rows_s) + self._tensors.add(index_name, row_index.to(torch.int64))
-            if row_scale is not None:
-                stored += self._tensors.add(name + ROWS_SCALE, row_scale)
+            encoded = stored_rows(rows, stored_storage)
+            stored += self._tensors.add(rows_name, encoded.pop(ROWS)) + self._tensors.add(index_name, row_index.to(torch.int64))
+            stored += sum(self._tensors.add(name + suffix, tensor) for suffix, tensor in encoded.items())
         nbytes = original_bytes if original_bytes is not None else TensorInfo(name, tuple(shape), dtype).nbytes
         return self._add_entry(name, TensorEntry(
             kind, tuple(shape), dtype, A.shape[0], energy, stored, nbytes, svd,

@@ -106,7 +106,8 @@ def compress_command(
                         "the source dtype unless given).")] = None,
     quantize: Annotated[str | None, typer.Option(
         "--quantize", help="int8 (the default below threshold 1): factors and rows as int8, one float scale per "
-                           "rank-1 component and per row; none: floats (--dtype, else bfloat16).")] = None,
+                           "rank-1 component and per row; int4: 4-bit codes with a scale per 64 numbers (the two "
+                           "leading components at 8 bits); none: floats (--dtype, else bfloat16).")] = None,
     embeddings: EmbeddingsOpt = True,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,

@@ -74,7 +74,7 @@ class HintChains:
 
 
 # Storage at least as coarse as bfloat16: a bfloat16 factor product rounds no coarser than it.
-REDUCED_PRODUCT_STORAGE = ("bfloat16", "int8")
+REDUCED_PRODUCT_STORAGE = ("bfloat16", "int8", "int4")
 
 
 def product_dtype(storage: str, device: torch.device) -> torch.dtype | None:
@@ -122,7 +122,8 @@ def execute_entry(entry: TensorPlan, inputs: Inputs, options: PlanOptions, devic
         # The stored error from the factors as they will be stored (no float32 copy of them) where
         # norms suffice, else measured on what a reader decodes.
         error = None
-        if form.svd_factors and form.rows is None:
+        # (int4's group-wise rounding is too coarse for the norms' second-order terms: measured.)
+        if form.svd_factors and form.rows is None and storage != "int4":
             B_q, A_q, scale = encode_factors(form.B, form.A, storage)
             error = svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error, scale)
         if error is None:

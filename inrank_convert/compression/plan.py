@@ -14,7 +14,7 @@ from typing import Literal
 
 import torch
 
-from inrank_convert.artifact.storage import NO_QUANTIZATION, QUANTIZE_SCHEMES, element_bytes, vector_overhead
+from inrank_convert.artifact.storage import NO_QUANTIZATION, QUANTIZE_SCHEMES, storage_costs
 from inrank_convert.core.errors import CheckpointError, MismatchError, UsageError, flag
 from inrank_convert.core.tensors import dtype_name
 from inrank_convert.inputs.reference import Reference
@@ -49,7 +49,7 @@ class PlanOptions:
     exclude: tuple[str, ...] = ()
     float64: bool = False
     seed: int = 0
-    # None: int8 where the artifact is lossy and no factor_dtype is named (storage_for); "int8";
+    # None: int8 where the artifact is lossy and no factor_dtype is named (storage_for); "int8", "int4";
     # "none": float factors (factor_dtype, else bfloat16).
     quantize: str | None = None
     # A global size budget (at most one): the artifact's tensor file <= target_ratio x the source's
@@ -288,7 +288,7 @@ def make_plan(trained: Checkpoint, reference: Reference, options: PlanOptions,
 def costs_for(options: PlanOptions, entry: TensorPlan) -> Costs:
     """What each stored number, component or row of ``entry`` costs at its storage precision, and its dense bytes."""
     storage = storage_for(options, entry)
-    return Costs(element_bytes(storage), vector_overhead(storage), entry.nbytes)
+    return Costs(**storage_costs(storage), dense=entry.nbytes)
 
 
 # Lossy factors and rows are int8 unless the user names a float storage: measured on held-out text
@@ -299,7 +299,7 @@ LOSSY_FLOAT_STORAGE = "bfloat16"
 
 
 def storage_for(options: PlanOptions, entry: TensorPlan) -> str:
-    """The precision factors and rows are stored at (format version 2): --quantize int8, else
+    """The precision factors and rows are stored at (format versions 2 and 3): --quantize int8 or int4, else
     --dtype, else float32 when the rule is lossless (float64 for a float64 source: factors of a
     half-precision update rounded to half precision would not be exact), else bfloat16 under
     --quantize none, else int8."""

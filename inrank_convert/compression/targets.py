@@ -135,11 +135,13 @@ def tensor_units(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device
     rows, cols = entry.shape
     costs = costs_for(options, entry)
     forced_count = entry.new_rows
-    component, row = costs.lowrank(1, rows, cols), costs.row_set(1, cols)
+    # A component past the leading ones, a row; the leading components (int4's 8-bit ones) apart.
+    component, row = costs.component(costs.lead, rows, cols), costs.row_set(1, cols)
+    head = tuple(costs.component(index, rows, cols) for index in range(costs.lead))
     fixed = costs.row_set(forced_count, cols)
     weight = float(rows * cols)
     if total == 0.0:
-        return TensorUnits((), 0, component, row, entry.nbytes, fixed, 0.0, dense_gain=0.0), \
+        return TensorUnits((), 0, component, row, entry.nbytes, fixed, 0.0, dense_gain=0.0, head_costs=head), \
             "rows" if forced_count > 0 else "lowrank", None
     # The whole spectrum from the small side's Gram (eigenvalues only), as the Gram engine reads it:
     # 1.3 s where svdvals took 4.2 s on a 32000 x 2048 update (one thread), the values within 6e-6 of
@@ -154,7 +156,7 @@ def tensor_units(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device
 
     def components() -> tuple[TensorUnits, TensorMode, TensorUnits | None]:
         gains = tuple(lead + (energies[len(lead):] / rest).tolist())
-        plain = TensorUnits(gains, len(gains), component, row, entry.nbytes, dense_gain=dense_gain)
+        plain = TensorUnits(gains, len(gains), component, row, entry.nbytes, dense_gain=dense_gain, head_costs=head)
         if stats is None or entry.name not in stats.grams:
             return plain, "lowrank", None
         whitened = whitened_svd(delta, stats.grams[entry.name].to(device), conv1d=stats.conv1d[entry.name],
@@ -162,7 +164,7 @@ def tensor_units(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device
         output_energies = whitened.S.pow(2).cpu()  # [min(rows, cols)] float64: output error energy per component
         scale = weight / max(float(output_energies.sum()), 1e-300)
         return plain, "lowrank", TensorUnits(tuple((output_energies * scale).tolist()), output_energies.numel(),
-                                             component, row, entry.nbytes, dense_gain=weight)
+                                             component, row, entry.nbytes, dense_gain=weight, head_costs=head)
 
     if not dominant and forced_count == 0:
         return components()
@@ -186,7 +188,7 @@ def tensor_units(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device
             return components()
     gains = tuple(lead + (free / rest).tolist())
     return TensorUnits(gains, len(lead), component, row, entry.nbytes, fixed, float(residual[forced].sum()) / rest,
-                       dense_gain), "rows", None
+                       dense_gain, head), "rows", None
 
 
 @dataclass

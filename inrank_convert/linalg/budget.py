@@ -36,7 +36,8 @@ class BudgetTooSmall(ValueError):  # noqa: N818 - a condition, named as the call
 @dataclass(frozen=True)
 class TensorUnits:
     """One tensor's units: ``gains[i]`` for unit i, costing ``lead_cost`` bytes for i < ``lead``
-    and ``unit_cost`` after; ``fixed`` bytes (and ``fixed_gain``) always paid unless stored dense;
+    (``head_costs[i]`` instead for the first of them: components stored at more bits) and
+    ``unit_cost`` after; ``fixed`` bytes (and ``fixed_gain``) always paid unless stored dense;
     ``dense`` bytes for the whole tensor, which keeps ``dense_gain`` (1.0: all of its energy)."""
 
     gains: tuple[float, ...]
@@ -47,11 +48,14 @@ class TensorUnits:
     fixed: int = 0
     fixed_gain: float = 0.0
     dense_gain: float = 1.0
+    head_costs: tuple[int, ...] = ()
 
     def cost(self, count: int) -> int:
         """Bytes of the first ``count`` units, the fixed part included."""
         leading = min(count, self.lead)
-        return self.fixed + leading * self.lead_cost + (count - leading) * self.unit_cost
+        head = min(leading, len(self.head_costs))
+        return (self.fixed + sum(self.head_costs[:head]) + (leading - head) * self.lead_cost
+                + (count - leading) * self.unit_cost)
 
     @property
     def minimum(self) -> int:

@@ -82,22 +82,46 @@ class Form:
 
 @dataclass(frozen=True)
 class Costs:
-    """Bytes of each stored number at the artifact's precision, and of the dense tensor."""
+    """Bytes of each stored number at the artifact's precision, and of the dense tensor.
+
+    Per vector (``element``, ``vector``): float and int8 storage, every component costing the same.
+    Group-wise (``group`` > 0, int4): a vector of n numbers at b bits is ceil(n b / 8) bytes plus
+    ``vector`` bytes per group of ``group`` numbers; the ``lead`` leading components at ``lead_bits``,
+    the others and the rows at ``bits``."""
 
     element: int  # per factor or row number
-    vector: int  # per rank-1 component or row (an int8 scale)
+    vector: int  # per rank-1 component or row (an int8 scale); per group when grouped
     dense: int  # the tensor stored whole
+    bits: int = 0
+    group: int = 0
+    lead: int = 0
+    lead_bits: int = 0
+
+    def _grouped(self, length: int, bits: int) -> int:
+        return -(-length * bits // 8) + -(-length // self.group) * self.vector
+
+    def component(self, index: int, rows: int, cols: int) -> int:
+        """Bytes of component ``index`` (0: the largest) of a [rows, cols] tensor's factors."""
+        if not self.group:
+            return (rows + cols) * self.element + self.vector
+        bits = self.lead_bits if index < self.lead else self.bits
+        return self._grouped(rows, bits) + self._grouped(cols, bits)
 
     def lowrank(self, rank: int, rows: int, cols: int) -> int:
-        return rank * ((rows + cols) * self.element + self.vector)
+        lead = min(rank, self.lead)
+        return lead * self.component(0, rows, cols) + (rank - lead) * self.component(self.lead, rows, cols)
 
     def row_set(self, count: int, cols: int) -> int:
-        return count * (cols * self.element + self.vector + INDEX_BYTES)
+        per_row = self._grouped(cols, self.bits) if self.group else cols * self.element + self.vector
+        return count * (per_row + INDEX_BYTES)
 
     def breakeven_rank(self, rows: int, cols: int) -> int:
         """The largest rank whose factors take fewer bytes than the dense tensor (0: none does)."""
-        per_component = self.lowrank(1, rows, cols)
-        return max(0, -(-self.dense // per_component) - 1)
+        lead = min(self.lead, max(0, -(-self.dense // self.component(0, rows, cols)) - 1))
+        if self.lowrank(lead, rows, cols) < self.dense and lead == self.lead:
+            left = self.dense - self.lowrank(lead, rows, cols)
+            return lead + max(0, -(-left // self.component(lead, rows, cols)) - 1)
+        return lead
 
 
 # (delta, V, B, residual row energies) -> a ranking of the residual rows ([rows] float64), or None

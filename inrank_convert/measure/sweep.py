@@ -2,7 +2,8 @@
 
 Every setting is compressed into a temporary artifact, loaded and measured on the same tokens and
 windows as the dense model, then deleted: per-tensor thresholds (``-t``), global size budgets
-(``--target-ratio``), each in bfloat16 (``--quantize none``) and in int8 (compress's default storage), and the budgets again
+(``--target-ratio``), each in bfloat16 (``--quantize none``) and in int8 (compress's default storage),
+optionally in int4 (``--quantize int4``), and the budgets again
 calibrated (``--calibrate``) when a calibration text is given. The calibration runs once; each
 size budget's spectra are read once per storage and reused for every ratio. A row's numbers are
 those ``compress`` with the same flags followed by ``report --data`` give.
@@ -39,7 +40,7 @@ class SweepSetting:
 
     kind: str  # "threshold" | "budget"
     value: float  # the threshold, or the target ratio
-    quantize: str = NO_QUANTIZATION  # compress --quantize: none (bfloat16) or int8
+    quantize: str = NO_QUANTIZATION  # compress --quantize: none (bfloat16), int8 or int4
     calibrated: bool = False
 
     @property

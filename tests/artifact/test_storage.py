@@ -1,6 +1,6 @@
-"""artifact/storage.py: low-precision storage (format version 2): its encodings on their own,
-then whole artifacts on tiny real models: bfloat16 by default, float32 at threshold 1,
-``--dtype``, ``--quantize int8`` and lowrank+rows tensors, each run from the artifact and from its
+"""artifact/storage.py: low-precision storage (format versions 2 and 3): its encodings on their
+own, then whole artifacts on tiny real models: int8 by default, bfloat16, float32 at threshold 1,
+``--dtype``, ``--quantize int4`` and lowrank+rows tensors, each run from the artifact and from its
 decompressed folder, and checked by ``verify``.
 """
 
@@ -15,19 +15,32 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from inrank_convert.artifact import read_manifest
+from inrank_convert.artifact import FORMAT_VERSION, read_manifest
 from inrank_convert.artifact.storage import (
+    GROUP_SIZE,
+    INT4_LEAD,
+    INT4_LEVELS,
     INT8_LEVELS,
     QUANTIZE_SCHEMES,
+    _pack_nibbles,
+    _unpack_nibbles,
     decode_factors,
     decode_rows,
     element_bytes,
     encode_factors,
     encode_rows,
+    factors_layout,
+    read_factors,
+    read_rows,
     round_trip,
+    storage_costs,
+    stored_factors,
+    stored_rows,
     vector_overhead,
 )
 from inrank_convert.cli import app
+from inrank_convert.core.tensors import SAFETENSORS_CODES
+from inrank_convert.linalg.forms import Costs
 from inrank_convert.runtime.modeling import load_compressed
 from tests.conftest import ModelPair, build_model, gpt2_config, make_pair
 from tests.helpers.rows import plant_rows
@@ -49,7 +62,7 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def test_storage_sizes():
-    assert QUANTIZE_SCHEMES == ("int8",)
+    assert QUANTIZE_SCHEMES == ("int8", "int4")
     assert [element_bytes(s) for s in ("float64", "float32", "float16", "bfloat16", "int8")] == [8, 4, 2, 2, 1]
     assert vector_overhead("int8") == 4  # a float32 scale per component / row
     assert all(vector_overhead(s) == 0 for s in ("float32", "float16", "bfloat16"))
@@ -226,7 +239,7 @@ def factorized(artifact: Path) -> dict:
 
 
 def stored_bytes(header: dict, names) -> int:
-    size = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "I64": 8}
+    size = {"F32": 4, "F16": 2, "BF16": 2, "I8": 1, "U8": 1, "I64": 8}
     total = 0
     for name in names:
         dtype, shape = header[name]
@@ -242,6 +255,9 @@ CASES = {  # label, compress options (int8 is the default storage)
     "gpt2-rows": ("gpt2-rows", ("--quantize", "none")),
     "gpt2-rows-int8": ("gpt2-rows", ()),
     "llama-rows": ("llama-rows", ()),
+    "gpt2-int4": ("gpt2", ("--quantize", "int4")),
+    "gpt2-rows-int4": ("gpt2-rows", ("--quantize", "int4")),
+    "llama-rows-int4": ("llama-rows", ("--quantize", "int4")),
 }
 
 
@@ -311,7 +327,7 @@ def test_quantize_none_stores_bfloat16(shop):
     artifact = shop.artifact("gpt2-rows", "--quantize", "none")
     header = header_dtypes(artifact)
     manifest = read_manifest(artifact)
-    assert manifest.version == 2
+    assert manifest.version == FORMAT_VERSION == 3
     entries = factorized(artifact)
     assert "lowrank+rows" in {entry.kind for entry in entries.values()}
     for name, entry in entries.items():
@@ -440,3 +456,86 @@ def test_rows_artifact_reconstructs_the_planted_rows(shop, tmp_path):
     rank_one = relative_error(S[0] * torch.outer(U[:, 0], Vh[0]), update)
     assert rank_one > 0.1 and error < 0.5 * rank_one
 
+
+
+# --------------------------------------------------------------------------- int4
+
+
+@pytest.mark.parametrize("length", [0, 1, 2, 9, 64, 129])
+def test_nibbles_pack_and_unpack_exactly(length):
+    codes = torch.randint(-7, 8, (3, length), generator=torch.Generator().manual_seed(length)).to(torch.int8)
+    packed = _pack_nibbles(codes)
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == (3, (length + 1) // 2)
+    assert torch.equal(_unpack_nibbles(packed, length), codes)
+    if length >= 2:  # the lower index in the low nibble, stored as code + 8
+        assert int(packed[0, 0]) == (int(codes[0, 0]) + 8) | ((int(codes[0, 1]) + 8) << 4)
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2, 3, 9])
+def test_int4_factors_round_trip_within_half_a_step_per_group(rank):
+    rows, cols = 131, 70  # neither a multiple of the group nor even
+    B = gaussian(rows, rank, seed=rank) * torch.logspace(0, -3, rows)[:, None]  # groups of very different scales
+    A = gaussian(rank, cols, seed=rank + 1)
+    stored = stored_factors(B, A, "int4")
+    layout = factors_layout("int4", rows, cols, rank)
+    assert set(stored) == set(layout)
+    for suffix, (shape, codes) in layout.items():
+        assert tuple(stored[suffix].shape) == shape and SAFETENSORS_CODES[stored[suffix].dtype] in codes, suffix
+    B_back, A_back = read_factors(stored, "int4")
+    for j in range(rank):
+        levels = INT8_LEVELS if j < INT4_LEAD else INT4_LEVELS
+        for vector, back in ((B[:, j], B_back[:, j]), (A[j], A_back[j])):
+            for start in range(0, vector.numel(), GROUP_SIZE):
+                group, got = vector[start:start + GROUP_SIZE], back[start:start + GROUP_SIZE]
+                step = float(group.abs().max()) / levels
+                # Half a step, the step rounded up to bfloat16 (at most 2^-7 relative) to hold the absmax.
+                assert float((got - group).abs().max()) <= 0.5 * step * (1 + 2 ** -7) + 1e-12, (j, start)
+    if rank > INT4_LEAD:  # the leading components are finer than the others
+        assert relative_error(B_back[:, 0], B[:, 0]) < relative_error(B_back[:, -1], B[:, -1]) / 4
+
+
+def test_int4_rows_round_trip_and_zero_groups_stay_zero():
+    rows = gaussian(5, 130, seed=3)
+    rows[1] = 0.0
+    rows[2, 64:128] = 0.0
+    stored = stored_rows(rows, "int4")
+    assert {suffix: tuple(t.shape) for suffix, t in stored.items()} == {".rows": (5, 65), ".rows_scale": (5, 3)}
+    back = read_rows(stored, "int4", 130)
+    assert torch.isfinite(back).all() and back[1].eq(0).all() and back[2, 64:128].eq(0).all()
+    assert relative_error(back, rows) < 0.15
+    assert [t.tolist() for t in round_trip(gaussian(9, 3, seed=1), gaussian(3, 7, seed=2), rows, "int4")[2:]] == \
+        [back.tolist()]
+
+
+@pytest.mark.parametrize("rank", [0, 1, 2, 5])
+def test_int4_costs_count_the_stored_bytes(rank):
+    rows, cols, count = 131, 70, 4
+    costs = Costs(**storage_costs("int4"), dense=rows * cols * 4)
+    factors = stored_factors(gaussian(rows, rank, seed=0), gaussian(rank, cols, seed=1), "int4")
+    assert costs.lowrank(rank, rows, cols) == sum(t.numel() * t.element_size() for t in factors.values())
+    stored = stored_rows(gaussian(count, cols, seed=2), "int4")
+    assert costs.row_set(count, cols) == sum(t.numel() * t.element_size() for t in stored.values()) + 8 * count
+    breakeven = costs.breakeven_rank(rows, cols)
+    assert costs.lowrank(breakeven, rows, cols) < costs.dense <= costs.lowrank(breakeven + 1, rows, cols)
+
+
+def test_quantize_int4_stores_its_layout_and_counts_its_bytes(shop):
+    artifact = shop.artifact("gpt2-rows", "--quantize", "int4")
+    header = header_dtypes(artifact)
+    entries = factorized(artifact)
+    assert read_manifest(artifact).version == 3
+    assert "lowrank+rows" in {entry.kind for entry in entries.values()}
+    for name, entry in entries.items():
+        assert entry.storage == "int4", name
+        lead = min(2, entry.rank)
+        assert header[name + ".lora_B"] == ("I8", [entry.shape[0], lead])
+        assert header[name + ".lora_A_int4"] == ("U8", [entry.rank - lead, -(-entry.shape[1] // 2)])
+        assert header[name + ".lora_B_scale"] == ("BF16", [-(-entry.shape[0] // 64), entry.rank])
+        if entry.kind == "lowrank+rows":
+            assert header[name + ".rows"] == ("U8", [entry.rows, -(-entry.shape[1] // 2)])
+        assert entry.bytes == stored_bytes(header, entry.stored_names(name)), name
+    # The same forms as int8's, in fewer bytes (on these 32-wide tensors the two 8-bit components and
+    # the group scales are a large share; on the README's run int4 is 56% of int8's bytes).
+    int8 = factorized(shop.artifact("gpt2-rows"))
+    assert [(e.kind, e.rank, e.rows) for e in entries.values()] == [(e.kind, e.rank, e.rows) for e in int8.values()]
+    assert sum(entry.bytes for entry in entries.values()) < 0.8 * sum(entry.bytes for entry in int8.values())

@@ -626,19 +626,21 @@ def test_no_reference_option(models, tmp_path):
 
 def test_unknown_quantize_scheme(models, tmp_path):
     out = tmp_path / "out"
-    expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out, "--quantize", "int4"],
-                 says=("--quantize", "int4", "int8", "none"), output=out, inputs=(models.root,))
+    expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out, "--quantize", "int3"],
+                 says=("--quantize", "int3", "int4", "int8", "none"), output=out, inputs=(models.root,))
 
 
-def test_quantize_with_a_lossless_threshold(models, tmp_path):
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantize_with_a_lossless_threshold(models, tmp_path, scheme):
     out = tmp_path / "out"
-    expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out, "--quantize", "int8",
+    expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out, "--quantize", scheme,
                   "--threshold", "1.0"], says=("--quantize", "--threshold", "drop"), output=out, inputs=(models.root,))
 
 
-def test_quantize_with_dtype(models, tmp_path):
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantize_with_dtype(models, tmp_path, scheme):
     out = tmp_path / "out"
-    expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out, "--quantize", "int8",
+    expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out, "--quantize", scheme,
                   "--dtype", "bfloat16"], says=("--quantize", "--dtype"), output=out, inputs=(models.root,))
 
 

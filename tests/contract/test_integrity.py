@@ -146,16 +146,23 @@ def test_finite_factors_whose_product_overflows_are_refused(bf16_artifact, tmp_p
         load_compressed(poisoned)  # its LowRankLinear never forms the weight: the bound is checked
 
 
-def test_a_non_finite_int8_scale_is_refused(made, tmp_path):
-    """The default artifact stores int8 factors with float32 scales: a NaN scale (checksum updated,
-    so only the value is wrong) is found, by its own name, where verify and decompress read it."""
-    _, _, artifact, _ = made
-    names = [name for name in load_file(artifact / "inrank.safetensors") if name.endswith(".lora_scale")]
-    assert names, "the default artifact has no int8 factor scale: is int8 still the default storage?"
+@pytest.mark.parametrize("suffix", [".lora_scale", ".lora_A_scale"])
+def test_a_non_finite_quantization_scale_is_refused(made, tmp_path, suffix):
+    """The default artifact stores int8 factors with float32 scales, ``--quantize int4`` group-wise
+    bfloat16 ones: a NaN scale (checksum updated, so only the value is wrong) is found, by its own
+    name, where verify and decompress read it."""
+    root, pair, artifact, _ = made
+    if suffix == ".lora_A_scale":
+        artifact = root / "int4"
+        if not artifact.exists():
+            expect_ok(["compress", pair.trained_dir, "--init", pair.init_dir, "-o", artifact, "--quantize", "int4",
+                       "--quiet"])
+    names = [name for name in load_file(artifact / "inrank.safetensors") if name.endswith(suffix)]
+    assert names, f"the artifact has no {suffix} (is int8 still the default storage?)"
 
     def poison(tensors, manifest):
         tensor = tensors[names[0]].clone()
-        tensor[0] = float("nan")
+        tensor.view(-1)[0] = float("nan")
         tensors[names[0]] = tensor
         manifest["checksums"][names[0]] = checksum(tensor)
 

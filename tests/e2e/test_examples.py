@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from inrank_convert.artifact import FORMAT_VERSION
 from tests.conftest import REPO, SHARED_DATA
 
 EXAMPLES = REPO / "examples"
@@ -129,7 +130,7 @@ def check_from_scratch(out: Path, code: int, output: str, files: dict[str, int])
         assert name in files, (name, sorted(files))
     assert files.get("report.png", 0) > 0 and files.get("report-inrank.png", 0) > 0
     assert output.count("Perplexity on") == 2  # two reports
-    assert f"{out}/inrank/step-2 (format v2)" in output  # inspect
+    assert f"{out}/inrank/step-2 (format v{FORMAT_VERSION})" in output  # inspect
 
 
 @needs_bash
@@ -168,7 +169,7 @@ def test_distributed(launched):
     assert is_artifact(run / "step-6")
     assert (run / "step-6" / "train_state" / "trainer_state.json").is_file()
     assert '"step": 6' in (run / "metrics.jsonl").read_text()
-    assert f"{run}/step-6 (format v2)" in output  # inspect
+    assert f"{run}/step-6 (format v{FORMAT_VERSION})" in output  # inspect
 
 
 @needs_bash

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from inrank_convert.artifact import read_manifest
+from inrank_convert.artifact import FORMAT_VERSION, read_manifest
 from inrank_convert.compression.job import compress
 from inrank_convert.inputs.text import TokenBatches, cached_tokens, load_tokenizer
 from inrank_convert.runtime.modeling import load_compressed
@@ -268,7 +268,7 @@ def test_old_artifact_resumes_training(old, tmp_path):
     records = read_metrics(tmp_path / "run")
     assert [record["step"] for record in records] == [1, 2, 3]
     assert all(torch.isfinite(torch.tensor(record["loss"])) for record in records)
-    assert read_manifest(tmp_path / "run" / "step-3").version == 2  # its checkpoints are written in version 2
+    assert read_manifest(tmp_path / "run" / "step-3").version == FORMAT_VERSION  # its checkpoints are written in the current version
 
 
 @needs_data
