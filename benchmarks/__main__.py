@@ -1,7 +1,7 @@
 """Run every benchmark (or those named on the command line), print one ratio table, write results.json.
 
-Usage: python -m benchmarks [compress] [svd] [memory] [runtime] [train] [compression] [calibration] [llama]
-       [distributed] [scale]
+Usage: python -m benchmarks [compress] [svd] [memory] [runtime] [train] [compression] [calibration] [finetune]
+       [llama] [distributed] [scale]
 
 ``scale`` (a 7B-shaped pair) runs only when named.
 
@@ -26,6 +26,7 @@ from . import (
     bench_compress,
     bench_compression,
     bench_distributed,
+    bench_finetune,
     bench_llama,
     bench_memory,
     bench_runtime,
@@ -39,7 +40,7 @@ BUSY_WARNING = 0.05  # other processes' share of the CPUs above which timings ar
 
 BENCHMARKS = {module.NAME: module
               for module in (bench_compress, bench_svd, bench_memory, bench_runtime, bench_train, bench_compression,
-                              bench_calibration, bench_llama, bench_distributed, bench_scale)}
+                              bench_calibration, bench_finetune, bench_llama, bench_distributed, bench_scale)}
 # Run only when named (``python -m benchmarks scale``, ``make bench-scale``): 30 GB of disk, ~15 min.
 ON_REQUEST = {bench_scale.NAME}
 RESULTS_FILE = Path(__file__).resolve().parent / "results.json"

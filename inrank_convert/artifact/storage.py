@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import torch
 
@@ -129,10 +130,10 @@ def decode_rows(rows: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return rows.float() * scale.float()[:, None]
 
 
-def round_trip(B: torch.Tensor, A: torch.Tensor, rows: torch.Tensor | None, storage: str
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def round_trip(B: torch.Tensor, A: torch.Tensor, rows: torch.Tensor | None, storage: str,
+               feedback: InputGram | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """What a reader will get back after storing at ``storage``: to measure the rounding's error."""
-    B_back, A_back = read_factors(stored_factors(B, A, storage), storage)
+    B_back, A_back = read_factors(stored_factors(B, A, storage, feedback), storage)
     rows_back = None if rows is None else read_rows(stored_rows(rows, storage), storage)
     return B_back, A_back, rows_back
 
@@ -140,10 +141,25 @@ def round_trip(B: torch.Tensor, A: torch.Tensor, rows: torch.Tensor | None, stor
 # --- every storage by stored-name suffix: what the writer adds, the reader reads, the manifest checks
 
 
-def stored_factors(B: torch.Tensor, A: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
-    """The tensors that store B [rows, r] and A [r, cols] at ``storage``, by name suffix."""
+@dataclass(frozen=True)
+class InputGram:
+    """The calibration's Gram X^T X ([in, in]) of a layer's inputs, and whether the layer's weight is
+    stored [in, out] (GPT-2's Conv1D: B's rows meet the input) rather than [out, in] (A's columns do)."""
+
+    gram: torch.Tensor
+    conv1d: bool = False
+
+
+def stored_factors(B: torch.Tensor, A: torch.Tensor, storage: str,
+                   feedback: InputGram | None = None) -> dict[str, torch.Tensor]:
+    """The tensors that store B [rows, r] and A [r, cols] at ``storage``, by name suffix.
+
+    ``feedback`` (int4 only): the factor that meets the layer's input is quantized with error
+    feedback (GPTQ's order: one input feature at a time, its rounding error pushed onto the features
+    not yet rounded through the inverse Gram), which lowers the error of the layer's outputs on the
+    calibration text; the other factor is rounded as without it."""
     if storage == "int4":
-        return _int4_factors(B, A)
+        return _int4_factors(B, A, feedback)
     B_s, A_s, scale = encode_factors(B, A, storage)
     return {FACTOR_B: B_s, FACTOR_A: A_s} | ({} if scale is None else {FACTOR_SCALE: scale})
 
@@ -249,18 +265,55 @@ def _unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
     return (pairs - 8).to(torch.int8)
 
 
-def _int4_factors(B: torch.Tensor, A: torch.Tensor) -> dict[str, torch.Tensor]:
+def _int4_factors(B: torch.Tensor, A: torch.Tensor, feedback: InputGram | None = None) -> dict[str, torch.Tensor]:
     rank = A.shape[0]
     lead = min(INT4_LEAD, rank)
     columns = B.T.float()  # [r, rows]: each of B's columns as a vector
-    code_b8, scale_b8 = _group_quantize(columns[:lead], INT8_LEVELS)
-    code_b4, scale_b4 = _group_quantize(columns[lead:], INT4_LEVELS)
-    code_a8, scale_a8 = _group_quantize(A[:lead].float(), INT8_LEVELS)
-    code_a4, scale_a4 = _group_quantize(A[lead:].float(), INT4_LEVELS)
+
+    def quantize(vectors: torch.Tensor, levels: int, meets_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if feedback is None or not meets_input:
+            return _group_quantize(vectors, levels)
+        return _feedback_quantize(vectors, feedback.gram, levels)
+
+    code_b8, scale_b8 = quantize(columns[:lead], INT8_LEVELS, feedback is not None and feedback.conv1d)
+    code_b4, scale_b4 = quantize(columns[lead:], INT4_LEVELS, feedback is not None and feedback.conv1d)
+    code_a8, scale_a8 = quantize(A[:lead].float(), INT8_LEVELS, feedback is not None and not feedback.conv1d)
+    code_a4, scale_a4 = quantize(A[lead:].float(), INT4_LEVELS, feedback is not None and not feedback.conv1d)
     return {FACTOR_B: code_b8.T.contiguous(), FACTOR_A: code_a8.contiguous(),
             FACTOR_B4: _pack_nibbles(code_b4).T.contiguous(), FACTOR_A4: _pack_nibbles(code_a4),
             FACTOR_B_SCALE: torch.cat([scale_b8, scale_b4]).T.contiguous(),
             FACTOR_A_SCALE: torch.cat([scale_a8, scale_a4]).contiguous()}
+
+
+FEEDBACK_DAMPING = 0.01  # of the Gram's mean diagonal, added to it (GPTQ's): keeps its inverse tame
+
+
+def _feedback_quantize(vectors: torch.Tensor, gram: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_group_quantize``'s codes and scales of vectors [m, n] (n input features, Gram [n, n]) with
+    GPTQ's error feedback: feature i is rounded, and its error, divided by U[i, i], is taken off the
+    features after it along U[i, i + 1:], U the upper Cholesky factor of the damped Gram's inverse;
+    a group's scale is set from its numbers as they are when the feature order reaches it. Each
+    vector's error on the inputs, ||(v - v_q) X^T||, is then at most about what plain rounding gives."""
+    m, n = vectors.shape
+    work = vectors.double().clone()
+    hessian = gram.to(torch.float64).clone()
+    dead = hessian.diagonal() <= 0  # a feature the text never used: its rounding costs nothing
+    hessian[dead, dead] = 1.0
+    hessian += FEEDBACK_DAMPING * float(hessian.diagonal().mean()) * torch.eye(n, dtype=torch.float64)
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)  # [n, n]
+    codes = torch.zeros(m, n, dtype=torch.int8)
+    scales = torch.ones(m, _groups(n), dtype=torch.bfloat16)
+    for group in range(_groups(n)):
+        start, stop = group * GROUP_SIZE, min(n, (group + 1) * GROUP_SIZE)
+        _, scale = _group_quantize(work[:, start:stop].float(), levels)  # [m, 1]: this group's scale now
+        scales[:, group] = scale[:, 0]
+        step = scale[:, 0].double()  # [m]
+        for i in range(start, stop):
+            code = torch.round(work[:, i] / step).clamp_(-levels, levels)
+            codes[:, i] = code.to(torch.int8)
+            error = (work[:, i] - code * step) / upper[i, i]  # [m]
+            work[:, i + 1:] -= error[:, None] * upper[i, i + 1:][None, :]
+    return codes, scales
 
 
 def _int4_read_factors(stored: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -23,7 +23,7 @@ from inrank_convert.artifact.format import (
 from inrank_convert.artifact.manifest import Manifest, TensorEntry
 from inrank_convert.artifact.reader import artifact_bytes
 from inrank_convert.artifact.records import ReferenceRecord, RuleRecord, SourceRecord
-from inrank_convert.artifact.storage import stored_factors, stored_rows
+from inrank_convert.artifact.storage import InputGram, stored_factors, stored_rows
 from inrank_convert.core.errors import ArtifactError
 from inrank_convert.core.tensors import dtype_name, sha256_tensor
 from inrank_convert.weights.checkpoints import TensorInfo, copy_side_files
@@ -102,18 +102,19 @@ class ArtifactWriter:
                     dtype: torch.dtype, energy: float = 1.0, original_bytes: int | None = None,
                     svd: str | None = None, rows: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
                     storage: str | None = None, error: float | None = None,
-                    reference_rows: int | None = None) -> TensorEntry:
+                    reference_rows: int | None = None, feedback: InputGram | None = None) -> TensorEntry:
         """``W ~= W_ref + B @ A`` (+ ``rows`` scattered to ``row_index``): B [rows, r], A [r, cols],
         rows [K, cols], row_index [K] in the stored orientation.
 
         ``storage`` (float32 / float16 / bfloat16 / int8 / int4) encodes the factors and rows; None stores
         them as given (training checkpoints keep their parameters' exact values). ``error``: the
         relative error of what is stored, measured by the caller; ``reference_rows``: the
-        reference has only that many rows (a grown vocabulary).
+        reference has only that many rows (a grown vocabulary); ``feedback``: the layer's input Gram,
+        for int4's error feedback (``storage.stored_factors``).
         """
         stored_storage = storage or dtype_name(A.dtype)
         stored = sum(self._tensors.add(name + suffix, tensor)
-                     for suffix, tensor in stored_factors(B, A, stored_storage).items())
+                     for suffix, tensor in stored_factors(B, A, stored_storage, feedback).items())
         kind = "lowrank"
         if rows is not None:
             if row_index is None or row_index.dim() != 1 or row_index.shape[0] != rows.shape[0]:

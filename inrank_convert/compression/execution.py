@@ -15,7 +15,7 @@ from functools import partial
 import torch
 
 from inrank_convert.artifact import ArtifactWriter
-from inrank_convert.artifact.storage import encode_factors, round_trip
+from inrank_convert.artifact.storage import InputGram, encode_factors, round_trip
 from inrank_convert.compression.calibration import CalibrationStats
 from inrank_convert.compression.plan import Plan, PlanOptions, TensorPlan, costs_for, storage_for
 from inrank_convert.compression.results import LayerResult
@@ -122,19 +122,22 @@ def execute_entry(entry: TensorPlan, inputs: Inputs, options: PlanOptions, devic
         # The stored error from the factors as they will be stored (no float32 copy of them) where
         # norms suffice, else measured on what a reader decodes.
         error = None
+        # int4 rounds the factor that meets the layer's input with error feedback when calibrated.
+        feedback = InputGram(stats.grams[entry.name], stats.conv1d[entry.name]) \
+            if storage == "int4" and stats is not None and entry.name in stats.grams else None
         # (int4's group-wise rounding is too coarse for the norms' second-order terms: measured.)
         if form.svd_factors and form.rows is None and storage != "int4":
             B_q, A_q, scale = encode_factors(form.B, form.A, storage)
             error = svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error, scale)
         if error is None:
-            B, A, rows = round_trip(form.B, form.A, form.rows, storage)
+            B, A, rows = round_trip(form.B, form.A, form.rows, storage, feedback)
             error = stored_error(delta, total, B.to(delta.device), A.to(delta.device),
                                  None if rows is None else rows.to(delta.device), form.row_index)
         stored = writer.add_lowrank(entry.name, form.B.cpu(), form.A.cpu(), shape=entry.shape, dtype=entry.dtype,
                                     energy=form.energy, svd=engine, storage=storage, error=error,
                                     rows=None if form.rows is None else form.rows.cpu(),
                                     row_index=None if form.row_index is None else form.row_index.cpu(),
-                                    reference_rows=entry.reference_rows)
+                                    reference_rows=entry.reference_rows, feedback=feedback)
     del delta
     if inputs.embed_init and stored.uses_reference:
         writer.add_reference_tensor(entry.name, inputs.reference.get(entry.name))

@@ -22,6 +22,7 @@ from inrank_convert.artifact.storage import (
     INT4_LEVELS,
     INT8_LEVELS,
     QUANTIZE_SCHEMES,
+    InputGram,
     _pack_nibbles,
     _unpack_nibbles,
     decode_factors,
@@ -539,3 +540,27 @@ def test_quantize_int4_stores_its_layout_and_counts_its_bytes(shop):
     int8 = factorized(shop.artifact("gpt2-rows"))
     assert [(e.kind, e.rank, e.rows) for e in entries.values()] == [(e.kind, e.rank, e.rows) for e in int8.values()]
     assert sum(entry.bytes for entry in entries.values()) < 0.8 * sum(entry.bytes for entry in int8.values())
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_int4_error_feedback_lowers_the_output_error_on_a_non_isotropic_gram(conv1d):
+    generator = torch.Generator().manual_seed(7)
+    mixing = torch.linalg.qr(torch.randn(96, 96, generator=generator))[0]
+    inputs = torch.randn(4000, 96, generator=generator) @ torch.diag(torch.logspace(0, -2, 96)) @ mixing  # [tokens, in]
+    gram = (inputs.T @ inputs).double()
+    B, A = gaussian(40, 6, seed=1), gaussian(6, 96, seed=2)  # nn.Linear [out, in]: A meets the input
+    if conv1d:  # GPT-2's Conv1D stores the weight [in, out]: B meets the input
+        B, A = A.T.contiguous(), B.T.contiguous()
+
+    def output_error(stored: dict) -> float:
+        B_back, A_back = read_factors(stored, "int4")
+        error = B @ A - B_back @ A_back
+        return float((inputs @ error if conv1d else inputs @ error.T).norm())
+
+    plain = stored_factors(B, A, "int4")
+    fed = stored_factors(B, A, "int4", InputGram(gram, conv1d))
+    assert {k: (v.shape, v.dtype) for k, v in fed.items()} == {k: (v.shape, v.dtype) for k, v in plain.items()}
+    assert output_error(fed) < 0.8 * output_error(plain), (output_error(fed), output_error(plain))
+    # Only the factor that meets the input changes.
+    untouched = ".lora_A_int4" if conv1d else ".lora_B_int4"
+    assert torch.equal(fed[untouched], plain[untouched])
