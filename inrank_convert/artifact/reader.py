@@ -24,7 +24,13 @@ from inrank_convert.artifact.format import (
     row_names,
 )
 from inrank_convert.artifact.manifest import Manifest, TensorEntry
-from inrank_convert.artifact.storage import factors_layout, read_factors, read_rows, rows_layout
+from inrank_convert.artifact.storage import (
+    factors_layout,
+    precision_bands,
+    read_factors,
+    read_rows,
+    rows_layout,
+)
 from inrank_convert.core.errors import ArtifactError, CheckpointError, InitReferenceError
 from inrank_convert.core.tensors import SAFETENSORS_DTYPES, dtype_name, is_finite
 from inrank_convert.weights.checkpoints import SafetensorsCheckpoint, TensorInfo, open_safetensors
@@ -328,7 +334,8 @@ def describe_artifact(path: str | Path) -> dict[str, Any]:
     layers = [{"name": name, "shape": list(entry.shape), "kind": entry.kind, "rank": entry.rank,
                "energy": entry.energy, "bytes": entry.bytes, "dtype": dtype_name(entry.dtype),
                "rows": entry.rows, "storage": storage(name, entry), "error": entry.error,
-               "reference_rows": entry.reference_rows}
+               "reference_rows": entry.reference_rows,
+               "bands": precision_bands(entry.storage, entry.rank or 0) if entry.has_factors else None}
               for name, entry in manifest.stored_entries().items()]
     return {
         "path": str(path), "format": FORMAT_NAME, "version": manifest.version,

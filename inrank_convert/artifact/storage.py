@@ -71,6 +71,19 @@ def vector_overhead(storage: str) -> int:
     return 4 if storage == "int8" else SCALE_BYTES if storage == "int4" else 0
 
 
+def precision_bands(storage: str | None, rank: int) -> list[dict[str, int]] | None:
+    """The components of a rank-``rank`` tensor by the bits their codes have, leading ones first
+    (``inspect``): int4's two leading components at 8 bits, the rest at 4; int8's all at 8; None
+    for float storage (its numbers are not codes)."""
+    if storage == "int4":
+        lead = min(INT4_LEAD, rank)
+        return [band for band in ({"components": lead, "bits": 8}, {"components": rank - lead, "bits": 4})
+                if band["components"]]
+    if storage == "int8":
+        return [{"components": rank, "bits": 8}] if rank else []
+    return None
+
+
 def storage_costs(storage: str) -> dict[str, int]:
     """What ``linalg.forms.Costs`` needs to count a tensor's bytes at ``storage`` (beside the dense bytes)."""
     if storage != "int4":

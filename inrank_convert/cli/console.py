@@ -110,9 +110,17 @@ def layer_table(layers: list[dict], title: str) -> Table:
         cells = ["x".join(map(str, layer["shape"])), layer["kind"], _rank(layer.get("rank"))]
         cells += [_rows(layer)] if with_rows else []
         cells += [_energy(layer.get("energy")), human_bytes(layer.get("bytes", 0))]
-        cells += [layer.get("storage") or ""] if with_storage else []
+        cells += [_storage(layer)] if with_storage else []
         table.add_row(layer["name"], *cells)
     return table
+
+
+def _storage(layer: dict) -> str:
+    """The storage, and its bands where they differ (int4: ``int4 2x8b+14x4b``)."""
+    storage, bands = layer.get("storage") or "", layer.get("bands")
+    if not bands or len(bands) < 2:
+        return storage
+    return f"{storage} " + "+".join(f"{band['components']}x{band['bits']}b" for band in bands)
 
 
 def totals_line(summary: dict) -> str:

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from inrank_convert.artifact import FORMAT_VERSION, read_manifest
+from inrank_convert.artifact import FORMAT_VERSION, describe_artifact, read_manifest
 from inrank_convert.artifact.storage import (
     GROUP_SIZE,
     INT4_LEAD,
@@ -535,6 +535,12 @@ def test_quantize_int4_stores_its_layout_and_counts_its_bytes(shop):
         if entry.kind == "lowrank+rows":
             assert header[name + ".rows"] == ("U8", [entry.rows, -(-entry.shape[1] // 2)])
         assert entry.bytes == stored_bytes(header, entry.stored_names(name)), name
+    described = {layer["name"]: layer for layer in describe_artifact(artifact)["layers"]}
+    for name, entry in entries.items():  # inspect shows the bands
+        assert described[name]["bands"] == [b for b in ({"components": min(2, entry.rank), "bits": 8},
+                                                        {"components": entry.rank - min(2, entry.rank), "bits": 4})
+                                            if b["components"]], name
+    assert all(layer["bands"] is None for layer in described.values() if layer["kind"] == "dense")
     # The same forms as int8's, in fewer bytes (on these 32-wide tensors the two 8-bit components and
     # the group scales are a large share; on the README's run int4 is 56% of int8's bytes).
     int8 = factorized(shop.artifact("gpt2-rows"))
