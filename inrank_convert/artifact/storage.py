@@ -62,13 +62,13 @@ Layout = dict[str, tuple[tuple[int, ...], frozenset[str]]]
 def element_bytes(storage: str) -> int:
     """Bytes per stored number (int8 scales are counted per vector, see ``vector_overhead``; int4
     is counted by ``storage_costs``)."""
-    return 1 if storage in QUANTIZE_SCHEMES else torch.empty((), dtype=FLOAT_STORAGE[storage]).element_size()
+    return 1 if storage == "int8" else torch.empty((), dtype=FLOAT_STORAGE[storage]).element_size()
 
 
 def vector_overhead(storage: str) -> int:
-    """Extra bytes per rank-1 component or per stored row: its float32 scale under int8 (under int4:
-    per group of every vector, ``SCALE_BYTES``)."""
-    return 4 if storage == "int8" else SCALE_BYTES if storage == "int4" else 0
+    """Extra bytes per rank-1 component or per stored row: its float32 scale under int8 (int4 is
+    counted by ``storage_costs``)."""
+    return 4 if storage == "int8" else 0
 
 
 def precision_bands(storage: str | None, rank: int) -> list[dict[str, int]] | None:
@@ -143,12 +143,10 @@ def decode_rows(rows: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return rows.float() * scale.float()[:, None]
 
 
-def round_trip(B: torch.Tensor, A: torch.Tensor, rows: torch.Tensor | None, storage: str,
-               feedback: InputGram | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def round_trip(B: torch.Tensor, A: torch.Tensor, rows: torch.Tensor | None, storage: str
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """What a reader will get back after storing at ``storage``: to measure the rounding's error."""
-    B_back, A_back = read_factors(stored_factors(B, A, storage, feedback), storage)
-    rows_back = None if rows is None else read_rows(stored_rows(rows, storage), storage)
-    return B_back, A_back, rows_back
+    return read_update(stored_update(B, A, rows, storage), storage, None if rows is None else rows.shape[1])
 
 
 # --- every storage by stored-name suffix: what the writer adds, the reader reads, the manifest checks
@@ -193,13 +191,25 @@ def stored_rows(rows: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
     return {ROWS: rows_s} | ({} if scale is None else {ROWS_SCALE: scale})
 
 
-def read_rows(stored: Mapping[str, torch.Tensor], storage: str | None, cols: int | None = None) -> torch.Tensor:
-    """float32 rows [K, cols] back from ``stored_rows``'s tensors."""
+def read_rows(stored: Mapping[str, torch.Tensor], storage: str | None, cols: int) -> torch.Tensor:
+    """float32 rows [K, cols] back from ``stored_rows``'s tensors (int4 packs two numbers a byte:
+    ``cols`` says whether the last byte holds one or two)."""
     if storage == "int4":
-        scale = stored[ROWS_SCALE]  # [K, groups]
-        cols = cols if cols is not None else stored[ROWS].shape[1] * 2
-        return _group_dequantize(_unpack_nibbles(stored[ROWS], cols), scale)
+        return _group_dequantize(_unpack_nibbles(stored[ROWS], cols), stored[ROWS_SCALE])
     return decode_rows(stored[ROWS], stored.get(ROWS_SCALE) if storage == "int8" else None)
+
+
+def stored_update(B: torch.Tensor, A: torch.Tensor, rows: torch.Tensor | None, storage: str,
+                  feedback: InputGram | None = None) -> dict[str, torch.Tensor]:
+    """``stored_factors`` and ``stored_rows`` in one mapping by suffix (the row index is the writer's)."""
+    return stored_factors(B, A, storage, feedback) | ({} if rows is None else stored_rows(rows, storage))
+
+
+def read_update(stored: Mapping[str, torch.Tensor], storage: str, cols: int | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """float32 (B, A, rows or None) back from ``stored_update``'s tensors; ``cols``: the rows' width."""
+    B, A = read_factors(stored, storage)
+    return B, A, (read_rows(stored, storage, cols) if ROWS in stored else None)
 
 
 def factors_layout(storage: str | None, rows: int, cols: int, rank: int) -> Layout:
@@ -288,10 +298,11 @@ def _int4_factors(B: torch.Tensor, A: torch.Tensor, feedback: InputGram | None =
             return _group_quantize(vectors, levels)
         return _feedback_quantize(vectors, feedback.gram, levels)
 
-    code_b8, scale_b8 = quantize(columns[:lead], INT8_LEVELS, feedback is not None and feedback.conv1d)
-    code_b4, scale_b4 = quantize(columns[lead:], INT4_LEVELS, feedback is not None and feedback.conv1d)
-    code_a8, scale_a8 = quantize(A[:lead].float(), INT8_LEVELS, feedback is not None and not feedback.conv1d)
-    code_a4, scale_a4 = quantize(A[lead:].float(), INT4_LEVELS, feedback is not None and not feedback.conv1d)
+    b_meets_input = feedback is not None and feedback.conv1d  # Conv1D [in, out]: B's rows meet the input
+    code_b8, scale_b8 = quantize(columns[:lead], INT8_LEVELS, b_meets_input)
+    code_b4, scale_b4 = quantize(columns[lead:], INT4_LEVELS, b_meets_input)
+    code_a8, scale_a8 = quantize(A[:lead].float(), INT8_LEVELS, not b_meets_input)
+    code_a4, scale_a4 = quantize(A[lead:].float(), INT4_LEVELS, not b_meets_input)
     return {FACTOR_B: code_b8.T.contiguous(), FACTOR_A: code_a8.contiguous(),
             FACTOR_B4: _pack_nibbles(code_b4).T.contiguous(), FACTOR_A4: _pack_nibbles(code_a4),
             FACTOR_B_SCALE: torch.cat([scale_b8, scale_b4]).T.contiguous(),

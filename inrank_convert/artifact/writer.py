@@ -6,7 +6,7 @@ import json
 import os
 import struct
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from inrank_convert.artifact.format import (
 from inrank_convert.artifact.manifest import Manifest, TensorEntry
 from inrank_convert.artifact.reader import artifact_bytes
 from inrank_convert.artifact.records import ReferenceRecord, RuleRecord, SourceRecord
-from inrank_convert.artifact.storage import InputGram, stored_factors, stored_rows
+from inrank_convert.artifact.storage import stored_update
 from inrank_convert.core.errors import ArtifactError
 from inrank_convert.core.tensors import dtype_name, sha256_tensor
 from inrank_convert.weights.checkpoints import TensorInfo, copy_side_files
@@ -102,28 +102,31 @@ class ArtifactWriter:
                     dtype: torch.dtype, energy: float = 1.0, original_bytes: int | None = None,
                     svd: str | None = None, rows: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
                     storage: str | None = None, error: float | None = None,
-                    reference_rows: int | None = None, feedback: InputGram | None = None) -> TensorEntry:
+                    reference_rows: int | None = None, encoded: Mapping[str, torch.Tensor] | None = None
+                    ) -> TensorEntry:
         """``W ~= W_ref + B @ A`` (+ ``rows`` scattered to ``row_index``): B [rows, r], A [r, cols],
         rows [K, cols], row_index [K] in the stored orientation.
 
         ``storage`` (float32 / float16 / bfloat16 / int8 / int4) encodes the factors and rows; None stores
         them as given (training checkpoints keep their parameters' exact values). ``error``: the
         relative error of what is stored, measured by the caller; ``reference_rows``: the
-        reference has only that many rows (a grown vocabulary); ``feedback``: the layer's input Gram,
-        for int4's error feedback (``storage.stored_factors``).
+        reference has only that many rows (a grown vocabulary); ``encoded``: the factors and rows
+        already encoded at ``storage`` (``storage.stored_update``, by a caller that measured their
+        error on them: int4's error feedback is not done twice).
         """
         stored_storage = storage or dtype_name(A.dtype)
-        stored = sum(self._tensors.add(name + suffix, tensor)
-                     for suffix, tensor in stored_factors(B, A, stored_storage, feedback).items())
         kind = "lowrank"
         if rows is not None:
             if row_index is None or row_index.dim() != 1 or row_index.shape[0] != rows.shape[0]:
                 raise ValueError(f"rows of {name!r} need a [K] row_index")
             kind = "lowrank+rows"
-            rows_name, index_name = row_names(name)
-            encoded = stored_rows(rows, stored_storage)
-            stored += self._tensors.add(rows_name, encoded.pop(ROWS)) + self._tensors.add(index_name, row_index.to(torch.int64))
-            stored += sum(self._tensors.add(name + suffix, tensor) for suffix, tensor in encoded.items())
+        if encoded is None:
+            encoded = stored_update(B, A, rows, stored_storage)
+        stored = 0
+        for suffix, tensor in encoded.items():
+            stored += self._tensors.add(name + suffix, tensor)
+            if suffix == ROWS:  # the index right after the rows, as every writer has stored it
+                stored += self._tensors.add(row_names(name)[1], row_index.to(torch.int64))
         nbytes = original_bytes if original_bytes is not None else TensorInfo(name, tuple(shape), dtype).nbytes
         return self._add_entry(name, TensorEntry(
             kind, tuple(shape), dtype, A.shape[0], energy, stored, nbytes, svd,

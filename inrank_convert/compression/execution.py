@@ -15,7 +15,7 @@ from functools import partial
 import torch
 
 from inrank_convert.artifact import ArtifactWriter
-from inrank_convert.artifact.storage import InputGram, encode_factors, round_trip
+from inrank_convert.artifact.storage import InputGram, encode_factors, read_update, stored_update
 from inrank_convert.compression.calibration import CalibrationStats
 from inrank_convert.compression.plan import Plan, PlanOptions, TensorPlan, costs_for, storage_for
 from inrank_convert.compression.results import LayerResult
@@ -129,15 +129,18 @@ def execute_entry(entry: TensorPlan, inputs: Inputs, options: PlanOptions, devic
         if form.svd_factors and form.rows is None and storage != "int4":
             B_q, A_q, scale = encode_factors(form.B, form.A, storage)
             error = svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error, scale)
+        B_cpu, A_cpu, rows_cpu = form.B.cpu(), form.A.cpu(), None if form.rows is None else form.rows.cpu()
+        encoded = None
         if error is None:
-            B, A, rows = round_trip(form.B, form.A, form.rows, storage, feedback)
+            # Measured on what the writer will store, encoded once (int4's error feedback is not cheap).
+            encoded = stored_update(B_cpu, A_cpu, rows_cpu, storage, feedback)
+            B, A, rows = read_update(encoded, storage, A_cpu.shape[1])
             error = stored_error(delta, total, B.to(delta.device), A.to(delta.device),
                                  None if rows is None else rows.to(delta.device), form.row_index)
-        stored = writer.add_lowrank(entry.name, form.B.cpu(), form.A.cpu(), shape=entry.shape, dtype=entry.dtype,
-                                    energy=form.energy, svd=engine, storage=storage, error=error,
-                                    rows=None if form.rows is None else form.rows.cpu(),
+        stored = writer.add_lowrank(entry.name, B_cpu, A_cpu, shape=entry.shape, dtype=entry.dtype,
+                                    energy=form.energy, svd=engine, storage=storage, error=error, rows=rows_cpu,
                                     row_index=None if form.row_index is None else form.row_index.cpu(),
-                                    reference_rows=entry.reference_rows, feedback=feedback)
+                                    reference_rows=entry.reference_rows, encoded=encoded)
     del delta
     if inputs.embed_init and stored.uses_reference:
         writer.add_reference_tensor(entry.name, inputs.reference.get(entry.name))
