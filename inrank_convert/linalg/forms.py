@@ -118,10 +118,10 @@ class Costs:
     def breakeven_rank(self, rows: int, cols: int) -> int:
         """The largest rank whose factors take fewer bytes than the dense tensor (0: none does)."""
         lead = min(self.lead, max(0, -(-self.dense // self.component(0, rows, cols)) - 1))
-        if self.lowrank(lead, rows, cols) < self.dense and lead == self.lead:
-            left = self.dense - self.lowrank(lead, rows, cols)
-            return lead + max(0, -(-left // self.component(lead, rows, cols)) - 1)
-        return lead
+        if lead < self.lead:  # not even the leading components all fit
+            return lead
+        left = self.dense - self.lowrank(lead, rows, cols)
+        return lead + max(0, -(-left // self.component(lead, rows, cols)) - 1)
 
 
 # (delta, V, B, residual row energies) -> a ranking of the residual rows ([rows] float64), or None
