@@ -1,4 +1,5 @@
-"""The only module that prints: Rich tables on stdout, progress and warnings on stderr, JSON."""
+"""The only module that prints: Rich tables on stdout, progress and warnings on stderr, JSON.
+(``console_runs`` lays out the training commands' tables and progress on these same streams.)"""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import math
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -197,11 +197,11 @@ def render_verify(result: dict) -> None:
     stdout.print("verify: OK" if result["ok"] else "verify: FAILED")
 
 
-def _number(value, digits: int = 2) -> str:
+def number_cell(value, digits: int = 2) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
 
-def _optional(value, form: str) -> str:
+def optional_cell(value, form: str) -> str:
     """``value`` in ``form``, or an empty cell when there is none (a dense run has no rank)."""
     return "" if value is None else format(value, form)
 
@@ -224,8 +224,8 @@ def render_report(result: dict) -> None:
     for row in result["models"]:
         change = row["change_percent"]
         table.add_row(row["label"], row["path"], human_bytes(row["bytes"]), f"{100 * row['ratio']:.2f}%",
-                      _count(row["parameters"]), _number(row["perplexity"], 3),
-                      "" if change is None else f"{change:+.2f}%", _number(row["tokens_per_second"], 0))
+                      _count(row["parameters"]), number_cell(row["perplexity"], 3),
+                      "" if change is None else f"{change:+.2f}%", number_cell(row["tokens_per_second"], 0))
     stdout.print(table)
     stdout.print(layer_table(result["layers"], f"Layers of {result['artifact']} (reference: {result['reference']}, "
                                                f"rule: {result['rule']})"))
@@ -252,7 +252,7 @@ def render_export_peft(result: dict) -> None:
                        ("artifact", "artifact")):
         value = scores[key]
         change = "" if value is None or not artifact else f"{100 * (value / artifact - 1):+.2f}%"
-        table.add_row(label, _number(value, 3), change)
+        table.add_row(label, number_cell(value, 3), change)
     stdout.print(table)
 
 
@@ -265,105 +265,6 @@ def render_generation(result: dict) -> None:
                  + (f" ({speed:.1f} tokens/s)" if speed else "") + f", seed {result['seed']}[/dim]")
 
 
-@contextmanager
-def training_progress(total: int, start: int, quiet: bool = False) -> Iterator:
-    """A training bar on stderr (step, loss, tokens/s, total rank); yields ``update(record)``.
-    Without a terminal it logs a plain line per logged step instead (for CI logs and nohup)."""
-    if quiet:
-        yield lambda record: None
-        return
-    if not stderr.is_terminal:
-        def log(record: dict) -> None:
-            sys.stderr.write(_training_line(record) + "\n")
-            sys.stderr.flush()
-
-        yield log
-        return
-    bar = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                   TextColumn("{task.fields[label]}"), console=stderr, transient=True)
-    with bar:
-        task = bar.add_task("train", total=total, completed=start, label="")
-        yield lambda record: bar.update(task, completed=record["step"], label=_training_line(record, step=False))
-
-
-def _training_line(record: dict, step: bool = True) -> str:
-    parts = [f"step {record['step']}"] if step else []
-    parts.append(f"loss {record['loss']:.4f}")
-    if "val_loss" in record:
-        parts.append(f"val {record['val_loss']:.4f}")
-    parts.append(f"{record['tokens_per_second']:.0f} tok/s")
-    if "total_rank" in record:
-        parts.append(f"rank {record['total_rank']}")
-    return "  ".join(parts)
-
-
-def render_training(result: dict) -> None:
-    """``train``/``resume``: where the run stands and its last checkpoint."""
-    loss = "n/a" if result["loss"] is None else f"{result['loss']:.4f}"
-    line = f"{result['run']}: steps {result['start_step']} -> {result['step']}, loss {loss}"
-    if result["val_loss"] is not None:
-        line += f", val loss {result['val_loss']:.4f}"
-    if result["ranks"]:
-        line += f", total rank {result['total_rank']} over {len(result['ranks'])} layers"
-    line += f", {result['tokens_per_second']:.0f} tokens/s"
-    stdout.print(line)
-    if result["checkpoints"]:
-        stdout.print(f"last checkpoint: {result['checkpoints'][-1]}")
-
-
-def render_demo(result: dict) -> None:
-    """``demo``: the dense and InRank runs side by side, every model's size and perplexity, then
-    mean ranks per layer type."""
-    data, story = result["data"], result["story"]
-    measured = result["measured"]
-    table = Table(title=f"Dense vs InRank: {story[0]['steps']} steps from one init on {Path(data['train']).name}; "
-                        f"validation perplexity on {Path(data['eval']).name}", title_justify="left")
-    table.add_column("")
-    for run in story[:2]:
-        table.add_column(run["run"], justify="right")
-
-    for label, key, form in (("final validation perplexity", "val_perplexity", ".2f"),
-                             ("total rank / full rank: final", "rank_fraction_final", ".1%"),
-                             ("total rank / full rank: mean", "rank_fraction_mean", ".1%"),
-                             ("checkpoint", "checkpoint_bytes", "bytes"),
-                             (f"perplexity, {measured['text_tokens']} tokens", "checkpoint_perplexity", ".2f"),
-                             (f"artifact at {result['dense_artifact']['rule']}", "artifact_bytes", "bytes"),
-                             ("its perplexity", "artifact_perplexity", ".2f"),
-                             ("training time (s)", "seconds", ".0f"), ("tokens/s", "tokens_per_second", ".0f")):
-        table.add_row(label, *(human_bytes(run[key]) if form == "bytes" else _optional(run.get(key), form) for run in story[:2]))
-    stdout.print(table)
-    models = Table(title=f"Size and perplexity on {Path(data['eval']).name} ({measured['text_tokens']} tokens)",
-                   title_justify="left")
-    models.add_column("model")
-    models.add_column("path", overflow="fold")
-    for column in ("bytes", "of dense", "perplexity", "change"):
-        models.add_column(column, justify="right", no_wrap=True)
-    labels = {result["dense"]["checkpoints"][-1]: "dense (trained)", result["dense_artifact"]["output"]: "dense, compressed",
-              result["inrank"]["checkpoints"][-1]: "InRank (trained)", result["inrank_artifact"]["output"]: "InRank, compressed",
-              result["resumed"]["checkpoints"][-1]: "resumed InRank",
-              result["continued"]["checkpoints"][-1]: "dense continued"}
-    for row in measured["models"]:
-        change = row["change_percent"]
-        models.add_row(labels.get(row["path"], row["label"]), row["path"], human_bytes(row["bytes"]),
-                       f"{100 * row['ratio']:.2f}%", _number(row["perplexity"], 2), "" if change is None else f"{change:+.2f}%")
-    stdout.print(models)
-    ranks = Table(title="Mean rank per layer type", title_justify="left")
-    columns = [key for key in result["ranks"][0] if key != "type"] if result["ranks"] else []
-    ranks.add_column("layer type")
-    for column in columns:
-        ranks.add_column(column, justify="right")
-    for row in result["ranks"]:
-        ranks.add_row(row["type"], *("" if row.get(c) is None else f"{row[c]:.1f}".removesuffix(".0") for c in columns))
-    stdout.print(ranks)
-    resumed, continued = story[2], story[3]
-    stdout.print(f"InRank resumed from the dense artifact: {resumed['steps']} steps, total rank {resumed['start_total_rank']} "
-                 f"-> {resumed['total_rank']}, validation perplexity {_optional(resumed['val_perplexity'], '.2f')} "
-                 f"training {_optional(resumed['trainable_parameters'], ',')} parameters; the dense run continued on the "
-                 f"same tokens: {_optional(continued['val_perplexity'], '.2f')} training "
-                 f"{_optional(continued['trainable_parameters'], ',')}; plots: {', '.join(result['plots'])}; "
-                 f"{result['seconds']:.0f} s in all")
-
-
 def render_sweep(result: dict) -> None:
     """The sweep's table: one row per setting, sorted by size, the dense model first."""
     table = Table(title=f"{result['source']}: size and perplexity on {result['tokens']} tokens of {result['data']}")
@@ -373,31 +274,4 @@ def render_sweep(result: dict) -> None:
     for row in sorted(result["rows"], key=lambda row: row["bytes"]):
         table.add_row(row["setting"], human_bytes(row["bytes"]), f"{row['ratio']:.2%}", f"{row['perplexity']:.2f}",
                       f"{row['increase_percent']:+.2f}%")
-    stdout.print(table)
-
-
-def render_compare_runs(result: dict) -> None:
-    """compare-runs: one column per run."""
-    runs = result["runs"]
-    table = Table(title="Runs side by side" + (f" (perplexity on {result['data_tokens']} tokens of {result['data']})"
-                                                if result.get("data") else ""))
-    table.add_column("")
-    for run in runs:
-        table.add_column(f"{run['label']} ({run['mode']}{', efficient' if run['efficient'] else ''})", justify="right")
-
-    rows = [("steps", [str(run["final_step"]) for run in runs]),
-            ("final validation loss" + ("" if result["same_val_data"] else " (own val data)"),
-             [_optional(run["final_val_loss"], ".4f") for run in runs]),
-            ("final validation perplexity", [_optional(run["final_val_perplexity"], ".2f") for run in runs])]
-    if result.get("data"):
-        rows.append(("final perplexity on --data",
-                     [_optional(run["data_curve"][-1]["perplexity"] if run["data_curve"] else None, ".2f") for run in runs]))
-    rows += [("total rank / full rank: final", [_optional(run["final_rank_fraction"], ".1%") for run in runs]),
-             ("total rank / full rank: mean", [_optional(run["mean_rank_fraction"], ".1%") for run in runs]),
-             ("checkpoint bytes", [human_bytes(run["bytes"]) for run in runs]),
-             ("parameters stored", [f"{run['parameters']:,}" for run in runs]),
-             ("parameters trained", [_optional(run.get("trainable_parameters"), ",") for run in runs]),
-             ("tokens/s (mean)", [_optional(run["tokens_per_second"], ".0f") for run in runs])]
-    for label, values in rows:
-        table.add_row(label, *values)
     stdout.print(table)

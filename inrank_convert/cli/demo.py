@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from inrank_convert.cli import console
+from inrank_convert.cli import console, console_runs
 from inrank_convert.cli.boundary import user_errors
 from inrank_convert.cli.options import JsonOpt, QuietOpt
 from inrank_convert.core.errors import UsageError
@@ -38,7 +38,7 @@ def demo_command(
                             eval_tokens=eval_tokens, n_embd=n_embd, n_layer=n_layer, n_head=max(1, n_embd // 32))
     say = (lambda text: None) if quiet or json_output else (lambda text: console.stderr.print(text))
     result = run_demo(settings, on_stage=say, on_step=None if quiet or json_output else _log_demo_step)
-    console.emit_json(result.to_json()) if json_output else console.render_demo(result.to_json())
+    console.emit_json(result.to_json()) if json_output else console_runs.render_demo(result.to_json())
 
 
 def _log_demo_step(record: dict) -> None:

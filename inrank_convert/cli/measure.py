@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from inrank_convert.cli import console
+from inrank_convert.cli import console, console_runs
 from inrank_convert.cli.boundary import user_errors
 from inrank_convert.cli.options import (
     ArtifactArg,
@@ -182,4 +182,4 @@ def compare_runs_command(
                           on_checkpoint=None if silent else lambda label, step: console.status(f"scoring {label} step {step}"))
     if plot is not None:
         plot_compare_runs(result, plot)
-    console.emit_json(result.to_json()) if json_output else console.render_compare_runs(result.to_json())
+    console.emit_json(result.to_json()) if json_output else console_runs.render_compare_runs(result.to_json())

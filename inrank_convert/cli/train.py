@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from inrank_convert.cli import console
+from inrank_convert.cli import console, console_runs
 from inrank_convert.cli.boundary import user_errors
 from inrank_convert.cli.options import InitOpt, InitSeedOpt, JsonOpt, NoInitOpt, QuietOpt
 
@@ -42,7 +42,7 @@ def _finish_training(result, json_output: bool) -> None:
     if json_output:
         console.emit_json(result.to_json())
     else:
-        console.render_training(result.to_json())
+        console_runs.render_training(result.to_json())
     if result.interrupted:
         console.error(f"interrupted at step {result.step}; checkpoint saved in {result.checkpoints[-1]} "
                       f"(continue with: inrank-convert resume {result.run} --steps N)")
@@ -120,7 +120,7 @@ def train_command(
         recipe=recipe).items()
         if value is not None})
     check_options(options)
-    with console.training_progress(steps, 0, quiet or json_output) as update:
+    with console_runs.training_progress(steps, 0, quiet or json_output) as update:
         result = train(source, output, options, on_step=update)
     _finish_training(result, json_output)
 
@@ -184,6 +184,6 @@ def resume_command(
         threshold=threshold, buffer=buffer, rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank,
         weight_decay=weight_decay, growth=growth, on_growth=on_growth, factor_decay=factor_decay,
         factor_lr_scale=factor_lr_scale, embedding_training=embedding_training, recipe=recipe)
-    with console.training_progress(steps or 0, 0, quiet or json_output) as update:
+    with console_runs.training_progress(steps or 0, 0, quiet or json_output) as update:
         result = resume(source, output, overrides, init=init, init_seed=init_seed, no_init=no_init, on_step=update)
     _finish_training(result, json_output)
