@@ -160,9 +160,7 @@ class RowsLowRankEmbedding(nn.Module):
 
     def all_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Every stored row, trained or fixed: (index [K + F] sorted, rows [K + F, d]), as an artifact stores them."""
-        index = torch.cat([self.row_index, self.fixed_index])
-        order = torch.argsort(index)
-        return index[order], torch.cat([self.rows.detach(), self.fixed_rows.to(self.rows.dtype)])[order]
+        return _sorted_rows(self.row_index, self.rows.detach(), self.fixed_index, self.fixed_rows.to(self.rows.dtype))
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return F.embedding(input_ids, self.weight, self.padding_idx)
@@ -175,11 +173,9 @@ class RowsLowRankEmbedding(nn.Module):
         new = new[~torch.isin(new, self.row_index)]
         if not new.numel():
             return 0
-        index = torch.cat([self.row_index, new])
-        order = torch.argsort(index)
-        rows = torch.cat([self.rows.detach(), self.rows.new_zeros(new.numel(), self.embedding_dim)])
-        self.row_index = index[order]
-        self.rows = nn.Parameter(rows[order].contiguous(), requires_grad=self.rows.requires_grad)
+        self.row_index, rows = _sorted_rows(self.row_index, self.rows.detach(), new,
+                                            self.rows.new_zeros(new.numel(), self.embedding_dim))
+        self.rows = nn.Parameter(rows, requires_grad=self.rows.requires_grad)
         return int(new.numel())
 
     @torch.no_grad()
@@ -198,10 +194,8 @@ class RowsLowRankEmbedding(nn.Module):
         keep = torch.isin(self.row_index, tokens.to(self.row_index.device, torch.int64))  # [K]
         if bool(keep.all()):
             return
-        index, rows = torch.cat([self.fixed_index, self.row_index[~keep]]), \
-            torch.cat([self.fixed_rows, self.rows.detach()[~keep].to(self.fixed_rows.dtype)])
-        order = torch.argsort(index)
-        self.fixed_index, self.fixed_rows = index[order], rows[order].contiguous()
+        self.fixed_index, self.fixed_rows = _sorted_rows(self.fixed_index, self.fixed_rows, self.row_index[~keep],
+                                                         self.rows.detach()[~keep].to(self.fixed_rows.dtype))
         self.row_index = self.row_index[keep]
         self.rows = nn.Parameter(self.rows.detach()[keep].contiguous(), requires_grad=self.rows.requires_grad)
 
@@ -229,6 +223,14 @@ class RowsLowRankEmbedding(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, rank={self.lora_A.shape[0]}, "
                 f"rows={self.rows.shape[0]}, fixed rows={self.fixed_rows.shape[0]}, reference={'none' if self.weight_ref is None else 'frozen'}")
+
+
+def _sorted_rows(index: torch.Tensor, rows: torch.Tensor, more_index: torch.Tensor, more_rows: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two sets of rows [K, d] / [M, d] at distinct indices [K] / [M] as one, sorted by index."""
+    index = torch.cat([index, more_index])
+    order = torch.argsort(index)
+    return index[order], torch.cat([rows, more_rows])[order].contiguous()
 
 
 class TiedHead(nn.Module):
