@@ -175,7 +175,7 @@ class Artifact:
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B [rows, r], A [r, cols]) of a low-rank tensor in float32, whatever the storage (int8
-        scales applied): ``B @ A`` is the update's low-rank part. Their shapes and dtypes (and the
+        and int4 scales applied): ``B @ A`` is the update's low-rank part. Their shapes and dtypes (and the
         scale's) were checked against the manifest when the artifact was opened (``_check_stored``)."""
         entry = self.tensors[name]
         rows, cols = entry.shape
