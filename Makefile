@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast test-serving bench bench-scale ablation demo lint docs clean
+.PHONY: install test test-fast test-serving bench bench-peers bench-scale ablation demo lint docs clean
 
 install: $(STAMP)
 
@@ -55,6 +55,20 @@ $(SERVING)/.vllm: | install
 
 test-serving: $(SERVING)/.installed $(SERVING)/.vllm
 	PYTHONPATH=$(SERVING)/site:$(SERVING)/vllm INRANK_LLAMA_CPP=$(SERVING)/llama.cpp $(BIN)/python -m pytest -q tests/serving
+
+# The peers the fine-tune benchmark runs beside this tool (docs/benchmarks.md#fine-tune-delta):
+# mergekit's extract-lora in its own environment (~1.6 GB, once), the same CPU torch held by the
+# constraints. bench-peers runs that benchmark with it; without it the peer's row is skipped.
+MERGEKIT := 0.1.5
+PEERS := build/peers
+$(PEERS)/.installed: constraints.txt
+	$(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q -c constraints.txt torch
+	$(PEERS)/bin/python -m pip install -q -c constraints.txt mergekit==$(MERGEKIT)
+	touch $(PEERS)/.installed
+
+bench-peers: install $(PEERS)/.installed
+	INRANK_MERGEKIT=$(PEERS)/bin/mergekit-extract-lora $(BIN)/python -m benchmarks finetune
 
 # A LLaMA-7B-shaped bfloat16 pair written and compressed (docs/benchmarks.md#scale-a-7b-shaped-pair):
 # ~30 GB of free disk and ~7 minutes on 2 cores; not part of bench or CI.

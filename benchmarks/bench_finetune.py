@@ -6,7 +6,9 @@ it on the first 90% of Tiny Shakespeare (cut at a line end; ``FT_STEPS``, lr 1e-
 is compressed against the base to ``--target-ratio 0.03125`` (3.125% of its float32 bytes: 1/16 of
 its bfloat16 bytes) in bfloat16, int8 and int4, each plain and ``--calibrate``-d on its training
 text (65,536 tokens), and one ``report`` scores the fine-tune, the base and every artifact on the
-first 16,384 tokens of the held-out 10%.
+first 16,384 tokens of the held-out 10%. Where mergekit's environment exists (``make bench-peers``),
+``mergekit-extract-lora`` runs beside it at the largest rank whose adapter fits the bytes of the
+calibrated int4 artifact (benchmarks/peer_mergekit.py): a comparison at equal bytes.
 
 Targets: calibrated int4 within +1% of the fine-tune's perplexity; in every storage, calibrated no
 worse than plain at the same bytes. Skipped without ../shared/data. About 10 minutes on 2 cores.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from . import peer_mergekit
 from .common import BenchResult, log, scratch_dir
 
 NAME = "finetune"
@@ -84,7 +87,7 @@ def run() -> list[BenchResult]:
         finetune = last_step(root / "ft")
         log(f"base {BASE_STEPS} + fine-tune {FT_STEPS} steps in {time.perf_counter() - started:.0f} s")
         calibration = CalibrationRequest(train_file, CALIBRATION_TOKENS)
-        outputs = {}
+        outputs, results_by_label = {}, {}
         for storage in STORAGES:
             for calibrated in (False, True):
                 label = f"{storage}-{'calibrated' if calibrated else 'plain'}"
@@ -93,8 +96,11 @@ def run() -> list[BenchResult]:
                                   calibration=calibration if calibrated else None)
                 log(f"{label:18s} {result.ratio:7.2%} of the fine-tune in {result.seconds:.1f} s")
                 outputs[label] = root / label
+                results_by_label[label] = result
+        peers = peer_mergekit.prepare(root, finetune, base, results_by_label["int4-calibrated"].compressed_bytes)
         measured = report(outputs["int4-calibrated"], held_out, also=[base, *(path for label, path in outputs.items()
-                                                                               if label != "int4-calibrated")],
+                                                                               if label != "int4-calibrated"),
+                                                                      *(peer["folder"] for peer in peers.values())],
                           max_tokens=EVAL_TOKENS)
     original = measured.row("original")
     by_path = {Path(row.path).name: row for row in measured.models}
@@ -110,6 +116,17 @@ def run() -> list[BenchResult]:
                            f"{best.ratio:.2%} of the fine-tune, ppl {best.result.perplexity:.2f} "
                            f"({best.change_percent:+.2f}%)", baseline, best.ratio, "artifact / fine-tune bytes",
                            f"<= +{MAX_CHANGE:g}% ppl", best.change_percent <= MAX_CHANGE, details)]
+    for label, peer in peers.items():  # at equal bytes: the adapter's, not the merged checkpoint's
+        row = by_path[label]
+        ratio = peer["adapter_bytes"] / original.bytes
+        details["models"][label] = {"bytes": peer["adapter_bytes"], "ratio": ratio, "rank": peer["rank"],
+                                    "perplexity": row.result.perplexity, "change_percent": row.change_percent,
+                                    "seconds": peer["seconds"]}
+        results.append(BenchResult(
+            f"fine-tune delta vs {label} (rank {peer['rank']}) at equal bytes",
+            f"--quantize int4 --calibrate {best.change_percent:+.2f}% ({best.ratio:.2%})",
+            f"{label} {row.change_percent:+.2f}% ({ratio:.2%})", best.result.perplexity / row.result.perplexity,
+            "this tool / mergekit ppl", "<= 1", best.result.perplexity <= row.result.perplexity, details))
     for storage in STORAGES:
         plain, calibrated = by_path[f"{storage}-plain"], by_path[f"{storage}-calibrated"]
         results.append(BenchResult(

@@ -71,6 +71,8 @@ ROWS = [
         "lora growth", (*INRANK, "--dense-warmup", "100")),
     Row("warm-start-200", "the default recipe (warm-start): 200 dense steps, a fifth of the run",
         (*INRANK, "--dense-warmup", "200")),
+    Row("warm-start-200-update", "the default recipe, ranks also grown where the update since the last decision "
+        "needs more than the kept rank (`--rank-signal update`)", (*INRANK, "--dense-warmup", "200", "--rank-signal", "update")),
     Row("warm-start-200-efficient", "the default recipe with --efficient (W = B A from the switch, no W_init)",
         (*INRANK, "--dense-warmup", "200", "--efficient")),
     Row("warm-start-200-efficient-r16", "the same, ranks capped at 16 of 128 (a mean rank within a third)",

@@ -20,6 +20,10 @@ GrowthOpt = Annotated[str | None, typer.Option(
 OnGrowthOpt = Annotated[str | None, typer.Option(
     "--on-growth", help="At a growth: pad (moments padded with zeros, the default) or resplit (B @ A re-split into "
                         "balanced SVD factors, fresh moments).")]
+RankSignalOpt = Annotated[str | None, typer.Option(
+    "--rank-signal", help="What grows a rank: product (B @ A's spectrum, the default) or update (also the update since "
+                          "the last decision, where more than 1 - threshold of it lies beyond what the kept rank can "
+                          "follow).")]
 FactorDecayOpt = Annotated[str | None, typer.Option(
     "--factor-decay", help="How --weight-decay reaches the factors: factors (AdamW on A and B, the default) or "
                            "frobenius (decay of B @ A).")]
@@ -91,6 +95,7 @@ def train_command(
         "--stage2-at", help="At this step freeze the ranks and re-split the factors by SVD (InRank-Efficient's stage 2).")] = None,
     growth: GrowthOpt = None,
     on_growth: OnGrowthOpt = None,
+    rank_signal: RankSignalOpt = None,
     factor_decay: FactorDecayOpt = None,
     factor_lr_scale: FactorLrOpt = None,
     orthogonal_init: Annotated[bool, typer.Option(
@@ -115,7 +120,7 @@ def train_command(
         block_size=block_size, seed=seed, device=device, dtype=dtype, save_every=save_every, eval_every=eval_every,
         log_every=log_every, tokenizer=tokenizer, criterion=criterion, threshold=threshold, buffer=buffer,
         rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank, factorize=factorize,
-        initial_rank=initial_rank, stage2_at=stage2_at, growth=growth, on_growth=on_growth, factor_decay=factor_decay,
+        initial_rank=initial_rank, stage2_at=stage2_at, growth=growth, on_growth=on_growth, rank_signal=rank_signal, factor_decay=factor_decay,
         factor_lr_scale=factor_lr_scale, orthogonal_init=orthogonal_init or None, dense_warmup=dense_warmup,
         recipe=recipe).items()
         if value is not None})
@@ -160,6 +165,7 @@ def resume_command(
     weight_decay: Annotated[float | None, typer.Option("--weight-decay", help="AdamW weight decay of matrices.")] = None,
     growth: GrowthOpt = None,
     on_growth: OnGrowthOpt = None,
+    rank_signal: RankSignalOpt = None,
     factor_decay: FactorDecayOpt = None,
     factor_lr_scale: FactorLrOpt = None,
     embedding_training: Annotated[str | None, typer.Option(
@@ -182,7 +188,7 @@ def resume_command(
         grad_accum=grad_accum, batch_size=batch_size, block_size=block_size, seed=seed, device=device, dtype=dtype,
         save_every=save_every, eval_every=eval_every, log_every=log_every, tokenizer=tokenizer, criterion=criterion,
         threshold=threshold, buffer=buffer, rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank,
-        weight_decay=weight_decay, growth=growth, on_growth=on_growth, factor_decay=factor_decay,
+        weight_decay=weight_decay, growth=growth, on_growth=on_growth, rank_signal=rank_signal, factor_decay=factor_decay,
         factor_lr_scale=factor_lr_scale, embedding_training=embedding_training, recipe=recipe)
     with console_runs.training_progress(steps or 0, 0, quiet or json_output) as update:
         result = resume(source, output, overrides, init=init, init_seed=init_seed, no_init=no_init, on_step=update)

@@ -103,6 +103,8 @@ class Session:
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         tensors = optimizer_tensors(self.model, self.optimizer)
+        if self.controller is not None:
+            tensors.update(self.controller.state_tensors())
         tensors[RNG_PREFIX + "data"] = self.batches.state()
         for rank, state in enumerate(gather_objects(torch.get_rng_state(), self.world)):
             tensors[f"{RNG_PREFIX}torch.{rank}"] = state
@@ -113,6 +115,8 @@ class Session:
 
     def restore(self, trainer_state: dict, tensors: dict[str, torch.Tensor]) -> None:
         load_optimizer_tensors(self.model, self.optimizer, tensors)
+        if self.controller is not None:
+            self.controller.load_tensors(tensors)
         self.batches.load_state(tensors[RNG_PREFIX + "data"])
         rank_key = f"{RNG_PREFIX}torch.{self.world.rank}"
         if rank_key in tensors:

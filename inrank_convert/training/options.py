@@ -19,7 +19,13 @@ from inrank_convert.core.tensors import COMPUTE_DTYPES
 from inrank_convert.linalg.criteria import CRITERIA
 from inrank_convert.model.architecture import check_seed
 from inrank_convert.training.optimizer import FACTOR_DECAYS
-from inrank_convert.training.rank_control import FACTORIZE_CHOICES, GROWTH_MODES, ON_GROWTH, RankPolicy
+from inrank_convert.training.rank_control import (
+    FACTORIZE_CHOICES,
+    GROWTH_MODES,
+    ON_GROWTH,
+    RANK_SIGNALS,
+    RankPolicy,
+)
 
 MODES = ("dense", "inrank")
 WARM_START_THRESHOLD = 0.9
@@ -41,7 +47,7 @@ WARM_START_FRACTION = 5
 # What a run recorded before the recipe options existed behaved like this.
 BEFORE_RECIPE_OPTIONS = {"growth": None, "on_growth": "pad", "factor_decay": "factors", "factor_lr_scale": 1.0,
                          "orthogonal_init": False, "dense_warmup": None, "embedding_training": "dense",
-                         "recipe": "reference"}
+                         "recipe": "reference", "rank_signal": "product"}
 
 
 @dataclass
@@ -88,6 +94,7 @@ class TrainOptions:
     dense_warmup: int | None = None  # train dense this many steps, then factorize (compress) and go on low rank
     embedding_training: str | None = None  # resume: a lowrank+rows embedding trains dense or as rows and factors
     recipe: str = "warm-start"  # fills in what is left unset: warm-start or reference (RECIPES)
+    rank_signal: str = "product"  # what grows a rank: B @ A's spectrum, or also the update since the last decision
 
     def resolved(self, from_scratch: bool) -> TrainOptions:
         """The options with what is unset filled in by the recipe (the reference's for dense runs).
@@ -106,7 +113,7 @@ class TrainOptions:
     def policy(self) -> RankPolicy:
         growth = self.growth or ("random" if self.efficient else "exact")
         return RankPolicy(self.criterion, self.threshold, self.buffer, self.rank_warmup, self.rank_every, self.max_rank,
-                          self.stage2_at, growth, self.on_growth)
+                          self.stage2_at, growth, self.on_growth, self.rank_signal)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -170,7 +177,7 @@ def check_options(options: TrainOptions) -> None:
         bad(f"{flag('--efficient')} is an InRank option", f"{flag('--mode')} dense", f"pass {flag('--mode')} inrank with {flag('--efficient')}")
     defaults = {f.name: f.default for f in fields(TrainOptions)}
     inrank_names = ("recipe", "factorize", "initial_rank", "stage2_at", "growth", "on_growth", "factor_decay",
-                    "factor_lr_scale", "orthogonal_init", "dense_warmup", "embedding_training")
+                    "factor_lr_scale", "orthogonal_init", "dense_warmup", "embedding_training", "rank_signal")
     inrank_only = [(name, f"--{name.replace('_', '-')}") for name in inrank_names
                    if getattr(given, name) != defaults[name]]
     if inrank_only and options.mode != "inrank":
@@ -187,6 +194,8 @@ def check_options(options: TrainOptions) -> None:
         (options.embedding_training, "--embedding-training", EMBEDDING_TRAINING,
          "dense trains every row; rows trains the stored rows and the low-rank part"),
         (options.factor_decay, "--factor-decay", FACTOR_DECAYS, "factors: AdamW decays A and B; frobenius: B @ A"),
+        (options.rank_signal, "--rank-signal", RANK_SIGNALS,
+         "product: B @ A's spectrum; update: also the update since the last decision"),
     ]
     for value, option, names, meaning in choices:
         if value is not None and value not in names:

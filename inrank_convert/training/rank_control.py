@@ -13,10 +13,11 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from inrank_convert.core.errors import UsageError, flag
+from inrank_convert.core.errors import CheckpointError, UsageError, flag
 from inrank_convert.core.tensors import storage_key
 from inrank_convert.linalg.criteria import RankRule, choose_rank, inrank_scan, numerical_args
 from inrank_convert.linalg.svd import FactorProductSVD
+from inrank_convert.linalg.tangent import rank_beyond_tangent
 from inrank_convert.model.architecture import conv1d_class, replace_module
 from inrank_convert.model.layers import LowRankLinear
 
@@ -48,6 +49,7 @@ class RankPolicy:
     stage2_at: int | None = None  # from this step on, no decisions (InRank-Efficient's stage 2)
     growth: str = "exact"  # new factor columns: "exact" (B zero: the function is unchanged) or "random" (the reference's)
     on_growth: str = "pad"  # "pad": old columns and moments kept; "resplit": balanced SVD re-split, fresh moments
+    signal: str = "product"  # what a decision reads: B @ A's spectrum, or also the update since the last decision
 
     def due(self, step: int) -> bool:
         if self.stage2_at is not None and step >= self.stage2_at:
@@ -69,6 +71,8 @@ class RankController:
 
     policy: RankPolicy
     ranks: dict[str, int] = field(default_factory=dict)
+    # signal "update": each layer's factors (B [out, k], A [k, in]) at the last decision.
+    previous: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
 
     def width_for(self, layer: LowRankLinear, rank: int) -> int:
         full = min(layer.in_features, layer.out_features)
@@ -81,7 +85,12 @@ class RankController:
         ``inrank`` is the reference's scan (spectrum.inrank_scan): over the buffer only, on the
         spectrum zero-padded to the layer's full rank, at most buffer - 1 per decision, and
         rank + buffer within max_rank (the reference's factor width). ``energy`` takes the
-        smallest rank holding the threshold's share of B @ A's energy, capped at max_rank."""
+        smallest rank holding the threshold's share of B @ A's energy, capped at max_rank.
+
+        With the ``update`` signal a layer also grows when the update since the last decision holds
+        more than 1 - threshold of its energy outside what the kept rank can follow
+        (``rank_beyond_tangent``), by the components that bring it back to the threshold, at most
+        to the layer's width; a run's first decision only records the factors."""
         rule = RankRule(self.policy.criterion, self.policy.threshold)
         growth: dict[str, int] = {}
         for name, layer in low_rank_layers(model):
@@ -97,6 +106,8 @@ class RankController:
                 numerical = numerical_args((layer.in_features, layer.out_features), layer.lora_B.dtype)
                 chosen = min(choose_rank(values, total, rule, **numerical) if total > 0 else 0,
                              self.policy.layer_max_rank(layer))
+            if self.policy.signal == "update":
+                chosen = max(chosen, self._update_rank(name, layer, current))
             # Never below the current rank (an artifact may start above the cap); the cap only limits growth.
             rank = max(current, chosen)
             self.ranks[name] = rank
@@ -104,6 +115,20 @@ class RankController:
             if width > layer.rank:
                 growth[name] = width
         return growth
+
+    def _update_rank(self, name: str, layer: LowRankLinear, current: int) -> int:
+        """The rank the update since the last decision asks for (0 at the first decision)."""
+        before = self.previous.get(name)
+        self.previous[name] = (layer.lora_B.detach().clone(), layer.lora_A.detach().clone())
+        if before is None:
+            return 0
+        if before[0].shape[0] != layer.out_features or before[1].shape[1] != layer.in_features \
+                or before[0].shape[1] != before[1].shape[0]:
+            raise CheckpointError(f"the rank controller's last factors of {name} have shapes {list(before[0].shape)} "
+                                  f"and {list(before[1].shape)}, the layer is {layer.out_features} x {layer.in_features}",
+                                  None, "the checkpoint is damaged: resume from an earlier step")
+        extra = rank_beyond_tangent(layer.lora_B, layer.lora_A, *before, current, self.policy.threshold)
+        return min(current + extra, layer.rank, self.policy.layer_max_rank(layer)) if extra else 0
 
     @property
     def total_rank(self) -> int:
@@ -114,7 +139,24 @@ class RankController:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> RankController:
-        return cls(RankPolicy(**state["policy"]), dict(state["ranks"]))
+        return cls(RankPolicy(**{"signal": "product", **state["policy"]}), dict(state["ranks"]))
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The factors of the last decision (signal ``update``), so that a resumed run decides alike."""
+        tensors = {}
+        for name, (B, A) in self.previous.items():
+            tensors[f"{PREVIOUS_PREFIX}{name}.lora_B"] = B.detach().cpu().contiguous()
+            tensors[f"{PREVIOUS_PREFIX}{name}.lora_A"] = A.detach().cpu().contiguous()
+        return tensors
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        names = {key[len(PREVIOUS_PREFIX):].rsplit(".", 1)[0] for key in tensors if key.startswith(PREVIOUS_PREFIX)}
+        self.previous = {name: (tensors[f"{PREVIOUS_PREFIX}{name}.lora_B"], tensors[f"{PREVIOUS_PREFIX}{name}.lora_A"])
+                         for name in sorted(names)}
+
+
+PREVIOUS_PREFIX = "rank_control.previous."  # in a checkpoint's training-state tensors
+RANK_SIGNALS = ("product", "update")
 
 
 def low_rank_layers(model: nn.Module) -> list[tuple[str, LowRankLinear]]:

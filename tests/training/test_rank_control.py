@@ -293,3 +293,43 @@ def test_orthogonal_init_keeps_each_layers_norm():
         scale = norms[name] ** 2 / min(rows, cols)
         assert torch.allclose(gram, scale * torch.eye(min(rows, cols), dtype=torch.float64), atol=1e-5 * scale), name
         assert float(torch.linalg.matrix_norm(weight)) == pytest.approx(norms[name], rel=1e-5)
+
+
+# --------------------------------------------------------------------------- the update signal
+
+
+def test_the_update_signal_grows_a_rank_where_the_product_rule_does_not():
+    """Two strong kept components and a buffer; the buffer then learns a new direction that the
+    product's energy hardly notices (1 against 181). The product rule keeps rank 2; the update
+    signal grows it by the one component the update needs, and its first decision only records."""
+    generator = torch.Generator().manual_seed(6)
+    U, _ = torch.linalg.qr(torch.randn(64, 6, generator=generator))
+    V, _ = torch.linalg.qr(torch.randn(40, 6, generator=generator))
+    B = U * torch.tensor([10.0, 9.0, 0, 0, 0, 0])  # [64, 6]: rank 2 + a buffer of 4
+    ranks = {}
+    for signal in ("product", "update"):
+        model = nn.Sequential(LowRankLinear(V.T.clone(), B.clone()))
+        controller = RankController(RankPolicy(criterion="energy", threshold=0.9, buffer=4, signal=signal), {"0": 2})
+        assert controller.decide(model) == {} and controller.ranks["0"] == 2  # nothing learned yet
+        with torch.no_grad():
+            model[0].lora_B[:, 2] = U[:, 2]  # the buffer learns a new direction
+        growth = controller.decide(model)
+        ranks[signal] = (controller.ranks["0"], growth)
+        restored = RankController.from_state_dict(controller.state_dict())
+        restored.load_tensors(controller.state_tensors())
+        assert restored.policy == controller.policy and sorted(restored.previous) == sorted(controller.previous)
+        assert all(torch.equal(a, b) for name in controller.previous
+                   for a, b in zip(restored.previous[name], controller.previous[name], strict=True))
+    assert ranks["product"] == (2, {})
+    assert ranks["update"] == (3, {"0": 7})
+
+
+def test_damaged_last_factors_are_refused_by_name():
+    from inrank_convert.core.errors import CheckpointError
+
+    model = nn.Sequential(LowRankLinear(torch.randn(4, 40), torch.randn(64, 4)))
+    controller = RankController(RankPolicy(criterion="energy", buffer=2, signal="update"), {"0": 2})
+    controller.load_tensors({"rank_control.previous.0.lora_B": torch.randn(63, 4),
+                             "rank_control.previous.0.lora_A": torch.randn(4, 40)})
+    with pytest.raises(CheckpointError, match="last factors of 0"):
+        controller.decide(model)

@@ -144,3 +144,27 @@ def test_the_default_recipe_warms_up_a_fifth_of_the_run_and_records_what_it_chos
     explicit = TrainOptions(**{**opts.to_json(), "dense_warmup": 0, "criterion": "inrank"})
     assert explicit.resolved(from_scratch=True).dense_warmup is None  # 0: no warm-up, as named
     assert explicit.resolved(from_scratch=True).criterion == "inrank"  # a named rule is kept
+
+
+@needs_data
+def test_a_run_whose_ranks_grow_on_the_update_signal_resumes_exactly(tmp_path):
+    """--rank-signal update keeps each layer's factors of its last decision in the checkpoint: a run
+    cut between two decisions decides alike after the resume (without them its first decision would
+    only record, and the ranks would differ). The signal acts: the product rule keeps its ranks here."""
+    from tests.helpers.training import tiny_config
+
+    config = tiny_config(tmp_path / "config", n_embd=64)
+    settings = dict(steps=12, save_every=3, factorize="mlp", rank_warmup=2, rank_every=2, growth="lora",
+                    criterion="energy", threshold=0.9)
+    train(config, tmp_path / "product", options(**settings))
+    train(config, tmp_path / "update", options(**settings, rank_signal="update"))
+    ranks = {name: [r.get("total_rank") for r in read_metrics(tmp_path / name)] for name in ("product", "update")}
+    assert ranks["product"][-1] == ranks["product"][1] < ranks["update"][-1], ranks
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "update", copy)
+    for step in (9, 12):
+        shutil.rmtree(copy / f"step-{step}")
+    result = resume(copy, None, {})
+    assert result.start_step == 6 and result.step == 12
+    assert losses(copy) == losses(tmp_path / "update")
+    assert [r.get("ranks") for r in read_metrics(copy)] == [r.get("ranks") for r in read_metrics(tmp_path / "update")]
