@@ -106,6 +106,9 @@ ROWS = [
     Row("resumed-lora", "the same, `--growth lora`", ("--recipe", "reference", "--growth", "lora"), "resume", "continued"),
     Row("resumed-rows", "the same, `--growth lora --embedding-training rows`",
         ("--recipe", "reference", "--growth", "lora", "--embedding-training", "rows"), "resume", "continued"),
+    Row("resumed-rows-update", "the same, ranks also grown by the update since the last decision (`--rank-signal "
+        "update`)", ("--recipe", "reference", "--growth", "lora", "--embedding-training", "rows", "--rank-signal", "update"),
+        "resume", "continued"),
     Row("resumed", "its t = 0.9 artifact resumed with the default recipe (warm-start: lora growth, energy 0.9 "
         "decisions, the embedding trained dense)", (), "resume", "continued"),
     Row("resumed-default", "its default artifact (energy-rest 0.95, int8) resumed with the default recipe", (), "resume",
