@@ -47,6 +47,8 @@ def test_inrank_option_bad_input(tmp_path):
         (["--mode", "inrank", "--factor-lr-scale", "0"], ("--factor-lr-scale", "positive")),
         (["--mode", "inrank", "--on-growth", "reset"], ("--on-growth", "resplit")),
         (["--orthogonal-init"], ("--orthogonal-init", "InRank option")),
+        (["--mode", "inrank", "--rank-signal", "gradient"], ("--rank-signal", "product, update")),
+        (["--rank-signal", "update"], ("--rank-signal", "InRank option")),
     ]
     for extra, says in cases:
         expect_error([*base, *extra], says, output=out, inputs=(config, data))
@@ -73,10 +75,11 @@ def test_learning_rate_warms_up_then_decays_to_the_minimum():
 
 def test_a_run_recorded_before_the_recipe_options_continues_as_it_was_trained():
     recorded = TrainOptions(mode="inrank").to_json()
-    for name in ("on_growth", "factor_decay", "factor_lr_scale", "orthogonal_init", "dense_warmup", "growth"):
+    for name in ("on_growth", "factor_decay", "factor_lr_scale", "orthogonal_init", "dense_warmup", "growth",
+                 "rank_signal"):
         recorded.pop(name)
     old = TrainOptions.from_json(recorded)
     assert (old.on_growth, old.factor_decay, old.factor_lr_scale, old.orthogonal_init, old.dense_warmup, old.growth) \
         == ("pad", "factors", 1.0, False, None, None)
-    assert old.policy().growth == "exact"
+    assert old.policy().growth == "exact" and old.policy().signal == "product"
     assert TrainOptions.from_json({**recorded, "growth": "lora"}).growth == "lora"  # what it recorded wins
