@@ -225,6 +225,7 @@ def decide_ranks(session: Session) -> None:
             resplit_layer(layers[name], session.optimizer)
         grow_layer(layers[name], growth[name], session.optimizer, generator, policy.growth,
                    policy.layer_max_rank(layers[name]))
+        session.controller.remember(name, layers[name])
     session.wrap()
 
 

@@ -119,7 +119,7 @@ class RankController:
     def _update_rank(self, name: str, layer: LowRankLinear, current: int) -> int:
         """The rank the update since the last decision asks for (0 at the first decision)."""
         before = self.previous.get(name)
-        self.previous[name] = (layer.lora_B.detach().clone(), layer.lora_A.detach().clone())
+        self.remember(name, layer)
         if before is None:
             return 0
         if before[0].shape[0] != layer.out_features or before[1].shape[1] != layer.in_features \
@@ -129,6 +129,12 @@ class RankController:
                                   None, "the checkpoint is damaged: resume from an earlier step")
         extra = rank_beyond_tangent(layer.lora_B, layer.lora_A, *before, current, self.policy.threshold)
         return min(current + extra, layer.rank, self.policy.layer_max_rank(layer)) if extra else 0
+
+    def remember(self, name: str, layer: LowRankLinear) -> None:
+        """Keep the layer's factors as the next update's start (signal ``update``): at each decision,
+        and again after a growth, whose random columns (``--growth random``) are no update."""
+        if self.policy.signal == "update":
+            self.previous[name] = (layer.lora_B.detach().clone(), layer.lora_A.detach().clone())
 
     @property
     def total_rank(self) -> int:
@@ -151,6 +157,11 @@ class RankController:
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         names = {key[len(PREVIOUS_PREFIX):].rsplit(".", 1)[0] for key in tensors if key.startswith(PREVIOUS_PREFIX)}
+        missing = sorted(f"{PREVIOUS_PREFIX}{name}.{part}" for name in names for part in ("lora_B", "lora_A")
+                         if f"{PREVIOUS_PREFIX}{name}.{part}" not in tensors)
+        if missing:
+            raise CheckpointError(f"the training state has no {missing[0]} beside its pair", None,
+                                  "the checkpoint is damaged: resume from an earlier step")
         self.previous = {name: (tensors[f"{PREVIOUS_PREFIX}{name}.lora_B"], tensors[f"{PREVIOUS_PREFIX}{name}.lora_A"])
                          for name in sorted(names)}
 

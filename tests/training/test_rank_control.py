@@ -333,3 +333,30 @@ def test_damaged_last_factors_are_refused_by_name():
                              "rank_control.previous.0.lora_A": torch.randn(4, 40)})
     with pytest.raises(CheckpointError, match="last factors of 0"):
         controller.decide(model)
+
+
+def test_a_random_growth_is_not_read_as_an_update():
+    """--growth random switches on live columns: the product jumps at the growth. Remembered after
+    the growth, that jump is not the next decision's update (else the layer would grow again)."""
+    generator = torch.Generator().manual_seed(7)
+    results = []
+    for remember in (True, False):
+        layer = LowRankLinear(torch.randn(4, 40, generator=generator), torch.randn(64, 4, generator=generator))
+        model = nn.Sequential(layer)
+        controller = RankController(RankPolicy(criterion="energy", threshold=0.9, buffer=2, signal="update",
+                                               growth="random"), {"0": 2})
+        controller.decide(model)  # records
+        grow_layer(layer, 8, None, torch.Generator().manual_seed(8), "random", 32)
+        if remember:
+            controller.remember("0", layer)
+        results.append(controller.decide(model))  # nothing trained since
+    assert results[0] == {}
+    assert results[1]  # the random columns read as an update
+
+
+def test_a_training_state_with_half_a_pair_is_refused():
+    from inrank_convert.core.errors import CheckpointError
+
+    controller = RankController(RankPolicy(signal="update"), {"0": 2})
+    with pytest.raises(CheckpointError, match="beside its pair"):
+        controller.load_tensors({"rank_control.previous.0.lora_B": torch.randn(8, 4)})
