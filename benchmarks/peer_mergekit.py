@@ -41,19 +41,14 @@ def extract(tool: Path, finetune: Path, base: Path, out: Path, rank: int) -> flo
 
 
 def adapter_bytes(folder: Path) -> tuple[int, int]:
-    """(bytes of the low-rank tensors, bytes of the tensors stored whole) of an adapter's tensors."""
-    from safetensors import safe_open
+    """(bytes of the low-rank tensors, bytes of the tensors stored whole) of an adapter's tensors,
+    from the safetensors header alone."""
+    from inrank_convert.weights.checkpoints import SafetensorsCheckpoint
 
-    low_rank = whole = 0
-    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as handle:
-        for name in handle.keys():
-            tensor = handle.get_tensor(name)
-            size = tensor.numel() * tensor.element_size()
-            if "lora_" in name:
-                low_rank += size
-            else:
-                whole += size
-    return low_rank, whole
+    file = folder / "adapter_model.safetensors"
+    infos = SafetensorsCheckpoint(file, [file], None).infos()
+    low_rank = sum(info.nbytes for name, info in infos.items() if "lora_" in name)
+    return low_rank, sum(info.nbytes for info in infos.values()) - low_rank
 
 
 def cast_adapter(folder: Path, out: Path, dtype) -> None:

@@ -30,6 +30,8 @@ def rank_beyond_tangent(B: torch.Tensor, A: torch.Tensor, B_before: torch.Tensor
     B, A = B.detach().double(), A.detach().double()
     L = torch.cat([B, -B_before.detach().double().to(B.device)], dim=1)  # [rows, k + k']
     R = torch.cat([A, A_before.detach().double().to(A.device)], dim=0)  # [k + k', cols]
+    # ||D||^2 from D's spectrum, not trace(L^T L R R^T): that trace is a difference of the two
+    # products' energies and cancels to noise when the update is small beside them.
     total = float(_energy(FactorProductSVD.of(L, R).S).sum())
     if total == 0.0:
         return 0

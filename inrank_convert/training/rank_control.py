@@ -145,7 +145,7 @@ class RankController:
 
     @classmethod
     def from_state_dict(cls, state: dict) -> RankController:
-        return cls(RankPolicy(**{"signal": "product", **state["policy"]}), dict(state["ranks"]))
+        return cls(RankPolicy(**state["policy"]), dict(state["ranks"]))  # older states: signal's default
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The factors of the last decision (signal ``update``), so that a resumed run decides alike."""
