@@ -21,9 +21,10 @@ The run is compressed these ways:
 
 Then calibration (issue 11): the same run compressed to a global budget without and with
 ``--calibrate`` on its training text (65,536 tokens), at ``--target-ratio 0.1 --quantize none`` (bfloat16) and at
-``--target-ratio 0.05 --quantize int8`` and at ``--target-ratio 0.03 --quantize int4``. Targets: calibrated
-loses at least 40% less perplexity than plain at the same budget (a ratio of increases <= 0.6), and
-the calibrated int4 budget keeps the run within 3% of the dense bytes at <= +1% perplexity.
+``--target-ratio 0.05 --quantize int8`` and at ``--target-ratio 0.03`` in int4 and in mixed precision
+(``--quantize mixed``). Targets: calibrated loses at least 40% less perplexity than plain at the same
+budget (a ratio of increases <= 0.6), the calibrated int4 and mixed budgets keep the run within 3%
+of the dense bytes at <= +1% perplexity, and mixed loses no more than int4 at the same budget.
 
 One ``report`` scores the dense model (the baseline, measured in this run) and every artifact on
 the same 16,384 tokens of the held-out last 10%. Targets: the default <= 12% of the dense bytes
@@ -56,10 +57,11 @@ THRESHOLD = 0.9  # of the comparison settings (the default's is DEFAULT_THRESHOL
 TARGETS: dict[str, tuple[float, float] | None] = {"v1-default": None, "energy": None, "no-embeddings": None,
                                                     "bfloat16-0.9": None, "int8-0.9": (0.06, 2.0), "bfloat16": None,
                                                     "default": (0.12, 1.5), "int4": None,
-                                                    "budget-0.03-int4-calibrated": (0.03, 1.0)}
+                                                    "budget-0.03-int4-calibrated": (0.03, 1.0),
+                                                    "budget-0.03-mixed-calibrated": (0.03, 1.0)}
 # (plain, calibrated) settings compared at the same budget: (ratio, quantize)
 CALIBRATED_PAIRS = {"budget-0.1": (0.1, "none"), "budget-0.05-int8": (0.05, "int8"),
-                    "budget-0.03-int4": (0.03, "int4")}
+                    "budget-0.03-int4": (0.03, "int4"), "budget-0.03-mixed": (0.03, "mixed")}
 CALIBRATION_TOKENS = 65_536
 MAX_INCREASE_RATIO = 0.6  # calibrated increase / plain increase (at least 40% less)
 LABELS = {"v1-default": "version-1 default (energy rule on everything, float32), emulated, t = 0.9",
@@ -70,7 +72,8 @@ LABELS = {"v1-default": "version-1 default (energy rule on everything, float32),
           "bfloat16": "--quantize none (t = 0.95, bfloat16)",
           "default": "default (t = 0.95, low rank + rows, int8)",
           "int4": "--quantize int4 (t = 0.95, group-wise 4-bit, two leading components at 8 bits)",
-          "budget-0.03-int4-calibrated": "--target-ratio 0.03 --quantize int4 --calibrate (train text)"}
+          "budget-0.03-int4-calibrated": "--target-ratio 0.03 --quantize int4 --calibrate (train text)",
+          "budget-0.03-mixed-calibrated": "--target-ratio 0.03 --quantize mixed --calibrate (train text)"}
 
 
 def skip_reason() -> str | None:
@@ -198,4 +201,11 @@ def run() -> list[BenchResult]:
             f"{flags}: --calibrate vs plain", f"calibrated {calibrated.change_percent:+.2f}% ({calibrated.ratio:.2%})",
             f"plain {plain.change_percent:+.2f}% ({plain.ratio:.2%})", share, "calibrated / plain ppl increase",
             f"<= {MAX_INCREASE_RATIO:g}", share <= MAX_INCREASE_RATIO, details))
+    for calibrated in ("plain", "calibrated"):  # bits chosen by the budget against int4's fixed ones
+        int4, mixed = by_path[f"budget-0.03-int4-{calibrated}"], by_path[f"budget-0.03-mixed-{calibrated}"]
+        results.append(BenchResult(
+            f"--target-ratio 0.03, {calibrated}: --quantize mixed vs int4",
+            f"mixed {mixed.change_percent:+.2f}% ({mixed.ratio:.2%})", f"int4 {int4.change_percent:+.2f}% ({int4.ratio:.2%})",
+            mixed.result.perplexity / int4.result.perplexity, "mixed / int4 ppl", "<= 1",
+            mixed.result.perplexity <= int4.result.perplexity, details))
     return results

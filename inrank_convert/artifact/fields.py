@@ -127,6 +127,16 @@ class Fields:
             raise ManifestFormatError(f"{self.at(key)} is {shown(values)}, not a list of sizes")
         return tuple(values)
 
+    def pairs(self, key: str) -> tuple[tuple[int, int], ...] | None:
+        """A list of [whole number, whole number] pairs (a mixed entry's bands)."""
+        values = self.array(key)
+        if values is None:
+            return None
+        if not all(isinstance(pair, list) and len(pair) == 2 and all(
+                isinstance(item, int) and not isinstance(item, bool) for item in pair) for pair in values):
+            raise ManifestFormatError(f"{self.at(key)} is {shown(values)}, not a list of [bits, components] pairs")
+        return tuple((int(a), int(b)) for a, b in values)
+
     def dtype(self, key: str) -> torch.dtype:
         name = self.string(key, required=True)
         dtype = dtype_from_name(name)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from inrank_convert.artifact.bands import Bands, check_bands
 from inrank_convert.artifact.fields import Fields, ManifestFormatError, drop_none, shown
 from inrank_convert.artifact.format import (
     DAMAGED,
@@ -65,6 +66,8 @@ class TensorEntry:
     storage: Storage | None = None  # precision of the stored factors and rows
     error: float | None = None  # ||delta - stored||_F / ||delta||_F, storage rounding included
     reference_rows: int | None = None  # a reference with fewer rows (a grown vocabulary): they are its rows
+    # Version 4, mixed storage only: ((bits, components), ...) widest first, the components in order.
+    bands: Bands | None = None
 
     @property
     def is_alias(self) -> bool:
@@ -105,7 +108,8 @@ class TensorEntry:
             return {}
         rows, cols = self.shape
         rank = self.rank or 0
-        layout = {name + suffix: spec for suffix, spec in factors_layout(self.storage, rows, cols, rank).items()}
+        layout = {name + suffix: spec
+                  for suffix, spec in factors_layout(self.storage, rows, cols, rank, self.bands).items()}
         if self.kind == "lowrank+rows":
             count = self.rows or 0
             layout |= {name + suffix: spec for suffix, spec in rows_layout(self.storage, count, cols).items()}
@@ -120,7 +124,8 @@ class TensorEntry:
                   "svd": self.svd}
         return values | drop_none({"rows": self.rows, "storage": self.storage,
                                     "error": None if self.error is None else round(self.error, 8),
-                                    "reference_rows": self.reference_rows})
+                                    "reference_rows": self.reference_rows,
+                                    "bands": None if self.bands is None else [list(band) for band in self.bands]})
 
     @classmethod
     def from_json(cls, values: Any, place: str = "tensor") -> TensorEntry:
@@ -140,7 +145,7 @@ class TensorEntry:
         return cls(kind, shape, dtype, fields.integer("rank"), 1.0 if energy is None else energy,
                    fields.integer("bytes") or 0, fields.integer("original_bytes") or 0, fields.string("svd"), None,
                    fields.integer("rows"), storage, fields.number("error", low=0.0),
-                   fields.integer("reference_rows", minimum=1))
+                   fields.integer("reference_rows", minimum=1), fields.pairs("bands"))
 
     def check(self, name: str, tensors: dict[str, TensorEntry]) -> None:
         """What the entry says must hang together (before any tensor is looked at): a factorized
@@ -171,6 +176,13 @@ class TensorEntry:
                                       f"{list(self.shape)}")
         if self.storage in QUANTIZE_SCHEMES and not self.has_factors:
             raise ManifestFormatError(f"{place}.storage is {self.storage}, but a {self.kind} tensor has no factors")
+        if (self.storage == "mixed") != (self.bands is not None):
+            raise ManifestFormatError(f"{place} has storage {self.storage} and "
+                                      f"{'bands' if self.bands is not None else 'no bands'}: bands go with mixed storage")
+        if self.bands is not None:
+            problem = check_bands(self.bands, self.rank or 0)
+            if problem is not None:
+                raise ManifestFormatError(f"{place}.bands: {problem}")
         if self.reference_rows is not None and (not self.shape or self.reference_rows > self.shape[0]):
             raise ManifestFormatError(f"{place}.reference_rows is {self.reference_rows}, more than the tensor's "
                                       f"{list(self.shape)}")

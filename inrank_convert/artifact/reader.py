@@ -175,12 +175,12 @@ class Artifact:
 
     def factors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """(B [rows, r], A [r, cols]) of a low-rank tensor in float32, whatever the storage (int8
-        and int4 scales applied): ``B @ A`` is the update's low-rank part. Their shapes and dtypes (and the
+        and group scales applied): ``B @ A`` is the update's low-rank part. Their shapes and dtypes (and the
         scale's) were checked against the manifest when the artifact was opened (``_check_stored``)."""
         entry = self.tensors[name]
         rows, cols = entry.shape
-        B, A = read_factors(self._stored(name, factors_layout(entry.storage, rows, cols, entry.rank or 0)),
-                            entry.storage)
+        B, A = read_factors(self._stored(name, factors_layout(entry.storage, rows, cols, entry.rank or 0,
+                                                              entry.bands)), entry.storage)
         b_name, a_name = factor_names(name)
         for stored_name, tensor in ((b_name, B), (a_name, A)):
             self._check_finite(stored_name, tensor)
@@ -335,7 +335,7 @@ def describe_artifact(path: str | Path) -> dict[str, Any]:
                "energy": entry.energy, "bytes": entry.bytes, "dtype": dtype_name(entry.dtype),
                "rows": entry.rows, "storage": storage(name, entry), "error": entry.error,
                "reference_rows": entry.reference_rows,
-               "bands": precision_bands(entry.storage, entry.rank or 0) if entry.has_factors else None}
+               "bands": precision_bands(entry.storage, entry.rank or 0, entry.bands) if entry.has_factors else None}
               for name, entry in manifest.stored_entries().items()]
     return {
         "path": str(path), "format": FORMAT_NAME, "version": manifest.version,

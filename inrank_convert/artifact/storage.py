@@ -1,4 +1,4 @@
-"""How factors and rows are stored at each precision (format versions 2 and 3), and read back.
+"""How factors and rows are stored at each precision (format versions 2 to 4), and read back.
 
 - float32 / float16 / bfloat16: the tensors cast. bfloat16 is the float storage of lossy artifacts
   (``--quantize none``): its 8-bit significand rounds each number by at most 2^-8 relative, far
@@ -19,25 +19,39 @@
   A number is ``code * scale`` of its group. Measured on the README run: 4-bit codes on every
   component cost +2.4% perplexity where bfloat16 factors cost +1.7%; with the two leading
   components at 8 bits, +1.75% (docs/stored-forms.md).
+- mixed (version 4): each component at 8, 4, 3 or 2 bits, in bands by decreasing width that a size
+  budget chose (the entry's ``bands``); the 8-bit band as int4's, the narrower ones on midrise
+  grids with searched scales, rows as int4's (artifact/bands.py has the grids and the layout).
 
-Only this module and the writer/reader beside it know these encodings.
+Only this module, bands.py and the writer/reader beside them know these encodings.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
+from inrank_convert.artifact.bands import (
+    GROUP_SIZE,
+    INT4,
+    INT4_GRIDS,
+    MIXED_GRIDS,
+    SCALE_BYTES,
+    Bands,
+    banded_layout,
+    decode_banded,
+    encode_banded,
+    group_dequantize,
+    group_quantize,
+    groups,
+    pack_codes,
+    unpack_codes,
+)
 from inrank_convert.artifact.format import (
     FACTOR_A,
-    FACTOR_A4,
-    FACTOR_A_SCALE,
     FACTOR_B,
-    FACTOR_B4,
-    FACTOR_B_SCALE,
     FACTOR_SCALE,
     FLOAT_CODES,
     ROWS,
@@ -47,14 +61,12 @@ from inrank_convert.core.tensors import SAFETENSORS_CODES
 
 FLOAT_STORAGE = {"float64": torch.float64, "float32": torch.float32, "float16": torch.float16,
                  "bfloat16": torch.bfloat16}
-QUANTIZE_SCHEMES = ("int8", "int4")  # the integer storages compress --quantize names
+QUANTIZE_SCHEMES = ("int8", "int4", "mixed")  # the integer storages compress --quantize names
+GROUPED_STORAGE = ("int4", "mixed")  # group-wise codes, stored in precision bands
 NO_QUANTIZATION = "none"  # compress --quantize none: float factors (--dtype, else bfloat16)
 QUANTIZE_CHOICES = (*QUANTIZE_SCHEMES, NO_QUANTIZATION)  # every value --quantize takes
 INT8_LEVELS = 127
-INT4_LEVELS = 7
-GROUP_SIZE = 64  # numbers per int4 scale
 INT4_LEAD = 2  # leading components an int4 tensor keeps at 8 bits
-SCALE_BYTES = 2  # an int4 group's bfloat16 scale
 # Where a storage's tensors go, by suffix (layouts below): (shape, safetensors dtype codes).
 Layout = dict[str, tuple[tuple[int, ...], frozenset[str]]]
 
@@ -71,22 +83,28 @@ def vector_overhead(storage: str) -> int:
     return 4 if storage == "int8" else 0
 
 
-def precision_bands(storage: str | None, rank: int) -> list[dict[str, int]] | None:
+def int4_bands(rank: int) -> Bands:
+    """int4's bands: the ``INT4_LEAD`` leading components at 8 bits, the rest at 4."""
+    lead = min(INT4_LEAD, rank)
+    return tuple(band for band in ((8, lead), (4, rank - lead)) if band[1])
+
+
+def precision_bands(storage: str | None, rank: int, bands: Bands | None = None) -> list[dict[str, int]] | None:
     """The components of a rank-``rank`` tensor by the bits their codes have, leading ones first
-    (``inspect``): int4's two leading components at 8 bits, the rest at 4; int8's all at 8; None
-    for float storage (its numbers are not codes)."""
-    if storage == "int4":
-        lead = min(INT4_LEAD, rank)
-        return [band for band in ({"components": lead, "bits": 8}, {"components": rank - lead, "bits": 4})
-                if band["components"]]
+    (``inspect``): int4's two leading components at 8 bits, the rest at 4; mixed's as its
+    ``bands`` say; int8's all at 8; None for float storage (its numbers are not codes)."""
+    if storage in GROUPED_STORAGE:
+        return [{"components": count, "bits": bits}
+                for bits, count in (bands or () if storage == "mixed" else int4_bands(rank))]
     if storage == "int8":
         return [{"components": rank, "bits": 8}] if rank else []
     return None
 
 
 def storage_costs(storage: str) -> dict[str, int]:
-    """What ``linalg.forms.Costs`` needs to count a tensor's bytes at ``storage`` (beside the dense bytes)."""
-    if storage != "int4":
+    """What ``linalg.forms.Costs`` needs to count a tensor's bytes at ``storage`` (beside the dense
+    bytes). mixed is priced as int4 where no budget chose its bands (rows, the rule's forms)."""
+    if storage not in GROUPED_STORAGE:
         return {"element": element_bytes(storage), "vector": vector_overhead(storage)}
     return {"element": 0, "vector": SCALE_BYTES, "bits": 4, "group": GROUP_SIZE, "lead": INT4_LEAD, "lead_bits": 8}
 
@@ -143,10 +161,11 @@ def decode_rows(rows: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
     return rows.float() * scale.float()[:, None]
 
 
-def round_trip(B: torch.Tensor, A: torch.Tensor, rows: torch.Tensor | None, storage: str
+def round_trip(B: torch.Tensor, A: torch.Tensor, rows: torch.Tensor | None, storage: str, bands: Bands | None = None
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """What a reader will get back after storing at ``storage``: to measure the rounding's error."""
-    return read_update(stored_update(B, A, rows, storage), storage, None if rows is None else rows.shape[1])
+    return read_update(stored_update(B, A, rows, storage, bands=bands), storage,
+                       None if rows is None else rows.shape[1])
 
 
 # --- every storage by stored-name suffix: what the writer adds, the reader reads, the manifest checks
@@ -161,32 +180,39 @@ class InputGram:
     conv1d: bool = False
 
 
-def stored_factors(B: torch.Tensor, A: torch.Tensor, storage: str,
-                   feedback: InputGram | None = None) -> dict[str, torch.Tensor]:
-    """The tensors that store B [rows, r] and A [r, cols] at ``storage``, by name suffix.
+def stored_factors(B: torch.Tensor, A: torch.Tensor, storage: str, feedback: InputGram | None = None,
+                   bands: Bands | None = None) -> dict[str, torch.Tensor]:
+    """The tensors that store B [rows, r] and A [r, cols] at ``storage``, by name suffix
+    (``bands``: mixed storage's, required there).
 
-    ``feedback`` (int4 only): the factor that meets the layer's input is quantized with error
+    ``feedback`` (int4 and mixed): the factor that meets the layer's input is quantized with error
     feedback (GPTQ's order: one input feature at a time, its rounding error pushed onto the features
     not yet rounded through the inverse Gram), which lowers the error of the layer's outputs on the
     calibration text; the other factor is rounded as without it."""
-    if storage == "int4":
-        return _int4_factors(B, A, feedback)
+    if storage in GROUPED_STORAGE:
+        gram, conv1d = (None, False) if feedback is None else (feedback.gram, feedback.conv1d)
+        if storage == "int4":
+            return encode_banded(B, A, int4_bands(A.shape[0]), INT4_GRIDS, gram, conv1d, empty_bands=(4,))
+        if bands is None:
+            raise ValueError("mixed storage needs the bands a budget chose")
+        return encode_banded(B, A, bands, MIXED_GRIDS, gram, conv1d)
     B_s, A_s, scale = encode_factors(B, A, storage)
     return {FACTOR_B: B_s, FACTOR_A: A_s} | ({} if scale is None else {FACTOR_SCALE: scale})
 
 
 def read_factors(stored: Mapping[str, torch.Tensor], storage: str | None) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 (B, A) back from ``stored_factors``'s tensors (``storage`` None: version 1 floats)."""
-    if storage == "int4":
-        return _int4_read_factors(stored)
+    if storage in GROUPED_STORAGE:
+        return decode_banded(stored, INT4_GRIDS if storage == "int4" else MIXED_GRIDS)
     return decode_factors(stored[FACTOR_B], stored[FACTOR_A], stored.get(FACTOR_SCALE) if storage == "int8" else None)
 
 
 def stored_rows(rows: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
-    """The tensors that store rows [K, cols] at ``storage``, by name suffix (the index is the writer's)."""
-    if storage == "int4":
-        codes, scale = _group_quantize(rows.float(), INT4_LEVELS)  # [K, cols], [K, groups]
-        return {ROWS: _pack_nibbles(codes), ROWS_SCALE: scale}
+    """The tensors that store rows [K, cols] at ``storage``, by name suffix (the index is the writer's;
+    mixed stores rows as int4 does)."""
+    if storage in GROUPED_STORAGE:
+        codes, scale = group_quantize(rows.float(), INT4)  # [K, cols], [K, groups]
+        return {ROWS: pack_codes(codes, INT4), ROWS_SCALE: scale}
     rows_s, scale = encode_rows(rows, storage)
     return {ROWS: rows_s} | ({} if scale is None else {ROWS_SCALE: scale})
 
@@ -194,15 +220,15 @@ def stored_rows(rows: torch.Tensor, storage: str) -> dict[str, torch.Tensor]:
 def read_rows(stored: Mapping[str, torch.Tensor], storage: str | None, cols: int) -> torch.Tensor:
     """float32 rows [K, cols] back from ``stored_rows``'s tensors (int4 packs two numbers a byte:
     ``cols`` says whether the last byte holds one or two)."""
-    if storage == "int4":
-        return _group_dequantize(_unpack_nibbles(stored[ROWS], cols), stored[ROWS_SCALE])
+    if storage in GROUPED_STORAGE:
+        return group_dequantize(unpack_codes(stored[ROWS], cols, INT4), stored[ROWS_SCALE], INT4)
     return decode_rows(stored[ROWS], stored.get(ROWS_SCALE) if storage == "int8" else None)
 
 
 def stored_update(B: torch.Tensor, A: torch.Tensor, rows: torch.Tensor | None, storage: str,
-                  feedback: InputGram | None = None) -> dict[str, torch.Tensor]:
+                  feedback: InputGram | None = None, bands: Bands | None = None) -> dict[str, torch.Tensor]:
     """``stored_factors`` and ``stored_rows`` in one mapping by suffix (the row index is the writer's)."""
-    return stored_factors(B, A, storage, feedback) | ({} if rows is None else stored_rows(rows, storage))
+    return stored_factors(B, A, storage, feedback, bands) | ({} if rows is None else stored_rows(rows, storage))
 
 
 def read_update(stored: Mapping[str, torch.Tensor], storage: str, cols: int | None
@@ -212,15 +238,12 @@ def read_update(stored: Mapping[str, torch.Tensor], storage: str, cols: int | No
     return B, A, (read_rows(stored, storage, cols) if ROWS in stored else None)
 
 
-def factors_layout(storage: str | None, rows: int, cols: int, rank: int) -> Layout:
+def factors_layout(storage: str | None, rows: int, cols: int, rank: int, bands: Bands | None = None) -> Layout:
     """Suffix -> (shape, dtype codes) of every tensor that stores rank-``rank`` factors of a [rows, cols] tensor."""
     if storage == "int4":
-        lead, groups_b, groups_a = min(INT4_LEAD, rank), _groups(rows), _groups(cols)
-        return {FACTOR_B: ((rows, lead), frozenset({"I8"})), FACTOR_A: ((lead, cols), frozenset({"I8"})),
-                FACTOR_B4: ((-(-rows // 2), rank - lead), frozenset({"U8"})),
-                FACTOR_A4: ((rank - lead, -(-cols // 2)), frozenset({"U8"})),
-                FACTOR_B_SCALE: ((groups_b, rank), frozenset({"BF16"})),
-                FACTOR_A_SCALE: ((rank, groups_a), frozenset({"BF16"}))}
+        return banded_layout(rows, cols, int4_bands(rank), empty_bands=(4,))
+    if storage == "mixed":
+        return banded_layout(rows, cols, bands or ())
     codes = _codes(storage)
     layout = {FACTOR_B: ((rows, rank), codes), FACTOR_A: ((rank, cols), codes)}
     if storage == "int8":
@@ -230,8 +253,8 @@ def factors_layout(storage: str | None, rows: int, cols: int, rank: int) -> Layo
 
 def rows_layout(storage: str | None, count: int, cols: int) -> Layout:
     """Suffix -> (shape, dtype codes) of every tensor that stores ``count`` rows of ``cols`` numbers (not the index)."""
-    if storage == "int4":
-        return {ROWS: ((count, -(-cols // 2)), frozenset({"U8"})), ROWS_SCALE: ((count, _groups(cols)), frozenset({"BF16"}))}
+    if storage in GROUPED_STORAGE:
+        return {ROWS: ((count, -(-cols // 2)), frozenset({"U8"})), ROWS_SCALE: ((count, groups(cols)), frozenset({"BF16"}))}
     layout = {ROWS: ((count, cols), _codes(storage))}
     if storage == "int8":
         layout[ROWS_SCALE] = ((count,), FLOAT_CODES)
@@ -242,107 +265,3 @@ def _codes(storage: str | None) -> frozenset[str]:
     if storage is None:
         return FLOAT_CODES
     return frozenset({"I8"}) if storage == "int8" else frozenset({SAFETENSORS_CODES[FLOAT_STORAGE[storage]]})
-
-
-# --- int4: group-wise codes, packed
-
-
-def _groups(length: int) -> int:
-    return -(-length // GROUP_SIZE)
-
-
-def _group_quantize(vectors: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes int8 [m, n] in [-levels, levels] and bfloat16 scales [m, ceil(n / G)] of float vectors
-    [m, n], one scale per group of G numbers of a vector, so that vectors ~= codes * scale."""
-    m, n = vectors.shape
-    groups = _groups(n)
-    padded = torch.nn.functional.pad(vectors.float(), (0, groups * GROUP_SIZE - n)).reshape(m, groups, GROUP_SIZE)
-    wanted = padded.abs().amax(dim=2) / levels  # [m, groups]
-    scale = wanted.to(torch.bfloat16)
-    # Rounded up, so that no number's code passes the levels (a clipped code would be an error the
-    # rounding cannot bound); a zero group gets scale 1 (its codes are 0 whatever it is).
-    low = scale.float() < wanted
-    scale = torch.where(low, torch.nextafter(scale, torch.full_like(scale, math.inf)), scale)
-    scale = torch.where(wanted > 0, scale, torch.ones_like(scale))
-    codes = torch.round(padded / scale.float()[:, :, None]).clamp_(-levels, levels).to(torch.int8)
-    return codes.reshape(m, groups * GROUP_SIZE)[:, :n], scale
-
-
-def _group_dequantize(codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """float32 [m, n] from codes [m, n] and their group scales [m, ceil(n / G)]."""
-    n = codes.shape[1]
-    return codes.float() * scale.float().repeat_interleave(GROUP_SIZE, dim=1)[:, :n]
-
-
-def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """uint8 [m, ceil(n / 2)] of 4-bit codes [m, n] in [-7, 7]: code + 8, index 2i low, 2i + 1 high."""
-    m, n = codes.shape
-    offset = torch.nn.functional.pad(codes.to(torch.int16) + 8, (0, n % 2)).reshape(m, (n + 1) // 2, 2)
-    return (offset[:, :, 0] | (offset[:, :, 1] << 4)).to(torch.uint8)
-
-
-def _unpack_nibbles(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """int8 codes [m, n] from ``_pack_nibbles``'s bytes."""
-    wide = packed.to(torch.int16)
-    pairs = torch.stack([wide & 0xF, wide >> 4], dim=2).reshape(packed.shape[0], 2 * packed.shape[1])[:, :n]
-    return (pairs - 8).to(torch.int8)
-
-
-def _int4_factors(B: torch.Tensor, A: torch.Tensor, feedback: InputGram | None = None) -> dict[str, torch.Tensor]:
-    rank = A.shape[0]
-    lead = min(INT4_LEAD, rank)
-    columns = B.T.float()  # [r, rows]: each of B's columns as a vector
-
-    def quantize(vectors: torch.Tensor, levels: int, meets_input: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        if feedback is None or not meets_input:
-            return _group_quantize(vectors, levels)
-        return _feedback_quantize(vectors, feedback.gram, levels)
-
-    b_meets_input = feedback is not None and feedback.conv1d  # Conv1D [in, out]: B's rows meet the input
-    code_b8, scale_b8 = quantize(columns[:lead], INT8_LEVELS, b_meets_input)
-    code_b4, scale_b4 = quantize(columns[lead:], INT4_LEVELS, b_meets_input)
-    code_a8, scale_a8 = quantize(A[:lead].float(), INT8_LEVELS, not b_meets_input)
-    code_a4, scale_a4 = quantize(A[lead:].float(), INT4_LEVELS, not b_meets_input)
-    return {FACTOR_B: code_b8.T.contiguous(), FACTOR_A: code_a8.contiguous(),
-            FACTOR_B4: _pack_nibbles(code_b4).T.contiguous(), FACTOR_A4: _pack_nibbles(code_a4),
-            FACTOR_B_SCALE: torch.cat([scale_b8, scale_b4]).T.contiguous(),
-            FACTOR_A_SCALE: torch.cat([scale_a8, scale_a4]).contiguous()}
-
-
-FEEDBACK_DAMPING = 0.01  # of the Gram's mean diagonal, added to it (GPTQ's): keeps its inverse tame
-
-
-def _feedback_quantize(vectors: torch.Tensor, gram: torch.Tensor, levels: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_group_quantize``'s codes and scales of vectors [m, n] (n input features, Gram [n, n]) with
-    GPTQ's error feedback: feature i is rounded, and its error, divided by U[i, i], is taken off the
-    features after it along U[i, i + 1:], U the upper Cholesky factor of the damped Gram's inverse;
-    a group's scale is set from its numbers as they are when the feature order reaches it. Each
-    vector's error on the inputs, ||(v - v_q) X^T||, is then at most about what plain rounding gives."""
-    m, n = vectors.shape
-    work = vectors.double().clone()
-    hessian = gram.to(torch.float64).clone()
-    dead = hessian.diagonal() <= 0  # a feature the text never used: its rounding costs nothing
-    hessian[dead, dead] = 1.0
-    hessian += FEEDBACK_DAMPING * float(hessian.diagonal().mean()) * torch.eye(n, dtype=torch.float64)
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(hessian)), upper=True)  # [n, n]
-    codes = torch.zeros(m, n, dtype=torch.int8)
-    scales = torch.ones(m, _groups(n), dtype=torch.bfloat16)
-    for group in range(_groups(n)):
-        start, stop = group * GROUP_SIZE, min(n, (group + 1) * GROUP_SIZE)
-        _, scale = _group_quantize(work[:, start:stop].float(), levels)  # [m, 1]: this group's scale now
-        scales[:, group] = scale[:, 0]
-        step = scale[:, 0].double()  # [m]
-        for i in range(start, stop):
-            code = torch.round(work[:, i] / step).clamp_(-levels, levels)
-            codes[:, i] = code.to(torch.int8)
-            error = (work[:, i] - code * step) / upper[i, i]  # [m]
-            work[:, i + 1:] -= error[:, None] * upper[i, i + 1:][None, :]
-    return codes, scales
-
-
-def _int4_read_factors(stored: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    rows, cols = stored[FACTOR_B].shape[0], stored[FACTOR_A].shape[1]
-    scale_b, scale_a = stored[FACTOR_B_SCALE].T, stored[FACTOR_A_SCALE]  # [r, groups] each
-    codes_b = torch.cat([stored[FACTOR_B].T.to(torch.int8), _unpack_nibbles(stored[FACTOR_B4].T, rows)])  # [r, rows]
-    codes_a = torch.cat([stored[FACTOR_A].to(torch.int8), _unpack_nibbles(stored[FACTOR_A4], cols)])  # [r, cols]
-    return _group_dequantize(codes_b, scale_b).T.contiguous(), _group_dequantize(codes_a, scale_a)

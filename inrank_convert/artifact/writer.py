@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from inrank_convert.artifact.bands import Bands
 from inrank_convert.artifact.format import (
     ARTIFACT_FILE,
     INIT_FILE,
@@ -102,12 +103,13 @@ class ArtifactWriter:
                     dtype: torch.dtype, energy: float = 1.0, original_bytes: int | None = None,
                     svd: str | None = None, rows: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
                     storage: str | None = None, error: float | None = None,
-                    reference_rows: int | None = None, encoded: Mapping[str, torch.Tensor] | None = None
-                    ) -> TensorEntry:
+                    reference_rows: int | None = None, encoded: Mapping[str, torch.Tensor] | None = None,
+                    bands: Bands | None = None) -> TensorEntry:
         """``W ~= W_ref + B @ A`` (+ ``rows`` scattered to ``row_index``): B [rows, r], A [r, cols],
         rows [K, cols], row_index [K] in the stored orientation.
 
-        ``storage`` (float32 / float16 / bfloat16 / int8 / int4) encodes the factors and rows; None stores
+        ``storage`` (float32 / float16 / bfloat16 / int8 / int4 / mixed, the last with its ``bands``)
+        encodes the factors and rows; None stores
         them as given (training checkpoints keep their parameters' exact values). ``error``: the
         relative error of what is stored, measured by the caller; ``reference_rows``: the
         reference has only that many rows (a grown vocabulary); ``encoded``: the factors and rows
@@ -121,7 +123,7 @@ class ArtifactWriter:
                 raise ValueError(f"rows of {name!r} need a [K] row_index")
             kind = "lowrank+rows"
         if encoded is None:
-            encoded = stored_update(B, A, rows, stored_storage)
+            encoded = stored_update(B, A, rows, stored_storage, bands=bands)
         stored = 0
         for suffix, tensor in encoded.items():
             stored += self._tensors.add(name + suffix, tensor)
@@ -131,7 +133,7 @@ class ArtifactWriter:
         return self._add_entry(name, TensorEntry(
             kind, tuple(shape), dtype, A.shape[0], energy, stored, nbytes, svd,
             rows=None if rows is None else int(rows.shape[0]), storage=stored_storage, error=error,
-            reference_rows=reference_rows))
+            reference_rows=reference_rows, bands=bands))
 
     def add_dense(self, name: str, tensor: torch.Tensor, *, dtype: torch.dtype | None = None,
                   rank: int | None = None, svd: str | None = None, reference_rows: int | None = None) -> TensorEntry:

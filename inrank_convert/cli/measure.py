@@ -118,6 +118,8 @@ def sweep_command(
         "--ratios", help="Size budgets as fractions of the dense bytes (default 0.03,0.05,0.1,0.2; '' for none).")] = None,
     int8: Annotated[bool, typer.Option("--int8/--no-int8", help="Every setting in int8 (compress's default storage) as well as in bfloat16 (--quantize none).")] = True,
     int4: Annotated[bool, typer.Option("--int4", help="Every setting in int4 (--quantize int4) as well.")] = False,
+    mixed: Annotated[bool, typer.Option("--mixed", help="Every size budget in mixed precision (--quantize mixed: "
+                                        "the budget chooses 8, 4, 3 or 2 bits per component) as well.")] = False,
     max_tokens: Annotated[int | None, typer.Option("--max-tokens", help="Use only the first N tokens of --data.")] = None,
     tokenizer: Annotated[Path | None, typer.Option(
         "--tokenizer", help="Tokenizer folder for --data and --calibrate (default: the checkpoint's).")] = None,
@@ -146,7 +148,8 @@ def sweep_command(
     silent = quiet or json_output
     source, init = model_paths(ckpt, revision, init, init_revision)
     result = sweep(source, data, thresholds=_numbers(thresholds, "--thresholds", DEFAULT_THRESHOLDS),
-                   ratios=_numbers(ratios, "--ratios", DEFAULT_RATIOS), storages=(*(STORAGES if int8 else (NO_QUANTIZATION,)), *(("int4",) if int4 else ())),
+                   ratios=_numbers(ratios, "--ratios", DEFAULT_RATIOS), storages=(*(STORAGES if int8 else (NO_QUANTIZATION,)), *(("int4",) if int4 else ()),
+                                                                      *(("mixed",) if mixed else ())),
                    calibration=calibration, max_tokens=max_tokens, tokenizer=tokenizer, init=init, init_seed=init_seed,
                    no_init=no_init, options=PlanOptions(device=device, embeddings=embeddings),
                    on_row=None if silent else lambda row: console.status(

@@ -15,7 +15,15 @@ from functools import partial
 import torch
 
 from inrank_convert.artifact import ArtifactWriter
-from inrank_convert.artifact.storage import InputGram, encode_factors, read_update, stored_update
+from inrank_convert.artifact.bands import Bands
+from inrank_convert.artifact.storage import (
+    GROUPED_STORAGE,
+    InputGram,
+    encode_factors,
+    int4_bands,
+    read_update,
+    stored_update,
+)
 from inrank_convert.compression.calibration import CalibrationStats
 from inrank_convert.compression.plan import Plan, PlanOptions, TensorPlan, costs_for, storage_for
 from inrank_convert.compression.results import LayerResult
@@ -74,7 +82,7 @@ class HintChains:
 
 
 # Storage at least as coarse as bfloat16: a bfloat16 factor product rounds no coarser than it.
-REDUCED_PRODUCT_STORAGE = ("bfloat16", "int8", "int4")
+REDUCED_PRODUCT_STORAGE = ("bfloat16", "int8", "int4", "mixed")
 
 
 def product_dtype(storage: str, device: torch.device) -> torch.dtype | None:
@@ -82,6 +90,18 @@ def product_dtype(storage: str, device: torch.device) -> torch.dtype | None:
     gram.REDUCED_PRODUCT_MIN_TAIL): bfloat16 where the factors are stored that coarsely and the
     hardware multiplies bfloat16 natively; None (float32) elsewhere."""
     return torch.bfloat16 if storage in REDUCED_PRODUCT_STORAGE and native_bfloat16(device) else None
+
+
+def form_bands(name: str, assigned: Assigned | None, rank: int, with_rows: bool) -> Bands:
+    """The bands a mixed-storage tensor of ``rank`` components is stored in: the budget's (a low
+    rank + rows form stores its component as int4 does)."""
+    if with_rows:
+        return int4_bands(rank)
+    if assigned is None or assigned.bands is None:
+        raise ValueError(f"{name}: mixed storage needs the bands a size budget chose")
+    if sum(count for _, count in assigned.bands) != rank:
+        raise ValueError(f"{name}: the budget's bands {assigned.bands} do not hold the form's rank {rank}")
+    return assigned.bands
 
 
 def execute_entry(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: torch.device, index: int,
@@ -122,25 +142,26 @@ def execute_entry(entry: TensorPlan, inputs: Inputs, options: PlanOptions, devic
         # The stored error from the factors as they will be stored (no float32 copy of them) where
         # norms suffice, else measured on what a reader decodes.
         error = None
-        # int4 rounds the factor that meets the layer's input with error feedback when calibrated.
+        # int4 and mixed round the factor that meets the layer's input with error feedback when calibrated.
         feedback = InputGram(stats.grams[entry.name], stats.conv1d[entry.name]) \
-            if storage == "int4" and stats is not None and entry.name in stats.grams else None
-        # (int4's group-wise rounding is too coarse for the norms' second-order terms: measured.)
-        if form.svd_factors and form.rows is None and storage != "int4":
+            if storage in GROUPED_STORAGE and stats is not None and entry.name in stats.grams else None
+        bands = form_bands(entry.name, assigned, form.rank, form.rows is not None) if storage == "mixed" else None
+        # (group-wise rounding is too coarse for the norms' second-order terms: measured.)
+        if form.svd_factors and form.rows is None and storage not in GROUPED_STORAGE:
             B_q, A_q, scale = encode_factors(form.B, form.A, storage)
             error = svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error, scale)
         B_cpu, A_cpu, rows_cpu = form.B.cpu(), form.A.cpu(), None if form.rows is None else form.rows.cpu()
         encoded = None
         if error is None:
             # Measured on what the writer will store, encoded once (int4's error feedback is not cheap).
-            encoded = stored_update(B_cpu, A_cpu, rows_cpu, storage, feedback)
+            encoded = stored_update(B_cpu, A_cpu, rows_cpu, storage, feedback, bands)
             B, A, rows = read_update(encoded, storage, A_cpu.shape[1])
             error = stored_error(delta, total, B.to(delta.device), A.to(delta.device),
                                  None if rows is None else rows.to(delta.device), form.row_index)
         stored = writer.add_lowrank(entry.name, B_cpu, A_cpu, shape=entry.shape, dtype=entry.dtype,
                                     energy=form.energy, svd=engine, storage=storage, error=error, rows=rows_cpu,
                                     row_index=None if form.row_index is None else form.row_index.cpu(),
-                                    reference_rows=entry.reference_rows, encoded=encoded)
+                                    reference_rows=entry.reference_rows, encoded=encoded, bands=bands)
     del delta
     if inputs.embed_init and stored.uses_reference:
         writer.add_reference_tensor(entry.name, inputs.reference.get(entry.name))

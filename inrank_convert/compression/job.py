@@ -142,6 +142,11 @@ def check_target_options(options: PlanOptions, embed_init: bool, calibration: Ca
         raise UsageError(f"{flag('--embed-init')} stores every factorized tensor's init whole, so {flag(which)} "
                          "could not shrink the artifact", flag("--embed-init"),
                          f"drop {flag('--embed-init')} (pass {flag('--init')} or {flag('--init-seed')})")
+    if options.quantize == "mixed" and not (options.has_target or searched):
+        raise UsageError(f"{flag('--quantize')} mixed lets a size budget choose each component's bits, but no "
+                         "target was given", flag("--quantize"),
+                         f"add {flag('--target-ratio')} F, {flag('--target-size')} BYTES or "
+                         f"{flag('--max-perplexity-increase')} P, or pick {flag('--quantize')} int4")
     if calibration is not None and not (options.has_target or searched):
         # A whitened spectrum is far more concentrated than the plain one: a per-tensor energy
         # threshold on it keeps far too few ranks (+44% perplexity at t = 0.9, measured on a 4x128 GPT-2).

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from inrank_convert.artifact import Manifest, TensorEntry, TensorKind
+from inrank_convert.artifact.storage import precision_bands
 
 
 @dataclass
@@ -54,7 +55,10 @@ class LayerResult:
         return self.entry.svd or ""
 
     def to_json(self) -> dict:
-        return {"name": self.name, **self.entry.to_json()}
+        """The manifest entry, its bands as ``inspect --json`` shows them (components and bits)."""
+        entry = self.entry
+        bands = precision_bands(entry.storage, entry.rank or 0, entry.bands) if entry.has_factors else None
+        return {"name": self.name, **entry.to_json()} | ({} if bands is None else {"bands": bands})
 
 
 @dataclass

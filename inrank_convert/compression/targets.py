@@ -9,21 +9,24 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
 from inrank_convert.artifact import Manifest, RuleRecord, TensorEntry, manifest_metadata
+from inrank_convert.artifact.bands import MIXED_GRIDS, Bands, vector_error
+from inrank_convert.artifact.storage import int4_bands
 from inrank_convert.compression.calibration import CalibrationStats
 from inrank_convert.compression.plan import Plan, PlanOptions, TensorPlan, costs_for, storage_for
 from inrank_convert.compression.updates import load_update, planned_work
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.core.tensors import SAFETENSORS_CODES
 from inrank_convert.inputs.sources import Inputs
-from inrank_convert.linalg.budget import Allocation, TensorUnits, allocate
+from inrank_convert.linalg.budget import Allocation, BandChain, TensorUnits, allocate, band_chain
 from inrank_convert.linalg.criteria import DOMINANT_SHARE, RankRule, effective_threshold, rank_for_energy
 from inrank_convert.linalg.forms import (
     MAX_ROW_FRACTION,
+    Costs,
     rows_needed,
     split_residual,
 )
@@ -42,6 +45,7 @@ class Assigned:
     rank: int = 0
     rows: int | None = None
     whitened: bool = False  # the rank-``rank`` optimum of the output error on the calibration text
+    bands: Bands | None = None  # mixed storage: the width of each component, ((bits, count), ...)
 
 
 def budget_ratio(target: int, plan: Plan) -> float:
@@ -83,9 +87,12 @@ def header_bound(plan: Plan, options: PlanOptions, finish_arguments: dict, targe
         else:
             rows, cols = entry.shape
             rank = min(rows, cols)
+            storage = storage_for(options, entry)
+            # mixed: every width's band, each count as long as the rank (its names and its JSON at their longest)
+            bands = tuple((bits, rank) for bits in MIXED_GRIDS) if storage == "mixed" else None
             record = TensorEntry("lowrank+rows", entry.shape, entry.dtype, rank, 0.12345678, entry.nbytes,
-                                 entry.nbytes, "exact-float64", rows=rows, storage=storage_for(options, entry),
-                                 error=0.12345678, reference_rows=entry.reference_rows)
+                                 entry.nbytes, "exact-float64", rows=rows, storage=storage,
+                                 error=0.12345678, reference_rows=entry.reference_rows, bands=bands)
             for name in record.stored_names(entry.name):
                 shape = [max(rows, cols), max(rows, cols)]
                 stored[name] = {"dtype": longest_code, "shape": shape, "data_offsets": offset}
@@ -104,11 +111,46 @@ def header_bound(plan: Plan, options: PlanOptions, finish_arguments: dict, targe
 TensorMode = Literal["lowrank", "rows"]
 
 
+class Measured(NamedTuple):
+    """One factorized tensor's units for the budget, the form its allocation takes (``lowrank`` or
+    ``rows``: low rank + rows), the units of its whitened spectrum (with a calibration Gram), and
+    under mixed storage the precision chains those units walk (None elsewhere)."""
+
+    units: TensorUnits
+    mode: TensorMode
+    whitened: TensorUnits | None = None
+    chain: BandChain | None = None
+    whitened_chain: BandChain | None = None
+
+
+def component_errors(feedback: bool = False) -> dict[int, float]:
+    """bits -> the fraction of a component's energy that mixed storage's codes of that width leave
+    as error, e for each of its two vectors (``vector_error``: Gaussian vectors; real singular
+    vectors of the reference run's blocks measure the same): (1 + e)^2 - 1. With error feedback
+    (``feedback``: a whitened component, its input-side factor rounded through the layer's Gram) the
+    input-side vector's rounding is taken to cost the outputs nothing, e: measured at a 3% budget,
+    counting it at 0, half or whole gave +0.87%, +0.96% and +1.08% on the reference run, and 0 or
+    whole +0.89% and +0.91% on a fine-tune delta at 1/16 of its bfloat16 bytes."""
+    return {bits: (1.0 + vector_error(grid)) * (1.0 + (0.0 if feedback else vector_error(grid))) - 1.0
+            for bits, grid in MIXED_GRIDS.items()}
+
+
+def banded(units: TensorUnits, rows: int, cols: int, costs: Costs,
+           feedback: bool = False) -> tuple[TensorUnits, BandChain]:
+    """Mixed storage: a low-rank tensor's components walked as (component, precision) moves
+    (``feedback``: whitened units, stored with error feedback)."""
+    chain = band_chain(units.gains, {bits: costs.component_at(bits, rows, cols) for bits in MIXED_GRIDS},
+                       component_errors(feedback), units.dense)
+    return chain.units(units.dense, units.dense_gain), chain
+
+
 def tensor_units(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device: torch.device,
-                 stats: CalibrationStats | None = None) -> tuple[TensorUnits, TensorMode, TensorUnits | None]:
+                 stats: CalibrationStats | None = None) -> Measured:
     """One factorized tensor's units for budget.allocate (its spectrum, or its dominant component
     and residual rows), the form its allocation takes (``lowrank`` or ``rows``: low rank + rows),
     and with calibration statistics the units of its whitened spectrum (None without a Gram).
+    Under mixed storage a low-rank tensor's units are its ``band_chain`` (a component at one of
+    8, 4, 3 or 2 bits); the rows form stores its component and rows as int4 does.
 
     Gains are relative energy (s_i^2 / ||delta||^2, so updates of any scale compare) weighted by
     the tensor's parameter count (rows x cols, so a fraction of a large tensor's error counts for
@@ -141,8 +183,8 @@ def tensor_units(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device
     fixed = costs.row_set(forced_count, cols)
     weight = float(rows * cols)
     if total == 0.0:
-        return TensorUnits((), 0, component, row, entry.nbytes, fixed, 0.0, dense_gain=0.0, head_costs=head), \
-            "rows" if forced_count > 0 else "lowrank", None
+        return Measured(TensorUnits((), 0, component, row, entry.nbytes, fixed, 0.0, dense_gain=0.0, head_costs=head),
+                        "rows" if forced_count > 0 else "lowrank")
     # The whole spectrum from the small side's Gram (eigenvalues only), as the Gram engine reads it:
     # 1.3 s where svdvals took 4.2 s on a 32000 x 2048 update (one thread), the values within 6e-6 of
     # the largest; --float64 keeps svdvals.
@@ -154,21 +196,30 @@ def tensor_units(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device
     lead = [weight] if dominant else []
     dense_gain = 2.0 * weight if dominant else weight
 
-    def components() -> tuple[TensorUnits, TensorMode, TensorUnits | None]:
+    mixed = storage_for(options, entry) == "mixed"
+
+    def components() -> Measured:
         gains = tuple(lead + (energies[len(lead):] / rest).tolist())
         plain = TensorUnits(gains, len(gains), component, row, entry.nbytes, dense_gain=dense_gain, head_costs=head)
+        chain = None
+        if mixed:
+            plain, chain = banded(plain, rows, cols, costs)
         # The LM head keeps its plain spectrum: its whitened one measures the logits' squared error,
         # which the softmax does not weigh alike (on a LLaMA fine-tune with an untied head at 1/16 of
         # bfloat16, whitening it made calibration lose to plain, +8.66% against +7.88%; left plain,
         # +7.55%). Its Gram still ranks a head's or tied embedding's rows (``row_scores``).
         if stats is None or entry.name not in stats.grams or entry.name == stats.head:
-            return plain, "lowrank", None
+            return Measured(plain, "lowrank", None, chain)
         whitened = whitened_svd(delta, stats.grams[entry.name].to(device), conv1d=stats.conv1d[entry.name],
                                 name=entry.name)
         output_energies = whitened.S.pow(2).cpu()  # [min(rows, cols)] float64: output error energy per component
         scale = weight / max(float(output_energies.sum()), 1e-300)
-        return plain, "lowrank", TensorUnits(tuple((output_energies * scale).tolist()), output_energies.numel(),
-                                             component, row, entry.nbytes, dense_gain=weight, head_costs=head)
+        output = TensorUnits(tuple((output_energies * scale).tolist()), output_energies.numel(), component, row,
+                             entry.nbytes, dense_gain=weight, head_costs=head)
+        if not mixed:
+            return Measured(plain, "lowrank", output)
+        output, output_chain = banded(output, rows, cols, costs, feedback=True)
+        return Measured(plain, "lowrank", output, chain, output_chain)
 
     if not dominant and forced_count == 0:
         return components()
@@ -191,8 +242,8 @@ def tensor_units(entry: TensorPlan, inputs: Inputs, options: PlanOptions, device
                 >= costs.lowrank(low_rank, rows, cols):
             return components()
     gains = tuple(lead + (free / rest).tolist())
-    return TensorUnits(gains, len(lead), component, row, entry.nbytes, fixed, float(residual[forced].sum()) / rest,
-                       dense_gain, head), "rows", None
+    return Measured(TensorUnits(gains, len(lead), component, row, entry.nbytes, fixed,
+                                float(residual[forced].sum()) / rest, dense_gain, head), "rows")
 
 
 @dataclass
@@ -207,6 +258,9 @@ class Spectra:
     whitened: list[TensorUnits | None]  # with calibration: the whitened spectrum's units of a layer with a Gram
     kept: int  # bytes of the tensors kept whole by the plan
     least: int  # bytes of the factorized tensors at their least (forced rows, or dense if smaller)
+    chains: list[BandChain | None]  # mixed storage: the precision moves ``units`` stand for
+    whitened_chains: list[BandChain | None]
+    mixed: bool = False  # mixed storage: every factorized tensor's components get bands
 
     def minimum(self, header: int) -> int:
         """The least artifact file any allocation gives, with a header of ``header`` bytes."""
@@ -218,20 +272,18 @@ def measure_spectra(plan: Plan, inputs: Inputs, options: PlanOptions, stats: Cal
     """Read every factorized update once and keep its units (plain or whitened spectrum, rows' energies)."""
     device = torch.device(options.device)
     factorized = [entry for entry in plan.entries if entry.action == "factorize"]
-    units: list[TensorUnits] = []
-    modes: list[TensorMode] = []
-    whitened: list[TensorUnits | None] = []
+    measured: list[Measured] = []
     for _, entry in planned_work(plan, inputs, ("factorize",)):
-        found, mode, output = tensor_units(entry, inputs, options, device, stats)
-        units.append(found)
-        modes.append(mode)
-        whitened.append(output)
+        measured.append(tensor_units(entry, inputs, options, device, stats))
         if on_tensor is not None:
             on_tensor(entry.name)
     kept = sum(entry.nbytes for entry in plan.entries if entry.action == "dense")
     least = sum(min(costs_for(options, entry).row_set(entry.new_rows, entry.shape[1]), entry.nbytes)
                 for entry in factorized)
-    return Spectra([entry.name for entry in factorized], units, modes, whitened, kept, least)
+    return Spectra([entry.name for entry in factorized], [found.units for found in measured],
+                   [found.mode for found in measured], [found.whitened for found in measured],
+                   kept, least, [found.chain for found in measured], [found.whitened_chain for found in measured],
+                   options.quantize == "mixed")
 
 
 def check_target(spectra: Spectra, plan: Plan, options: PlanOptions, target: int, header: int) -> None:
@@ -268,11 +320,16 @@ def allocate_target(spectra: Spectra, target: int, header: int) -> dict[str, Ass
     budget: dict[str, Assigned] = {}
     for i, (name, found, mode, given) in enumerate(zip(spectra.names, spectra.units, spectra.modes, allocations,
                                                         strict=True)):
+        chain = spectra.whitened_chains[i] if i in whitened else spectra.chains[i]
         if given.dense:
             budget[name] = Assigned(True)
+        elif chain is not None:
+            bands = chain.bands[given.units]
+            budget[name] = Assigned(False, sum(count for _, count in bands), None, i in whitened, bands)
         elif i in whitened:
             budget[name] = Assigned(False, given.units, None, whitened=True)
         else:
             rank, extra = given.split(found.lead)
-            budget[name] = Assigned(False, rank, extra if mode == "rows" else None)
+            budget[name] = Assigned(False, rank, extra if mode == "rows" else None,
+                                    bands=int4_bands(rank) if spectra.mixed else None)
     return budget

@@ -10,6 +10,10 @@ in the order they must be taken (a unit is only worth taking after the ones befo
   decreasing energy, each costing cols numbers + its index (+ a scale). Rows that must be stored
   anyway (a grown vocabulary's) are the tensor's ``fixed`` cost.
 
+- a tensor whose components may each take one of several precisions (mixed storage): its
+  ``band_chain``, a sequence of moves (take the next component at some width, or widen the first
+  component of a band), each a unit with its own gain and cost.
+
 Each tensor may instead be stored whole (``dense`` bytes, all its energy). Greedy: walk the upper
 concave hull of every tensor's (bytes, gain) curve, the dense point included, and repeatedly take
 the hull step with the most gain per byte that still fits; a step that does not fit is replaced by
@@ -20,8 +24,9 @@ non-increasing for singular components, so the hull of a plain spectrum is the s
 from __future__ import annotations
 
 import heapq
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from itertools import accumulate
+from itertools import accumulate, pairwise
 
 
 class BudgetTooSmall(ValueError):  # noqa: N818 - a condition, named as the caller reports it
@@ -57,6 +62,14 @@ class TensorUnits:
         return (self.fixed + sum(self.head_costs[:head]) + (leading - head) * self.lead_cost
                 + (count - leading) * self.unit_cost)
 
+    def unit_costs(self):
+        """Bytes of each unit in turn."""
+        for index in range(len(self.gains)):
+            if index < len(self.head_costs) and index < self.lead:
+                yield self.head_costs[index]
+            else:
+                yield self.lead_cost if index < self.lead else self.unit_cost
+
     @property
     def minimum(self) -> int:
         return min(self.fixed, self.dense)
@@ -82,8 +95,8 @@ def _curve(tensor: TensorUnits) -> tuple[list[int], list[float], int]:
     Returns (xs, ys, count of unit points)."""
     xs = [tensor.fixed]
     ys = [tensor.fixed_gain]
-    for count, total in enumerate(accumulate(tensor.gains), start=1):
-        x = tensor.cost(count)
+    for total, spent in zip(accumulate(tensor.gains), accumulate(tensor.unit_costs()), strict=True):
+        x = tensor.fixed + spent
         if x >= tensor.dense:
             break
         xs.append(x)
@@ -165,3 +178,68 @@ def allocate(tensors: list[TensorUnits], budget: int) -> list[Allocation]:
         dense = state[i] == points
         allocations.append(Allocation(0 if dense else state[i], dense, xs[state[i]], ys[state[i]]))
     return allocations
+
+
+Bands = tuple[tuple[int, int], ...]  # ((bits, components), ...) widest first
+
+
+@dataclass(frozen=True)
+class BandChain:
+    """One tensor's precision choices as ``allocate`` takes them: move i gains ``gains[i]`` for
+    ``costs[i]`` bytes, and after the first n moves the tensor's components are ``bands[n]``."""
+
+    gains: tuple[float, ...]
+    costs: tuple[int, ...]
+    bands: tuple[Bands, ...]
+
+    def units(self, dense: int, dense_gain: float = 1.0) -> TensorUnits:
+        return TensorUnits(self.gains, len(self.gains), 0, 0, dense, dense_gain=dense_gain, head_costs=self.costs)
+
+
+def band_chain(gains: Sequence[float], component_bytes: Mapping[int, int], errors: Mapping[int, float],
+               limit: int) -> BandChain:
+    """The greedy path through one tensor's (component, precision) choices, at most ``limit`` bytes.
+
+    ``gains[i]``: what component i removes stored exactly (non-increasing: a spectrum);
+    ``component_bytes[b]`` / ``errors[b]``: the bytes of one component at b bits and the fraction of
+    its energy that b-bit codes leave as error. Components are taken in order and their widths never
+    grow along it (the bands are widest first), so two moves are open at each step: take the next
+    component at a width no wider than the last one's, or widen the first component of a band by
+    one width (its largest, so the one that gains most). The move with the most gain per byte is
+    taken, until the limit (a tensor's dense bytes) or every component at the widest."""
+    widths = sorted(component_bytes, reverse=True)  # widest first
+    counts = dict.fromkeys(widths, 0)
+    move_gains: list[float] = []
+    move_costs: list[int] = []
+    chain: list[Bands] = [()]
+    spent, taken = 0, 0
+    while True:
+        best: tuple[float, float, int, int, int] | None = None  # (gain per byte, gain, cost, from, to)
+        narrowest = min((bits for bits in widths if counts[bits]), default=widths[0])
+        if taken < len(gains):
+            for bits in widths:
+                if bits <= narrowest:
+                    gain, cost = gains[taken] * (1.0 - errors[bits]), component_bytes[bits]
+                    if best is None or gain / cost > best[0]:
+                        best = (gain / cost, gain, cost, 0, bits)
+        before = 0  # components in wider bands: the index of this band's first
+        for wider, bits in pairwise(widths):
+            before += counts[wider]
+            if counts[bits]:
+                gain = gains[before] * (errors[bits] - errors[wider])
+                cost = component_bytes[wider] - component_bytes[bits]
+                if cost > 0 and (best is None or gain / cost > best[0]):
+                    best = (gain / cost, gain, cost, bits, wider)
+        if best is None or best[1] <= 0.0 or spent + best[2] > limit:
+            break
+        _, gain, cost, narrow, wide = best
+        if narrow:
+            counts[narrow] -= 1
+        else:
+            taken += 1
+        counts[wide] += 1
+        spent += cost
+        move_gains.append(gain)
+        move_costs.append(cost)
+        chain.append(tuple((bits, counts[bits]) for bits in widths if counts[bits]))
+    return BandChain(tuple(move_gains), tuple(move_costs), tuple(chain))

@@ -107,6 +107,10 @@ class Costs:
         bits = self.lead_bits if index < self.lead else self.bits
         return self._grouped(rows, bits) + self._grouped(cols, bits)
 
+    def component_at(self, bits: int, rows: int, cols: int) -> int:
+        """Bytes of one component of a [rows, cols] tensor's factors with ``bits``-bit group-wise codes."""
+        return self._grouped(rows, bits) + self._grouped(cols, bits)
+
     def lowrank(self, rank: int, rows: int, cols: int) -> int:
         lead = min(rank, self.lead)
         return lead * self.component(0, rows, cols) + (rank - lead) * self.component(self.lead, rows, cols)

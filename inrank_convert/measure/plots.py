@@ -119,7 +119,7 @@ def _short(name: str) -> str:
 
 def plot_sweep(result: SweepResult, path: str | Path) -> Path:
     """Bytes (as a share of the dense checkpoint, log scale) against perplexity: one line per
-    series of settings (per-tensor thresholds, budgets, calibrated budgets; bfloat16, int8, int4), the
+    series of settings (per-tensor thresholds, budgets, calibrated budgets; bfloat16, int8, int4, mixed), the
     dense model as a horizontal line."""
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(8, 5))
@@ -129,7 +129,7 @@ def plot_sweep(result: SweepResult, path: str | Path) -> Path:
     for name, rows in series.items():
         rows = sorted(rows, key=lambda row: row.bytes)
         axis.plot([100.0 * row.ratio for row in rows], [row.perplexity for row in rows], marker="o", label=name,
-                  linestyle="--" if "int8" in name else ":" if "int4" in name else "-")
+                  linestyle="--" if "int8" in name else ":" if "int4" in name else "-." if "mixed" in name else "-")
     axis.axhline(result.dense_perplexity, color="black", linewidth=1, label="dense")
     axis.set_xscale("log")
     percent = plt.FuncFormatter(lambda value, _: f"{value:g}%")

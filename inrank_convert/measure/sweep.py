@@ -3,7 +3,8 @@
 Every setting is compressed into a temporary artifact, loaded and measured on the same tokens and
 windows as the dense model, then deleted: per-tensor thresholds (``-t``), global size budgets
 (``--target-ratio``), each in bfloat16 (``--quantize none``) and in int8 (compress's default storage),
-optionally in int4 (``--quantize int4``), and the budgets again
+optionally in int4 (``--quantize int4``) and, budgets only, in mixed precision (``--quantize mixed``:
+the budget chooses each component's bits, so it has no per-tensor threshold), and the budgets again
 calibrated (``--calibrate``) when a calibration text is given. The calibration runs once; each
 size budget's spectra are read once per storage and reused for every ratio. A row's numbers are
 those ``compress`` with the same flags followed by ``report --data`` give.
@@ -40,7 +41,7 @@ class SweepSetting:
 
     kind: str  # "threshold" | "budget"
     value: float  # the threshold, or the target ratio
-    quantize: str = NO_QUANTIZATION  # compress --quantize: none (bfloat16), int8 or int4
+    quantize: str = NO_QUANTIZATION  # compress --quantize: none (bfloat16), int8, int4 or mixed
     calibrated: bool = False
 
     @property
@@ -90,7 +91,8 @@ class SweepResult:
 
 def sweep_settings(thresholds: Sequence[float], ratios: Sequence[float], calibrated: bool,
                    storages: Sequence[str] = STORAGES) -> list[SweepSetting]:
-    settings = [SweepSetting("threshold", t, q) for q in storages for t in thresholds]
+    # mixed needs a size budget to choose its bits by: no threshold rows.
+    settings = [SweepSetting("threshold", t, q) for q in storages if q != "mixed" for t in thresholds]
     settings += [SweepSetting("budget", r, q) for q in storages for r in ratios]
     if calibrated:
         settings += [SweepSetting("budget", r, q, True) for q in storages for r in ratios]

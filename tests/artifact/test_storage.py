@@ -1,4 +1,4 @@
-"""artifact/storage.py: low-precision storage (format versions 2 and 3): its encodings on their
+"""artifact/storage.py: low-precision storage (format versions 2 to 4): its encodings on their
 own, then whole artifacts on tiny real models: int8 by default, bfloat16, float32 at threshold 1,
 ``--dtype``, ``--quantize int4`` and lowrank+rows tensors, each run from the artifact and from its
 decompressed folder, and checked by ``verify``.
@@ -15,16 +15,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from inrank_convert.artifact import FORMAT_VERSION, describe_artifact, read_manifest
+from inrank_convert.artifact import FORMAT_VERSION, TensorEntry, describe_artifact, read_manifest
+from inrank_convert.artifact.fields import ManifestFormatError
+from inrank_convert.artifact.bands import GROUP_SIZE, INT4, pack_codes, unpack_codes
 from inrank_convert.artifact.storage import (
-    GROUP_SIZE,
     INT4_LEAD,
-    INT4_LEVELS,
     INT8_LEVELS,
     QUANTIZE_SCHEMES,
     InputGram,
-    _pack_nibbles,
-    _unpack_nibbles,
     decode_factors,
     decode_rows,
     element_bytes,
@@ -63,7 +61,7 @@ def relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def test_storage_sizes():
-    assert QUANTIZE_SCHEMES == ("int8", "int4")
+    assert QUANTIZE_SCHEMES == ("int8", "int4", "mixed")
     assert [element_bytes(s) for s in ("float64", "float32", "float16", "bfloat16", "int8")] == [8, 4, 2, 2, 1]
     assert vector_overhead("int8") == 4  # a float32 scale per component / row
     assert all(vector_overhead(s) == 0 for s in ("float32", "float16", "bfloat16"))
@@ -248,6 +246,7 @@ def stored_bytes(header: dict, names) -> int:
     return total
 
 
+MIXED = ("--quantize", "mixed", "--target-ratio", "0.3")
 CASES = {  # label, compress options (int8 is the default storage)
     "gpt2-bf16": ("gpt2", ("--quantize", "none")),
     "gpt2-int8": ("gpt2", ()),
@@ -259,6 +258,9 @@ CASES = {  # label, compress options (int8 is the default storage)
     "gpt2-int4": ("gpt2", ("--quantize", "int4")),
     "gpt2-rows-int4": ("gpt2-rows", ("--quantize", "int4")),
     "llama-rows-int4": ("llama-rows", ("--quantize", "int4")),
+    "gpt2-mixed": ("gpt2", MIXED),
+    "gpt2-rows-mixed": ("gpt2-rows", MIXED),
+    "llama-rows-mixed": ("llama-rows", MIXED),
 }
 
 
@@ -328,7 +330,7 @@ def test_quantize_none_stores_bfloat16(shop):
     artifact = shop.artifact("gpt2-rows", "--quantize", "none")
     header = header_dtypes(artifact)
     manifest = read_manifest(artifact)
-    assert manifest.version == FORMAT_VERSION == 3
+    assert manifest.version == FORMAT_VERSION == 4
     entries = factorized(artifact)
     assert "lowrank+rows" in {entry.kind for entry in entries.values()}
     for name, entry in entries.items():
@@ -464,10 +466,10 @@ def test_rows_artifact_reconstructs_the_planted_rows(shop, tmp_path):
 
 @pytest.mark.parametrize("length", [0, 1, 2, 9, 64, 129])
 def test_nibbles_pack_and_unpack_exactly(length):
-    codes = torch.randint(-7, 8, (3, length), generator=torch.Generator().manual_seed(length)).to(torch.int8)
-    packed = _pack_nibbles(codes)
+    codes = torch.randint(-7, 8, (3, length), generator=torch.Generator().manual_seed(length)).to(torch.int16)
+    packed = pack_codes(codes, INT4)
     assert packed.dtype == torch.uint8 and tuple(packed.shape) == (3, (length + 1) // 2)
-    assert torch.equal(_unpack_nibbles(packed, length), codes)
+    assert torch.equal(unpack_codes(packed, length, INT4), codes)
     if length >= 2:  # the lower index in the low nibble, stored as code + 8
         assert int(packed[0, 0]) == (int(codes[0, 0]) + 8) | ((int(codes[0, 1]) + 8) << 4)
 
@@ -484,7 +486,7 @@ def test_int4_factors_round_trip_within_half_a_step_per_group(rank):
         assert tuple(stored[suffix].shape) == shape and SAFETENSORS_CODES[stored[suffix].dtype] in codes, suffix
     B_back, A_back = read_factors(stored, "int4")
     for j in range(rank):
-        levels = INT8_LEVELS if j < INT4_LEAD else INT4_LEVELS
+        levels = INT8_LEVELS if j < INT4_LEAD else 7
         for vector, back in ((B[:, j], B_back[:, j]), (A[j], A_back[j])):
             for start in range(0, vector.numel(), GROUP_SIZE):
                 group, got = vector[start:start + GROUP_SIZE], back[start:start + GROUP_SIZE]
@@ -524,7 +526,7 @@ def test_quantize_int4_stores_its_layout_and_counts_its_bytes(shop):
     artifact = shop.artifact("gpt2-rows", "--quantize", "int4")
     header = header_dtypes(artifact)
     entries = factorized(artifact)
-    assert read_manifest(artifact).version == 3
+    assert read_manifest(artifact).version == FORMAT_VERSION
     assert "lowrank+rows" in {entry.kind for entry in entries.values()}
     for name, entry in entries.items():
         assert entry.storage == "int4", name
@@ -570,3 +572,36 @@ def test_int4_error_feedback_lowers_the_output_error_on_a_non_isotropic_gram(con
     # Only the factor that meets the input changes.
     untouched = ".lora_A_int4" if conv1d else ".lora_B_int4"
     assert torch.equal(fed[untouched], plain[untouched])
+
+
+@pytest.mark.parametrize("label", ["gpt2-rows", "llama-rows"])
+def test_quantize_mixed_stores_the_budgets_bands_and_counts_their_bytes(shop, label):
+    artifact = shop.artifact(label, *MIXED)
+    manifest = read_manifest(artifact)
+    header = header_dtypes(artifact)
+    entries = factorized(artifact)
+    assert manifest.version == FORMAT_VERSION == 4 and manifest.rule.criterion == "budget"
+    widths = set()
+    for name, entry in entries.items():
+        assert entry.storage == "mixed" and entry.bands is not None, name
+        assert sum(count for _, count in entry.bands) == entry.rank, name
+        widths |= {bits for bits, _ in entry.bands}
+        for bits, count in entry.bands:
+            if bits < 8:
+                suffix = {4: "_int4", 3: "_int3", 2: "_int2"}[bits]
+                assert header[name + ".lora_A" + suffix] == ("U8", [count, -(-entry.shape[1] * bits // 8)]), name
+        assert entry.bytes == stored_bytes(header, entry.stored_names(name)), name
+    assert len(widths) >= 2, widths  # the budget chose more than one width
+    total = (artifact / "inrank.safetensors").stat().st_size
+    assert total <= 0.3 * manifest.original_bytes
+    described = {layer["name"]: layer for layer in describe_artifact(artifact)["layers"]}
+    for name, entry in entries.items():  # inspect shows the bands as stored
+        assert described[name]["bands"] == [{"components": count, "bits": bits} for bits, count in entry.bands]
+    # Bands that do not hold the rank are a damaged manifest, refused by name.
+    name, entry = next((name, entry) for name, entry in entries.items() if entry.rank)
+    broken = TensorEntry(**{**entry.__dict__, "bands": ((8, entry.rank + 1),)})
+    with pytest.raises(ManifestFormatError, match="bands"):
+        broken.check(name, manifest.tensors)
+    unbanded = TensorEntry(**{**entry.__dict__, "bands": None})
+    with pytest.raises(ManifestFormatError, match="bands go with mixed storage"):
+        unbanded.check(name, manifest.tensors)

@@ -346,7 +346,7 @@ def test_artifact_is_a_valid_safetensors_file_with_side_files(tmp_path, gpt2_pai
     compress(gpt2_pair.trained_dir, tmp_path / "out", init=gpt2_pair.init_dir, options=options())
     tensors = load_file(tmp_path / "out" / ARTIFACT_FILE)
     manifest = read_manifest(tmp_path / "out")
-    assert manifest.to_json()["format"] == "inrank-convert" and manifest.version == FORMAT_VERSION == 3
+    assert manifest.to_json()["format"] == "inrank-convert" and manifest.version == FORMAT_VERSION == 4
     name = "transformer.h.1.attn.c_attn.weight"
     rank = manifest.tensors[name].rank
     assert tensors[name + ".lora_B"].shape == (64, rank) and tensors[name + ".lora_A"].shape == (rank, 192)

@@ -630,14 +630,21 @@ def test_unknown_quantize_scheme(models, tmp_path):
                  says=("--quantize", "int3", "int4", "int8", "none"), output=out, inputs=(models.root,))
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "mixed"])
 def test_quantize_with_a_lossless_threshold(models, tmp_path, scheme):
     out = tmp_path / "out"
     expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out, "--quantize", scheme,
                   "--threshold", "1.0"], says=("--quantize", "--threshold", "drop"), output=out, inputs=(models.root,))
 
 
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantize_mixed_without_a_target(models, tmp_path):
+    """mixed lets a size budget choose each component's bits: with no budget there is nothing to choose by."""
+    out = tmp_path / "out"
+    expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out, "--quantize", "mixed"],
+                 says=("--quantize mixed", "--target-ratio", "int4"), output=out, inputs=(models.root,))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "mixed"])
 def test_quantize_with_dtype(models, tmp_path, scheme):
     out = tmp_path / "out"
     expect_error(["compress", models.gpt2.trained_dir, "--init", models.gpt2.init_dir, "-o", out, "--quantize", scheme,

@@ -64,7 +64,7 @@ def test_dry_run_writes_nothing(tmp_path, gpt2_pair):
     assert plan["original_bytes"] == done["original_bytes"] and plan["tied"] == done["tied"]
     assert plan["source"] == done["source"] and plan["reference"] == done["reference"] and plan["rule"] == done["rule"]
     assert [layer["name"] for layer in plan["layers"]] == [layer["name"] for layer in done["layers"]]
-    assert all(set(real) <= set(planned) | {"energy", "svd", "storage", "error"}
+    assert all(set(real) <= set(planned) | {"energy", "svd", "storage", "error", "bands"}
                for planned, real in zip(plan["layers"], done["layers"], strict=True))
     assert plan["ratio"] is None and all(layer["rank"] is None for layer in plan["layers"])
     table = run("compress", gpt2_pair.trained_dir, "--init", gpt2_pair.init_dir, "--dry-run")

@@ -151,14 +151,15 @@ def test_a_perplexity_target_no_size_under_the_cap_reaches_names_the_best_found(
 
 def test_sweep_rows_equal_compress_plus_report(real_run, tmp_path):
     result = expect_ok(["sweep", real_run.run, "--data", real_run.eval_text, "--max-tokens", "2048",
-                        "--thresholds", "0.9", "--ratios", "0.15", "--no-int8", "--int4", "--calibrate",
+                        "--thresholds", "0.9", "--ratios", "0.15", "--no-int8", "--int4", "--mixed", "--calibrate",
                         real_run.train_text, "--calib-tokens", str(CALIB_TOKENS), "--plot", tmp_path / "sweep.png",
                         "--json"])
     swept = json.loads(result.stdout)
     rows = {row["setting"]: row for row in swept["rows"]}
     assert set(rows) == {f"{base} --quantize {storage}{calibrated}" for storage in ("none", "int4")
                          for base, calibrated in (("-t 0.9", ""), ("--target-ratio 0.15", ""),
-                                                  ("--target-ratio 0.15", " --calibrate"))}
+                                                  ("--target-ratio 0.15", " --calibrate"))} | \
+        {f"--target-ratio 0.15 --quantize mixed{calibrated}" for calibrated in ("", " --calibrate")}  # budgets only
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
     # int4 stores the same budget's numbers in fewer bits, so it affords more of them (and a threshold's
     # ranks in fewer bytes).
@@ -168,6 +169,8 @@ def test_sweep_rows_equal_compress_plus_report(real_run, tmp_path):
                           ("--target-ratio 0.15 --quantize none --calibrate",
                            [real_run.train_text, "--calib-tokens", str(CALIB_TOKENS)]),
                           ("--target-ratio 0.15 --quantize int4 --calibrate",
+                           [real_run.train_text, "--calib-tokens", str(CALIB_TOKENS)]),
+                          ("--target-ratio 0.15 --quantize mixed --calibrate",
                            [real_run.train_text, "--calib-tokens", str(CALIB_TOKENS)])]:
         flags = [*setting.split(), *text]
         out = tmp_path / setting.replace(" ", "_")

@@ -193,6 +193,19 @@ def test_llama_with_an_unchanged_layer(tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_a_mixed_precision_artifact_exports_the_model_every_reader_sees(tmp_path, arch):
+    """Bands of 8, 4, 3 and 2 bits: the adapter, the artifact and its decompressed folder agree."""
+    pair = make_pair(tmp_path, arch)
+    out = compressed(tmp_path, pair, options=PlanOptions(quantize="mixed", target_ratio=0.3))
+    widths = {bits for entry in read_manifest(out).tensors.values() if entry.bands for bits, _ in entry.bands}
+    assert len(widths) >= 2, widths
+    expected = dense_logits(out, tmp_path)
+    assert torch.allclose(logits(load_compressed(out)), expected, atol=ATOL)
+    export_peft(out, tmp_path / "adapter")
+    assert torch.allclose(logits(load_adapter(pair.init_dir, tmp_path / "adapter")), expected, atol=ATOL)
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
 def test_dense_stored_layers_become_exact_full_rank_lora(tmp_path, arch):
     pair = make_pair(tmp_path, arch)
     out = compressed(tmp_path, pair, threshold=1.0)

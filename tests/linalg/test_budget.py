@@ -4,12 +4,13 @@ their fixed part, a budget below what must be kept."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
 
-from inrank_convert.linalg.budget import BudgetTooSmall, TensorUnits, allocate, minimum_bytes
+from inrank_convert.linalg.budget import BudgetTooSmall, TensorUnits, allocate, band_chain, minimum_bytes
 
 
 def spectrum_units(values: list[float], rows: int, cols: int, element: int = 2, dense_element: int = 4) -> TensorUnits:
@@ -126,3 +127,60 @@ def test_leading_components_at_their_own_cost():
         got = sum(item.gain for item in given)
         # The greedy walks each tensor's concave hull: within one step's gain of the optimum.
         assert best - 0.3 <= got <= best + 1e-12, (budget, got, best)
+
+
+# --------------------------------------------------------------------------- precision bands (mixed storage)
+
+BAND_ERRORS = {8: 0.0001, 4: 0.02, 3: 0.07, 2: 0.25}  # a component's energy left as error at each width
+BAND_COSTS = {8: 10, 4: 5, 3: 4, 2: 3}  # bytes of one component at each width
+BAND_SPECTRA = [(0.5, 0.2, 0.1, 0.08, 0.06, 0.03), (0.3, 0.25, 0.2, 0.15, 0.05, 0.05), (0.9, 0.05, 0.02, 0.01, 0.01, 0.01)]
+
+
+def _band_value(bands, gains) -> float:
+    widths = [bits for bits, count in bands for _ in range(count)]
+    return sum(gain * (1 - BAND_ERRORS[bits]) for gain, bits in zip(gains, widths, strict=False))
+
+
+def _band_cost(bands) -> int:
+    return sum(BAND_COSTS[bits] * count for bits, count in bands)
+
+
+def _every_band_choice(rank: int) -> list[tuple[tuple[int, int], ...]]:
+    """Every bands a tensor of ``rank`` components can take: any count at each width, widest first."""
+    return [tuple((bits, k) for bits, k in zip((8, 4, 3, 2), counts, strict=True) if k)
+            for counts in itertools.product(range(rank + 1), repeat=4) if sum(counts) <= rank]
+
+
+@pytest.mark.parametrize("gains", BAND_SPECTRA)
+def test_band_chain_is_the_brute_force_optimum_at_each_of_its_points(gains):
+    chain = band_chain(gains, BAND_COSTS, BAND_ERRORS, limit=10**9)
+    choices = _every_band_choice(len(gains))
+    assert chain.bands[0] == () and chain.bands[-1] == ((8, len(gains)),)  # it ends at every component at 8 bits
+    for count, bands in enumerate(chain.bands):
+        # The moves' gains and costs add up to what the bands are worth and cost ...
+        assert sum(chain.gains[:count]) == pytest.approx(_band_value(bands, gains), abs=1e-12)
+        assert sum(chain.costs[:count]) == _band_cost(bands)
+        # ... and no choice of widths in as many bytes is worth more.
+        best = max(_band_value(choice, gains) for choice in choices if _band_cost(choice) <= _band_cost(bands))
+        assert _band_value(bands, gains) == pytest.approx(best, abs=1e-12), bands
+    # The limit stops it: nothing past the bytes given.
+    short = band_chain(gains, BAND_COSTS, BAND_ERRORS, limit=20)
+    assert sum(short.costs) <= 20 and short.bands == chain.bands[:len(short.bands)]
+
+
+def test_allocate_over_band_chains_is_near_the_brute_force_optimum():
+    first, second = BAND_SPECTRA[0], BAND_SPECTRA[1]
+    chains = [band_chain(gains, BAND_COSTS, BAND_ERRORS, limit=1000) for gains in (first, second)]
+    points = [[(_band_cost(choice), _band_value(choice, gains)) for choice in _every_band_choice(6)]
+              for gains in (first, second)]
+    exact = 0
+    budgets = range(7, 121, 7)
+    for budget in budgets:
+        given = allocate([chain.units(dense=1000) for chain in chains], budget)
+        assert sum(item.bytes for item in given) <= budget
+        got = sum(item.gain for item in given)
+        best = max(a_gain + b_gain for a_cost, a_gain in points[0] for b_cost, b_gain in points[1]
+                   if a_cost + b_cost <= budget)
+        assert got <= best + 1e-12 and got >= 0.99 * best, (budget, got, best)
+        exact += got >= best - 1e-12
+    assert exact >= len(budgets) // 2
