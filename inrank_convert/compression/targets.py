@@ -60,7 +60,8 @@ def target_bytes(options: PlanOptions, plan: Plan) -> int:
     return int(math.floor(float(options.target_ratio) * plan.original_bytes))
 
 
-def header_bound(plan: Plan, options: PlanOptions, finish_arguments: dict, target: int) -> int:
+def header_bound(plan: Plan, options: PlanOptions, finish_arguments: dict, target: int,
+                 bands: dict[str, Bands | None] | None = None) -> int:
     """Bytes the artifact file's header (its length field, the safetensors JSON with the manifest,
     the alignment padding) can take at most, whatever ranks and rows the tensors get: the header of
     a manifest in which every factorized tensor takes its longest form (kind lowrank+rows, every
@@ -68,7 +69,8 @@ def header_bound(plan: Plan, options: PlanOptions, finish_arguments: dict, targe
     as long as the target).
 
     It does not depend on the target below the dense bytes (the longest numbers are assumed), so
-    the least target that works is one number."""
+    the least target that works is one number. Under mixed storage every tensor is taken to have all
+    four bands, or (``bands``, by name) only the widths an allocation gave it."""
     entries: dict[str, TensorEntry] = {}
     stored: dict[str, dict] = {}
     wide = 10 ** len(str(max(target, plan.original_bytes))) - 1
@@ -89,10 +91,11 @@ def header_bound(plan: Plan, options: PlanOptions, finish_arguments: dict, targe
             rank = min(rows, cols)
             storage = storage_for(options, entry)
             # mixed: every width's band, each count as long as the rank (its names and its JSON at their longest)
-            bands = tuple((bits, rank) for bits in MIXED_GRIDS) if storage == "mixed" else None
+            widths = MIXED_GRIDS if bands is None or bands.get(entry.name) is None else dict(bands[entry.name])
+            entry_bands = tuple((bits, rank) for bits in MIXED_GRIDS if bits in widths) if storage == "mixed" else None
             record = TensorEntry("lowrank+rows", entry.shape, entry.dtype, rank, 0.12345678, entry.nbytes,
                                  entry.nbytes, "exact-float64", rows=rows, storage=storage,
-                                 error=0.12345678, reference_rows=entry.reference_rows, bands=bands)
+                                 error=0.12345678, reference_rows=entry.reference_rows, bands=entry_bands)
             for name in record.stored_names(entry.name):
                 shape = [max(rows, cols), max(rows, cols)]
                 stored[name] = {"dtype": longest_code, "shape": shape, "data_offsets": offset}

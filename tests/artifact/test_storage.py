@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from inrank_convert.artifact import FORMAT_VERSION, TensorEntry, describe_artifact, read_manifest
-from inrank_convert.artifact.fields import ManifestFormatError
 from inrank_convert.artifact.bands import GROUP_SIZE, INT4, pack_codes, unpack_codes
+from inrank_convert.artifact.fields import ManifestFormatError
 from inrank_convert.artifact.storage import (
     INT4_LEAD,
     INT8_LEVELS,
