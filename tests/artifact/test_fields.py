@@ -100,3 +100,10 @@ def test_file_hashes_and_the_helpers():
         file_hashes(Fields({"files": [{"file": "a", "sha256": "ab"}, {"file": "b"}]}, "source"), "files")
     assert drop_none({"a": 1, "b": None, "c": 0}) == {"a": 1, "c": 0}
     assert shown("x" * 100) == '"' + "x" * 36 + "..." and shown([1, 2]) == "[1, 2]" and shown(object()) == "object"
+
+
+@pytest.mark.parametrize("value", ["8x2", [[8, 2, 1]], [[8, "2"]], [[8, True]], [8, 2], [[8.5, 2]]])
+def test_bands_that_are_not_bits_and_count_pairs_are_named(value):
+    with pytest.raises(ManifestFormatError, match=r"tensors\['w'\]\.bands .*pairs|tensors\['w'\]\.bands is"):
+        entry(bands=value).pairs("bands")
+    assert entry(bands=[[8, 2], [3, 5]]).pairs("bands") == ((8, 2), (3, 5)) and entry().pairs("absent") is None
