@@ -124,8 +124,29 @@ def group_dequantize(codes: torch.Tensor, scale: torch.Tensor, grid: Grid) -> to
     return grid.levels(codes) * scale.float().repeat_interleave(GROUP_SIZE, dim=1)[:, :n]
 
 
+CHUNK_NUMBERS = 1 << 22  # codes packed or unpacked at once: int64 words of a 32000 x 4096 embedding's rows
+# all at once would take 1 GB, twice over
+
+
+def _by_chunks(vectors: torch.Tensor, length: int, work) -> torch.Tensor:
+    """``work`` on ``vectors`` [m, ...] a block of rows at a time, the results stacked again."""
+    step = max(1, CHUNK_NUMBERS // max(length, 1))
+    if vectors.shape[0] <= step:
+        return work(vectors)
+    return torch.cat([work(vectors[start:start + step]) for start in range(0, vectors.shape[0], step)])
+
+
 def pack_codes(codes: torch.Tensor, grid: Grid) -> torch.Tensor:
     """uint8 [m, ceil(n b / 8)] of codes [m, n] (the bit stream of the module docstring)."""
+    return _by_chunks(codes, codes.shape[1], lambda block: _pack(block, grid))
+
+
+def unpack_codes(packed: torch.Tensor, n: int, grid: Grid) -> torch.Tensor:
+    """int16 codes [m, n] from ``pack_codes``'s bytes."""
+    return _by_chunks(packed, n, lambda block: _unpack(block, n, grid))
+
+
+def _pack(codes: torch.Tensor, grid: Grid) -> torch.Tensor:
     m, n = codes.shape
     bits = grid.bits
     # Eight codes fill exactly ``bits`` bytes: build each chunk's word, then cut it into bytes.
@@ -138,8 +159,7 @@ def pack_codes(codes: torch.Tensor, grid: Grid) -> torch.Tensor:
     return packed[:, :packed_bytes(n, bits)].to(torch.uint8)
 
 
-def unpack_codes(packed: torch.Tensor, n: int, grid: Grid) -> torch.Tensor:
-    """int16 codes [m, n] from ``pack_codes``'s bytes."""
+def _unpack(packed: torch.Tensor, n: int, grid: Grid) -> torch.Tensor:
     m = packed.shape[0]
     bits = grid.bits
     chunks = -(-n // 8)

@@ -146,3 +146,13 @@ def test_encode_banded_keeps_empty_bands_it_is_asked_to():
     assert tuple(stored[".lora_B_int4"].shape) == (5, 0) and tuple(stored[".lora_A_int4"].shape) == (0, 6)
     back_B, back_A = decode_banded(stored, {8: INT8, 4: INT4})
     assert relative_error(back_B @ back_A, B @ A) < 0.02
+
+
+def test_packing_by_chunks_gives_the_same_bytes(monkeypatch):
+    from inrank_convert.artifact import bands
+
+    codes = torch.randint(-7, 8, (37, 50), generator=torch.Generator().manual_seed(3)).to(torch.int16)
+    whole = pack_codes(codes, INT4)
+    monkeypatch.setattr(bands, "CHUNK_NUMBERS", 120)  # two rows a block
+    assert torch.equal(pack_codes(codes, INT4), whole)
+    assert torch.equal(unpack_codes(whole, 50, INT4), codes)
