@@ -132,7 +132,7 @@ def component_errors(feedback: bool = False) -> dict[int, float]:
     vectors of the reference run's blocks measure the same): (1 + e)^2 - 1. With error feedback
     (``feedback``: a whitened component, its input-side factor rounded through the layer's Gram) the
     input-side vector's rounding is taken to cost the outputs nothing, e: measured at a 3% budget,
-    counting it at 0, half or whole gave +0.87%, +0.96% and +1.08% on the reference run, and 0 or
+    counting it at 0, half or whole gave +0.87%, +0.96% and +1.08% on a run of the reference recipe, and 0 or
     whole +0.89% and +0.91% on a fine-tune delta at 1/16 of its bfloat16 bytes."""
     return {bits: (1.0 + vector_error(grid)) * (1.0 + (0.0 if feedback else vector_error(grid))) - 1.0
             for bits, grid in MIXED_GRIDS.items()}
