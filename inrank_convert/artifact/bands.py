@@ -208,6 +208,19 @@ def vector_error(grid: Grid) -> float:
     return float((group_dequantize(codes, scale, grid) - vectors).pow(2).sum(dim=1).mean())
 
 
+def _stored_bands(bands: Bands, empty_bands: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(bits, count) of every band that has tensors, widest first: the listed ones, the 8-bit band
+    always (its ``.lora_B`` / ``.lora_A`` carry the factors' shapes) and ``empty_bands``."""
+    widths = dict(bands)
+    return [(bits, widths.get(bits, 0)) for bits in BAND_BITS
+            if widths.get(bits, 0) > 0 or bits == 8 or bits in empty_bands]
+
+
+def _rounded(vectors: torch.Tensor, grid: Grid, gram: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales of vectors, with error feedback through ``gram`` when given."""
+    return group_quantize(vectors, grid) if gram is None else feedback_quantize(vectors, gram, grid)
+
+
 def encode_banded(B: torch.Tensor, A: torch.Tensor, bands: Bands, grids: Mapping[int, Grid],
                   gram: torch.Tensor | None = None, b_meets_input: bool = False,
                   empty_bands: tuple[int, ...] = ()) -> dict[str, torch.Tensor]:
@@ -220,20 +233,10 @@ def encode_banded(B: torch.Tensor, A: torch.Tensor, bands: Bands, grids: Mapping
     stored: dict[str, torch.Tensor] = {}
     scales_b, scales_a = [], []
     start = 0
-    widths = dict(bands)
-    for bits in BAND_BITS:
-        count = widths.get(bits, 0)
-        if count == 0 and bits not in empty_bands and bits != 8:
-            continue
+    for bits, count in _stored_bands(bands, empty_bands):
         grid, stop = grids[bits], start + count
-
-        def quantize(vectors: torch.Tensor, meets_input: bool, grid: Grid = grid) -> tuple[torch.Tensor, torch.Tensor]:
-            if gram is None or not meets_input:
-                return group_quantize(vectors, grid)
-            return feedback_quantize(vectors, gram, grid)
-
-        code_b, scale_b = quantize(columns[start:stop], b_meets_input)
-        code_a, scale_a = quantize(rows_of_a[start:stop], not b_meets_input)
+        code_b, scale_b = _rounded(columns[start:stop], grid, gram if b_meets_input else None)
+        code_a, scale_a = _rounded(rows_of_a[start:stop], grid, None if b_meets_input else gram)
         suffix_b, suffix_a = band_suffixes(bits)
         if bits == 8:
             stored[suffix_b], stored[suffix_a] = code_b.to(torch.int8).T.contiguous(), code_a.to(torch.int8)
@@ -252,23 +255,19 @@ def decode_banded(stored: Mapping[str, torch.Tensor], grids: Mapping[int, Grid])
     """float32 (B [rows, r], A [r, cols]) back from ``encode_banded``'s tensors (the bands are
     read from the shapes: a band's count is its A tensor's first dimension)."""
     rows, cols = stored[FACTOR_B].shape[0], stored[FACTOR_A].shape[1]
-    codes_b, codes_a, used = [], [], []
+    scale_b, scale_a = stored[FACTOR_B_SCALE].T, stored[FACTOR_A_SCALE]  # [r, groups] each
+    B_parts, A_parts, start = [], [], 0
     for bits in BAND_BITS:
         suffix_b, suffix_a = band_suffixes(bits)
         if suffix_a not in stored:
             continue
+        grid, count = grids[bits], stored[suffix_a].shape[0]
         if bits == 8:
-            codes_b.append(stored[suffix_b].T.to(torch.int16))
-            codes_a.append(stored[suffix_a].to(torch.int16))
+            code_b, code_a = stored[suffix_b].T.to(torch.int16), stored[suffix_a].to(torch.int16)
         else:
-            codes_b.append(unpack_codes(stored[suffix_b].T, rows, grids[bits]))
-            codes_a.append(unpack_codes(stored[suffix_a], cols, grids[bits]))
-        used.append((bits, stored[suffix_a].shape[0]))
-    scale_b, scale_a = stored[FACTOR_B_SCALE].T, stored[FACTOR_A_SCALE]  # [r, groups] each
-    B_parts, A_parts, start = [], [], 0
-    for (bits, count), code_b, code_a in zip(used, codes_b, codes_a, strict=True):
-        B_parts.append(group_dequantize(code_b, scale_b[start:start + count], grids[bits]))
-        A_parts.append(group_dequantize(code_a, scale_a[start:start + count], grids[bits]))
+            code_b, code_a = unpack_codes(stored[suffix_b].T, rows, grid), unpack_codes(stored[suffix_a], cols, grid)
+        B_parts.append(group_dequantize(code_b, scale_b[start:start + count], grid))
+        A_parts.append(group_dequantize(code_a, scale_a[start:start + count], grid))
         start += count
     return torch.cat(B_parts).T.contiguous(), torch.cat(A_parts)
 
@@ -276,13 +275,9 @@ def decode_banded(stored: Mapping[str, torch.Tensor], grids: Mapping[int, Grid])
 def banded_layout(rows: int, cols: int, bands: Bands, empty_bands: tuple[int, ...] = ()
                   ) -> dict[str, tuple[tuple[int, ...], frozenset[str]]]:
     """Suffix -> (shape, dtype codes) of ``encode_banded``'s tensors."""
-    widths = dict(bands)
-    rank = sum(widths.values())
+    rank = sum(count for _, count in bands)
     layout: dict[str, tuple[tuple[int, ...], frozenset[str]]] = {}
-    for bits in BAND_BITS:
-        count = widths.get(bits, 0)
-        if count == 0 and bits not in empty_bands and bits != 8:
-            continue
+    for bits, count in _stored_bands(bands, empty_bands):
         suffix_b, suffix_a = band_suffixes(bits)
         if bits == 8:
             layout[suffix_b] = ((rows, count), frozenset({"I8"}))

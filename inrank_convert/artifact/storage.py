@@ -47,6 +47,7 @@ from inrank_convert.artifact.bands import (
     group_quantize,
     groups,
     pack_codes,
+    packed_bytes,
     unpack_codes,
 )
 from inrank_convert.artifact.format import (
@@ -254,7 +255,8 @@ def factors_layout(storage: str | None, rows: int, cols: int, rank: int, bands: 
 def rows_layout(storage: str | None, count: int, cols: int) -> Layout:
     """Suffix -> (shape, dtype codes) of every tensor that stores ``count`` rows of ``cols`` numbers (not the index)."""
     if storage in GROUPED_STORAGE:
-        return {ROWS: ((count, -(-cols // 2)), frozenset({"U8"})), ROWS_SCALE: ((count, groups(cols)), frozenset({"BF16"}))}
+        return {ROWS: ((count, packed_bytes(cols, INT4.bits)), frozenset({"U8"})),
+                ROWS_SCALE: ((count, groups(cols)), frozenset({"BF16"}))}
     layout = {ROWS: ((count, cols), _codes(storage))}
     if storage == "int8":
         layout[ROWS_SCALE] = ((count,), FLOAT_CODES)

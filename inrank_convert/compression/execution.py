@@ -20,7 +20,6 @@ from inrank_convert.artifact.storage import (
     GROUPED_STORAGE,
     InputGram,
     encode_factors,
-    int4_bands,
     read_update,
     stored_update,
 )
@@ -92,11 +91,9 @@ def product_dtype(storage: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if storage in REDUCED_PRODUCT_STORAGE and native_bfloat16(device) else None
 
 
-def form_bands(name: str, assigned: Assigned | None, rank: int, with_rows: bool) -> Bands:
-    """The bands a mixed-storage tensor of ``rank`` components is stored in: the budget's (a low
-    rank + rows form stores its component as int4 does)."""
-    if with_rows:
-        return int4_bands(rank)
+def form_bands(name: str, assigned: Assigned | None, rank: int) -> Bands:
+    """The bands a mixed-storage tensor of ``rank`` components is stored in: the budget's (which
+    gives a low rank + rows form int4's)."""
     if assigned is None or assigned.bands is None:
         raise ValueError(f"{name}: mixed storage needs the bands a size budget chose")
     if sum(count for _, count in assigned.bands) != rank:
@@ -145,7 +142,7 @@ def execute_entry(entry: TensorPlan, inputs: Inputs, options: PlanOptions, devic
         # int4 and mixed round the factor that meets the layer's input with error feedback when calibrated.
         feedback = InputGram(stats.grams[entry.name], stats.conv1d[entry.name]) \
             if storage in GROUPED_STORAGE and stats is not None and entry.name in stats.grams else None
-        bands = form_bands(entry.name, assigned, form.rank, form.rows is not None) if storage == "mixed" else None
+        bands = form_bands(entry.name, assigned, form.rank) if storage == "mixed" else None
         # (group-wise rounding is too coarse for the norms' second-order terms: measured.)
         if form.svd_factors and form.rows is None and storage not in GROUPED_STORAGE:
             B_q, A_q, scale = encode_factors(form.B, form.A, storage)

@@ -256,13 +256,9 @@ class Spectra:
     Allocating any number of targets from it is cheap (no tensor is read again)."""
 
     names: list[str]  # the factorized tensors, in plan order
-    units: list[TensorUnits]
-    modes: list[TensorMode]
-    whitened: list[TensorUnits | None]  # with calibration: the whitened spectrum's units of a layer with a Gram
+    measured: list[Measured]  # their units, forms, whitened units and (mixed storage) chains
     kept: int  # bytes of the tensors kept whole by the plan
     least: int  # bytes of the factorized tensors at their least (forced rows, or dense if smaller)
-    chains: list[BandChain | None]  # mixed storage: the precision moves ``units`` stand for
-    whitened_chains: list[BandChain | None]
     mixed: bool = False  # mixed storage: every factorized tensor's components get bands
 
     def minimum(self, header: int) -> int:
@@ -283,10 +279,7 @@ def measure_spectra(plan: Plan, inputs: Inputs, options: PlanOptions, stats: Cal
     kept = sum(entry.nbytes for entry in plan.entries if entry.action == "dense")
     least = sum(min(costs_for(options, entry).row_set(entry.new_rows, entry.shape[1]), entry.nbytes)
                 for entry in factorized)
-    return Spectra([entry.name for entry in factorized], [found.units for found in measured],
-                   [found.mode for found in measured], [found.whitened for found in measured],
-                   kept, least, [found.chain for found in measured], [found.whitened_chain for found in measured],
-                   options.quantize == "mixed")
+    return Spectra([entry.name for entry in factorized], measured, kept, least, options.quantize == "mixed")
 
 
 def check_target(spectra: Spectra, plan: Plan, options: PlanOptions, target: int, header: int) -> None:
@@ -314,16 +307,16 @@ def allocate_target(spectra: Spectra, target: int, header: int) -> dict[str, Ass
     in two steps); within the blocks alone the whitened allocation loses far less (+0.19% against
     +0.68% at 10% of the blocks' bytes). The first step sees a token embedding's rows ranked by
     ``CalibrationStats.row_scores``, whose gains keep the plain scale."""
-    allocations: list[Allocation] = allocate(spectra.units, target - header - spectra.kept)
-    whitened = [i for i, units in enumerate(spectra.whitened) if units is not None and not allocations[i].dense]
+    measured = spectra.measured
+    allocations: list[Allocation] = allocate([found.units for found in measured], target - header - spectra.kept)
+    whitened = [i for i, found in enumerate(measured) if found.whitened is not None and not allocations[i].dense]
     if whitened:
         share = sum(allocations[i].bytes for i in whitened)
-        for i, given in zip(whitened, allocate([spectra.whitened[i] for i in whitened], share), strict=True):
+        for i, given in zip(whitened, allocate([measured[i].whitened for i in whitened], share), strict=True):
             allocations[i] = given
     budget: dict[str, Assigned] = {}
-    for i, (name, found, mode, given) in enumerate(zip(spectra.names, spectra.units, spectra.modes, allocations,
-                                                        strict=True)):
-        chain = spectra.whitened_chains[i] if i in whitened else spectra.chains[i]
+    for i, (name, found, given) in enumerate(zip(spectra.names, measured, allocations, strict=True)):
+        chain = found.whitened_chain if i in whitened else found.chain
         if given.dense:
             budget[name] = Assigned(True)
         elif chain is not None:
@@ -332,7 +325,7 @@ def allocate_target(spectra: Spectra, target: int, header: int) -> dict[str, Ass
         elif i in whitened:
             budget[name] = Assigned(False, given.units, None, whitened=True)
         else:
-            rank, extra = given.split(found.lead)
-            budget[name] = Assigned(False, rank, extra if mode == "rows" else None,
+            rank, extra = given.split(found.units.lead)
+            budget[name] = Assigned(False, rank, extra if found.mode == "rows" else None,
                                     bands=int4_bands(rank) if spectra.mixed else None)
     return budget

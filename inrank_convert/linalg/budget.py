@@ -55,20 +55,15 @@ class TensorUnits:
     dense_gain: float = 1.0
     head_costs: tuple[int, ...] = ()
 
+    def unit_cost_at(self, index: int) -> int:
+        """Bytes of unit ``index``."""
+        if index < self.lead:
+            return self.head_costs[index] if index < len(self.head_costs) else self.lead_cost
+        return self.unit_cost
+
     def cost(self, count: int) -> int:
         """Bytes of the first ``count`` units, the fixed part included."""
-        leading = min(count, self.lead)
-        head = min(leading, len(self.head_costs))
-        return (self.fixed + sum(self.head_costs[:head]) + (leading - head) * self.lead_cost
-                + (count - leading) * self.unit_cost)
-
-    def unit_costs(self):
-        """Bytes of each unit in turn."""
-        for index in range(len(self.gains)):
-            if index < len(self.head_costs) and index < self.lead:
-                yield self.head_costs[index]
-            else:
-                yield self.lead_cost if index < self.lead else self.unit_cost
+        return self.fixed + sum(self.unit_cost_at(index) for index in range(count))
 
     @property
     def minimum(self) -> int:
@@ -95,7 +90,8 @@ def _curve(tensor: TensorUnits) -> tuple[list[int], list[float], int]:
     Returns (xs, ys, count of unit points)."""
     xs = [tensor.fixed]
     ys = [tensor.fixed_gain]
-    for total, spent in zip(accumulate(tensor.gains), accumulate(tensor.unit_costs()), strict=True):
+    unit_costs = (tensor.unit_cost_at(index) for index in range(len(tensor.gains)))
+    for total, spent in zip(accumulate(tensor.gains), accumulate(unit_costs), strict=True):
         x = tensor.fixed + spent
         if x >= tensor.dense:
             break
