@@ -106,16 +106,17 @@ def unfilled_tensors(state: dict[str, torch.Tensor], filled: set[str]) -> list[s
 
 def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                     merge: bool = False, init: str | Path | None = None,
-                    zero_as_lowrank: bool = False, rows_as_factors: bool = False) -> PreTrainedModel:
+                    zero_as_lowrank: bool = False, rows_as_factors: str = "none") -> PreTrainedModel:
     """A Hugging Face causal LM running from the artifact at ``path``.
 
     The reference is rebuilt and verified (path hashes, seed regeneration, embedded hashes);
     ``init`` overrides its location. ``merge=True`` folds every LowRankLinear into a dense weight
     (dense speed, dense memory). The model is returned in eval mode on ``device``.
     ``zero_as_lowrank=True`` (for training) makes zero-update linear weights rank-0 LowRankLinears
-    too, so that they can grow; ``rows_as_factors=True`` (for training) makes a ``lowrank+rows``
+    too, so that they can grow; ``rows_as_factors`` (for training) makes a ``lowrank+rows``
     embedding a RowsLowRankEmbedding (its factors and rows train, not every row), and a head tied
-    to it a TiedHead.
+    to it a TiedHead: ``"input"`` the model's input (token) embedding only, ``"all"`` every one
+    (a run's checkpoint, which stores each embedding in the form it trained in), ``"none"`` none.
     """
     path = Path(path)
     artifact = open_artifact(path, init)
@@ -134,7 +135,7 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
 
 
 def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowrank: bool = False,
-          rows_as_factors: bool = False) -> None:
+          rows_as_factors: str = "none") -> None:
     conv1d = conv1d_class()
     modules = dict(model.named_modules())
     state = model.state_dict(keep_vars=True)
@@ -143,6 +144,12 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowr
     places = checkpoint_keys(model, artifact.tensors)
     covered: set[str] = set()
     filled_storage: set[tuple[int, int]] = set()  # tensors holding their final values
+    # Why only the token embedding from an artifact: the rows rule (a row per token of the text, the
+    # rest through the shared part) is about tokens. Another embedding stored as rows (GPT-2's wpe:
+    # rank 0 + the positions the threshold kept) would train only its stored rows, and a position
+    # whose update was dropped could never learn again; it is small, so it trains dense.
+    as_rows = {"none": (), "input": (model.get_input_embeddings(),),
+               "all": tuple(m for m in modules.values() if isinstance(m, nn.Embedding))}[rows_as_factors]
     for name, entry in artifact.tensors.items():
         key = _place(model, state, places, name, artifact.path)
         covered.add(key)
@@ -166,8 +173,8 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowr
             layer = LowRankLinear.from_stored(B.to(dtype), A.to(dtype), None if reference is None else reference.to(dtype),
                                               conv1d=isinstance(owner, conv1d), bias=owner.bias)
             replace_module(model, owner_name, layer)
-        elif rows_as_factors and entry.kind == "lowrank+rows" and entry.reference_rows is None and attr == "weight" \
-                and isinstance(owner, nn.Embedding):
+        elif entry.kind == "lowrank+rows" and entry.reference_rows is None and attr == "weight" \
+                and isinstance(owner, nn.Embedding) and any(owner is m for m in as_rows):
             _rows_embedding(model, owner_name, owner, artifact, name, dtype)
         else:
             with torch.no_grad():

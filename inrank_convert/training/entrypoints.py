@@ -288,7 +288,8 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
             tokenizer = load_tokenizer(folders, options.tokenizer)
             block_size, tokens, val = _checked_start(run, options, tokenizer, config, options.tokenizer or str(artifact))
             start_run(run, world)
-            model = load_compressed(artifact, zero_as_lowrank=True, rows_as_factors=options.embedding_training == "rows")
+            model = load_compressed(artifact, zero_as_lowrank=True,
+                                    rows_as_factors="input" if options.embedding_training == "rows" else "none")
             embedding = model.get_input_embeddings()
             if isinstance(embedding, RowsLowRankEmbedding):
                 # Every token the training text uses gets a trainable row of its own (zero where the
@@ -362,7 +363,7 @@ def _resume_run(source: Path, run: Path | None, given: dict, on_step) -> TrainRe
             barrier(world)
             if trainer_state["mode"] == "inrank":
                 # A checkpoint stores an embedding in the form it trained in: rows and factors, or dense.
-                model = load_compressed(checkpoint, zero_as_lowrank=True, rows_as_factors=True)
+                model = load_compressed(checkpoint, zero_as_lowrank=True, rows_as_factors="all")
                 embedding = model.get_input_embeddings()
                 if isinstance(embedding, RowsLowRankEmbedding) and trainer_state.get("rows_trained") == "text":
                     embedding.train_rows_of(tokens[tokens < embedding.num_embeddings])  # as the run trained them

@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from inrank_convert.artifact import read_manifest
 from inrank_convert.compression.job import compress
@@ -37,7 +38,7 @@ def rows_artifact(tmp_path_factory, real_run):
 
 def test_the_rows_form_is_the_stored_weight_and_ties_the_head(rows_artifact):
     dense = load_compressed(rows_artifact)
-    model = load_compressed(rows_artifact, zero_as_lowrank=True, rows_as_factors=True)
+    model = load_compressed(rows_artifact, zero_as_lowrank=True, rows_as_factors="input")
     embedding, head = model.get_input_embeddings(), model.lm_head
     assert isinstance(embedding, RowsLowRankEmbedding) and isinstance(head, TiedHead) and head.embedding is embedding
     assert torch.allclose(embedding.weight, dense.get_input_embeddings().weight, atol=1e-6)
@@ -48,6 +49,28 @@ def test_the_rows_form_is_the_stored_weight_and_ties_the_head(rows_artifact):
     assert trained == {"transformer.wte.lora_A", "transformer.wte.lora_B", "transformer.wte.rows"}
     rows = embedding.rows.shape[0]
     assert rows < embedding.num_embeddings  # only the stored rows train one by one
+
+
+def test_only_the_token_embedding_trains_as_rows_positions_train_dense(real_run, tmp_path):
+    # GPT-2's wpe stored as rows (the positions whose update the threshold kept): as rows, a position
+    # whose update was dropped could never train again, so from an artifact it trains dense.
+    run = tmp_path / "run"
+    shutil.copytree(real_run.run, run)
+    last = run / real_run.trained.name / "model.safetensors"
+    weights, init = load_file(last), load_file(run / "step-0" / "model.safetensors")
+    weights["transformer.wpe.weight"][8:] = init["transformer.wpe.weight"][8:]  # only 8 positions moved
+    save_file(weights, last, metadata={"format": "pt"})
+    compress(run, tmp_path / "artifact", options=PlanOptions(rule=RankRule(threshold=0.9)))
+    artifact = tmp_path / "artifact"
+    assert read_manifest(artifact).tensors["transformer.wpe.weight"].kind == "lowrank+rows"
+    model = load_compressed(artifact, zero_as_lowrank=True, rows_as_factors="input")
+    positions = model.transformer.wpe
+    assert type(positions) is torch.nn.Embedding and positions.weight.requires_grad
+    assert torch.equal(positions.weight, load_compressed(artifact).transformer.wpe.weight)
+    assert isinstance(model.get_input_embeddings(), RowsLowRankEmbedding)
+    # A run's checkpoint loads every embedding in the form it was stored in.
+    stored = load_compressed(artifact, zero_as_lowrank=True, rows_as_factors="all")
+    assert isinstance(stored.transformer.wpe, RowsLowRankEmbedding)
 
 
 @needs_data
@@ -63,10 +86,11 @@ def test_resumed_rows_start_at_the_artifact_and_train_fewer_parameters(rows_arti
     assert dense.trainable_parameters - rows.trainable_parameters > (embedding.shape[0] - saved_rows - 3 * 50257) * 64
     stored = read_manifest(tmp_path / "rows" / "step-1").tensors
     assert stored["transformer.wte.weight"].kind == "lowrank+rows" and stored["lm_head.weight"].of == "transformer.wte.weight"
+    assert stored["transformer.wpe.weight"].kind == "dense"  # trained dense (see above)
     # Every token of the training text has a row of its own, beside the rows the artifact stored.
     text_tokens = cached_tokens(TEXT, load_tokenizer(rows_artifact), None).unique()
     trained_rows = load_compressed(tmp_path / "rows" / "step-1", zero_as_lowrank=True,
-                                   rows_as_factors=True).get_input_embeddings().row_index
+                                   rows_as_factors="input").get_input_embeddings().row_index
     assert bool(torch.isin(text_tokens, trained_rows).all()) and stored["transformer.wte.weight"].rows > saved_rows
 
 
@@ -120,7 +144,7 @@ def test_the_adam_split_keeps_the_weight_and_gives_a_rows_the_dense_rate():
 def test_a_resumed_rows_embedding_starts_adam_split(rows_artifact, tmp_path):
     resume(rows_artifact, tmp_path / "rows", dict(data=str(TEXT), steps=1, batch_size=4, block_size=16, seed=5,
                                                   embedding_training="rows"))
-    start = load_compressed(tmp_path / "rows" / "step-0", zero_as_lowrank=True, rows_as_factors=True)
+    start = load_compressed(tmp_path / "rows" / "step-0", zero_as_lowrank=True, rows_as_factors="all")
     embedding = start.get_input_embeddings()
     rank, dim = embedding.lora_A.shape
     assert rank >= 1
@@ -137,14 +161,14 @@ def test_stored_rows_of_tokens_the_text_never_uses_stay_fixed_and_resume_exactly
     resume(rows_artifact, run, dict(data=str(text), steps=4, batch_size=2, block_size=16, seed=5, save_every=2,
                                     log_every=1, embedding_training="rows"))
     tokens = cached_tokens(text, load_tokenizer(rows_artifact), None).unique()
-    start = load_compressed(rows_artifact, zero_as_lowrank=True, rows_as_factors=True).get_input_embeddings()
+    start = load_compressed(rows_artifact, zero_as_lowrank=True, rows_as_factors="input").get_input_embeddings()
     outside = start.row_index[~torch.isin(start.row_index, tokens)]
     assert outside.numel() > 100
     state = json.loads((run / "step-4" / "train_state" / "trainer_state.json").read_text())
     assert state["rows_trained"] == "text"
     embedding, dim = start, start.embedding_dim
     # Trained: one row per token of the text and the low-rank part (beside the factors of the linear layers).
-    ended = load_compressed(run / "step-4", zero_as_lowrank=True, rows_as_factors=True).get_input_embeddings()
+    ended = load_compressed(run / "step-4", zero_as_lowrank=True, rows_as_factors="all").get_input_embeddings()
     assert bool(torch.isin(outside, ended.row_index).all())  # the fixed rows are stored with the others
     before = dict(zip(embedding.row_index.tolist(), embedding.rows.detach(), strict=True))
     after = dict(zip(ended.row_index.tolist(), ended.rows.detach(), strict=True))
