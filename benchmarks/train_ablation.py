@@ -5,7 +5,7 @@ end at or after 90% of it (batch 16 x 64, lr 3e-3, cosine to 3e-4, 100 warm-up s
 on the rest every 100 steps (32 windows of 64 tokens). InRank rows add ``--buffer 16 --rank-warmup
 50 --rank-every 10`` (sized for a 128-wide model, as the README's runs). The resume rows start from
 the dense row's step 500: its t = 0.9 bfloat16 artifact (or compress's default one, the rows named
-``resumed-default``) resumed for 500 steps (lr 1e-3, seed 1), against the same checkpoint trained dense for the same 500 steps on the same tokens.
+``resumed-default*``) resumed for 500 steps (lr 1e-3, seed 1), against the same checkpoint trained dense for the same 500 steps on the same tokens.
 
     python -m benchmarks.train_ablation --out ablation              # every row (hours on 2 CPU cores)
     python -m benchmarks.train_ablation --out ablation dense warm100  # some rows; the table of all done
@@ -110,9 +110,13 @@ ROWS = [
         "update`)", ("--recipe", "reference", "--growth", "lora", "--embedding-training", "rows", "--rank-signal", "update"),
         "resume", "continued"),
     Row("resumed", "its t = 0.9 artifact resumed with the default recipe (warm-start: lora growth, energy 0.9 "
-        "decisions, the embedding trained dense)", (), "resume", "continued"),
+        "decisions, the token embedding trained as rows)", (), "resume", "continued"),
+    Row("resumed-dense-embedding", "the same, `--embedding-training dense`", ("--embedding-training", "dense"),
+        "resume", "continued"),
     Row("resumed-default", "its default artifact (energy-rest 0.95, int8) resumed with the default recipe", (), "resume",
         "continued", artifact="default"),
+    Row("resumed-default-dense-embedding", "the same, `--embedding-training dense`", ("--embedding-training", "dense"),
+        "resume", "continued", artifact="default"),
     Row("resumed-default-rows", "the same, `--recipe reference --growth lora --embedding-training rows`",
         ("--recipe", "reference", "--growth", "lora", "--embedding-training", "rows"), "resume", "continued",
         artifact="default"),

@@ -169,9 +169,9 @@ def resume_command(
     factor_decay: FactorDecayOpt = None,
     factor_lr_scale: FactorLrOpt = None,
     embedding_training: Annotated[str | None, typer.Option(
-        "--embedding-training", help="A lowrank+rows embedding of the artifact trains dense (every row) or as rows "
-                                     "(its stored rows, a row per token of the text, and its low-rank part; "
-                                     "default: the recipe's).")] = None,
+        "--embedding-training", help="A lowrank+rows token embedding of the artifact trains dense (every row) or "
+                                     "as rows (a row per token of the text, and its low-rank part; default: the "
+                                     "recipe's, rows for warm-start).")] = None,
     recipe: Annotated[str | None, RecipeOpt.__metadata__[0]] = None,
     json_output: JsonOpt = False,
     quiet: QuietOpt = False,

@@ -36,7 +36,7 @@ EMBEDDING_TRAINING = ("dense", "rows")
 # docs/results.md#inrank-training-against-dense. "reference" is the InRank reference's mechanics.
 RECIPES = {
     "warm-start": {"criterion": "energy", "threshold": WARM_START_THRESHOLD, "growth": "lora",
-                   "embedding_training": "dense"},
+                   "embedding_training": "rows"},
     "reference": {"criterion": "inrank", "threshold": 0.9, "growth": None, "embedding_training": "dense"},
 }
 # The warm-start recipe's dense steps, at most a fifth of the run: 200 of 1,000 came within 10% of dense

@@ -76,8 +76,8 @@ def test_only_the_token_embedding_trains_as_rows_positions_train_dense(real_run,
 @needs_data
 def test_resumed_rows_start_at_the_artifact_and_train_fewer_parameters(rows_artifact, tmp_path):
     settings = dict(data=str(TEXT), steps=1, batch_size=4, block_size=16, seed=5, buffer=3)
-    rows = resume(rows_artifact, tmp_path / "rows", {**settings, "embedding_training": "rows"})
-    dense = resume(rows_artifact, tmp_path / "dense", settings)
+    rows = resume(rows_artifact, tmp_path / "rows", settings)  # the default recipe trains the embedding as rows
+    dense = resume(rows_artifact, tmp_path / "dense", {**settings, "embedding_training": "dense"})
     # The same first batch and dropout masks as the dense-embedding resume, whose step 0 is the artifact's model.
     assert read_metrics(tmp_path / "rows")[0]["loss"] == pytest.approx(read_metrics(tmp_path / "dense")[0]["loss"],
                                                                         rel=1e-5, abs=1e-5)
