@@ -134,6 +134,9 @@ def load_compressed(path: str | Path, device: str | torch.device = "cpu", dtype:
     return model.eval()
 
 
+ROWS_AS_FACTORS = ("none", "input", "all")
+
+
 def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowrank: bool = False,
           rows_as_factors: str = "none") -> None:
     conv1d = conv1d_class()
@@ -148,8 +151,13 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowr
     # rest through the shared part) is about tokens. Another embedding stored as rows (GPT-2's wpe:
     # rank 0 + the positions the threshold kept) would train only its stored rows, and a position
     # whose update was dropped could never learn again; it is small, so it trains dense.
-    as_rows = {"none": (), "input": (model.get_input_embeddings(),),
-               "all": tuple(m for m in modules.values() if isinstance(m, nn.Embedding))}[rows_as_factors]
+    if rows_as_factors not in ROWS_AS_FACTORS:
+        raise ValueError(f"rows_as_factors must be one of {ROWS_AS_FACTORS}, got {rows_as_factors!r}")
+    as_rows: tuple[nn.Module, ...] = ()  # the embeddings that train as rows and factors
+    if rows_as_factors == "input":
+        as_rows = (model.get_input_embeddings(),)
+    elif rows_as_factors == "all":
+        as_rows = tuple(module for module in modules.values() if isinstance(module, nn.Embedding))
     for name, entry in artifact.tensors.items():
         key = _place(model, state, places, name, artifact.path)
         covered.add(key)
