@@ -124,8 +124,9 @@ def group_dequantize(codes: torch.Tensor, scale: torch.Tensor, grid: Grid) -> to
     return grid.levels(codes) * scale.float().repeat_interleave(GROUP_SIZE, dim=1)[:, :n]
 
 
-CHUNK_NUMBERS = 1 << 22  # codes packed or unpacked at once: int64 words of a 32000 x 4096 embedding's rows
-# all at once would take 1 GB, twice over
+# Codes packed or unpacked at once: the int64 words of a 32000 x 4096 embedding's rows all at once
+# would take 1 GB, twice over.
+CHUNK_NUMBERS = 1 << 22
 
 
 def _by_chunks(vectors: torch.Tensor, length: int, work) -> torch.Tensor:

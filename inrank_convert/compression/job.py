@@ -35,6 +35,7 @@ from inrank_convert.compression.targets import (
     allocate_target,
     budget_ratio,
     check_target,
+    chosen_bands,
     header_bound,
     measure_spectra,
     target_bytes,
@@ -258,9 +259,9 @@ class CompressionJob:
         budget = allocate_target(spectra, target, header)
         if not spectra.mixed:
             return budget
-        chosen = self.header(target, perplexity_target, {name: given.bands for name, given in budget.items()})
+        chosen = self.header(target, perplexity_target, chosen_bands(budget))
         tighter = allocate_target(spectra, target, chosen)
-        if self.header(target, perplexity_target, {name: given.bands for name, given in tighter.items()}) <= chosen:
+        if self.header(target, perplexity_target, chosen_bands(tighter)) <= chosen:
             return tighter
         return budget
 

@@ -48,6 +48,11 @@ class Assigned:
     bands: Bands | None = None  # mixed storage: the width of each component, ((bits, count), ...)
 
 
+def chosen_bands(budget: dict[str, Assigned]) -> dict[str, Bands | None]:
+    """Each tensor's bands in an allocation (None: not mixed, or kept whole): what header_bound takes."""
+    return {name: given.bands for name, given in budget.items()}
+
+
 def budget_ratio(target: int, plan: Plan) -> float:
     """The target as a fraction of the dense bytes, as the manifest records it (6 decimals)."""
     return round(target / plan.original_bytes, 6) if plan.original_bytes else 0.0

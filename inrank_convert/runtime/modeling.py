@@ -147,10 +147,6 @@ def _fill(model: nn.Module, artifact: Artifact, dtype: torch.dtype, zero_as_lowr
     places = checkpoint_keys(model, artifact.tensors)
     covered: set[str] = set()
     filled_storage: set[tuple[int, int]] = set()  # tensors holding their final values
-    # Why only the token embedding from an artifact: the rows rule (a row per token of the text, the
-    # rest through the shared part) is about tokens. Another embedding stored as rows (GPT-2's wpe:
-    # rank 0 + the positions the threshold kept) would train only its stored rows, and a position
-    # whose update was dropped could never learn again; it is small, so it trains dense.
     if rows_as_factors not in ROWS_AS_FACTORS:
         raise ValueError(f"rows_as_factors must be one of {ROWS_AS_FACTORS}, got {rows_as_factors!r}")
     as_rows: tuple[nn.Module, ...] = ()  # the embeddings that train as rows and factors

@@ -288,6 +288,10 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
             tokenizer = load_tokenizer(folders, options.tokenizer)
             block_size, tokens, val = _checked_start(run, options, tokenizer, config, options.tokenizer or str(artifact))
             start_run(run, world)
+            # Only the token embedding trains as rows: the rows rule (a row per token of the text, the rest
+            # through the shared part) is about tokens. Another embedding stored as rows (GPT-2's wpe: rank 0
+            # and the positions the threshold kept) would train only its stored rows, and a position whose
+            # update was dropped could never learn again; it is small, so it trains dense.
             model = load_compressed(artifact, zero_as_lowrank=True,
                                     rows_as_factors="input" if options.embedding_training == "rows" else "none")
             embedding = model.get_input_embeddings()
