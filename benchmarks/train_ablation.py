@@ -71,6 +71,8 @@ ROWS = [
         "lora growth", (*INRANK, "--dense-warmup", "100")),
     Row("warm-start-200", "the default recipe (warm-start): 200 dense steps, a fifth of the run",
         (*INRANK, "--dense-warmup", "200")),
+    Row("warm-start-200-dense-rate", "the default recipe, the switch's factors split so that A's rows have norm "
+        "sqrt(in / k) (`--factor-split dense-rate`)", (*INRANK, "--dense-warmup", "200", "--factor-split", "dense-rate")),
     Row("warm-start-200-update", "the default recipe, ranks also grown where the update since the last decision "
         "needs more than the kept rank (`--rank-signal update`)", (*INRANK, "--dense-warmup", "200", "--rank-signal", "update")),
     Row("warm-start-200-efficient", "the default recipe with --efficient (W = B A from the switch, no W_init)",
@@ -85,6 +87,8 @@ ROWS = [
     Row("dense-seed1", "dense, another seed (init and data order)", ("--seed", "1")),
     Row("warm-start-200-seed1", "warm-start-200 on that seed", (*INRANK, "--dense-warmup", "200", "--seed", "1"),
         baseline="dense-seed1"),
+    Row("warm-start-200-dense-rate-seed1", "warm-start-200-dense-rate on that seed",
+        (*INRANK, "--dense-warmup", "200", "--factor-split", "dense-rate", "--seed", "1"), baseline="dense-seed1"),
     Row("warm-start-t0.95", "warm-start (100 dense steps) at energy 0.95 (the switch and the decisions)",
         (*INRANK, "--dense-warmup", "100", "--threshold", "0.95")),
     Row("warm-start-t0.99", "warm-start (100 dense steps) at energy 0.99 (the switch and the decisions)",
@@ -111,6 +115,8 @@ ROWS = [
         "resume", "continued"),
     Row("resumed", "its t = 0.9 artifact resumed with the default recipe (warm-start: lora growth, energy 0.9 "
         "decisions, the token embedding trained as rows)", (), "resume", "continued"),
+    Row("resumed-dense-rate", "the same, the artifact's factors re-split dense-rate (`--factor-split dense-rate`)",
+        ("--factor-split", "dense-rate"), "resume", "continued"),
     Row("resumed-dense-embedding", "the same, `--embedding-training dense`", ("--embedding-training", "dense"),
         "resume", "continued"),
     Row("resumed-default", "its default artifact (energy-rest 0.95, int8) resumed with the default recipe", (), "resume",

@@ -26,7 +26,7 @@ from pathlib import Path
 from inrank_convert.compression.job import compress
 from inrank_convert.compression.plan import PlanOptions
 from inrank_convert.compression.results import CompressResult
-from inrank_convert.core.errors import OutputError, flag
+from inrank_convert.core.errors import OutputError, StoppedError, flag
 from inrank_convert.inputs.text import load_tokenizer
 from inrank_convert.linalg.criteria import DEFAULT_THRESHOLD, RankRule
 from inrank_convert.measure.compare_runs import CompareResult, RunSummary, compare_runs
@@ -289,12 +289,14 @@ def _run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None,
     say(f"1/7 training a {model} dense from scratch for {settings.steps} steps on {data.train_text.name}")
     dense = train(config_dir, out / "dense", TrainOptions(steps=settings.steps, mode="dense", lr=settings.lr, **common),
                   on_step=on_step)
+    _stop_if_interrupted(dense, out)
     say(f"2/7 training it with InRank{'-Efficient' if settings.efficient else ''} from the same init, text and steps "
         f"({flag('--factorize')} {settings.factorize}, {flag('--recipe')} {settings.recipe})")
     inrank = train(config_dir, out / "inrank", TrainOptions(
         steps=settings.steps, mode="inrank", lr=settings.lr, efficient=settings.efficient, factorize=settings.factorize,
         recipe=settings.recipe, growth=settings.growth, initial_rank=settings.initial_rank, buffer=settings.buffer,
         rank_warmup=settings.rank_warmup, rank_every=settings.rank_every, **common), on_step=on_step)
+    _stop_if_interrupted(inrank, out)
 
     say(f"3/7 compressing both runs at threshold {settings.threshold}")
     dense_artifact = compress(out / "dense", out / "dense-artifact", options=_plan(settings))
@@ -307,9 +309,11 @@ def _run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None,
     resumed = resume(dense_artifact.output, out / "resumed", dict(
         steps=settings.resume_steps, lr=settings.lr / 3, buffer=settings.buffer, rank_warmup=resume_warmup,
         rank_every=resume_warmup, recipe=settings.recipe, **common), on_step=on_step)
+    _stop_if_interrupted(resumed, out)
     say(f"5/7 continuing the dense run dense for {settings.resume_steps} steps on the same tokens")
     continued = train(dense.checkpoints[-1], out / "continued", TrainOptions(
         steps=settings.resume_steps, mode="dense", lr=settings.lr / 3, **common), on_step=on_step)
+    _stop_if_interrupted(continued, out)
 
     say(f"6/7 measuring size and perplexity on {data.eval_text.name} ({settings.eval_tokens} tokens)")
     measured = report(dense_artifact.output, data.eval_text, original=dense.checkpoints[-1],
@@ -325,6 +329,14 @@ def _run_demo(settings: DemoSettings, on_stage: Callable[[str], None] | None,
                         plots, time.perf_counter() - started)
     (out / MARKER).write_text(json.dumps(result.to_json(), indent=1) + "\n")
     return result
+
+
+def _stop_if_interrupted(run: TrainResult, out: Path) -> None:
+    """A stop request (Ctrl-C, SIGTERM) ends a training stage early with a checkpoint; the demo ends
+    there too, instead of going on to train the next run and compare a partial one."""
+    if run.interrupted:
+        raise StoppedError(f"the demo was stopped at step {run.step} of its {run.run.name} run (its checkpoint is "
+                           f"saved; the stages after it did not run)", str(out), "run the demo again: it starts afresh")
 
 
 def _plan(settings: DemoSettings) -> PlanOptions:

@@ -24,6 +24,11 @@ RankSignalOpt = Annotated[str | None, typer.Option(
     "--rank-signal", help="What grows a rank: product (B @ A's spectrum, the default) or update (also the update since "
                           "the last decision, where more than 1 - threshold of it lies beyond what the kept rank can "
                           "follow).")]
+FactorSplitOpt = Annotated[str | None, typer.Option(
+    "--factor-split", help="How the switch of --dense-warmup and a resume from an artifact split each update's "
+                           "factors: balanced (sqrt(S) on each side, as compress writes them; the default) or "
+                           "dense-rate (A's rows at norm sqrt(in / k), so the layer's rows move at the dense rate "
+                           "under Adam).")]
 FactorDecayOpt = Annotated[str | None, typer.Option(
     "--factor-decay", help="How --weight-decay reaches the factors: factors (AdamW on A and B, the default) or "
                            "frobenius (decay of B @ A).")]
@@ -96,6 +101,7 @@ def train_command(
     growth: GrowthOpt = None,
     on_growth: OnGrowthOpt = None,
     rank_signal: RankSignalOpt = None,
+    factor_split: FactorSplitOpt = None,
     factor_decay: FactorDecayOpt = None,
     factor_lr_scale: FactorLrOpt = None,
     orthogonal_init: Annotated[bool, typer.Option(
@@ -120,7 +126,7 @@ def train_command(
         block_size=block_size, seed=seed, device=device, dtype=dtype, save_every=save_every, eval_every=eval_every,
         log_every=log_every, tokenizer=tokenizer, criterion=criterion, threshold=threshold, buffer=buffer,
         rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank, factorize=factorize,
-        initial_rank=initial_rank, stage2_at=stage2_at, growth=growth, on_growth=on_growth, rank_signal=rank_signal, factor_decay=factor_decay,
+        initial_rank=initial_rank, stage2_at=stage2_at, growth=growth, on_growth=on_growth, rank_signal=rank_signal, factor_split=factor_split, factor_decay=factor_decay,
         factor_lr_scale=factor_lr_scale, orthogonal_init=orthogonal_init or None, dense_warmup=dense_warmup,
         recipe=recipe).items()
         if value is not None})
@@ -166,6 +172,7 @@ def resume_command(
     growth: GrowthOpt = None,
     on_growth: OnGrowthOpt = None,
     rank_signal: RankSignalOpt = None,
+    factor_split: FactorSplitOpt = None,
     factor_decay: FactorDecayOpt = None,
     factor_lr_scale: FactorLrOpt = None,
     embedding_training: Annotated[str | None, typer.Option(
@@ -188,7 +195,7 @@ def resume_command(
         grad_accum=grad_accum, batch_size=batch_size, block_size=block_size, seed=seed, device=device, dtype=dtype,
         save_every=save_every, eval_every=eval_every, log_every=log_every, tokenizer=tokenizer, criterion=criterion,
         threshold=threshold, buffer=buffer, rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank,
-        weight_decay=weight_decay, growth=growth, on_growth=on_growth, rank_signal=rank_signal, factor_decay=factor_decay,
+        weight_decay=weight_decay, growth=growth, on_growth=on_growth, rank_signal=rank_signal, factor_split=factor_split, factor_decay=factor_decay,
         factor_lr_scale=factor_lr_scale, embedding_training=embedding_training, recipe=recipe)
     with console_runs.training_progress(steps or 0, 0, quiet or json_output) as update:
         result = resume(source, output, overrides, init=init, init_seed=init_seed, no_init=no_init, on_step=update)

@@ -85,6 +85,13 @@ class NonFiniteError(InrankError):
     """A weight holds NaN or Inf."""
 
 
+class StoppedError(InrankError):
+    """A stop request (Ctrl-C, SIGTERM) ended a command of several stages in the middle of one: what
+    it saved so far is named, and the stages after it did not run."""
+
+    exit_code = 130
+
+
 class DistributedError(InrankError):
     """A torchrun job cannot go on: a process stopped, or the processes disagree on their inputs."""
 

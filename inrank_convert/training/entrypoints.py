@@ -49,6 +49,7 @@ from inrank_convert.training.rank_control import (
     grow_layer,
     low_rank_layers,
     orthogonalize_init,
+    split_layer_factors,
 )
 from inrank_convert.training.warm_start import init_reference
 from inrank_convert.weights.outputs import atomic_output_dir, check_output_free
@@ -307,6 +308,7 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
             # function (exact, lora), else exact; later growth follows --growth.
             first_growth = options.policy().growth if options.policy().growth in ("exact", "lora") else "exact"
             for name, layer in low_rank_layers(model):
+                split_layer_factors(layer, options.factor_split)  # before the buffer, as the switch does
                 grow_layer(layer, controller.width_for(layer, ranks[name]), None, generator, first_growth)
             embedded = None
             if reference.mode == "embedded":

@@ -239,7 +239,7 @@ def enter_low_rank(session: Session) -> None:
     generator = torch.Generator().manual_seed(opts.seed * 1_000_003 + session.step)
     session.controller, session.reference = switch_to_low_rank(
         session.model, init_folder, opts.efficient, opts.policy(), RankRule(opts.criterion, opts.threshold),
-        opts.factorize, generator)
+        opts.factorize, generator, opts.factor_split)
     session.model.to(session.device)
     previous = session.optimizer
     session.optimizer = session.new_optimizer()

@@ -20,6 +20,7 @@ from inrank_convert.linalg.criteria import CRITERIA
 from inrank_convert.model.architecture import check_seed
 from inrank_convert.training.optimizer import FACTOR_DECAYS
 from inrank_convert.training.rank_control import (
+    FACTOR_SPLITS,
     FACTORIZE_CHOICES,
     GROWTH_MODES,
     ON_GROWTH,
@@ -95,6 +96,7 @@ class TrainOptions:
     embedding_training: str | None = None  # resume: a lowrank+rows embedding trains dense or as rows and factors
     recipe: str = "warm-start"  # fills in what is left unset: warm-start or reference (RECIPES)
     rank_signal: str = "product"  # what grows a rank: B @ A's spectrum, or also the update since the last decision
+    factor_split: str = "balanced"  # how the switch and a resume split the factors they start from (FACTOR_SPLITS)
 
     def resolved(self, from_scratch: bool) -> TrainOptions:
         """The options with what is unset filled in by the recipe (the reference's for dense runs).
@@ -177,7 +179,7 @@ def check_options(options: TrainOptions) -> None:
         bad(f"{flag('--efficient')} is an InRank option", f"{flag('--mode')} dense", f"pass {flag('--mode')} inrank with {flag('--efficient')}")
     defaults = {f.name: f.default for f in fields(TrainOptions)}
     inrank_names = ("recipe", "factorize", "initial_rank", "stage2_at", "growth", "on_growth", "factor_decay",
-                    "factor_lr_scale", "orthogonal_init", "dense_warmup", "embedding_training", "rank_signal")
+                    "factor_lr_scale", "orthogonal_init", "dense_warmup", "embedding_training", "rank_signal", "factor_split")
     inrank_only = [(name, f"--{name.replace('_', '-')}") for name in inrank_names
                    if getattr(given, name) != defaults[name]]
     if inrank_only and options.mode != "inrank":
@@ -196,6 +198,8 @@ def check_options(options: TrainOptions) -> None:
         (options.factor_decay, "--factor-decay", FACTOR_DECAYS, "factors: AdamW decays A and B; frobenius: B @ A"),
         (options.rank_signal, "--rank-signal", RANK_SIGNALS,
          "product: B @ A's spectrum; update: also the update since the last decision"),
+        (options.factor_split, "--factor-split", FACTOR_SPLITS,
+         "balanced: sqrt(S) on each side; dense-rate: A's rows at norm sqrt(in / k)"),
     ]
     for value, option, names, meaning in choices:
         if value is not None and value not in names:

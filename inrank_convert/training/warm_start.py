@@ -1,8 +1,9 @@
 """Dense first, then low rank (docs/design.md §9): the reference an InRank run records for its init,
 and the switch a ``--dense-warmup K`` run makes at step K, which is ``compress`` and ``resume`` in
 one run: every factorized layer's update W_K - W_init (W_K itself with ``--efficient``) is cut to
-the rank ``--criterion``/``--threshold`` give it, as balanced factors (U sqrt(S), sqrt(S) V^T), and
-training goes on from there with a buffer of columns and fresh optimizer state for the factors.
+the rank ``--criterion``/``--threshold`` give it, as factors split as ``--factor-split`` says
+(balanced, U sqrt(S) and sqrt(S) V^T, by default; or dense-rate), and training goes on from there
+with a buffer of columns and fresh optimizer state for the factors.
 
 Why: factors that start near zero learn slowly under AdamW (the product moves like a power
 iteration on the gradient), while a few hundred dense steps give each layer the directions that
@@ -32,6 +33,7 @@ from inrank_convert.training.rank_control import (
     factorized_layers,
     grow_layer,
     oriented_weight,
+    split_factors,
 )
 from inrank_convert.weights.run_folder import read_init_recipe
 
@@ -58,11 +60,11 @@ def init_reference(init_folder: Path, efficient: bool, seed: int | None,
 
 @torch.no_grad()
 def factorize_trained(model: nn.Module, init_weights: dict[str, torch.Tensor] | None, policy: RankPolicy,
-                      rule: RankRule, factorize: str, generator: torch.Generator) -> dict[str, int]:
+                      rule: RankRule, factorize: str, generator: torch.Generator, split: str) -> dict[str, int]:
     """Replace every layer ``factorize`` selects by ``W_init + B @ A`` (``B @ A`` alone when
     ``init_weights`` is None): B @ A the best rank-r approximation of W - W_init, r from ``rule``
-    (capped at the policy's max rank), plus the policy's buffer of columns grown its way.
-    Returns each layer's rank."""
+    (capped at the policy's max rank), split as ``split`` (FACTOR_SPLITS) names, plus the policy's
+    buffer of columns grown its way. Returns each layer's rank."""
     ranks = {}
     for name, module in factorized_layers(model, factorize):
         weight = oriented_weight(module)  # [out, in]
@@ -75,9 +77,9 @@ def factorize_trained(model: nn.Module, init_weights: dict[str, torch.Tensor] | 
         layer = empty_low_rank(module, reference)
         energy = float(S.square().sum())
         rank = min(choose_rank(S, energy, rule) if energy > 0 else 0, policy.layer_max_rank(layer))
-        B, A = balanced_factors(U, S, Vh, rank)  # [out, r], [r, in]
+        B, A = split_factors(*balanced_factors(U, S, Vh, rank), split)  # [out, r], [r, in]; float64
         layer.lora_B = nn.Parameter(B.to(weight.dtype))
-        layer.lora_A = nn.Parameter(A.to(weight.dtype))
+        layer.lora_A = nn.Parameter(A.to(weight.dtype))  # the buffer's new columns start as --growth says
         width = min(min(weight.shape), rank + policy.layer_buffer(layer))
         grow_layer(layer, width, None, generator, policy.growth, policy.layer_max_rank(layer))
         replace_module(model, name, layer)
@@ -86,14 +88,14 @@ def factorize_trained(model: nn.Module, init_weights: dict[str, torch.Tensor] | 
 
 
 def switch_to_low_rank(model: nn.Module, init_folder: Path, efficient: bool, policy: RankPolicy, rule: RankRule,
-                       factorize: str, generator: torch.Generator) -> tuple[RankController, ReferenceRecord]:
+                       factorize: str, generator: torch.Generator, split: str) -> tuple[RankController, ReferenceRecord]:
     """The switch of a dense warm-up: factorize the trained layers against the run's init in
     ``init_folder`` (``RUN/step-0``, read once; with ``efficient`` no reference) and return the rank
     controller and the reference the run's checkpoints record from then on."""
     if efficient:
-        ranks = factorize_trained(model, None, policy, rule, factorize, generator)
+        ranks = factorize_trained(model, None, policy, rule, factorize, generator, split)
         return RankController(policy, ranks), ReferenceRecord("zero")
     init_state = load_file(str(Path(init_folder) / "model.safetensors"))
-    ranks = factorize_trained(model, init_state, policy, rule, factorize, generator)
+    ranks = factorize_trained(model, init_state, policy, rule, factorize, generator, split)
     reference = init_reference(init_folder, False, read_init_recipe(init_folder), init_state)
     return RankController(policy, ranks), reference

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from inrank_convert.cli import app
+from inrank_convert.core.errors import StoppedError
 from inrank_convert.demo import DemoSettings, run_demo
 from tests.conftest import SHARED_DATA
 
@@ -66,6 +69,27 @@ def test_demo_on_the_shared_data_and_again_into_the_same_folder(tmp_path):
     assert second.exit_code == 0, second.output
     assert not stale.exists()  # replaced, not mixed with the first run's outputs
     check_outputs(out, json.loads(second.stdout))
+
+
+@pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data (GPT-2 tokenizer, Tiny Shakespeare, WikiText-2)")
+def test_a_stop_request_during_a_stage_ends_the_demo_there(tmp_path):
+    # Ctrl-C during the first training: that run saves a checkpoint and ends early; the demo must not
+    # go on to train the InRank run and compare it with a partial dense run.
+    out = tmp_path / "demo"
+    settings = DemoSettings(out=out, steps=4, resume_steps=2, eval_tokens=256, n_embd=32, n_layer=1, n_head=1,
+                            block_size=16, batch_size=4)
+    asked = []
+
+    def stop_once(record: dict) -> None:
+        if not asked:
+            asked.append(record["step"])
+            os.kill(os.getpid(), signal.SIGINT)  # the loop's handler turns it into a stop request
+
+    with pytest.raises(StoppedError) as stopped:
+        run_demo(settings, on_step=stop_once)
+    assert stopped.value.exit_code == 130 and "dense" in stopped.value.message
+    assert (out / "dense").is_dir() and not (out / "inrank").exists()
+    assert json.loads((out / "demo.json").read_text()) == {}  # the folder's claim only, no results
 
 
 def test_demo_without_the_data_folder_trains_a_tokenizer_and_says_so(tmp_path):

@@ -14,8 +14,9 @@ from inrank_convert.artifact import is_artifact
 from inrank_convert.compression.job import compress
 from inrank_convert.linalg.criteria import RankRule, choose_rank
 from inrank_convert.model.layers import LowRankLinear
+from inrank_convert.runtime.modeling import load_compressed
 from inrank_convert.training.entrypoints import resume, train
-from inrank_convert.training.rank_control import RankPolicy, factorized_layers, low_rank_layers
+from inrank_convert.training.rank_control import FACTOR_SPLITS, RankPolicy, factorized_layers, low_rank_layers
 from inrank_convert.training.warm_start import factorize_trained
 from inrank_convert.weights.run_folder import read_metrics
 from tests.conftest import build_model, gpt2_config
@@ -24,8 +25,9 @@ from tests.helpers.training import HAS_DATA, TEXT, losses, options
 needs_data = pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data (GPT-2 tokenizer and Tiny Shakespeare)")
 
 
+@pytest.mark.parametrize("split", FACTOR_SPLITS)
 @pytest.mark.parametrize("efficient", [False, True])
-def test_the_switch_keeps_the_rules_rank_of_each_update(efficient):
+def test_the_switch_keeps_the_rules_rank_of_each_update(efficient, split):
     init = build_model(gpt2_config(), seed=0)
     model = build_model(gpt2_config(), seed=0)
     generator = torch.Generator().manual_seed(3)
@@ -40,7 +42,7 @@ def test_the_switch_keeps_the_rules_rank_of_each_update(efficient):
                                            for name, module in factorized_layers(init, "mlp")}
     rule = RankRule("energy", 0.99)
     policy = RankPolicy(buffer=2, growth="lora")
-    ranks = factorize_trained(model, init_weights, policy, rule, "mlp", torch.Generator().manual_seed(0))
+    ranks = factorize_trained(model, init_weights, policy, rule, "mlp", torch.Generator().manual_seed(0), split)
     factored = dict(low_rank_layers(model))
     assert sorted(ranks) == sorted(trained)
     for name, weight in trained.items():
@@ -55,6 +57,12 @@ def test_the_switch_keeps_the_rules_rank_of_each_update(efficient):
         kept = float(S[:expected].square().sum() / S.square().sum())
         error = torch.linalg.matrix_norm((layer.weight.detach() - dense).double()) ** 2 / S.square().sum()
         assert float(error) == pytest.approx(1 - kept, abs=1e-5)  # only the dropped components are lost
+        A, B = layer.lora_A.detach()[:expected].double(), layer.lora_B.detach()[:, :expected].double()  # the kept part
+        if split == "dense-rate":  # A's rows at sqrt(in / k): the layer's rows move at the dense rate
+            assert torch.allclose(A.norm(dim=1), torch.full((expected,), (A.shape[1] / expected) ** 0.5, dtype=A.dtype), rtol=1e-5)
+        else:  # sqrt(s) on each side
+            assert torch.allclose(A.norm(dim=1), B.norm(dim=0), rtol=1e-4)
+            assert torch.allclose(A.norm(dim=1).square(), S[:expected], rtol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +100,29 @@ def test_a_dense_warmup_run_resumes_exactly_on_either_side_of_the_switch(warm_ru
     assert result.start_step == cut and result.step == 12
     assert losses(copy) == losses(warm_run)  # bit for bit: float32 on the CPU, dropout on
     assert [r.get("ranks") for r in read_metrics(copy)] == [r.get("ranks") for r in read_metrics(warm_run)]
+
+
+@needs_data
+def test_a_resume_splits_the_artifacts_factors_as_named_and_starts_at_the_same_model(tmp_path, real_run):
+    artifact = tmp_path / "artifact"
+    compress(real_run.run, artifact)
+    stored = {name: layer.lora_A.detach().clone()
+              for name, layer in low_rank_layers(load_compressed(artifact, zero_as_lowrank=True))}
+    assert stored and all(A.shape[0] > 0 for A in stored.values())
+    settings = dict(data=str(TEXT), steps=1, batch_size=4, block_size=16, seed=5, buffer=3)
+    for split in FACTOR_SPLITS:
+        resume(artifact, tmp_path / split, {**settings, "factor_split": split})
+    started = {split: dict(low_rank_layers(load_compressed(tmp_path / split / "step-0", zero_as_lowrank=True,
+                                                           rows_as_factors="all"))) for split in FACTOR_SPLITS}
+    for name, A in stored.items():
+        rank, width = A.shape
+        balanced, dense_rate = started["balanced"][name], started["dense-rate"][name]
+        assert torch.allclose(balanced.lora_A.detach()[:rank], A, atol=1e-6)  # as the artifact stores them
+        norms = dense_rate.lora_A.detach()[:rank].norm(dim=1)
+        assert torch.allclose(norms, torch.full((rank,), (width / rank) ** 0.5), rtol=1e-4), name
+        assert torch.allclose(dense_rate.weight, balanced.weight, atol=1e-5)  # the same model at step 0
+    first = {split: read_metrics(tmp_path / split)[0]["loss"] for split in FACTOR_SPLITS}
+    assert first["balanced"] == pytest.approx(first["dense-rate"], rel=1e-5)
 
 
 @needs_data
