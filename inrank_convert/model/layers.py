@@ -209,9 +209,7 @@ class RowsLowRankEmbedding(nn.Module):
         rows of unseen tokens ran about 7x faster than in the dense continuation on the same tokens
         (per-row 7.5 against 1.1 over 500 steps at lr 1e-3).
         """
-        B, A = dense_rate_split(self.lora_B.detach(), self.lora_A.detach())
-        self.lora_B.copy_(B)
-        self.lora_A.copy_(A)
+        split_factors_in_place(self, "dense-rate")
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, rank={self.lora_A.shape[0]}, "
@@ -234,6 +232,26 @@ def dense_rate_split(B: torch.Tensor, A: torch.Tensor) -> tuple[torch.Tensor, to
     target = (A.shape[1] / rank) ** 0.5
     factor = torch.where(norms > 0, target / torch.where(norms > 0, norms, 1.0), 1.0)  # [k]
     return B / factor[None, :], A * factor[:, None]
+
+
+# How a switch to low rank (--dense-warmup) and a resume from an artifact split the factors they
+# start from: balanced (U sqrt(S), sqrt(S) V^T: the artifact's) or dense-rate (dense_rate_split).
+FACTOR_SPLITS = ("balanced", "dense-rate")
+
+
+def split_factors(B: torch.Tensor, A: torch.Tensor, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """B [out, k] and A [k, in] re-split as ``split`` (FACTOR_SPLITS) names, the product unchanged.
+    ``balanced`` keeps the factors as they come (the switch's are U sqrt(S), sqrt(S) V^T, as compress
+    writes them)."""
+    return dense_rate_split(B, A) if split == "dense-rate" else (B, A)
+
+
+@torch.no_grad()
+def split_factors_in_place(module: LowRankLinear | RowsLowRankEmbedding, split: str) -> None:
+    """``split_factors`` on a low-rank module's ``lora_B`` / ``lora_A``, in place."""
+    B, A = split_factors(module.lora_B.detach(), module.lora_A.detach(), split)
+    module.lora_B.copy_(B)
+    module.lora_A.copy_(A)
 
 
 def _sorted_rows(index: torch.Tensor, rows: torch.Tensor, more_index: torch.Tensor, more_rows: torch.Tensor

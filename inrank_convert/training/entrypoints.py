@@ -37,7 +37,7 @@ from inrank_convert.inputs.text import (
 )
 from inrank_convert.linalg.criteria import DEFAULT_CRITERION, RankRule
 from inrank_convert.model.architecture import meta_model, model_context, seeded_model
-from inrank_convert.model.layers import RowsLowRankEmbedding
+from inrank_convert.model.layers import RowsLowRankEmbedding, split_factors_in_place
 from inrank_convert.runtime.modeling import load_compressed, load_dense, model_config
 from inrank_convert.training.checkpoint import save_config, save_model_weights
 from inrank_convert.training.loop import Session, run_loop
@@ -49,7 +49,6 @@ from inrank_convert.training.rank_control import (
     grow_layer,
     low_rank_layers,
     orthogonalize_init,
-    split_layer_factors,
 )
 from inrank_convert.training.warm_start import init_reference
 from inrank_convert.weights.outputs import atomic_output_dir, check_output_free
@@ -308,7 +307,7 @@ def _resume_artifact(artifact: Path, run: Path, options: TrainOptions, on_step, 
             # function (exact, lora), else exact; later growth follows --growth.
             first_growth = options.policy().growth if options.policy().growth in ("exact", "lora") else "exact"
             for name, layer in low_rank_layers(model):
-                split_layer_factors(layer, options.factor_split)  # before the buffer, as the switch does
+                split_factors_in_place(layer, options.factor_split)  # before the buffer, as the switch does
                 grow_layer(layer, controller.width_for(layer, ranks[name]), None, generator, first_growth)
             embedded = None
             if reference.mode == "embedded":

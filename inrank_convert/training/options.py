@@ -18,9 +18,9 @@ from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.core.tensors import COMPUTE_DTYPES
 from inrank_convert.linalg.criteria import CRITERIA
 from inrank_convert.model.architecture import check_seed
+from inrank_convert.model.layers import FACTOR_SPLITS
 from inrank_convert.training.optimizer import FACTOR_DECAYS
 from inrank_convert.training.rank_control import (
-    FACTOR_SPLITS,
     FACTORIZE_CHOICES,
     GROWTH_MODES,
     ON_GROWTH,

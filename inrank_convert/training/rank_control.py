@@ -19,7 +19,7 @@ from inrank_convert.linalg.criteria import RankRule, choose_rank, inrank_scan, n
 from inrank_convert.linalg.svd import FactorProductSVD
 from inrank_convert.linalg.tangent import rank_beyond_tangent
 from inrank_convert.model.architecture import conv1d_class, replace_module
-from inrank_convert.model.layers import LowRankLinear, dense_rate_split
+from inrank_convert.model.layers import LowRankLinear
 
 GROWTH_INIT_SCALE = 1e-3  # std of the new rows of A, relative to 1/sqrt(in_features)
 
@@ -176,25 +176,6 @@ def low_rank_layers(model: nn.Module) -> list[tuple[str, LowRankLinear]]:
 
 GROWTH_MODES = ("exact", "lora", "random")
 ON_GROWTH = ("pad", "resplit")
-# How a switch to low rank (--dense-warmup) and a resume from an artifact split the factors they
-# start from: balanced (U sqrt(S), sqrt(S) V^T: the artifact's) or dense-rate (A's rows at norm
-# sqrt(in / k), so that the layer's rows move at the dense rate under Adam: dense_rate_split).
-FACTOR_SPLITS = ("balanced", "dense-rate")
-
-
-def split_factors(B: torch.Tensor, A: torch.Tensor, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """B [out, k] and A [k, in] re-split as ``split`` (FACTOR_SPLITS) names, the product unchanged.
-    ``balanced`` keeps the factors as they come (the switch's are U sqrt(S), sqrt(S) V^T, as compress
-    writes them)."""
-    return dense_rate_split(B, A) if split == "dense-rate" else (B, A)
-
-
-@torch.no_grad()
-def split_layer_factors(layer: LowRankLinear, split: str) -> None:
-    """``split_factors`` on a layer's factors, in place."""
-    B, A = split_factors(layer.lora_B.detach(), layer.lora_A.detach(), split)
-    layer.lora_B.copy_(B)
-    layer.lora_A.copy_(A)
 
 
 def _uniform(shape: tuple[int, int], bound: float, generator: torch.Generator | None) -> torch.Tensor:

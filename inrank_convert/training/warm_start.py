@@ -26,6 +26,7 @@ from inrank_convert.inputs.sources import open_checkpoint
 from inrank_convert.linalg.criteria import RankRule, choose_rank
 from inrank_convert.linalg.svd import balanced_factors
 from inrank_convert.model.architecture import conv1d_class, replace_module
+from inrank_convert.model.layers import split_factors
 from inrank_convert.training.rank_control import (
     RankController,
     RankPolicy,
@@ -33,7 +34,6 @@ from inrank_convert.training.rank_control import (
     factorized_layers,
     grow_layer,
     oriented_weight,
-    split_factors,
 )
 from inrank_convert.weights.run_folder import read_init_recipe
 

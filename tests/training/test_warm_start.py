@@ -13,10 +13,10 @@ import torch
 from inrank_convert.artifact import is_artifact
 from inrank_convert.compression.job import compress
 from inrank_convert.linalg.criteria import RankRule, choose_rank
-from inrank_convert.model.layers import LowRankLinear
+from inrank_convert.model.layers import FACTOR_SPLITS, LowRankLinear
 from inrank_convert.runtime.modeling import load_compressed
 from inrank_convert.training.entrypoints import resume, train
-from inrank_convert.training.rank_control import FACTOR_SPLITS, RankPolicy, factorized_layers, low_rank_layers
+from inrank_convert.training.rank_control import RankPolicy, factorized_layers, low_rank_layers
 from inrank_convert.training.warm_start import factorize_trained
 from inrank_convert.weights.run_folder import read_metrics
 from tests.conftest import build_model, gpt2_config
