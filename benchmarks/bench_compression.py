@@ -25,6 +25,9 @@ Then calibration (issue 11): the same run compressed to a global budget without 
 (``--quantize mixed``). Targets: calibrated loses at least 40% less perplexity than plain at the same
 budget (a ratio of increases <= 0.6), the calibrated int4 and mixed budgets keep the run within 3%
 of the dense bytes at <= +1% perplexity, and mixed loses no more than int4 at the same budget.
+The two calibrated 3% budgets are compressed once more with ``--distill-scales 100`` (their scales
+trained against the trained model's logits on the calibration text); target: no worse than the
+calibrated artifact on the held-out text, and within 3% at <= +1% too.
 
 One ``report`` scores the dense model (the baseline, measured in this run) and every artifact on
 the same 16,384 tokens of the held-out last 10%. Targets: the default <= 12% of the dense bytes
@@ -38,6 +41,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -58,11 +62,14 @@ TARGETS: dict[str, tuple[float, float] | None] = {"v1-default": None, "energy": 
                                                     "bfloat16-0.9": None, "int8-0.9": (0.06, 2.0), "bfloat16": None,
                                                     "default": (0.12, 1.5), "int4": None,
                                                     "budget-0.03-int4-calibrated": (0.03, 1.0),
-                                                    "budget-0.03-mixed-calibrated": (0.03, 1.0)}
+                                                    "budget-0.03-mixed-calibrated": (0.03, 1.0),
+                                                    "budget-0.03-int4-distilled": (0.03, 1.0),
+                                                    "budget-0.03-mixed-distilled": (0.03, 1.0)}
 # (plain, calibrated) settings compared at the same budget: (ratio, quantize)
 CALIBRATED_PAIRS = {"budget-0.1": (0.1, "none"), "budget-0.05-int8": (0.05, "int8"),
                     "budget-0.03-int4": (0.03, "int4"), "budget-0.03-mixed": (0.03, "mixed")}
 CALIBRATION_TOKENS = 65_536
+DISTILL_STEPS = 100
 MAX_INCREASE_RATIO = 0.6  # calibrated increase / plain increase (at least 40% less)
 LABELS = {"v1-default": "version-1 default (energy rule on everything, float32), emulated, t = 0.9",
           "energy": "--criterion energy -t 0.9 --quantize none (the plain energy rule on every tensor, bfloat16)",
@@ -73,7 +80,9 @@ LABELS = {"v1-default": "version-1 default (energy rule on everything, float32),
           "default": "default (t = 0.95, low rank + rows, int8)",
           "int4": "--quantize int4 (t = 0.95, group-wise 4-bit, two leading components at 8 bits)",
           "budget-0.03-int4-calibrated": "--target-ratio 0.03 --quantize int4 --calibrate (train text)",
-          "budget-0.03-mixed-calibrated": "--target-ratio 0.03 --quantize mixed --calibrate (train text)"}
+          "budget-0.03-mixed-calibrated": "--target-ratio 0.03 --quantize mixed --calibrate (train text)",
+          "budget-0.03-int4-distilled": f"--target-ratio 0.03 --quantize int4 --calibrate --distill-scales {DISTILL_STEPS}",
+          "budget-0.03-mixed-distilled": f"--target-ratio 0.03 --quantize mixed --calibrate --distill-scales {DISTILL_STEPS}"}
 
 
 def skip_reason() -> str | None:
@@ -149,6 +158,13 @@ def compress_all(run: Path, root: Path, train_file: Path) -> dict[str, Path]:
                               calibration=calibration if calibrated else None)
             log(f"{label:26s} {result.ratio:7.2%} of dense in {result.seconds:.1f} s")
             outputs[label] = root / label
+    distilled = replace(calibration, distill_steps=DISTILL_STEPS)
+    for quantize in ("int4", "mixed"):
+        label = f"budget-0.03-{quantize}-distilled"
+        result = compress(run, root / label, options=PlanOptions(target_ratio=0.03, quantize=quantize),
+                          calibration=distilled)
+        log(f"{label:26s} {result.ratio:7.2%} of dense in {result.seconds:.1f} s: {result.manifest.calibration['distill']}")
+        outputs[label] = root / label
     return outputs
 
 
@@ -208,4 +224,12 @@ def run() -> list[BenchResult]:
             f"mixed {mixed.change_percent:+.2f}% ({mixed.ratio:.2%})", f"int4 {int4.change_percent:+.2f}% ({int4.ratio:.2%})",
             mixed.result.perplexity / int4.result.perplexity, "mixed / int4 ppl", "<= 1",
             mixed.result.perplexity <= int4.result.perplexity, details))
+    for quantize in ("int4", "mixed"):  # scales distilled against calibrated alone, at the same budget
+        calibrated, distilled = by_path[f"budget-0.03-{quantize}-calibrated"], by_path[f"budget-0.03-{quantize}-distilled"]
+        results.append(BenchResult(
+            f"--target-ratio 0.03 --quantize {quantize} --calibrate: --distill-scales {DISTILL_STEPS} vs without",
+            f"distilled {distilled.change_percent:+.2f}% ({distilled.ratio:.2%})",
+            f"calibrated {calibrated.change_percent:+.2f}% ({calibrated.ratio:.2%})",
+            distilled.result.perplexity / calibrated.result.perplexity, "distilled / calibrated ppl", "<= 1",
+            distilled.result.perplexity <= calibrated.result.perplexity, details))
     return results

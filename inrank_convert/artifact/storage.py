@@ -52,7 +52,9 @@ from inrank_convert.artifact.bands import (
 )
 from inrank_convert.artifact.format import (
     FACTOR_A,
+    FACTOR_A_SCALE,
     FACTOR_B,
+    FACTOR_B_SCALE,
     FACTOR_SCALE,
     FLOAT_CODES,
     ROWS,
@@ -237,6 +239,41 @@ def read_update(stored: Mapping[str, torch.Tensor], storage: str, cols: int | No
     """float32 (B, A, rows or None) back from ``stored_update``'s tensors; ``cols``: the rows' width."""
     B, A = read_factors(stored, storage)
     return B, A, (read_rows(stored, storage, cols) if ROWS in stored else None)
+
+
+# --- the scales alone: what compress --distill-scales trains (the codes fixed, the bytes the same)
+
+SCALE_SUFFIXES = (FACTOR_SCALE, FACTOR_B_SCALE, FACTOR_A_SCALE, ROWS_SCALE)  # the stored scales, of every storage
+
+
+def unscaled_update(stored: Mapping[str, torch.Tensor], storage: str, cols: int | None
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """``read_update``'s (B, A, rows) of an integer storage with every scale taken as 1: the codes'
+    levels (float32), which ``scaled_update`` multiplies by the scales."""
+    if storage in GROUPED_STORAGE:
+        ones = {suffix: torch.ones(stored[suffix].shape) for suffix in SCALE_SUFFIXES if suffix in stored}
+        return read_update({**stored, **ones}, storage, cols)
+    if storage != "int8":
+        raise ValueError(f"{storage} storage has no scales")
+    rows = stored.get(ROWS)
+    return stored[FACTOR_B].float(), stored[FACTOR_A].float(), None if rows is None else rows.float()
+
+
+def scaled_update(B: torch.Tensor, A: torch.Tensor, rows: torch.Tensor | None, scales: Mapping[str, torch.Tensor],
+                  storage: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(B, A, rows) of ``unscaled_update``'s levels times ``scales`` (by suffix, float: differentiable
+    in them): ``B @ A`` (and the rows) equal ``read_update``'s when the scales are the stored ones.
+    int8: component j's one scale on B's column j, row k's on row k; int4 and mixed: each group's
+    scale on its ``GROUP_SIZE`` numbers of a column of B, a row of A or a stored row."""
+    if storage in GROUPED_STORAGE:
+        def spread(scale: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+            return scale.repeat_interleave(GROUP_SIZE, dim=dim).narrow(dim, 0, length)
+
+        B = B * spread(scales[FACTOR_B_SCALE], B.shape[0], 0)  # [rows, r] * [groups, r] spread along rows
+        A = A * spread(scales[FACTOR_A_SCALE], A.shape[1], 1)  # [r, cols] * [r, groups] spread along cols
+        rows = None if rows is None else rows * spread(scales[ROWS_SCALE], rows.shape[1], 1)
+        return B, A, rows
+    return B * scales[FACTOR_SCALE][None, :], A, None if rows is None else rows * scales[ROWS_SCALE][:, None]
 
 
 def factors_layout(storage: str | None, rows: int, cols: int, rank: int, bands: Bands | None = None) -> Layout:

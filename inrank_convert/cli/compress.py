@@ -99,6 +99,10 @@ def compress_command(
         "--calib-tokens", help="Use the first N tokens of --calibrate (default 65536).")] = None,
     tokenizer: Annotated[Path | None, typer.Option(
         "--tokenizer", help="Tokenizer folder for --calibrate and --eval-text (default: the checkpoint's).")] = None,
+    distill_scales: Annotated[int | None, typer.Option(
+        "--distill-scales", help="Then train the stored scales, and nothing else (same bytes), for N steps to match "
+                                 "the trained model's next-token distributions on the --calibrate text; kept only "
+                                 "if they lower that KL. Integer storage only.")] = None,
     svd: Annotated[str, typer.Option("--svd", help="auto | exact | randomized.")] = "auto",
     device: DeviceOpt = "cpu",
     dtype: Annotated[str | None, typer.Option(
@@ -134,7 +138,7 @@ def compress_command(
         return  # rank 0 prints the plan
     threshold = _compress_threshold(threshold, target_ratio, target_size, max_increase)
     _check_target_flags(max_increase, eval_text, eval_tokens)
-    calibration = calibration_request(calibrate, calib_tokens, tokenizer)
+    calibration = calibration_request(calibrate, calib_tokens, tokenizer, distill_scales)
     options = plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, include, exclude, float64, seed,
                             quantize, target_ratio, target_size)
     if world.enabled and not dry_run:

@@ -141,6 +141,14 @@ def render_summary(summary: dict, title: str) -> None:
     if calibration:
         stdout.print(f"calibrated on {calibration['tokens']} tokens (text sha256 {calibration['text_sha256'][:12]}...), "
                      f"{calibration['layers']} layers' input Grams, damping {calibration['damping']:g}")
+        distilled = calibration.get("distill")
+        if distilled:
+            measured = f"{distilled['held_out']} held-out windows" if distilled["held_out"] else "its first windows"
+            after = "non-finite" if distilled["kl_after"] is None else f"{distilled['kl_after']:.4g}"
+            stdout.print(f"scales distilled {distilled['steps']} steps ({distilled['scales']} scales of "
+                         f"{distilled['tensors']} tensors, {distilled['seconds']:.0f} s): KL to the trained model "
+                         f"{distilled['kl_before']:.4g} -> {after} nats/token on {measured}, "
+                         f"{'kept' if distilled['kept'] else 'not kept (the scales stay as rounded)'}")
     target = summary.get("perplexity_target")
     if target:
         stdout.print(f"perplexity target +{target['max_increase_percent']:g}%: {target['perplexity']:g} against the "

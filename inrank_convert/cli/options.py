@@ -76,16 +76,21 @@ def plan_options(threshold, rank, criterion, svd, device, dtype, embeddings, inc
                        target_ratio=target_ratio, target_size=target_size)
 
 
-def calibration_request(calibrate: Path | None, calib_tokens: int | None, tokenizer: Path | None):
-    """``--calibrate TEXT [--calib-tokens N]`` as a CalibrationRequest (None without --calibrate)."""
+def calibration_request(calibrate: Path | None, calib_tokens: int | None, tokenizer: Path | None,
+                        distill_steps: int | None = None):
+    """``--calibrate TEXT [--calib-tokens N] [--distill-scales N]`` as a CalibrationRequest (None
+    without --calibrate)."""
     from inrank_convert.compression.job import CalibrationRequest
 
-    if calibrate is None and calib_tokens is not None:
-        raise UsageError("--calib-tokens limits the calibration text, but no --calibrate TEXT was given",
-                         "--calib-tokens", "add --calibrate TEXT, or drop --calib-tokens")
+    for given, which in ((calib_tokens, "--calib-tokens"), (distill_steps, "--distill-scales")):
+        if calibrate is None and given is not None:
+            what = "limits the calibration text" if which == "--calib-tokens" else "trains on the calibration text"
+            raise UsageError(f"{which} {what}, but no --calibrate TEXT was given", which,
+                             f"add --calibrate TEXT, or drop {which}")
     if calibrate is None:
         return None
-    return CalibrationRequest(calibrate, *(() if calib_tokens is None else (calib_tokens,)), tokenizer=tokenizer)
+    return CalibrationRequest(calibrate, *(() if calib_tokens is None else (calib_tokens,)), tokenizer=tokenizer,
+                              distill_steps=distill_steps)
 
 
 def model_paths(ckpt: Path, revision: str | None, init: Path | None,

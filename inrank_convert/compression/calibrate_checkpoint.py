@@ -1,9 +1,11 @@
 """Calibrate a trained checkpoint on text (``compress --calibrate TEXT``): read the text, tokenize
 it with the model's own tokenizer, run the trained model once over it (dense, float32) and keep
-every factorized layer's input Gram and the token counts (calibration.collect_statistics).
+every factorized layer's input Gram and the token counts (calibration.collect_statistics); and,
+with ``--distill-scales N``, train the stored scales against the trained model on the same text
+once every tensor is encoded (distill.distill_scales).
 
-The model is loaded only here and dropped before any factorization starts, so compress's peak
-memory is the model's once, not twice.
+The model is loaded only here, and dropped before any factorization starts and after the
+distillation, so compress's peak memory is the model's once, not twice.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from inrank_convert.compression.calibration import CalibrationStats, collect_statistics
+from inrank_convert.artifact.writer import StoredTensor
+from inrank_convert.compression.calibration import CalibrationStats, calibration_window, collect_statistics
+from inrank_convert.compression.distill import DistillRecord, distill_scales
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.inputs.sources import Inputs
 from inrank_convert.inputs.text import load_tokenizer, read_text, tokenize_text
@@ -60,8 +64,31 @@ def calibrate_checkpoint(inputs: Inputs, text: str | Path, names: set[str], *, m
                                    batch_dtype=torch.float32)
     finally:
         del model
-        gc.collect()
-        if str(device).startswith("cuda"):
-            torch.cuda.empty_cache()
+        _release(device)
     stats.text_sha256 = hashlib.sha256(content.encode()).hexdigest()
     return stats
+
+
+def distill_checkpoint(inputs: Inputs, text: str | Path, stored: list[StoredTensor], *, steps: int, max_tokens: int,
+                       tokenizer: str | Path | None = None, device: str = "cpu") -> DistillRecord:
+    """``distill_scales`` of the tensors ``stored`` (as compress encoded them; changed in place
+    where the distillation is kept) against ``inputs.trained`` on the first ``max_tokens`` tokens
+    of ``text`` (the calibration text), in windows of the model's context."""
+    where = f"{flag('--calibrate')} {text}"
+    config = trained_config(inputs, "scale distillation", f"drop {flag('--distill-scales')}")
+    tokens = trained_tokens(inputs, read_text(text), tokenizer, max(2, max_tokens), where)[:max_tokens]
+    model = load_dense(inputs.trained.path, config, "cpu", torch.float32)
+    try:
+        window = min(calibration_window(model, None), tokens.numel())
+        return distill_scales(model, stored, tokens, steps=steps, window=window, reference=inputs.reference.get,
+                              trained=inputs.trained.get, device=device)
+    finally:
+        del model
+        _release(device)
+
+
+def _release(device: str) -> None:
+    """Give back the memory of the model just dropped (the caller's last reference to it)."""
+    gc.collect()
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()

@@ -18,14 +18,16 @@ import torch
 
 from inrank_convert.artifact import (
     ArtifactWriter,
+    RecordingWriter,
     RuleRecord,
     SourceRecord,
 )
 from inrank_convert.artifact.bands import Bands
 from inrank_convert.artifact.manifest import creation_time
 from inrank_convert.artifact.storage import QUANTIZE_CHOICES, QUANTIZE_SCHEMES
-from inrank_convert.compression.calibrate_checkpoint import calibrate_checkpoint
+from inrank_convert.compression.calibrate_checkpoint import calibrate_checkpoint, distill_checkpoint
 from inrank_convert.compression.calibration import DEFAULT_CALIBRATION_TOKENS, CalibrationStats
+from inrank_convert.compression.distill import DistillRecord, longest_record
 from inrank_convert.compression.execution import iter_compress
 from inrank_convert.compression.plan import Plan, PlanOptions, make_plan
 from inrank_convert.compression.results import CompressResult, LayerResult
@@ -128,11 +130,13 @@ def plan_compression(inputs: Inputs, options: PlanOptions) -> Plan:
 
 @dataclass(frozen=True)
 class CalibrationRequest:
-    """``--calibrate TEXT``: the text, how many of its tokens, and the tokenizer (default: the model's)."""
+    """``--calibrate TEXT``: the text, how many of its tokens, the tokenizer (default: the model's)
+    and ``--distill-scales N``'s steps (None: no distillation)."""
 
     text: Path
     tokens: int = DEFAULT_CALIBRATION_TOKENS
     tokenizer: Path | None = None
+    distill_steps: int | None = None
 
 
 def check_target_options(options: PlanOptions, embed_init: bool, calibration: CalibrationRequest | None,
@@ -149,6 +153,8 @@ def check_target_options(options: PlanOptions, embed_init: bool, calibration: Ca
                          "target was given", flag("--quantize"),
                          f"add {flag('--target-ratio')} F, {flag('--target-size')} BYTES or "
                          f"{flag('--max-perplexity-increase')} P, or pick {flag('--quantize')} int4")
+    if calibration is not None and calibration.distill_steps is not None:
+        check_distill_options(options, calibration.distill_steps, searched)
     if calibration is not None and not (options.has_target or searched):
         # A whitened spectrum is far more concentrated than the plain one: a per-tensor energy
         # threshold on it keeps far too few ranks (+44% perplexity at t = 0.9, measured on a 4x128 GPT-2).
@@ -156,6 +162,24 @@ def check_target_options(options: PlanOptions, embed_init: bool, calibration: Ca
                          "something else on a whitened spectrum", flag("--calibrate"),
                          f"add {flag('--target-ratio')} F, {flag('--target-size')} BYTES or "
                          f"{flag('--max-perplexity-increase')} P")
+
+
+def check_distill_options(options: PlanOptions, steps: int, searched: bool) -> None:
+    """``--distill-scales N`` trains the scales of integer codes, in one write."""
+    if steps < 1:
+        raise UsageError(f"{flag('--distill-scales')} takes a number of steps, 1 or more, got {steps}",
+                         flag("--distill-scales"), f"e.g. {flag('--distill-scales')} 100, or drop it")
+    if options.quantize not in (None, *QUANTIZE_SCHEMES) or options.factor_dtype is not None:
+        which = "--dtype" if options.factor_dtype is not None else "--quantize"
+        raise UsageError(f"{flag('--distill-scales')} trains the scales of integer codes, but {flag(which)} "
+                         "stores floats, which have none", flag(which),
+                         f"use {flag('--quantize')} int8, int4 or mixed, or drop {flag('--distill-scales')}")
+    if searched:
+        raise UsageError(f"{flag('--distill-scales')} trains one artifact's scales, but "
+                         f"{flag('--max-perplexity-increase')} writes one per candidate size",
+                         flag("--distill-scales"),
+                         f"give the size the search found as {flag('--target-size')} BYTES, or drop "
+                         f"{flag('--distill-scales')}")
 
 
 class CompressionJob:
@@ -175,6 +199,8 @@ class CompressionJob:
         self._on_stage = on_stage
         self._spectra: Spectra | None = None
         self.calibration_seconds = 0.0
+        self.calibration = calibration
+        self.distill: DistillRecord | None = None  # --distill-scales: what the last write's distillation did
         # The source's and the reference's hashes, each job on its own thread (a checkpoint's
         # shards on more): a full read of each file the hash cache does not remember.
         self._hasher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="inrank-hash")
@@ -233,10 +259,21 @@ class CompressionJob:
             self._spectra = measure_spectra(self.plan, self.inputs, self.options, self.stats)
         return self._spectra
 
+    @property
+    def distill_steps(self) -> int:
+        return 0 if self.calibration is None else self.calibration.distill_steps or 0
+
     def calibration_record(self) -> dict | None:
+        """The manifest's ``calibration``; with --distill-scales its ``distill``: the last write's,
+        or (before one, for the header's bound) a record as long as any can be."""
         if self.stats is None:
             return None
-        return {**self.stats.to_json(), "damping": DEFAULT_DAMPING}
+        record = {**self.stats.to_json(), "damping": DEFAULT_DAMPING}
+        if self.distill is not None:
+            record["distill"] = self.distill.to_json()
+        elif self.distill_steps:
+            record["distill"] = longest_record(self.distill_steps, self.calibration.tokens, len(self.plan.entries))
+        return record
 
     def default_target(self) -> int | None:
         """The byte target --target-ratio / --target-size ask for (None: the rank rule)."""
@@ -285,6 +322,27 @@ class CompressionJob:
             embeddings=options.embeddings, include=list(options.include), exclude=list(options.exclude),
             calibration=self.calibration_record(), perplexity_target=perplexity_target)
 
+    def _store(self, writer: ArtifactWriter, budget: dict[str, Assigned] | None,
+               on_layer: Callable[[LayerResult], None] | None) -> list[LayerResult]:
+        """The plan's tensors stored into ``writer``; with --distill-scales, recorded first, their
+        scales distilled, then written (nothing reaches the folder before the scales are final)."""
+        recorder = RecordingWriter() if self.distill_steps else writer
+        layers: list[LayerResult] = []
+        for layer in self.execute(recorder, budget):
+            layers.append(layer)
+            if on_layer is not None:
+                on_layer(layer)
+        if recorder is not writer:
+            recorded = recorder.take()
+            self._stage("distilling scales")
+            request = self.calibration
+            self.distill = distill_checkpoint(self.inputs, request.text, recorded, steps=request.distill_steps,
+                                              max_tokens=request.tokens, tokenizer=request.tokenizer,
+                                              device=self.options.device)
+            for item in recorded:  # the entries are the layers' own: a kept distillation's errors show there too
+                writer.add_stored(item, self.inputs.trained.get, self.inputs.reference.get)
+        return layers
+
     def execute(self, writer: ArtifactWriter, budget: dict[str, Assigned] | None) -> Iterator[LayerResult]:
         """The plan's tensors stored into ``writer`` in plan order, here in this process (under
         torchrun, compression.torchrun shares them out over the processes instead)."""
@@ -305,11 +363,7 @@ class CompressionJob:
         # Background spooling: the factors and the source's tensors are never changed once added.
         with ArtifactWriter(output, force=force, inputs=inputs.paths, embed_reference=inputs.embed_init,
                             background=True) as writer:
-            layers: list[LayerResult] = []
-            for layer in self.execute(writer, budget):
-                layers.append(layer)
-                if on_layer is not None:
-                    on_layer(layer)
+            layers = self._store(writer, budget, on_layer)
             for entry in plan.entries:
                 if entry.action == "alias":
                     writer.add_alias(entry.name, entry.alias_of, shape=entry.shape, dtype=entry.dtype)

@@ -22,6 +22,7 @@ from inrank_convert.artifact.storage import (
     INT4_LEAD,
     INT8_LEVELS,
     QUANTIZE_SCHEMES,
+    SCALE_SUFFIXES,
     InputGram,
     decode_factors,
     decode_rows,
@@ -31,10 +32,14 @@ from inrank_convert.artifact.storage import (
     factors_layout,
     read_factors,
     read_rows,
+    read_update,
     round_trip,
+    scaled_update,
     storage_costs,
     stored_factors,
     stored_rows,
+    stored_update,
+    unscaled_update,
     vector_overhead,
 )
 from inrank_convert.cli import app
@@ -508,6 +513,32 @@ def test_int4_rows_round_trip_and_zero_groups_stay_zero():
     assert relative_error(back, rows) < 0.15
     assert [t.tolist() for t in round_trip(gaussian(9, 3, seed=1), gaussian(3, 7, seed=2), rows, "int4")[2:]] == \
         [back.tolist()]
+
+
+@pytest.mark.parametrize(("storage", "bands"), [("int8", None), ("int4", None), ("mixed", ((8, 1), (4, 2), (3, 2), (2, 2)))])
+def test_scales_alone_rebuild_what_a_reader_decodes(storage, bands):
+    """The levels with every scale 1, times the stored scales (what --distill-scales trains), are what
+    ``read_update`` decodes; other scales change the update, and their gradient reaches every scale."""
+    B, A, rows = gaussian(150, 7, seed=1), gaussian(7, 90, seed=2), gaussian(5, 90, seed=3)
+    stored = stored_update(B, A, rows, storage, bands=bands)
+    scales = {suffix: tensor.float() for suffix, tensor in stored.items() if suffix in SCALE_SUFFIXES}
+    assert set(scales) == ({".lora_scale", ".rows_scale"} if storage == "int8"
+                           else {".lora_B_scale", ".lora_A_scale", ".rows_scale"})
+    read_B, read_A, read_rows_back = read_update(stored, storage, 90)
+    levels = unscaled_update(stored, storage, 90)
+    scaled_B, scaled_A, scaled_rows = scaled_update(*levels, scales, storage)
+    assert torch.allclose(scaled_B @ scaled_A, read_B @ read_A, rtol=0, atol=1e-5)
+    assert torch.equal(scaled_rows, read_rows_back)
+    trained = {suffix: (scale * 1.1).requires_grad_() for suffix, scale in scales.items()}
+    moved_B, moved_A, moved_rows = scaled_update(*levels, trained, storage)
+    assert not torch.allclose(moved_B @ moved_A, read_B @ read_A, atol=1e-3)
+    ((moved_B @ moved_A).square().sum() + moved_rows.square().sum()).backward()
+    assert all(scale.grad is not None and scale.grad.abs().sum() > 0 for scale in trained.values())
+
+
+def test_float_storage_has_no_scales_to_train():
+    with pytest.raises(ValueError, match="no scales"):
+        unscaled_update(stored_update(gaussian(9, 3, seed=1), gaussian(3, 7, seed=2), None, "bfloat16"), "bfloat16", 7)
 
 
 @pytest.mark.parametrize("rank", [0, 1, 2, 5])
