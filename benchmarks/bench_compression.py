@@ -46,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from .common import BenchResult, human_bytes, log, scratch_dir
+from .common import BenchResult, human_bytes, log, no_worse, scratch_dir
 
 NAME = "compression"
 TIMED = False  # it measures bytes and perplexity: a busy machine changes neither
@@ -218,18 +218,11 @@ def run() -> list[BenchResult]:
             f"plain {plain.change_percent:+.2f}% ({plain.ratio:.2%})", share, "calibrated / plain ppl increase",
             f"<= {MAX_INCREASE_RATIO:g}", share <= MAX_INCREASE_RATIO, details))
     for calibrated in ("plain", "calibrated"):  # bits chosen by the budget against int4's fixed ones
-        int4, mixed = by_path[f"budget-0.03-int4-{calibrated}"], by_path[f"budget-0.03-mixed-{calibrated}"]
-        results.append(BenchResult(
-            f"--target-ratio 0.03, {calibrated}: --quantize mixed vs int4",
-            f"mixed {mixed.change_percent:+.2f}% ({mixed.ratio:.2%})", f"int4 {int4.change_percent:+.2f}% ({int4.ratio:.2%})",
-            mixed.result.perplexity / int4.result.perplexity, "mixed / int4 ppl", "<= 1",
-            mixed.result.perplexity <= int4.result.perplexity, details))
+        results.append(no_worse(f"--target-ratio 0.03, {calibrated}: --quantize mixed vs int4",
+                                "mixed", by_path[f"budget-0.03-mixed-{calibrated}"],
+                                "int4", by_path[f"budget-0.03-int4-{calibrated}"], details))
     for quantize in ("int4", "mixed"):  # scales distilled against calibrated alone, at the same budget
-        calibrated, distilled = by_path[f"budget-0.03-{quantize}-calibrated"], by_path[f"budget-0.03-{quantize}-distilled"]
-        results.append(BenchResult(
-            f"--target-ratio 0.03 --quantize {quantize} --calibrate: --distill-scales {DISTILL_STEPS} vs without",
-            f"distilled {distilled.change_percent:+.2f}% ({distilled.ratio:.2%})",
-            f"calibrated {calibrated.change_percent:+.2f}% ({calibrated.ratio:.2%})",
-            distilled.result.perplexity / calibrated.result.perplexity, "distilled / calibrated ppl", "<= 1",
-            distilled.result.perplexity <= calibrated.result.perplexity, details))
+        results.append(no_worse(f"--target-ratio 0.03 --quantize {quantize} --calibrate: --distill-scales "
+                                f"{DISTILL_STEPS} vs without", "distilled", by_path[f"budget-0.03-{quantize}-distilled"],
+                                "calibrated", by_path[f"budget-0.03-{quantize}-calibrated"], details))
     return results

@@ -36,6 +36,14 @@ class BenchResult:
         return asdict(self)
 
 
+def no_worse(name: str, label: str, row, baseline_label: str, baseline, details: dict) -> BenchResult:
+    """``row`` against ``baseline`` (two rows of one ``report``): the target is a perplexity no higher."""
+    return BenchResult(name, f"{label} {row.change_percent:+.2f}% ({row.ratio:.2%})",
+                       f"{baseline_label} {baseline.change_percent:+.2f}% ({baseline.ratio:.2%})",
+                       row.result.perplexity / baseline.result.perplexity, f"{label} / {baseline_label} ppl", "<= 1",
+                       row.result.perplexity <= baseline.result.perplexity, details)
+
+
 def best_of(function: Callable[[], object], repeats: int) -> tuple[float, list[float], object]:
     """(best seconds, every run's seconds, last return value) over ``repeats`` calls."""
     times = []

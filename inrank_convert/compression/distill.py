@@ -31,6 +31,7 @@ from torch.func import functional_call
 from inrank_convert.artifact.format import ROW_INDEX
 from inrank_convert.artifact.storage import QUANTIZE_SCHEMES, SCALE_SUFFIXES, scaled_update, unscaled_update
 from inrank_convert.artifact.writer import StoredTensor
+from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.linalg.criteria import frobenius_energy
 from inrank_convert.linalg.stored_error import stored_error
 from inrank_convert.model.architecture import checkpoint_keys
@@ -144,6 +145,12 @@ def distill_scales(model: torch.nn.Module, stored: Sequence[StoredTensor], token
     chosen = [item for item in stored if item.entry.has_factors and item.entry.storage in QUANTIZE_SCHEMES]
     tensors = [ScaledTensor(item, reference(item.name), device) for item in chosen]
     keys = checkpoint_keys(model, [tensor.name for tensor in tensors])
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    unplaced = [name for name, key in keys.items() if key not in parameters]
+    if unplaced:  # a tensor transformers fuses or splits on load (Mixtral's experts): no one weight to swap in
+        raise UsageError(f"tensor {unplaced[0]!r} is no single parameter of the {model.config.model_type} model, so its "
+                         "scales cannot be trained on the model", flag("--distill-scales"),
+                         f"drop {flag('--distill-scales')} (compress without it)")
     count = tokens.numel() // window
     if count < 1:
         raise ValueError(f"distillation needs at least one window of {window} tokens, got {tokens.numel()}")

@@ -107,6 +107,9 @@ def test_distillation_changes_only_scales_and_lowers_the_kl_a_reader_measures(tm
     assert any(errors_after[name] != errors_before[name] for name in errors_before if errors_before[name])
     for folder in (dropped, distilled):
         assert "verify: OK" in expect_ok(["verify", folder]).stdout
+    shown = expect_ok(["inspect", distilled]).stdout
+    assert f"scales distilled {STEPS} steps" in shown and ", kept" in shown
+    assert "not kept" in expect_ok(["inspect", dropped]).stdout
 
 
 def test_distill_scales_bad_input(gpt2_pair, river, tokenizer_file, tmp_path):
