@@ -31,6 +31,7 @@ from torch.func import functional_call
 from inrank_convert.artifact.format import ROW_INDEX
 from inrank_convert.artifact.storage import QUANTIZE_SCHEMES, SCALE_SUFFIXES, scaled_update, unscaled_update
 from inrank_convert.artifact.writer import StoredTensor
+from inrank_convert.compression.plan import PlanOptions
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.linalg.criteria import frobenius_energy
 from inrank_convert.linalg.stored_error import stored_error
@@ -62,6 +63,24 @@ class DistillRecord:
                 "window": self.window, "held_out": self.held_out, "tensors": self.tensors, "scales": self.scales,
                 "kl_before": _short(self.kl_before), "kl_after": _short(self.kl_after), "kept": self.kept,
                 "seconds": round(self.seconds, 3)}
+
+
+def check_distill_options(options: PlanOptions, steps: int, searched: bool) -> None:
+    """``--distill-scales N`` trains the scales of integer codes, in one write."""
+    if steps < 1:
+        raise UsageError(f"{flag('--distill-scales')} takes a number of steps, 1 or more, got {steps}",
+                         flag("--distill-scales"), f"e.g. {flag('--distill-scales')} 100, or drop it")
+    if options.quantize not in (None, *QUANTIZE_SCHEMES) or options.factor_dtype is not None:
+        which = "--dtype" if options.factor_dtype is not None else "--quantize"
+        raise UsageError(f"{flag('--distill-scales')} trains the scales of integer codes, but {flag(which)} "
+                         "stores floats, which have none", flag(which),
+                         f"use {flag('--quantize')} int8, int4 or mixed, or drop {flag('--distill-scales')}")
+    if searched:
+        raise UsageError(f"{flag('--distill-scales')} trains one artifact's scales, but "
+                         f"{flag('--max-perplexity-increase')} writes one per candidate size",
+                         flag("--distill-scales"),
+                         f"give the size the search found as {flag('--target-size')} BYTES, or drop "
+                         f"{flag('--distill-scales')}")
 
 
 def _short(value: float) -> float | None:

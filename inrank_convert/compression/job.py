@@ -27,7 +27,7 @@ from inrank_convert.artifact.manifest import creation_time
 from inrank_convert.artifact.storage import QUANTIZE_CHOICES, QUANTIZE_SCHEMES
 from inrank_convert.compression.calibrate_checkpoint import calibrate_checkpoint, distill_checkpoint
 from inrank_convert.compression.calibration import DEFAULT_CALIBRATION_TOKENS, CalibrationStats
-from inrank_convert.compression.distill import DistillRecord, longest_record
+from inrank_convert.compression.distill import DistillRecord, check_distill_options, longest_record
 from inrank_convert.compression.execution import iter_compress
 from inrank_convert.compression.plan import Plan, PlanOptions, make_plan
 from inrank_convert.compression.results import CompressResult, LayerResult
@@ -162,24 +162,6 @@ def check_target_options(options: PlanOptions, embed_init: bool, calibration: Ca
                          "something else on a whitened spectrum", flag("--calibrate"),
                          f"add {flag('--target-ratio')} F, {flag('--target-size')} BYTES or "
                          f"{flag('--max-perplexity-increase')} P")
-
-
-def check_distill_options(options: PlanOptions, steps: int, searched: bool) -> None:
-    """``--distill-scales N`` trains the scales of integer codes, in one write."""
-    if steps < 1:
-        raise UsageError(f"{flag('--distill-scales')} takes a number of steps, 1 or more, got {steps}",
-                         flag("--distill-scales"), f"e.g. {flag('--distill-scales')} 100, or drop it")
-    if options.quantize not in (None, *QUANTIZE_SCHEMES) or options.factor_dtype is not None:
-        which = "--dtype" if options.factor_dtype is not None else "--quantize"
-        raise UsageError(f"{flag('--distill-scales')} trains the scales of integer codes, but {flag(which)} "
-                         "stores floats, which have none", flag(which),
-                         f"use {flag('--quantize')} int8, int4 or mixed, or drop {flag('--distill-scales')}")
-    if searched:
-        raise UsageError(f"{flag('--distill-scales')} trains one artifact's scales, but "
-                         f"{flag('--max-perplexity-increase')} writes one per candidate size",
-                         flag("--distill-scales"),
-                         f"give the size the search found as {flag('--target-size')} BYTES, or drop "
-                         f"{flag('--distill-scales')}")
 
 
 class CompressionJob:
