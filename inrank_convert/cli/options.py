@@ -82,9 +82,9 @@ def calibration_request(calibrate: Path | None, calib_tokens: int | None, tokeni
     without --calibrate)."""
     from inrank_convert.compression.job import CalibrationRequest
 
-    for given, which in ((calib_tokens, "--calib-tokens"), (distill_steps, "--distill-scales")):
+    for given, which, what in ((calib_tokens, "--calib-tokens", "limits the calibration text"),
+                               (distill_steps, "--distill-scales", "trains on the calibration text")):
         if calibrate is None and given is not None:
-            what = "limits the calibration text" if which == "--calib-tokens" else "trains on the calibration text"
             raise UsageError(f"{which} {what}, but no --calibrate TEXT was given", which,
                              f"add --calibrate TEXT, or drop {which}")
     if calibrate is None:
