@@ -68,6 +68,9 @@ class TensorEntry:
     reference_rows: int | None = None  # a reference with fewer rows (a grown vocabulary): they are its rows
     # Version 4, mixed storage only: ((bits, components), ...) widest first, the components in order.
     bands: Bands | None = None
+    # Calibrated layers only (compress --calibrate; optional in version 4, older readers skip it):
+    # ||X (delta - stored)^T||_F / ||X delta^T||_F on the calibration text's inputs X of the layer.
+    output_error: float | None = None
 
     @property
     def is_alias(self) -> bool:
@@ -125,7 +128,8 @@ class TensorEntry:
         return values | drop_none({"rows": self.rows, "storage": self.storage,
                                     "error": None if self.error is None else round(self.error, 8),
                                     "reference_rows": self.reference_rows,
-                                    "bands": None if self.bands is None else [list(band) for band in self.bands]})
+                                    "bands": None if self.bands is None else [list(band) for band in self.bands],
+                                    "output_error": None if self.output_error is None else round(self.output_error, 8)})
 
     @classmethod
     def from_json(cls, values: Any, place: str = "tensor") -> TensorEntry:
@@ -145,7 +149,8 @@ class TensorEntry:
         return cls(kind, shape, dtype, fields.integer("rank"), 1.0 if energy is None else energy,
                    fields.integer("bytes") or 0, fields.integer("original_bytes") or 0, fields.string("svd"), None,
                    fields.integer("rows"), storage, fields.number("error", low=0.0),
-                   fields.integer("reference_rows", minimum=1), fields.pairs("bands"))
+                   fields.integer("reference_rows", minimum=1), fields.pairs("bands"),
+                   fields.number("output_error", low=0.0))
 
     def check(self, name: str, tensors: dict[str, TensorEntry]) -> None:
         """What the entry says must hang together (before any tensor is looked at): a factorized
@@ -183,6 +188,8 @@ class TensorEntry:
             problem = check_bands(self.bands, self.rank or 0)
             if problem is not None:
                 raise ManifestFormatError(f"{place}.bands: {problem}")
+        if self.output_error is not None and not self.has_factors:
+            raise ManifestFormatError(f"{place}.output_error is recorded, but a {self.kind} tensor has no factors")
         if self.reference_rows is not None and (not self.shape or self.reference_rows > self.shape[0]):
             raise ManifestFormatError(f"{place}.reference_rows is {self.reference_rows}, more than the tensor's "
                                       f"{list(self.shape)}")

@@ -330,10 +330,12 @@ def describe_artifact(path: str | Path) -> dict[str, Any]:
         return dtype_name(dtype) if dtype is not None else None
 
     # rows: K stored rows of a lowrank+rows tensor (None otherwise); reference_rows: a grown vocabulary;
-    # error: the relative error of what is stored (version 2; None in version 1).
+    # error: the relative error of what is stored (version 2; None in version 1); output_error: a
+    # calibrated layer's on the calibration text's outputs (None elsewhere).
     layers = [{"name": name, "shape": list(entry.shape), "kind": entry.kind, "rank": entry.rank,
                "energy": entry.energy, "bytes": entry.bytes, "dtype": dtype_name(entry.dtype),
                "rows": entry.rows, "storage": storage(name, entry), "error": entry.error,
+               "output_error": entry.output_error,
                "reference_rows": entry.reference_rows,
                "bands": precision_bands(entry.storage, entry.rank or 0, entry.bands) if entry.has_factors else None}
               for name, entry in manifest.stored_entries().items()]

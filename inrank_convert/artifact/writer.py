@@ -104,7 +104,7 @@ class ArtifactWriter:
                     svd: str | None = None, rows: torch.Tensor | None = None, row_index: torch.Tensor | None = None,
                     storage: str | None = None, error: float | None = None,
                     reference_rows: int | None = None, encoded: Mapping[str, torch.Tensor] | None = None,
-                    bands: Bands | None = None) -> TensorEntry:
+                    bands: Bands | None = None, output_error: float | None = None) -> TensorEntry:
         """``W ~= W_ref + B @ A`` (+ ``rows`` scattered to ``row_index``): B [rows, r], A [r, cols],
         rows [K, cols], row_index [K] in the stored orientation.
 
@@ -114,7 +114,8 @@ class ArtifactWriter:
         relative error of what is stored, measured by the caller; ``reference_rows``: the
         reference has only that many rows (a grown vocabulary); ``encoded``: the factors and rows
         already encoded at ``storage`` (``storage.stored_update``, by a caller that measured their
-        error on them: int4's error feedback is not done twice).
+        error on them: int4's error feedback is not done twice); ``output_error``: a calibrated
+        layer's relative output error on the calibration text (``stored_error.output_error``).
         """
         stored_storage = storage or dtype_name(A.dtype)
         kind = "lowrank"
@@ -133,7 +134,7 @@ class ArtifactWriter:
         return self._add_entry(name, TensorEntry(
             kind, tuple(shape), dtype, A.shape[0], energy, stored, nbytes, svd,
             rows=None if rows is None else int(rows.shape[0]), storage=stored_storage, error=error,
-            reference_rows=reference_rows, bands=bands))
+            reference_rows=reference_rows, bands=bands, output_error=output_error))
 
     def add_dense(self, name: str, tensor: torch.Tensor, *, dtype: torch.dtype | None = None,
                   rank: int | None = None, svd: str | None = None, reference_rows: int | None = None) -> TensorEntry:

@@ -94,16 +94,19 @@ def _rows(layer: dict) -> str:
 
 
 def layer_table(layers: list[dict], title: str) -> Table:
-    """Shape, kind, rank, energy kept and bytes per tensor; the stored rows and the storage
-    precision too when the layers say (format version 2: inspect and compress, not report)."""
+    """Shape, kind, rank, energy kept and bytes per tensor; the stored rows, the storage
+    precision and a calibrated layer's output error too when the layers say (format version 2:
+    inspect and compress, not report)."""
     table = Table(title=title, title_justify="left")
     table.add_column("tensor", overflow="fold")
     with_rows = any(layer.get("rows") is not None for layer in layers)
     with_storage = any(layer.get("storage") is not None for layer in layers)
+    with_outputs = any(layer.get("output_error") is not None for layer in layers)
     columns = [("shape", "left"), ("kind", "left"), ("rank", "right")]
     columns += [("rows", "right")] if with_rows else []
     columns += [("energy", "right"), ("bytes", "right")]
     columns += [("storage", "left")] if with_storage else []
+    columns += [("output error", "right")] if with_outputs else []
     for column, justify in columns:
         table.add_column(column, justify=justify, no_wrap=True)
     for layer in layers:
@@ -111,6 +114,7 @@ def layer_table(layers: list[dict], title: str) -> Table:
         cells += [_rows(layer)] if with_rows else []
         cells += [_energy(layer.get("energy")), human_bytes(layer.get("bytes", 0))]
         cells += [_storage(layer)] if with_storage else []
+        cells += [_energy(layer.get("output_error"))] if with_outputs else []
         table.add_row(layer["name"], *cells)
     return table
 

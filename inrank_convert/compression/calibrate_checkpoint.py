@@ -70,10 +70,12 @@ def calibrate_checkpoint(inputs: Inputs, text: str | Path, names: set[str], *, m
 
 
 def distill_checkpoint(inputs: Inputs, text: str | Path, stored: list[StoredTensor], *, steps: int, max_tokens: int,
-                       tokenizer: str | Path | None = None, device: str = "cpu") -> DistillRecord:
+                       tokenizer: str | Path | None = None, device: str = "cpu",
+                       stats: CalibrationStats | None = None) -> DistillRecord:
     """``distill_scales`` of the tensors ``stored`` (as compress encoded them; changed in place
     where the distillation is kept) against ``inputs.trained`` on the first ``max_tokens`` tokens
-    of ``text`` (the calibration text), in windows of the model's context."""
+    of ``text`` (the calibration text), in windows of the model's context; ``stats``: the
+    calibration whose Grams measure a kept tensor's output error again."""
     where = f"{flag('--calibrate')} {text}"
     config = trained_config(inputs, "scale distillation", f"drop {flag('--distill-scales')}")
     tokens = trained_tokens(inputs, read_text(text), tokenizer, max(2, max_tokens), where)[:max_tokens]
@@ -81,7 +83,8 @@ def distill_checkpoint(inputs: Inputs, text: str | Path, stored: list[StoredTens
     try:
         window = min(calibration_window(model, None), tokens.numel())
         return distill_scales(model, stored, tokens, steps=steps, window=window, reference=inputs.reference.get,
-                              trained=inputs.trained.get, device=device)
+                              trained=inputs.trained.get, device=device,
+                              grams=None if stats is None else stats.input_gram)
     finally:
         del model
         _release(device)

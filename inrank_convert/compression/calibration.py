@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from inrank_convert.artifact.storage import InputGram
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.model.architecture import conv1d_class, model_context
 
@@ -45,6 +46,10 @@ class CalibrationStats:
     input_embedding: str | None = None  # the token embedding's weight name
     head: str | None = None  # the LM head's weight name (its Gram is of the body's output)
     tied: bool = False  # the head and the token embedding are one tensor (GPT-2)
+
+    def input_gram(self, name: str) -> InputGram | None:
+        """The input Gram of the layer whose weight is ``name``, with its orientation (None: no Gram)."""
+        return InputGram(self.grams[name], self.conv1d[name]) if name in self.grams else None
 
     def token_frequencies(self) -> torch.Tensor:
         """Each token id's share of the text used ([vocab], float64, sums to 1)."""

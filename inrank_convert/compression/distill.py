@@ -29,12 +29,18 @@ import torch
 from torch.func import functional_call
 
 from inrank_convert.artifact.format import ROW_INDEX
-from inrank_convert.artifact.storage import QUANTIZE_SCHEMES, SCALE_SUFFIXES, scaled_update, unscaled_update
+from inrank_convert.artifact.storage import (
+    QUANTIZE_SCHEMES,
+    SCALE_SUFFIXES,
+    InputGram,
+    scaled_update,
+    unscaled_update,
+)
 from inrank_convert.artifact.writer import StoredTensor
 from inrank_convert.compression.plan import PlanOptions
 from inrank_convert.core.errors import UsageError, flag
 from inrank_convert.linalg.criteria import frobenius_energy
-from inrank_convert.linalg.stored_error import stored_error
+from inrank_convert.linalg.stored_error import output_error, stored_error
 from inrank_convert.model.architecture import checkpoint_keys
 
 DISTILL_LR = 1e-3  # Adam's step on each scale's log (0.1% a step at most): the README run's choice (docs/calibration.md)
@@ -134,13 +140,17 @@ class ScaledTensor:
         weight = self.base + B @ A
         return weight if rows is None else weight.index_add(0, self.index, rows)
 
-    def keep(self, scales: dict[str, torch.Tensor], trained: torch.Tensor) -> None:
-        """Store ``scales`` in place of the original ones and measure the entry's error again."""
+    def keep(self, scales: dict[str, torch.Tensor], trained: torch.Tensor, gram: InputGram | None) -> None:
+        """Store ``scales`` in place of the original ones and measure the entry's error again (and
+        its output error, with the layer's input ``gram``)."""
         self.stored.tensors = [(full, scales.get(full[len(self.name):], tensor)) for full, tensor in self.stored.tensors]
         delta = trained.to(self.base.device, torch.float32) - self.base
         B, A, rows = self.factors(scales)
+        entry = self.stored.entry
         with torch.no_grad():
-            self.stored.entry.error = stored_error(delta, frobenius_energy(delta), B, A, rows, self.index)
+            entry.error = stored_error(delta, frobenius_energy(delta), B, A, rows, self.index)
+            if gram is not None:
+                entry.output_error = output_error(delta, B, A, rows, self.index, gram.gram, gram.conv1d)
 
 
 def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
@@ -153,10 +163,12 @@ def _kl(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Ten
 def distill_scales(model: torch.nn.Module, stored: Sequence[StoredTensor], tokens: torch.Tensor, *, steps: int,
                    window: int, reference: Callable[[str], torch.Tensor | None],
                    trained: Callable[[str], torch.Tensor], device: str | torch.device = "cpu",
-                   lr: float | None = None, on_step: Callable[[int, float], None] | None = None) -> DistillRecord:
+                   lr: float | None = None, on_step: Callable[[int, float], None] | None = None,
+                   grams: Callable[[str], InputGram | None] | None = None) -> DistillRecord:
     """Train the scales of every integer-stored factorized tensor in ``stored`` (changed in place
     when kept) against ``model``, the trained model, on ``tokens`` (1-D ids, at least one window);
-    ``lr``: Adam's, DISTILL_LR unless given."""
+    ``lr``: Adam's, DISTILL_LR unless given; ``grams(name)``: a layer's calibration Gram, with
+    which a kept tensor's output error is measured again."""
     started = time.perf_counter()
     lr = DISTILL_LR if lr is None else lr
     device = torch.device(device)
@@ -212,7 +224,7 @@ def distill_scales(model: torch.nn.Module, stored: Sequence[StoredTensor], token
     kept = bool(tensors) and math.isfinite(after) and after < before
     if kept:
         for tensor, scales in zip(tensors, rounded, strict=True):
-            tensor.keep(scales, trained(tensor.name))
+            tensor.keep(scales, trained(tensor.name), None if grams is None else grams(tensor.name))
     return DistillRecord(steps, lr, count + held_out, window, held_out, len(tensors),
                          sum(scale.numel() for tensor in tensors for scale in tensor.original.values()),
                          before, after, kept, time.perf_counter() - started)

@@ -18,7 +18,6 @@ from inrank_convert.artifact import ArtifactWriter
 from inrank_convert.artifact.bands import Bands
 from inrank_convert.artifact.storage import (
     GROUPED_STORAGE,
-    InputGram,
     encode_factors,
     read_update,
     stored_update,
@@ -38,7 +37,7 @@ from inrank_convert.inputs.sources import Inputs
 from inrank_convert.linalg.factorize import BasisHints
 from inrank_convert.linalg.forms import choose_form
 from inrank_convert.linalg.gram import native_bfloat16
-from inrank_convert.linalg.stored_error import stored_error, svd_stored_error
+from inrank_convert.linalg.stored_error import output_error, stored_error, svd_stored_error
 from inrank_convert.linalg.whitening import whitened_svd
 
 
@@ -139,26 +138,30 @@ def execute_entry(entry: TensorPlan, inputs: Inputs, options: PlanOptions, devic
         # The stored error from the factors as they will be stored (no float32 copy of them) where
         # norms suffice, else measured on what a reader decodes.
         error = None
-        # int4 and mixed round the factor that meets the layer's input with error feedback when calibrated.
-        feedback = InputGram(stats.grams[entry.name], stats.conv1d[entry.name]) \
-            if storage in GROUPED_STORAGE and stats is not None and entry.name in stats.grams else None
+        # A calibrated layer: its output error on the calibration text is recorded too, and int4 and
+        # mixed round the factor that meets its input with error feedback.
+        gram = stats.input_gram(entry.name) if stats is not None else None
+        feedback = gram if storage in GROUPED_STORAGE else None
         bands = form_bands(entry.name, assigned, form.rank) if storage == "mixed" else None
         # (group-wise rounding is too coarse for the norms' second-order terms: measured.)
-        if form.svd_factors and form.rows is None and storage not in GROUPED_STORAGE:
+        if form.svd_factors and form.rows is None and storage not in GROUPED_STORAGE and gram is None:
             B_q, A_q, scale = encode_factors(form.B, form.A, storage)
             error = svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error, scale)
         B_cpu, A_cpu, rows_cpu = form.B.cpu(), form.A.cpu(), None if form.rows is None else form.rows.cpu()
-        encoded = None
+        encoded = outputs = None
         if error is None:
             # Measured on what the writer will store, encoded once (int4's error feedback is not cheap).
             encoded = stored_update(B_cpu, A_cpu, rows_cpu, storage, feedback, bands)
-            B, A, rows = read_update(encoded, storage, A_cpu.shape[1])
-            error = stored_error(delta, total, B.to(delta.device), A.to(delta.device),
-                                 None if rows is None else rows.to(delta.device), form.row_index)
+            B, A, rows = (None if part is None else part.to(delta.device)
+                          for part in read_update(encoded, storage, A_cpu.shape[1]))
+            error = stored_error(delta, total, B, A, rows, form.row_index)
+            if gram is not None:
+                outputs = output_error(delta, B, A, rows, form.row_index, gram.gram, gram.conv1d)
         stored = writer.add_lowrank(entry.name, B_cpu, A_cpu, shape=entry.shape, dtype=entry.dtype,
                                     energy=form.energy, svd=engine, storage=storage, error=error, rows=rows_cpu,
                                     row_index=None if form.row_index is None else form.row_index.cpu(),
-                                    reference_rows=entry.reference_rows, encoded=encoded, bands=bands)
+                                    reference_rows=entry.reference_rows, encoded=encoded, bands=bands,
+                                    output_error=outputs)
     del delta
     if inputs.embed_init and stored.uses_reference:
         writer.add_reference_tensor(entry.name, inputs.reference.get(entry.name))

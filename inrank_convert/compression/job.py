@@ -265,7 +265,7 @@ class CompressionJob:
                bands: dict[str, Bands | None] | None = None) -> int:
         """The bound on the artifact file's header at ``target`` (see targets.header_bound)."""
         return header_bound(self.plan, self.options, self._finish_arguments(target, perplexity_target), target,
-                            bands)
+                            bands, () if self.stats is None else self.stats.grams.keys())
 
     def allocate(self, target: int, perplexity_target: dict | None = None) -> dict[str, Assigned]:
         """What each factorized tensor gets at ``target`` bytes. Under mixed storage the header bound
@@ -320,7 +320,7 @@ class CompressionJob:
             request = self.calibration
             self.distill = distill_checkpoint(self.inputs, request.text, recorded, steps=request.distill_steps,
                                               max_tokens=request.tokens, tokenizer=request.tokenizer,
-                                              device=self.options.device)
+                                              device=self.options.device, stats=self.stats)
             for item in recorded:  # the entries are the layers' own: a kept distillation's errors show there too
                 writer.add_stored(item, self.inputs.trained.get, self.inputs.reference.get)
         return layers

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Literal, NamedTuple
 
@@ -66,7 +66,7 @@ def target_bytes(options: PlanOptions, plan: Plan) -> int:
 
 
 def header_bound(plan: Plan, options: PlanOptions, finish_arguments: dict, target: int,
-                 bands: dict[str, Bands | None] | None = None) -> int:
+                 bands: dict[str, Bands | None] | None = None, output_errors: Collection[str] = ()) -> int:
     """Bytes the artifact file's header (its length field, the safetensors JSON with the manifest,
     the alignment padding) can take at most, whatever ranks and rows the tensors get: the header of
     a manifest in which every factorized tensor takes its longest form (kind lowrank+rows, every
@@ -75,7 +75,8 @@ def header_bound(plan: Plan, options: PlanOptions, finish_arguments: dict, targe
 
     It does not depend on the target below the dense bytes (the longest numbers are assumed), so
     the least target that works is one number. Under mixed storage every tensor is taken to have all
-    four bands, or (``bands``, by name) only the widths an allocation gave it."""
+    four bands, or (``bands``, by name) only the widths an allocation gave it. The tensors named in
+    ``output_errors`` (those with a calibration Gram) record an output error too, taken below 100."""
     entries: dict[str, TensorEntry] = {}
     stored: dict[str, dict] = {}
     wide = 10 ** len(str(max(target, plan.original_bytes))) - 1
@@ -100,7 +101,8 @@ def header_bound(plan: Plan, options: PlanOptions, finish_arguments: dict, targe
             entry_bands = tuple((bits, rank) for bits in MIXED_GRIDS if bits in widths) if storage == "mixed" else None
             record = TensorEntry("lowrank+rows", entry.shape, entry.dtype, rank, 0.12345678, entry.nbytes,
                                  entry.nbytes, "exact-float64", rows=rows, storage=storage,
-                                 error=0.12345678, reference_rows=entry.reference_rows, bands=entry_bands)
+                                 error=0.12345678, reference_rows=entry.reference_rows, bands=entry_bands,
+                                 output_error=99.12345678 if entry.name in output_errors else None)
             for name in record.stored_names(entry.name):
                 shape = [max(rows, cols), max(rows, cols)]
                 stored[name] = {"dtype": longest_code, "shape": shape, "data_offsets": offset}

@@ -107,3 +107,32 @@ def svd_stored_error(total: float, B: torch.Tensor, A: torch.Tensor, B_stored: t
             rounding_a = rounding_a + product_error
     rounding = float((rounding_b * factor_a + factor_b * rounding_a).sum())
     return min(1.0, (truncation + rounding) / total) ** 0.5
+
+
+def output_error(delta: torch.Tensor, B: torch.Tensor, A: torch.Tensor, rows: torch.Tensor | None,
+                 row_index: torch.Tensor | None, gram: torch.Tensor, conv1d: bool = False) -> float:
+    """||X (delta - stored)^T||_F / ||X delta^T||_F: the relative error of the layer's outputs on the
+    inputs X whose Gram ``gram`` = X^T X ([in, in]) is, for the stored B [rows, r] @ A [r, cols]
+    (+ ``rows`` at ``row_index``); ``delta`` is [out, in] (nn.Linear) or [in, out] (``conv1d``,
+    GPT-2's Conv1D). With E = delta - stored in the [out, in] orientation, ||X E^T||^2 = tr(E G E^T),
+    summed a block of output features at a time in float64 (the raw Gram, no damping: the error the
+    calibration text's outputs really see). 0 when the update moves no output."""
+    residual = delta.float() - B.float() @ A.float()  # [rows, cols], the stored orientation
+    if rows is not None:
+        residual.index_add_(0, row_index.to(residual.device), -rows.float())
+    gram = gram.to(device=delta.device, dtype=torch.float64)
+    error = total = 0.0
+    width = delta.shape[1] if conv1d else delta.shape[0]  # output features
+    step = max(1, PRODUCT_BLOCK_BYTES // max(1, 8 * gram.shape[0]))
+    for start in range(0, width, step):
+        # [block, in] slices of E and delta in the [out, in] orientation.
+        if conv1d:
+            parts = (residual[:, start:start + step].T, delta[:, start:start + step].T)
+        else:
+            parts = (residual[start:start + step], delta[start:start + step])
+        E, D = (part.to(torch.float64) for part in parts)
+        error += float(((E @ gram) * E).sum())
+        total += float(((D @ gram) * D).sum())
+    if total <= 0.0:
+        return 0.0
+    return (max(0.0, error) / total) ** 0.5  # not capped at 1: a stored form can move outputs more than the update

@@ -19,6 +19,7 @@ from inrank_convert.compression.job import CalibrationRequest
 from inrank_convert.inputs.text import load_tokenizer, tokenize_text
 from inrank_convert.runtime.modeling import load_dense, model_config
 from tests.conftest import RIVER_TEXT, ModelPair, build_model, gpt2_config, llama_config, save_hf, train_state
+from tests.helpers.calibration import recorded_output_errors
 from tests.helpers.cli_contract import expect_error, expect_ok
 
 TOKENS = 4096
@@ -105,6 +106,12 @@ def test_distillation_changes_only_scales_and_lowers_the_kl_a_reader_measures(tm
     errors_before = {name: entry.error for name, entry in read_manifest(dropped).tensors.items()}
     errors_after = {name: entry.error for name, entry in read_manifest(distilled).tensors.items()}
     assert any(errors_after[name] != errors_before[name] for name in errors_before if errors_before[name])
+    # and so was each calibrated layer's output error: the one its outputs on the text see.
+    outputs = [recorded_output_errors(pair, folder, RIVER_TEXT, tokenizer_file, TOKENS) for folder in (dropped, distilled)]
+    for found in outputs:
+        assert found and all(recorded == pytest.approx(measured, rel=2e-3, abs=1e-6)
+                             for recorded, measured in found.values()), found
+    assert any(outputs[1][name][0] != recorded for name, (recorded, _) in outputs[0].items())
     for folder in (dropped, distilled):
         assert "verify: OK" in expect_ok(["verify", folder]).stdout
     shown = expect_ok(["inspect", distilled]).stdout

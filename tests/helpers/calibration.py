@@ -60,3 +60,32 @@ def output_error(X: torch.Tensor, residual: torch.Tensor, conv1d: bool) -> float
 def plain_truncation(delta: torch.Tensor, rank: int) -> torch.Tensor:
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     return (U[:, :rank] * S[:rank]) @ Vh[:rank]
+
+
+@torch.no_grad()
+def recorded_output_errors(pair, artifact, text: str, tokenizer, tokens: int) -> dict[str, tuple[float, float]]:
+    """weight name -> (the output error the artifact records, the one measured directly): the
+    relative error of the layer's outputs ||X (W_trained - W_read)|| / ||X (W_trained - W_init)||
+    on the inputs X the trained model's layer sees over ``text``'s first ``tokens`` tokens, in the
+    calibration's windows (whole windows of the context, then the rest), with the weights the
+    artifact's readers rebuild (``Artifact.reconstruct``). Only the entries that record one."""
+    from inrank_convert.artifact import read_manifest
+    from inrank_convert.inputs.sources import open_artifact
+    from inrank_convert.inputs.text import load_tokenizer, tokenize_text
+
+    ids = tokenize_text(text, load_tokenizer(None, tokenizer), tokens)[:tokens]
+    windows = list(ids.split(WINDOW))
+    model = AutoModelForCausalLM.from_pretrained(pair.trained_dir)
+    inputs = captured_inputs(model, [window[None] for window in windows])
+    layers = linear_layers(model)
+    found = {}
+    with open_artifact(artifact) as read:
+        for name, entry in read_manifest(artifact).tensors.items():
+            if entry.output_error is None:
+                continue
+            conv1d = isinstance(layers[name], Conv1D)
+            trained, init = pair.trained_state[name].double(), pair.init_state[name].double()
+            measured = output_error(inputs[name], trained - read.reconstruct(name).double(), conv1d) \
+                / output_error(inputs[name], trained - init, conv1d)
+            found[name] = (entry.output_error, measured)
+    return found

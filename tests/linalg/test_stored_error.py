@@ -10,7 +10,7 @@ from inrank_convert.artifact.storage import encode_factors, round_trip
 from inrank_convert.linalg import gram
 from inrank_convert.linalg.criteria import RankRule
 from inrank_convert.linalg.forms import choose_form
-from inrank_convert.linalg.stored_error import stored_error, svd_stored_error
+from inrank_convert.linalg.stored_error import output_error, stored_error, svd_stored_error
 from tests.helpers.forms import THRESHOLD, bf16_costs, bf16_source_costs, energy, planted_low_rank, scattered
 
 
@@ -89,3 +89,37 @@ def test_the_stored_error_of_a_bfloat16_product_from_norms(shape, storage, monke
     assert measured == pytest.approx(stored_error(delta, total, plain_B, plain_A, None, None), rel=1e-4)
     ignored = svd_stored_error(total, form.B, form.A, B, A)  # the product's error left out
     assert abs(ignored - measured) > 5 * abs(estimated - measured), (ignored, estimated, measured)
+
+
+@pytest.mark.parametrize("conv1d", [False, True])
+def test_output_error_is_the_relative_error_of_the_layers_outputs(conv1d, monkeypatch):
+    """output_error against the outputs themselves: inputs X [n, in] with a far from isotropic
+    spread (feature i scaled by 10^(-2i/in)), a low-rank + rows form, the relative error of the
+    outputs X (delta - stored)^T, in both orientations (GPT-2's Conv1D stores [in, out], its rows
+    input features), walked in blocks small enough to cross many block boundaries."""
+    generator = torch.Generator().manual_seed(4)
+    out_features, in_features, rank = 48, 40, 3
+    X = torch.randn(500, in_features, generator=generator, dtype=torch.float64) \
+        * torch.logspace(0, -2, in_features, dtype=torch.float64)  # [n, in]
+    stored_rows, stored_cols = (in_features, out_features) if conv1d else (out_features, in_features)
+    B = torch.randn(stored_rows, rank, generator=generator)
+    A = torch.randn(rank, stored_cols, generator=generator)
+    row_index = torch.tensor([2, 9, 30])
+    rows = torch.randn(3, stored_cols, generator=generator)
+    noise = torch.randn(stored_rows, stored_cols, generator=generator)
+    delta = B @ A + scattered(stored_rows, row_index, rows) + 0.5 * noise  # what the form leaves: the noise
+    residual = delta.double() - B.double() @ A.double() - scattered(stored_rows, row_index, rows.double())
+    as_linear = (lambda matrix: matrix.T) if conv1d else (lambda matrix: matrix)  # [out, in]
+    direct = float((X @ as_linear(residual).T).norm() / (X @ as_linear(delta.double()).T).norm())
+    monkeypatch.setattr("inrank_convert.linalg.stored_error.PRODUCT_BLOCK_BYTES", 8 * in_features * 5)
+    measured = output_error(delta, B, A, rows, row_index, X.T @ X, conv1d=conv1d)
+    assert 0.05 < direct < 0.9
+    assert measured == pytest.approx(direct, rel=1e-6)
+    # The outputs, not the weights: an isotropic Gram gives the plain relative Frobenius error, which
+    # differs from the output error under this spread of inputs.
+    plain = output_error(delta, B, A, rows, row_index, torch.eye(in_features, dtype=torch.float64), conv1d=conv1d)
+    assert plain == pytest.approx(stored_error(delta, energy(delta), B, A, rows, row_index), rel=1e-5)
+    assert abs(plain - measured) > 0.01 * measured
+    # An update that moves no output: an output error of 0, not a division by zero.
+    assert output_error(torch.zeros(4, 4), torch.zeros(4, 1), torch.zeros(1, 4), None, None,
+                        torch.eye(4, dtype=torch.float64)) == 0.0
