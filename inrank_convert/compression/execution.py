@@ -143,7 +143,8 @@ def execute_entry(entry: TensorPlan, inputs: Inputs, options: PlanOptions, devic
         gram = stats.input_gram(entry.name) if stats is not None else None
         feedback = gram if storage in GROUPED_STORAGE else None
         bands = form_bands(entry.name, assigned, form.rank) if storage == "mixed" else None
-        # (group-wise rounding is too coarse for the norms' second-order terms: measured.)
+        # (group-wise rounding is too coarse for the norms' second-order terms: measured; a calibrated
+        # layer's output error needs the decoded factors anyway.)
         if form.svd_factors and form.rows is None and storage not in GROUPED_STORAGE and gram is None:
             B_q, A_q, scale = encode_factors(form.B, form.A, storage)
             error = svd_stored_error(total, form.B, form.A, B_q, A_q, form.product_error, scale)
