@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install test test-fast test-serving bench bench-peers bench-scale ablation demo lint docs clean
+.PHONY: install test test-fast test-serving bench bench-peers bench-scale ablation train-gpt2-small demo lint docs clean
 
 install: $(STAMP)
 
@@ -79,6 +79,11 @@ bench-scale: install
 # 2 CPU cores; ROWS="dense warm100" runs some. Rows already in benchmarks/out/train-ablation are kept.
 ablation: install
 	$(BIN)/python -m benchmarks.train_ablation $(ROWS)
+
+# Dense against InRank-Efficient at GPT-2 small's shape (12x768) on a CUDA GPU (docs/training.md#recipes):
+# minutes a row on one GPU; STEPS=1000 by default, ROWS="dense efficient" runs some.
+train-gpt2-small: install
+	$(BIN)/python -m benchmarks.train_gpt2_small --steps $(or $(STEPS),1000) $(ROWS)
 
 # Train a small GPT-2 dense and with InRank from one init on real text (../shared/data, or a
 # fallback corpus), compress both, resume InRank, continue dense, report and compare: about 7 minutes on 2 CPU cores.

@@ -138,9 +138,9 @@ ARTIFACTS = {"t09": ("-t", "0.9", "--quantize", "none"),  # t = 0.9 in bfloat16 
 COMMON = ["--batch-size", "16", "--block-size", "64", "--eval-every", "100", "--json", "--quiet"]
 
 
-def split_text(out: Path) -> tuple[Path, Path]:
+def split_text(out: Path, data: Path = DATA) -> tuple[Path, Path]:
     """Tiny Shakespeare up to the first line end at or after 90% (train) and the rest (validation)."""
-    text = (DATA / "tinyshakespeare" / "input.txt").read_text()
+    text = (data / "tinyshakespeare" / "input.txt").read_text()
     cut = text.find("\n", int(len(text) * 0.9)) + 1
     train, val = out / "train.txt", out / "val.txt"
     if not train.is_file():
