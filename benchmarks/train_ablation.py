@@ -215,16 +215,27 @@ def table(out: Path) -> list[dict]:
     return rows
 
 
-def markdown(rows: list[dict]) -> str:
-    def pct(value):
-        return "" if value is None else f"{100 * value:.1f}%"
+def rank_and_parameter_cells(r: dict) -> tuple[str, str]:
+    """A table row's "rank final / mean" and "parameters trained" cells (empty for a dense row)."""
+    ranks = "" if r["rank_final"] is None else f"{100 * r['rank_final']:.1f}% / {100 * r['rank_mean']:.1f}%"
+    params = "" if r["trainable_parameters"] is None else f"{r['trainable_parameters']:,}"
+    return ranks, params
 
+
+def unknown_rows(requested: list[str], names: list[str]) -> bool:
+    """Says so in one line on stderr when a requested row does not exist."""
+    unknown = [name for name in requested if name not in names]
+    if unknown:
+        print(f"error: unknown row {unknown[0]!r}; rows: {', '.join(names)}", file=sys.stderr)
+    return bool(unknown)
+
+
+def markdown(rows: list[dict]) -> str:
     lines = ["| row | what | val. perplexity | vs baseline | rank final / mean | parameters trained | tokens/s |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         change = "" if r["row"] == r["vs"] else f"{r['change_percent']:+.1f}% ({r['vs']})"
-        params = "" if r["trainable_parameters"] is None else f"{r['trainable_parameters']:,}"
-        ranks = "" if r["rank_final"] is None else f"{pct(r['rank_final'])} / {pct(r['rank_mean'])}"
+        ranks, params = rank_and_parameter_cells(r)
         lines.append(f"| {r['row']} | {r['what']} | {r['val_perplexity']:.2f} | {change} | {ranks} | {params} | "
                      f"{r['tokens_per_second']:.0f} |")
     return "\n".join(lines)
@@ -237,9 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--list", action="store_true", help="print the rows and their commands")
     args = parser.parse_args(argv)
     names = {row.name: row for row in ROWS}
-    unknown = [name for name in args.rows if name not in names]
-    if unknown:
-        print(f"error: unknown row {unknown[0]!r}; rows: {', '.join(names)}", file=sys.stderr)
+    if unknown_rows(args.rows, list(names)):
         return 2
     out = args.out.absolute()
     if args.list:

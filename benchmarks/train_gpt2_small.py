@@ -30,7 +30,14 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.train_ablation import DATA, REPO, RowFailed, split_text
+from benchmarks.train_ablation import (
+    DATA,
+    REPO,
+    RowFailed,
+    rank_and_parameter_cells,
+    split_text,
+    unknown_rows,
+)
 
 
 @dataclass(frozen=True)
@@ -133,15 +140,11 @@ def table(out: Path, shape: Shape) -> list[dict]:
 
 
 def markdown(rows: list[dict]) -> str:
-    def pct(value):
-        return "" if value is None else f"{100 * value:.1f}%"
-
     lines = ["| row | what | val. perplexity | vs dense | best (step) | rank final / mean | parameters trained | "
              "step after the switch |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         change = "" if r["row"] == "dense" else f"{r['change_percent']:+.1f}%"
-        ranks = "" if r["rank_final"] is None else f"{pct(r['rank_final'])} / {pct(r['rank_mean'])}"
-        params = "" if r["trainable_parameters"] is None else f"{r['trainable_parameters']:,}"
+        ranks, params = rank_and_parameter_cells(r)
         step = "" if r["step_seconds"] is None else f"{1000 * r['step_seconds']:.0f} ms"
         lines.append(f"| {r['row']} | {r['what']} | {r['val_perplexity']:.2f} | {change} | "
                      f"{r['best_val_perplexity']:.2f} ({r['best_step']}) | {ranks} | {params} | {step} |")
@@ -162,9 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     shape = Shape(args.n_layer, args.n_embd, args.n_head, args.block, args.batch)
     names = {row.name: row for row in ROWS}
-    unknown = [name for name in args.rows if name not in names]
-    if unknown:
-        print(f"error: unknown row {unknown[0]!r}; rows: {', '.join(names)}", file=sys.stderr)
+    if unknown_rows(args.rows, list(names)):
         return 2
     out = args.out.absolute()
     run = [names[name] for name in args.rows] or ROWS
