@@ -23,7 +23,7 @@ from inrank_convert.artifact import ReferenceRecord
 from inrank_convert.core.tensors import sha256_tensor
 from inrank_convert.inputs.reference import CheckpointReference, seed_reference
 from inrank_convert.inputs.sources import open_checkpoint
-from inrank_convert.linalg.criteria import RankRule, choose_rank
+from inrank_convert.linalg.criteria import RankRule, choose_rank, numerical_args
 from inrank_convert.linalg.svd import balanced_factors
 from inrank_convert.model.architecture import conv1d_class, replace_module
 from inrank_convert.model.layers import split_factors
@@ -76,7 +76,9 @@ def factorize_trained(model: nn.Module, init_weights: dict[str, torch.Tensor] | 
         U, S, Vh = torch.linalg.svd(update.double(), full_matrices=False)
         layer = empty_low_rank(module, reference)
         energy = float(S.square().sum())
-        rank = min(choose_rank(S, energy, rule) if energy > 0 else 0, policy.layer_max_rank(layer))
+        # At threshold 1 the numerical rank of the update, at the precision of the trained weight.
+        numerical = numerical_args(tuple(update.shape), weight.dtype)
+        rank = min(choose_rank(S, energy, rule, **numerical) if energy > 0 else 0, policy.layer_max_rank(layer))
         B, A = split_factors(*balanced_factors(U, S, Vh, rank), split)  # [out, r], [r, in]; float64
         layer.lora_B = nn.Parameter(B.to(weight.dtype))
         layer.lora_A = nn.Parameter(A.to(weight.dtype))  # the buffer's new columns start as --growth says

@@ -65,6 +65,35 @@ def test_the_switch_keeps_the_rules_rank_of_each_update(efficient, split):
             assert torch.allclose(A.norm(dim=1).square(), S[:expected], rtol=1e-4)
 
 
+@pytest.mark.parametrize("efficient", [False, True])
+def test_the_switch_at_threshold_1_keeps_each_updates_numerical_rank(efficient):
+    """--threshold 1 at the switch is the lossless rule: the update's numerical rank (3, planted),
+    the product the update itself to float32 rounding (the weight, capped, with --efficient)."""
+    init = build_model(gpt2_config(), seed=0)
+    model = build_model(gpt2_config(), seed=0)
+    generator = torch.Generator().manual_seed(5)
+    layers = factorized_layers(model, "mlp")
+    assert layers
+    with torch.no_grad():
+        for _, module in layers:
+            rows, cols = module.weight.shape
+            module.weight += 0.05 * torch.randn(rows, 3, generator=generator) @ torch.randn(3, cols, generator=generator)
+    trained = {name: module.weight.detach().clone() for name, module in layers}
+    init_weights = None if efficient else {f"{name}.weight": module.weight.detach().clone()
+                                           for name, module in factorized_layers(init, "mlp")}
+    policy = RankPolicy(buffer=2, growth="exact")
+    ranks = factorize_trained(model, init_weights, policy, RankRule("energy", 1.0), "mlp",
+                              torch.Generator().manual_seed(0), "balanced")
+    factored = dict(low_rank_layers(model))
+    for name, weight in trained.items():
+        layer = factored[name]
+        cap = policy.layer_max_rank(layer)
+        assert ranks[name] == (cap if efficient else 3)  # a random init is numerically full rank: capped
+        if not efficient:
+            dense = weight.T if layer.stored_transposed else weight
+            assert torch.allclose(layer.weight.detach(), dense, atol=1e-6)  # exact growth: the buffer adds nothing
+
+
 @pytest.fixture(scope="module")
 def warm_run(tmp_path_factory, dropout_config):
     """12 steps: dense to step 6, then W_init + B @ A (lora buffer columns); checkpoints every 3."""
