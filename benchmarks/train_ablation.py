@@ -75,6 +75,11 @@ ROWS = [
         "sqrt(in / k) (`--factor-split dense-rate`)", (*INRANK, "--dense-warmup", "200", "--factor-split", "dense-rate")),
     Row("warm-start-200-update", "the default recipe, ranks also grown where the update since the last decision "
         "needs more than the kept rank (`--rank-signal update`)", (*INRANK, "--dense-warmup", "200", "--rank-signal", "update")),
+    Row("warm-start-200-full", "control: the default recipe at full rank after the switch (`--threshold 1 --max-rank "
+        "128`: B A is the whole update, W_init + B A the dense weight)",
+        (*INRANK, "--dense-warmup", "200", "--threshold", "1", "--max-rank", "128")),
+    Row("warm-start-200-r32", "the default recipe, every layer at rank 32 of 128 after the switch (`--threshold 0.99 "
+        "--max-rank 32`)", (*INRANK, "--dense-warmup", "200", "--threshold", "0.99", "--max-rank", "32")),
     Row("warm-start-200-efficient", "the default recipe with --efficient (W = B A from the switch, no W_init)",
         (*INRANK, "--dense-warmup", "200", "--efficient")),
     Row("warm-start-200-efficient-r16", "the same, ranks capped at 16 of 128 (a mean rank within a third)",

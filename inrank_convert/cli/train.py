@@ -91,7 +91,7 @@ def train_command(
     buffer: Annotated[int, typer.Option("--buffer", help="Spare factor columns per layer (clipped to a quarter of full rank).")] = 100,
     rank_warmup: Annotated[int, typer.Option("--rank-warmup", help="Optimizer steps before the first rank decision.")] = 200,
     rank_every: Annotated[int, typer.Option("--rank-every", help="Optimizer steps between rank decisions.")] = 25,
-    max_rank: Annotated[int | None, typer.Option("--max-rank", help="Rank cap (default min(rows, cols) // 2).")] = None,
+    max_rank: Annotated[int | None, typer.Option("--max-rank", help="Rank cap per layer, up to its full rank (default min(rows, cols) // 2).")] = None,
     factorize: Annotated[str, typer.Option(
         "--factorize", help="Which linear layers InRank factorizes: mlp (the reference's), attention or all.")] = "mlp",
     initial_rank: Annotated[int | None, typer.Option(

@@ -45,7 +45,7 @@ class RankPolicy:
     buffer: int = 100
     warmup: int = 200  # optimizer steps before the first decision
     every: int = 25  # optimizer steps between decisions
-    max_rank: int | None = None  # default: min(rows, cols) // 2 per layer
+    max_rank: int | None = None  # default: min(rows, cols) // 2 per layer; given, up to min(rows, cols)
     stage2_at: int | None = None  # from this step on, no decisions (InRank-Efficient's stage 2)
     growth: str = "exact"  # new factor columns: "exact" (B zero: the function is unchanged) or "random" (the reference's)
     on_growth: str = "pad"  # "pad": old columns and moments kept; "resplit": balanced SVD re-split, fresh moments
@@ -57,8 +57,10 @@ class RankPolicy:
         return step >= self.warmup and (step - self.warmup) % self.every == 0
 
     def layer_max_rank(self, layer: LowRankLinear) -> int:
-        limit = min(layer.in_features, layer.out_features) // 2
-        return max(1, min(limit, self.max_rank) if self.max_rank is not None else limit)
+        """The cap a layer's rank grows to: ``max_rank`` as given (up to the full rank), by default
+        half the full rank (the reference's)."""
+        full = min(layer.in_features, layer.out_features)
+        return max(1, full // 2 if self.max_rank is None else min(full, self.max_rank))
 
     def layer_buffer(self, layer: LowRankLinear) -> int:
         """The buffer, clipped for small layers (never more than a quarter of the full rank)."""

@@ -69,6 +69,14 @@ def test_controller_ranks_grow_never_shrink_and_respect_max_rank():
     assert not RankPolicy(warmup=200, every=25).due(210)
 
 
+def test_max_rank_is_half_the_full_rank_by_default_and_as_given_up_to_the_full_rank():
+    layer = LowRankLinear(torch.zeros(2, 64), torch.zeros(16, 2))  # [16, 64]: full rank 16
+    assert RankPolicy().layer_max_rank(layer) == 8
+    assert RankPolicy(max_rank=12).layer_max_rank(layer) == 12  # above half: as given
+    assert RankPolicy(max_rank=100).layer_max_rank(layer) == 16
+    assert RankPolicy(max_rank=3).layer_max_rank(layer) == 3
+
+
 def test_a_layer_that_starts_above_max_rank_keeps_its_rank():
     generator = torch.Generator().manual_seed(3)
     model = nn.Sequential(LowRankLinear(torch.randn(10, 64, generator=generator), torch.randn(64, 10, generator=generator)))
