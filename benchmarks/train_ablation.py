@@ -80,6 +80,8 @@ ROWS = [
         (*INRANK, "--dense-warmup", "200", "--threshold", "1", "--max-rank", "128")),
     Row("warm-start-200-r32", "the default recipe, every layer at rank 32 of 128 after the switch (`--threshold 0.99 "
         "--max-rank 32`)", (*INRANK, "--dense-warmup", "200", "--threshold", "0.99", "--max-rank", "32")),
+    Row("warm-start-200-r20", "the same at rank 20 of 128 (a mean rank within a third, the warm-up counted)",
+        (*INRANK, "--dense-warmup", "200", "--threshold", "0.99", "--max-rank", "20")),
     Row("warm-start-200-efficient", "the default recipe with --efficient (W = B A from the switch, no W_init)",
         (*INRANK, "--dense-warmup", "200", "--efficient")),
     Row("warm-start-200-efficient-r16", "the same, ranks capped at 16 of 128 (a mean rank within a third)",
