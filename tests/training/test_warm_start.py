@@ -25,21 +25,28 @@ from tests.helpers.training import HAS_DATA, TEXT, losses, options
 needs_data = pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data (GPT-2 tokenizer and Tiny Shakespeare)")
 
 
-@pytest.mark.parametrize("split", FACTOR_SPLITS)
-@pytest.mark.parametrize("efficient", [False, True])
-def test_the_switch_keeps_the_rules_rank_of_each_update(efficient, split):
+def planted_rank_3_updates(efficient: bool, seed: int):
+    """A GPT-2 whose MLP weights are its init plus a planted rank-3 update: (model, the trained
+    weights by layer, the init's weights by tensor name; None with ``efficient``, which has no init)."""
     init = build_model(gpt2_config(), seed=0)
     model = build_model(gpt2_config(), seed=0)
-    generator = torch.Generator().manual_seed(3)
+    generator = torch.Generator().manual_seed(seed)
     layers = factorized_layers(model, "mlp")
     assert layers
-    with torch.no_grad():  # a planted update of rank 3 on every MLP weight
+    with torch.no_grad():
         for _, module in layers:
             rows, cols = module.weight.shape
             module.weight += 0.05 * torch.randn(rows, 3, generator=generator) @ torch.randn(3, cols, generator=generator)
     trained = {name: module.weight.detach().clone() for name, module in layers}
     init_weights = None if efficient else {f"{name}.weight": module.weight.detach().clone()
                                            for name, module in factorized_layers(init, "mlp")}
+    return model, trained, init_weights
+
+
+@pytest.mark.parametrize("split", FACTOR_SPLITS)
+@pytest.mark.parametrize("efficient", [False, True])
+def test_the_switch_keeps_the_rules_rank_of_each_update(efficient, split):
+    model, trained, init_weights = planted_rank_3_updates(efficient, seed=3)
     rule = RankRule("energy", 0.99)
     policy = RankPolicy(buffer=2, growth="lora")
     ranks = factorize_trained(model, init_weights, policy, rule, "mlp", torch.Generator().manual_seed(0), split)
@@ -69,18 +76,7 @@ def test_the_switch_keeps_the_rules_rank_of_each_update(efficient, split):
 def test_the_switch_at_threshold_1_keeps_each_updates_numerical_rank(efficient):
     """--threshold 1 at the switch is the lossless rule: the update's numerical rank (3, planted),
     the product the update itself to float32 rounding (the weight, capped, with --efficient)."""
-    init = build_model(gpt2_config(), seed=0)
-    model = build_model(gpt2_config(), seed=0)
-    generator = torch.Generator().manual_seed(5)
-    layers = factorized_layers(model, "mlp")
-    assert layers
-    with torch.no_grad():
-        for _, module in layers:
-            rows, cols = module.weight.shape
-            module.weight += 0.05 * torch.randn(rows, 3, generator=generator) @ torch.randn(3, cols, generator=generator)
-    trained = {name: module.weight.detach().clone() for name, module in layers}
-    init_weights = None if efficient else {f"{name}.weight": module.weight.detach().clone()
-                                           for name, module in factorized_layers(init, "mlp")}
+    model, trained, init_weights = planted_rank_3_updates(efficient, seed=5)
     policy = RankPolicy(buffer=2, growth="exact")
     ranks = factorize_trained(model, init_weights, policy, RankRule("energy", 1.0), "mlp",
                               torch.Generator().manual_seed(0), "balanced")
