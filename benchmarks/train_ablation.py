@@ -156,13 +156,14 @@ def split_text(out: Path, data: Path = DATA) -> tuple[Path, Path]:
     return train, val
 
 
-def config(out: Path) -> Path:
+def config(out: Path, n_embd: int = 128, n_layer: int = 4, n_head: int = 4, n_positions: int = 128) -> Path:
+    """OUT/config: a GPT-2 of this shape with GPT-2's vocabulary (the ablation's 4x128 by default)."""
     from transformers import GPT2Config
 
     folder = out / "config"
     if not (folder / "config.json").is_file():
-        GPT2Config(n_embd=128, n_layer=4, n_head=4, n_positions=128, vocab_size=50257, bos_token_id=50256,
-                   eos_token_id=50256).save_pretrained(folder)
+        GPT2Config(n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_positions=n_positions, vocab_size=50257,
+                   bos_token_id=50256, eos_token_id=50256).save_pretrained(folder)
     return folder
 
 
@@ -188,11 +189,16 @@ def run_row(row: Row, out: Path) -> None:
         if row.kind == "resume" and not artifact.is_dir():
             subprocess.run([sys.executable, "-m", "inrank_convert", "compress", str(out / "dense" / "step-500"),
                             "--init-seed", "0", *ARTIFACTS[row.artifact], "-o", str(artifact), "--quiet"], check=True)
-    print(f"== {row.name}: {' '.join(command(row, out)[2:])}", flush=True)
-    result = subprocess.run(command(row, out), capture_output=True, text=True)
+    run_command(row.name, command(row, out), out)
+
+
+def run_command(name: str, cmd: list[str], out: Path) -> None:
+    """Run one row's CLI command, its JSON result to OUT/NAME.json; RowFailed with the CLI's error."""
+    print(f"== {name}: {' '.join(cmd[2:])}", flush=True)
+    result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:  # the CLI's own one-line error says what and how to fix
-        raise RowFailed(f"row {row.name} failed (exit {result.returncode}): {result.stderr.strip()[-500:]}")
-    (out / f"{row.name}.json").write_text(result.stdout)
+        raise RowFailed(f"row {name} failed (exit {result.returncode}): {result.stderr.strip()[-500:]}")
+    (out / f"{name}.json").write_text(result.stdout)
 
 
 class RowFailed(Exception):

@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +33,13 @@ from benchmarks.train_ablation import (
     DATA,
     REPO,
     RowFailed,
+    config,
     rank_and_parameter_cells,
+    run_command,
     split_text,
     unknown_rows,
 )
+from inrank_convert.weights.run_folder import read_metrics
 
 
 @dataclass(frozen=True)
@@ -75,16 +77,6 @@ ROWS = [
 LEARNING_RATE = "6e-4"
 
 
-def config(out: Path, shape: Shape) -> Path:
-    from transformers import GPT2Config
-
-    folder = out / "config"
-    if not (folder / "config.json").is_file():
-        GPT2Config(n_embd=shape.n_embd, n_layer=shape.n_layer, n_head=shape.n_head, n_positions=shape.block,
-                   vocab_size=50257, bos_token_id=50256, eos_token_id=50256).save_pretrained(folder)
-    return folder
-
-
 def command(row: Row, out: Path, shape: Shape, steps: int, device: str, dtype: str, data: Path) -> list[str]:
     args = [sys.executable, "-m", "inrank_convert", "train", str(out / "config"), "-o", str(out / row.name),
             "--data", str(out / "train.txt"), "--val-data", str(out / "val.txt"),
@@ -103,19 +95,14 @@ def command(row: Row, out: Path, shape: Shape, steps: int, device: str, dtype: s
 def step_seconds(run: Path, tokens_per_step: int, after: int | None) -> float | None:
     """Median seconds per step over the logged intervals after step ``after`` (the switch), from
     metrics.jsonl's throughput; the median leaves out the intervals an evaluation slowed."""
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    rates = [r["tokens_per_second"] for r in records
+    rates = [r["tokens_per_second"] for r in read_metrics(run)
              if r.get("step", 0) > (after or 1) and r.get("tokens_per_second", 0) > 0]
     return tokens_per_step / statistics.median(rates) if rates else None
 
 
 def switch_step(run: Path) -> int | None:
     """The first logged step with ranks: the switch of a dense warm-up (None for a dense run)."""
-    for line in (run / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line) if line.strip() else {}
-        if "ranks" in record:
-            return int(record["step"])
-    return None
+    return next((int(record["step"]) for record in read_metrics(run) if "ranks" in record), None)
 
 
 def table(out: Path, shape: Shape) -> list[dict]:
@@ -187,17 +174,13 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     out.mkdir(parents=True, exist_ok=True)
     split_text(out, args.data)
-    config(out, shape)
+    config(out, shape.n_embd, shape.n_layer, shape.n_head, shape.block)
     try:
         for row in ([ROWS[0]] if ROWS[0] not in run else []) + run:  # dense is every row's baseline
             if (out / f"{row.name}.json").is_file():
                 continue
             cmd = commands.get(row.name) or command(row, out, shape, args.steps, args.device, args.dtype, args.data)
-            print(f"== {row.name}: {' '.join(cmd[2:])}", flush=True)
-            result = subprocess.run(cmd, capture_output=True, text=True)
-            if result.returncode != 0:
-                raise RowFailed(f"row {row.name} failed (exit {result.returncode}): {result.stderr.strip()[-500:]}")
-            (out / f"{row.name}.json").write_text(result.stdout)
+            run_command(row.name, cmd, out)
     except RowFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
