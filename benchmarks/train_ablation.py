@@ -82,6 +82,9 @@ ROWS = [
         "--max-rank 32`)", (*INRANK, "--dense-warmup", "200", "--threshold", "0.99", "--max-rank", "32")),
     Row("warm-start-200-r20", "the same at rank 20 of 128 (a mean rank within a third, the warm-up counted)",
         (*INRANK, "--dense-warmup", "200", "--threshold", "0.99", "--max-rank", "20")),
+    Row("warm-start-200-cut8", "the default recipe at rank 32 after the switch, every layer cut to rank 8 at step 600 "
+        "(`--rank-cut 8 --rank-cut-at 600`: a mean rank within a third, the warm-up counted)",
+        (*INRANK, "--dense-warmup", "200", "--threshold", "1", "--max-rank", "32", "--rank-cut", "8", "--rank-cut-at", "600")),
     Row("warm-start-200-efficient", "the default recipe with --efficient (W = B A from the switch, no W_init)",
         (*INRANK, "--dense-warmup", "200", "--efficient")),
     Row("warm-start-200-efficient-r16", "the same, ranks capped at 16 of 128 (a mean rank within a third)",

@@ -37,6 +37,10 @@ FactorLrOpt = Annotated[float | None, typer.Option(
 RecipeOpt = Annotated[str, typer.Option(
     "--recipe", help="What InRank options left unset become: warm-start (a dense warm-up, then energy-rule factors "
                      "with buffer columns that learn) or reference (the InRank reference's mechanics).")]
+RankCutOpt = Annotated[int | None, typer.Option(
+    "--rank-cut", help="From --rank-cut-at on, every factorized layer keeps at most this rank: the best rank "
+                       "(+ buffer) part of B @ A, fresh moments; no rank grows past it.")]
+RankCutAtOpt = Annotated[int | None, typer.Option("--rank-cut-at", help="The step of --rank-cut (after the switch).")]
 TrainDataOpt = Annotated[Path | None, typer.Option("--data", help="Training text: a file or a folder of text files.")]
 
 
@@ -102,6 +106,8 @@ def train_command(
     on_growth: OnGrowthOpt = None,
     rank_signal: RankSignalOpt = None,
     factor_split: FactorSplitOpt = None,
+    rank_cut: RankCutOpt = None,
+    rank_cut_at: RankCutAtOpt = None,
     factor_decay: FactorDecayOpt = None,
     factor_lr_scale: FactorLrOpt = None,
     orthogonal_init: Annotated[bool, typer.Option(
@@ -126,7 +132,7 @@ def train_command(
         block_size=block_size, seed=seed, device=device, dtype=dtype, save_every=save_every, eval_every=eval_every,
         log_every=log_every, tokenizer=tokenizer, criterion=criterion, threshold=threshold, buffer=buffer,
         rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank, factorize=factorize,
-        initial_rank=initial_rank, stage2_at=stage2_at, growth=growth, on_growth=on_growth, rank_signal=rank_signal, factor_split=factor_split, factor_decay=factor_decay,
+        initial_rank=initial_rank, stage2_at=stage2_at, growth=growth, on_growth=on_growth, rank_signal=rank_signal, factor_split=factor_split, rank_cut=rank_cut, rank_cut_at=rank_cut_at, factor_decay=factor_decay,
         factor_lr_scale=factor_lr_scale, orthogonal_init=orthogonal_init or None, dense_warmup=dense_warmup,
         recipe=recipe).items()
         if value is not None})
@@ -173,6 +179,8 @@ def resume_command(
     on_growth: OnGrowthOpt = None,
     rank_signal: RankSignalOpt = None,
     factor_split: FactorSplitOpt = None,
+    rank_cut: RankCutOpt = None,
+    rank_cut_at: RankCutAtOpt = None,
     factor_decay: FactorDecayOpt = None,
     factor_lr_scale: FactorLrOpt = None,
     embedding_training: Annotated[str | None, typer.Option(
@@ -195,7 +203,7 @@ def resume_command(
         grad_accum=grad_accum, batch_size=batch_size, block_size=block_size, seed=seed, device=device, dtype=dtype,
         save_every=save_every, eval_every=eval_every, log_every=log_every, tokenizer=tokenizer, criterion=criterion,
         threshold=threshold, buffer=buffer, rank_warmup=rank_warmup, rank_every=rank_every, max_rank=max_rank,
-        weight_decay=weight_decay, growth=growth, on_growth=on_growth, rank_signal=rank_signal, factor_split=factor_split, factor_decay=factor_decay,
+        weight_decay=weight_decay, growth=growth, on_growth=on_growth, rank_signal=rank_signal, factor_split=factor_split, rank_cut=rank_cut, rank_cut_at=rank_cut_at, factor_decay=factor_decay,
         factor_lr_scale=factor_lr_scale, embedding_training=embedding_training, recipe=recipe)
     with console_runs.training_progress(steps or 0, 0, quiet or json_output) as update:
         result = resume(source, output, overrides, init=init, init_seed=init_seed, no_init=no_init, on_step=update)

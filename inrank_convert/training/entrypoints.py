@@ -41,7 +41,7 @@ from inrank_convert.model.layers import RowsLowRankEmbedding, split_factors_in_p
 from inrank_convert.runtime.modeling import load_compressed, load_dense, model_config
 from inrank_convert.training.checkpoint import save_config, save_model_weights
 from inrank_convert.training.loop import Session, run_loop
-from inrank_convert.training.options import TrainOptions, TrainResult, check_options
+from inrank_convert.training.options import TrainOptions, TrainResult, check_options, check_rank_cut
 from inrank_convert.training.rank_control import (
     RankController,
     check_initial_rank,
@@ -156,6 +156,7 @@ def train(source: str | Path, run: str | Path, options: TrainOptions,
     """Train from ``source`` (a config.json, or a model folder used as the init) into ``run``."""
     check_options(options)
     options = options.resolved(from_scratch=True)
+    check_rank_cut(options)  # against the warm-up the recipe chose
     source = resolve_model(source)  # a hub id: its snapshot folder in the Hugging Face cache
     run = Path(run)
     world = init_world(options.device)

@@ -257,6 +257,22 @@ def enter_stage_two(session: Session) -> None:
     session.wrap()
 
 
+def cut_ranks(session: Session) -> None:
+    """--rank-cut R from --rank-cut-at on: every layer ranked above R keeps the best R + buffer
+    components of B @ A (fresh moments, as at stage 2) and no rank grows past R. Runs at every step
+    from the cut on and cuts only what is above R, so a run resumed after the cut holds it too."""
+    cut = session.options.rank_cut
+    session.controller.policy.max_rank = cut
+    layers = dict(low_rank_layers(session.model))
+    above = [name for name in sorted(layers) if session.controller.ranks.get(name, 0) > cut]
+    for name in above:
+        resplit_layer(layers[name], session.optimizer, session.controller.width_for(layers[name], cut))
+        session.controller.ranks[name] = cut
+        session.controller.remember(name, layers[name])
+    if above:
+        session.wrap()
+
+
 # --- one step --------------------------------------------------------------------------------
 
 def optimizer_step(session: Session, scaler: torch.amp.GradScaler | None) -> float:
@@ -354,6 +370,8 @@ def run_loop(session: Session, on_step: Callable[[dict], None] | None = None) ->
                 switched = opts.mode == "inrank" and session.controller is None and opts.dense_warmup == session.step
                 if switched:
                     enter_low_rank(session)
+                if session.controller is not None and opts.rank_cut_at is not None and session.step >= opts.rank_cut_at:
+                    cut_ranks(session)
                 if session.controller is not None and not switched and session.controller.policy.due(session.step):
                     decide_ranks(session)
                 if session.controller is not None and session.controller.policy.stage2_at == session.step:

@@ -97,6 +97,8 @@ class TrainOptions:
     recipe: str = "warm-start"  # fills in what is left unset: warm-start or reference (RECIPES)
     rank_signal: str = "product"  # what grows a rank: B @ A's spectrum, or also the update since the last decision
     factor_split: str = "balanced"  # how the switch and a resume split the factors they start from (FACTOR_SPLITS)
+    rank_cut: int | None = None  # from rank_cut_at on, every factorized layer held at this rank (the rest cut off)
+    rank_cut_at: int | None = None
 
     def resolved(self, from_scratch: bool) -> TrainOptions:
         """The options with what is unset filled in by the recipe (the reference's for dense runs).
@@ -179,7 +181,8 @@ def check_options(options: TrainOptions) -> None:
         bad(f"{flag('--efficient')} is an InRank option", f"{flag('--mode')} dense", f"pass {flag('--mode')} inrank with {flag('--efficient')}")
     defaults = {f.name: f.default for f in fields(TrainOptions)}
     inrank_names = ("recipe", "factorize", "initial_rank", "stage2_at", "growth", "on_growth", "factor_decay",
-                    "factor_lr_scale", "orthogonal_init", "dense_warmup", "embedding_training", "rank_signal", "factor_split")
+                    "factor_lr_scale", "orthogonal_init", "dense_warmup", "embedding_training", "rank_signal", "factor_split",
+                    "rank_cut", "rank_cut_at")
     inrank_only = [(name, f"--{name.replace('_', '-')}") for name in inrank_names
                    if getattr(given, name) != defaults[name]]
     if inrank_only and options.mode != "inrank":
@@ -216,6 +219,7 @@ def check_options(options: TrainOptions) -> None:
     if options.dense_warmup is not None and options.stage2_at is not None and options.stage2_at <= options.dense_warmup:
         bad(f"{flag('--stage2-at')} comes before the switch to low rank", f"{flag('--stage2-at')} {options.stage2_at}",
             f"pass a step after {flag('--dense-warmup')} {options.dense_warmup}")
+    check_rank_cut(options)
     if options.initial_rank is not None and options.initial_rank < 0:
         bad(f"{flag('--initial-rank')} cannot be negative", f"{flag('--initial-rank')} {options.initial_rank}",
             "pass 0 or more (the reference starts at 2)")
@@ -255,6 +259,26 @@ def check_options(options: TrainOptions) -> None:
     check_device(device)
     if options.dtype == "float16" and not device.startswith("cuda"):
         bad("float16 autocast needs CUDA", f"{flag('--dtype')} float16", f"use {flag('--dtype')} bfloat16 or float32 on the CPU")
+
+
+def check_rank_cut(options: TrainOptions) -> None:
+    """--rank-cut R and --rank-cut-at STEP come together; the cut is after the switch (checked again
+    once the recipe has set the dense warm-up), within the run, and at most --max-rank."""
+    def bad(what: str, option: str, fix: str):
+        raise UsageError(what, option, fix)
+
+    if (options.rank_cut is None) != (options.rank_cut_at is None):
+        given, missing = ("--rank-cut", "--rank-cut-at") if options.rank_cut_at is None else ("--rank-cut-at", "--rank-cut")
+        bad(f"{flag(given)} needs {flag(missing)}", flag(given), f"pass both, e.g. {flag('--rank-cut')} 8 {flag('--rank-cut-at')} 600")
+    if options.rank_cut is None:
+        return
+    start = options.dense_warmup or 0
+    if not start < options.rank_cut_at <= options.steps:
+        bad(f"{flag('--rank-cut-at')} must be a step of the run after the switch to low rank ({start + 1} to {options.steps})",
+            f"{flag('--rank-cut-at')} {options.rank_cut_at}", f"pass a step between {start + 1} and {options.steps}")
+    if options.rank_cut < 1 or (options.max_rank is not None and options.rank_cut > options.max_rank):
+        bad(f"{flag('--rank-cut')} must be from 1 to {flag('--max-rank')}", f"{flag('--rank-cut')} {options.rank_cut}",
+            "pass a rank at least 1 and at most the cap")
 
 
 def learning_rate(options: TrainOptions, step: int) -> float:

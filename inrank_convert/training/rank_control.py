@@ -357,17 +357,18 @@ RESPLIT_FLOOR = 1e-7
 
 
 @torch.no_grad()
-def resplit_layer(layer: LowRankLinear, optimizer: torch.optim.Optimizer | None = None) -> int:
+def resplit_layer(layer: LowRankLinear, optimizer: torch.optim.Optimizer | None = None, width: int | None = None) -> int:
     """InRank-Efficient's stage 2 for one layer: B @ A re-split by its SVD into balanced factors
     (B' = U sqrt(S), A' = sqrt(S) V^T, from thin QRs: the product is never formed), keeping every
-    component above RESPLIT_FLOOR, so the layer's function is unchanged. The factors' optimizer
-    state is dropped: the moments of the old coordinates mean nothing in the new basis.
-    Returns the new width."""
+    component above RESPLIT_FLOOR, so the layer's function is unchanged; ``width`` keeps at most that
+    many (a cut: the best rank-``width`` approximation of B @ A). The factors' optimizer state is
+    dropped: the old coordinates' moments mean nothing in the new basis. Returns the new width."""
     if layer.rank == 0:
         return 0
     svd = FactorProductSVD.of(layer.lora_B.detach().double(), layer.lora_A.detach().double())  # [out, k] @ [k, in]
     S = svd.S
     keep = int((S > RESPLIT_FLOOR * S[0]).sum()) if S.numel() and float(S[0]) > 0 else 0
+    keep = keep if width is None else min(keep, width)
     new_B, new_A = svd.balanced(keep)  # [out, keep], [keep, in]
     for attr, value in (("lora_B", new_B), ("lora_A", new_A)):
         old = getattr(layer, attr)
