@@ -3,9 +3,11 @@ options and losses, for the training tests and the train / resume contract."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
-from inrank_convert.training.options import TrainOptions
+from inrank_convert.training.entrypoints import resume
+from inrank_convert.training.options import TrainOptions, TrainResult
 from inrank_convert.weights.run_folder import read_metrics
 from tests.conftest import SHARED_DATA
 
@@ -42,3 +44,11 @@ def options(**overrides) -> TrainOptions:
 
 def losses(run: Path) -> dict[int, float]:
     return {record["step"]: record["loss"] for record in read_metrics(run)}
+
+
+def resume_without_last_checkpoints(run: Path, copy: Path, steps: tuple[int, ...]) -> TrainResult:
+    """``run`` copied to ``copy`` without the checkpoints of ``steps`` (as if cut short there), resumed to its end."""
+    shutil.copytree(run, copy)
+    for step in steps:
+        shutil.rmtree(copy / f"step-{step}")
+    return resume(copy, None, {})

@@ -4,19 +4,17 @@ holds it; option combinations the cut cannot take are refused in one line."""
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
 from inrank_convert.core.errors import UsageError
 from inrank_convert.linalg.criteria import RankRule
-from inrank_convert.training.entrypoints import resume, train
+from inrank_convert.training.entrypoints import train
 from inrank_convert.training.options import check_options
 from inrank_convert.training.rank_control import RankPolicy, low_rank_layers, resplit_layer
 from inrank_convert.training.warm_start import factorize_trained
 from inrank_convert.weights.run_folder import read_metrics
-from tests.helpers.training import HAS_DATA, losses, options, tiny_config
+from tests.helpers.training import HAS_DATA, losses, options, resume_without_last_checkpoints, tiny_config
 from tests.training.test_warm_start import planted_rank_3_updates
 
 needs_data = pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data (GPT-2 tokenizer and Tiny Shakespeare)")
@@ -62,10 +60,7 @@ def test_a_run_cut_holds_its_ranks_from_the_cut_and_resumes_exactly(tmp_path):
             assert set(after["ranks"].values()) == {2}
     assert any(rank > 2 for rank in held[-1]["ranks"].values())
     copy = tmp_path / "copy"
-    shutil.copytree(tmp_path / "cut", copy)
-    for step in (9, 12):
-        shutil.rmtree(copy / f"step-{step}")
-    result = resume(copy, None, {})
+    result = resume_without_last_checkpoints(tmp_path / "cut", copy, (9, 12))
     assert result.start_step == 6 and result.step == 12
     assert losses(copy) == losses(tmp_path / "cut")
     assert [r.get("ranks") for r in read_metrics(copy)] == [r.get("ranks") for r in cut]

@@ -20,7 +20,7 @@ from inrank_convert.training.rank_control import RankPolicy, factorized_layers, 
 from inrank_convert.training.warm_start import factorize_trained
 from inrank_convert.weights.run_folder import read_metrics
 from tests.conftest import build_model, gpt2_config
-from tests.helpers.training import HAS_DATA, TEXT, losses, options
+from tests.helpers.training import HAS_DATA, TEXT, losses, options, resume_without_last_checkpoints
 
 needs_data = pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data (GPT-2 tokenizer and Tiny Shakespeare)")
 
@@ -217,10 +217,7 @@ def test_a_run_whose_ranks_grow_on_the_update_signal_resumes_exactly(tmp_path):
     ranks = {name: [r.get("total_rank") for r in read_metrics(tmp_path / name)] for name in ("product", "update")}
     assert ranks["product"][-1] == ranks["product"][1] < ranks["update"][-1], ranks
     copy = tmp_path / "copy"
-    shutil.copytree(tmp_path / "update", copy)
-    for step in (9, 12):
-        shutil.rmtree(copy / f"step-{step}")
-    result = resume(copy, None, {})
+    result = resume_without_last_checkpoints(tmp_path / "update", copy, (9, 12))
     assert result.start_step == 6 and result.step == 12
     assert losses(copy) == losses(tmp_path / "update")
     assert [r.get("ranks") for r in read_metrics(copy)] == [r.get("ranks") for r in read_metrics(tmp_path / "update")]
