@@ -263,14 +263,15 @@ def cut_ranks(session: Session) -> None:
     from the cut on and cuts only what is above R, so a run resumed after the cut holds it too."""
     cut = session.options.rank_cut
     session.controller.policy.max_rank = cut
+    above = sorted(name for name, rank in session.controller.ranks.items() if rank > cut)
+    if not above:  # every step after the cut: nothing to walk
+        return
     layers = dict(low_rank_layers(session.model))
-    above = [name for name in sorted(layers) if session.controller.ranks.get(name, 0) > cut]
     for name in above:
         resplit_layer(layers[name], session.optimizer, session.controller.width_for(layers[name], cut))
         session.controller.ranks[name] = cut
         session.controller.remember(name, layers[name])
-    if above:
-        session.wrap()
+    session.wrap()
 
 
 # --- one step --------------------------------------------------------------------------------

@@ -159,26 +159,28 @@ class TrainResult:
                 "trainable_parameters": self.trainable_parameters}
 
 
-def check_options(options: TrainOptions) -> None:
-    def bad(what: str, option: str, fix: str):
-        raise UsageError(what, option, fix)
+def _refuse(what: str, option: str, fix: str):
+    """Bad options: one line for the user (what, where, how to fix)."""
+    raise UsageError(what, option, fix)
 
+
+def check_options(options: TrainOptions) -> None:
     if options.recipe not in RECIPES:
-        bad(f"unknown {flag('--recipe')} {options.recipe!r}", flag("--recipe"),
-            f"choose {' or '.join(RECIPES)}")
+        _refuse(f"unknown {flag('--recipe')} {options.recipe!r}", flag("--recipe"),
+                f"choose {' or '.join(RECIPES)}")
     given = options
     options = options.resolved(from_scratch=False)  # criterion and threshold as the run will use them
 
     creation_time()  # checkpoints record it: a malformed $SOURCE_DATE_EPOCH fails before training
 
     if options.steps <= 0:
-        bad(f"{flag('--steps')} must be a positive number of optimizer steps", f"{flag('--steps')} {options.steps}", f"e.g. {flag('--steps')} 1000")
+        _refuse(f"{flag('--steps')} must be a positive number of optimizer steps", f"{flag('--steps')} {options.steps}", f"e.g. {flag('--steps')} 1000")
     if not options.data:
-        bad("no training text given", flag("--data"), f"pass {flag('--data')} FILE (a text file or a folder of them)")
+        _refuse("no training text given", flag("--data"), f"pass {flag('--data')} FILE (a text file or a folder of them)")
     if options.mode not in MODES:
-        bad(f"unknown mode {options.mode!r}", flag("--mode"), "choose dense or inrank")
+        _refuse(f"unknown mode {options.mode!r}", flag("--mode"), "choose dense or inrank")
     if options.efficient and options.mode != "inrank":
-        bad(f"{flag('--efficient')} is an InRank option", f"{flag('--mode')} dense", f"pass {flag('--mode')} inrank with {flag('--efficient')}")
+        _refuse(f"{flag('--efficient')} is an InRank option", f"{flag('--mode')} dense", f"pass {flag('--mode')} inrank with {flag('--efficient')}")
     defaults = {f.name: f.default for f in fields(TrainOptions)}
     inrank_names = ("recipe", "factorize", "initial_rank", "stage2_at", "growth", "on_growth", "factor_decay",
                     "factor_lr_scale", "orthogonal_init", "dense_warmup", "embedding_training", "rank_signal", "factor_split",
@@ -187,8 +189,8 @@ def check_options(options: TrainOptions) -> None:
                    if getattr(given, name) != defaults[name]]
     if inrank_only and options.mode != "inrank":
         name, flag_name = inrank_only[0]
-        bad(f"{flag(flag_name)} is an InRank option", f"{flag('--mode')} {options.mode}",
-            f"pass {flag('--mode')} inrank with {flag(flag_name)}")
+        _refuse(f"{flag(flag_name)} is an InRank option", f"{flag('--mode')} {options.mode}",
+                f"pass {flag('--mode')} inrank with {flag(flag_name)}")
     # Options that take one of a few names: (value, its flag, the names, what each means).
     choices = [
         (options.factorize, "--factorize", FACTORIZE_CHOICES, "the InRank reference factorizes mlp"),
@@ -206,79 +208,76 @@ def check_options(options: TrainOptions) -> None:
     ]
     for value, option, names, meaning in choices:
         if value is not None and value not in names:
-            bad(f"unknown {flag(option)} {value!r}", flag(option), f"choose one of {', '.join(names)} ({meaning})")
+            _refuse(f"unknown {flag(option)} {value!r}", flag(option), f"choose one of {', '.join(names)} ({meaning})")
     if options.factor_decay == "frobenius" and options.weight_decay == 0:
-        bad(f"{flag('--factor-decay')} frobenius decays B @ A by {flag('--weight-decay')}, which is 0",
-            f"{flag('--factor-decay')} frobenius", f"pass {flag('--weight-decay')} (e.g. 0.1) as well")
+        _refuse(f"{flag('--factor-decay')} frobenius decays B @ A by {flag('--weight-decay')}, which is 0",
+                f"{flag('--factor-decay')} frobenius", f"pass {flag('--weight-decay')} (e.g. 0.1) as well")
     if not (math.isfinite(options.factor_lr_scale) and options.factor_lr_scale > 0):
-        bad(f"{flag('--factor-lr-scale')} must be a positive number", f"{flag('--factor-lr-scale')} {options.factor_lr_scale}",
-            "e.g. 0.5 (the factors learn at half --lr)")
+        _refuse(f"{flag('--factor-lr-scale')} must be a positive number", f"{flag('--factor-lr-scale')} {options.factor_lr_scale}",
+                "e.g. 0.5 (the factors learn at half --lr)")
     if options.dense_warmup is not None and not 0 <= options.dense_warmup < options.steps:
-        bad(f"{flag('--dense-warmup')} must end before the run does (0 to {flag('--steps')} - 1 = {options.steps - 1})",
-            f"{flag('--dense-warmup')} {options.dense_warmup}", f"pass fewer steps than {flag('--steps')} {options.steps}")
+        _refuse(f"{flag('--dense-warmup')} must end before the run does (0 to {flag('--steps')} - 1 = {options.steps - 1})",
+                f"{flag('--dense-warmup')} {options.dense_warmup}", f"pass fewer steps than {flag('--steps')} {options.steps}")
     if options.dense_warmup is not None and options.stage2_at is not None and options.stage2_at <= options.dense_warmup:
-        bad(f"{flag('--stage2-at')} comes before the switch to low rank", f"{flag('--stage2-at')} {options.stage2_at}",
-            f"pass a step after {flag('--dense-warmup')} {options.dense_warmup}")
+        _refuse(f"{flag('--stage2-at')} comes before the switch to low rank", f"{flag('--stage2-at')} {options.stage2_at}",
+                f"pass a step after {flag('--dense-warmup')} {options.dense_warmup}")
     check_rank_cut(options)
     if options.initial_rank is not None and options.initial_rank < 0:
-        bad(f"{flag('--initial-rank')} cannot be negative", f"{flag('--initial-rank')} {options.initial_rank}",
-            "pass 0 or more (the reference starts at 2)")
+        _refuse(f"{flag('--initial-rank')} cannot be negative", f"{flag('--initial-rank')} {options.initial_rank}",
+                "pass 0 or more (the reference starts at 2)")
     if options.stage2_at is not None and not 1 <= options.stage2_at <= options.steps:
-        bad(f"{flag('--stage2-at')} must be a step of the run (1 to {flag('--steps')} {options.steps})",
-            f"{flag('--stage2-at')} {options.stage2_at}", f"pass a step between 1 and {options.steps}")
+        _refuse(f"{flag('--stage2-at')} must be a step of the run (1 to {flag('--steps')} {options.steps})",
+                f"{flag('--stage2-at')} {options.stage2_at}", f"pass a step between 1 and {options.steps}")
     if options.dtype not in COMPUTE_DTYPES:
-        bad(f"unknown dtype {options.dtype!r}", flag("--dtype"), f"choose one of {', '.join(COMPUTE_DTYPES)}")
+        _refuse(f"unknown dtype {options.dtype!r}", flag("--dtype"), f"choose one of {', '.join(COMPUTE_DTYPES)}")
     if options.criterion not in CRITERIA:
-        bad(f"unknown criterion {options.criterion!r}", flag("--criterion"), f"choose one of {', '.join(CRITERIA)}")
+        _refuse(f"unknown criterion {options.criterion!r}", flag("--criterion"), f"choose one of {', '.join(CRITERIA)}")
     if not 0.0 < options.threshold <= 1.0:
-        bad(f"{flag('--threshold')} must be in (0, 1]", f"{flag('--threshold')} {options.threshold}", f"e.g. {flag('--threshold')} 0.9")
+        _refuse(f"{flag('--threshold')} must be in (0, 1]", f"{flag('--threshold')} {options.threshold}", f"e.g. {flag('--threshold')} 0.9")
     for name in ("batch_size", "grad_accum", "log_every", "eval_blocks", "rank_every", "buffer"):
         if getattr(options, name) < 1:
-            bad(f"--{name.replace('_', '-')} must be at least 1", f"--{name.replace('_', '-')} {getattr(options, name)}",
+                _refuse(f"--{name.replace('_', '-')} must be at least 1", f"--{name.replace('_', '-')} {getattr(options, name)}",
                 "pass a positive number")
     for name in ("save_every", "eval_every", "max_rank", "block_size"):
         value = getattr(options, name)
         if value is not None and value < 1:
-            bad(f"--{name.replace('_', '-')} must be at least 1", f"--{name.replace('_', '-')} {value}", "pass a positive number")
+                _refuse(f"--{name.replace('_', '-')} must be at least 1", f"--{name.replace('_', '-')} {value}", "pass a positive number")
     if options.rank_warmup < 0 or (options.warmup is not None and options.warmup < 0):
-        bad("warmup steps cannot be negative", f"{flag('--warmup')}/{flag('--rank-warmup')}", "pass 0 or more")
+        _refuse("warmup steps cannot be negative", f"{flag('--warmup')}/{flag('--rank-warmup')}", "pass 0 or more")
     if not (math.isfinite(options.lr) and options.lr > 0):
-        bad(f"{flag('--lr')} must be a positive number", f"{flag('--lr')} {options.lr}", f"e.g. {flag('--lr')} 1e-3")
+        _refuse(f"{flag('--lr')} must be a positive number", f"{flag('--lr')} {options.lr}", f"e.g. {flag('--lr')} 1e-3")
     if options.min_lr is not None and not (math.isfinite(options.min_lr) and options.min_lr >= 0):
-        bad(f"{flag('--min-lr')} must be 0 or more", f"{flag('--min-lr')} {options.min_lr}",
-            f"pass 0 or more; the default is {flag('--lr')} / 10")
+        _refuse(f"{flag('--min-lr')} must be 0 or more", f"{flag('--min-lr')} {options.min_lr}",
+                f"pass 0 or more; the default is {flag('--lr')} / 10")
     for name, option in (("grad_clip", "--grad-clip"), ("weight_decay", "--weight-decay")):
         value = getattr(options, name)
         if not (math.isfinite(value) and value >= 0):
-            bad(f"{flag(option)} must be 0 or more", f"{flag(option)} {value}", "pass 0 or more; 0 turns it off")
+                _refuse(f"{flag(option)} must be 0 or more", f"{flag(option)} {value}", "pass 0 or more; 0 turns it off")
     check_seed(options.seed, "--seed")
     if options.batch_size % options.grad_accum:
-        bad(f"{flag('--batch-size')} must be a multiple of {flag('--grad-accum')}", f"{flag('--batch-size')} {options.batch_size} {flag('--grad-accum')} "
-            f"{options.grad_accum}", f"e.g. {flag('--batch-size')} 16 {flag('--grad-accum')} 4")
+        _refuse(f"{flag('--batch-size')} must be a multiple of {flag('--grad-accum')}", f"{flag('--batch-size')} {options.batch_size} {flag('--grad-accum')} "
+                f"{options.grad_accum}", f"e.g. {flag('--batch-size')} 16 {flag('--grad-accum')} 4")
     device = options.device
     check_device(device)
     if options.dtype == "float16" and not device.startswith("cuda"):
-        bad("float16 autocast needs CUDA", f"{flag('--dtype')} float16", f"use {flag('--dtype')} bfloat16 or float32 on the CPU")
+        _refuse("float16 autocast needs CUDA", f"{flag('--dtype')} float16", f"use {flag('--dtype')} bfloat16 or float32 on the CPU")
 
 
 def check_rank_cut(options: TrainOptions) -> None:
     """--rank-cut R and --rank-cut-at STEP come together; the cut is after the switch (checked again
     once the recipe has set the dense warm-up), within the run, and at most --max-rank."""
-    def bad(what: str, option: str, fix: str):
-        raise UsageError(what, option, fix)
-
     if (options.rank_cut is None) != (options.rank_cut_at is None):
         given, missing = ("--rank-cut", "--rank-cut-at") if options.rank_cut_at is None else ("--rank-cut-at", "--rank-cut")
-        bad(f"{flag(given)} needs {flag(missing)}", flag(given), f"pass both, e.g. {flag('--rank-cut')} 8 {flag('--rank-cut-at')} 600")
+        _refuse(f"{flag(given)} needs {flag(missing)}", flag(given), f"pass both, e.g. {flag('--rank-cut')} 8 {flag('--rank-cut-at')} 600")
     if options.rank_cut is None:
         return
     start = options.dense_warmup or 0
     if not start < options.rank_cut_at <= options.steps:
-        bad(f"{flag('--rank-cut-at')} must be a step of the run after the switch to low rank ({start + 1} to {options.steps})",
-            f"{flag('--rank-cut-at')} {options.rank_cut_at}", f"pass a step between {start + 1} and {options.steps}")
+        _refuse(f"{flag('--rank-cut-at')} must be a step of the run after the switch to low rank ({start + 1} to {options.steps})",
+                f"{flag('--rank-cut-at')} {options.rank_cut_at}", f"pass a step between {start + 1} and {options.steps}")
     if options.rank_cut < 1 or (options.max_rank is not None and options.rank_cut > options.max_rank):
-        bad(f"{flag('--rank-cut')} must be from 1 to {flag('--max-rank')}", f"{flag('--rank-cut')} {options.rank_cut}",
-            "pass a rank at least 1 and at most the cap")
+        _refuse(f"{flag('--rank-cut')} must be from 1 to {flag('--max-rank')}", f"{flag('--rank-cut')} {options.rank_cut}",
+                "pass a rank at least 1 and at most the cap")
 
 
 def learning_rate(options: TrainOptions, step: int) -> float:
