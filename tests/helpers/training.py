@@ -1,15 +1,19 @@
 """Tiny GPT-2 training runs on real text (Tiny Shakespeare, the GPT-2 tokenizer): their config,
-options and losses, for the training tests and the train / resume contract."""
+options and losses, for the training tests and the train / resume contract; and a GPT-2 whose MLP
+weights carry planted low-rank updates, for the switch and the cut."""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
+import torch
+
 from inrank_convert.training.entrypoints import resume
 from inrank_convert.training.options import TrainOptions, TrainResult
+from inrank_convert.training.rank_control import factorized_layers
 from inrank_convert.weights.run_folder import read_metrics
-from tests.conftest import SHARED_DATA
+from tests.conftest import SHARED_DATA, build_model, gpt2_config
 
 TEXT = SHARED_DATA / "tinyshakespeare" / "input.txt"
 TOKENIZER = SHARED_DATA / "gpt2-tokenizer"
@@ -52,3 +56,21 @@ def resume_without_last_checkpoints(run: Path, copy: Path, steps: tuple[int, ...
     for step in steps:
         shutil.rmtree(copy / f"step-{step}")
     return resume(copy, None, {})
+
+
+def planted_rank_3_updates(efficient: bool, seed: int):
+    """A GPT-2 whose MLP weights are its init plus a planted rank-3 update: (model, the trained
+    weights by layer, the init's weights by tensor name; None with ``efficient``, which has no init)."""
+    init = build_model(gpt2_config(), seed=0)
+    model = build_model(gpt2_config(), seed=0)
+    generator = torch.Generator().manual_seed(seed)
+    layers = factorized_layers(model, "mlp")
+    assert layers
+    with torch.no_grad():
+        for _, module in layers:
+            rows, cols = module.weight.shape
+            module.weight += 0.05 * torch.randn(rows, 3, generator=generator) @ torch.randn(3, cols, generator=generator)
+    trained = {name: module.weight.detach().clone() for name, module in layers}
+    init_weights = None if efficient else {f"{name}.weight": module.weight.detach().clone()
+                                           for name, module in factorized_layers(init, "mlp")}
+    return model, trained, init_weights

@@ -14,8 +14,14 @@ from inrank_convert.training.options import check_options
 from inrank_convert.training.rank_control import RankPolicy, low_rank_layers, resplit_layer
 from inrank_convert.training.warm_start import factorize_trained
 from inrank_convert.weights.run_folder import read_metrics
-from tests.helpers.training import HAS_DATA, losses, options, resume_without_last_checkpoints, tiny_config
-from tests.training.test_warm_start import planted_rank_3_updates
+from tests.helpers.training import (
+    HAS_DATA,
+    losses,
+    options,
+    planted_rank_3_updates,
+    resume_without_last_checkpoints,
+    tiny_config,
+)
 
 needs_data = pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data (GPT-2 tokenizer and Tiny Shakespeare)")
 

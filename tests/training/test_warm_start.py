@@ -16,31 +16,19 @@ from inrank_convert.linalg.criteria import RankRule, choose_rank
 from inrank_convert.model.layers import FACTOR_SPLITS, LowRankLinear
 from inrank_convert.runtime.modeling import load_compressed
 from inrank_convert.training.entrypoints import resume, train
-from inrank_convert.training.rank_control import RankPolicy, factorized_layers, low_rank_layers
+from inrank_convert.training.rank_control import RankPolicy, low_rank_layers
 from inrank_convert.training.warm_start import factorize_trained
 from inrank_convert.weights.run_folder import read_metrics
-from tests.conftest import build_model, gpt2_config
-from tests.helpers.training import HAS_DATA, TEXT, losses, options, resume_without_last_checkpoints
+from tests.helpers.training import (
+    HAS_DATA,
+    TEXT,
+    losses,
+    options,
+    planted_rank_3_updates,
+    resume_without_last_checkpoints,
+)
 
 needs_data = pytest.mark.skipif(not HAS_DATA, reason="needs ../shared/data (GPT-2 tokenizer and Tiny Shakespeare)")
-
-
-def planted_rank_3_updates(efficient: bool, seed: int):
-    """A GPT-2 whose MLP weights are its init plus a planted rank-3 update: (model, the trained
-    weights by layer, the init's weights by tensor name; None with ``efficient``, which has no init)."""
-    init = build_model(gpt2_config(), seed=0)
-    model = build_model(gpt2_config(), seed=0)
-    generator = torch.Generator().manual_seed(seed)
-    layers = factorized_layers(model, "mlp")
-    assert layers
-    with torch.no_grad():
-        for _, module in layers:
-            rows, cols = module.weight.shape
-            module.weight += 0.05 * torch.randn(rows, 3, generator=generator) @ torch.randn(3, cols, generator=generator)
-    trained = {name: module.weight.detach().clone() for name, module in layers}
-    init_weights = None if efficient else {f"{name}.weight": module.weight.detach().clone()
-                                           for name, module in factorized_layers(init, "mlp")}
-    return model, trained, init_weights
 
 
 @pytest.mark.parametrize("split", FACTOR_SPLITS)
